@@ -1,0 +1,1 @@
+"""The embedded demo store: corpus, tokenizer, sparse and dense models, tasks, circuits."""

@@ -1,0 +1,1 @@
+"""Fixture: the tiny embedded store, built once per test session."""

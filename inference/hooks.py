@@ -37,7 +37,7 @@ class _Hooks:
     recorders: tuple[tuple[re.Pattern[str], dict[str, torch.Tensor], bool], ...] = ()
 
 
-_ACTIVE: ContextVar[_Hooks] = ContextVar("circuits_inference_hooks", default=_Hooks())
+_ACTIVE: ContextVar[_Hooks] = ContextVar("circuits_inference_hooks", default=_Hooks())  # noqa: B039 (frozen, never mutated)
 
 
 def hook(name: str, t: torch.Tensor) -> torch.Tensor:

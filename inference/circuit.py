@@ -1,0 +1,207 @@
+"""Circuits as the pruning setup defines them, and the release's task loss.
+
+A node is one channel at one of eight locations per layer (viz-data-format.md):
+`{i}.attn.act_in|q|k|v|resid_delta` and `{i}.mlp.act_in|post_act|resid_delta`; each is a hook
+point of `inference.model`. The *circuit model* keeps the circuit's nodes, holds every other
+node at its mean over pretraining text, and freezes every norm at its unpruned scale (the
+per-token inverse scale recorded from the full model on the same tokens).
+
+This module is the reference implementation (plain masked forwards through hooks); faster
+paths must agree with it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from inference.config import GPTConfig
+from inference.hooks import intervene, record
+
+ATTN_KINDS = ("act_in", "q", "k", "v", "resid_delta")
+MLP_KINDS = ("act_in", "post_act", "resid_delta")
+_LOCATION = re.compile(r"(\d+)\.(attn|mlp)\.(act_in|q|k|v|resid_delta|post_act)")
+_RSTD = r"(\d+\.ln_[12]|ln_f)\.rstd"
+
+
+def node_locations(config: GPTConfig) -> list[str]:
+    """Every node location of the model, in forward order."""
+    out = []
+    for i in range(config.n_layer):
+        out += [f"{i}.attn.{k}" for k in ATTN_KINDS]
+        out += [f"{i}.mlp.{k}" for k in MLP_KINDS]
+    return out
+
+
+def parse_location(location: str) -> tuple[int, str, str]:
+    """'3.attn.q' -> (3, 'attn', 'q'); raises ValueError for anything else."""
+    m = _LOCATION.fullmatch(location)
+    if not m or m.group(3) not in (ATTN_KINDS if m.group(2) == "attn" else MLP_KINDS):
+        raise ValueError(f"not a node location: {location!r}")
+    return int(m.group(1)), m.group(2), m.group(3)
+
+
+def location_width(config: GPTConfig, location: str) -> int:
+    """Number of prunable channels (nodes) at a location."""
+    _, _, kind = parse_location(location)
+    return {"q": config.d_attn, "k": config.d_attn, "v": config.d_attn, "post_act": config.d_mlp}.get(kind, config.d_model)
+
+
+def num_total_nodes(config: GPTConfig) -> int:
+    return sum(location_width(config, loc) for loc in node_locations(config))
+
+
+def _hook_width(config: GPTConfig, location: str) -> int:
+    """Width of the hooked tensor: act_in also carries the concatenated position embedding."""
+    _, _, kind = parse_location(location)
+    return config.d_model_in if kind == "act_in" else location_width(config, location)
+
+
+def circuit_masks(config: GPTConfig, circuit_data: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float masks at every node location: 1 for the circuit's channels, 0 elsewhere.
+
+    Position-embedding channels of act_in (index >= d_model) are not nodes and stay 1.
+    """
+    masks = {}
+    for loc in node_locations(config):
+        m = torch.zeros(_hook_width(config, loc))
+        m[location_width(config, loc) :] = 1.0
+        if loc in circuit_data and len(circuit_data[loc]):
+            m[torch.as_tensor(circuit_data[loc]).long()] = 1.0
+        masks[loc] = m
+    return masks
+
+
+@torch.no_grad()
+def node_means(model, idx: torch.Tensor, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Mean of every node location's activation over all tokens of `idx` (N, T) (pretraining text)."""
+    locs = node_locations(model.config)
+    pattern = "|".join(re.escape(loc) for loc in locs)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for start in range(0, idx.shape[0], batch_size):
+        batch = idx[start : start + batch_size]
+        with record(pattern) as rec:
+            model(batch)
+        for loc in locs:
+            s = rec[loc].double().sum(dim=(0, 1))
+            sums[loc] = sums[loc] + s if loc in sums else s
+        count += batch.shape[0] * batch.shape[1]
+    return {loc: (s / count).float() for loc, s in sums.items()}
+
+
+@torch.no_grad()
+def frozen_norm_scales(model, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every norm's per-token inverse scale in the full (unpruned) model on `idx`."""
+    with record(_RSTD) as rec:
+        model(idx)
+    return dict(rec)
+
+
+def masked_forward(
+    model,
+    idx: torch.Tensor,
+    masks: Mapping[str, torch.Tensor],
+    fill: Mapping[str, torch.Tensor],
+    frozen_scales: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits of the model with each node location x replaced by mask * x + (1 - mask) * fill.
+
+    `fill` is usually the node means (mean ablation). Masks may be float and require grad
+    (pruning gates). Norms are frozen at `frozen_scales` (computed from the full model on `idx`
+    when not given); locations missing from `masks` are left untouched.
+    """
+    if frozen_scales is None:
+        frozen_scales = frozen_norm_scales(model, idx)
+    fns = {}
+    for loc, m in masks.items():
+        f = fill[loc]
+        fns[loc] = lambda t, m=m, f=f: t * m + (1 - m) * f
+    for name, s in frozen_scales.items():
+        fns[name] = lambda t, s=s: s
+    with intervene(fns):
+        return model(idx)
+
+
+def docs_lengths(docs: torch.Tensor) -> torch.Tensor:
+    """Length of each right-padded doc: the position after which all ids are 0."""
+    nonzero = docs != 0
+    pos = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
+    return torch.where(nonzero, pos + 1, torch.zeros_like(pos)).max(dim=1).values
+
+
+def task_loss(logits: torch.Tensor, docs: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+    """The release's two-sided task loss, raw (twice a per-prompt cross-entropy).
+
+    `docs` (n, ctx): the first half one class, the second half the other, paired by index;
+    each doc ends (at length - 1) with its correct next token, so pair j's `tokid` is the last
+    token of doc j and `alt_tokid` that of doc j + n/2. Per pair the loss is
+    -(log_softmax(first[[tokid, alt]])[0] + log_softmax(second[[tokid, alt]])[1]) at the
+    position before the answer; the mean over pairs is returned (or each with `per_pair`).
+    """
+    n = docs.shape[0]
+    if n % 2:
+        raise ValueError(f"task docs must come in pairs, got {n} docs")
+    half = n // 2
+    lengths = docs_lengths(docs)
+    rows = torch.arange(n, device=docs.device)
+    answers = docs[rows, lengths - 1]
+    last = logits[rows, lengths - 2].float()  # (n, vocab): logits predicting the answer
+    pair_tokens = torch.stack([answers[:half], answers[half:]], dim=1)  # (half, 2): tokid, alt_tokid
+    lp_first = F.log_softmax(last[:half].gather(1, pair_tokens), dim=1)[:, 0]
+    lp_second = F.log_softmax(last[half:].gather(1, pair_tokens), dim=1)[:, 1]
+    losses = -(lp_first + lp_second)
+    return losses if per_pair else losses.mean()
+
+
+def task_accuracy(logits: torch.Tensor, docs: torch.Tensor) -> float:
+    """Fraction of pairs where the correct token outscores the alternative on both prompts."""
+    n = docs.shape[0]
+    half = n // 2
+    lengths = docs_lengths(docs)
+    rows = torch.arange(n, device=docs.device)
+    answers = docs[rows, lengths - 1]
+    last = logits[rows, lengths - 2]
+    pair_tokens = torch.stack([answers[:half], answers[half:]], dim=1)
+    first, second = last[:half].gather(1, pair_tokens), last[half:].gather(1, pair_tokens)
+    return ((first[:, 0] > first[:, 1]) & (second[:, 1] > second[:, 0])).float().mean().item()
+
+
+@torch.no_grad()
+def circuit_loss(model, docs: torch.Tensor, circuit_data, means) -> float:
+    """Raw task loss of the circuit model (the stored `interv_loss` convention)."""
+    masks = circuit_masks(model.config, circuit_data)
+    return task_loss(masked_forward(model, docs, masks, means), docs).item()
+
+
+@torch.no_grad()
+def ablation_losses(model, docs: torch.Tensor, circuit_data, means, mode: str = "mean") -> dict[str, torch.Tensor]:
+    """Raw task loss of the circuit model with each circuit node also ablated, one at a time.
+
+    Returns {location: tensor aligned with circuit_data[location]} (the `ch_interv_losses`
+    convention). `mode="mean"` sets the node to its mean, `"zero"` to 0. Reference
+    implementation: one full-size masked forward per node.
+    """
+    if mode not in ("mean", "zero"):
+        raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
+    cfg = model.config
+    masks = circuit_masks(cfg, circuit_data)
+    frozen = frozen_norm_scales(model, docs)
+    out = {}
+    for loc, channels in circuit_data.items():
+        losses = []
+        for c in torch.as_tensor(channels).long().tolist():
+            m = dict(masks)
+            m[loc] = masks[loc].clone()
+            m[loc][c] = 0.0
+            fill = means
+            if mode == "zero":
+                fill = dict(means)
+                fill[loc] = means[loc].clone()
+                fill[loc][c] = 0.0
+            losses.append(task_loss(masked_forward(model, docs, m, fill, frozen), docs).item())
+        out[loc] = torch.tensor(losses)
+    return out

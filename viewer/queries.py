@@ -1,0 +1,324 @@
+"""Every SQL statement of the viewer: parameterized, read-only, cached.
+
+Data access: the pipeline's `$CIRCUITS_DATA/circuits.duckdb` (one view per table over the
+Parquet files, see notes/tables-contract.md), opened `read_only=True`. One connection per
+process is kept and reopened when the file's (mtime, size, inode) changes, because the
+pipeline replaces the file by rename; each query runs on its own cursor. Results are memoized
+with `pn.cache`, keyed by the database's version as well as the parameters, so a rebuilt
+database is never answered from a stale cache.
+
+No SQL is ever assembled from user input: widget and URL values reach DuckDB only as `?`
+parameters. The only formatted SQL fragments are the table names below (constants).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import duckdb
+import numpy as np
+import pandas as pd
+import panel as pn
+
+from pipeline import settings
+
+REQUIRED_TABLES = ("runs", "nodes")
+OPTIONAL_TABLES = ("edges", "task_docs", "activations", "samples", "layer_ablations", "pruning_curve", "loss_at_k", "train_curves",
+                   "embeddings", "vocab", "ablations")
+SNIPPETS_SHOWN = 5  # per (frac, side) list, as in the released viewer
+SNIPPET_RADIUS = 50  # tokens either side of the token of interest
+MARK_LAYER_DELTA = 0.3  # layer-halves above this delta are marked (released viewer)
+
+
+class TablesMissing(RuntimeError):
+    """The tables are not there (yet): the app shows how to build them instead of a traceback."""
+
+
+_lock = threading.Lock()
+_conn: dict = {}  # path -> (version, connection)
+
+
+def db_path() -> str:
+    return settings.duckdb_path()
+
+
+def _version(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as err:
+        raise TablesMissing(f"{path} does not exist") from err
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def connection():
+    """(version, connection) for the current circuits.duckdb, reopening it when the file was replaced."""
+    path = db_path()
+    version = (path, *_version(path))
+    with _lock:
+        cached = _conn.get(path)
+        if cached is None or cached[0] != version:
+            if cached is not None:
+                cached[1].close()
+            try:
+                con = duckdb.connect(path, read_only=True)
+            except duckdb.Error as err:
+                raise TablesMissing(f"{path} cannot be opened: {err}") from err
+            _conn[path] = cached = (version, con)
+    return cached
+
+
+def _run(version, sql, params):
+    _, con = connection()
+    cur = con.cursor()  # one cursor per query: DuckDB connections are not shared across threads
+    try:
+        return cur.execute(sql, list(params)).df()
+    finally:
+        cur.close()
+
+
+@pn.cache(max_items=2048)
+def _cached(version, sql, params):
+    return _run(version, sql, params)
+
+
+def query(sql: str, params=()) -> pd.DataFrame:
+    """One parameterized statement, memoized per database version. Returns a DataFrame the caller must not mutate."""
+    version, _ = connection()
+    return _cached(version, sql, tuple(params))
+
+
+def optional(sql: str, params=()) -> pd.DataFrame | None:
+    """Like `query`, but a missing or unreadable optional table gives None."""
+    try:
+        return query(sql, params)
+    except duckdb.Error:
+        return None
+
+
+def tables() -> set[str]:
+    df = query("SELECT table_name FROM information_schema.tables")
+    return set(df["table_name"])
+
+
+def check_tables() -> None:
+    """Raise TablesMissing unless the required tables exist and hold at least one run."""
+    have = tables()
+    missing = [t for t in REQUIRED_TABLES if t not in have]
+    if missing:
+        raise TablesMissing(f"{db_path()} has no table(s) {', '.join(missing)}")
+    try:
+        n = query("SELECT count(*) AS n FROM runs")["n"].iloc[0]
+    except duckdb.Error as err:
+        raise TablesMissing(f"the runs table cannot be read: {err}") from err
+    if n == 0:
+        raise TablesMissing("the runs table is empty")
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+def runs() -> pd.DataFrame:
+    """All circuits, ordered model, task, sweep, then k numerically (labels like 'k_optim' last)."""
+    return query("""
+        SELECT * FROM runs
+        ORDER BY model, task, sweep, TRY_CAST(k_label AS BIGINT) NULLS LAST, k_label""")
+
+
+def run(run_id: str) -> dict | None:
+    df = query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    return None if df.empty else df.iloc[0].to_dict()
+
+
+def model_config(run_id: str) -> dict:
+    """The run's model config with d_head filled in (d_model // n_head when absent)."""
+    r = run(run_id)
+    cfg = json.loads(r["model_config"]) if r and r.get("model_config") else {}
+    if not cfg.get("d_head") and cfg.get("d_model") and cfg.get("n_head"):
+        cfg["d_head"] = cfg["d_model"] // cfg["n_head"]
+    return cfg
+
+
+# --- layer-halves and nodes -----------------------------------------------------------------
+
+def layer_halves(run_id: str) -> pd.DataFrame:
+    """layer_half, layer, half, delta, n_nodes, marked; from layer_ablations, else counted from nodes (delta NaN)."""
+    df = optional("""
+        SELECT layer_half, layer, half, delta, n_nodes FROM layer_ablations WHERE run_id = ?
+        ORDER BY layer, half""", [run_id])
+    if df is None or df.empty:
+        df = query("""
+            SELECT layer || '.' || half AS layer_half, layer, half, NULL::DOUBLE AS delta, count(*) AS n_nodes
+            FROM nodes WHERE run_id = ? GROUP BY layer, half ORDER BY layer, half""", [run_id])
+    df = df.copy()
+    df["marked"] = df["delta"].fillna(-np.inf) > MARK_LAYER_DELTA
+    return df
+
+
+def nodes(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
+    """Circuit nodes of a run (or of one layer-half), in circuit_data order within each location."""
+    if layer_half is None:
+        return query("SELECT * FROM nodes WHERE run_id = ? ORDER BY layer, half, location, node_order", [run_id])
+    layer, half = _split_layer_half(layer_half)
+    return query("SELECT * FROM nodes WHERE run_id = ? AND layer = ? AND half = ? ORDER BY location, node_order", [run_id, layer, half])
+
+
+def node(run_id: str, node_id: str) -> dict | None:
+    df = query("SELECT * FROM nodes WHERE run_id = ? AND node_id = ?", [run_id, node_id])
+    return None if df.empty else df.iloc[0].to_dict()
+
+
+def node_ids(run_id: str) -> list[str]:
+    return nodes(run_id)["node_id"].tolist()
+
+
+def _split_layer_half(layer_half: str):
+    layer, _, half = layer_half.partition(".")
+    return int(layer), half
+
+
+# --- edges ----------------------------------------------------------------------------------
+
+EDGE_COLUMNS = "src_node_id, tgt_node_id, src_location, tgt_location, src_channel, tgt_channel, src_is_bias, strength, weight"
+
+
+def edges(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
+    """Edges of a run, or those whose target lies in the layer-half (sources may be bias pseudo-nodes)."""
+    if layer_half is None:
+        return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?", [run_id])
+    return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND starts_with(tgt_location, ?)", [run_id, layer_half + "."])
+
+
+def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(inputs, outputs) of a node: the nonzero entries of its column / row, strongest first."""
+    inputs = optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND tgt_node_id = ?
+                          ORDER BY abs(coalesce(strength, weight)) DESC""", [run_id, node_id])
+    outputs = optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND src_node_id = ?
+                           ORDER BY abs(coalesce(strength, weight)) DESC""", [run_id, node_id])
+    return inputs, outputs
+
+
+def residual_links(run_id: str) -> pd.DataFrame:
+    """A residual write (resid_delta) linked to every later read (act_in) of the same channel."""
+    return query("""
+        SELECT w.node_id AS src_node_id, r.node_id AS tgt_node_id, w.channel
+        FROM nodes w JOIN nodes r ON r.run_id = w.run_id AND r.channel = w.channel
+        WHERE w.run_id = ? AND w.kind = 'resid_delta' AND r.kind = 'act_in'
+          AND (r.layer > w.layer OR (r.layer = w.layer AND w.half = 'attn' AND r.half = 'mlp'))""", [run_id])
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+def vocab_model(model: str) -> str | None:
+    """The vocab partition for a model: its own, else the only one (vocab may be keyed by tokenizer name)."""
+    df = optional("SELECT DISTINCT model FROM vocab")
+    if df is None or df.empty:
+        return None
+    names = df["model"].tolist()
+    return model if model in names else names[0]
+
+
+def samples(run_id: str, node_id: str) -> pd.DataFrame:
+    """The snippets shown for a node: the first five per (frac, side), 50 tokens either side of the token of interest.
+
+    Columns: frac, side, rank, pos, token_id, value, is_center, text (vocab text, or the id when no vocab).
+    """
+    r = run(run_id)
+    vm = vocab_model(r["model"]) if r else None
+    df = optional("""
+        WITH s AS (SELECT * FROM samples WHERE run_id = ? AND node_id = ? AND rank < ?),
+        c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
+        SELECT s.frac, s.side, s.rank, s.pos, s.token_id, s.value, s.is_center,
+               coalesce(v.text, '#' || s.token_id::VARCHAR) AS text
+        FROM s JOIN c USING (frac, side, rank)
+        LEFT JOIN vocab v ON v.model = ? AND v.token_id = s.token_id
+        WHERE abs(s.pos - c.centre) <= ?
+        ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, node_id, SNIPPETS_SHOWN, vm, SNIPPET_RADIUS])
+    if df is None and vm is None:  # no vocab table at all
+        df = optional("""
+            WITH s AS (SELECT * FROM samples WHERE run_id = ? AND node_id = ? AND rank < ?),
+            c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
+            SELECT s.frac, s.side, s.rank, s.pos, s.token_id, s.value, s.is_center, '#' || s.token_id::VARCHAR AS text
+            FROM s JOIN c USING (frac, side, rank) WHERE abs(s.pos - c.centre) <= ?
+            ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
+    return df
+
+
+def task_docs(run_id: str) -> pd.DataFrame | None:
+    return optional('SELECT doc, "class", pair, length, token_ids, tokens FROM task_docs WHERE run_id = ? ORDER BY doc', [run_id])
+
+
+def activations(run_id: str, node_id: str) -> pd.DataFrame | None:
+    """The node's stored activation at every (doc, pos) of the task docs."""
+    return optional("SELECT doc, pos, value FROM activations WHERE run_id = ? AND node_id = ? ORDER BY doc, pos", [run_id, node_id])
+
+
+def activation_matrix(run_id: str, node_id: str) -> np.ndarray | None:
+    """(n_docs, max length) float array of the node's activations, NaN where the doc has ended."""
+    acts = activations(run_id, node_id)
+    docs = task_docs(run_id)
+    if acts is None or docs is None or docs.empty:
+        return None
+    out = np.full((int(docs["doc"].max()) + 1, int(docs["length"].max())), np.nan, np.float32)
+    out[acts["doc"].to_numpy(), acts["pos"].to_numpy()] = acts["value"].to_numpy()
+    return out
+
+
+def head_qk(run_id: str, layer: int, head: int, doc: int) -> pd.DataFrame | None:
+    """Stored activations of the circuit's q and k channels of one head on one task doc (kind, head_channel, pos, value)."""
+    return optional("""
+        SELECT n.kind, n.head_channel, a.pos, a.value
+        FROM nodes n JOIN activations a ON a.run_id = n.run_id AND a.node_id = n.node_id
+        WHERE n.run_id = ? AND n.layer = ? AND n.half = 'attn' AND n.head = ? AND n.kind IN ('q', 'k') AND a.doc = ?
+        ORDER BY n.kind, n.head_channel, a.pos""", [run_id, layer, head, doc])
+
+
+# --- model-level ----------------------------------------------------------------------------
+
+def embedding_column(model: str, matrix: str, channel: int) -> pd.DataFrame | None:
+    """Nonzero entries of one channel of wte/wpe: row, value (+ text for wte when a vocab exists)."""
+    vm = vocab_model(model)
+    df = optional("""
+        SELECT e.row, e.value, coalesce(v.text, '#' || e.row::VARCHAR) AS text FROM embeddings e
+        LEFT JOIN vocab v ON v.model = ? AND v.token_id = e.row
+        WHERE e.model = ? AND e.matrix = ? AND e.channel = ? ORDER BY e.value DESC""", [vm, model, matrix, channel])
+    if df is None:
+        df = optional("""SELECT row, value, '#' || row::VARCHAR AS text FROM embeddings
+                         WHERE model = ? AND matrix = ? AND channel = ? ORDER BY value DESC""", [model, matrix, channel])
+    return df
+
+
+def embedding_matrix(model: str, matrix: str) -> pd.DataFrame | None:
+    """All nonzero entries (row, channel, value) of wte or wpe."""
+    return optional("SELECT row, channel, value FROM embeddings WHERE model = ? AND matrix = ?", [model, matrix])
+
+
+def train_curves(model: str) -> pd.DataFrame | None:
+    return optional("SELECT step, metric, value FROM train_curves WHERE model = ? ORDER BY metric, step", [model])
+
+
+# --- run-level curves -----------------------------------------------------------------------
+
+def pruning_curve(run_id: str) -> pd.DataFrame | None:
+    return optional("SELECT step, x, loss_raw, loss FROM pruning_curve WHERE run_id = ? ORDER BY step", [run_id])
+
+
+def loss_at_k(model: str, task: str, sweep: str) -> pd.DataFrame | None:
+    return optional("""SELECT k_label, run_id, n_nodes, final_loss, interv_loss, unpruned_loss FROM loss_at_k
+                       WHERE model = ? AND task = ? AND sweep = ? ORDER BY n_nodes""", [model, task, sweep])
+
+
+def ablations(run_id: str, mode: str = "mean") -> pd.DataFrame | None:
+    """Pipeline-recomputed ablation deltas beside the stored ones (None when the pipeline did not recompute)."""
+    return optional("""SELECT node_id, stored_delta, recomputed_delta, abs_diff, agrees FROM ablations
+                       WHERE run_id = ? AND mode = ?""", [run_id, mode])
+
+
+def compare(run_a: str, run_b: str) -> pd.DataFrame:
+    """Nodes of two circuits side by side: node_id, location, delta_a, delta_b, status (shared / only A / only B)."""
+    return query("""
+        SELECT coalesce(a.node_id, b.node_id) AS node_id, coalesce(a.location, b.location) AS location,
+               coalesce(a.layer, b.layer) AS layer, a.delta AS delta_a, b.delta AS delta_b,
+               CASE WHEN a.node_id IS NULL THEN 'only B' WHEN b.node_id IS NULL THEN 'only A' ELSE 'shared' END AS status
+        FROM (SELECT * FROM nodes WHERE run_id = ?) a FULL OUTER JOIN (SELECT * FROM nodes WHERE run_id = ?) b USING (node_id)
+        ORDER BY layer, location, node_id""", [run_a, run_b])

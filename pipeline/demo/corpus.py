@@ -93,3 +93,18 @@ def load_corpus(
     if not any(f.split == "test" for f in files) or not any(f.split == "train" for f in files):
         raise ValueError(f"corpus from {base} has an empty train or test split ({len(files)} files)")
     return Corpus(str(base), tuple(files))
+
+
+def corpus_for_profile(profile) -> Corpus:
+    """The corpus a store profile (`pipeline.demo.profiles.Profile`) is built from."""
+    return load_corpus(profile.test_fraction, profile.corpus_max_files, profile.corpus_max_file_bytes)
+
+
+def corpus_digest(corpus: Corpus) -> str:
+    """sha256 over every file's relative path, split and content: identifies the corpus."""
+    h = hashlib.sha256()
+    for f in corpus.files:
+        for part in (f.relpath, f.split, f.text):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()

@@ -99,7 +99,7 @@ PROFILES: dict[str, Profile] = {
         final_eval_windows=64,
         train_dense=False,
     ),
-    "demo": Profile(name="demo"),
+    "demo": Profile(name="demo", steps=800, batch_size=16, lr=5e-3, warmup_steps=30, eval_every=50),
 }
 
 

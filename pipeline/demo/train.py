@@ -14,7 +14,7 @@ Metrics go to `progress.json` (one JSON object per line) in the release's key na
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -270,3 +270,12 @@ def train(
         curve[-1]["final_unigram_xent"] = unigram
     model.eval()
     return TrainResult(model, curve, final, unigram, model.num_params(), nz, entries)
+
+
+def token_stream(texts: Iterable[str], encoding, eot: int) -> torch.Tensor:
+    """Concatenate the encoded texts, each followed by <|endoftext|>, as one int64 tensor."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(encoding.encode_ordinary(text))
+        ids.append(eot)
+    return torch.tensor(ids, dtype=torch.int64)

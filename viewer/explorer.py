@@ -1,0 +1,256 @@
+"""The explorer's widgets and the wiring from state changes to view updates (layout is in app.py).
+
+Every interaction changes `Explorer` state; one dispatcher decides which views to refresh.
+Views in hidden tabs are only marked stale and refreshed when their tab is opened, so a click
+costs the visible views only.
+"""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+import panel as pn
+
+from viewer import queries
+from viewer.state import URL_KEYS, Explorer, UrlState
+from viewer.views import graph as graph_views
+from viewer.views.compare import CompareView
+from viewer.views.curves import CurvesView
+from viewer.views.detail import DetailView
+from viewer.views.embeddings import EmbeddingView
+from viewer.views.export import ExportView
+
+DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Export")
+GRAPH_TABS = ("Layer-half", "Whole circuit")
+
+
+def layer_label(row) -> str:
+    delta = "n/a" if row.delta != row.delta else f"{row.delta:+.3f}"  # NaN check
+    mark = "★ " if row.marked else "   "
+    return f"{mark}{row.layer_half}  Δ {delta} · {row.n_nodes} nodes"
+
+
+class ExplorerApp:
+    def __init__(self, url: dict | None = None, sync_url: bool = False):
+        self.state = state = Explorer()
+        self.url_state = UrlState()
+        if sync_url and pn.state.location is not None:
+            pn.state.location.sync(self.url_state, {k: k for k in URL_KEYS})
+        raw = url if url is not None else self.url_state.param.values()
+        state.apply_url(raw)
+        self._updating = False
+
+        # Sidebar widgets.
+        self.model = pn.widgets.Select(name="model")
+        self.task = pn.widgets.Select(name="task")
+        self.sweep = pn.widgets.Select(name="sweep")
+        self.k = pn.widgets.Select(name="k")
+        self.summary = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.layer = pn.widgets.Select(name="layer-half (★ = delta > 0.3)", size=10, sizing_mode="stretch_width")
+        self.threshold = pn.widgets.FloatSlider.from_param(state.param.threshold, name="edge threshold (fraction of strongest)", step=0.01)
+        self.node = pn.widgets.Select(name="node", sizing_mode="stretch_width")
+        self.pin_label = pn.widgets.TextInput(name="pin label", placeholder="label for the selected node")
+        self.pin = pn.widgets.Button(name="pin / update label", button_type="default")
+        self.unpin = pn.widgets.Button(name="unpin", button_type="light")
+        self.pins = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.notes = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
+
+        # Views.
+        self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
+        self.whole = graph_views.CircuitGraph(self._select_node, height=640, title="whole circuit (residual writes linked to later reads)")
+        self.detail = DetailView(state)
+        self.embeddings = EmbeddingView(state)
+        self.curves = CurvesView(state)
+        self.compare = CompareView(state)
+        self.export = ExportView(state)
+        self.graph_tabs = pn.Tabs((GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
+                                  (GRAPH_TABS[1], pn.pane.Bokeh(self.whole.figure, sizing_mode="stretch_width")),
+                                  sizing_mode="stretch_width", dynamic=True)
+        self.detail_tabs = pn.Tabs(*zip(DETAIL_TABS, (self.detail.panel, self.embeddings.panel, self.curves.panel, self.compare.panel,
+                                                      self.export.panel), strict=True), sizing_mode="stretch_width", dynamic=False)
+        self.stale: set[str] = set()
+
+        # Widget -> state.
+        for w in (self.model, self.task, self.sweep, self.k):
+            w.param.watch(self._picked_run, "value")
+        self.layer.param.watch(lambda e: self._from_widget("layer", e.new), "value")
+        self.node.param.watch(lambda e: self._from_widget("node", e.new or ""), "value")
+        self.pin.on_click(self._pin)
+        self.unpin.on_click(self._unpin)
+        self.graph_tabs.param.watch(lambda e: self._refresh_stale(), "active")
+        self.detail_tabs.param.watch(lambda e: self._refresh_stale(), "active")
+        # State -> views and URL.
+        state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
+        self._update({"run"})
+        self._show_notes()
+
+    # --- widget -> state --------------------------------------------------------------------
+
+    def _from_widget(self, name, value):
+        if not self._updating and value is not None and getattr(self.state, name) != value:
+            setattr(self.state, name, value)
+
+    def _picked_run(self, event):
+        if self._updating:
+            return
+        runs = queries.runs()
+        # Narrow by each picker down to the one changed; the pickers after it follow the first matching run.
+        sel = runs
+        for widget, column in ((self.model, "model"), (self.task, "task"), (self.sweep, "sweep"), (self.k, "k_label")):
+            sub = sel[sel[column] == widget.value]
+            sel = sub if len(sub) else sel
+            if widget is event.obj:
+                break
+        if len(sel):
+            self.state.set_run(sel["run_id"].iloc[0])
+
+    def _select_node(self, node_id: str):
+        self.state.node = node_id
+
+    def _pin(self, _=None):
+        if self.state.node:
+            self.state.pins = {**self.state.pins, self.state.node: self.pin_label.value}
+
+    def _unpin(self, _=None):
+        if self.state.node in self.state.pins:
+            self.state.pins = {k: v for k, v in self.state.pins.items() if k != self.state.node}
+
+    # --- state -> views ---------------------------------------------------------------------
+
+    def _changed(self, *events):
+        self._update({e.name for e in events})
+
+    def _update(self, names: set):
+        s = self.state
+        if "run" in names:
+            self._sync_run_widgets()
+            self.stale = {"whole", *DETAIL_TABS}
+            self._show_graph()
+        elif "layer" in names:
+            self._set_widget(self.layer, s.layer)
+            self._show_graph()
+        elif "threshold" in names:
+            self.graph.show_threshold(self._layer_edges(), s.threshold)
+            self.stale.add("whole")
+        if "node" in names and "run" not in names:
+            self._set_widget(self.node, s.node)
+            self.graph.mark(s.pins, s.node)
+            self.stale.update({"whole", "Node", "Embeddings"})
+        if "pins" in names:
+            self.graph.mark(s.pins, s.node)
+            self.stale.update({"whole", "Node"})
+            self._show_pins()
+        if "compare" in names:
+            self.stale.add("Compare")
+        if "zero_centred" in names and "Node" not in self.stale:
+            self._when_visible("Node", self.detail.show_task)
+        if "doc" in names and "Node" not in self.stale:
+            self._when_visible("Node", self.detail.show_attention)
+        self._refresh_stale()
+        if set(names) & set(URL_KEYS):
+            self.url_state.param.update(**s.to_url())
+
+    def _when_visible(self, tab, fn):
+        if DETAIL_TABS[self.detail_tabs.active] == tab:
+            fn()
+        else:
+            self.stale.add(tab)
+
+    def _refresh_stale(self):
+        s = self.state
+        if "whole" in self.stale and GRAPH_TABS[self.graph_tabs.active] == GRAPH_TABS[1]:
+            self.stale.discard("whole")
+            self._show_whole()
+        tab = DETAIL_TABS[self.detail_tabs.active]
+        if tab in self.stale:
+            self.stale.discard(tab)
+            if tab == "Node":
+                self.detail.show()
+            elif tab == "Embeddings":
+                self.embeddings.follow_node(queries.node(s.run, s.node) if s.node else None)
+                self.embeddings.show()
+            elif tab == "Curves":
+                self.curves.show()
+            elif tab == "Compare":
+                self.compare.show()
+            elif tab == "Export":
+                self.export.show()
+
+    def _set_widget(self, widget, value):
+        self._updating = True
+        try:
+            widget.value = value
+        finally:
+            self._updating = False
+
+    def _sync_run_widgets(self):
+        s = self.state
+        runs = queries.runs()
+        r = runs[runs["run_id"] == s.run].iloc[0]
+        self._updating = True
+        try:
+            self.model.options = sorted(runs["model"].unique())
+            self.model.value = r["model"]
+            m = runs[runs["model"] == r["model"]]
+            self.task.options = sorted(m["task"].unique())
+            self.task.value = r["task"]
+            t = m[m["task"] == r["task"]]
+            self.sweep.options = sorted(t["sweep"].unique())
+            self.sweep.value = r["sweep"]
+            self.k.options = t[t["sweep"] == r["sweep"]]["k_label"].tolist()  # already in numeric k order
+            self.k.value = r["k_label"]
+            layers = queries.layer_halves(s.run)
+            self.layer.options = {layer_label(row): row.layer_half for row in layers.itertuples()}
+            self.layer.value = s.layer
+            self.node.options = [""] + queries.node_ids(s.run)
+            self.node.value = s.node
+        finally:
+            self._updating = False
+        self.summary.object = (
+            f"<div><b>{int(r['n_nodes'])}</b> nodes in the circuit (of {int(r['num_total_nodes'])} prunable)</div>"
+            f"<div>task loss: unpruned <b>{r['loss']:.4f}</b> → circuit <b>{r['interv_loss']:.4f}</b></div>"
+            f"<div style='color:#666;font-size:11px'>losses corrected by the factor {r['loss_factor']:g} "
+            f"(raw {r['loss_raw']:.4f} → {r['interv_loss_raw']:.4f})</div>")
+        self._show_pins()
+
+    def _layer_edges(self):
+        return queries.edges(self.state.run, self.state.layer)
+
+    def _scale(self):
+        d = queries.nodes(self.state.run)["delta"].abs()
+        return float(d.max()) if len(d) else 1.0
+
+    def _show_graph(self):
+        s = self.state
+        half = s.layer.split(".", 1)[1]
+        edges = self._layer_edges()
+        pos = graph_views.layout_layer_half(queries.nodes(s.run, s.layer), edges, half)
+        self.graph.figure.title.text = f"{s.run} · layer-half {s.layer} · colour = ablation delta (red: node matters)"
+        self.graph.show(pos, edges, s.threshold, self._scale(), s.pins, s.node, graph_views.layer_half_ticks(half))
+
+    def _show_whole(self):
+        s = self.state
+        pos, ticks = graph_views.layout_whole(queries.nodes(s.run))
+        edges = queries.edges(s.run)
+        links = queries.residual_links(s.run)
+        links = links.assign(src_location="", tgt_location="", src_channel=links["channel"], tgt_channel=links["channel"], src_is_bias=False,
+                             strength=float("nan"), weight=float("nan"))
+        pair_edges = edges if edges is not None else links.iloc[:0]
+        strongest = pair_edges["strength"].abs().max() if len(pair_edges) else 1.0
+        # Residual links carry no strength: draw them at the strongest edge's strength so they pass the threshold.
+        links["strength"] = strongest if strongest == strongest else 1.0
+        all_edges = pd.concat([pair_edges, links[pair_edges.columns]], ignore_index=True)
+        self.whole.show(pos, all_edges, s.threshold, self._scale(), s.pins, s.node, ticks)
+
+    def _show_pins(self):
+        pins = self.state.pins
+        if not pins:
+            self.pins.object = "<i>no pinned nodes</i>"
+            return
+        self.pins.object = "<br>".join(f"📌 {html.escape(k)}: {html.escape(v)}" for k, v in sorted(pins.items()))
+
+    def _show_notes(self):
+        notes = self.state.notes
+        self.notes.object = "\n\n".join(notes)
+        self.notes.visible = bool(notes)

@@ -1,0 +1,128 @@
+"""The explorer's state, and the one place where URL values are checked.
+
+`UrlState` holds the URL's query values as plain strings (so syncing with the URL never fails
+half-way); `Explorer` holds the checked, typed state that the views read. `Explorer.apply_url`
+turns strings into state, replacing unknown values with defaults and recording a note that
+the page shows. Changes to the state are written back to the `UrlState` (and so to the URL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import param
+
+from viewer import queries
+
+DEFAULT_THRESHOLD = 0.1  # fraction of the layer-half's strongest edge below which edges are hidden
+URL_KEYS = ("run", "layer", "node", "threshold", "pins", "compare")
+
+
+class UrlState(param.Parameterized):
+    """The URL's query values, unchecked strings."""
+
+    run = param.String(default="")
+    layer = param.String(default="")
+    node = param.String(default="")
+    threshold = param.String(default="")
+    pins = param.String(default="")
+    compare = param.String(default="")
+
+
+class Explorer(param.Parameterized):
+    run = param.String(default="", doc="run_id of the circuit shown")
+    layer = param.String(default="", doc="layer-half shown in the graph, e.g. '3.attn'")
+    node = param.String(default="", doc="selected node_id ('' = none)")
+    threshold = param.Number(default=DEFAULT_THRESHOLD, bounds=(0.0, 1.0))
+    pins = param.Dict(default={}, doc="pinned node_id -> label")
+    compare = param.String(default="", doc="run_id of the circuit compared against ('' = none)")
+    doc = param.Integer(default=0, bounds=(0, None), doc="task doc for the attention pattern")
+    zero_centred = param.Boolean(default=True, doc="task-doc colours centred on zero")
+    notes = param.List(default=[], doc="messages about URL values that were replaced")
+
+    # --- checking -------------------------------------------------------------------------
+
+    def apply_url(self, raw: dict) -> None:
+        """Set the state from untrusted strings (URL query values); unknown values -> defaults + a note."""
+        notes = []
+        runs = queries.runs()["run_id"].tolist()
+        run = str(raw.get("run") or "")
+        if run and run not in runs:
+            notes.append(f"Unknown run {run!r}: showing {runs[0]!r} instead.")
+            run = ""
+        run = run or runs[0]
+
+        layers = queries.layer_halves(run)
+        layer = str(raw.get("layer") or "")
+        if layer and layer not in set(layers["layer_half"]):
+            notes.append(f"Unknown layer {layer!r} for this run: showing the default layer instead.")
+            layer = ""
+        layer = layer or default_layer(layers)
+
+        node = str(raw.get("node") or "")
+        known_nodes = set(queries.node_ids(run))
+        if node and node not in known_nodes:
+            notes.append(f"Unknown node {node!r} in this run: no node selected.")
+            node = ""
+
+        threshold = DEFAULT_THRESHOLD
+        if raw.get("threshold") not in (None, ""):
+            try:
+                threshold = float(raw["threshold"])
+                if not (math.isfinite(threshold) and 0 <= threshold <= 1):
+                    raise ValueError
+            except (TypeError, ValueError):
+                notes.append(f"Invalid threshold {raw['threshold']!r}: using {DEFAULT_THRESHOLD}.")
+                threshold = DEFAULT_THRESHOLD
+
+        pins = {}
+        if raw.get("pins"):
+            pins, bad = parse_pins(raw["pins"], known_nodes)
+            if bad:
+                notes.append(f"Ignored pins not in this run or malformed: {', '.join(map(repr, bad))}.")
+
+        compare = str(raw.get("compare") or "")
+        if compare and compare not in runs:
+            notes.append(f"Unknown comparison run {compare!r}: ignored.")
+            compare = ""
+
+        self.param.update(run=run, layer=layer, node=node, threshold=threshold, pins=pins, compare=compare, notes=notes)
+
+    def set_run(self, run: str) -> None:
+        """Switch circuits: keep the layer and node when the new run has them, else fall back to defaults."""
+        if run == self.run:
+            return
+        layers = queries.layer_halves(run)
+        layer = self.layer if self.layer in set(layers["layer_half"]) else default_layer(layers)
+        known = set(queries.node_ids(run))
+        node = self.node if self.node in known else ""
+        pins = {k: v for k, v in self.pins.items() if k in known}
+        self.param.update(run=run, layer=layer, node=node, pins=pins, doc=0)
+
+    def to_url(self) -> dict:
+        return {"run": self.run, "layer": self.layer, "node": self.node, "threshold": f"{self.threshold:g}",
+                "pins": json.dumps(self.pins, sort_keys=True) if self.pins else "", "compare": self.compare}
+
+
+def default_layer(layers) -> str:
+    """The released viewer opens on the first layer-half marked (delta > 0.3), else the first one."""
+    marked = layers[layers["marked"]]
+    return (marked if len(marked) else layers)["layer_half"].iloc[0]
+
+
+def parse_pins(text: str, known_nodes: set) -> tuple[dict, list]:
+    """Pins from the URL: a JSON object node_id -> label. Returns (valid pins, rejected entries)."""
+    try:
+        obj = json.loads(text)
+    except (TypeError, ValueError):
+        return {}, [str(text)[:80]]
+    if not isinstance(obj, dict):
+        return {}, [str(text)[:80]]
+    pins, bad = {}, []
+    for k, v in obj.items():
+        if k in known_nodes and isinstance(v, str | int | float):
+            pins[k] = str(v)[:200]
+        else:
+            bad.append(str(k)[:80])
+    return pins, bad

@@ -1,0 +1,53 @@
+"""Compare two circuits (another k, task or model): shared and unique nodes, side by side."""
+
+from __future__ import annotations
+
+import html
+
+import panel as pn
+
+from viewer import queries
+
+
+def summary(df, run_a: str, run_b: str) -> str:
+    counts = df["status"].value_counts()
+    shared, only_a, only_b = (int(counts.get(s, 0)) for s in ("shared", "only A", "only B"))
+    union = shared + only_a + only_b
+    jaccard = shared / union if union else 0.0
+    return (f"<div><b>A</b> = {html.escape(run_a)} · <b>B</b> = {html.escape(run_b)}</div>"
+            f"<div>shared <b>{shared}</b> · only in A <b>{only_a}</b> · only in B <b>{only_b}</b> · Jaccard {jaccard:.3f}</div>")
+
+
+class CompareView:
+    def __init__(self, state):
+        self.state = state
+        self.pick = pn.widgets.Select(name="compare with", options=[], width=360)
+        self.summary = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.shared = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")
+        self.only_a = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")
+        self.only_b = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")
+        self.pick.param.watch(self._picked, "value")
+        self.panel = pn.Column(self.pick, self.summary,
+                               pn.Row(pn.Column("**Shared** (delta in A and B)", self.shared, sizing_mode="stretch_width"),
+                                      pn.Column("**Only in A**", self.only_a, sizing_mode="stretch_width"),
+                                      pn.Column("**Only in B**", self.only_b, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+                               sizing_mode="stretch_width")
+
+    def _picked(self, event):
+        self.state.compare = event.new or ""
+
+    def show(self, *_):
+        s = self.state
+        runs = queries.runs()["run_id"].tolist()
+        self.pick.options = [""] + [r for r in runs if r != s.run]
+        if self.pick.value != s.compare:
+            self.pick.value = s.compare if s.compare in self.pick.options else ""
+        if not s.compare or s.compare == s.run:
+            self.summary.object = "<i>Pick a second circuit to compare with this one.</i>"
+            self.shared.object = self.only_a.object = self.only_b.object = None
+            return
+        df = queries.compare(s.run, s.compare)
+        self.summary.object = summary(df, s.run, s.compare)
+        self.shared.object = df[df["status"] == "shared"][["node_id", "delta_a", "delta_b"]]
+        self.only_a.object = df[df["status"] == "only A"][["node_id", "delta_a"]]
+        self.only_b.object = df[df["status"] == "only B"][["node_id", "delta_b"]]

@@ -1,0 +1,89 @@
+"""Loss at k across the sweep (log-log, unpruned loss as a line), the pruning loss curve, the prune config, training metrics."""
+
+from __future__ import annotations
+
+import json
+
+import panel as pn
+from bokeh.models import ColumnDataSource, HoverTool, Span
+from bokeh.plotting import figure
+
+from viewer import queries
+
+
+class CurvesView:
+    def __init__(self, state):
+        self.state = state
+        self.k_source = ColumnDataSource({"n_nodes": [], "final_loss": [], "k_label": [], "run_id": []})
+        self.k_current = ColumnDataSource({"n_nodes": [], "final_loss": []})
+        kfig = figure(height=300, sizing_mode="stretch_width", x_axis_type="log", y_axis_type="log", title="loss at k",
+                      x_axis_label="circuit nodes", y_axis_label="task loss (corrected)", tools="pan,wheel_zoom,reset,save")
+        kfig.line("n_nodes", "final_loss", source=self.k_source, line_width=2)
+        kfig.scatter("n_nodes", "final_loss", source=self.k_source, size=7)
+        kfig.scatter("n_nodes", "final_loss", source=self.k_current, size=13, fill_color=None, line_color="#d6604d", line_width=2)
+        kfig.add_tools(HoverTool(tooltips=[("k", "@k_label"), ("nodes", "@n_nodes"), ("loss", "@final_loss{0.0000}")]))
+        self.unpruned = Span(location=1.0, dimension="width", line_color="#555555", line_dash="dashed", line_width=2)
+        kfig.add_layout(self.unpruned)
+        self.kfig = kfig
+        self.p_source = ColumnDataSource({"x": [], "loss": []})
+        pfig = figure(height=300, sizing_mode="stretch_width", title="pruning loss curve", x_axis_label="(step + 1) * 8",
+                      y_axis_label="loss (corrected)", tools="pan,wheel_zoom,reset,save")
+        pfig.line("x", "loss", source=self.p_source, line_width=2)
+        self.pfig = pfig
+        self.k_note = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.config = pn.pane.JSON({}, depth=2, sizing_mode="stretch_width")
+        self.metrics = pn.pane.DataFrame(None, index=False, float_format="{:.5g}".format)
+        self.metric_pick = pn.widgets.Select(name="training metric", options=[], width=240)
+        self.t_source = ColumnDataSource({"step": [], "value": []})
+        tfig = figure(height=260, sizing_mode="stretch_width", title="training metric", x_axis_label="step", tools="pan,wheel_zoom,reset,save")
+        tfig.line("step", "value", source=self.t_source, line_width=2)
+        self.tfig = tfig
+        self._train = None
+        self.metric_pick.param.watch(lambda e: self._show_metric(), "value")
+        self.panel = pn.Column(
+            pn.Row(pn.Column(pn.pane.Bokeh(kfig, sizing_mode="stretch_width"), self.k_note, sizing_mode="stretch_width"),
+                   pn.pane.Bokeh(pfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            pn.Row(pn.Column("**Prune config**", self.config, sizing_mode="stretch_width"),
+                   pn.Column("**Training metrics** (last value of each)", self.metrics, self.metric_pick,
+                             pn.pane.Bokeh(tfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            sizing_mode="stretch_width")
+
+    def show(self, *_):
+        r = queries.run(self.state.run)
+        if r is None:
+            return
+        lak = queries.loss_at_k(r["model"], r["task"], r["sweep"])
+        if lak is not None and len(lak):
+            self.k_source.data = {c: lak[c].tolist() for c in ("n_nodes", "final_loss", "k_label", "run_id")}
+            cur = lak[lak["run_id"] == r["run_id"]]
+            self.k_current.data = {"n_nodes": cur["n_nodes"].tolist(), "final_loss": cur["final_loss"].tolist()}
+            self.unpruned.location = float(lak["unpruned_loss"].iloc[0])
+            self.k_note.object = f"dashed line: unpruned model's loss {self.unpruned.location:.4f}; circled: this circuit"
+        else:
+            self.k_note.object = "<i>No loss_at_k table.</i>"
+        pc = queries.pruning_curve(r["run_id"])
+        self.p_source.data = {"x": [], "loss": []} if pc is None else {"x": pc["x"].tolist(), "loss": pc["loss"].tolist()}
+        try:
+            self.config.object = json.loads(r["prune_config"]) if r.get("prune_config") else {}
+        except ValueError:
+            self.config.object = {"prune_config (not JSON)": str(r["prune_config"])}
+        train = queries.train_curves(r["model"])
+        self._train = train
+        if train is None or train.empty:
+            self.metrics.object = None
+            self.metric_pick.options = []
+            return
+        self.metrics.object = train.groupby("metric", as_index=False).last()[["metric", "step", "value"]]
+        names = sorted(train["metric"].unique())
+        self.metric_pick.options = names
+        if self.metric_pick.value not in names:
+            self.metric_pick.value = next((m for m in names if "loss" in m), names[0])
+        self._show_metric()
+
+    def _show_metric(self):
+        t = self._train
+        if t is None or not self.metric_pick.value:
+            return
+        sub = t[t["metric"] == self.metric_pick.value]
+        self.t_source.data = {"step": sub["step"].tolist(), "value": sub["value"].tolist()}
+        self.tfig.title.text = self.metric_pick.value

@@ -1,0 +1,114 @@
+"""The selected node: name, connections, pretraining snippets, task-doc activations, attention pattern (q/k/v)."""
+
+from __future__ import annotations
+
+import html
+
+import panel as pn
+
+from viewer import queries
+from viewer.views import attention, tokens
+
+
+def connections_frame(df):
+    if df is None or df.empty:
+        return None
+    out = df[["src_node_id", "tgt_node_id", "strength", "weight"]].copy()
+    return out.rename(columns={"src_node_id": "from", "tgt_node_id": "to"})
+
+
+def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str | None) -> str:
+    nid = html.escape(node["node_id"])
+    head = ""
+    if node.get("kind") in ("q", "k", "v"):
+        head = f" · head {int(node['head'])}, head channel {int(node['head_channel'])}"
+    parts = [f'<h3 class="node-title">{nid}</h3>',
+             f"<div>{html.escape(node['location'])} · channel {int(node['channel'])}{head}</div>",
+             f"<div>ablation delta (stored): <b>{node['delta']:.4f}</b> · layer-half delta {node['layer_delta']:.4f}</div>"]
+    if ablation is not None:
+        flag = "agrees" if ablation["agrees"] else '<b style="color:#b2182b">DISAGREES</b>'
+        parts.append(f"<div>recomputed by the pipeline: {ablation['recomputed_delta']:.4f} "
+                     f"(|diff| {ablation['abs_diff']:.2g}, {flag})</div>")
+    if pin_label is not None:
+        parts.append(f"<div>pinned: <i>{html.escape(pin_label) or '(no label)'}</i></div>")
+    return "".join(parts)
+
+
+class DetailView:
+    def __init__(self, state):
+        self.state = state
+        self.header = pn.pane.HTML("<i>Click a node in the graph to see its details.</i>", sizing_mode="stretch_width")
+        self.inputs = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width", max_height=260, float_format="{:.4f}".format)
+        self.outputs = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width", max_height=260, float_format="{:.4f}".format)
+        self.snippets = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.task = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, name="zero-centred colours")
+        self.doc = pn.widgets.IntInput.from_param(state.param.doc, name="task doc for the attention pattern", width=200)
+        self.head_plot = attention.PatternPlot("head pattern")
+        self.channel_plot = attention.PatternPlot("channel pattern")
+        self.attn_note = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.attn = pn.Column(self.doc, self.attn_note, pn.Row(pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)),
+                              visible=False)
+        self.panel = pn.Column(
+            self.header,
+            pn.Row(pn.Column("**Inputs**", self.inputs, sizing_mode="stretch_width"),
+                   pn.Column("**Outputs**", self.outputs, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            self.attn,
+            pn.Tabs(("Pretraining snippets", self.snippets), ("Task docs", pn.Column(self.zero, self.task, sizing_mode="stretch_width")),
+                    sizing_mode="stretch_width", dynamic=False),
+            sizing_mode="stretch_width")
+
+    def show(self, *_):
+        s = self.state
+        node = queries.node(s.run, s.node) if s.node else None
+        if node is None:
+            self.header.object = "<i>Click a node in the graph to see its details.</i>"
+            self.inputs.object = self.outputs.object = None
+            self.snippets.object = self.task.object = ""
+            self.attn.visible = False
+            return
+        ab = queries.ablations(s.run)
+        row = ab[ab["node_id"] == s.node] if ab is not None else None
+        ablation = row.iloc[0].to_dict() if row is not None and len(row) else None
+        self.header.object = header_html(s.run, node, ablation, s.pins.get(s.node))
+        inputs, outputs = queries.connections(s.run, s.node)
+        self.inputs.object = connections_frame(inputs)
+        self.outputs.object = connections_frame(outputs)
+        self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
+        self.show_task()
+        self.show_attention()
+
+    def show_task(self, *_):
+        s = self.state
+        if not s.node:
+            return
+        self.task.object = tokens.task_docs_html(queries.task_docs(s.run), queries.activation_matrix(s.run, s.node), s.zero_centred)
+
+    def show_attention(self, *_):
+        s = self.state
+        node = queries.node(s.run, s.node) if s.node else None
+        if node is None or node["kind"] not in ("q", "k", "v"):
+            self.attn.visible = False
+            return
+        self.attn.visible = True
+        docs = queries.task_docs(s.run)
+        if docs is None or docs.empty:
+            self.attn_note.object = "<i>No task docs in the tables.</i>"
+            return
+        doc = min(max(int(s.doc), 0), int(docs["doc"].max()))
+        length = int(docs.loc[docs["doc"] == doc, "length"].iloc[0])
+        d_head = int(queries.model_config(s.run).get("d_head") or 1)
+        layer, head, hc = int(node["layer"]), int(node["head"]), int(node["head_channel"])
+        q, k = attention.qk_matrices(queries.head_qk(s.run, layer, head, doc), length)
+        shared = sorted(set(q) & set(k))
+        note = [f"layer {layer} head {head}, doc {doc} ({length} tokens): q·k over the circuit's channels kept in both q and k: "
+                f"{shared if shared else 'none'}"]
+        self.head_plot.show(attention.head_pattern(q, k, d_head, length) if shared else None, f"head {head} pattern")
+        if hc in q and hc in k:
+            self.channel_plot.show(attention.channel_pattern(q[hc], k[hc], d_head), f"channel {hc}: exp(q·k/√d)")
+        else:
+            self.channel_plot.show(None, f"channel {hc}: not in both q and k")
+            note.append(f"channel {hc} is not kept in both q and k of this head, so it has no pattern of its own")
+        self.attn_note.object = "<div>" + html.escape("; ".join(note)) + "</div>"
+
+

@@ -1,0 +1,102 @@
+"""Token and position embeddings of a residual channel: top/bottom tokens by wte weight, the column's histogram, wpe heatmap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import panel as pn
+from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper
+from bokeh.palettes import RdBu11
+from bokeh.plotting import figure
+
+from viewer import queries
+
+N_TOKENS = 20
+RESIDUAL_KINDS = ("act_in", "resid_delta")
+
+
+def top_bottom(col: pd.DataFrame | None, n: int = N_TOKENS):
+    """(top, bottom) tokens of a wte column by weight, nonzero only (the table holds nonzero entries only)."""
+    if col is None or col.empty:
+        return None, None
+    col = col[col["value"] != 0]
+    top = col.nlargest(n, "value")[["row", "text", "value"]].rename(columns={"row": "token_id"})
+    bottom = col.nsmallest(n, "value")[["row", "text", "value"]].rename(columns={"row": "token_id"})
+    return top, bottom
+
+
+def symlog(values: np.ndarray, linthresh: float) -> np.ndarray:
+    """Symmetric log: linear within +-linthresh, logarithmic beyond (sign kept)."""
+    return np.sign(values) * np.log10(1 + np.abs(values) / linthresh)
+
+
+def wpe_image(entries: pd.DataFrame | None):
+    """(positions x nonzero channels) matrix in symlog units, the channel labels, and linthresh."""
+    if entries is None or entries.empty:
+        return None, [], 1.0
+    channels = np.sort(entries["channel"].unique())
+    rows = int(entries["row"].max()) + 1
+    dense = np.zeros((rows, len(channels)), np.float64)
+    dense[entries["row"].to_numpy(), np.searchsorted(channels, entries["channel"].to_numpy())] = entries["value"].to_numpy(float)
+    nz = np.abs(dense[dense != 0])
+    linthresh = float(np.percentile(nz, 10)) if nz.size else 1.0
+    return symlog(dense, linthresh), channels.tolist(), linthresh
+
+
+class EmbeddingView:
+    def __init__(self, state):
+        self.state = state
+        self.channel = pn.widgets.IntInput(name="residual channel", value=0, start=0, width=160)
+        self.note = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.top = pn.pane.DataFrame(None, index=False, float_format="{:.4f}".format)
+        self.bottom = pn.pane.DataFrame(None, index=False, float_format="{:.4f}".format)
+        self.hist_source = ColumnDataSource({"left": [], "right": [], "top": []})
+        hist = figure(height=240, width=420, title="wte column histogram (nonzero entries)", tools="pan,wheel_zoom,reset,save")
+        hist.quad(left="left", right="right", top="top", bottom=0, source=self.hist_source, fill_color="#4393c3", line_color="white")
+        self.hist = hist
+        self.wpe_source = ColumnDataSource({"image": [], "dw": [], "dh": []})
+        self.wpe_mapper = LinearColorMapper(palette=RdBu11[::-1], nan_color="#ffffff")
+        wpe = figure(height=320, sizing_mode="stretch_width", title="wpe (positions x nonzero channels, symlog colours)",
+                     tools="pan,wheel_zoom,reset,save", x_axis_label="channel (index among nonzero columns)", y_axis_label="position")
+        wpe.image(image="image", x=0, y=0, dw="dw", dh="dh", source=self.wpe_source, color_mapper=self.wpe_mapper)
+        wpe.add_layout(ColorBar(color_mapper=self.wpe_mapper, width=8, title="symlog"), "right")
+        wpe.add_tools(HoverTool(tooltips=[("pos", "$y{0}"), ("column", "$x{0}"), ("symlog value", "@image{0.000}")]))
+        self.wpe = wpe
+        self._wpe_model = None
+        self.channel.param.watch(lambda e: self.show(), "value")
+        self.panel = pn.Column(pn.Row(self.channel, self.note), pn.Row(pn.Column("**Top tokens**", self.top),
+                                                                       pn.Column("**Bottom tokens**", self.bottom), pn.pane.Bokeh(hist)),
+                               pn.pane.Bokeh(wpe, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+
+    def follow_node(self, node: dict | None):
+        """Select the channel of the selected node when it is a residual channel."""
+        if node is not None and node["kind"] in RESIDUAL_KINDS and self.channel.value != int(node["channel"]):
+            self.channel.value = int(node["channel"])  # triggers show()
+
+    def show(self, *_):
+        r = queries.run(self.state.run)
+        if r is None:
+            return
+        model, ch = r["model"], int(self.channel.value)
+        col = queries.embedding_column(model, "wte", ch)
+        if col is None:
+            self.note.object = "<i>No embeddings table: materialize it with the pipeline.</i>"
+            return
+        top, bottom = top_bottom(col)
+        self.top.object, self.bottom.object = top, bottom
+        self.note.object = f"model {model}: wte column {ch} has {len(col)} nonzero weights"
+        if len(col):
+            counts, edges = np.histogram(col["value"].to_numpy(float), bins=30)
+            self.hist_source.data = {"left": edges[:-1], "right": edges[1:], "top": counts}
+        else:
+            self.hist_source.data = {"left": [], "right": [], "top": []}
+        if self._wpe_model != model:  # the heatmap depends on the model only
+            self._wpe_model = model
+            img, channels, linthresh = wpe_image(queries.embedding_matrix(model, "wpe"))
+            if img is None:
+                self.wpe_source.data = {"image": [], "dw": [], "dh": []}
+            else:
+                m = float(np.abs(img).max()) or 1.0
+                self.wpe_mapper.low, self.wpe_mapper.high = -m, m
+                self.wpe_source.data = {"image": [img.astype(np.float32)], "dw": [img.shape[1]], "dh": [img.shape[0]]}
+                self.wpe.title.text = f"wpe: {img.shape[0]} positions x {len(channels)} nonzero channels (symlog, linthresh {linthresh:.3g})"

@@ -1,0 +1,175 @@
+"""Circuit graphs: one layer-half (rows per location) and the whole circuit across layers.
+
+Bokeh figures built once per session; a new selection only replaces their ColumnDataSources'
+data, so an interaction costs a layout of a few hundred points, not a new figure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from bokeh.models import ColumnDataSource, FixedTicker, HoverTool, Segment, TapTool
+from bokeh.palettes import RdBu11
+from bokeh.plotting import figure
+
+ROWS = {"attn": ("act_in", "q", "k", "v", "resid_delta"), "mlp": ("act_in", "post_act", "resid_delta")}
+DIVERGING = RdBu11[::-1]  # blue = negative delta, red = positive (the node matters)
+NO_DELTA = "#bbbbbb"
+
+
+def delta_colours(delta: np.ndarray, scale: float) -> list[str]:
+    """Diverging colours centred on zero; `scale` is the |delta| mapped to the palette's ends."""
+    delta = np.asarray(delta, float)
+    scale = scale if scale and np.isfinite(scale) and scale > 0 else 1.0
+    idx = np.clip(np.round((delta / scale + 1) / 2 * (len(DIVERGING) - 1)), 0, len(DIVERGING) - 1)
+    return [NO_DELTA if not np.isfinite(d) else DIVERGING[int(i)] for d, i in zip(delta, np.nan_to_num(idx), strict=True)]
+
+
+def row_positions(df: pd.DataFrame) -> np.ndarray:
+    """x of each node within its row: q/k/v columns grouped by head (same head aligned across the three rows)."""
+    x = np.zeros(len(df))
+    qkv = df["kind"].isin(["q", "k", "v"]).to_numpy()
+    for _, idx in df[~qkv].groupby("location").indices.items():
+        x[idx] = np.arange(len(idx)) - (len(idx) - 1) / 2
+    if qkv.any():
+        sub = df[qkv]
+        heads = sorted(sub["head"].dropna().astype(int).unique())
+        width = {h: int(sub[sub["head"] == h].groupby("kind").size().max()) for h in heads}
+        start, pos = {}, 0
+        for h in heads:
+            start[h] = pos
+            pos += width[h] + 1  # a gap between heads
+        total = pos - 1
+        for _, grp in sub.groupby(["head", "kind"]):
+            grp = grp.sort_values("head_channel")
+            h = int(grp["head"].iloc[0])
+            x[df.index.get_indexer(grp.index)] = start[h] + np.arange(len(grp)) - (total - 1) / 2
+    return x
+
+
+def layout_layer_half(nodes: pd.DataFrame, edges: pd.DataFrame | None, half: str) -> pd.DataFrame:
+    """Nodes (plus bias pseudo-nodes that feed this layer-half) with x, y; y = row of the location."""
+    nodes = nodes.reset_index(drop=True).copy()
+    nodes["is_bias"] = False
+    if edges is not None and len(edges):
+        bias = edges[edges["src_is_bias"].fillna(False).astype(bool)].drop_duplicates("src_node_id")
+        if len(bias):
+            extra = pd.DataFrame({"node_id": bias["src_node_id"], "location": bias["src_location"],
+                                  "kind": bias["src_location"].str.rsplit(".", n=1).str[-1], "delta": np.nan, "is_bias": True})
+            nodes = pd.concat([nodes, extra], ignore_index=True)
+    rows = ROWS[half]
+    nodes["y"] = nodes["kind"].map({k: i for i, k in enumerate(rows)}).astype(float)
+    nodes["x"] = 0.0
+    real = ~nodes["is_bias"]
+    nodes.loc[real, "x"] = row_positions(nodes[real].reset_index(drop=True))
+    for loc, idx in nodes[nodes["is_bias"]].groupby("location").indices.items():
+        row = nodes[(nodes["location"] == loc) & ~nodes["is_bias"]]
+        right = row["x"].max() if len(row) else 0
+        nodes.loc[nodes.index[idx], "x"] = right + 1.5 + np.arange(len(idx))
+    return nodes
+
+
+def edge_segments(pos: pd.DataFrame, edges: pd.DataFrame | None, threshold: float) -> dict:
+    """Segments for edges whose |strength| >= threshold * the strongest in view; width/alpha by strength."""
+    cols = {k: [] for k in ("x0", "y0", "x1", "y1", "color", "alpha", "width", "src", "tgt", "strength")}
+    if edges is None or not len(edges):
+        return cols
+    measure = edges["strength"].where(edges["strength"].notna(), edges["weight"]).to_numpy(float)
+    mag = np.abs(np.nan_to_num(measure))
+    top = mag.max() if len(mag) else 0
+    if top <= 0:
+        return cols
+    keep = mag >= threshold * top
+    xy = pos.set_index("node_id")[["x", "y"]]
+    e = edges[keep]
+    src, tgt = xy.reindex(e["src_node_id"]), xy.reindex(e["tgt_node_id"])
+    ok = (src["x"].notna().to_numpy() & tgt["x"].notna().to_numpy())
+    rel = mag[keep][ok] / top
+    cols.update(x0=src["x"].to_numpy()[ok], y0=src["y"].to_numpy()[ok], x1=tgt["x"].to_numpy()[ok], y1=tgt["y"].to_numpy()[ok],
+                color=np.where(measure[keep][ok] >= 0, "#d6604d", "#4393c3").tolist(), alpha=(0.15 + 0.85 * rel).tolist(),
+                width=(0.5 + 3.5 * rel).tolist(), src=e["src_node_id"].to_numpy()[ok].tolist(),
+                tgt=e["tgt_node_id"].to_numpy()[ok].tolist(), strength=measure[keep][ok].tolist())
+    return cols
+
+
+def _node_data(pos: pd.DataFrame, scale: float, pins: dict, selected: str) -> dict:
+    label = [
+        f"head {int(h)} ch {int(hc)} (ch {int(c)})" if pd.notna(h) else ("bias" if b else f"ch {int(c)}")
+        for h, hc, c, b in zip(pos.get("head", pd.Series(np.nan, index=pos.index)), pos.get("head_channel", pd.Series(np.nan, index=pos.index)),
+                               pos.get("channel", pd.Series(0, index=pos.index)).fillna(0), pos["is_bias"], strict=True)
+    ]
+    outline = ["#000000" if n == selected else ("#ffb000" if n in pins else "#555555") for n in pos["node_id"]]
+    return {"x": pos["x"].to_numpy(float), "y": pos["y"].to_numpy(float), "node_id": pos["node_id"].tolist(), "label": label,
+            "delta": pos["delta"].to_numpy(float), "color": delta_colours(pos["delta"].to_numpy(float), scale),
+            "outline": outline, "lw": [3 if n == selected else (2.5 if n in pins else 0.8) for n in pos["node_id"]],
+            "pin": [pins.get(n, "") for n in pos["node_id"]]}
+
+
+class CircuitGraph:
+    """A Bokeh graph of circuit nodes; `on_select(node_id)` is called when a node is tapped."""
+
+    def __init__(self, on_select, height=420, title=""):
+        self.on_select = on_select
+        self.nodes = ColumnDataSource({k: [] for k in ("x", "y", "node_id", "label", "delta", "color", "outline", "lw", "pin")})
+        self.edges = ColumnDataSource({k: [] for k in ("x0", "y0", "x1", "y1", "color", "alpha", "width", "src", "tgt", "strength")})
+        fig = figure(height=height, sizing_mode="stretch_width", tools="pan,wheel_zoom,box_zoom,reset,save",
+                     active_scroll="wheel_zoom", title=title, toolbar_location="above")
+        fig.add_glyph(self.edges, Segment(x0="x0", y0="y0", x1="x1", y1="y1", line_color="color", line_alpha="alpha", line_width="width"))
+        renderer = fig.scatter("x", "y", source=self.nodes, size=14, fill_color="color", line_color="outline", line_width="lw",
+                               marker="circle", nonselection_fill_alpha=1.0, selection_fill_alpha=1.0)
+        fig.add_tools(HoverTool(renderers=[renderer], tooltips=[("node", "@node_id"), ("", "@label"), ("delta", "@delta{0.0000}"),
+                                                                ("pin", "@pin")]))
+        fig.add_tools(TapTool(renderers=[renderer]))
+        fig.xaxis.visible = False
+        fig.xgrid.visible = False
+        fig.ygrid.grid_line_alpha = 0.3
+        fig.yaxis.ticker = FixedTicker(ticks=[])
+        self.figure = fig
+        self.positions = pd.DataFrame()
+        self.nodes.selected.on_change("indices", self._tapped)
+
+    def _tapped(self, attr, old, new):
+        if new:
+            node_id = self.nodes.data["node_id"][new[0]]
+            self.nodes.selected.indices = []  # selection is shown by the outline, not Bokeh's selection state
+            self.on_select(node_id)
+
+    def show(self, pos: pd.DataFrame, edges: pd.DataFrame | None, threshold: float, scale: float, pins: dict, selected: str, ticks: dict):
+        self.positions = pos
+        self.nodes.data = _node_data(pos, scale, pins, selected)
+        self.edges.data = edge_segments(pos, edges, threshold)
+        self.figure.yaxis.ticker = FixedTicker(ticks=list(ticks))
+        self.figure.yaxis.major_label_overrides = {float(k): v for k, v in ticks.items()}
+
+    def show_threshold(self, edges, threshold):
+        self.edges.data = edge_segments(self.positions, edges, threshold)
+
+    def mark(self, pins: dict, selected: str):
+        """Refresh outlines only (selection or pins changed)."""
+        ids = self.nodes.data["node_id"]
+        self.nodes.patch({
+            "outline": [(slice(0, len(ids)), ["#000000" if n == selected else ("#ffb000" if n in pins else "#555555") for n in ids])],
+            "lw": [(slice(0, len(ids)), [3 if n == selected else (2.5 if n in pins else 0.8) for n in ids])],
+            "pin": [(slice(0, len(ids)), [pins.get(n, "") for n in ids])],
+        })
+
+
+def layer_half_ticks(half: str) -> dict:
+    return {i: k for i, k in enumerate(ROWS[half])}
+
+
+def layout_whole(nodes: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """All nodes: one band of rows per layer-half, stacked by layer (layer 0 at the bottom)."""
+    parts, ticks, base = [], {}, 0
+    for (layer, half), grp in nodes.groupby(["layer", "half"], sort=True):
+        grp = grp.reset_index(drop=True).copy()
+        grp["is_bias"] = False
+        rows = ROWS[half]
+        grp["y"] = base + grp["kind"].map({k: i for i, k in enumerate(rows)}).astype(float)
+        grp["x"] = row_positions(grp)
+        for i, k in enumerate(rows):
+            ticks[base + i] = f"{layer}.{half}.{k}"
+        parts.append(grp)
+        base += len(rows) + 1
+    pos = pd.concat(parts, ignore_index=True) if parts else nodes.assign(x=[], y=[], is_bias=[])
+    return pos, ticks

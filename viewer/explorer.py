@@ -42,17 +42,17 @@ class ExplorerApp:
         self._updating = False
 
         # Sidebar widgets.
-        self.model = pn.widgets.Select(name="model")
-        self.task = pn.widgets.Select(name="task")
-        self.sweep = pn.widgets.Select(name="sweep")
-        self.k = pn.widgets.Select(name="k")
+        self.model = pn.widgets.Select(label="model")
+        self.task = pn.widgets.Select(label="task")
+        self.sweep = pn.widgets.Select(label="sweep")
+        self.k = pn.widgets.Select(label="k")
         self.summary = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.layer = pn.widgets.Select(name="layer-half (★ = delta > 0.3)", size=10, sizing_mode="stretch_width")
-        self.threshold = pn.widgets.FloatSlider.from_param(state.param.threshold, name="edge threshold (fraction of strongest)", step=0.01)
-        self.node = pn.widgets.Select(name="node", sizing_mode="stretch_width")
-        self.pin_label = pn.widgets.TextInput(name="pin label", placeholder="label for the selected node")
-        self.pin = pn.widgets.Button(name="pin / update label", button_type="default")
-        self.unpin = pn.widgets.Button(name="unpin", button_type="light")
+        self.layer = pn.widgets.Select(label="layer-half (★ = delta > 0.3)", size=10, sizing_mode="stretch_width")
+        self.threshold = pn.widgets.FloatSlider.from_param(state.param.threshold, label="edge threshold (fraction of strongest)", step=0.01)
+        self.node = pn.widgets.Select(label="node", sizing_mode="stretch_width")
+        self.pin_label = pn.widgets.TextInput(label="pin label", placeholder="label for the selected node")
+        self.pin = pn.widgets.Button(label="pin / update label", color="default")
+        self.unpin = pn.widgets.Button(label="unpin", color="light")
         self.pins = pn.pane.HTML("", sizing_mode="stretch_width")
         self.notes = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
 

@@ -21,7 +21,7 @@ def summary(df, run_a: str, run_b: str) -> str:
 class CompareView:
     def __init__(self, state):
         self.state = state
-        self.pick = pn.widgets.Select(name="compare with", options=[], width=360)
+        self.pick = pn.widgets.Select(label="compare with", options=[], width=360)
         self.summary = pn.pane.HTML("", sizing_mode="stretch_width")
         self.shared = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")
         self.only_a = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")

@@ -33,7 +33,7 @@ class CurvesView:
         self.k_note = pn.pane.HTML("", sizing_mode="stretch_width")
         self.config = pn.pane.JSON({}, depth=2, sizing_mode="stretch_width")
         self.metrics = pn.pane.DataFrame(None, index=False, float_format="{:.5g}".format)
-        self.metric_pick = pn.widgets.Select(name="training metric", options=[], width=240)
+        self.metric_pick = pn.widgets.Select(label="training metric", options=[], width=240)
         self.t_source = ColumnDataSource({"step": [], "value": []})
         tfig = figure(height=260, sizing_mode="stretch_width", title="training metric", x_axis_label="step", tools="pan,wheel_zoom,reset,save")
         tfig.line("step", "value", source=self.t_source, line_width=2)

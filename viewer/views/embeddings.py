@@ -46,7 +46,7 @@ def wpe_image(entries: pd.DataFrame | None):
 class EmbeddingView:
     def __init__(self, state):
         self.state = state
-        self.channel = pn.widgets.IntInput(name="residual channel", value=0, start=0, width=160)
+        self.channel = pn.widgets.IntInput(label="residual channel", value=0, start=0, width=160)
         self.note = pn.pane.HTML("", sizing_mode="stretch_width")
         self.top = pn.pane.DataFrame(None, index=False, float_format="{:.4f}".format)
         self.bottom = pn.pane.DataFrame(None, index=False, float_format="{:.4f}".format)

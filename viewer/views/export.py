@@ -43,7 +43,7 @@ class ExportView:
                 df = nodes_export(state.run, state.pins) if what == "nodes" else edges_export(state.run)
                 return to_bytes(df, fmt)
 
-            return pn.widgets.FileDownload(callback=callback, filename=f"{what}.{fmt}", label=f"{what}.{fmt}", button_type="primary",
+            return pn.widgets.FileDownload(callback=callback, filename=f"{what}.{fmt}", label=f"{what}.{fmt}", color="primary",
                                            width=160)
 
         self.buttons = {(w, f): button(w, f) for w in ("nodes", "edges") for f in ("csv", "parquet")}

@@ -1,0 +1,356 @@
+"""Viewer: queries against small contract tables (checked by independent computation), the app built in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from viewer_tables import Scale, write_contract_tables
+
+RUN = "toy/quotes/sweep1/8"
+
+
+@contextlib.contextmanager
+def data_dir(path):
+    old = os.environ.get("CIRCUITS_DATA")
+    os.environ["CIRCUITS_DATA"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CIRCUITS_DATA", None)
+        else:
+            os.environ["CIRCUITS_DATA"] = old
+
+
+@pytest.fixture(scope="module")
+def viewer_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer_data")
+    truth = write_contract_tables(str(root))
+    with data_dir(root):
+        yield root, truth
+
+
+def table(truth, name) -> pd.DataFrame:
+    import pyarrow as pa
+
+    return pa.concat_tables(truth.tables[name]).to_pandas()
+
+
+# --- queries ----------------------------------------------------------------------------------
+
+
+def test_runs_in_k_order_with_counts(viewer_data):
+    from viewer import queries
+
+    _, truth = viewer_data
+    runs = queries.runs()
+    quotes = runs[runs["task"] == "quotes"]["k_label"].tolist()
+    assert quotes == ["8", "16"]  # numeric order, not "16" < "8"
+    for r in truth.runs:
+        got = runs[runs["run_id"] == r["run_id"]].iloc[0]
+        assert got["n_nodes"] == len(truth.nodes[r["run_id"]])
+        assert got["interv_loss"] == pytest.approx(r["interv_loss_raw"] * 0.5)
+
+
+def test_layer_halves_deltas_counts_and_marks(viewer_data):
+    from viewer import queries
+
+    _, truth = viewer_data
+    got = queries.layer_halves(RUN).set_index("layer_half")
+    la = table(truth, "layer_ablations")
+    la = la[la["run_id"] == RUN].set_index("layer_half")
+    for lh, row in la.iterrows():
+        assert got.loc[lh, "delta"] == pytest.approx(row["delta"])
+        count = sum(1 for n in truth.nodes[RUN] if f"{n['layer']}.{n['half']}" == lh)
+        assert got.loc[lh, "n_nodes"] == count
+        assert bool(got.loc[lh, "marked"]) == (row["delta"] > 0.3)
+    assert list(got.index[got["marked"]]) == ["0.mlp", "1.attn"]
+
+
+def test_nodes_and_edges_of_a_layer_half(viewer_data):
+    from viewer import queries
+
+    _, truth = viewer_data
+    got = queries.nodes(RUN, "1.attn")
+    want = {n["node_id"] for n in truth.nodes[RUN] if n["layer"] == 1 and n["half"] == "attn"}
+    assert set(got["node_id"]) == want
+    edges = table(truth, "edges")
+    want_e = edges[(edges["run_id"] == RUN) & edges["tgt_location"].str.startswith("1.attn.")]
+    got_e = queries.edges(RUN, "1.attn")
+    assert sorted(zip(got_e["src_node_id"], got_e["tgt_node_id"], strict=True)) == sorted(
+        zip(want_e["src_node_id"], want_e["tgt_node_id"], strict=True))
+
+
+def test_connections_are_the_nodes_column_and_row(viewer_data):
+    from viewer import queries
+
+    _, truth = viewer_data
+    edges = table(truth, "edges")
+    edges = edges[edges["run_id"] == RUN]
+    node_id = edges["tgt_node_id"].iloc[0]
+    inputs, outputs = queries.connections(RUN, node_id)
+    assert set(inputs["src_node_id"]) == set(edges[edges["tgt_node_id"] == node_id]["src_node_id"])
+    assert set(outputs["tgt_node_id"]) == set(edges[edges["src_node_id"] == node_id]["tgt_node_id"])
+    strengths = inputs["strength"].abs().tolist()
+    assert strengths == sorted(strengths, reverse=True)
+
+
+def test_samples_first_five_and_fifty_either_side(viewer_data):
+    from viewer import queries
+
+    _, truth = viewer_data
+    node_id = truth.nodes[RUN][5]["node_id"]
+    got = queries.samples(RUN, node_id)
+    s = table(truth, "samples")
+    s = s[(s["run_id"] == RUN) & (s["node_id"] == node_id)]
+    vocab = dict(zip(table(truth, "vocab")["token_id"], table(truth, "vocab")["text"], strict=True))
+    assert set(got["rank"]) == set(range(5))
+    for (frac, side, rank), snip in s.groupby(["frac", "side", "rank"]):
+        if rank >= 5:
+            continue
+        centre = int(snip[snip["is_center"]]["pos"].iloc[0])
+        want = snip[(snip["pos"] - centre).abs() <= 50].sort_values("pos")
+        have = got[(got["frac"] == frac) & (got["side"] == side) & (got["rank"] == rank)]
+        assert have["pos"].tolist() == want["pos"].tolist()
+        assert have["text"].tolist() == [vocab[t] for t in want["token_id"]]
+        np.testing.assert_allclose(have["value"], want["value"], rtol=1e-6)
+
+
+def test_activation_matrix_matches_the_table(viewer_data):
+    from viewer import queries
+
+    _, truth = viewer_data
+    node_id = truth.nodes[RUN][2]["node_id"]
+    m = queries.activation_matrix(RUN, node_id)
+    a = table(truth, "activations")
+    a = a[(a["run_id"] == RUN) & (a["node_id"] == node_id)]
+    docs = table(truth, "task_docs")
+    docs = docs[docs["run_id"] == RUN]
+    assert m.shape == (len(docs), docs["length"].max())
+    for row in a.itertuples():
+        assert m[row.doc, row.pos] == pytest.approx(row.value)
+    for d in docs.itertuples():
+        assert np.isnan(m[d.doc, d.length:]).all()
+
+
+def test_head_attention_pattern_independent(viewer_data):
+    """The head pattern from the stored q/k channels, computed here with plain loops over the raw table."""
+    from viewer import queries
+    from viewer.views import attention
+
+    _, truth = viewer_data
+    q_nodes = [n for n in truth.nodes[RUN] if n["kind"] == "q"]
+    k_nodes = [n for n in truth.nodes[RUN] if n["kind"] == "k"]
+    # A head that has a head_channel in both q and k (the generator picks 3 of 8 channels; find one).
+    found = None
+    for qn in q_nodes:
+        for kn in k_nodes:
+            if (qn["layer"], qn["head"], qn["head_channel"]) == (kn["layer"], kn["head"], kn["head_channel"]):
+                found = qn
+    if found is None:
+        pytest.skip("generator drew no shared q/k channel")
+    layer, head, doc = found["layer"], found["head"], 1
+    docs = table(truth, "task_docs")
+    length = int(docs[(docs["run_id"] == RUN) & (docs["doc"] == doc)]["length"].iloc[0])
+    acts = table(truth, "activations")
+    acts = acts[(acts["run_id"] == RUN) & (acts["doc"] == doc)]
+
+    def vec(n):
+        a = acts[acts["node_id"] == n["node_id"]].sort_values("pos")
+        return a["value"].to_numpy(float)
+
+    q = {n["head_channel"]: vec(n) for n in q_nodes if n["layer"] == layer and n["head"] == head}
+    k = {n["head_channel"]: vec(n) for n in k_nodes if n["layer"] == layer and n["head"] == head}
+    d_head = 4
+    want = np.full((length, length), np.nan)
+    for t in range(length):
+        scores = [sum(q[c][t] * k[c][s] for c in q if c in k) / math.sqrt(d_head) for s in range(t + 1)]
+        z = sum(math.exp(x) for x in scores)
+        want[t, : t + 1] = [math.exp(x) / z for x in scores]
+    qm, km = attention.qk_matrices(queries.head_qk(RUN, layer, head, doc), length)
+    got = attention.head_pattern(qm, km, queries.model_config(RUN)["d_head"], length)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    c = found["head_channel"]
+    ch = attention.channel_pattern(qm[c], km[c], d_head)
+    assert ch[length - 1, 0] == pytest.approx(math.exp(q[c][length - 1] * k[c][0] / 2))
+    assert np.isnan(ch[0, 1])
+
+
+def test_compare_and_residual_links(viewer_data):
+    from viewer import queries
+
+    _, truth = viewer_data
+    other = "toy/quotes/sweep1/16"
+    a = {n["node_id"] for n in truth.nodes[RUN]}
+    b = {n["node_id"] for n in truth.nodes[other]}
+    df = queries.compare(RUN, other)
+    assert set(df[df["status"] == "shared"]["node_id"]) == a & b
+    assert set(df[df["status"] == "only A"]["node_id"]) == a - b
+    assert set(df[df["status"] == "only B"]["node_id"]) == b - a
+    links = queries.residual_links(RUN)
+    order = {"attn": 0, "mlp": 1}
+    want = {(w["node_id"], r["node_id"]) for w in truth.nodes[RUN] for r in truth.nodes[RUN]
+            if w["kind"] == "resid_delta" and r["kind"] == "act_in" and w["channel"] == r["channel"]
+            and (r["layer"], order[r["half"]]) > (w["layer"], order[w["half"]])}
+    assert set(zip(links["src_node_id"], links["tgt_node_id"], strict=True)) == want
+
+
+def test_embedding_top_bottom(viewer_data):
+    from viewer import queries
+    from viewer.views.embeddings import top_bottom, wpe_image
+
+    _, truth = viewer_data
+    e = table(truth, "embeddings")
+    col = e[(e["matrix"] == "wte") & (e["channel"] == 3)]
+    top, bottom = top_bottom(queries.embedding_column("toy", "wte", 3))
+    assert top["token_id"].tolist() == col.sort_values("value", ascending=False)["row"].head(20).tolist()
+    assert bottom["token_id"].tolist() == col.sort_values("value")["row"].head(20).tolist()
+    img, channels, _ = wpe_image(queries.embedding_matrix("toy", "wpe"))
+    wpe = e[e["matrix"] == "wpe"]
+    assert channels == sorted(wpe["channel"].unique().tolist()) and 1 not in channels  # channel 1 is all zero
+    assert img.shape == (wpe["row"].max() + 1, len(channels))
+
+
+def test_replaced_database_is_reread(tmp_path):
+    """The pipeline replaces circuits.duckdb by rename: the viewer must not answer from the old file or cache."""
+    from viewer import queries
+
+    with data_dir(tmp_path):
+        first = write_contract_tables(str(tmp_path), Scale(snippet_len=8, snippets_per_list=1), seed=1)
+        assert queries.run(RUN)["loss_raw"] == pytest.approx(next(r for r in first.runs if r["run_id"] == RUN)["loss_raw"])
+        second = write_contract_tables(str(tmp_path), Scale(snippet_len=8, snippets_per_list=1), seed=2)
+        assert queries.run(RUN)["loss_raw"] == pytest.approx(next(r for r in second.runs if r["run_id"] == RUN)["loss_raw"])
+
+
+# --- the app, in-process ----------------------------------------------------------------------
+
+
+def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
+    from viewer.app import create_app
+
+    _, truth = viewer_data
+    page = create_app(url={"run": RUN})
+    app = page.explorer
+    assert app.state.layer == "0.mlp"  # first layer-half with delta > 0.3
+    assert "★" in [k for k, v in app.layer.options.items() if v == "0.mlp"][0]
+    want = {n["node_id"] for n in truth.nodes[RUN] if n["layer"] == 0 and n["half"] == "mlp"}
+    shown = set(app.graph.nodes.data["node_id"])
+    assert want <= shown and all(n.endswith(":bias") for n in shown - want)
+    assert f"<b>{len(truth.nodes[RUN])}</b> nodes" in app.summary.object
+
+    # Pick another layer, then tap a node (as the browser's TapTool does).
+    app.layer.value = "1.attn"
+    ids = app.graph.nodes.data["node_id"]
+    i = next(i for i, n in enumerate(ids) if ".attn.q:" in n)
+    app.graph.nodes.selected.indices = [i]
+    node_id = ids[i]
+    assert app.state.node == node_id
+    assert node_id in app.detail.header.object
+    s = table(truth, "samples")
+    s = s[(s["run_id"] == RUN) & (s["node_id"] == node_id) & (s["rank"] == 0) & (s["frac"] == 0.5) & (s["side"] == "top")]
+    centre = int(s[s["is_center"]]["pos"].iloc[0])
+    vocab = dict(zip(table(truth, "vocab")["token_id"], table(truth, "vocab")["text"], strict=True))
+    import html
+
+    assert 'class="tok center"' in app.detail.snippets.object
+    centre_text = html.escape(vocab[int(s[s["pos"] == centre]["token_id"].iloc[0])])
+    assert f">{centre_text}</span>" in app.detail.snippets.object
+    assert app.detail.attn.visible  # a q node shows its head's attention pattern
+    assert app.url_state.node == node_id and app.url_state.layer == "1.attn"
+
+
+def test_threshold_hides_weak_edges(viewer_data):
+    from viewer.app import create_app
+
+    _, truth = viewer_data
+    app = create_app(url={"run": RUN, "layer": "1.attn"}).explorer
+    edges = table(truth, "edges")
+    e = edges[(edges["run_id"] == RUN) & edges["tgt_location"].str.startswith("1.attn.")]
+    mag = e["strength"].abs()
+    for thr in (0.0, 0.5, 0.9):
+        app.threshold.value = thr
+        assert len(app.graph.edges.data["x0"]) == int((mag >= thr * mag.max()).sum())
+
+
+def test_pick_run_toggle_pins_export(viewer_data):
+    from viewer.app import create_app
+    from viewer.views.export import to_bytes
+
+    _, truth = viewer_data
+    app = create_app(url={"run": RUN}).explorer
+    app.k.value = "16"
+    assert app.state.run == "toy/quotes/sweep1/16"
+    assert f"<b>{len(truth.nodes['toy/quotes/sweep1/16'])}</b> nodes" in app.summary.object
+    app.task.value = "brackets"
+    assert app.state.run == "toy/brackets/sweep1/8"
+    node_id = truth.nodes["toy/brackets/sweep1/8"][0]["node_id"]
+    app.node.value = node_id
+    before = app.detail.task.object
+    app.state.zero_centred = False
+    assert app.detail.task.object != before and "min" in app.detail.task.object
+    app.pin_label.value = "quote detector"
+    app.pin.clicks += 1
+    assert app.state.pins == {node_id: "quote detector"}
+    assert "quote detector" in app.url_state.pins
+    from viewer.views.export import nodes_export
+
+    df = pd.read_parquet(to_bytes(nodes_export(app.state.run, app.state.pins), "parquet"))
+    assert df.set_index("node_id").loc[node_id, "pin_label"] == "quote detector"
+    assert len(df) == len(truth.nodes["toy/brackets/sweep1/8"])
+    csv = pd.read_csv(io.BytesIO(to_bytes(df, "csv").read()))
+    assert len(csv) == len(df)
+
+
+def test_other_tabs_render(viewer_data):
+    from viewer.app import create_app
+
+    _, truth = viewer_data
+    node = next(n for n in truth.nodes[RUN] if n["kind"] == "resid_delta")
+    app = create_app(url={"run": RUN, "node": node["node_id"], "compare": "toy/quotes/sweep1/16"}).explorer
+    app.detail_tabs.active = 1
+    assert app.embeddings.channel.value == node["channel"]
+    assert len(app.embeddings.hist_source.data["top"]) == 30
+    app.detail_tabs.active = 2
+    assert list(app.curves.k_source.data["k_label"]) == ["8", "16"]
+    assert app.curves.unpruned.location == pytest.approx(next(r for r in truth.runs if r["run_id"] == RUN)["loss"])
+    app.detail_tabs.active = 3
+    assert "shared" in app.compare.summary.object
+    app.graph_tabs.active = 1
+    assert len(app.whole.nodes.data["node_id"]) == len(truth.nodes[RUN])
+    assert any(".resid_delta:" in s and ".act_in:" in t for s, t in zip(app.whole.edges.data["src"], app.whole.edges.data["tgt"],
+                                                                           strict=True))
+
+
+def test_hostile_url_values_fall_back_with_notes(viewer_data):
+    from viewer import queries
+    from viewer.app import create_app
+
+    n_runs = len(queries.runs())
+    page = create_app(url={"run": "x' OR 1=1; DROP VIEW runs; --", "layer": "9.attn'--", "node": "\"; SELECT 1",
+                           "threshold": "1e999", "pins": '{"nope": "x"}', "compare": "'; --"})
+    state = page.explorer.state
+    assert state.run == queries.runs()["run_id"].iloc[0]
+    assert state.node == "" and state.pins == {} and state.compare == "" and state.threshold == 0.1
+    assert len(state.notes) == 6
+    assert page.explorer.notes.visible and "Unknown run" in page.explorer.notes.object
+    assert len(queries.runs()) == n_runs
+
+
+def test_missing_tables_page(tmp_path):
+    from viewer.app import create_app
+
+    with data_dir(tmp_path / "nothing"):
+        page = create_app()
+        text = page.main[0].object
+        assert "circuits materialize" in text and "does not exist" in text
+        partial = tmp_path / "partial"
+        write_contract_tables(str(partial), Scale(snippet_len=8, snippets_per_list=1), skip=("runs",))
+    with data_dir(partial):
+        text = create_app().main[0].object
+        assert "circuits materialize" in text and "runs" in text

@@ -37,6 +37,8 @@ class ExplorerApp:
         self.url_state = UrlState()
         if sync_url and pn.state.location is not None:
             pn.state.location.sync(self.url_state, {k: k for k in URL_KEYS})
+            # Query changes made while the page is built do not reach the browser: push the checked state once loaded.
+            pn.state.onload(lambda: pn.state.location.update_query(**self.state.to_url()))
         raw = url if url is not None else self.url_state.param.values()
         state.apply_url(raw)
         self._updating = False
@@ -134,6 +136,9 @@ class ExplorerApp:
             self.graph.show_threshold(self._layer_edges(), s.threshold)
             self.stale.add("whole")
         if "node" in names and "run" not in names:
+            node = queries.node(s.run, s.node) if s.node else None
+            if node is not None and f"{node['layer']}.{node['half']}" != s.layer:
+                s.layer = f"{node['layer']}.{node['half']}"  # follow the node into its layer-half (nested update)
             self._set_widget(self.node, s.node)
             self.graph.mark(s.pins, s.node)
             self.stale.update({"whole", "Node", "Embeddings"})

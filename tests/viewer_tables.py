@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (the per-run generators below are consumed within their loop iteration)
 """Synthetic tables in the pipeline's table contract (notes/tables-contract.md v1), for the viewer.
 
 The viewer's tests and `bench/viewer.py` use these until (and besides) the real pipeline's
@@ -34,7 +35,8 @@ class Scale:
     nodes_per_location: int = 3  # circuit channels kept at each location
     snippets_per_list: int = 6  # > 5, so the viewer's cut to five is exercised
     snippet_len: int = 120  # > 101, so the viewer's 50-either-side window is exercised
-    row_group: int = 65536
+    row_group: int = 1 << 20  # rows per row group, as the pipeline writes
+    act_zero_frac: float = 0.0  # fraction of task-doc activations that are exactly zero
 
 
 @dataclass
@@ -65,6 +67,25 @@ def _write(root, table, partition, data: dict, truth: Truth, sort_by=None):
     truth.tables.setdefault(table, []).append(tbl)
 
 
+def _write_streamed(root, table, partition, batches, truth: Truth):
+    """Write a partition batch by batch (one row group each); tests keep the table in `truth` unless it is big."""
+    d = os.path.join(root, "tables", table)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, partition.replace("/", "__") + ".parquet")
+    writer, kept = None, []
+    for cols in batches:
+        tbl = pa.table(cols)
+        if writer is None:
+            writer = pq.ParquetWriter(path + ".tmp", tbl.schema, compression="zstd")
+        writer.write_table(tbl, row_group_size=len(tbl))
+        if truth.keep_big:
+            kept.append(tbl)
+    writer.close()
+    os.replace(path + ".tmp", path)
+    if kept:
+        truth.tables.setdefault(table, []).append(pa.concat_tables(kept))
+
+
 def write_views(root, tables):
     """circuits.duckdb with one view per table, built in a temp file and renamed (as the pipeline does)."""
     db = os.path.join(root, "circuits.duckdb")
@@ -79,7 +100,7 @@ def write_views(root, tables):
     os.replace(tmp, db)
 
 
-def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, skip=()) -> Truth:
+def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, skip=(), keep_big=True) -> Truth:
     """Write every contract table for `runs` (list of (model, task, sweep, k_label, nodes_per_location))."""
     s = scale or Scale()
     rng = np.random.default_rng(seed)
@@ -87,6 +108,7 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
                     ("toy", "brackets", "sweep1", "8", s.nodes_per_location)]
     truth = Truth()
     truth.row_group = s.row_group
+    truth.keep_big = keep_big
     model_config = {"n_layer": s.n_layer, "d_model": s.d_model, "n_head": s.n_head, "d_head": s.d_head, "d_mlp": s.d_mlp,
                     "vocab_size": s.vocab, "block_size": s.ctx}
     models = sorted({r[0] for r in runs})
@@ -195,18 +217,26 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
             "tokens": [[vocab_text[t] for t in d] for d in docs]}, truth)
         doc_col = np.concatenate([np.full(n, d, np.int32) for d, n in enumerate(lengths)])
         pos_col = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
-        n_pos = len(doc_col)
-        n_nodes = len(node_rows)
-        _write(root, "activations", run_id, {
-            "run_id": pa.array([run_id] * (n_nodes * n_pos)),
-            "node_id": pa.array(np.repeat([n["node_id"] for n in node_rows], n_pos)),
-            "location": pa.array(np.repeat([n["location"] for n in node_rows], n_pos)),
-            "channel": np.repeat(np.array([n["channel"] for n in node_rows], np.int32), n_pos),
-            "doc": np.tile(doc_col, n_nodes), "pos": np.tile(pos_col, n_nodes),
-            "value": rng.normal(size=n_nodes * n_pos).astype(np.float32)}, truth, sort_by=["node_id", "doc", "pos"])
+        # Streamed in the pipeline's sort order (location, channel, ...), a group of nodes per row group.
+        ordered = sorted(node_rows, key=lambda n: (n["location"], n["channel"]))
+
+        def per_node_batches(rows_per_node, columns):
+            chunk = max(1, s.row_group // rows_per_node)
+            for i in range(0, len(ordered), chunk):
+                group = ordered[i : i + chunk]
+                n = len(group) * rows_per_node
+                yield {"run_id": pa.array([run_id] * n), "node_id": pa.array(np.repeat([g["node_id"] for g in group], rows_per_node)),
+                       "location": pa.array(np.repeat([g["location"] for g in group], rows_per_node)),
+                       "channel": np.repeat(np.array([g["channel"] for g in group], np.int64), rows_per_node), **columns(len(group), n)}
+
+        def act_columns(n_group, n):
+            value = rng.normal(size=n).astype(np.float32)
+            value[rng.random(n) < s.act_zero_frac] = 0  # activation sparsity
+            return {"doc": np.tile(doc_col, n_group), "pos": np.tile(pos_col, n_group), "value": value}
+
+        _write_streamed(root, "activations", run_id, per_node_batches(len(doc_col), act_columns), truth)
 
         # Pretraining snippets: per node, frac, side, rank: snippet_len tokens with a centre.
-        per_node = len(FRACS) * 2 * s.snippets_per_list * s.snippet_len
         cols = {"frac": [], "side": [], "rank": [], "pos": [], "is_center": []}
         for frac in FRACS:
             for side in ("bottom", "top"):
@@ -217,17 +247,16 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
                     cols["rank"].append(np.full(s.snippet_len, rank, np.int32))
                     cols["pos"].append(np.arange(s.snippet_len, dtype=np.int32))
                     cols["is_center"].append(np.arange(s.snippet_len) == centre)
-        _write(root, "samples", run_id, {
-            "run_id": pa.array([run_id] * (n_nodes * per_node)),
-            "node_id": pa.array(np.repeat([n["node_id"] for n in node_rows], per_node)),
-            "location": pa.array(np.repeat([n["location"] for n in node_rows], per_node)),
-            "channel": np.repeat(np.array([n["channel"] for n in node_rows], np.int32), per_node),
-            "frac": np.tile(np.concatenate(cols["frac"]), n_nodes),
-            "side": pa.array(cols["side"] * n_nodes),
-            "rank": np.tile(np.concatenate(cols["rank"]), n_nodes), "pos": np.tile(np.concatenate(cols["pos"]), n_nodes),
-            "token_id": rng.integers(0, s.vocab, size=n_nodes * per_node).astype(np.int32),
-            "value": rng.normal(size=n_nodes * per_node).astype(np.float32),
-            "is_center": np.tile(np.concatenate(cols["is_center"]), n_nodes)}, truth, sort_by=["node_id"])
+        per_node = len(cols["side"])
+
+        def sample_columns(n_group, n):
+            return {"frac": np.tile(np.concatenate(cols["frac"]), n_group), "side": pa.array(cols["side"] * n_group),
+                    "rank": np.tile(np.concatenate(cols["rank"]), n_group), "pos": np.tile(np.concatenate(cols["pos"]), n_group),
+                    "token_id": rng.integers(0, s.vocab, size=n).astype(np.int32), "value": rng.normal(size=n).astype(np.float32),
+                    "is_center": np.tile(np.concatenate(cols["is_center"]), n_group)}
+
+        _write_streamed(root, "samples", run_id, per_node_batches(per_node, sample_columns), truth)
+        n_nodes = len(node_rows)
 
         # Run-level curves and summaries.
         steps = np.arange(20)

@@ -172,6 +172,16 @@ def node_ids(run_id: str) -> list[str]:
     return nodes(run_id)["node_id"].tolist()
 
 
+def split_node_id(node_id: str) -> tuple[str, int | None]:
+    """(location, channel) of a node id "<location>:<channel>"; channel None for a bias pseudo-node or a malformed id.
+
+    Per-node queries filter on location and channel as well as node_id: the pipeline sorts the big
+    tables by (run_id, location, channel, ...), so these filters let DuckDB skip row groups.
+    """
+    location, _, channel = node_id.rpartition(":")
+    return location, int(channel) if channel.isdigit() else None
+
+
 def _split_layer_half(layer_half: str):
     layer, _, half = layer_half.partition(".")
     return int(layer), half
@@ -225,22 +235,23 @@ def samples(run_id: str, node_id: str) -> pd.DataFrame:
     """
     r = run(run_id)
     vm = vocab_model(r["model"]) if r else None
+    location, channel = split_node_id(node_id)
     df = optional("""
-        WITH s AS (SELECT * FROM samples WHERE run_id = ? AND node_id = ? AND rank < ?),
+        WITH s AS (SELECT * FROM samples WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ? AND rank < ?),
         c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
         SELECT s.frac, s.side, s.rank, s.pos, s.token_id, s.value, s.is_center,
                coalesce(v.text, '#' || s.token_id::VARCHAR) AS text
         FROM s JOIN c USING (frac, side, rank)
         LEFT JOIN vocab v ON v.model = ? AND v.token_id = s.token_id
         WHERE abs(s.pos - c.centre) <= ?
-        ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, node_id, SNIPPETS_SHOWN, vm, SNIPPET_RADIUS])
+        ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, location, channel, node_id, SNIPPETS_SHOWN, vm, SNIPPET_RADIUS])
     if df is None and vm is None:  # no vocab table at all
         df = optional("""
-            WITH s AS (SELECT * FROM samples WHERE run_id = ? AND node_id = ? AND rank < ?),
+            WITH s AS (SELECT * FROM samples WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ? AND rank < ?),
             c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
             SELECT s.frac, s.side, s.rank, s.pos, s.token_id, s.value, s.is_center, '#' || s.token_id::VARCHAR AS text
             FROM s JOIN c USING (frac, side, rank) WHERE abs(s.pos - c.centre) <= ?
-            ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
+            ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, location, channel, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
     return df
 
 
@@ -250,7 +261,9 @@ def task_docs(run_id: str) -> pd.DataFrame | None:
 
 def activations(run_id: str, node_id: str) -> pd.DataFrame | None:
     """The node's stored activation at every (doc, pos) of the task docs."""
-    return optional("SELECT doc, pos, value FROM activations WHERE run_id = ? AND node_id = ? ORDER BY doc, pos", [run_id, node_id])
+    location, channel = split_node_id(node_id)
+    return optional("""SELECT doc, pos, value FROM activations WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ?
+                       ORDER BY doc, pos""", [run_id, location, channel, node_id])
 
 
 def activation_matrix(run_id: str, node_id: str) -> np.ndarray | None:
@@ -268,9 +281,10 @@ def head_qk(run_id: str, layer: int, head: int, doc: int) -> pd.DataFrame | None
     """Stored activations of the circuit's q and k channels of one head on one task doc (kind, head_channel, pos, value)."""
     return optional("""
         SELECT n.kind, n.head_channel, a.pos, a.value
-        FROM nodes n JOIN activations a ON a.run_id = n.run_id AND a.node_id = n.node_id
-        WHERE n.run_id = ? AND n.layer = ? AND n.half = 'attn' AND n.head = ? AND n.kind IN ('q', 'k') AND a.doc = ?
-        ORDER BY n.kind, n.head_channel, a.pos""", [run_id, layer, head, doc])
+        FROM nodes n JOIN activations a ON a.run_id = n.run_id AND a.location = n.location AND a.channel = n.channel
+        WHERE n.run_id = ? AND n.layer = ? AND n.half = 'attn' AND n.head = ? AND n.kind IN ('q', 'k')
+          AND a.run_id = ? AND a.location IN (?, ?) AND a.doc = ?
+        ORDER BY n.kind, n.head_channel, a.pos""", [run_id, layer, head, run_id, f"{layer}.attn.q", f"{layer}.attn.k", doc])
 
 
 # --- model-level ----------------------------------------------------------------------------

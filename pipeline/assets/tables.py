@@ -1,0 +1,141 @@
+"""Table assets: one Parquet file per partition of each table (docs/tables.md).
+
+`run_tables` reads a run's viz_data once and writes the nine run-level tables; its checks run
+in the same step. A corrupt, truncated or wrong-schema viz_data fails only its own partition,
+with a message naming the file and the problem, before any of its files is replaced.
+Model-level tables (`train_curves`, `embeddings`, `vocab`) are partitioned by model.
+"""
+
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import convert
+from pipeline.assets.discovery import MODELS, RUNS, run_ref
+from pipeline.assets.download import tokenizer_files, train_curve_file, viz_data_file
+from pipeline.formats import VizDataError, read_viz_data
+from pipeline.resources import CircuitsResource
+from pipeline.store_access import load_tokenizer, read_tensor, token_bytes_list
+from pipeline.tables import RUN_TABLES, write_partition
+
+GROUP = "tables"
+_RECOMPUTED = ("ablations", "recomputed_activations", "recompute_summary")
+VIZ_TABLES = tuple(t for t in RUN_TABLES if t not in _RECOMPUTED)
+_DESCRIPTIONS = {
+    "runs": "One row per circuit: ids, sizes, losses raw and corrected, prune and model config",
+    "nodes": "One row per circuit node: location, channel, head, stored ablation loss and delta",
+    "edges": "One row per nonzero edge in pair_data or pair_data_connections",
+    "task_docs": "The run's task docs: class, pair, unpadded token ids and texts",
+    "activations": "Stored activations of circuit nodes on the task docs (node x doc x position, no padding)",
+    "samples": "Top/bottom pretraining snippets per node, one row per token",
+    "layer_ablations": "Loss with a whole layer-half of the circuit ablated",
+    "pruning_curve": "The pruning optimisation's loss curve (all_loss)",
+    "loss_at_k": "Final loss of the run (one row; query across k)",
+}
+
+
+def table_metadata(meta: dict) -> dict:
+    return {"path": meta["path"], "dagster/row_count": meta["rows"], "bytes": meta["bytes"]}
+
+
+def _no_nan(t: pa.Table, cols: list[str]) -> list[str]:
+    bad = []
+    for c in cols:
+        arr = t.column(c)
+        if arr.null_count or (pa.types.is_floating(arr.type) and pc.any(pc.is_nan(arr)).as_py()):
+            bad.append(c)
+    return bad
+
+
+CHECKS = [
+    dg.AssetCheckSpec("edge_endpoints_are_nodes", asset="edges", description="Every edge's target, and its source unless a bias, is a node of its run"),
+    dg.AssetCheckSpec("one_row_per_node", asset="nodes", description="node_id is unique within the run and rows = n_nodes"),
+    dg.AssetCheckSpec("no_nan_nodes", asset="nodes", description="No NaN/null in ch_interv_loss, delta"),
+    dg.AssetCheckSpec("no_nan_runs", asset="runs", description="No NaN/null in loss, interv_loss"),
+    dg.AssetCheckSpec("no_nan_edges", asset="edges", description="No NaN/null in abs_weight"),
+]
+
+
+@dg.multi_asset(
+    specs=[dg.AssetSpec(t, group_name=GROUP, deps=[viz_data_file, tokenizer_files], description=_DESCRIPTIONS[t]) for t in VIZ_TABLES],
+    partitions_def=RUNS,
+    check_specs=CHECKS,
+)
+def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
+    store = circuits.store()
+    key = context.partition_key
+    run = run_ref(store, key)
+    source = f"{circuits.store_url.rstrip('/')}/{run.path}"
+    try:
+        viz = read_viz_data(store.local(run.path), source=source)
+    except VizDataError as e:
+        raise dg.Failure(description=str(e)) from None
+    enc = load_tokenizer(store)
+    tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=store.sha256(run.path))
+    data = circuits.data_url()
+    context.log.info(f"{key}: {viz.n_nodes} nodes, {viz.docs.shape[0]} docs -> {data}")
+
+    nodes, edges, runs = tables["nodes"], tables["edges"], tables["runs"]
+    node_ids = set(nodes.column("node_id").to_pylist())
+    tgt_ok = all(t in node_ids for t in edges.column("tgt_node_id").to_pylist())
+    src_ok = all(s in node_ids or b for s, b in zip(edges.column("src_node_id").to_pylist(), edges.column("src_is_bias").to_pylist(), strict=True))
+    missing = sorted({s for s in edges.column("src_node_id").to_pylist() + edges.column("tgt_node_id").to_pylist() if s not in node_ids and not s.endswith(":bias")})
+    checks = [
+        dg.AssetCheckResult(check_name="edge_endpoints_are_nodes", asset_key="edges", passed=tgt_ok and src_ok, metadata={"missing": str(missing[:20])}),
+        dg.AssetCheckResult(
+            check_name="one_row_per_node", asset_key="nodes",
+            passed=len(node_ids) == nodes.num_rows == viz.n_nodes, metadata={"rows": nodes.num_rows, "n_nodes": viz.n_nodes},
+        ),
+        dg.AssetCheckResult(check_name="no_nan_nodes", asset_key="nodes", passed=not (b := _no_nan(nodes, ["ch_interv_loss", "delta"])), metadata={"bad_columns": str(b)}),
+        dg.AssetCheckResult(check_name="no_nan_runs", asset_key="runs", passed=not (b := _no_nan(runs, ["loss", "interv_loss"])), metadata={"bad_columns": str(b)}),
+        dg.AssetCheckResult(check_name="no_nan_edges", asset_key="edges", passed=not (b := _no_nan(edges, ["abs_weight"])), metadata={"bad_columns": str(b)}),
+    ]  # fmt: skip
+
+    # Small tables first; the streamed ones (activations, samples) last. A per-node problem found
+    # while streaming fails the step; files already replaced are consistent, complete tables.
+    results = []
+    for name in VIZ_TABLES:
+        try:
+            meta = write_partition(data, name, key, tables[name])
+        except VizDataError as e:
+            raise dg.Failure(description=str(e)) from None
+        results.append(dg.MaterializeResult(asset_key=name, metadata=table_metadata(meta)))
+    yield from results
+    yield from checks
+
+
+@dg.asset(group_name=GROUP, partitions_def=MODELS, deps=[train_curve_file], description="progress.json in long format (model, step, metric, value)")
+def train_curves(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
+    store = circuits.store()
+    model = context.partition_key
+    rel = f"train_curves/{model}/progress.json"
+    text = store.local(rel).read_text() if store.exists(rel) else ""
+    try:
+        table = convert.train_curves_table(model, text, source=rel)
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from None
+    return dg.MaterializeResult(metadata=table_metadata(write_partition(circuits.data_url(), "train_curves", model, table)))
+
+
+@dg.asset(group_name=GROUP, partitions_def=MODELS, description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt")
+def embeddings(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
+    store = circuits.store()
+    model = context.partition_key
+    wte = read_tensor(store, model, "transformer.wte.weight").float().numpy()
+    wpe = read_tensor(store, model, "transformer.wpe.weight").float().numpy()
+    context.log.info(f"{model}: wte {wte.shape} ({np.count_nonzero(wte)} nonzero), wpe {wpe.shape}")
+    table = convert.embeddings_table(model, wte, wpe)
+    return dg.MaterializeResult(metadata=table_metadata(write_partition(circuits.data_url(), "embeddings", model, table)))
+
+
+@dg.asset(group_name=GROUP, partitions_def=MODELS, deps=[tokenizer_files], description="The model's tokenizer: id, printable text, bytes, special flag")
+def vocab(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
+    store = circuits.store()
+    token_bytes, special = token_bytes_list(load_tokenizer(store))
+    table = convert.vocab_table(context.partition_key, token_bytes, special)
+    return dg.MaterializeResult(metadata=table_metadata(write_partition(circuits.data_url(), "vocab", context.partition_key, table)))
+
+
+table_assets = [run_tables, train_curves, embeddings, vocab]

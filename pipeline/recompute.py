@@ -1,0 +1,198 @@
+"""Forward passes that check and extend a stored circuit. Pure functions, no Dagster.
+
+Given the store's model and a circuit's viz_data:
+- the full model on the task docs: task loss (vs stored `loss`) and every circuit node's activations;
+- the circuit model (non-circuit nodes mean-ablated, norms frozen; `inference.circuit`): task loss
+  (vs stored `interv_loss`) and the circuit nodes' activations;
+- per circuit node, the task loss with that node also ablated, by its mean and by zero
+  (vs stored `ch_interv_losses`).
+
+Means: the store holds no pretraining corpus, but every viz_data carries pretraining text, the
+`samples` snippets. The node means are taken over all tokens of the distinct snippets of the file,
+each snippet run through the model as its own sequence (positions from 0). With no snippets the
+task docs are used instead (`means_source` says which).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from inference import circuit as C
+from inference.hooks import record
+from pipeline.convert import RunRef, _unpadded_index, node_id
+from pipeline.formats import VizData
+from pipeline.tables import make_table
+
+
+def snippet_sequences(viz: VizData) -> list[torch.Tensor]:
+    """The distinct pretraining snippets of the file as 1-D token tensors."""
+    seen: dict[bytes, torch.Tensor] = {}
+    for loc, by_ch in viz.samples.items():
+        for ch in by_ch:
+            for s in viz.snippets(loc, ch):
+                if s.tokens.size:
+                    seen.setdefault(s.tokens.tobytes(), torch.from_numpy(s.tokens.copy()))
+    return list(seen.values())
+
+
+@torch.no_grad()
+def means_over_sequences(model, seqs: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Token-weighted mean of every node location over sequences of any lengths; (means, n_tokens)."""
+    block = model.config.block_size
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for s in seqs:
+        s = s[:block]
+        by_len.setdefault(len(s), []).append(s)
+    total: dict[str, torch.Tensor] = {}
+    n_tokens = 0
+    for length, group in sorted(by_len.items()):
+        idx = torch.stack(group).to(next(model.parameters()).device)
+        m = C.node_means(model, idx)
+        w = idx.numel()
+        for loc, v in m.items():
+            total[loc] = total[loc] + v.double() * w if loc in total else v.double() * w
+        n_tokens += w
+    return {loc: (v / n_tokens).float() for loc, v in total.items()}, n_tokens
+
+
+@dataclass
+class Recomputed:
+    loss: float
+    interv_loss: float
+    full_acts: dict[tuple[str, int], np.ndarray]  # (loc, ch) -> (n_docs, ctx)
+    circuit_acts: dict[tuple[str, int], np.ndarray]
+    ablation: dict[str, dict[str, np.ndarray]]  # mode -> loc -> losses aligned with circuit[loc]
+    means_source: str
+    means_tokens: int
+
+
+def _record_nodes(viz: VizData, rec: dict) -> dict[tuple[str, int], np.ndarray]:
+    return {(loc, ch): rec[loc][..., ch].float().cpu().numpy() for loc, ch, _ in viz.nodes()}
+
+
+@torch.no_grad()
+def recompute(model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None) -> Recomputed:
+    device = next(model.parameters()).device
+    docs = torch.from_numpy(viz.docs).to(device)
+    ctx = int(viz.doc_lengths().max()) if docs.numel() else 0
+    docs = docs[:, : max(ctx, 2)]  # positions after the longest doc only hold padding
+    circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}
+    locs = sorted(viz.circuit)
+    pattern = "|".join(re.escape(loc) for loc in locs) or "$^"
+
+    with record(pattern) as rec:
+        logits = model(docs)
+    loss = C.task_loss(logits, docs).item()
+    full_acts = _record_nodes(viz, rec)
+
+    seqs = snippet_sequences(viz)
+    if seqs:
+        means, n_tokens = means_over_sequences(model, seqs)
+        source = "samples"
+    else:
+        means, n_tokens = C.node_means(model, docs), docs.numel()
+        source = "task_docs"
+    if log:
+        log(f"node means over {n_tokens} tokens of {source}")
+
+    masks = C.circuit_masks(model.config, circuit)
+    masks = {k: v.to(device) for k, v in masks.items()}
+    frozen = C.frozen_norm_scales(model, docs)
+    with record(pattern) as rec:
+        logits = C.masked_forward(model, docs, masks, means, frozen)
+    interv_loss = C.task_loss(logits, docs).item()
+    circuit_acts = _record_nodes(viz, rec)
+
+    ablation = {}
+    for mode in modes:
+        if log:
+            log(f"{mode} ablation of {viz.n_nodes} nodes")
+        out = C.ablation_losses(model, docs, circuit, means, mode=mode)
+        ablation[mode] = {loc: np.asarray(v, dtype=np.float64) for loc, v in out.items()}
+
+    pad = viz.docs.shape[1] - docs.shape[1]
+
+    def unpad(a: dict) -> dict:
+        return {k: np.pad(v, ((0, 0), (0, pad))) if pad else v for k, v in a.items()}
+
+    return Recomputed(loss, interv_loss, unpad(full_acts), unpad(circuit_acts), ablation, source, n_tokens)
+
+
+def within(a: float, b: float, tol: float) -> bool:
+    """|a - b| <= tol * max(1, |b|)."""
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float, device: str) -> dict[str, pa.Table]:
+    """The `ablations`, `recomputed_activations` and `recompute_summary` tables of one run."""
+    # ablations: per node and mode; deltas corrected and relative to the recomputed circuit loss.
+    ab: dict[str, list] = {k: [] for k in ("run_id", "node_id", "location", "channel", "mode", "stored_delta",
+                                           "recomputed_loss", "recomputed_delta", "abs_diff", "agrees")}  # fmt: skip
+    for mode, by_loc in r.ablation.items():
+        for loc, ch, order in viz.nodes():
+            rec_loss = float(by_loc[loc][order])
+            rec_delta = (rec_loss - r.interv_loss) * loss_factor
+            stored = (float(viz.ch_interv_losses[loc][order]) - viz.interv_loss) * loss_factor if mode == "mean" else None
+            diff = None if stored is None else abs(rec_delta - stored)
+            for k, v in zip(
+                ab,
+                (run.run_id, node_id(loc, ch), loc, ch, mode, stored, rec_loss, rec_delta, diff,
+                 None if stored is None else within(rec_delta, stored, tolerance)),
+                strict=True,
+            ):  # fmt: skip
+                ab[k].append(v)
+
+    # activations: stored vs full model vs circuit model, unpadded positions of the task docs.
+    doc, pos = _unpadded_index(viz)
+    n = doc.size
+    pieces, max_full, max_circ, scale = [], 0.0, 0.0, 0.0
+    for loc, ch, _ in sorted(viz.nodes()):
+        stored = viz.node_acts(loc, ch)
+        full = r.full_acts[(loc, ch)][doc, pos]
+        circ = r.circuit_acts[(loc, ch)][doc, pos]
+        s = None if stored is None else stored[doc, pos]
+        if s is not None and n:
+            max_full = max(max_full, float(np.abs(s - full).max()))
+            max_circ = max(max_circ, float(np.abs(s - circ).max()))
+            scale = max(scale, float(np.abs(s).max()))
+        pieces.append(
+            make_table(
+                "recomputed_activations",
+                {"run_id": [run.run_id] * n, "node_id": [node_id(loc, ch)] * n, "location": [loc] * n, "channel": [ch] * n,
+                 "doc": doc, "pos": pos, "stored": s if s is not None else [None] * n, "full_model": full, "circuit_model": circ},
+            )  # fmt: skip
+        )
+    acts = pa.concat_tables(pieces) if pieces else make_table("recomputed_activations", {})
+
+    has_stored = any(viz.node_acts(loc, ch) is not None for loc, ch, _ in viz.nodes())
+    limit = tolerance * max(1.0, scale)
+    if not has_stored:
+        match = "neither"
+    elif max_full <= limit or max_circ <= limit:
+        match = "full" if max_full <= max_circ else "circuit"
+    else:
+        match = "neither"
+    summary = make_table(
+        "recompute_summary",
+        {
+            "run_id": [run.run_id],
+            "stored_loss": [viz.loss * loss_factor],
+            "recomputed_loss": [r.loss * loss_factor],
+            "stored_interv_loss": [viz.interv_loss * loss_factor],
+            "recomputed_interv_loss": [r.interv_loss * loss_factor],
+            "max_abs_act_diff_full": [max_full if has_stored else None],
+            "max_abs_act_diff_circuit": [max_circ if has_stored else None],
+            "stored_acts_match": [match],
+            "loss_factor": [loss_factor],
+            "means_source": [r.means_source],
+            "means_tokens": [r.means_tokens],
+            "tolerance": [tolerance],
+            "device": [device],
+        },
+    )
+    return {"ablations": make_table("ablations", ab), "recomputed_activations": acts, "recompute_summary": summary}

@@ -1,0 +1,69 @@
+"""Dagster resources: where the store and the output live, the device, the loss factor.
+
+Every value defaults from an environment variable (read when the definitions load):
+
+| variable | default | meaning |
+| --- | --- | --- |
+| `CIRCUITS_STORE` | `$CIRCUITS_DATA/store` (the embedded store) | store URL or path, released layout |
+| `CIRCUITS_DATA` | `data` | output: `tables/`, `circuits.duckdb` (local path or fsspec URL) |
+| `CIRCUITS_CACHE` | the store module's default | download cache of store files |
+| `CIRCUITS_DEVICE` | `cpu` | torch device of the recompute assets |
+| `CIRCUITS_LOSS_FACTOR` | `0.5` | corrected loss = stored (raw) loss x factor |
+| `CIRCUITS_TOLERANCE` | `1e-3` | relative tolerance of recomputed vs stored numbers |
+
+In the Dagster UI the same fields can be overridden per run in the launchpad (resource config).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import ConfigurableResource
+
+from pipeline import settings
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+class CircuitsResource(ConfigurableResource):
+    """The pipeline's settings; `store()` opens the circuit store through the download cache."""
+
+    store_url: str
+    data: str
+    cache: str | None = None
+    device: str = "cpu"
+    loss_factor: float = 0.5
+    tolerance: float = 1e-3
+
+    @classmethod
+    def from_env(cls, **overrides) -> CircuitsResource:
+        values = dict(
+            store_url=settings.store_url(),
+            data=settings.data_dir(),
+            cache=os.environ.get("CIRCUITS_CACHE") or None,
+            device=os.environ.get("CIRCUITS_DEVICE") or "cpu",
+            loss_factor=_env_float("CIRCUITS_LOSS_FACTOR", 0.5),
+            tolerance=_env_float("CIRCUITS_TOLERANCE", 1e-3),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def store(self):
+        from pipeline.store_access import open_store
+
+        return open_store(self.store_url, self.cache)
+
+    def data_url(self) -> str:
+        """The output location; a relative local path is made absolute (views hold absolute paths)."""
+        if "://" in self.data and not self.data.startswith("file://"):
+            return self.data.rstrip("/")
+        return str(Path(self.data.removeprefix("file://")).resolve())

@@ -10,8 +10,6 @@ The dense model depends on the sparse one only to keep the two trainings sequent
 2 cores, running them in parallel is no faster, and the store's manifest is shared.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import dagster as dg

@@ -248,7 +248,7 @@ def sample_pieces(viz: VizData, run: RunRef) -> Iterator[pa.Table]:
 
 def layer_ablations_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
     counts: dict[str, int] = {}
-    for loc, ch, _ in viz.nodes():
+    for loc, _ch, _ in viz.nodes():
         layer, half, _ = parse_location(loc)
         counts[f"{layer}.{half}"] = counts.get(f"{layer}.{half}", 0) + 1
     cols: dict[str, list] = {k: [] for k in SCHEMAS["layer_ablations"].names}

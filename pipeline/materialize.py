@@ -41,10 +41,10 @@ def pipeline_instance(data_url: str) -> dg.DagsterInstance:
     if os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.get()
     if is_remote(data_url):
-        return dg.DagsterInstance.ephemeral()
+        return dg.DagsterInstance.ephemeral(settings={"telemetry": {"enabled": False}})
     home = Path(data_url) / ".dagster"
     home.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.local_temp(tempdir=str(home))
+    return dg.DagsterInstance.local_temp(tempdir=str(home), overrides={"telemetry": {"enabled": False}})
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

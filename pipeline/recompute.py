@@ -50,7 +50,7 @@ def means_over_sequences(model, seqs: list[torch.Tensor]) -> tuple[dict[str, tor
         by_len.setdefault(len(s), []).append(s)
     total: dict[str, torch.Tensor] = {}
     n_tokens = 0
-    for length, group in sorted(by_len.items()):
+    for _length, group in sorted(by_len.items()):
         idx = torch.stack(group).to(next(model.parameters()).device)
         m = C.node_means(model, idx)
         w = idx.numel()

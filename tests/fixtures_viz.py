@@ -41,7 +41,8 @@ FIXTURE_CONFIG = dict(
 )  # fmt: skip
 FIXTURE_RUNS = {
     "fixture_a/quotes/prune_v4/4": dict(file="viz_data.pt", stored_acts="circuit", seed=1, n_nodes=10),
-    "fixture_a/quotes/prune_v4/k_optim": dict(file="viz_data.pkl", stored_acts="full", seed=2, n_nodes=14),
+    # A larger k of the same task: its circuit contains the k=4 one (shared nodes, as in the release).
+    "fixture_a/quotes/prune_v4/k_optim": dict(file="viz_data.pkl", stored_acts="full", seed=2, n_nodes=14, base="fixture_a/quotes/prune_v4/4"),
     "fixture_a/brackets/prune_v4/6": dict(file="viz_data.pt", stored_acts="circuit", seed=3, n_nodes=8, numpy_pairs=True),
 }
 FRACS = (0.001, 0.01, 0.1, 0.5)
@@ -134,11 +135,13 @@ def _task_docs(enc, task: str, rng: np.random.Generator, n_pairs: int = 4) -> to
     return out
 
 
-def _pick_circuit(cfg, rng: np.random.Generator, n_nodes: int) -> dict[str, torch.Tensor]:
+def _pick_circuit(cfg, rng: np.random.Generator, n_nodes: int, base: dict | None = None) -> dict[str, torch.Tensor]:
     from inference.circuit import location_width, node_locations
 
     locs = node_locations(cfg)
     chosen: dict[str, set] = {loc: set() for loc in locs}
+    for loc, ch in (base or {}).items():
+        chosen[loc] |= set(ch.tolist())
     while sum(len(v) for v in chosen.values()) < n_nodes:
         loc = locs[int(rng.integers(len(locs)))]
         chosen[loc].add(int(rng.integers(location_width(cfg, loc))))
@@ -195,13 +198,16 @@ def _snippet_means(model, samples) -> dict[str, torch.Tensor]:
     locs = node_locations(model.config)
     sums = {loc: 0.0 for loc in locs}
     n = 0
+    by_len: dict[int, list] = {}
+    for t in seen.values():
+        by_len.setdefault(len(t), []).append(t)
     with torch.no_grad():
-        for t in seen.values():
+        for group in by_len.values():
             with record("|".join(re.escape(x) for x in locs)) as rec:
-                model(t[None])
+                model(torch.stack(group))
             for loc in locs:
-                sums[loc] = sums[loc] + rec[loc][0].double().sum(0)
-            n += len(t)
+                sums[loc] = sums[loc] + rec[loc].double().sum((0, 1))
+            n += len(group) * len(group[0])
     return {loc: (s / n).float() for loc, s in sums.items()}
 
 
@@ -238,14 +244,16 @@ def _pairs(model, circuit, scale_seed: int, numpy_pairs: bool, nested: bool):
     return out_s, out_w
 
 
-def make_viz_data(model, enc, task: str, seed: int, n_nodes: int, stored_acts: str, pkl: bool, numpy_pairs: bool = False) -> dict:
+def make_viz_data(
+    model, enc, task: str, seed: int, n_nodes: int, stored_acts: str, pkl: bool, numpy_pairs: bool = False, base: dict | None = None
+) -> dict:
     from inference import circuit as C
     from inference.hooks import record
 
     rng = np.random.default_rng(seed)
     cfg = model.config
     docs = _task_docs(enc, task, rng)
-    circuit = _pick_circuit(cfg, rng, n_nodes)
+    circuit = _pick_circuit(cfg, rng, n_nodes, base)
     samples = _pretraining_samples(model, enc, circuit, rng, as_tensor_keys=pkl, float_tokens=pkl)
     means = _snippet_means(model, samples)
     pattern = "|".join(re.escape(loc) for loc in circuit)
@@ -305,10 +313,12 @@ def build_viz_store(root: Path) -> Path:
     tdir.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"step": s, "test_xent": 5.0 - s / 100, "L0": 1000 - s, "note": "x"}) for s in range(0, 300, 50)]
     (tdir / "progress.json").write_text("\n".join(lines) + "\n")
+    made = {}
     for run_id, f in FIXTURE_RUNS.items():
         model_name, task, sweep, k = run_id.split("/")
         pkl = f["file"].endswith(".pkl")
-        viz = make_viz_data(model, enc, task, f["seed"], f["n_nodes"], f["stored_acts"], pkl, f.get("numpy_pairs", False))
+        base = made[f["base"]]["circuit_data"] if "base" in f else None
+        viz = made[run_id] = make_viz_data(model, enc, task, f["seed"], f["n_nodes"], f["stored_acts"], pkl, f.get("numpy_pairs", False), base)
         d = root / "viz" / model_name / task / sweep / k
         d.mkdir(parents=True, exist_ok=True)
         if pkl:

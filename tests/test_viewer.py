@@ -291,7 +291,10 @@ def test_pick_run_toggle_pins_export(viewer_data):
     assert app.state.run == "toy/brackets/sweep1/8"
     node_id = truth.nodes["toy/brackets/sweep1/8"][0]["node_id"]
     app.node.value = node_id
+    assert app.detail.task.object == ""  # the task docs render only when their tab is open
+    app.detail.inner_tabs.active = 1
     before = app.detail.task.object
+    assert node_id.split(":")[0] not in before and "doc 0 · class 1" in before
     app.state.zero_centred = False
     assert app.detail.task.object != before and "min" in app.detail.task.object
     app.pin_label.value = "quote detector"
@@ -354,3 +357,34 @@ def test_missing_tables_page(tmp_path):
     with data_dir(partial):
         text = create_app().main[0].object
         assert "circuits materialize" in text and "runs" in text
+
+
+def test_layer_half_layout_rows_and_heads(viewer_data):
+    """Rows per location; a head's q, k and v line up and heads do not overlap."""
+    from viewer import queries
+    from viewer.views.graph import ROWS, layout_layer_half
+
+    _, truth = viewer_data
+    nodes = [n for n in truth.nodes[RUN] if n["layer"] == 1 and n["half"] == "attn"]
+    pos = layout_layer_half(queries.nodes(RUN, "1.attn"), None, "attn").set_index("node_id")
+    for n in nodes:
+        assert pos.loc[n["node_id"], "y"] == ROWS["attn"].index(n["kind"])
+    for kind in ROWS["attn"]:
+        xs = [pos.loc[n["node_id"], "x"] for n in nodes if n["kind"] == kind]
+        assert len(set(xs)) == len(xs)  # no two nodes of a row on top of each other
+        if kind not in ("q", "k", "v"):
+            assert sum(xs) == pytest.approx(0)  # centred
+    qkv = [n for n in nodes if n["kind"] in ("q", "k", "v")]
+    for kind in ("q", "k", "v"):  # within a head and kind, channels left to right in head_channel order
+        for head in {n["head"] for n in qkv}:
+            mine = sorted((n for n in qkv if n["kind"] == kind and n["head"] == head), key=lambda n: n["head_channel"])
+            xs = [pos.loc[n["node_id"], "x"] for n in mine]
+            assert xs == sorted(xs)
+            if mine:  # the first channel of every kind starts at the head's left edge
+                left = min(pos.loc[m["node_id"], "x"] for m in qkv if m["head"] == head)
+                assert xs[0] == left
+    heads = sorted({n["head"] for n in qkv})
+    for a, b in zip(heads, heads[1:], strict=False):
+        right_a = max(pos.loc[n["node_id"], "x"] for n in qkv if n["head"] == a)
+        left_b = min(pos.loc[n["node_id"], "x"] for n in qkv if n["head"] == b)
+        assert left_b >= right_a + 2  # a column of gap between heads

@@ -72,6 +72,8 @@ class ExplorerApp:
         self.detail_tabs = pn.Tabs(*zip(DETAIL_TABS, (self.detail.panel, self.embeddings.panel, self.curves.panel, self.compare.panel,
                                                       self.export.panel), strict=True), sizing_mode="stretch_width", dynamic=False)
         self.stale: set[str] = set()
+        self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
+        self._whole_edges = None
 
         # Widget -> state.
         for w in (self.model, self.task, self.sweep, self.k):
@@ -166,7 +168,13 @@ class ExplorerApp:
         s = self.state
         if "whole" in self.stale and GRAPH_TABS[self.graph_tabs.active] == GRAPH_TABS[1]:
             self.stale.discard("whole")
-            self._show_whole()
+            if self._whole_key[0] != s.run:
+                self._show_whole()
+            else:  # same circuit: only outlines and, when moved, the threshold
+                self.whole.mark(s.pins, s.node)
+                if self._whole_key[1] != s.threshold:
+                    self.whole.show_threshold(self._whole_edges, s.threshold)
+            self._whole_key = (s.run, s.threshold)
         tab = DETAIL_TABS[self.detail_tabs.active]
         if tab in self.stale:
             self.stale.discard(tab)
@@ -245,8 +253,8 @@ class ExplorerApp:
         strongest = pair_edges["strength"].abs().max() if len(pair_edges) else 1.0
         # Residual links carry no strength: draw them at the strongest edge's strength so they pass the threshold.
         links["strength"] = strongest if strongest == strongest else 1.0
-        all_edges = pd.concat([pair_edges, links[pair_edges.columns]], ignore_index=True)
-        self.whole.show(pos, all_edges, s.threshold, self._scale(), s.pins, s.node, ticks)
+        self._whole_edges = pd.concat([pair_edges, links[pair_edges.columns]], ignore_index=True)
+        self.whole.show(pos, self._whole_edges, s.threshold, self._scale(), s.pins, s.node, ticks)
 
     def _show_pins(self):
         pins = self.state.pins

@@ -34,6 +34,9 @@ def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str |
     return "".join(parts)
 
 
+PAIRS_PER_PAGE = 4  # task-doc pairs rendered at once (a release task has 32 pairs of up to 1024 tokens)
+
+
 class DetailView:
     def __init__(self, state):
         self.state = state
@@ -42,6 +45,7 @@ class DetailView:
         self.outputs = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width", max_height=260, float_format="{:.4f}".format)
         self.snippets = pn.pane.HTML("", sizing_mode="stretch_width")
         self.task = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, label="zero-centred colours")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
         self.head_plot = attention.PatternPlot("head pattern")
@@ -49,13 +53,18 @@ class DetailView:
         self.attn_note = pn.pane.HTML("", sizing_mode="stretch_width")
         self.attn = pn.Column(self.doc, self.attn_note, pn.Row(pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)),
                               visible=False)
+        self.inner_tabs = pn.Tabs(("Pretraining snippets", self.snippets),
+                                  ("Task docs", pn.Column(pn.Row(self.zero, self.task_page), self.task, sizing_mode="stretch_width")),
+                                  sizing_mode="stretch_width", dynamic=False)
+        self.task_stale = False
+        self.inner_tabs.param.watch(lambda e: self.show_task() if self.task_stale else None, "active")
+        self.task_page.param.watch(lambda e: self.show_task(force=True), "value")
         self.panel = pn.Column(
             self.header,
             pn.Row(pn.Column("**Inputs**", self.inputs, sizing_mode="stretch_width"),
                    pn.Column("**Outputs**", self.outputs, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             self.attn,
-            pn.Tabs(("Pretraining snippets", self.snippets), ("Task docs", pn.Column(self.zero, self.task, sizing_mode="stretch_width")),
-                    sizing_mode="stretch_width", dynamic=False),
+            self.inner_tabs,
             sizing_mode="stretch_width")
 
     def show(self, *_):
@@ -78,11 +87,24 @@ class DetailView:
         self.show_task()
         self.show_attention()
 
-    def show_task(self, *_):
+    def show_task(self, force=False):
+        """Render the task docs when their tab is open (tens of thousands of tokens per page otherwise wasted)."""
         s = self.state
+        if not force and self.inner_tabs.active != 1:
+            self.task_stale = True
+            return
+        self.task_stale = False
         if not s.node:
             return
-        self.task.object = tokens.task_docs_html(queries.task_docs(s.run), queries.activation_matrix(s.run, s.node), s.zero_centred)
+        docs = queries.task_docs(s.run)
+        if docs is not None and len(docs):
+            n_pairs = int(docs["pair"].max()) + 1
+            pages = {f"pairs {p}-{min(p + PAIRS_PER_PAGE, n_pairs) - 1}": p for p in range(0, n_pairs, PAIRS_PER_PAGE)}
+            if self.task_page.options != pages:
+                self.task_page.options = pages
+        first = self.task_page.value or 0
+        self.task.object = tokens.task_docs_html(docs, queries.activation_matrix(s.run, s.node), s.zero_centred,
+                                                 pairs_shown=range(first, first + PAIRS_PER_PAGE))
 
     def show_attention(self, *_):
         s = self.state

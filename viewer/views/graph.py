@@ -25,25 +25,38 @@ def delta_colours(delta: np.ndarray, scale: float) -> list[str]:
     return [NO_DELTA if not np.isfinite(d) else DIVERGING[int(i)] for d, i in zip(delta, np.nan_to_num(idx), strict=True)]
 
 
+def _rank_within(groups: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of an already grouped (sorted) array."""
+    if len(groups) == 0:
+        return np.zeros(0, int)
+    starts = np.r_[0, np.flatnonzero(groups[1:] != groups[:-1]) + 1]
+    return np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
+
+
 def row_positions(df: pd.DataFrame) -> np.ndarray:
-    """x of each node within its row: q/k/v columns grouped by head (same head aligned across the three rows)."""
+    """x of each node within its row, centred: q/k/v columns grouped by head (a head's block as wide as its
+    largest of q, k, v; one column of gap between heads), so a head's q, k and v line up across the three rows.
+    Rows keep the table's order (circuit_data order); within a head, channels go left to right."""
     x = np.zeros(len(df))
-    qkv = df["kind"].isin(["q", "k", "v"]).to_numpy()
-    for _, idx in df[~qkv].groupby("location").indices.items():
+    kind = df["kind"].to_numpy()
+    qkv = np.isin(kind, ["q", "k", "v"])
+    locations = df["location"].to_numpy()
+    for loc in np.unique(locations[~qkv]):
+        idx = np.flatnonzero((locations == loc) & ~qkv)
         x[idx] = np.arange(len(idx)) - (len(idx) - 1) / 2
     if qkv.any():
-        sub = df[qkv]
-        heads = sorted(sub["head"].dropna().astype(int).unique())
-        width = {h: int(sub[sub["head"] == h].groupby("kind").size().max()) for h in heads}
-        start, pos = {}, 0
-        for h in heads:
-            start[h] = pos
-            pos += width[h] + 1  # a gap between heads
-        total = pos - 1
-        for _, grp in sub.groupby(["head", "kind"]):
-            grp = grp.sort_values("head_channel")
-            h = int(grp["head"].iloc[0])
-            x[df.index.get_indexer(grp.index)] = start[h] + np.arange(len(grp)) - (total - 1) / 2
+        idx = np.flatnonzero(qkv)
+        head = df["head"].to_numpy()[idx].astype(np.int64)
+        kind_code = np.searchsorted(["k", "q", "v"], kind[idx])
+        order = np.lexsort((df["head_channel"].to_numpy()[idx].astype(np.int64), kind_code, head))
+        group = head[order] * 3 + kind_code[order]
+        rank = _rank_within(group)
+        heads, head_of = np.unique(head, return_inverse=True)
+        width = np.zeros(len(heads), np.int64)
+        np.maximum.at(width, head_of[order], rank + 1)
+        start = np.cumsum(width + 1) - (width + 1)
+        total = int((width + 1).sum()) - 1
+        x[idx[order]] = start[head_of[order]] + rank - (total - 1) / 2
     return x
 
 

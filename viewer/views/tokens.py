@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 
 import numpy as np
@@ -18,33 +19,38 @@ STYLE = """<style>
 </style>"""
 
 
+@functools.lru_cache(maxsize=65536)
 def printable(text: str) -> str:
-    """Token text for HTML: escaped, with newlines and tabs made visible."""
+    """Token text for HTML: escaped, with newlines and tabs made visible (memoized: vocabularies are small)."""
     return html.escape(str(text)).replace("\n", "⏎").replace("\t", "⇥")
 
 
-def colour(value: float, scale: float, lo: float | None = None) -> str:
-    """Background for one token. Diverging around zero (scale = max |v|), or sequential from `lo` when given."""
-    if not np.isfinite(value) or scale <= 0:
-        return "transparent"
-    if lo is not None:  # sequential: lo -> transparent, lo + scale -> full red
-        a = (value - lo) / scale
-        r, g, b = POS_RGB
-    else:
-        a = abs(value) / scale
-        r, g, b = POS_RGB if value >= 0 else NEG_RGB
-    return f"rgba({r},{g},{b},{min(max(a, 0.0), 1.0):.3f})"
+ALPHA_STEPS = 100  # background opacity is quantized to 1/100: a lookup table instead of a format per token
+_POS_BG = [f"rgba({POS_RGB[0]},{POS_RGB[1]},{POS_RGB[2]},{i / ALPHA_STEPS:.2f})" for i in range(ALPHA_STEPS + 1)]
+_NEG_BG = [f"rgba({NEG_RGB[0]},{NEG_RGB[1]},{NEG_RGB[2]},{i / ALPHA_STEPS:.2f})" for i in range(ALPHA_STEPS + 1)]
+
+
+def backgrounds(values: np.ndarray, scale: float, lo: float | None = None) -> list[str]:
+    """Background per token. Diverging around zero (scale = max |v|: red positive, blue negative), or sequential
+    from `lo` (lo clear, lo + scale full red) when given. Non-finite values get no colour."""
+    v = np.asarray(values, np.float64)
+    finite = np.isfinite(v)
+    scale = scale if scale > 0 else 1.0
+    a = (v - lo) / scale if lo is not None else np.abs(v) / scale
+    steps = np.clip(np.round(np.nan_to_num(a) * ALPHA_STEPS), 0, ALPHA_STEPS).astype(int).tolist()
+    negative = ((v < 0) & (lo is None)).tolist()
+    return [("transparent" if not f else (_NEG_BG[i] if n else _POS_BG[i])) for f, i, n in zip(finite.tolist(), steps, negative, strict=True)]
 
 
 def token_spans(texts, values, scale: float, boxed=(), lo: float | None = None, label="act") -> str:
     """One line of tokens; `boxed` holds the indices drawn with an outline; hover title shows the value."""
-    boxed = set(boxed)
-    out = []
-    for i, (t, v) in enumerate(zip(texts, values, strict=True)):
-        cls = "tok center" if i in boxed else "tok"
-        title = f"{label} {v:.4g}" if np.isfinite(v) else "no value"
-        out.append(f'<span class="{cls}" style="background:{colour(v, scale, lo)}" title="{html.escape(title)}">{printable(t)}</span>')
-    return '<div class="toks">' + "".join(out) + "</div>"
+    values = np.asarray(values, np.float64)
+    boxed = set(int(b) for b in boxed)
+    bgs = backgrounds(values, scale, lo)
+    titles = [f"{label} {v:.4g}" if v == v else "no value" for v in values.tolist()]
+    spans = [f'<span class="tok{" center" if i in boxed else ""}" style="background:{bg}" title="{t}">{printable(x)}</span>'
+             for i, (x, bg, t) in enumerate(zip(texts, bgs, titles, strict=True))]
+    return '<div class="toks">' + "".join(spans) + "</div>"
 
 
 def snippets_html(df) -> str:
@@ -68,10 +74,11 @@ def snippets_html(df) -> str:
     return "".join(parts)
 
 
-def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool) -> str:
-    """Every task doc of both classes with the node's activation per token, paired (class 1, class 2, difference).
+def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool, pairs_shown=None) -> str:
+    """The task docs of both classes with the node's activation per token, paired (class 1, class 2, difference).
 
     `acts` is (n_docs, max_len) with NaN past each doc's end. The max and min token of each doc are boxed.
+    `pairs_shown`: the pair indices to render (a page); the colour scales always span every doc.
     """
     if docs is None or docs.empty or acts is None:
         return STYLE + "<p><i>No task-doc activations for this node.</i></p>"
@@ -88,9 +95,10 @@ def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool) -> str:
     by_doc = {int(r.doc): r for r in docs.itertuples()}
     parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; '
                     "difference = class 2 minus class 1, position by position, on its own zero-centred scale</div>"]
-    pairs = sorted({int(r.pair) for r in docs.itertuples()})
+    all_pairs = sorted({int(r.pair) for r in docs.itertuples()})
+    pairs = all_pairs if pairs_shown is None else [p for p in all_pairs if p in set(pairs_shown)]
     diffs = {}
-    for p in pairs:
+    for p in all_pairs:
         d1 = [r for r in by_doc.values() if r.pair == p and r.cls == 1]
         d2 = [r for r in by_doc.values() if r.pair == p and r.cls == 2]
         if d1 and d2:

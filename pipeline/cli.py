@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
     p.add_argument("--data", default=None, help="output directory (default: $CIRCUITS_DATA or data/)")
     p.add_argument("--select", default=None, help="only runs whose id contains this text")
+    p.add_argument("--device", default=None, help="torch device of the recompute forward passes (default: $CIRCUITS_DEVICE or cpu)")
+    p.add_argument("--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)")
+    p.add_argument("--verbose", action="store_true", help="show Dagster's own log lines")
 
     args = parser.parse_args(argv)
     if args.command == "build-store":

@@ -18,9 +18,10 @@ from pathlib import Path
 import dagster as dg
 from tqdm import tqdm
 
-from pipeline.assets.discovery import refresh_partitions
+from pipeline.assets.discovery import refresh_partitions, store_index
 from pipeline.assets.download import tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
+from pipeline.assets.recompute import recompute_assets
 from pipeline.definitions import MODEL_ASSETS, PIPELINE_ASSETS, RUN_ASSETS
 from pipeline.resources import CircuitsResource
 from pipeline.tables import is_remote
@@ -79,9 +80,9 @@ def materialize_store(
     summary.runs = [r.run_id for r in runs if not select or select in r.run_id]
     summary.models = sorted({r.model for r in runs if r.run_id in summary.runs} | (set(models) if not select else set()))
     summary.models = [m for m in summary.models if m in models]
-    run_assets = RUN_ASSETS if recompute else [a for a in RUN_ASSETS if a.key.path[0] != "ablations" and "ablations" not in {k.path[0] for k in a.keys}]
+    run_assets = RUN_ASSETS if recompute else [a for a in RUN_ASSETS if a not in recompute_assets]
 
-    steps: list[tuple[str, list, str | None]] = [("tokenizer", [tokenizer_files], None)]
+    steps: list[tuple[str, list, str | None]] = [("store index and tokenizer", [store_index, tokenizer_files], None)]
     steps += [(f"model {m}", MODEL_ASSETS, m) for m in summary.models]
     steps += [(f"run {r}", run_assets, r) for r in summary.runs]
     steps += [("circuits.duckdb", [circuits_duckdb], None)]

@@ -1,0 +1,86 @@
+"""The Dagster side: a corrupt partition fails alone, rematerializing is idempotent and atomic,
+discovery (sensor) finds every circuit, `dagster dev`'s definitions load, the CLI runs."""
+
+import shutil
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+from fixtures_viz import FIXTURE_RUNS
+
+from pipeline.materialize import materialize_store
+
+BAD = "fixture_a/brackets/prune_v4/6"
+
+
+@pytest.fixture(scope="module")
+def corrupt_store(viz_store, tmp_path_factory):
+    store = tmp_path_factory.mktemp("corrupt") / "store"
+    shutil.copytree(viz_store, store)
+    bad = store / "viz" / BAD / "viz_data.pt"
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size // 3)
+    return store
+
+
+def _snapshot(data):
+    return {p.relative_to(data): pq.read_table(p) for p in sorted((data / "tables").rglob("*.parquet"))}
+
+
+def test_corrupt_partition_fails_alone_and_rematerializing_is_idempotent(corrupt_store, tmp_path):
+    data = tmp_path / "data"
+    s = materialize_store(store=str(corrupt_store), data=str(data), progress=False, recompute=False)
+    assert list(s.failed) == [f"run {BAD}"]
+    msg = s.failed[f"run {BAD}"]
+    assert f"viz/{BAD}/viz_data.pt" in msg and "cannot be loaded safely" in msg
+    good = [r for r in FIXTURE_RUNS if r != BAD]
+    names = {p.name for p in (data / "tables" / "nodes").iterdir()}
+    assert names == {r.replace("/", "__") + ".parquet" for r in good}
+    assert s.duckdb and (data / "circuits.duckdb").exists()  # the database still covers the good runs
+
+    first = _snapshot(data)
+    mtimes = {p: p.stat().st_mtime_ns for p in (data / "tables").rglob("*.parquet")}
+    s2 = materialize_store(store=str(corrupt_store), data=str(data), progress=False, recompute=False, select="quotes/prune_v4/4")
+    assert not s2.failed and s2.runs == ["fixture_a/quotes/prune_v4/4"]
+    second = _snapshot(data)
+    assert second.keys() == first.keys()
+    for k in first:
+        assert second[k].equals(first[k]), k
+    # Only the selected run's files (and the model's) were rewritten; other partitions untouched.
+    rewritten = {p.name for p, t in mtimes.items() if p.stat().st_mtime_ns != t}
+    assert "fixture_a__quotes__prune_v4__k_optim.parquet" not in rewritten
+    assert "fixture_a__quotes__prune_v4__4.parquet" in rewritten
+    assert not list(data.rglob("*.tmp"))
+
+
+def test_sensor_adds_partitions_and_requests_runs(viz_store):
+    from pipeline.assets.discovery import discover_circuits
+    from pipeline.resources import CircuitsResource
+
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"circuits": CircuitsResource.from_env(store_url=str(viz_store), data="unused")})
+        result = discover_circuits(ctx)
+        keys = sorted(r.partition_key for r in result.run_requests)
+        assert keys == sorted([*FIXTURE_RUNS, "fixture_a"])
+        added = [k for req in result.dynamic_partitions_requests for k in req.partition_keys]
+        assert sorted(added) == keys
+
+
+def test_definitions_load_with_every_table_asset():
+    from pipeline.definitions import defs
+    from pipeline.tables import SCHEMAS
+
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert set(SCHEMAS) <= keys
+    assert {"store_index", "viz_data_file", "model_checkpoint", "tokenizer_files", "circuits_duckdb"} <= keys
+    assert defs.resolve_job_def("run_tables_job") is not None
+
+
+def test_cli_materialize(viz_store, tmp_path, capsys):
+    from pipeline.cli import main
+
+    rc = main(["materialize", "--store", str(viz_store), "--data", str(tmp_path / "d"), "--select", "brackets", "--no-recompute"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "1 circuits of 1 models" in out
+    assert (tmp_path / "d" / "tables" / "edges" / "fixture_a__brackets__prune_v4__6.parquet").exists()

@@ -120,22 +120,37 @@ def main(argv=None):
         samples.append(timed(lambda t=target: setattr(app.layer, "value", t)))
     results["pick layer"] = samples
 
+    # click node: a tap on the layer-half graph (as the browser's TapTool reports it), distinct nodes of every layer-half.
+    samples = []
+    per_layer = max(1, args.reps // len(layers))
+    for lh in layers:
+        app.layer.value = lh  # untimed: the layer pick is measured above
+        ids_here = app.graph.nodes.data["node_id"]
+        picks = [i for i, n in enumerate(ids_here) if not n.endswith(":bias")][:: max(1, len(ids_here) // per_layer)][:per_layer]
+        for i in picks:
+            samples.append(timed(lambda i=i: setattr(app.graph.nodes.selected, "indices", [i])))
+    results["click node (detail: connections, snippets, attention for q/k/v)"] = samples
+
     ids = queries.node_ids(big)
     step = max(1, len(ids) // args.reps)
     samples = []
-    for nid in ids[::step][: args.reps]:  # distinct nodes across all layers and kinds (q/k/v include the attention pattern)
-        samples.append(timed(lambda n=nid: setattr(state, "node", n)))
-    results["click node (detail: connections, snippets, task docs, attention)"] = samples
+    for nid in ids[5::step][: min(args.reps, 15)]:  # node picker: the graph follows into the node's layer-half
+        samples.append(timed(lambda n=nid: setattr(app.node, "value", n)))
+    results["pick node in another layer-half (node picker)"] = samples
+
+    app.detail.inner_tabs.active = 1  # the task-doc tab open: toggling re-renders a page of task docs
+    samples = []
+    for nid in ids[2::step][: min(args.reps, 15)]:
+        state.node = nid
+        samples.append(timed(lambda: setattr(state, "zero_centred", not state.zero_centred)))
+    results["toggle zero-centred (task docs, 4 pairs of ~768 tokens)"] = samples
+    app.detail.inner_tabs.active = 0
 
     samples = []
     for i in range(args.reps):
         samples.append(timed(lambda v=round(0.05 + 0.9 * ((i * 7) % args.reps) / args.reps, 3): setattr(app.threshold, "value", v)))
     results["threshold slider"] = samples
 
-    samples = []
-    for _ in range(args.reps):
-        samples.append(timed(lambda: setattr(state, "zero_centred", not state.zero_centred)))
-    results["toggle zero-centred"] = samples
 
     samples = []
     for nid in ids[1::step][: min(args.reps, 10)]:

@@ -20,6 +20,7 @@ from viewer.views.curves import CurvesView
 from viewer.views.detail import DetailView
 from viewer.views.embeddings import EmbeddingView
 from viewer.views.export import ExportView
+from viewer.views.markup import HtmlBox
 
 DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Export")
 GRAPH_TABS = ("Layer-half", "Whole circuit")
@@ -48,14 +49,14 @@ class ExplorerApp:
         self.task = pn.widgets.Select(label="task")
         self.sweep = pn.widgets.Select(label="sweep")
         self.k = pn.widgets.Select(label="k")
-        self.summary = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.summary = HtmlBox()
         self.layer = pn.widgets.Select(label="layer-half (★ = delta > 0.3)", size=10, sizing_mode="stretch_width")
         self.threshold = pn.widgets.FloatSlider.from_param(state.param.threshold, label="edge threshold (fraction of strongest)", step=0.01)
         self.node = pn.widgets.Select(label="node", sizing_mode="stretch_width")
         self.pin_label = pn.widgets.TextInput(label="pin label", placeholder="label for the selected node")
         self.pin = pn.widgets.Button(label="pin / update label", color="default")
         self.unpin = pn.widgets.Button(label="unpin", color="light")
-        self.pins = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.pins = HtmlBox()
         self.notes = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
 
         # Views.
@@ -178,17 +179,21 @@ class ExplorerApp:
         tab = DETAIL_TABS[self.detail_tabs.active]
         if tab in self.stale:
             self.stale.discard(tab)
-            if tab == "Node":
-                self.detail.show()
-            elif tab == "Embeddings":
-                self.embeddings.follow_node(queries.node(s.run, s.node) if s.node else None)
-                self.embeddings.show()
-            elif tab == "Curves":
-                self.curves.show()
-            elif tab == "Compare":
-                self.compare.show()
-            elif tab == "Export":
-                self.export.show()
+            self._refresh_tab(tab)
+
+    def _refresh_tab(self, tab):
+        s = self.state
+        if tab == "Node":
+            self.detail.show()
+        elif tab == "Embeddings":
+            self.embeddings.follow_node(queries.node(s.run, s.node) if s.node else None)
+            self.embeddings.show()
+        elif tab == "Curves":
+            self.curves.show()
+        elif tab == "Compare":
+            self.compare.show()
+        elif tab == "Export":
+            self.export.show()
 
     def _set_widget(self, widget, value):
         self._updating = True

@@ -7,6 +7,7 @@ import html
 import panel as pn
 
 from viewer import queries
+from viewer.views.markup import HtmlBox, table_html
 
 
 def summary(df, run_a: str, run_b: str) -> str:
@@ -22,15 +23,15 @@ class CompareView:
     def __init__(self, state):
         self.state = state
         self.pick = pn.widgets.Select(label="compare with", options=[], width=360)
-        self.summary = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.shared = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")
-        self.only_a = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")
-        self.only_b = pn.pane.DataFrame(None, index=False, max_height=500, float_format="{:.4f}".format, sizing_mode="stretch_width")
+        self.summary = HtmlBox()
+        self.shared = HtmlBox(max_height=500)
+        self.only_a = HtmlBox(max_height=500)
+        self.only_b = HtmlBox(max_height=500)
         self.pick.param.watch(self._picked, "value")
-        self.panel = pn.Column(self.pick, self.summary,
-                               pn.Row(pn.Column("**Shared** (delta in A and B)", self.shared, sizing_mode="stretch_width"),
-                                      pn.Column("**Only in A**", self.only_a, sizing_mode="stretch_width"),
-                                      pn.Column("**Only in B**", self.only_b, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+        self.panel = pn.Column(self.pick, self.summary.panel,
+                               pn.Row(pn.Column("**Shared** (delta in A and B)", self.shared.panel, sizing_mode="stretch_width"),
+                                      pn.Column("**Only in A**", self.only_a.panel, sizing_mode="stretch_width"),
+                                      pn.Column("**Only in B**", self.only_b.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
                                sizing_mode="stretch_width")
 
     def _picked(self, event):
@@ -44,10 +45,10 @@ class CompareView:
             self.pick.value = s.compare if s.compare in self.pick.options else ""
         if not s.compare or s.compare == s.run:
             self.summary.object = "<i>Pick a second circuit to compare with this one.</i>"
-            self.shared.object = self.only_a.object = self.only_b.object = None
+            self.shared.object = self.only_a.object = self.only_b.object = ""
             return
         df = queries.compare(s.run, s.compare)
         self.summary.object = summary(df, s.run, s.compare)
-        self.shared.object = df[df["status"] == "shared"][["node_id", "delta_a", "delta_b"]]
-        self.only_a.object = df[df["status"] == "only A"][["node_id", "delta_a"]]
-        self.only_b.object = df[df["status"] == "only B"][["node_id", "delta_b"]]
+        self.shared.object = table_html(df[df["status"] == "shared"][["node_id", "delta_a", "delta_b"]])
+        self.only_a.object = table_html(df[df["status"] == "only A"][["node_id", "delta_a"]])
+        self.only_b.object = table_html(df[df["status"] == "only B"][["node_id", "delta_b"]])

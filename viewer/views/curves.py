@@ -9,6 +9,7 @@ from bokeh.models import ColumnDataSource, HoverTool, Span
 from bokeh.plotting import figure
 
 from viewer import queries
+from viewer.views.markup import HtmlBox, table_html
 
 
 class CurvesView:
@@ -30,9 +31,9 @@ class CurvesView:
                       y_axis_label="loss (corrected)", tools="pan,wheel_zoom,reset,save")
         pfig.line("x", "loss", source=self.p_source, line_width=2)
         self.pfig = pfig
-        self.k_note = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.k_note = HtmlBox()
         self.config = pn.pane.JSON({}, depth=2, sizing_mode="stretch_width")
-        self.metrics = pn.pane.DataFrame(None, index=False, float_format="{:.5g}".format)
+        self.metrics = HtmlBox()
         self.metric_pick = pn.widgets.Select(label="training metric", options=[], width=240)
         self.t_source = ColumnDataSource({"step": [], "value": []})
         tfig = figure(height=260, sizing_mode="stretch_width", title="training metric", x_axis_label="step", tools="pan,wheel_zoom,reset,save")
@@ -41,10 +42,10 @@ class CurvesView:
         self._train = None
         self.metric_pick.param.watch(lambda e: self._show_metric(), "value")
         self.panel = pn.Column(
-            pn.Row(pn.Column(pn.pane.Bokeh(kfig, sizing_mode="stretch_width"), self.k_note, sizing_mode="stretch_width"),
+            pn.Row(pn.Column(pn.pane.Bokeh(kfig, sizing_mode="stretch_width"), self.k_note.panel, sizing_mode="stretch_width"),
                    pn.pane.Bokeh(pfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             pn.Row(pn.Column("**Prune config**", self.config, sizing_mode="stretch_width"),
-                   pn.Column("**Training metrics** (last value of each)", self.metrics, self.metric_pick,
+                   pn.Column("**Training metrics** (last value of each)", self.metrics.panel, self.metric_pick,
                              pn.pane.Bokeh(tfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             sizing_mode="stretch_width")
 
@@ -70,10 +71,10 @@ class CurvesView:
         train = queries.train_curves(r["model"])
         self._train = train
         if train is None or train.empty:
-            self.metrics.object = None
+            self.metrics.object = ""
             self.metric_pick.options = []
             return
-        self.metrics.object = train.groupby("metric", as_index=False).last()[["metric", "step", "value"]]
+        self.metrics.object = table_html(train.groupby("metric", as_index=False).last()[["metric", "step", "value"]], digits=6)
         names = sorted(train["metric"].unique())
         self.metric_pick.options = names
         if self.metric_pick.value not in names:

@@ -8,6 +8,7 @@ import panel as pn
 
 from viewer import queries
 from viewer.views import attention, tokens
+from viewer.views.markup import HtmlBox, table_html
 
 
 def connections_frame(df):
@@ -40,29 +41,29 @@ PAIRS_PER_PAGE = 4  # task-doc pairs rendered at once (a release task has 32 pai
 class DetailView:
     def __init__(self, state):
         self.state = state
-        self.header = pn.pane.HTML("<i>Click a node in the graph to see its details.</i>", sizing_mode="stretch_width")
-        self.inputs = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width", max_height=260, float_format="{:.4f}".format)
-        self.outputs = pn.pane.DataFrame(None, index=False, sizing_mode="stretch_width", max_height=260, float_format="{:.4f}".format)
-        self.snippets = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.task = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.header = HtmlBox("<i>Click a node in the graph to see its details.</i>")
+        self.inputs = HtmlBox(max_height=260)
+        self.outputs = HtmlBox(max_height=260)
+        self.snippets = HtmlBox()
+        self.task = HtmlBox()
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, label="zero-centred colours")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
         self.head_plot = attention.PatternPlot("head pattern")
         self.channel_plot = attention.PatternPlot("channel pattern")
-        self.attn_note = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.attn = pn.Column(self.doc, self.attn_note, pn.Row(pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)),
+        self.attn_note = HtmlBox()
+        self.attn = pn.Column(self.doc, self.attn_note.panel, pn.Row(pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)),
                               visible=False)
-        self.inner_tabs = pn.Tabs(("Pretraining snippets", self.snippets),
-                                  ("Task docs", pn.Column(pn.Row(self.zero, self.task_page), self.task, sizing_mode="stretch_width")),
+        self.inner_tabs = pn.Tabs(("Pretraining snippets", self.snippets.panel),
+                                  ("Task docs", pn.Column(pn.Row(self.zero, self.task_page), self.task.panel, sizing_mode="stretch_width")),
                                   sizing_mode="stretch_width", dynamic=False)
         self.task_stale = False
         self.inner_tabs.param.watch(lambda e: self.show_task() if self.task_stale else None, "active")
         self.task_page.param.watch(lambda e: self.show_task(force=True), "value")
         self.panel = pn.Column(
-            self.header,
-            pn.Row(pn.Column("**Inputs**", self.inputs, sizing_mode="stretch_width"),
-                   pn.Column("**Outputs**", self.outputs, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            self.header.panel,
+            pn.Row(pn.Column("**Inputs**", self.inputs.panel, sizing_mode="stretch_width"),
+                   pn.Column("**Outputs**", self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             self.attn,
             self.inner_tabs,
             sizing_mode="stretch_width")
@@ -72,7 +73,7 @@ class DetailView:
         node = queries.node(s.run, s.node) if s.node else None
         if node is None:
             self.header.object = "<i>Click a node in the graph to see its details.</i>"
-            self.inputs.object = self.outputs.object = None
+            self.inputs.object = self.outputs.object = ""
             self.snippets.object = self.task.object = ""
             self.attn.visible = False
             return
@@ -81,8 +82,8 @@ class DetailView:
         ablation = row.iloc[0].to_dict() if row is not None and len(row) else None
         self.header.object = header_html(s.run, node, ablation, s.pins.get(s.node))
         inputs, outputs = queries.connections(s.run, s.node)
-        self.inputs.object = connections_frame(inputs)
-        self.outputs.object = connections_frame(outputs)
+        self.inputs.object = table_html(connections_frame(inputs))
+        self.outputs.object = table_html(connections_frame(outputs))
         self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
         self.show_task()
         self.show_attention()

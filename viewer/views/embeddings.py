@@ -10,6 +10,7 @@ from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
 from viewer import queries
+from viewer.views.markup import HtmlBox, table_html
 
 N_TOKENS = 20
 RESIDUAL_KINDS = ("act_in", "resid_delta")
@@ -47,9 +48,9 @@ class EmbeddingView:
     def __init__(self, state):
         self.state = state
         self.channel = pn.widgets.IntInput(label="residual channel", value=0, start=0, width=160)
-        self.note = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.top = pn.pane.DataFrame(None, index=False, float_format="{:.4f}".format)
-        self.bottom = pn.pane.DataFrame(None, index=False, float_format="{:.4f}".format)
+        self.note = HtmlBox()
+        self.top = HtmlBox()
+        self.bottom = HtmlBox()
         self.hist_source = ColumnDataSource({"left": [], "right": [], "top": []})
         hist = figure(height=240, width=420, title="wte column histogram (nonzero entries)", tools="pan,wheel_zoom,reset,save")
         hist.quad(left="left", right="right", top="top", bottom=0, source=self.hist_source, fill_color="#4393c3", line_color="white")
@@ -64,8 +65,9 @@ class EmbeddingView:
         self.wpe = wpe
         self._wpe_model = None
         self.channel.param.watch(lambda e: self.show(), "value")
-        self.panel = pn.Column(pn.Row(self.channel, self.note), pn.Row(pn.Column("**Top tokens**", self.top),
-                                                                       pn.Column("**Bottom tokens**", self.bottom), pn.pane.Bokeh(hist)),
+        self.panel = pn.Column(pn.Row(self.channel, self.note.panel),
+                               pn.Row(pn.Column("**Top tokens**", self.top.panel, width=260), pn.Column("**Bottom tokens**", self.bottom.panel, width=260),
+                                      pn.pane.Bokeh(hist)),
                                pn.pane.Bokeh(wpe, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
     def follow_node(self, node: dict | None):
@@ -83,7 +85,7 @@ class EmbeddingView:
             self.note.object = "<i>No embeddings table: materialize it with the pipeline.</i>"
             return
         top, bottom = top_bottom(col)
-        self.top.object, self.bottom.object = top, bottom
+        self.top.object, self.bottom.object = table_html(top), table_html(bottom)
         self.note.object = f"model {model}: wte column {ch} has {len(col)} nonzero weights"
         if len(col):
             counts, edges = np.histogram(col["value"].to_numpy(float), bins=30)

@@ -99,10 +99,17 @@ def edge_segments(pos: pd.DataFrame, edges: pd.DataFrame | None, threshold: floa
     ok = (src["x"].notna().to_numpy() & tgt["x"].notna().to_numpy())
     rel = mag[keep][ok] / top
     cols.update(x0=src["x"].to_numpy()[ok], y0=src["y"].to_numpy()[ok], x1=tgt["x"].to_numpy()[ok], y1=tgt["y"].to_numpy()[ok],
-                color=np.where(measure[keep][ok] >= 0, "#d6604d", "#4393c3").tolist(), alpha=(0.15 + 0.85 * rel).tolist(),
-                width=(0.5 + 3.5 * rel).tolist(), src=e["src_node_id"].to_numpy()[ok].tolist(),
-                tgt=e["tgt_node_id"].to_numpy()[ok].tolist(), strength=measure[keep][ok].tolist())
-    return cols
+                color=np.where(measure[keep][ok] >= 0, "#d6604d", "#4393c3").astype(object), alpha=0.15 + 0.85 * rel,
+                width=0.5 + 3.5 * rel, src=e["src_node_id"].to_numpy(dtype=object)[ok], tgt=e["tgt_node_id"].to_numpy(dtype=object)[ok],
+                strength=measure[keep][ok])
+    return as_arrays(cols)
+
+
+def as_arrays(cols: dict) -> dict:
+    """Column data as numpy arrays: Bokeh walks Python lists element by element whenever it re-scans the
+    document's models (an array is one value), and serializes arrays in binary."""
+    return {k: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object if v and isinstance(v[0], str) else None)
+            for k, v in cols.items()}
 
 
 def _node_data(pos: pd.DataFrame, scale: float, pins: dict, selected: str) -> dict:
@@ -112,10 +119,10 @@ def _node_data(pos: pd.DataFrame, scale: float, pins: dict, selected: str) -> di
                                pos.get("channel", pd.Series(0, index=pos.index)).fillna(0), pos["is_bias"], strict=True)
     ]
     outline = ["#000000" if n == selected else ("#ffb000" if n in pins else "#555555") for n in pos["node_id"]]
-    return {"x": pos["x"].to_numpy(float), "y": pos["y"].to_numpy(float), "node_id": pos["node_id"].tolist(), "label": label,
-            "delta": pos["delta"].to_numpy(float), "color": delta_colours(pos["delta"].to_numpy(float), scale),
-            "outline": outline, "lw": [3 if n == selected else (2.5 if n in pins else 0.8) for n in pos["node_id"]],
-            "pin": [pins.get(n, "") for n in pos["node_id"]]}
+    return as_arrays({"x": pos["x"].to_numpy(float), "y": pos["y"].to_numpy(float), "node_id": pos["node_id"].tolist(), "label": label,
+                      "delta": pos["delta"].to_numpy(float), "color": delta_colours(pos["delta"].to_numpy(float), scale),
+                      "outline": outline, "lw": [3 if n == selected else (2.5 if n in pins else 0.8) for n in pos["node_id"]],
+                      "pin": [pins.get(n, "") for n in pos["node_id"]]})
 
 
 class CircuitGraph:
@@ -136,7 +143,8 @@ class CircuitGraph:
         fig.xaxis.visible = False
         fig.xgrid.visible = False
         fig.ygrid.grid_line_alpha = 0.3
-        fig.yaxis.ticker = FixedTicker(ticks=[])
+        self.ticker = FixedTicker(ticks=[])
+        fig.yaxis.ticker = self.ticker
         self.figure = fig
         self.positions = pd.DataFrame()
         self.nodes.selected.on_change("indices", self._tapped)
@@ -151,7 +159,7 @@ class CircuitGraph:
         self.positions = pos
         self.nodes.data = _node_data(pos, scale, pins, selected)
         self.edges.data = edge_segments(pos, edges, threshold)
-        self.figure.yaxis.ticker = FixedTicker(ticks=list(ticks))
+        self.ticker.ticks = [float(t) for t in ticks]  # mutate: a new ticker model would re-walk the whole document
         self.figure.yaxis.major_label_overrides = {float(k): v for k, v in ticks.items()}
 
     def show_threshold(self, edges, threshold):
@@ -159,7 +167,7 @@ class CircuitGraph:
 
     def mark(self, pins: dict, selected: str):
         """Refresh outlines only (selection or pins changed)."""
-        ids = self.nodes.data["node_id"]
+        ids = list(self.nodes.data["node_id"])
         self.nodes.patch({
             "outline": [(slice(0, len(ids)), ["#000000" if n == selected else ("#ffb000" if n in pins else "#555555") for n in ids])],
             "lw": [(slice(0, len(ids)), [3 if n == selected else (2.5 if n in pins else 0.8) for n in ids])],

@@ -60,17 +60,22 @@ def snippets_html(df) -> str:
     scale = float(np.nanmax(np.abs(df["value"].to_numpy(float)))) or 1.0
     parts = [STYLE, f'<div class="scale">one colour scale for all snippets: |activation| {scale:.4g} = full colour; '
                     "the token of interest is boxed; hover a token for its activation</div>"]
-    for frac, by_frac in df.groupby("frac", sort=True):
-        parts.append(f'<div class="snipgroup"><h4>{frac * 100:g}% fractile</h4>')
-        for side in ("bottom", "top"):
-            sub = by_frac[by_frac["side"] == side]
-            if sub.empty:
-                continue
-            parts.append(f'<div class="doclabel">{side}</div>')
-            for _, snip in sub.groupby("rank", sort=True):
-                centre = np.flatnonzero(snip["is_center"].to_numpy())
-                parts.append(token_spans(snip["text"].tolist(), snip["value"].to_numpy(float), scale, boxed=centre))
-        parts.append("</div>")
+    # Rows arrive ordered by (frac, side, rank, pos): cut them into snippets with numpy (pandas groupby costs more).
+    frac, side, rank = df["frac"].to_numpy(), df["side"].to_numpy(), df["rank"].to_numpy()
+    texts, values, centre = df["text"].to_numpy(), df["value"].to_numpy(float), df["is_center"].to_numpy(bool)
+    starts = np.r_[0, np.flatnonzero((frac[1:] != frac[:-1]) | (side[1:] != side[:-1]) | (rank[1:] != rank[:-1])) + 1, len(df)]
+    last_frac = last_side = None
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        if frac[a] != last_frac:
+            if last_frac is not None:
+                parts.append("</div>")
+            parts.append(f'<div class="snipgroup"><h4>{frac[a] * 100:g}% fractile</h4>')
+            last_frac, last_side = frac[a], None
+        if side[a] != last_side:
+            parts.append(f'<div class="doclabel">{side[a]}</div>')
+            last_side = side[a]
+        parts.append(token_spans(texts[a:b], values[a:b], scale, boxed=np.flatnonzero(centre[a:b])))
+    parts.append("</div>")
     return "".join(parts)
 
 

@@ -164,7 +164,10 @@ def write_partition(data: str, table: str, partition_key: str, parts: pa.Table |
         tmp = str(final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     rows = 0
     try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        # Dictionary pages for the repetitive columns (ids, locations, channels); plain for floats,
+        # where trying a dictionary only costs time.
+        dictionary = [f.name for f in schema if not pa.types.is_floating(f.type)]
+        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=dictionary) as writer:
             buffered: list[pa.Table] = []
             n_buf = 0
             for piece in [parts] if isinstance(parts, pa.Table) else parts:

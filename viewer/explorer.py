@@ -61,17 +61,14 @@ class ExplorerApp:
 
         # Views.
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
-        self.whole = graph_views.CircuitGraph(self._select_node, height=640, title="whole circuit (residual writes linked to later reads)")
         self.detail = DetailView(state)
-        self.embeddings = EmbeddingView(state)
-        self.curves = CurvesView(state)
-        self.compare = CompareView(state)
-        self.export = ExportView(state)
+        # The other tabs' views are built when first opened (a new session builds only what it shows).
+        self._lazy = {}
+        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[1:])}
         self.graph_tabs = pn.Tabs((GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
-                                  (GRAPH_TABS[1], pn.pane.Bokeh(self.whole.figure, sizing_mode="stretch_width")),
-                                  sizing_mode="stretch_width", dynamic=True)
-        self.detail_tabs = pn.Tabs(*zip(DETAIL_TABS, (self.detail.panel, self.embeddings.panel, self.curves.panel, self.compare.panel,
-                                                      self.export.panel), strict=True), sizing_mode="stretch_width", dynamic=False)
+                                  (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]), sizing_mode="stretch_width", dynamic=True)
+        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]),
+                                   sizing_mode="stretch_width", dynamic=True)
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
         self._whole_edges = None
@@ -89,6 +86,22 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
+
+    def _view(self, tab):
+        if tab not in self._lazy:
+            make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(self._select_node, height=640,
+                                                                    title="whole circuit (residual writes linked to later reads)"),
+                    "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: CurvesView(self.state),
+                    "Compare": lambda: CompareView(self.state), "Export": lambda: ExportView(self.state)}[tab]
+            view = self._lazy[tab] = make()
+            self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)
+        return self._lazy[tab]
+
+    whole = property(lambda self: self._view(GRAPH_TABS[1]))
+    embeddings = property(lambda self: self._view("Embeddings"))
+    curves = property(lambda self: self._view("Curves"))
+    compare = property(lambda self: self._view("Compare"))
+    export = property(lambda self: self._view("Export"))
 
     # --- widget -> state --------------------------------------------------------------------
 

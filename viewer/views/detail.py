@@ -49,11 +49,10 @@ class DetailView:
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, label="zero-centred colours")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
-        self.head_plot = attention.PatternPlot("head pattern")
-        self.channel_plot = attention.PatternPlot("channel pattern")
+        self.head_plot = self.channel_plot = None  # built on the first q/k/v node
         self.attn_note = HtmlBox()
-        self.attn = pn.Column(self.doc, self.attn_note.panel, pn.Row(pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)),
-                              visible=False)
+        self.attn_plots = pn.Row()
+        self.attn = pn.Column(self.doc, self.attn_note.panel, self.attn_plots, visible=False)
         self.inner_tabs = pn.Tabs(("Pretraining snippets", self.snippets.panel),
                                   ("Task docs", pn.Column(pn.Row(self.zero, self.task_page), self.task.panel, sizing_mode="stretch_width")),
                                   sizing_mode="stretch_width", dynamic=False)
@@ -114,6 +113,10 @@ class DetailView:
             self.attn.visible = False
             return
         self.attn.visible = True
+        if self.head_plot is None:
+            self.head_plot = attention.PatternPlot("head pattern")
+            self.channel_plot = attention.PatternPlot("channel pattern")
+            self.attn_plots.extend([pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)])
         docs = queries.task_docs(s.run)
         if docs is None or docs.empty:
             self.attn_note.object = "<i>No task docs in the tables.</i>"

@@ -321,7 +321,7 @@ def test_other_tabs_render(viewer_data):
     assert len(app.embeddings.hist_source.data["top"]) == 30
     app.detail_tabs.active = 2
     assert list(app.curves.k_source.data["k_label"]) == ["8", "16"]
-    assert app.curves.unpruned.location == pytest.approx(next(r for r in truth.runs if r["run_id"] == RUN)["loss"])
+    assert app.curves.unpruned.data["loss"] == pytest.approx([next(r for r in truth.runs if r["run_id"] == RUN)["loss"]] * 2)
     app.detail_tabs.active = 3
     assert "shared" in app.compare.summary.object
     app.graph_tabs.active = 1

@@ -89,8 +89,9 @@ class ExplorerApp:
 
     def _view(self, tab):
         if tab not in self._lazy:
-            make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(self._select_node, height=640,
-                                                                    title="whole circuit (residual writes linked to later reads)"),
+            make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
+                self._select_node, height=820, node_size=7,
+                title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
                     "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: CurvesView(self.state),
                     "Compare": lambda: CompareView(self.state), "Export": lambda: ExportView(self.state)}[tab]
             view = self._lazy[tab] = make()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import panel as pn
-from bokeh.models import ColumnDataSource, HoverTool, Span
+from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
 from viewer import queries
@@ -23,8 +23,9 @@ class CurvesView:
         kfig.scatter("n_nodes", "final_loss", source=self.k_source, size=7)
         kfig.scatter("n_nodes", "final_loss", source=self.k_current, size=13, fill_color=None, line_color="#d6604d", line_width=2)
         kfig.add_tools(HoverTool(tooltips=[("k", "@k_label"), ("nodes", "@n_nodes"), ("loss", "@final_loss{0.0000}")]))
-        self.unpruned = Span(location=1.0, dimension="width", line_color="#555555", line_dash="dashed", line_width=2)
-        kfig.add_layout(self.unpruned)
+        # The unpruned loss as a dashed line glyph across the sweep (a Span would not widen the axis range to show it).
+        self.unpruned = ColumnDataSource({"n_nodes": [], "loss": []})
+        kfig.line("n_nodes", "loss", source=self.unpruned, line_color="#555555", line_dash="dashed", line_width=2)
         self.kfig = kfig
         self.p_source = ColumnDataSource({"x": [], "loss": []})
         pfig = figure(height=300, sizing_mode="stretch_width", title="pruning loss curve", x_axis_label="(step + 1) * 8",
@@ -58,8 +59,9 @@ class CurvesView:
             self.k_source.data = {c: lak[c].tolist() for c in ("n_nodes", "final_loss", "k_label", "run_id")}
             cur = lak[lak["run_id"] == r["run_id"]]
             self.k_current.data = {"n_nodes": cur["n_nodes"].tolist(), "final_loss": cur["final_loss"].tolist()}
-            self.unpruned.location = float(lak["unpruned_loss"].iloc[0])
-            self.k_note.object = f"dashed line: unpruned model's loss {self.unpruned.location:.4f}; circled: this circuit"
+            unpruned = float(lak["unpruned_loss"].iloc[0])
+            self.unpruned.data = {"n_nodes": [float(lak["n_nodes"].min()), float(lak["n_nodes"].max())], "loss": [unpruned, unpruned]}
+            self.k_note.object = f"dashed line: unpruned model's loss {unpruned:.4f}; circled: this circuit"
         else:
             self.k_note.object = "<i>No loss_at_k table.</i>"
         pc = queries.pruning_curve(r["run_id"])

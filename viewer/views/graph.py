@@ -128,14 +128,14 @@ def _node_data(pos: pd.DataFrame, scale: float, pins: dict, selected: str) -> di
 class CircuitGraph:
     """A Bokeh graph of circuit nodes; `on_select(node_id)` is called when a node is tapped."""
 
-    def __init__(self, on_select, height=420, title=""):
+    def __init__(self, on_select, height=420, title="", node_size=14):
         self.on_select = on_select
         self.nodes = ColumnDataSource({k: [] for k in ("x", "y", "node_id", "label", "delta", "color", "outline", "lw", "pin")})
         self.edges = ColumnDataSource({k: [] for k in ("x0", "y0", "x1", "y1", "color", "alpha", "width", "src", "tgt", "strength")})
         fig = figure(height=height, sizing_mode="stretch_width", tools="pan,wheel_zoom,box_zoom,reset,save",
                      active_scroll="wheel_zoom", title=title, toolbar_location="above")
         fig.add_glyph(self.edges, Segment(x0="x0", y0="y0", x1="x1", y1="y1", line_color="color", line_alpha="alpha", line_width="width"))
-        renderer = fig.scatter("x", "y", source=self.nodes, size=14, fill_color="color", line_color="outline", line_width="lw",
+        renderer = fig.scatter("x", "y", source=self.nodes, size=node_size, fill_color="color", line_color="outline", line_width="lw",
                                marker="circle", nonselection_fill_alpha=1.0, selection_fill_alpha=1.0)
         fig.add_tools(HoverTool(renderers=[renderer], tooltips=[("node", "@node_id"), ("", "@label"), ("delta", "@delta{0.0000}"),
                                                                 ("pin", "@pin")]))
@@ -188,8 +188,7 @@ def layout_whole(nodes: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         rows = ROWS[half]
         grp["y"] = base + grp["kind"].map({k: i for i, k in enumerate(rows)}).astype(float)
         grp["x"] = row_positions(grp)
-        for i, k in enumerate(rows):
-            ticks[base + i] = f"{layer}.{half}.{k}"
+        ticks[base + (len(rows) - 1) / 2] = f"{layer}.{half}"  # one label per band; hover names each node's location
         parts.append(grp)
         base += len(rows) + 1
     pos = pd.concat(parts, ignore_index=True) if parts else nodes.assign(x=[], y=[], is_bias=[])

@@ -70,6 +70,11 @@ class DetailView:
     def show(self, *_):
         s = self.state
         node = queries.node(s.run, s.node) if s.node else None
+        if node is not None:  # the slow queries of this view, at once
+            calls = [(queries.samples, s.run, s.node), (queries.connections, s.run, s.node)]
+            if node["kind"] in ("q", "k", "v"):
+                calls.append((queries.head_qk, s.run, int(node["layer"]), int(node["head"]), int(s.doc)))
+            queries.prefetch(*calls)
         if node is None:
             self.header.object = "<i>Click a node in the graph to see its details.</i>"
             self.inputs.object = self.outputs.object = ""

@@ -76,7 +76,13 @@ def materialize_store(
     run_config = None if verbose else QUIET
     summary = MaterializeSummary()
 
-    runs, models = refresh_partitions(instance, resource.store())
+    store_obj = resource.store()
+    runs, models = refresh_partitions(instance, store_obj)
+    if not runs and not models:
+        raise FileNotFoundError(
+            f"{resource.store_url}: no models/ or viz/ found: not a circuit store "
+            "(set CIRCUITS_STORE or --store, or build the embedded store with `circuits build-store`)"
+        )
     summary.runs = [r.run_id for r in runs if not select or select in r.run_id]
     summary.models = sorted({r.model for r in runs if r.run_id in summary.runs} | (set(models) if not select else set()))
     summary.models = [m for m in summary.models if m in models]
@@ -111,14 +117,18 @@ def materialize_store(
 
 
 def materialize_cli(args) -> int:
-    s = materialize_store(
-        store=args.store,
-        data=args.data,
-        select=args.select,
-        recompute=not getattr(args, "no_recompute", False),
-        device=getattr(args, "device", None),
-        verbose=getattr(args, "verbose", False),
-    )
+    try:
+        s = materialize_store(
+            store=args.store,
+            data=args.data,
+            select=args.select,
+            recompute=not getattr(args, "no_recompute", False),
+            device=getattr(args, "device", None),
+            verbose=getattr(args, "verbose", False),
+        )
+    except FileNotFoundError as e:
+        print(f"circuits materialize: {e}")
+        return 2
     print(f"{len(s.runs)} circuits of {len(s.models)} models: {len(s.ok)} steps ok, {len(s.failed)} failed")
     for label, msg in s.failed.items():
         print(f"  FAILED {label}: {msg}")

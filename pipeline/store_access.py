@@ -71,7 +71,10 @@ def open_store(url: str, cache_dir: str | None = None):
         from inference.store import Store
     except ImportError:
         return FallbackStore(url, cache_dir)
-    return Store(url, cache_dir=cache_dir)
+    store = Store(url, cache_dir=cache_dir)
+    if not hasattr(store, "url"):  # the pipeline names files in messages by the store's URL
+        store.url = str(url).rstrip("/")
+    return store
 
 
 def list_dir(store, rel: str) -> list[str]:

@@ -104,3 +104,27 @@ def test_materialize_tiny_embedded_store(tiny_store, tmp_path):
         raw = torch.load(f, weights_only=False)  # the project's own demo output: trusted here
         n = sum(len(v) for v in raw["circuit_data"].values())
         assert con.execute("select count(*) from nodes where run_id = ?", [run_id]).fetchone()[0] == n
+
+
+def test_object_store_data_dir_one_put_per_file(circuits_data):
+    """CIRCUITS_DATA on an fsspec object store (memory://): files appear whole, views are built."""
+    import fsspec
+
+    from pipeline.assets.duckdb_views import build_duckdb
+    from pipeline.tables import read_partition, write_partition
+
+    run_id = next(iter(FIXTURE_RUNS))
+    local = read_partition(str(circuits_data), "nodes", run_id)
+    meta = write_partition("memory://circuits-test", "nodes", run_id, local)
+    assert meta["path"] == "memory://circuits-test/tables/nodes/" + run_id.replace("/", "__") + ".parquet"
+    assert read_partition("memory://circuits-test", "nodes", run_id).equals(local)
+    fs = fsspec.filesystem("memory")
+    assert fs.ls("/circuits-test/tables/nodes", detail=False) == ["/circuits-test/tables/nodes/" + run_id.replace("/", "__") + ".parquet"]
+    assert build_duckdb("memory://circuits-test").endswith("/circuits.duckdb") and fs.exists("/circuits-test/circuits.duckdb")
+
+
+def test_cli_refuses_a_directory_that_is_not_a_store(tmp_path, capsys):
+    from pipeline.cli import main
+
+    rc = main(["materialize", "--store", str(tmp_path / "nothing"), "--data", str(tmp_path / "d")])
+    assert rc == 2 and "not a circuit store" in capsys.readouterr().out

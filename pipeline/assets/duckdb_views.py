@@ -5,8 +5,9 @@ works from any working directory. It is rebuilt into a temporary file beside the
 over it (never held open by the pipeline), so other processes may open it `read_only=True` at any
 time; a reader that opened the old file keeps a consistent view until it reconnects. A table with
 no files yet gets a view over an empty relation of its schema's types, so queries never fail on a
-missing table. For an object-store data dir the views use DuckDB's httpfs URLs (load `httpfs` and
-set credentials in the reading session).
+missing table. For an object-store data dir the views hold the fsspec URLs: a reading session
+registers the same filesystem (`con.register_filesystem(fsspec.filesystem("s3"))`) or loads
+DuckDB's `httpfs` with credentials.
 """
 
 
@@ -60,6 +61,8 @@ def build_duckdb(data: str) -> str:
     try:
         con = duckdb.connect(tmp)
         try:
+            if remote:  # DuckDB binds the views' files now: let it reach them through fsspec
+                con.register_filesystem(fsspec.core.url_to_fs(data)[0])
             for table in SCHEMAS:
                 con.execute(view_sql(con, data, table))
             con.execute("CHECKPOINT")

@@ -11,7 +11,7 @@ import warnings
 
 import dagster as dg
 
-from pipeline.assets.discovery import discover_circuits, store_index
+from pipeline.assets.discovery import discover_circuits, model_tables_job, run_tables_job, store_index
 from pipeline.assets.download import download_assets, model_checkpoint, train_curve_file, viz_data_file
 from pipeline.assets.duckdb_views import duckdb_assets
 from pipeline.assets.recompute import recompute_assets
@@ -29,8 +29,6 @@ RUN_ASSETS = [viz_data_file, run_tables, *recompute_assets]
 MODEL_ASSETS = [model_checkpoint, train_curve_file, train_curves, embeddings, vocab]
 PIPELINE_ASSETS = [store_index, *download_assets, *table_assets, *recompute_assets, *duckdb_assets]
 
-run_tables_job = dg.define_asset_job("run_tables_job", selection=dg.AssetSelection.assets(*RUN_ASSETS))
-model_tables_job = dg.define_asset_job("model_tables_job", selection=dg.AssetSelection.assets(*MODEL_ASSETS))
 
 
 def build_definitions(resource: CircuitsResource | None = None) -> dg.Definitions:

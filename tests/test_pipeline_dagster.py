@@ -74,6 +74,12 @@ def test_definitions_load_with_every_table_asset():
     assert set(SCHEMAS) <= keys
     assert {"store_index", "viz_data_file", "model_checkpoint", "tokenizer_files", "circuits_duckdb"} <= keys
     assert defs.resolve_job_def("run_tables_job") is not None
+    # The sensor's jobs (selected by key) cover exactly the run- and model-partitioned assets.
+    from pipeline.assets.discovery import MODEL_ASSET_KEYS, RUN_ASSET_KEYS
+    from pipeline.definitions import MODEL_ASSETS, RUN_ASSETS
+
+    assert {k.to_user_string() for a in RUN_ASSETS for k in a.keys} == set(RUN_ASSET_KEYS)
+    assert {k.to_user_string() for a in MODEL_ASSETS for k in a.keys} == set(MODEL_ASSET_KEYS)
 
 
 def test_cli_materialize(viz_store, tmp_path, capsys):

@@ -91,7 +91,20 @@ def store_index(context: dg.AssetExecutionContext, circuits: CircuitsResource) -
     )
 
 
-@dg.sensor(minimum_interval_seconds=300, description="Adds new circuits and models of the store as partitions and requests their assets")
+# The jobs the sensor launches: one run's assets, one model's assets (selected by key, so this module
+# needs no import of the asset modules).
+RUN_ASSET_KEYS = ("viz_data_file", "runs", "nodes", "edges", "task_docs", "activations", "samples", "layer_ablations",
+                  "pruning_curve", "loss_at_k", "ablations", "recomputed_activations", "recompute_summary")  # fmt: skip
+MODEL_ASSET_KEYS = ("model_checkpoint", "train_curve_file", "train_curves", "embeddings", "vocab")
+run_tables_job = dg.define_asset_job("run_tables_job", selection=dg.AssetSelection.assets(*RUN_ASSET_KEYS))
+model_tables_job = dg.define_asset_job("model_tables_job", selection=dg.AssetSelection.assets(*MODEL_ASSET_KEYS))
+
+
+@dg.sensor(
+    jobs=[run_tables_job, model_tables_job],
+    minimum_interval_seconds=300,
+    description="Adds new circuits and models of the store as partitions and requests their assets",
+)
 def discover_circuits(context: dg.SensorEvaluationContext, circuits: CircuitsResource):
     store = circuits.store()
     runs, models = discover_runs(store), discover_models(store)

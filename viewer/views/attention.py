@@ -61,7 +61,8 @@ class PatternPlot:
 
     def show(self, matrix: np.ndarray | None, title: str):
         self.figure.title.text = title
-        if matrix is None or matrix.size == 0:
+        self.figure.visible = matrix is not None and matrix.size > 0  # no empty frame when there is no pattern
+        if not self.figure.visible:
             self.source.data = {"image": [], "x": [], "y": [], "dw": [], "dh": []}
             return
         n = matrix.shape[0]

@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from inference import circuit as C
@@ -128,8 +127,8 @@ def within(a: float, b: float, tol: float) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
 
 
-def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float, device: str) -> dict[str, pa.Table]:
-    """The `ablations`, `recomputed_activations` and `recompute_summary` tables of one run."""
+def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float, device: str) -> dict:
+    """The `ablations`, `recomputed_activations` (an iterator of per-node pieces) and `recompute_summary` tables of one run."""
     # ablations: per node and mode; deltas corrected and relative to the recomputed circuit loss.
     ab: dict[str, list] = {k: [] for k in ("run_id", "node_id", "location", "channel", "mode", "stored_delta",
                                            "recomputed_loss", "recomputed_delta", "abs_diff", "agrees")}  # fmt: skip
@@ -150,24 +149,25 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
     # activations: stored vs full model vs circuit model, unpadded positions of the task docs.
     doc, pos = _unpadded_index(viz)
     n = doc.size
-    pieces, max_full, max_circ, scale = [], 0.0, 0.0, 0.0
-    for loc, ch, _ in sorted(viz.nodes()):
+    nodes = sorted((loc, ch) for loc, ch, _ in viz.nodes())
+    max_full = max_circ = scale = 0.0
+    for loc, ch in nodes:
         stored = viz.node_acts(loc, ch)
-        full = r.full_acts[(loc, ch)][doc, pos]
-        circ = r.circuit_acts[(loc, ch)][doc, pos]
-        s = None if stored is None else stored[doc, pos]
-        if s is not None and n:
-            max_full = max(max_full, float(np.abs(s - full).max()))
-            max_circ = max(max_circ, float(np.abs(s - circ).max()))
+        if stored is not None and n:
+            s = stored[doc, pos]
+            max_full = max(max_full, float(np.abs(s - r.full_acts[(loc, ch)][doc, pos]).max()))
+            max_circ = max(max_circ, float(np.abs(s - r.circuit_acts[(loc, ch)][doc, pos]).max()))
             scale = max(scale, float(np.abs(s).max()))
-        pieces.append(
-            make_table(
+
+    def act_pieces():  # one piece per node, streamed to the writer (release scale: ~1e8 rows)
+        for loc, ch in nodes:
+            stored = viz.node_acts(loc, ch)
+            yield make_table(
                 "recomputed_activations",
                 {"run_id": [run.run_id] * n, "node_id": [node_id(loc, ch)] * n, "location": [loc] * n, "channel": [ch] * n,
-                 "doc": doc, "pos": pos, "stored": s if s is not None else [None] * n, "full_model": full, "circuit_model": circ},
+                 "doc": doc, "pos": pos, "stored": stored[doc, pos] if stored is not None else [None] * n,
+                 "full_model": r.full_acts[(loc, ch)][doc, pos], "circuit_model": r.circuit_acts[(loc, ch)][doc, pos]},
             )  # fmt: skip
-        )
-    acts = pa.concat_tables(pieces) if pieces else make_table("recomputed_activations", {})
 
     has_stored = any(viz.node_acts(loc, ch) is not None for loc, ch, _ in viz.nodes())
     limit = tolerance * max(1.0, scale)
@@ -195,4 +195,4 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             "device": [device],
         },
     )
-    return {"ablations": make_table("ablations", ab), "recomputed_activations": acts, "recompute_summary": summary}
+    return {"ablations": make_table("ablations", ab), "recomputed_activations": act_pieces(), "recompute_summary": summary}

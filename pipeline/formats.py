@@ -281,6 +281,21 @@ def _names(x: Any, what: str, source: str) -> list[int | str]:
     return out
 
 
+def _check_snippets(pair: Any, what: str, source: str) -> None:
+    """Structure and shapes of one [bottom, top] pair, without reading the tensors' data."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise VizDataError(f"{source}: {what} should be [bottom, top]")
+    for side, items in zip(("bottom", "top"), pair, strict=True):
+        if not isinstance(items, (list, tuple)):
+            raise VizDataError(f"{source}: {what} {side} should be a list of (tokens, acts, pos)")
+        for rank, item in enumerate(items):
+            if not isinstance(item, (list, tuple)) or len(item) != 3:
+                raise VizDataError(f"{source}: {what} {side}[{rank}] should be (tokens, acts, pos)")
+            n_tok, n_act = (int(np.prod(getattr(x, "shape", (len(x),) if isinstance(x, (list, tuple)) else (-1,)))) for x in item[:2])
+            if n_tok != n_act or n_tok < 0:
+                raise VizDataError(f"{source}: {what} {side}[{rank}]: tokens and activations should be 1-D of equal length")
+
+
 def parse_viz_data(raw: Any, source: str) -> VizData:
     """Validate a loaded viz_data object and normalise it (see module doc)."""
     if not isinstance(raw, dict):
@@ -351,6 +366,8 @@ def parse_viz_data(raw: Any, source: str) -> VizData:
             if not isinstance(by_frac, dict):
                 raise VizDataError(f"{source}: samples[{loc!r}][{c}] should be a dict frac -> [bottom, top]")
             samples[loc][_to_int(c)] = {_to_float(f, f"samples[{loc!r}][{c}] frac", source): v for f, v in by_frac.items()}
+            for f, pair in by_frac.items():
+                _check_snippets(pair, f"samples[{loc!r}][{_to_int(c)}][{f}]", source)
 
     all_loss_raw = raw.get("all_loss") or []
     all_loss = []

@@ -78,6 +78,7 @@ def test_pickle_variant_with_nested_pair_data_and_tensor_keys(viz_store):
         ("short_ch_losses", r"ch_interv_losses\[.*\] has \d+ values for \d+ circuit nodes"),
         ("bad_location", r"unknown node location '9\.attn\.zz'"),
         ("bad_acts_shape", r"task_samples acts\[.*\] has shape"),
+        ("bad_snippet", r"samples\[.*\]\[0\.1\] top\[0\]: tokens and activations should be 1-D of equal length"),
     ],
 )
 def test_bad_files_fail_with_file_and_problem(viz_store, tmp_path, corrupt, message):
@@ -101,6 +102,10 @@ def test_bad_files_fail_with_file_and_problem(viz_store, tmp_path, corrupt, mess
             loc = next(iter(acts))
             ch = next(iter(acts[loc]))
             acts[loc][ch] = acts[loc][ch][:, :3]
+        elif corrupt == "bad_snippet":
+            by_ch = next(iter(raw["samples"].values()))
+            tokens, acts, pos = by_ch[next(iter(by_ch))][0.1][1][0]
+            by_ch[next(iter(by_ch))][0.1][1][0] = (tokens, acts[:-1], pos)
         torch.save(raw, dst)
     with pytest.raises(VizDataError, match=message) as e:
         read_viz_data(dst)

@@ -130,6 +130,16 @@ def main(argv=None):
         for i in picks:
             samples.append(timed(lambda i=i: setattr(app.graph.nodes.selected, "indices", [i])))
     results["click node (detail: connections, snippets, attention for q/k/v)"] = samples
+    # The same clicks again: queries answered from the cache, so this is the rendering part alone.
+    samples = []
+    for lh in layers[:4]:
+        app.layer.value = lh
+        ids_here = app.graph.nodes.data["node_id"]
+        for i in [i for i, n in enumerate(ids_here) if not n.endswith(":bias")][:: max(1, len(ids_here) // per_layer)][:per_layer]:
+            app.graph.nodes.selected.indices = [i]
+            state.node = ""
+            samples.append(timed(lambda i=i: setattr(app.graph.nodes.selected, "indices", [i])))
+    results["click node again (queries cached: rendering only)"] = samples
 
     ids = queries.node_ids(big)
     step = max(1, len(ids) // args.reps)

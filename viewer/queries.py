@@ -182,8 +182,19 @@ def nodes(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
 
 
 def node(run_id: str, node_id: str) -> dict | None:
-    df = query("SELECT * FROM nodes WHERE run_id = ? AND node_id = ?", [run_id, node_id])
-    return None if df.empty else df.iloc[0].to_dict()
+    """One node's row, looked up in the run's (cached) node table rather than by another query per click."""
+    df = _nodes_by_id(run_id)
+    return df.loc[node_id].to_dict() | {"node_id": node_id} if node_id in df.index else None
+
+
+def _nodes_by_id(run_id: str) -> pd.DataFrame:
+    version, _ = connection()
+    return _indexed(version, run_id)
+
+
+@pn.cache(max_items=64)
+def _indexed(version, run_id):
+    return nodes(run_id).set_index("node_id", drop=False).rename_axis(None)
 
 
 def node_ids(run_id: str) -> list[str]:
@@ -219,11 +230,31 @@ def edges(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
 
 def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """(inputs, outputs) of a node: the nonzero entries of its column / row, strongest first."""
-    inputs = optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND tgt_node_id = ?
-                          ORDER BY abs(coalesce(strength, weight)) DESC""", [run_id, node_id])
-    outputs = optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND src_node_id = ?
-                           ORDER BY abs(coalesce(strength, weight)) DESC""", [run_id, node_id])
-    return inputs, outputs
+    # Looked up in an index of the run's cached edge table (tens of thousands of rows at release scale).
+    index = _edge_index(run_id)
+    if index is None:
+        return None, None
+    all_edges, by_tgt, by_src = index
+    empty = np.zeros(0, np.int64)
+    return all_edges.iloc[by_tgt.get(node_id, empty)], all_edges.iloc[by_src.get(node_id, empty)]
+
+
+def _edge_index(run_id: str):
+    version, _ = connection()
+    return _edge_index_cached(version, run_id)
+
+
+@pn.cache(max_items=16)
+def _edge_index_cached(version, run_id):
+    """(edges strongest first, node -> row positions as target, node -> row positions as source)."""
+    df = edges(run_id)
+    if df is None:
+        return None
+    measure = np.abs(df["strength"].where(df["strength"].notna(), df["weight"]).to_numpy(float))
+    df = df.iloc[np.argsort(-measure, kind="stable")].reset_index(drop=True)
+    by_tgt = {k: np.asarray(v) for k, v in df.groupby("tgt_node_id", sort=False).indices.items()}
+    by_src = {k: np.asarray(v) for k, v in df.groupby("src_node_id", sort=False).indices.items()}
+    return df, by_tgt, by_src
 
 
 def residual_links(run_id: str) -> pd.DataFrame:

@@ -93,6 +93,8 @@ class Explorer(param.Parameterized):
         """Switch circuits: keep the layer and node when the new run has them, else fall back to defaults."""
         if run == self.run:
             return
+        # The new circuit's tables, concurrently (DuckDB releases the GIL); the views below then hit the cache.
+        queries.prefetch((queries.layer_halves, run), (queries.nodes, run), (queries.run, run))
         layers = queries.layer_halves(run)
         layer = self.layer if self.layer in set(layers["layer_half"]) else default_layer(layers)
         known = set(queries.node_ids(run))

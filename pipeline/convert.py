@@ -187,6 +187,10 @@ def _unpadded_index(viz: VizData) -> tuple[np.ndarray, np.ndarray]:
     return doc, pos
 
 
+def _repeat(text: str, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(text, pa.string()), n)
+
+
 def activation_pieces(viz: VizData, run: RunRef) -> Iterator[pa.Table]:
     """The stored task activations, one piece per node (sorted by location, channel), unpadded."""
     doc, pos = _unpadded_index(viz)
@@ -197,9 +201,9 @@ def activation_pieces(viz: VizData, run: RunRef) -> Iterator[pa.Table]:
             continue
         yield pa.table(
             {
-                "run_id": pa.array([run.run_id], pa.string()).take(np.zeros(n, dtype=np.int32)),
-                "node_id": pa.array([node_id(loc, ch)], pa.string()).take(np.zeros(n, dtype=np.int32)),
-                "location": pa.array([loc], pa.string()).take(np.zeros(n, dtype=np.int32)),
+                "run_id": _repeat(run.run_id, n),
+                "node_id": _repeat(node_id(loc, ch), n),
+                "location": _repeat(loc, n),
                 "channel": np.full(n, ch, dtype=np.int64),
                 "doc": doc,
                 "pos": pos,
@@ -230,9 +234,9 @@ def sample_pieces(viz: VizData, run: RunRef) -> Iterator[pa.Table]:
             continue
         yield pa.table(
             {
-                "run_id": pa.array([run.run_id] * n, pa.string()),
-                "node_id": pa.array([node_id(loc, ch)] * n, pa.string()),
-                "location": pa.array([loc] * n, pa.string()),
+                "run_id": _repeat(run.run_id, n),
+                "node_id": _repeat(node_id(loc, ch), n),
+                "location": _repeat(loc, n),
                 "channel": np.full(n, ch, dtype=np.int64),
                 "frac": np.concatenate(cols["frac"]),
                 "side": pa.array(cols["side"], pa.string()),

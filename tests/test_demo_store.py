@@ -218,8 +218,8 @@ def test_train_curve_has_release_keys(tiny_store):
 # ---- build mechanics -------------------------------------------------------------------------
 
 
-def build_part1(out: Path) -> StoreBuilder:
-    b = StoreBuilder(out, "tiny", progress=False)
+def build_part1(out: Path, profile=TINY) -> StoreBuilder:
+    b = StoreBuilder(out, profile, progress=False)
     b.build_corpus()
     b.build_tokenizer()
     b.build_model("sparse")
@@ -231,9 +231,12 @@ def test_rebuild_is_byte_identical(tiny_store, tmp_path):
     assert part1_files(tmp_path / "again") == part1_files(tiny_store)
 
 
-def test_interrupted_build_leaves_no_partial_files_and_rerun_completes(tiny_store, tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_partial_files_and_rerun_completes(tmp_path, monkeypatch):
+    import dataclasses
+
     import pipeline.demo.build as build_mod
 
+    quick = dataclasses.replace(TINY, steps=6, eval_every=3, warmup_steps=2)  # the mechanics, not the model
     out = tmp_path / "store"
 
     def crash_midway(model, directory):
@@ -242,7 +245,7 @@ def test_interrupted_build_leaves_no_partial_files_and_rerun_completes(tiny_stor
 
     monkeypatch.setattr(build_mod, "_save_model", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        build_part1(out)
+        build_part1(out, quick)
     monkeypatch.undo()
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []
@@ -250,9 +253,10 @@ def test_interrupted_build_leaves_no_partial_files_and_rerun_completes(tiny_stor
     manifest = json.loads((out / MANIFEST).read_text())
     assert set(manifest["stages"]) == {"corpus", "tokenizer"}  # the model stage is not recorded
 
-    build_part1(out)  # resumes: corpus and tokenizer are skipped, the model is trained again
-    assert part1_files(out) == part1_files(tiny_store)
+    build_part1(out, quick)  # resumes: corpus and tokenizer are skipped, the model is trained again
     assert f"model:{TINY.sparse_model}" in json.loads((out / MANIFEST).read_text())["stages"]
+    build_part1(tmp_path / "clean", quick)
+    assert part1_files(out) == part1_files(tmp_path / "clean")
 
 
 def test_refuses_a_different_store_unless_forced(tiny_store, tmp_path):

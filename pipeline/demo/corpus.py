@@ -9,6 +9,7 @@ install location, or the process's hash seed).
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,14 @@ def load_corpus(
     base = Path(root) if root is not None else stdlib_root()
     if not base.is_dir():
         raise FileNotFoundError(f"stdlib directory {base} does not exist")
-    paths = sorted(
-        (p.relative_to(base).as_posix(), p)
-        for p in base.rglob("*.py")
-        if p.is_file() and not SKIP_DIRS.intersection(p.relative_to(base).parts[:-1])
-    )
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]  # never descend into them
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.endswith(".py") and path.is_file():
+                paths.append((path.relative_to(base).as_posix(), path))
+    paths.sort()
     files = []
     for rel, path in paths:
         raw = path.read_bytes()

@@ -311,7 +311,9 @@ def parse_viz_data(raw: Any, source: str) -> VizData:
             raise VizDataError(f"{source}: circuit_data[{loc!r}] should be a 1-D int tensor, got shape {a.shape} dtype {a.dtype}")
         circuit[loc] = a.astype(np.int64)
 
-    config = _require(imp, "beeg_model_config", dict, "importances.", source)
+    config = imp.get("beeg_model_config") or {}  # shown verbatim and used for d_head only: optional
+    if not isinstance(config, dict):
+        raise VizDataError(f"{source}: importances['beeg_model_config'] should be a dict, got {type(config).__name__}")
     loss = _to_float(_require(imp, "loss", object, "importances.", source), "importances['loss']", source)
     interv_loss = _to_float(_require(imp, "interv_loss", object, "importances.", source), "importances['interv_loss']", source)
 

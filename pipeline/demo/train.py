@@ -86,8 +86,9 @@ def sparsify_(w: torch.Tensor, density: float, min_per_row: int) -> None:
 def density_at(step: int, profile: Profile) -> float:
     """Kept fraction after optimizer step `step` (1-based): linear from 1 to the target, then flat."""
     anneal_steps = max(1, round(profile.anneal_frac * profile.steps))
-    t = min(1.0, step / anneal_steps)
-    return 1.0 - (1.0 - profile.target_density) * t
+    if step >= anneal_steps:
+        return profile.target_density  # exactly: the final kept counts are computed from it
+    return 1.0 - (1.0 - profile.target_density) * step / anneal_steps
 
 
 def lr_at(step: int, profile: Profile) -> float:

@@ -1,0 +1,54 @@
+"""Unit tests of the weight-sparsity step and schedules of pipeline.demo.train (no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from pipeline.demo.profiles import get_profile
+from pipeline.demo.train import density_at, sparsify_, unigram_xent
+
+
+def test_sparsify_keeps_row_minimum_then_global_largest():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 10, generator=g)
+    w[2] = w[2] * 1e-3  # a row of tiny weights: the global top-k alone would empty it
+    original = w.clone()
+    sparsify_(w, density=0.2, min_per_row=2)  # 12 kept of 60
+
+    kept = w != 0
+    assert int(kept.sum()) == 12
+    assert (kept.sum(1) >= 2).all()
+    assert torch.equal(w[kept], original[kept])  # kept values unchanged
+    # Independent: each row's two largest |w|, then the 0 remaining by global magnitude
+    # (12 = 6 rows * 2, so nothing else).
+    expect = torch.zeros_like(kept)
+    for r in range(6):
+        expect[r, original[r].abs().argsort(descending=True)[:2]] = True
+    assert torch.equal(kept, expect)
+
+    w = original.clone()
+    sparsify_(w, density=0.5, min_per_row=1)  # 30 kept: 6 row maxima + the 24 largest others
+    kept = w != 0
+    forced = torch.zeros_like(kept)
+    forced[torch.arange(6), original.abs().argmax(1)] = True
+    rest = original.abs().masked_fill(forced, -1).flatten().argsort(descending=True)[:24]
+    expect = forced.clone()
+    expect.view(-1)[rest] = True
+    assert torch.equal(kept, expect)
+
+
+def test_density_anneals_linearly_over_the_first_half():
+    p = dataclasses.replace(get_profile("tiny"), steps=100, target_density=0.1, anneal_frac=0.5)
+    assert density_at(0, p) == 1.0
+    assert abs(density_at(25, p) - 0.55) < 1e-12
+    assert density_at(50, p) == density_at(100, p) == 0.1
+
+
+def test_unigram_xent_matches_hand_count():
+    train = torch.tensor([0, 0, 1, 2])  # counts + 1: [3, 2, 2, 1] over 4 ids, total 8
+    got = unigram_xent(train, torch.tensor([0, 3]), vocab_size=4)
+    want = -(math.log(3 / 8) + math.log(1 / 8)) / 2
+    assert abs(got - want) < 1e-12

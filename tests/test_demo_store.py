@@ -53,7 +53,7 @@ def load_tokenizer(store: Path):
     if have("inference.tokenizer"):
         from inference.tokenizer import get_tokenizer
 
-        return get_tokenizer(store / "tinypython")
+        return get_tokenizer(str(store / "tinypython"))
     import tiktoken
     import tiktoken.load
 
@@ -76,7 +76,7 @@ def load_model(model_dir: Path):
     if have("inference.loader"):
         from inference import load_model
 
-        return load_model(model_dir)
+        return load_model(str(model_dir))
     from inference.config import GPTConfig
     from inference.model import GPT
 

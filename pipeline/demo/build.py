@@ -128,7 +128,7 @@ def _load_encoding(tokenizer_dir: Path):
     except ImportError:
         get_tokenizer = None
     if get_tokenizer is not None:
-        return get_tokenizer(tokenizer_dir)
+        return get_tokenizer(str(tokenizer_dir))
     import tiktoken
     import tiktoken.load
 

@@ -62,7 +62,7 @@ def run_ref(store, run_id: str) -> RunRef:
     base = f"viz/{experiment}/{model}/{task}/{sweep_dir}/{k}" if experiment else f"viz/{model}/{task}/{sweep}/{k}"
     path = _viz_file(store, base)
     if path is None:
-        raise FileNotFoundError(f"{store.url}/{base}: no viz_data.pt or viz_data.pkl (run {run_id})")
+        raise FileNotFoundError(f"{store.path(base)}: no viz_data.pt or viz_data.pkl (run {run_id})")
     return RunRef(model, task, sweep, k, path)
 
 

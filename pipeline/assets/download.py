@@ -9,14 +9,14 @@ import dagster as dg
 
 from pipeline.assets.discovery import MODELS, RUNS, run_ref
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import TOKENIZER_DIR
+from pipeline.store_access import TOKENIZER_DIR, local_sha256
 
 GROUP = "download"
 
 
 def file_metadata(store, rel: str) -> dict:
-    local = store.local(rel)
-    return {"store_path": rel, "local_path": str(local), "size": local.stat().st_size, "sha256": store.sha256(rel)}
+    local, sha = local_sha256(store, rel)
+    return {"store_path": rel, "local_path": str(local), "size": local.stat().st_size, "sha256": sha}
 
 
 def _result(store, rels: list[str]) -> dg.MaterializeResult:

@@ -50,7 +50,7 @@ def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     key = context.partition_key
     run = run_ref(store, key)
     try:
-        viz = read_viz_data(store.local(run.path), source=f"{circuits.store_url.rstrip('/')}/{run.path}")
+        viz = read_viz_data(store.local(run.path), source=store.path(run.path))
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
     model = cached_model(store, run.model, circuits.device)

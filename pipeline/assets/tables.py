@@ -17,7 +17,7 @@ from pipeline.assets.discovery import MODELS, RUNS, run_ref
 from pipeline.assets.download import tokenizer_files, train_curve_file, viz_data_file
 from pipeline.formats import VizDataError, read_viz_data
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import load_tokenizer, read_tensor, token_bytes_list
+from pipeline.store_access import load_tokenizer, local_sha256, read_tensor, token_bytes_list
 from pipeline.tables import RUN_TABLES, write_partition
 
 GROUP = "tables"
@@ -67,13 +67,14 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     store = circuits.store()
     key = context.partition_key
     run = run_ref(store, key)
-    source = f"{circuits.store_url.rstrip('/')}/{run.path}"
+    source = store.path(run.path)
+    local, sha = local_sha256(store, run.path)
     try:
-        viz = read_viz_data(store.local(run.path), source=source)
+        viz = read_viz_data(local, source=source)
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
     enc = load_tokenizer(store)
-    tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=store.sha256(run.path))
+    tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=sha)
     data = circuits.data_url()
     context.log.info(f"{key}: {viz.n_nodes} nodes, {viz.docs.shape[0]} docs -> {data}")
 

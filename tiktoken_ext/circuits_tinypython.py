@@ -9,7 +9,7 @@ has no `__init__.py`. The files (`encoder.json` + `vocab.bpe`) are located by
 
 def tinypython_2k() -> dict:
     # Imported here, not at module level: tiktoken imports every plugin module whenever any
-    # encoding is first requested, and this one needs torch-free but non-trivial imports.
+    # encoding is first requested, and `inference` pulls in torch.
     from inference.tokenizer import encoding_kwargs
 
     return encoding_kwargs()

@@ -66,11 +66,12 @@ def materialize_store(
     device: str | None = None,
     instance: dg.DagsterInstance | None = None,
     verbose: bool = False,
+    cache: str | None = None,
 ) -> MaterializeSummary:
     """Materialize every asset for every (selected) partition of the store; never raises on a bad partition."""
-    resource = CircuitsResource.from_env(store_url=store, data=data, device=device)
+    resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache)
     data_url = resource.data_url()
-    resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device)
+    resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device, cache=cache)
     instance = instance or pipeline_instance(data_url)
     resources = {"circuits": resource}
     run_config = None if verbose else QUIET

@@ -134,3 +134,31 @@ def test_cli_refuses_a_directory_that_is_not_a_store(tmp_path, capsys):
 
     rc = main(["materialize", "--store", str(tmp_path / "nothing"), "--data", str(tmp_path / "d")])
     assert rc == 2 and "not a circuit store" in capsys.readouterr().out
+
+
+def test_materialize_from_a_remote_store_through_the_cache(viz_store, tmp_path):
+    """A store behind an fsspec URL (memory://): files are downloaded once into the cache, and the
+    download assets record size and sha256 of exactly the store's bytes."""
+    import hashlib
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in viz_store.rglob("*"):
+        if p.is_file():
+            fs.pipe(f"/remote-store/{p.relative_to(viz_store).as_posix()}", p.read_bytes())
+    cache = tmp_path / "cache"
+    run = "fixture_a/quotes/prune_v4/4"
+    data = tmp_path / "data"
+    s = materialize_store(store="memory://remote-store", data=str(data), cache=str(cache), progress=False, select=run)
+    assert not s.failed, s.failed
+    assert any(p.name.endswith("viz_data.pt") for p in cache.rglob("*"))
+    import duckdb
+
+    sha = duckdb.connect(str(data / "circuits.duckdb"), read_only=True).execute("select source_sha256 from runs").fetchall()
+    assert sha == [(hashlib.sha256((viz_store / "viz" / run / "viz_data.pt").read_bytes()).hexdigest(),)]
+    with dg.DagsterInstance.local_temp(tempdir=str(data / ".dagster")) as instance:
+        ev = instance.get_latest_materialization_event(dg.AssetKey("viz_data_file"))
+        meta = ev.asset_materialization.metadata
+        assert meta["viz_data_pt/sha256"].value == sha[0][0]
+        assert meta["viz_data_pt/size"].value == (viz_store / "viz" / run / "viz_data.pt").stat().st_size

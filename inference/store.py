@@ -110,7 +110,12 @@ class Store:
         full = self.path(rel)
         try:
             return fn(self._fspath(rel))
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            # fsspec's HTTP backend reports every failure (refused connection, 500, ...) as
+            # FileNotFoundError; only a 404 really means "no such file".
+            cause = e.__cause__
+            if cause is not None and getattr(cause, "status", None) != 404:
+                raise StoreError(f"{full}: cannot reach ({type(cause).__name__}: {cause})") from cause
             raise FileNotFoundError(f"{full}: no such file or directory") from None
         except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
             raise type(e)(f"{full}: {e}") from None

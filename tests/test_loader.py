@@ -1,0 +1,149 @@
+"""load_model from local, file:// and memory:// stores, the cache, and every bad input of issue 2."""
+
+import json
+import socket
+import uuid
+
+import fsspec
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+from test_model import tiny_model
+
+from inference import ConfigError, load_model
+from inference.loader import save_model
+from inference.store import CheckpointError, StoreError
+
+IDX = torch.tensor([[1, 5, 2, 9, 3], [0, 0, 7, 7, 1]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(sink=True, d_pos_emb=4, rms_norm=True, tied_unembed=False)
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    save_model(model, tmp_path / "m")
+    return tmp_path / "m"
+
+
+def logits(m):
+    with torch.no_grad():
+        return m(IDX)
+
+
+def test_local_and_file_url(model, saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["beeg_config.json", "final_model.pt"]  # no temp files left
+    for location in (saved, str(saved), f"file://{saved}"):
+        m = load_model(location)
+        assert not m.training
+        assert torch.equal(logits(m), logits(model))
+
+
+def test_memory_url_second_load_from_cache(model, tmp_path, monkeypatch):
+    root = f"memory://loader-{uuid.uuid4().hex}/models/tiny"
+    save_model(model, root)
+    opens = []
+    original = MemoryFileSystem._open
+    monkeypatch.setattr(
+        MemoryFileSystem, "_open", lambda self, p, mode="rb", **kw: opens.append(p) or original(self, p, mode, **kw)
+    )
+    first = load_model(root, cache_dir=tmp_path)
+    assert torch.equal(logits(first), logits(model))
+    n_first = len(opens)
+    assert n_first == 2  # config + weights, each downloaded once
+    second = load_model(root, cache_dir=tmp_path)
+    assert len(opens) == n_first  # served from the cache
+    assert torch.equal(logits(second), logits(model))
+
+
+def test_tied_checkpoint_and_missing_final_logits_bias(tmp_path):
+    model = tiny_model()
+    save_model(model, tmp_path)
+    state = torch.load(tmp_path / "final_model.pt", weights_only=True)
+    del state["final_logits_bias"]
+    torch.save(state, tmp_path / "final_model.pt")
+    loaded = load_model(tmp_path)
+    assert torch.equal(loaded.final_logits_bias, torch.zeros(37))
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_dtype_argument(saved):
+    assert load_model(saved).transformer.wte.weight.dtype == torch.float32
+    assert load_model(saved, dtype=torch.bfloat16).transformer.wte.weight.dtype == torch.bfloat16
+
+
+# ---- bad input ------------------------------------------------------------------------
+def test_missing_files(saved):
+    (saved / "final_model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="final_model.pt"):
+        load_model(saved)
+    (saved / "beeg_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="beeg_config.json"):
+        load_model(saved)
+
+
+def test_truncated_and_non_zip_checkpoint(saved):
+    pt = saved / "final_model.pt"
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"final_model\.pt.*not a zip"):
+        load_model(saved)
+    pt.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"final_model\.pt.*not a zip"):
+        load_model(saved)
+
+
+def test_wrong_shape_names_key_and_shapes(saved):
+    state = torch.load(saved / "final_model.pt", weights_only=True)
+    state["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(3, 5)
+    torch.save(state, saved / "final_model.pt")
+    with pytest.raises(CheckpointError, match=r"final_model\.pt.*transformer\.h\.1\.mlp\.c_fc\.weight.*\(3, 5\).*\(20, 16\)"):
+        load_model(saved)
+
+
+def test_missing_and_unexpected_keys(saved):
+    state = torch.load(saved / "final_model.pt", weights_only=True)
+    del state["transformer.h.0.ln_1.weight"]
+    state["transformer.h.0.attn.bias"] = torch.ones(1, 1, 12, 12)  # mask buffer: tolerated
+    state["mystery"] = torch.zeros(1)
+    torch.save(state, saved / "final_model.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"final_model\.pt.*missing keys \['transformer\.h\.0\.ln_1\.weight'\].*unexpected keys \['mystery'\]",
+    ):
+        load_model(saved)
+
+
+def test_config_wrong_type_bad_json_unknown_keys(saved):
+    cfg_path = saved / "beeg_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "n_layer": "2"}))
+    with pytest.raises(ConfigError, match=r"beeg_config\.json.*n_layer"):
+        load_model(saved)
+    cfg_path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"beeg_config\.json.*not valid JSON"):
+        load_model(saved)
+    cfg_path.write_text(json.dumps({**cfg, "pfrac": 0.1, "rtopk": True}))
+    with pytest.warns(UserWarning, match=r"beeg_config\.json.*\['pfrac', 'rtopk'\]"):
+        load_model(saved)
+
+
+def test_sink_refused_on_explicit_path(saved):
+    with pytest.raises(ConfigError, match=r"beeg_config\.json.*sink.*sdpa"):
+        load_model(saved, attention="explicit")
+
+
+def test_unreachable_url():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/models/tiny"
+    with pytest.raises(StoreError, match=f"{url}/beeg_config.json"):
+        load_model(url)
+
+
+def test_memory_store_missing_model():
+    fsspec.filesystem("memory")  # registered
+    with pytest.raises(FileNotFoundError, match="memory://nowhere-.*/beeg_config.json"):
+        load_model(f"memory://nowhere-{uuid.uuid4().hex}")

@@ -117,7 +117,9 @@ def candidate_dirs(location: str | os.PathLike | None = None) -> list[str]:
     return out
 
 
-def find_tokenizer_files(location: str | os.PathLike | None = None, cache_dir: str | None = None) -> tuple[Path, Path]:
+def find_tokenizer_files(
+    location: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
     """Local paths of (encoder.json, vocab.bpe) from the first place that has both."""
     looked = []
     for where in candidate_dirs(location):
@@ -132,9 +134,9 @@ def find_tokenizer_files(location: str | os.PathLike | None = None, cache_dir: s
     raise TokenizerError(f"{ENCODING_NAME}: no {' + '.join(FILES)} in any of: {'; '.join(looked)} ({hint})")
 
 
-def encoding_kwargs(location: str | os.PathLike | None = None) -> dict[str, Any]:
+def encoding_kwargs(location: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Keyword arguments of `tiktoken.Encoding` (the tiktoken plugin's constructor result)."""
-    encoder_json, vocab_bpe = find_tokenizer_files(location)
+    encoder_json, vocab_bpe = find_tokenizer_files(location, cache_dir)
     ranks, special = mergeable_ranks(encoder_json, vocab_bpe)
     return {"name": ENCODING_NAME, "pat_str": PAT_STR, "mergeable_ranks": ranks, "special_tokens": special}
 
@@ -142,9 +144,11 @@ def encoding_kwargs(location: str | os.PathLike | None = None) -> dict[str, Any]
 _CACHE: dict[tuple, tiktoken.Encoding] = {}
 
 
-def get_tokenizer(location: str | os.PathLike | None = None) -> tiktoken.Encoding:
-    """The `tinypython_2k` encoding from `location` (or the default places); cached per file version."""
-    encoder_json, vocab_bpe = find_tokenizer_files(location)
+def get_tokenizer(location: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
+    """The `tinypython_2k` encoding from `location` (or the default places); cached per file version.
+
+    `cache_dir`: the download cache for a remote location (default as `inference.store.cache_dir`)."""
+    encoder_json, vocab_bpe = find_tokenizer_files(location, cache_dir)
     key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in (encoder_json, vocab_bpe))
     if key not in _CACHE:
         ranks, special = mergeable_ranks(encoder_json, vocab_bpe)

@@ -202,3 +202,59 @@ def test_read_tensor_refuses_code_in_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="refusing"):
         read_tensor(pt, "transformer.wte.weight")
     assert not marker.exists()
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A local HTTP server over tmp_path/www that honours Range requests (as blob stores do)."""
+    import http.server
+    import re
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    served = {"bytes": 0}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(www), **kw)
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            path = www / self.path.lstrip("/")
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if not path.is_file() or not m:
+                return super().do_GET()
+            data = path.read_bytes()
+            start, end = int(m.group(1)), int(m.group(2) or len(data) - 1)
+            body = data[start : end + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            served["bytes"] += len(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}", served
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_store_ranged_tensor_read_and_cache(http_root, tmp_path):
+    www, url, served = http_root
+    (www / "models" / "m").mkdir(parents=True)
+    torch.save(_checkpoint(), www / "models" / "m" / "final_model.pt")
+    size = (www / "models" / "m" / "final_model.pt").stat().st_size
+    got = read_tensor(f"{url}/models/m", "transformer.wte.weight", cache_dir=tmp_path / "c")
+    assert torch.equal(got, _checkpoint()["transformer.wte.weight"])
+    assert 0 < served["bytes"] < 0.05 * size
+    store = Store(url, cache_dir=tmp_path / "c")
+    local = store.local("models/m/final_model.pt")
+    assert local.read_bytes() == (www / "models" / "m" / "final_model.pt").read_bytes()
+    with pytest.raises(FileNotFoundError, match=f"{url}/models/m/nope.json"):
+        store.local("models/m/nope.json")

@@ -70,7 +70,7 @@ def load_model(
     config = load_config(location, cache_dir, attention)
     store = Store(location, cache_dir)
     source = store.path(WEIGHTS_FILE)
-    state = _load_state_dict(store.local(WEIGHTS_FILE), source, device)
+    state = _load_state_dict(store.local(WEIGHTS_FILE), source)
 
     model = GPT(config)
     expected = model.state_dict()
@@ -102,15 +102,16 @@ def load_model(
     return model.eval()
 
 
-def _load_state_dict(path: Path, source: str, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """torch.load a local checkpoint file, with errors that name the file."""
+def _load_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """torch.load a local checkpoint file (memory-mapped, on CPU: the model copies it and then
+    moves to its device), with errors that name the file."""
     try:
         with open(path, "rb") as f:
             open_checkpoint_zip(f, source)[0].close()  # a clear message for truncated or foreign files
     except zipfile.BadZipFile as e:
         raise CheckpointError(f"{source}: corrupt zip archive ({e})") from None
     try:
-        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError with its own wording
         raise CheckpointError(f"{source}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

@@ -152,7 +152,8 @@ def test_materialize_from_a_remote_store_through_the_cache(viz_store, tmp_path):
     data = tmp_path / "data"
     s = materialize_store(store="memory://remote-store", data=str(data), cache=str(cache), progress=False, select=run)
     assert not s.failed, s.failed
-    assert any(p.name.endswith("viz_data.pt") for p in cache.rglob("*"))
+    cached = {p.name.split("-", 1)[-1] for p in cache.rglob("*") if p.is_file()}
+    assert {"viz_data.pt", "encoder.json", "vocab.bpe", "final_model.pt"} <= cached  # all through the given cache
     import duckdb
 
     sha = duckdb.connect(str(data / "circuits.duckdb"), read_only=True).execute("select source_sha256 from runs").fetchall()

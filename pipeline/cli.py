@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's own log lines")
 
+    p = sub.add_parser("dev", help="`dagster dev` with Dagster's instance under $CIRCUITS_DATA/.dagster (unless DAGSTER_HOME is set)")
+    p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed on to `dagster dev` (e.g. -p 3000)")
+
     args = parser.parse_args(argv)
+    if args.command == "dev":
+        return _dagster_dev(args.dagster_args)
     if args.command == "build-store":
         from pipeline.demo.build import build_store_cli
 
@@ -37,6 +42,29 @@ def main(argv: list[str] | None = None) -> int:
         return materialize_cli(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _dagster_dev(extra: list[str]) -> int:
+    """Run `dagster dev` from the project's definitions with the instance beside the data.
+
+    `dagster dev` alone keeps run history in a temporary directory unless DAGSTER_HOME is set;
+    this puts it where `circuits materialize` keeps it, so both see the same runs.
+    """
+    import os
+    import subprocess
+
+    from pipeline.settings import data_dir
+
+    env = dict(os.environ)
+    if not env.get("DAGSTER_HOME"):
+        if "://" in data_dir():
+            print("circuits dev: CIRCUITS_DATA is remote; set DAGSTER_HOME to a local directory", file=sys.stderr)
+            return 2
+        env["DAGSTER_HOME"] = os.path.abspath(os.path.join(data_dir(), ".dagster"))
+    os.makedirs(env["DAGSTER_HOME"], exist_ok=True)
+    cmd = [sys.executable, "-m", "dagster", "dev", "-m", "pipeline.definitions", *extra]
+    print(f"DAGSTER_HOME={env['DAGSTER_HOME']}", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
                                           delta=(ch_raw - interv_raw) * LOSS_FACTOR))
         # Layer-halves: the second half of layer 0 and layer 1 attention above 0.3.
         halves = [f"{i}.{h}" for i in range(s.n_layer) for h in ("attn", "mlp")]
-        layer_raw = {lh: interv_raw * LOSS_FACTOR + (0.5 if lh in ("0.mlp", "1.attn") else 0.1) for lh in halves}
+        # raw layer-half losses, stored like every task loss (x2): corrected delta 0.5 for the marked ones
+        layer_raw = {lh: interv_raw + (1.0 if lh in ("0.mlp", "1.attn") else 0.2) for lh in halves}
         la = {"run_id": [], "layer_half": [], "layer": [], "half": [], "interv_loss_raw": [], "delta": [], "delta_corrected": [], "n_nodes": []}
         for lh in halves:
             la["run_id"].append(run_id)

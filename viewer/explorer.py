@@ -27,9 +27,11 @@ GRAPH_TABS = ("Layer-half", "Whole circuit")
 
 
 def layer_label(row) -> str:
-    delta = "n/a" if row.delta != row.delta else f"{row.delta:+.3f}"  # NaN check
+    def fmt(x):
+        return "n/a" if x != x else f"{x:+.3f}"  # NaN check
+
     mark = "★ " if row.marked else "   "
-    return f"{mark}{row.layer_half}  Δ {delta} · {row.n_nodes} nodes"
+    return f"{mark}{row.layer_half}  Δ {fmt(row.delta)} (released reading {fmt(row.delta_released)}) · {row.n_nodes} nodes"
 
 
 class ExplorerApp:

@@ -160,13 +160,20 @@ def model_config(run_id: str) -> dict:
 # --- layer-halves and nodes -----------------------------------------------------------------
 
 def layer_halves(run_id: str) -> pd.DataFrame:
-    """layer_half, layer, half, delta, n_nodes, marked; from layer_ablations, else counted from nodes (delta NaN)."""
+    """layer_half, layer, half, delta, delta_released, n_nodes, marked.
+
+    `delta` is the corrected reading (layer_interv_losses and interv_loss both times the loss
+    factor, like every other stored loss); `delta_released` is the released viewer's reading
+    (only interv_loss halved), kept beside it because which one the release meant is unknown.
+    Marks (> 0.3) follow `delta`. Without layer_ablations the deltas are NaN and nodes are counted.
+    """
     df = optional("""
-        SELECT layer_half, layer, half, delta, n_nodes FROM layer_ablations WHERE run_id = ?
-        ORDER BY layer, half""", [run_id])
+        SELECT layer_half, layer, half, delta_corrected AS delta, delta AS delta_released, n_nodes
+        FROM layer_ablations WHERE run_id = ? ORDER BY layer, half""", [run_id])
     if df is None or df.empty:
         df = query("""
-            SELECT layer || '.' || half AS layer_half, layer, half, NULL::DOUBLE AS delta, count(*) AS n_nodes
+            SELECT layer || '.' || half AS layer_half, layer, half, NULL::DOUBLE AS delta,
+                   NULL::DOUBLE AS delta_released, count(*) AS n_nodes
             FROM nodes WHERE run_id = ? GROUP BY layer, half ORDER BY layer, half""", [run_id])
     df = df.copy()
     df["marked"] = df["delta"].fillna(-np.inf) > MARK_LAYER_DELTA

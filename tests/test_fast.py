@@ -1,0 +1,150 @@
+"""The fast forward path (`inference.fast.accelerate`): same logits and hook values as the plain
+path and as the independent float64 reference of test_model, on every model variant and at
+release-scale widths; state dict unchanged; hooks, in-place weight edits and gradients work."""
+
+import math
+
+import pytest
+import torch
+from test_model import BASE, VARIANTS, ref_forward, tiny_model
+
+from inference import GPT, GPTConfig, intervene, load_model, record
+from inference.fast import FastCausalSelfAttention, SparseLinear, accelerate, decelerate, is_accelerated
+from inference.loader import save_model
+
+
+def sparsify(model: GPT, density: float, seed: int = 0) -> GPT:
+    """Zero all but about `density` of every block weight matrix (as in the released models)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".h." in name and p.dim() == 2:
+                p.mul_(torch.rand(p.shape, generator=gen) < density)
+    return model
+
+
+def all_hooks(model, idx):
+    with torch.no_grad(), record(r".*") as rec:
+        logits = model(idx)
+    return logits, dict(rec)
+
+
+def assert_close_to_scale(got, want, what):
+    scale = max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= 1e-4 * scale, what
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fast_path_matches_plain_path_and_reference(variant):
+    plain = sparsify(tiny_model(**VARIANTS[variant]), density=0.4)
+    fast = sparsify(tiny_model(**VARIANTS[variant]), density=0.4)
+    accelerate(fast, max_density=1.0)  # force the sparse kernel on every linear, even these small dense-ish ones
+    idx = torch.randint(0, BASE["vocab_size"], (3, BASE["block_size"]), generator=torch.Generator().manual_seed(2))
+    want_logits, want = all_hooks(plain, idx)
+    got_logits, got = all_hooks(fast, idx)
+    assert set(got) == set(want)
+    for name in want:
+        assert_close_to_scale(got[name], want[name], (variant, name))
+    ref = ref_forward(plain.config.to_dict(), plain.state_dict(), idx)
+    assert (got_logits.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    used = [m for m in fast.modules() if isinstance(m, SparseLinear) and m.__dict__["_sparse_cache"][1] is not None]
+    assert len(used) == 4 * BASE["n_layer"] + 1  # every block linear and the unembedding ran sparse
+
+
+def test_release_scale_widths():
+    """csp_yolo2 widths (1 layer, weights at 1/1000), a short sequence: logits and every hook."""
+    cfg = GPTConfig(n_layer=1, d_model=2048, n_head=128, d_head=16, d_mlp=8192, block_size=64, vocab_size=256,
+                    afrac=0.25, afrac_loctypes="attn_in,attn_out,mlp_in,mlp_out,mlp_neuron,attn_v,attn_k,attn_q",
+                    d_pos_emb=32, sink=True, rms_norm=True, enable_bigram_table=True, learnable_bigram_table=True,
+                    tied_unembed=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = sparsify(GPT(cfg).eval(), density=1e-3)
+    with torch.no_grad():
+        model.transformer.h[0].attn.attn_imp.sink_logit.normal_()
+        model.bigram_table.normal_(std=0.1)
+        for name, p in model.named_parameters():  # bring sparse layers' outputs to O(1)
+            if ".h." in name and p.dim() == 2:
+                p.mul_(math.sqrt(p.shape[1]) / 6)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    want_logits, want = all_hooks(model, idx)
+    accelerate(model)
+    got_logits, got = all_hooks(model, idx)
+    for name in want:
+        assert_close_to_scale(got[name], want[name], name)
+    assert_close_to_scale(got_logits, want_logits, "logits")
+    block = model.transformer.h[0]
+    for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert lin.__dict__["_sparse_cache"][1] is not None, "a 1/1000-dense block weight must run sparse"
+    assert model.lm_head.__dict__["_sparse_cache"][1] is None, "the dense unembedding must stay dense"
+    assert isinstance(block.attn, FastCausalSelfAttention)
+
+
+def test_state_dict_and_saved_checkpoint_unchanged(tmp_path):
+    model = sparsify(tiny_model(**VARIANTS["release_like"]), 0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerate(model, max_density=1.0)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))  # builds the caches
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    save_model(model, tmp_path)
+    saved = torch.load(tmp_path / "final_model.pt", weights_only=True)
+    assert set(saved) == set(before) and all(torch.equal(saved[k], before[k]) for k in before)
+    assert all(t.layout == torch.strided for t in saved.values())
+    reloaded = load_model(tmp_path)
+    idx = torch.randint(0, BASE["vocab_size"], (2, 6))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(idx), model(idx), atol=1e-5)
+
+
+def test_interventions_on_fast_path():
+    plain = sparsify(tiny_model(**VARIANTS["afrac_all"]), 0.4)
+    fast = accelerate(sparsify(tiny_model(**VARIANTS["afrac_all"]), 0.4), max_density=1.0)
+    idx = torch.randint(0, BASE["vocab_size"], (2, 9))
+    fns = {"0.mlp.post_act": lambda t: t * 0.0, "1.attn.v": lambda t: t + 1.0}
+    outs = []
+    for m in (plain, fast):
+        with torch.no_grad(), intervene(fns), record(r"1\.mlp\.act_in") as rec:
+            outs.append((m(idx), rec["1.mlp.act_in"]))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(outs[1][0], fast(idx), atol=1e-3)  # the intervention did something
+
+
+def test_in_place_weight_edit_is_seen():
+    model = accelerate(sparsify(tiny_model(), 0.4), max_density=1.0)
+    idx = torch.randint(0, BASE["vocab_size"], (2, 7))
+    with torch.no_grad():
+        model(idx)
+        model.transformer.h[1].mlp.c_fc.weight[3].zero_()
+        got = model(idx)
+        decelerate(model)
+        want = model(idx)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_gradients_use_the_plain_path():
+    plain = sparsify(tiny_model(**VARIANTS["release_like"]), 0.4)
+    fast = accelerate(sparsify(tiny_model(**VARIANTS["release_like"]), 0.4), max_density=1.0)
+    idx = torch.randint(0, BASE["vocab_size"], (2, 8))
+    grads = []
+    for m in (plain, fast):
+        _, loss = m(idx, idx.roll(-1, 1))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1])
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_density_threshold_and_decelerate():
+    model = sparsify(tiny_model(), 0.4)
+    accelerate(model)  # default threshold: 40% dense weights stay on the dense matmul
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long))
+    assert all(m.__dict__["_sparse_cache"][1] is None for m in model.modules() if isinstance(m, SparseLinear))
+    assert is_accelerated(model)
+    decelerate(model)
+    assert not is_accelerated(model)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_model import BASE, VARIANTS, ref_forward, tiny_model
 
+import inference.fast as fast_module
 from inference import GPT, GPTConfig, intervene, load_model, record
-from inference.fast import FastCausalSelfAttention, SparseLinear, accelerate, decelerate, is_accelerated
+from inference.fast import FastBlock, FastCausalSelfAttention, SparseLinear, accelerate, decelerate, is_accelerated
 from inference.loader import save_model
 
 
@@ -35,7 +36,8 @@ def assert_close_to_scale(got, want, what):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fast_path_matches_plain_path_and_reference(variant):
+def test_fast_path_matches_plain_path_and_reference(variant, monkeypatch):
+    monkeypatch.setattr(fast_module, "CHUNK_ROWS", 5)  # several token chunks per batch
     plain = sparsify(tiny_model(**VARIANTS[variant]), density=0.4)
     fast = sparsify(tiny_model(**VARIANTS[variant]), density=0.4)
     accelerate(fast, max_density=1.0)  # force the sparse kernel on every linear, even these small dense-ish ones
@@ -47,6 +49,9 @@ def test_fast_path_matches_plain_path_and_reference(variant):
         assert_close_to_scale(got[name], want[name], (variant, name))
     ref = ref_forward(plain.config.to_dict(), plain.state_dict(), idx)
     assert (got_logits.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    with torch.no_grad():  # no hooks active: the fused, chunked block
+        fused = fast(idx)
+    assert (fused.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     used = [m for m in fast.modules() if isinstance(m, SparseLinear) and m.__dict__["_sparse_cache"][1] is not None]
     assert len(used) == 4 * BASE["n_layer"] + 1  # every block linear and the unembedding ran sparse
 
@@ -72,11 +77,13 @@ def test_release_scale_widths():
     for name in want:
         assert_close_to_scale(got[name], want[name], name)
     assert_close_to_scale(got_logits, want_logits, "logits")
+    with torch.no_grad():
+        assert_close_to_scale(model(idx), want_logits, "fused logits")
     block = model.transformer.h[0]
     for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
         assert lin.__dict__["_sparse_cache"][1] is not None, "a 1/1000-dense block weight must run sparse"
     assert model.lm_head.__dict__["_sparse_cache"][1] is None, "the dense unembedding must stay dense"
-    assert isinstance(block.attn, FastCausalSelfAttention)
+    assert isinstance(block.attn, FastCausalSelfAttention) and isinstance(block, FastBlock)
 
 
 def test_state_dict_and_saved_checkpoint_unchanged(tmp_path):
@@ -148,3 +155,26 @@ def test_density_threshold_and_decelerate():
     decelerate(model)
     assert not is_accelerated(model)
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros():
+    from inference.fast import abs_topk_exact
+    from inference.model import abs_topk
+
+    gen = torch.Generator().manual_seed(0)
+    n_tied_rows = 0
+    for trial in range(300):
+        n = int(torch.randint(2, 40, (1,), generator=gen))
+        frac = float(torch.rand(1, generator=gen))
+        x = torch.randn(2, 5, n, generator=gen) * (torch.rand(2, 5, n, generator=gen) > 0.5)  # many exact zeros
+        if trial % 3 == 0:
+            x = torch.round(x * 2) / 2  # many ties, also at the k-th value
+            k = int(frac * n)
+            if 0 < k < n:
+                srt = x.abs().sort(-1, descending=True).values
+                n_tied_rows += int(((srt[..., k - 1] == srt[..., k]) & (srt[..., k] > 0)).sum())
+        got, want = abs_topk_exact(x, frac), abs_topk(x, frac)
+        assert torch.equal(got, want), (x, frac)
+    assert n_tied_rows > 50  # the tie fallback was exercised
+    x = torch.tensor([[float("nan"), 1.0, -3.0, 2.0]])
+    assert torch.equal(abs_topk_exact(x, 0.5).isnan(), abs_topk(x, 0.5).isnan())

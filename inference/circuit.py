@@ -12,13 +12,16 @@ paths must agree with it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from inference.config import GPTConfig
+from inference.fast import abs_topk_exact, sink_attention
 from inference.hooks import intervene, record
 
 ATTN_KINDS = ("act_in", "q", "k", "v", "resid_delta")
@@ -205,3 +208,482 @@ def ablation_losses(model, docs: torch.Tensor, circuit_data, means, mode: str = 
             losses.append(task_loss(masked_forward(model, docs, m, fill, frozen), docs).item())
         out[loc] = torch.tensor(losses)
     return out
+
+
+# ---- the circuit model over the circuit's nodes only ------------------------------------------
+#
+# In the circuit model every non-circuit node is a constant (its fill) and every norm's scale is
+# frozen, so most of the network does not depend on the circuit's values at all. `CircuitModel`
+# runs the masked forward once at full width (the "base" run) and keeps, per layer, only what the
+# circuit's values can still change:
+#
+# - a linear layer's output rows reachable from the circuit's input channels (the weights are
+#   sparse: a handful of rows per channel), as `in_circuit @ W[rows, circuit].T + K` with the
+#   constant part K of those rows taken from the base run;
+# - the residual stream at the channels where circuit deltas were added (norms are frozen, so
+#   RMSNorm is per channel; LayerNorm's mean couples all channels and is computed at full width);
+# - attention only for heads with a circuit q or k channel; a head whose q and k are constants
+#   attends uniformly (plus its sink), so its circuit v channels give a weighted cumulative sum;
+# - AbsTopK: a circuit channel survives when |value| reaches the row's k-th largest |value|. The
+#   row is mostly constants, so the k-th largest comes from the few changing values and a window
+#   of the constants' order statistics (ranks k - m .. k + 1 for m changing values) kept from the
+#   base run. A tie at a nonzero k-th value, where topk's own choice matters, is detected and
+#   that computation is redone by the reference.
+#
+# Per-node ablations then run only this small network, many ablations batched along a leading
+# dimension, each starting at its node's layer from the stored un-ablated state.
+
+
+def _kth_largest(changing: torch.Tensor, window: torch.Tensor, shift: int) -> torch.Tensor:
+    """k-th (shift 0) or (k+1)-th (shift 1) largest of a row made of `changing` |values| (..., m)
+    and constants whose ranks k - m .. k + 1 are `window` (rows, m + 2; +inf / -inf past the ends).
+
+    The k-th largest of the union of two sorted lists A, B is max_j min(B_j, A_{k-j}), j = 0..m,
+    with B_0 = +inf.
+    """
+    m = changing.shape[-1]
+    b = changing.sort(dim=-1, descending=True).values
+    b = torch.cat([changing.new_full((*changing.shape[:-1], 1), float("inf")), b], dim=-1)  # B_0 .. B_m
+    a = window[:, shift : shift + m + 1].flip(-1)  # A_{k+shift-j} for j = 0..m
+    return torch.minimum(b, a).amax(dim=-1, keepdim=True)
+
+
+class _TopkStage:
+    """One location's AbsTopK (or none) in the circuit model: which channels change, the constants,
+    and the circuit channels read out."""
+
+    def __init__(self, z: torch.Tensor, changing: torch.Tensor, circuit: torch.Tensor, frac: float | None, full: bool = False):
+        n = z.shape[-1]
+        self.n, self.full, self.frac = n, full, frac
+        self.k = int(frac * n) if frac is not None else n
+        self.changing, self.circuit = changing, circuit
+        is_changing = torch.zeros(n, dtype=torch.bool)
+        is_changing[changing] = True
+        where_in_changing = torch.full((n,), -1, dtype=torch.long)
+        where_in_changing[changing] = torch.arange(len(changing))
+        c_changing = is_changing[circuit]
+        self.c_from_changing = (torch.nonzero(c_changing).flatten(), where_in_changing[circuit[c_changing]])
+        self.c_const_pos = torch.nonzero(~c_changing).flatten()
+        self.c_const = z[:, circuit[~c_changing]]  # (rows, .): circuit channels that only the threshold can change
+        if full or self.k >= n:
+            self.window = None
+            return
+        m = len(changing)
+        const = z[:, ~is_changing].abs()
+        top = const.topk(min(self.k + 1, const.shape[1]), dim=-1).values  # ranks 1 .. k+1, descending
+        pad_hi = torch.full((z.shape[0], max(0, m + 1 - self.k)), float("inf"))
+        pad_lo = torch.full((z.shape[0], self.k + 1 - top.shape[1]), float("-inf"))
+        ranks = torch.cat([pad_hi, top, pad_lo], dim=-1)  # ranks (k - m) .. k + 1 at its end
+        self.window = ranks[:, ranks.shape[1] - (m + 2) :]
+
+    def run(self, changing: torch.Tensor, ties: torch.Tensor | None) -> torch.Tensor:
+        """Values at the circuit channels (A, rows, |circuit|) after AbsTopK, given the changing
+        channels' values (A, rows, m) (all n channels when `full`); marks tied ablations in `ties`."""
+        if self.full:
+            return abs_topk_exact(changing, self.frac)[..., self.circuit]
+        A, rows = changing.shape[:2]
+        vals = changing.new_empty(A, rows, len(self.circuit))
+        pos, src = self.c_from_changing
+        vals[..., pos] = changing[..., src]
+        vals[..., self.c_const_pos] = self.c_const
+        if self.window is None:
+            return vals
+        mag = changing.abs()
+        kth = _kth_largest(mag, self.window, 0)
+        if ties is not None:
+            ties |= ((_kth_largest(mag, self.window, 1) == kth) & (kth > 0)).flatten(1).any(1)
+        return torch.where(vals.abs() >= kth, vals, 0.0)
+
+
+def _rows_reading(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Output rows of a linear layer with a nonzero weight on any of `columns`."""
+    if len(columns) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.nonzero(weight[:, columns].ne(0).any(dim=1)).flatten()
+
+
+class _LinearStage:
+    """out[rows] = x[circuit] @ W[rows, circuit].T + K for the rows that read the circuit channels."""
+
+    def __init__(self, linear: nn.Linear, x_full: torch.Tensor, in_circuit: torch.Tensor, out_rows: torch.Tensor | None = None):
+        w = linear.weight.detach()
+        self.rows = _rows_reading(w, in_circuit) if out_rows is None else out_rows
+        self.w = w[self.rows][:, in_circuit].contiguous()
+        x_const = x_full.clone()
+        x_const[:, in_circuit] = 0
+        self.k = F.linear(x_const, w[self.rows], None if linear.bias is None else linear.bias.detach()[self.rows])
+
+    def run(self, x_circuit: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x_circuit, self.w.t()) + self.k
+
+
+def _union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.unique(torch.cat([a, b]))
+
+
+def _positions(of: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Index of each channel of `of` in the sorted channel list `within`."""
+    return torch.searchsorted(within, of)
+
+
+class CircuitModel:
+    """The circuit model of `masked_forward` (non-circuit nodes at `fill`, norms frozen at
+    `frozen_scales`, by default the full model's on `docs`), computed over the circuit's nodes.
+
+        cm = CircuitModel(model, docs, circuit_data, means)
+        cm.logits()                                 # == masked_forward(...) within float rounding
+        cm.ablation_losses("mean")                  # == ablation_losses(...) within float rounding
+
+    Raises NotImplementedError for AbsTopK on the residual stream (`resid_post_attn`/`_mlp`),
+    which no released model uses (`fast_ablation_losses` then falls back to the reference).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, docs: torch.Tensor, circuit_data, fill, frozen_scales=None):
+        cfg = model.config
+        if cfg.sparsity_at("resid_post_attn") is not None or cfg.sparsity_at("resid_post_mlp") is not None:
+            raise NotImplementedError("CircuitModel: AbsTopK on the residual stream is not supported")
+        self.model, self.config, self.docs = model, cfg, docs
+        self.B, self.T = docs.shape
+        dtype = model.transformer.wte.weight.dtype
+        frozen = frozen_norm_scales(model, docs) if frozen_scales is None else frozen_scales
+        self.rstd = {name: s.reshape(-1, 1).to(dtype) for name, s in frozen.items()}
+        self.circuit = {}
+        for loc in node_locations(cfg):
+            ch = torch.as_tensor(circuit_data.get(loc, []), dtype=torch.long).reshape(-1)
+            self.circuit[loc] = torch.unique(ch)
+        self.fill = {loc: fill[loc].to(dtype).reshape(-1) for loc in node_locations(cfg)}
+        self.full_norm = not cfg.rms_norm  # LayerNorm's mean couples every channel
+
+        x = self._embed()
+        resid = torch.zeros(0, dtype=torch.long)  # residual channels that depend on the circuit
+        self.layers = []
+        for i in range(cfg.n_layer):
+            layer, x, resid = self._build_layer(i, x, resid)
+            self.layers.append(layer)
+        self.final_x, self.final_resid = x, resid
+
+        # Un-ablated circuit-only run: the state entering each layer, for ablations that start there.
+        self.start_states = []
+        state = x.new_zeros(1, x.shape[0], 0)
+        for i in range(cfg.n_layer):
+            self.start_states.append(state)
+            state = self._run_layer(i, state, {}, None)
+        self.final_state = state
+
+    # ---- the base run (full width) -------------------------------------------------------
+    def _embed(self) -> torch.Tensor:
+        tr, cfg = self.model.transformer, self.config
+        x = tr.wte.weight[self.docs]
+        if not cfg.d_pos_emb:
+            x = x + tr.wpe.weight[: self.T]
+        return x.reshape(self.B * self.T, -1)
+
+    def _pos(self, norm, i: int) -> torch.Tensor | None:
+        if not self.config.d_pos_emb:
+            return None
+        p = norm(self.model.transformer.wpe.weight[: self.T], f"{i}.ln_p")  # not frozen: it does not depend on the circuit
+        return p.expand(self.B, -1, -1).reshape(self.B * self.T, -1)
+
+    def _norm(self, norm, x: torch.Tensor, rstd: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
+        """A norm at its frozen scale, at full width, or (RMSNorm) at `channels` only."""
+        w = norm.weight if channels is None else norm.weight[channels]
+        if norm.rms:
+            return x * rstd * w
+        y = (x - x.mean(-1, keepdim=True)) * rstd * w
+        return y if norm.bias is None else y + norm.bias
+
+    def _masked(self, loc: str, values: torch.Tensor) -> torch.Tensor:
+        out = self.fill[loc].expand(values.shape[0], -1).clone()
+        width = location_width(self.config, loc)
+        if values.shape[1] > width:  # act_in: the position-embedding channels are always kept
+            out = torch.cat([out[:, :width], values[:, width:]], dim=1)
+        c = self.circuit[loc]
+        out[:, c] = values[:, c]
+        return out
+
+    def _build_layer(self, i: int, x: torch.Tensor, resid: torch.Tensor):
+        cfg, blk, L = self.config, self.model.transformer.h[i], {}
+        d = cfg.d_attn
+        C = {kind: self.circuit[f"{i}.attn.{kind}"] for kind in ATTN_KINDS} | {
+            f"mlp_{kind}": self.circuit[f"{i}.mlp.{kind}"] for kind in MLP_KINDS
+        }
+        L["resid_in"] = resid
+        # attention input
+        pos1 = self._pos(blk.ln_p1, i) if cfg.d_pos_emb else None
+        h = self._norm(blk.ln_1, x, self.rstd[f"{i}.ln_1.rstd"])
+        if pos1 is not None:
+            h = torch.cat([h, pos1], dim=-1)
+        L["x_in_full"] = x if self.full_norm else None
+        L["pos1"] = pos1 if self.full_norm else None
+        L["act_in"] = _TopkStage(h, resid, C["act_in"], cfg.sparsity_at("attn_in"), full=self.full_norm)
+        act_in = self._masked(f"{i}.attn.act_in", abs_topk_exact(h, cfg.sparsity_at("attn_in")))
+        # q, k, v
+        qkv_lin = _LinearStage(blk.attn.c_attn, act_in, C["act_in"])
+        pre = blk.attn.c_attn(act_in)
+        L["qkv"], qkv = qkv_lin, []
+        for j, kind in enumerate("qkv"):
+            part = (qkv_lin.rows >= j * d) & (qkv_lin.rows < (j + 1) * d)
+            L[f"{kind}_from"] = torch.nonzero(part).flatten()
+            z = pre[:, j * d : (j + 1) * d]
+            L[kind] = _TopkStage(z, qkv_lin.rows[part] - j * d, C[kind], cfg.sparsity_at(f"attn_{kind}"))
+            qkv.append(self._masked(f"{i}.attn.{kind}", abs_topk_exact(z, cfg.sparsity_at(f"attn_{kind}"))))
+        # attention: heads with a circuit q or k attend for real; the others uniformly
+        H, dh = cfg.n_head, cfg.d_head
+        heads = lambda t: t.view(self.B, self.T, H, dh).transpose(1, 2)  # noqa: E731
+        sink = blk.attn.attn_imp.sink_logit.detach() if cfg.sink else None
+        y = sink_attention(*(heads(t) for t in qkv), sink).transpose(1, 2).reshape(self.B * self.T, d)
+        dyn_heads = torch.unique(torch.cat([C["q"], C["k"]]) // dh)
+        dyn = (dyn_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
+        is_dyn_head = torch.zeros(H, dtype=torch.bool)
+        is_dyn_head[dyn_heads] = True
+        static_v = C["v"][~is_dyn_head[C["v"] // dh]]
+        L["dyn_heads"], L["dyn"], L["static_v"] = dyn_heads, dyn, static_v
+        for kind, t in zip("qkv", qkv, strict=True):
+            L[f"{kind}_fill_dyn"] = t[0, dyn].clone() if kind != "v" else None
+        L["v_base_dyn"] = qkv[2][:, dyn]  # v at dynamic heads: constants where not circuit
+        L["pos_q"] = _positions(C["q"], dyn)
+        L["pos_k"] = _positions(C["k"], dyn)
+        v_dyn_mask = is_dyn_head[C["v"] // dh]
+        L["v_dyn_src"] = torch.nonzero(v_dyn_mask).flatten()
+        L["v_dyn_pos"] = _positions(C["v"][v_dyn_mask], dyn)
+        L["v_static_src"] = torch.nonzero(~v_dyn_mask).flatten()
+        if len(static_v):
+            # Constant q and k: every visible key has the same score c, so the weight of each is
+            # 1 / ((t + 1) + exp(sink - c)) (1 / (t + 1) without a sink) at position t.
+            qf, kf = (self.fill[f"{i}.attn.{kind}"].double().view(H, dh) for kind in "qk")
+            c = (qf * kf).sum(-1) / math.sqrt(dh)
+            t = torch.arange(1, self.T + 1, dtype=torch.float64)[:, None]
+            extra = torch.exp(sink.double() - c) if sink is not None else torch.zeros(H, dtype=torch.float64)
+            L["static_weight"] = (1.0 / (t + extra[None, :]))[:, static_v // dh].to(x.dtype)  # (T, |static_v|)
+        y_changing = torch.cat([dyn, static_v])
+        L["y"] = y_changing
+        # attention output
+        out_lin = _LinearStage(blk.attn.c_proj, y, y_changing)
+        z = blk.attn.c_proj(y)
+        L["proj"] = out_lin
+        L["resid_delta"] = _TopkStage(z, out_lin.rows, C["resid_delta"], cfg.sparsity_at("attn_out"))
+        delta = self._masked(f"{i}.attn.resid_delta", abs_topk_exact(z, cfg.sparsity_at("attn_out")))
+        x, resid = self._build_residual(L, "attn", x, delta, resid, C["resid_delta"], f"{i}.attn.resid_delta")
+        # MLP
+        pos2 = self._pos(blk.ln_p2, i) if cfg.d_pos_emb else None
+        h = self._norm(blk.ln_2, x, self.rstd[f"{i}.ln_2.rstd"])
+        if pos2 is not None:
+            h = torch.cat([h, pos2], dim=-1)
+        L["x_mid_full"] = x if self.full_norm else None
+        L["pos2"] = pos2 if self.full_norm else None
+        L["mlp_act_in"] = _TopkStage(h, resid, C["mlp_act_in"], cfg.sparsity_at("mlp_in"), full=self.full_norm)
+        act_in = self._masked(f"{i}.mlp.act_in", abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
+        fc = _LinearStage(blk.mlp.c_fc, act_in, C["mlp_act_in"])
+        z = self._act(blk.mlp.c_fc(act_in))
+        L["fc"] = fc
+        L["mlp_post_act"] = _TopkStage(z, fc.rows, C["mlp_post_act"], cfg.sparsity_at("mlp_neuron"))
+        post = self._masked(f"{i}.mlp.post_act", abs_topk_exact(z, cfg.sparsity_at("mlp_neuron")))
+        proj = _LinearStage(blk.mlp.c_proj, post, C["mlp_post_act"])
+        z = blk.mlp.c_proj(post)
+        L["mlp_proj"] = proj
+        L["mlp_resid_delta"] = _TopkStage(z, proj.rows, C["mlp_resid_delta"], cfg.sparsity_at("mlp_out"))
+        delta = self._masked(f"{i}.mlp.resid_delta", abs_topk_exact(z, cfg.sparsity_at("mlp_out")))
+        x, resid = self._build_residual(L, "mlp", x, delta, resid, C["mlp_resid_delta"], f"{i}.mlp.resid_delta")
+        return L, x, resid
+
+    def _act(self, z: torch.Tensor) -> torch.Tensor:
+        return F.gelu(z) if self.config.activation_type == "gelu" else F.relu(z)
+
+    def _build_residual(self, L, half, x, delta, resid, circuit, loc):
+        """Residual update; the changing channels grow by the circuit's delta channels."""
+        new = _union(resid, circuit)
+        L[f"{half}_resid_out"] = new
+        L[f"{half}_from_old"] = _positions(resid, new)
+        fresh = new[~torch.isin(new, resid)]
+        L[f"{half}_fresh_pos"] = _positions(fresh, new)
+        L[f"{half}_fresh_base"] = x[:, fresh]  # constant until now
+        L[f"{half}_delta_fill"] = self.fill[loc][new].clone()
+        L[f"{half}_delta_pos"] = _positions(circuit, new)
+        x = x + delta
+        if self.config.residual_activation_type == "relu":
+            x = F.relu(x)
+        return x, new
+
+    # ---- the circuit-only run ----------------------------------------------------------
+    def _ablate(self, loc: str, values: torch.Tensor, ablations) -> torch.Tensor:
+        spec = ablations.get(loc)
+        if spec is not None:
+            which, pos, value = spec
+            values[which, :, pos] = value[:, None]
+        return values
+
+    def _residual(self, L, half, state, delta_circuit):
+        A, rows = state.shape[:2]
+        new = L[f"{half}_resid_out"]
+        x = state.new_empty(A, rows, len(new))
+        x[..., L[f"{half}_from_old"]] = state
+        x[..., L[f"{half}_fresh_pos"]] = L[f"{half}_fresh_base"]
+        delta = L[f"{half}_delta_fill"].expand(A, rows, -1).clone()
+        delta[..., L[f"{half}_delta_pos"]] = delta_circuit
+        x = x + delta
+        return F.relu(x) if self.config.residual_activation_type == "relu" else x
+
+    def _norm_input(self, i, L, norm, state, resid, rstd, full_key, pos_key):
+        if not self.full_norm:
+            return self._norm(norm, state, rstd, resid)
+        x = L[full_key].expand(state.shape[0], -1, -1).clone()
+        x[..., resid] = state
+        h = self._norm(norm, x, rstd)
+        if L[pos_key] is not None:
+            h = torch.cat([h, L[pos_key].expand(state.shape[0], -1, -1)], dim=-1)
+        return h
+
+    def _run_layer(self, i: int, state: torch.Tensor, ablations, ties) -> torch.Tensor:
+        cfg, blk, L = self.config, self.model.transformer.h[i], self.layers[i]
+        A = state.shape[0]
+        p = f"{i}.attn"
+        h = self._norm_input(i, L, blk.ln_1, state, L["resid_in"], self.rstd[f"{i}.ln_1.rstd"], "x_in_full", "pos1")
+        act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties), ablations)
+        pre = L["qkv"].run(act_in)
+        qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties), ablations) for kind in "qkv"]
+        y_parts = []
+        dyn = L["dyn"]
+        if len(dyn):
+            B, T, nd = self.B, self.T, len(L["dyn_heads"])
+            full = []
+            for kind, vals in zip("qk", qkv[:2], strict=True):
+                t = L[f"{kind}_fill_dyn"].expand(A, B * T, -1).clone()
+                t[..., L[f"pos_{kind}"]] = vals
+                full.append(t)
+            v = L["v_base_dyn"].expand(A, -1, -1).clone()
+            v[..., L["v_dyn_pos"]] = qkv[2][..., L["v_dyn_src"]]
+            full.append(v)
+            heads = lambda t: t.reshape(A * B, T, nd, cfg.d_head).transpose(1, 2)  # noqa: E731
+            sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
+            y = sink_attention(*(heads(t) for t in full), sink)
+            y_parts.append(y.transpose(1, 2).reshape(A, B * T, len(dyn)))
+        if len(L["static_v"]):
+            v = qkv[2][..., L["v_static_src"]].reshape(A, self.B, self.T, -1)
+            y_parts.append((v.cumsum(dim=2) * L["static_weight"]).reshape(A, self.B * self.T, -1))
+        y = torch.cat(y_parts, dim=-1) if y_parts else state.new_zeros(A, state.shape[1], 0)
+        delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties), ablations)
+        state = self._residual(L, "attn", state, delta)
+
+        p = f"{i}.mlp"
+        h = self._norm_input(i, L, blk.ln_2, state, L["attn_resid_out"], self.rstd[f"{i}.ln_2.rstd"], "x_mid_full", "pos2")
+        act_in = self._ablate(f"{p}.act_in", L["mlp_act_in"].run(h, ties), ablations)
+        post = self._ablate(f"{p}.post_act", L["mlp_post_act"].run(self._act(L["fc"].run(act_in)), ties), ablations)
+        delta = self._ablate(f"{p}.resid_delta", L["mlp_resid_delta"].run(L["mlp_proj"].run(post), ties), ablations)
+        return self._residual(L, "mlp", state, delta)
+
+    def _final_logits(self, state: torch.Tensor, rows: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
+        """Logits at `rows` (all when None) of the flattened docs, for `tokens` (rows, j) or all."""
+        tr, m = self.model.transformer, self.model
+        rows = torch.arange(self.B * self.T) if rows is None else rows
+        x = self.final_x[rows].expand(state.shape[0], -1, -1).clone()
+        x[..., self.final_resid] = state[:, rows]
+        h = self._norm(tr.ln_f, x, self.rstd["ln_f.rstd"][rows])
+        ids = self.docs.reshape(-1)[rows]
+        if tokens is None:
+            logits = F.linear(h, m.lm_head.weight) + m.final_logits_bias
+            return logits + m.bigram_table[ids] if self.config.enable_bigram_table else logits
+        w = m.lm_head.weight[tokens]  # (rows, j, d)
+        logits = torch.einsum("arc,rjc->arj", h, w) + m.final_logits_bias[tokens]
+        if self.config.enable_bigram_table:
+            logits = logits + m.bigram_table[ids[:, None], tokens]
+        return logits
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        """Logits (B, T, vocab) of the circuit model, from the circuit-only run."""
+        return self._final_logits(self.final_state)[0].view(self.B, self.T, -1)
+
+    @torch.no_grad()
+    def ablation_losses(self, mode: str = "mean", batch: int = 32) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
+        """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
+        and the nodes whose result hit an AbsTopK tie (their value here is not to be trusted;
+        `fast_ablation_losses` recomputes them with the reference)."""
+        if mode not in ("mean", "zero"):
+            raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
+        docs = self.docs
+        n, half = docs.shape[0], docs.shape[0] // 2
+        if n % 2:
+            raise ValueError(f"task docs must come in pairs, got {n} docs")
+        lengths = docs_lengths(docs)
+        rows = torch.arange(n) * self.T + lengths - 2
+        answers = docs[torch.arange(n), lengths - 1]
+        pair = torch.stack([answers[:half], answers[half:]], dim=1)
+        tokens = torch.cat([pair, pair])  # (n, 2): tokid, alt_tokid of each doc's pair
+
+        nodes = [(loc, pos, int(c)) for loc in node_locations(self.config) for pos, c in enumerate(self.circuit[loc].tolist())]
+        losses: dict[tuple[str, int], float] = {}
+        tied: list[tuple[str, int]] = []
+        for i in range(self.config.n_layer):
+            layer_nodes = [nd for nd in nodes if parse_location(nd[0])[0] == i]
+            for start in range(0, len(layer_nodes), batch):
+                group = layer_nodes[start : start + batch]
+                A = len(group)
+                ablations: dict[str, tuple] = {}
+                for a, (loc, pos, c) in enumerate(group):
+                    value = 0.0 if mode == "zero" else float(self.fill[loc][c])
+                    w, p, v = ablations.get(loc, ([], [], []))
+                    ablations[loc] = (w + [a], p + [pos], v + [value])
+                ablations = {loc: (torch.tensor(w), torch.tensor(p), torch.tensor(v)) for loc, (w, p, v) in ablations.items()}
+                ties = torch.zeros(A, dtype=torch.bool)
+                state = self.start_states[i].expand(A, -1, -1)
+                for j in range(i, self.config.n_layer):
+                    state = self._run_layer(j, state, ablations, ties)
+                logits = self._final_logits(state, rows, tokens).float()  # (A, n, 2)
+                lp_first = F.log_softmax(logits[:, :half], dim=-1)[..., 0]
+                lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
+                loss = -(lp_first + lp_second).mean(dim=1)
+                for a, (loc, _pos, c) in enumerate(group):
+                    losses[(loc, c)] = loss[a].item()
+                    if ties[a]:
+                        tied.append((loc, c))
+        out = {
+            loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in node_locations(self.config)
+        }
+        return out, tied
+
+
+def _aligned(
+    circuit_data, per_channel: dict[str, torch.Tensor], circuit_sorted: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Re-align results over sorted unique channels with circuit_data's own order."""
+    out = {}
+    for loc, channels in circuit_data.items():
+        chans = torch.as_tensor(channels).long().reshape(-1)
+        if loc not in circuit_sorted:
+            out[loc] = torch.zeros(0)
+            continue
+        out[loc] = per_channel[loc][_positions(chans, circuit_sorted[loc])]
+    return out
+
+
+@torch.no_grad()
+def fast_ablation_losses(
+    model, docs: torch.Tensor, circuit_data, means, mode: str = "mean", batch: int = 32
+) -> dict[str, torch.Tensor]:
+    """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
+    only the circuit's nodes are recomputed, many ablations per pass. Ablations whose result
+    depends on how topk breaks a tie are recomputed by the reference; models the circuit model
+    does not support fall back to `ablation_losses` entirely."""
+    if mode not in ("mean", "zero"):
+        raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
+    try:
+        cm = CircuitModel(model, docs, circuit_data, means)
+    except NotImplementedError:
+        return ablation_losses(model, docs, circuit_data, means, mode)
+    per_channel, tied = cm.ablation_losses(mode, batch)
+    if tied:
+        masks = circuit_masks(model.config, circuit_data)
+        frozen = frozen_norm_scales(model, docs)
+        for loc, c in tied:
+            m = dict(masks)
+            m[loc] = masks[loc].clone()
+            m[loc][c] = 0.0
+            fill = means
+            if mode == "zero":
+                fill = dict(means)
+                fill[loc] = means[loc].clone()
+                fill[loc][c] = 0.0
+            loss = task_loss(masked_forward(model, docs, m, fill, frozen), docs).item()
+            per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc])] = loss
+    return _aligned(circuit_data, per_channel, cm.circuit)

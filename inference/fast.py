@@ -87,21 +87,38 @@ class SparseLinear(nn.Linear):
 _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logit: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention over (B, H, T, d_head) with scale 1/sqrt(d_head) and, when `sink_logit`
+    (H,) is given, the release's sink: an always-visible extra key with that logit and value zero.
+
+    With the sink, the softmax denominator gains exp(s) and the output is the sinkless one times
+    Z / (Z + exp(s)) = sigmoid(lse - s), where lse = log Z comes with causal flash attention.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if sink_logit is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if (
+        _FLASH_WITH_LSE is not None
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and not _grad_needed(q, k, v, sink_logit)
+    ):
+        y, lse = _FLASH_WITH_LSE(q, k, v, 0.0, True, scale=scale)[:2]  # lse: (B, H, T)
+        return y * torch.sigmoid(lse - sink_logit.to(lse.dtype).view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    sink = sink_logit.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return F.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:] @ v
+
+
 class FastCausalSelfAttention(CausalSelfAttention):
-    """Sink attention as causal flash attention plus a rescale by sigmoid(lse - sink_logit)."""
+    """Sink attention by `sink_attention` (causal flash attention plus one rescale)."""
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if (
-            not self.config.sink
-            or _FLASH_WITH_LSE is None
-            or q.device.type != "cpu"
-            or q.dtype not in (torch.float32, torch.bfloat16)
-            or _grad_needed(q, k, v, self.attn_imp.sink_logit)
-        ):
+        if not self.config.sink or _grad_needed(q, k, v, self.attn_imp.sink_logit):
             return super()._sdpa(q, k, v)
-        y, lse = _FLASH_WITH_LSE(q, k, v, 0.0, True, scale=1.0 / math.sqrt(self.d_head))[:2]  # lse: (B, H, T)
-        sink = self.attn_imp.sink_logit.to(lse.dtype).view(1, -1, 1)
-        return y * torch.sigmoid(lse - sink).unsqueeze(-1).to(y.dtype)
+        return sink_attention(q, k, v, self.attn_imp.sink_logit)
 
 
 def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The circuit model over the circuit's nodes only (`CircuitModel`, `fast_ablation_losses`)
+against the reference full-size masked forwards of `inference.circuit`, on every model variant."""
+
+import pytest
+import torch
+from test_fast import sparsify
+from test_model import BASE, VARIANTS, tiny_model
+
+from inference import circuit as C
+
+SUPPORTED = {
+    name: v for name, v in VARIANTS.items() if name not in ("afrac_resid_post_attn", "afrac_resid_post_mlp", "afrac_all")
+}
+
+
+def make_case(variant: str, density: float = 0.5, node_frac: float = 0.3, seed: int = 0):
+    model = sparsify(tiny_model(seed=seed, **VARIANTS[variant]), density, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    n_docs, ctx = 6, BASE["block_size"]
+    docs = torch.zeros(n_docs, ctx, dtype=torch.long)
+    for j in range(n_docs):
+        length = int(torch.randint(4, ctx + 1, (1,), generator=gen))
+        docs[j, :length] = torch.randint(1, BASE["vocab_size"], (length,), generator=gen)
+    pretrain = torch.randint(0, BASE["vocab_size"], (8, ctx), generator=gen)
+    means = C.node_means(model, pretrain)
+    circuit = {}
+    for loc in C.node_locations(model.config):
+        width = C.location_width(model.config, loc)
+        chosen = torch.randperm(width, generator=gen)[: max(1, int(node_frac * width))]
+        circuit[loc] = chosen  # unsorted on purpose: results must follow this order
+    return model, docs, circuit, means
+
+
+@pytest.mark.parametrize("variant", list(SUPPORTED))
+def test_circuit_model_logits_equal_masked_forward(variant):
+    model, docs, circuit, means = make_case(variant)
+    want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
+    cm = C.CircuitModel(model, docs, circuit, means)
+    got = cm.logits()
+    scale = max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= 1e-4 * scale
+    full = model(docs)
+    assert (full - want).abs().max().item() > 1e-2 * scale  # the circuit model differs from the full one
+
+
+@pytest.mark.parametrize(
+    "variant", ["layernorm_gelu_tied", "rmsnorm_nobias_relu_untied", "release_like", "residual_relu", "cat_pos_emb_learned"]
+)
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_fast_ablation_losses_equal_reference(variant, mode):
+    model, docs, circuit, means = make_case(variant, node_frac=0.2)
+    want = C.ablation_losses(model, docs, circuit, means, mode)
+    got = C.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
+    assert set(got) == set(want)
+    for loc in want:
+        assert got[loc].shape == want[loc].shape
+        assert torch.allclose(got[loc], want[loc], atol=1e-4, rtol=1e-4), loc
+    spread = torch.cat(list(want.values()))
+    assert spread.max() - spread.min() > 3e-4  # ablations changed the loss, differently per node (>> the tolerance)
+
+
+def test_unsupported_variant_falls_back_to_reference():
+    model, docs, circuit, means = make_case("afrac_resid_post_attn", node_frac=0.1)
+    with pytest.raises(NotImplementedError):
+        C.CircuitModel(model, docs, circuit, means)
+    want = C.ablation_losses(model, docs, circuit, means)
+    got = C.fast_ablation_losses(model, docs, circuit, means)
+    assert all(torch.allclose(got[loc], want[loc]) for loc in want)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from inference.config import GPTConfig
-from inference.fast import abs_topk_exact, sink_attention
+from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.hooks import intervene, record
 
 ATTN_KINDS = ("act_in", "q", "k", "v", "resid_delta")
@@ -234,18 +236,46 @@ def ablation_losses(model, docs: torch.Tensor, circuit_data, means, mode: str = 
 # dimension, each starting at its node's layer from the stored un-ablated state.
 
 
-def _kth_largest(changing: torch.Tensor, window: torch.Tensor, shift: int) -> torch.Tensor:
-    """k-th (shift 0) or (k+1)-th (shift 1) largest of a row made of `changing` |values| (..., m)
-    and constants whose ranks k - m .. k + 1 are `window` (rows, m + 2; +inf / -inf past the ends).
+def _kth_largest_pair(changing: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-th and (k+1)-th largest of a row made of `changing` |values| (..., rows, m) and
+    constants whose ranks k - m .. k + 1 are `window` (rows, m + 2; +inf / -inf past the ends).
 
-    The k-th largest of the union of two sorted lists A, B is max_j min(B_j, A_{k-j}), j = 0..m,
-    with B_0 = +inf.
+    The k-th largest of the union of two descending lists A, B is max_j min(B_j, A_{k-j}),
+    j = 0..m, with B_0 = +inf. Only B values within the window's range need their order: above
+    it they act as +inf, below it as nothing, so instead of sorting all m of them this sorts the
+    few in range (O(m) work per row).
     """
     m = changing.shape[-1]
-    b = changing.sort(dim=-1, descending=True).values
-    b = torch.cat([changing.new_full((*changing.shape[:-1], 1), float("inf")), b], dim=-1)  # B_0 .. B_m
-    a = window[:, shift : shift + m + 1].flip(-1)  # A_{k+shift-j} for j = 0..m
-    return torch.minimum(b, a).amax(dim=-1, keepdim=True)
+    hi, lo = window[:, :1], window[:, m + 1 :]  # A_{k-m}, A_{k+1}
+    above = (changing > hi).sum(-1, keepdim=True)  # (..., rows, 1)
+    in_range = (changing <= hi) & (changing >= lo)
+    p = int(in_range.sum(-1).max()) if m else 0
+    mid = torch.topk(torch.where(in_range, changing, -1.0), p, dim=-1).values if p else changing[..., :0]
+    mid = torch.cat([mid, changing.new_full((*mid.shape[:-1], 1), -1.0)], dim=-1)  # -1: below every |value|
+    j = torch.arange(1, m + 1, device=changing.device)
+    b = torch.where(j <= above, float("inf"), mid.gather(-1, (j - above - 1).clamp(0, p)))  # B_1 .. B_m
+    b = torch.cat([changing.new_full((*b.shape[:-1], 1), float("inf")), b], dim=-1)  # B_0 .. B_m
+    kth = torch.minimum(b, window[:, : m + 1].flip(-1)).amax(dim=-1, keepdim=True)
+    kth1 = torch.minimum(b, window[:, 1:].flip(-1)).amax(dim=-1, keepdim=True)
+    return kth, kth1
+
+
+def _rank_window(const: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """Per row, the values of ranks k - m .. k + 1 (descending) of `const` (rows, n) >= 0, with
+    +inf for ranks < 1 and -inf past the last."""
+    rows, n = const.shape
+    if m + 2 <= k <= n - 1 and const.dtype in (torch.float32, torch.float64):
+        # Two selections instead of a sort: the top k + 1, then the m + 2 smallest of those.
+        # Zeros (plentiful) get distinct negative stand-ins, on which introselect stays fast.
+        a = torch.where(const == 0, -torch.arange(1, n + 1, dtype=const.dtype), const).numpy()
+        top = np.partition(a, n - k - 1, axis=-1)[:, n - k - 1 :]
+        low = np.sort(np.partition(top, m + 1, axis=-1)[:, : m + 2], axis=-1)[:, ::-1]  # ranks k - m .. k + 1
+        return torch.from_numpy(np.maximum(low, 0).copy())
+    top = const.topk(min(k + 1, n), dim=-1).values  # ranks 1 .. k+1, descending
+    pad_hi = torch.full((rows, max(0, m + 1 - k)), float("inf"), dtype=const.dtype)
+    pad_lo = torch.full((rows, k + 1 - top.shape[1]), float("-inf"), dtype=const.dtype)
+    ranks = torch.cat([pad_hi, top, pad_lo], dim=-1)  # ranks (k - m) .. k + 1 at its end
+    return ranks[:, ranks.shape[1] - (m + 2) :]
 
 
 class _TopkStage:
@@ -268,17 +298,12 @@ class _TopkStage:
         if full or self.k >= n:
             self.window = None
             return
-        m = len(changing)
-        const = z[:, ~is_changing].abs()
-        top = const.topk(min(self.k + 1, const.shape[1]), dim=-1).values  # ranks 1 .. k+1, descending
-        pad_hi = torch.full((z.shape[0], max(0, m + 1 - self.k)), float("inf"))
-        pad_lo = torch.full((z.shape[0], self.k + 1 - top.shape[1]), float("-inf"))
-        ranks = torch.cat([pad_hi, top, pad_lo], dim=-1)  # ranks (k - m) .. k + 1 at its end
-        self.window = ranks[:, ranks.shape[1] - (m + 2) :]
+        self.window = _rank_window(z[:, ~is_changing].abs(), self.k, len(changing))
 
-    def run(self, changing: torch.Tensor, ties: torch.Tensor | None) -> torch.Tensor:
+    def run(self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
         """Values at the circuit channels (A, rows, |circuit|) after AbsTopK, given the changing
-        channels' values (A, rows, m) (all n channels when `full`); marks tied ablations in `ties`."""
+        channels' values (A, rows, m) (all n channels when `full`). `ties` = (flags (A,), rows or
+        None): flags the ablations with an AbsTopK tie at a nonzero value in those rows."""
         if self.full:
             return abs_topk_exact(changing, self.frac)[..., self.circuit]
         A, rows = changing.shape[:2]
@@ -288,10 +313,13 @@ class _TopkStage:
         vals[..., self.c_const_pos] = self.c_const
         if self.window is None:
             return vals
-        mag = changing.abs()
-        kth = _kth_largest(mag, self.window, 0)
+        kth, kth1 = _kth_largest_pair(changing.abs(), self.window)
         if ties is not None:
-            ties |= ((_kth_largest(mag, self.window, 1) == kth) & (kth > 0)).flatten(1).any(1)
+            # topk's choice among tied entries matters only when a circuit channel is among them
+            # (every other channel is replaced by its fill either way).
+            flags, rows = ties
+            tied = ((kth1 == kth) & (kth > 0) & (vals.abs() == kth).any(-1, keepdim=True))[..., 0]  # (A, rows)
+            flags |= (tied if rows is None else tied[:, rows]).any(1)
         return torch.where(vals.abs() >= kth, vals, 0.0)
 
 
@@ -308,13 +336,20 @@ class _LinearStage:
     def __init__(self, linear: nn.Linear, x_full: torch.Tensor, in_circuit: torch.Tensor, out_rows: torch.Tensor | None = None):
         w = linear.weight.detach()
         self.rows = _rows_reading(w, in_circuit) if out_rows is None else out_rows
-        self.w = w[self.rows][:, in_circuit].contiguous()
+        w_t = w[self.rows][:, in_circuit].t().contiguous()
+        if w_t.numel() and w_t.count_nonzero() <= SPARSE_MAX_DENSITY * w_t.numel():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSC tensor support is in beta")
+                w_t = w_t.to_sparse_csc()  # x @ W.T as dense-times-CSC, as in inference.fast
+        self.w_t = w_t
         x_const = x_full.clone()
         x_const[:, in_circuit] = 0
         self.k = F.linear(x_const, w[self.rows], None if linear.bias is None else linear.bias.detach()[self.rows])
 
     def run(self, x_circuit: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x_circuit, self.w.t()) + self.k
+        lead = x_circuit.shape[:-1]
+        out = torch.mm(x_circuit.reshape(-1, x_circuit.shape[-1]), self.w_t).view(*lead, -1)
+        return out + self.k
 
 
 def _union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -610,6 +645,8 @@ class CircuitModel:
         answers = docs[torch.arange(n), lengths - 1]
         pair = torch.stack([answers[:half], answers[half:]], dim=1)
         tokens = torch.cat([pair, pair])  # (n, 2): tokid, alt_tokid of each doc's pair
+        # Ties matter only where they can reach an answer: positions up to each doc's last query.
+        relevant = (torch.arange(self.T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)
 
         nodes = [(loc, pos, int(c)) for loc in node_locations(self.config) for pos, c in enumerate(self.circuit[loc].tolist())]
         losses: dict[tuple[str, int], float] = {}
@@ -625,7 +662,7 @@ class CircuitModel:
                     w, p, v = ablations.get(loc, ([], [], []))
                     ablations[loc] = (w + [a], p + [pos], v + [value])
                 ablations = {loc: (torch.tensor(w), torch.tensor(p), torch.tensor(v)) for loc, (w, p, v) in ablations.items()}
-                ties = torch.zeros(A, dtype=torch.bool)
+                ties = (torch.zeros(A, dtype=torch.bool), relevant)
                 state = self.start_states[i].expand(A, -1, -1)
                 for j in range(i, self.config.n_layer):
                     state = self._run_layer(j, state, ablations, ties)
@@ -635,7 +672,7 @@ class CircuitModel:
                 loss = -(lp_first + lp_second).mean(dim=1)
                 for a, (loc, _pos, c) in enumerate(group):
                     losses[(loc, c)] = loss[a].item()
-                    if ties[a]:
+                    if ties[0][a]:
                         tied.append((loc, c))
         out = {
             loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in node_locations(self.config)

@@ -66,3 +66,34 @@ def test_unsupported_variant_falls_back_to_reference():
     want = C.ablation_losses(model, docs, circuit, means)
     got = C.fast_ablation_losses(model, docs, circuit, means)
     assert all(torch.allclose(got[loc], want[loc]) for loc in want)
+
+
+def _brute_kth(values: torch.Tensor, k: int) -> torch.Tensor:
+    return values.sort(dim=-1, descending=True).values[..., k - 1 : k]
+
+
+def test_rank_window_and_kth_largest_pair_against_sorting():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(4, 60, (1,), generator=gen))
+        m = int(torch.randint(0, n, (1,), generator=gen))
+        k = int(torch.randint(1, n, (1,), generator=gen))
+        rows = 5
+        vals = (torch.randn(rows, n, generator=gen) * (torch.rand(rows, n, generator=gen) > 0.4)).abs()
+        if trial % 2:
+            vals = torch.round(vals * 2) / 2  # ties
+        const, changing = vals[:, m:], vals[:, :m]
+        window = C._rank_window(const, k, m)
+        full = torch.cat(
+            [
+                torch.full((rows, m + 1), float("inf")),
+                const.sort(-1, descending=True).values,
+                torch.full((rows, k + 2), float("-inf")),
+            ],
+            -1,
+        )
+        assert torch.equal(window, full[:, k - m + m : k + 2 + m]), (n, m, k)  # ranks k-m .. k+1 (index rank + m)
+        changed = (changing.unsqueeze(0) + torch.rand(3, rows, m, generator=gen) * (trial % 3)).round(decimals=1)
+        kth, kth1 = C._kth_largest_pair(changed, window)
+        union = torch.cat([changed, const.expand(3, -1, -1)], -1)
+        assert torch.equal(kth, _brute_kth(union, k)) and torch.equal(kth1, _brute_kth(union, k + 1)), (n, m, k)

@@ -241,20 +241,34 @@ def _kth_largest_pair(changing: torch.Tensor, window: torch.Tensor) -> tuple[tor
     constants whose ranks k - m .. k + 1 are `window` (rows, m + 2; +inf / -inf past the ends).
 
     The k-th largest of the union of two descending lists A, B is max_j min(B_j, A_{k-j}),
-    j = 0..m, with B_0 = +inf. Only B values within the window's range need their order: above
-    it they act as +inf, below it as nothing, so instead of sorting all m of them this sorts the
-    few in range (O(m) work per row).
+    j = 0..m, with B_0 = +inf. Only B values within the window's range [A_{k+1}, A_{k-m}] need
+    their order: above it they act as +inf, below it as nothing. Most rows have none in range,
+    and then, with h values above, the answers are A_{k-h} and A_{k+1-h}; the rest are sorted.
     """
     m = changing.shape[-1]
     hi, lo = window[:, :1], window[:, m + 1 :]  # A_{k-m}, A_{k+1}
     above = (changing > hi).sum(-1, keepdim=True)  # (..., rows, 1)
+    busy = (changing >= lo).sum(-1, keepdim=True) > above  # some value within the window's range
+    win = window.expand(*changing.shape[:-1], m + 2)
+    kth, kth1 = win.gather(-1, m - above), win.gather(-1, m + 1 - above)  # window[:, i] is A_{k-m+i}
+    sel = busy[..., 0]
+    if sel.any():
+        kth[sel], kth1[sel] = _kth_largest_pair_sorted(changing[sel], win[sel])
+    return kth, kth1
+
+
+def _kth_largest_pair_sorted(changing: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_kth_largest_pair` for rows (N, m) with their windows (N, m + 2), ordering the values in range."""
+    m = changing.shape[-1]
+    hi, lo = window[:, :1], window[:, m + 1 :]
+    above = (changing > hi).sum(-1, keepdim=True)
     in_range = (changing <= hi) & (changing >= lo)
-    p = int(in_range.sum(-1).max()) if m else 0
-    mid = torch.topk(torch.where(in_range, changing, -1.0), p, dim=-1).values if p else changing[..., :0]
-    mid = torch.cat([mid, changing.new_full((*mid.shape[:-1], 1), -1.0)], dim=-1)  # -1: below every |value|
+    p = int(in_range.sum(-1).max())
+    mid = torch.topk(torch.where(in_range, changing, -1.0), p, dim=-1).values
+    mid = torch.cat([mid, changing.new_full((mid.shape[0], 1), -1.0)], dim=-1)  # -1: below every |value|
     j = torch.arange(1, m + 1, device=changing.device)
     b = torch.where(j <= above, float("inf"), mid.gather(-1, (j - above - 1).clamp(0, p)))  # B_1 .. B_m
-    b = torch.cat([changing.new_full((*b.shape[:-1], 1), float("inf")), b], dim=-1)  # B_0 .. B_m
+    b = torch.cat([changing.new_full((b.shape[0], 1), float("inf")), b], dim=-1)  # B_0 .. B_m
     kth = torch.minimum(b, window[:, : m + 1].flip(-1)).amax(dim=-1, keepdim=True)
     kth1 = torch.minimum(b, window[:, 1:].flip(-1)).amax(dim=-1, keepdim=True)
     return kth, kth1
@@ -542,14 +556,18 @@ class CircuitModel:
 
     # ---- the circuit-only run ----------------------------------------------------------
     def _ablate(self, loc: str, values: torch.Tensor, ablations) -> torch.Tensor:
+        """Apply the ablations at `loc`. Until the first one applies, every tensor of the run has
+        a leading size of 1 (the un-ablated values, shared); here it grows to the batch size."""
         spec = ablations.get(loc)
         if spec is not None:
-            which, pos, value = spec
+            size, which, pos, value = spec
+            if values.shape[0] != size:
+                values = values.expand(size, *values.shape[1:]).clone()
             values[which, :, pos] = value[:, None]
         return values
 
     def _residual(self, L, half, state, delta_circuit):
-        A, rows = state.shape[:2]
+        A, rows = max(state.shape[0], delta_circuit.shape[0]), state.shape[1]
         new = L[f"{half}_resid_out"]
         x = state.new_empty(A, rows, len(new))
         x[..., L[f"{half}_from_old"]] = state
@@ -571,7 +589,6 @@ class CircuitModel:
 
     def _run_layer(self, i: int, state: torch.Tensor, ablations, ties) -> torch.Tensor:
         cfg, blk, L = self.config, self.model.transformer.h[i], self.layers[i]
-        A = state.shape[0]
         p = f"{i}.attn"
         h = self._norm_input(i, L, blk.ln_1, state, L["resid_in"], self.rstd[f"{i}.ln_1.rstd"], "x_in_full", "pos1")
         act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties), ablations)
@@ -579,6 +596,7 @@ class CircuitModel:
         qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties), ablations) for kind in "qkv"]
         y_parts = []
         dyn = L["dyn"]
+        A = max(t.shape[0] for t in qkv)
         if len(dyn):
             B, T, nd = self.B, self.T, len(L["dyn_heads"])
             full = []
@@ -594,9 +612,11 @@ class CircuitModel:
             y = sink_attention(*(heads(t) for t in full), sink)
             y_parts.append(y.transpose(1, 2).reshape(A, B * T, len(dyn)))
         if len(L["static_v"]):
-            v = qkv[2][..., L["v_static_src"]].reshape(A, self.B, self.T, -1)
-            y_parts.append((v.cumsum(dim=2) * L["static_weight"]).reshape(A, self.B * self.T, -1))
-        y = torch.cat(y_parts, dim=-1) if y_parts else state.new_zeros(A, state.shape[1], 0)
+            v = qkv[2][..., L["v_static_src"]]
+            v = v.reshape(v.shape[0], self.B, self.T, -1)
+            y_parts.append((v.cumsum(dim=2) * L["static_weight"]).reshape(v.shape[0], self.B * self.T, -1))
+        y_parts = [t.expand(A, -1, -1) for t in y_parts]
+        y = torch.cat(y_parts, dim=-1) if y_parts else state.new_zeros(1, state.shape[1], 0)
         delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties), ablations)
         state = self._residual(L, "attn", state, delta)
 
@@ -651,19 +671,17 @@ class CircuitModel:
         nodes = [(loc, pos, int(c)) for loc in node_locations(self.config) for pos, c in enumerate(self.circuit[loc].tolist())]
         losses: dict[tuple[str, int], float] = {}
         tied: list[tuple[str, int]] = []
-        for i in range(self.config.n_layer):
-            layer_nodes = [nd for nd in nodes if parse_location(nd[0])[0] == i]
-            for start in range(0, len(layer_nodes), batch):
-                group = layer_nodes[start : start + batch]
+        # One location at a time, so a pass shares everything upstream of its nodes (size 1).
+        for loc in node_locations(self.config):
+            i = parse_location(loc)[0]
+            loc_nodes = [nd for nd in nodes if nd[0] == loc]
+            for start in range(0, len(loc_nodes), batch):
+                group = loc_nodes[start : start + batch]
                 A = len(group)
-                ablations: dict[str, tuple] = {}
-                for a, (loc, pos, c) in enumerate(group):
-                    value = 0.0 if mode == "zero" else float(self.fill[loc][c])
-                    w, p, v = ablations.get(loc, ([], [], []))
-                    ablations[loc] = (w + [a], p + [pos], v + [value])
-                ablations = {loc: (torch.tensor(w), torch.tensor(p), torch.tensor(v)) for loc, (w, p, v) in ablations.items()}
+                value = torch.tensor([0.0 if mode == "zero" else float(self.fill[loc][c]) for _, _, c in group])
+                ablations = {loc: (A, torch.arange(A), torch.tensor([pos for _, pos, _ in group]), value)}
                 ties = (torch.zeros(A, dtype=torch.bool), relevant)
-                state = self.start_states[i].expand(A, -1, -1)
+                state = self.start_states[i]
                 for j in range(i, self.config.n_layer):
                     state = self._run_layer(j, state, ablations, ties)
                 logits = self._final_logits(state, rows, tokens).float()  # (A, n, 2)

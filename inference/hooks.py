@@ -63,6 +63,17 @@ def hooks_active() -> bool:
     return bool(active.interventions or active.recorders)
 
 
+def interventions_active() -> bool:
+    """True when any intervention is active in this context."""
+    return bool(_ACTIVE.get().interventions)
+
+
+def recorded(name: str) -> bool:
+    """True when an active recorder would capture hook point `name` (lets fast paths that compute
+    a tensor piecewise assemble it only when it is asked for)."""
+    return any(rx.fullmatch(name) for rx, _, _ in _ACTIVE.get().recorders)
+
+
 @contextmanager
 def record(pattern: str = r".*", *, detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Record every hook point whose full name matches `pattern` into the yielded dict.

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from inference.hooks import hooks_active
+from inference.hooks import hook, hooks_active, interventions_active, recorded
 from inference.model import GPT, Block, CausalSelfAttention, abs_topk
 
 # Dense-times-CSC beats the dense matmul below about 2-3% density for the release's shapes
@@ -163,47 +163,107 @@ def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:
 CHUNK_ROWS = 256
 
 
+def _norm_rows(norm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inference.model.Norm` on rows (n, d), returning its output and inverse scale (n, 1): the
+    same math, without the hook call (a chunk is not the tensor the hook point expects)."""
+    if norm.rms:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+        y = x * rstd * norm.weight
+    else:
+        xc = x - x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y = xc * rstd * norm.weight
+    return (y if norm.bias is None else y + norm.bias), rstd
+
+
+class _Taps:
+    """The hook points of one fused block that an active recorder asks for, assembled chunk by
+    chunk into full (B*T, width) tensors and handed to the recorders, in forward order, at the end."""
+
+    def __init__(self, names: list[str], n_rows: int):
+        self.order = [name for name in names if recorded(name)]
+        self.n_rows, self.full = n_rows, {}
+
+    def put(self, name: str, s: slice, t: torch.Tensor) -> None:
+        if name in self.order:
+            if name not in self.full:
+                self.full[name] = t.new_empty(self.n_rows, t.shape[-1])
+            self.full[name][s] = t
+
+    def flush(self, B: int, T: int) -> None:
+        for name in self.order:
+            if name in self.full:
+                hook(name, self.full[name].view(B, T, -1))
+
+
 class FastBlock(Block):
-    """The block computed chunk by chunk of tokens, with `abs_topk_exact`, when nothing observes
-    its insides (no active hooks, no gradient): the same math as `Block.forward`, whose hook
-    calls are the only difference (tests check equality on every model variant). With hooks
-    active it runs `Block.forward`, still with the sparse linears and fast attention."""
+    """The block computed chunk by chunk of tokens, with `abs_topk_exact`, when nothing can change
+    its insides (no intervention, no gradient): the same math as `Block.forward` (tests check
+    equality on every model variant). Recorded hook points are assembled from the chunks and
+    recorded with the same values. With interventions active it runs `Block.forward`, still with
+    the sparse linears and fast attention."""
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
         cfg, i = self.config, self.layer
-        if hooks_active() or torch.is_grad_enabled() or not cfg.flash:
+        if interventions_active() or torch.is_grad_enabled() or not cfg.flash:
             return super().forward(x, pos_emb)
         B, T, D = x.shape
         attn, mlp = self.attn, self.mlp
         rows = x.reshape(B * T, D)
+        taps = None
+        if hooks_active():  # recorders only
+            names = [f"{i}.ln_1.rstd", f"{i}.attn.act_in", f"{i}.attn.resid_delta", f"{i}.resid_mid"]
+            names += [f"{i}.ln_2.rstd", f"{i}.mlp.act_in", f"{i}.mlp.post_act", f"{i}.mlp.resid_delta"]
+            taps = _Taps(names, B * T)
+            hook(f"{i}.resid_in", x)
         pos1 = pos2 = None
-        if pos_emb is not None:
+        if pos_emb is not None:  # (these norms run once, at full size: their hooks are called as usual)
             pos1 = self.ln_p1(pos_emb, f"{i}.ln_p1").expand(B, T, -1).reshape(B * T, -1)
             pos2 = self.ln_p2(pos_emb, f"{i}.ln_p2").expand(B, T, -1).reshape(B * T, -1)
         chunks = [slice(s, min(s + CHUNK_ROWS, B * T)) for s in range(0, B * T, CHUNK_ROWS)]
 
         qkv = x.new_empty(3, B * T, cfg.d_attn)
         for s in chunks:
-            h = self.ln_1(rows[s], f"{i}.ln_1")
+            h, rstd = _norm_rows(self.ln_1, rows[s])
             if pos1 is not None:
                 h = torch.cat([h, pos1[s]], dim=-1)
-            h = attn.c_attn(abs_topk_exact(h, cfg.sparsity_at("attn_in")))
+            h = abs_topk_exact(h, cfg.sparsity_at("attn_in"))
+            if taps:
+                taps.put(f"{i}.ln_1.rstd", s, rstd)
+                taps.put(f"{i}.attn.act_in", s, h)
+            h = attn.c_attn(h)
             for j, loc in enumerate(("attn_q", "attn_k", "attn_v")):
                 qkv[j, s] = abs_topk_exact(h[:, j * cfg.d_attn : (j + 1) * cfg.d_attn], cfg.sparsity_at(loc))
+        if taps:
+            for j, kind in enumerate("qkv"):
+                hook(f"{i}.attn.{kind}", qkv[j].view(B, T, -1))
         q, k, v = (t.view(B, T, attn.n_head, attn.d_head).transpose(1, 2) for t in qkv)
         y = attn._sdpa(q, k, v).transpose(1, 2).reshape(B * T, cfg.d_attn)
+        if taps:
+            hook(f"{i}.attn.y", y.view(B, T, -1))
 
         out = torch.empty_like(rows)
         for s in chunks:
             delta = abs_topk_exact(attn.c_proj(y[s]), cfg.sparsity_at("attn_out"))
             xm = self._residual(rows[s] + delta, "resid_post_attn")
-            h = self.ln_2(xm, f"{i}.ln_2")
+            h, rstd = _norm_rows(self.ln_2, xm)
             if pos2 is not None:
                 h = torch.cat([h, pos2[s]], dim=-1)
-            h = mlp.c_fc(abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
-            h = F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)
-            h = mlp.c_proj(abs_topk_exact(h, cfg.sparsity_at("mlp_neuron")))
-            out[s] = self._residual(xm + abs_topk_exact(h, cfg.sparsity_at("mlp_out")), "resid_post_mlp")
+            h = abs_topk_exact(h, cfg.sparsity_at("mlp_in"))
+            if taps:
+                taps.put(f"{i}.attn.resid_delta", s, delta)
+                taps.put(f"{i}.resid_mid", s, xm)
+                taps.put(f"{i}.ln_2.rstd", s, rstd)
+                taps.put(f"{i}.mlp.act_in", s, h)
+            h = mlp.c_fc(h)
+            h = abs_topk_exact(F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h), cfg.sparsity_at("mlp_neuron"))
+            delta = abs_topk_exact(mlp.c_proj(h), cfg.sparsity_at("mlp_out"))
+            if taps:
+                taps.put(f"{i}.mlp.post_act", s, h)
+                taps.put(f"{i}.mlp.resid_delta", s, delta)
+            out[s] = self._residual(xm + delta, "resid_post_mlp")
+        if taps:
+            taps.flush(B, T)
         return out.view(B, T, D)
 
 

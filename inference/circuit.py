@@ -250,27 +250,35 @@ def _kth_largest_pair(changing: torch.Tensor, window: torch.Tensor) -> tuple[tor
     above = (changing > hi).sum(-1, keepdim=True)  # (..., rows, 1)
     busy = (changing >= lo).sum(-1, keepdim=True) > above  # some value within the window's range
     win = window.expand(*changing.shape[:-1], m + 2)
-    kth, kth1 = win.gather(-1, m - above), win.gather(-1, m + 1 - above)  # window[:, i] is A_{k-m+i}
     sel = busy[..., 0]
-    if sel.any():
-        kth[sel], kth1[sel] = _kth_largest_pair_sorted(changing[sel], win[sel])
+    n_busy = int(sel.sum())
+    if n_busy > sel.numel() // 2:  # mostly busy: every row through the general path, no gathering
+        N = above.numel()
+        kth, kth1 = _kth_largest_pair_sorted(changing.reshape(N, m), win.reshape(N, m + 2), above.reshape(N, 1))
+        return kth.view(above.shape), kth1.view(above.shape)
+    kth, kth1 = win.gather(-1, m - above), win.gather(-1, m + 1 - above)  # window[:, i] is A_{k-m+i}
+    if n_busy:
+        kth[sel], kth1[sel] = _kth_largest_pair_sorted(changing[sel], win[sel], above[sel])
     return kth, kth1
 
 
-def _kth_largest_pair_sorted(changing: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_kth_largest_pair` for rows (N, m) with their windows (N, m + 2), ordering the values in range."""
+def _kth_largest_pair_sorted(
+    changing: torch.Tensor, window: torch.Tensor, above: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_kth_largest_pair` for rows (N, m) with their windows (N, m + 2) and counts of values
+    above the window (N, 1), ordering the values in range.
+
+    With h values above the window (B_1..B_h = +inf) and p in range (B_{h+1}..B_{h+p}), only
+    j = h..h+p can give the maximum: below h, A_{k-j} <= A_{k-h}; past h + p, B_j is nothing."""
     m = changing.shape[-1]
     hi, lo = window[:, :1], window[:, m + 1 :]
-    above = (changing > hi).sum(-1, keepdim=True)
     in_range = (changing <= hi) & (changing >= lo)
     p = int(in_range.sum(-1).max())
-    mid = torch.topk(torch.where(in_range, changing, -1.0), p, dim=-1).values
-    mid = torch.cat([mid, changing.new_full((mid.shape[0], 1), -1.0)], dim=-1)  # -1: below every |value|
-    j = torch.arange(1, m + 1, device=changing.device)
-    b = torch.where(j <= above, float("inf"), mid.gather(-1, (j - above - 1).clamp(0, p)))  # B_1 .. B_m
-    b = torch.cat([changing.new_full((b.shape[0], 1), float("inf")), b], dim=-1)  # B_0 .. B_m
-    kth = torch.minimum(b, window[:, : m + 1].flip(-1)).amax(dim=-1, keepdim=True)
-    kth1 = torch.minimum(b, window[:, 1:].flip(-1)).amax(dim=-1, keepdim=True)
+    mid = torch.topk(torch.where(in_range, changing, -1.0), p, dim=-1).values  # -1: below every |value|
+    b = torch.cat([changing.new_full((mid.shape[0], 1), float("inf")), mid], dim=-1)  # B_{h+q}, q = 0..p
+    q = torch.arange(p + 1, device=changing.device)
+    kth = torch.minimum(b, window.gather(-1, (m - above - q).clamp(min=0))).amax(dim=-1, keepdim=True)
+    kth1 = torch.minimum(b, window.gather(-1, (m + 1 - above - q).clamp(min=0))).amax(dim=-1, keepdim=True)
     return kth, kth1
 
 
@@ -292,11 +300,26 @@ def _rank_window(const: torch.Tensor, k: int, m: int) -> torch.Tensor:
     return ranks[:, ranks.shape[1] - (m + 2) :]
 
 
+def _rank_window_once(const: torch.Tensor, k: int, m: int, docs: int) -> torch.Tensor:
+    """`_rank_window`, computed once when every row, or every doc's block of rows, repeats the
+    first: in the circuit model many constants depend on the position only, or on nothing."""
+    rows, n = const.shape
+    if rows > 1 and bool((const == const[:1]).all()):
+        return _rank_window(const[:1], k, m).expand(rows, -1)
+    if docs > 1 and rows % docs == 0:
+        per_doc = const.view(docs, rows // docs, n)
+        if bool((per_doc == per_doc[:1]).all()):
+            return _rank_window(per_doc[0], k, m).repeat(docs, 1)
+    return _rank_window(const, k, m)
+
+
 class _TopkStage:
     """One location's AbsTopK (or none) in the circuit model: which channels change, the constants,
     and the circuit channels read out."""
 
-    def __init__(self, z: torch.Tensor, changing: torch.Tensor, circuit: torch.Tensor, frac: float | None, full: bool = False):
+    def __init__(
+        self, z: torch.Tensor, changing: torch.Tensor, circuit: torch.Tensor, frac: float | None, docs: int = 1, full: bool = False
+    ):
         n = z.shape[-1]
         self.n, self.full, self.frac = n, full, frac
         self.k = int(frac * n) if frac is not None else n
@@ -312,7 +335,7 @@ class _TopkStage:
         if full or self.k >= n:
             self.window = None
             return
-        self.window = _rank_window(z[:, ~is_changing].abs(), self.k, len(changing))
+        self.window = _rank_window_once(z[:, ~is_changing].abs(), self.k, len(changing), docs)
 
     def run(self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
         """Values at the circuit channels (A, rows, |circuit|) after AbsTopK, given the changing
@@ -451,6 +474,13 @@ class CircuitModel:
         out[:, c] = values[:, c]
         return out
 
+    def _masked_by(self, loc: str, stage: _TopkStage, z: torch.Tensor) -> torch.Tensor:
+        """`_masked(loc, abs_topk(z))` for a location without position channels, with the circuit
+        channels' values after AbsTopK from `stage` (its rank window): no full-row selection."""
+        out = self.fill[loc].expand(z.shape[0], -1).clone()
+        out[:, self.circuit[loc]] = stage.run(z[:, stage.changing].unsqueeze(0), None)[0]
+        return out
+
     def _build_layer(self, i: int, x: torch.Tensor, resid: torch.Tensor):
         cfg, blk, L = self.config, self.model.transformer.h[i], {}
         d = cfg.d_attn
@@ -465,7 +495,7 @@ class CircuitModel:
             h = torch.cat([h, pos1], dim=-1)
         L["x_in_full"] = x if self.full_norm else None
         L["pos1"] = pos1 if self.full_norm else None
-        L["act_in"] = _TopkStage(h, resid, C["act_in"], cfg.sparsity_at("attn_in"), full=self.full_norm)
+        L["act_in"] = _TopkStage(h, resid, C["act_in"], cfg.sparsity_at("attn_in"), self.B, full=self.full_norm)
         act_in = self._masked(f"{i}.attn.act_in", abs_topk_exact(h, cfg.sparsity_at("attn_in")))
         # q, k, v
         qkv_lin = _LinearStage(blk.attn.c_attn, act_in, C["act_in"])
@@ -475,18 +505,28 @@ class CircuitModel:
             part = (qkv_lin.rows >= j * d) & (qkv_lin.rows < (j + 1) * d)
             L[f"{kind}_from"] = torch.nonzero(part).flatten()
             z = pre[:, j * d : (j + 1) * d]
-            L[kind] = _TopkStage(z, qkv_lin.rows[part] - j * d, C[kind], cfg.sparsity_at(f"attn_{kind}"))
-            qkv.append(self._masked(f"{i}.attn.{kind}", abs_topk_exact(z, cfg.sparsity_at(f"attn_{kind}"))))
+            L[kind] = _TopkStage(z, qkv_lin.rows[part] - j * d, C[kind], cfg.sparsity_at(f"attn_{kind}"), self.B)
+            qkv.append(self._masked_by(f"{i}.attn.{kind}", L[kind], z))
         # attention: heads with a circuit q or k attend for real; the others uniformly
         H, dh = cfg.n_head, cfg.d_head
-        heads = lambda t: t.view(self.B, self.T, H, dh).transpose(1, 2)  # noqa: E731
         sink = blk.attn.attn_imp.sink_logit.detach() if cfg.sink else None
-        y = sink_attention(*(heads(t) for t in qkv), sink).transpose(1, 2).reshape(self.B * self.T, d)
         dyn_heads = torch.unique(torch.cat([C["q"], C["k"]]) // dh)
         dyn = (dyn_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
         is_dyn_head = torch.zeros(H, dtype=torch.bool)
         is_dyn_head[dyn_heads] = True
         static_v = C["v"][~is_dyn_head[C["v"] // dh]]
+        # Constant q and k (static heads): every visible key has the same score c, so the weight
+        # of each is 1 / ((t + 1) + exp(sink - c)) (1 / (t + 1) without a sink) at position t.
+        qf, kf = (self.fill[f"{i}.attn.{kind}"].double().view(H, dh) for kind in "qk")
+        c = (qf * kf).sum(-1) / math.sqrt(dh)
+        t = torch.arange(1, self.T + 1, dtype=torch.float64)[:, None]
+        extra = torch.exp(sink.double() - c) if sink is not None else torch.zeros(H, dtype=torch.float64)
+        head_weight = (1.0 / (t + extra[None, :])).to(x.dtype)  # (T, H), used at static heads only
+        y = qkv[2].view(self.B, self.T, H, dh).cumsum(dim=1).mul_(head_weight[None, :, :, None]).view(self.B * self.T, d)
+        if len(dyn):
+            heads = lambda t: t[:, dyn].view(self.B, self.T, len(dyn_heads), dh).transpose(1, 2)  # noqa: E731
+            y_dyn = sink_attention(*(heads(t) for t in qkv), None if sink is None else sink[dyn_heads])
+            y[:, dyn] = y_dyn.transpose(1, 2).reshape(self.B * self.T, len(dyn))
         L["dyn_heads"], L["dyn"], L["static_v"] = dyn_heads, dyn, static_v
         for kind, t in zip("qkv", qkv, strict=True):
             L[f"{kind}_fill_dyn"] = t[0, dyn].clone() if kind != "v" else None
@@ -498,21 +538,15 @@ class CircuitModel:
         L["v_dyn_pos"] = _positions(C["v"][v_dyn_mask], dyn)
         L["v_static_src"] = torch.nonzero(~v_dyn_mask).flatten()
         if len(static_v):
-            # Constant q and k: every visible key has the same score c, so the weight of each is
-            # 1 / ((t + 1) + exp(sink - c)) (1 / (t + 1) without a sink) at position t.
-            qf, kf = (self.fill[f"{i}.attn.{kind}"].double().view(H, dh) for kind in "qk")
-            c = (qf * kf).sum(-1) / math.sqrt(dh)
-            t = torch.arange(1, self.T + 1, dtype=torch.float64)[:, None]
-            extra = torch.exp(sink.double() - c) if sink is not None else torch.zeros(H, dtype=torch.float64)
-            L["static_weight"] = (1.0 / (t + extra[None, :]))[:, static_v // dh].to(x.dtype)  # (T, |static_v|)
+            L["static_weight"] = head_weight[:, static_v // dh]  # (T, |static_v|)
         y_changing = torch.cat([dyn, static_v])
         L["y"] = y_changing
         # attention output
         out_lin = _LinearStage(blk.attn.c_proj, y, y_changing)
         z = blk.attn.c_proj(y)
         L["proj"] = out_lin
-        L["resid_delta"] = _TopkStage(z, out_lin.rows, C["resid_delta"], cfg.sparsity_at("attn_out"))
-        delta = self._masked(f"{i}.attn.resid_delta", abs_topk_exact(z, cfg.sparsity_at("attn_out")))
+        L["resid_delta"] = _TopkStage(z, out_lin.rows, C["resid_delta"], cfg.sparsity_at("attn_out"), self.B)
+        delta = self._masked_by(f"{i}.attn.resid_delta", L["resid_delta"], z)
         x, resid = self._build_residual(L, "attn", x, delta, resid, C["resid_delta"], f"{i}.attn.resid_delta")
         # MLP
         pos2 = self._pos(blk.ln_p2, i) if cfg.d_pos_emb else None
@@ -521,18 +555,18 @@ class CircuitModel:
             h = torch.cat([h, pos2], dim=-1)
         L["x_mid_full"] = x if self.full_norm else None
         L["pos2"] = pos2 if self.full_norm else None
-        L["mlp_act_in"] = _TopkStage(h, resid, C["mlp_act_in"], cfg.sparsity_at("mlp_in"), full=self.full_norm)
+        L["mlp_act_in"] = _TopkStage(h, resid, C["mlp_act_in"], cfg.sparsity_at("mlp_in"), self.B, full=self.full_norm)
         act_in = self._masked(f"{i}.mlp.act_in", abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
         fc = _LinearStage(blk.mlp.c_fc, act_in, C["mlp_act_in"])
         z = self._act(blk.mlp.c_fc(act_in))
         L["fc"] = fc
-        L["mlp_post_act"] = _TopkStage(z, fc.rows, C["mlp_post_act"], cfg.sparsity_at("mlp_neuron"))
-        post = self._masked(f"{i}.mlp.post_act", abs_topk_exact(z, cfg.sparsity_at("mlp_neuron")))
+        L["mlp_post_act"] = _TopkStage(z, fc.rows, C["mlp_post_act"], cfg.sparsity_at("mlp_neuron"), self.B)
+        post = self._masked_by(f"{i}.mlp.post_act", L["mlp_post_act"], z)
         proj = _LinearStage(blk.mlp.c_proj, post, C["mlp_post_act"])
         z = blk.mlp.c_proj(post)
         L["mlp_proj"] = proj
-        L["mlp_resid_delta"] = _TopkStage(z, proj.rows, C["mlp_resid_delta"], cfg.sparsity_at("mlp_out"))
-        delta = self._masked(f"{i}.mlp.resid_delta", abs_topk_exact(z, cfg.sparsity_at("mlp_out")))
+        L["mlp_resid_delta"] = _TopkStage(z, proj.rows, C["mlp_resid_delta"], cfg.sparsity_at("mlp_out"), self.B)
+        delta = self._masked_by(f"{i}.mlp.resid_delta", L["mlp_resid_delta"], z)
         x, resid = self._build_residual(L, "mlp", x, delta, resid, C["mlp_resid_delta"], f"{i}.mlp.resid_delta")
         return L, x, resid
 

@@ -97,3 +97,8 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         kth, kth1 = C._kth_largest_pair(changed, window)
         union = torch.cat([changed, const.expand(3, -1, -1)], -1)
         assert torch.equal(kth, _brute_kth(union, k)) and torch.equal(kth1, _brute_kth(union, k + 1)), (n, m, k)
+        # the general path alone, on every row (also those the fast path answers without it)
+        flat, win = changed.reshape(3 * rows, m), window.expand(3, -1, -1).reshape(3 * rows, m + 2)
+        kth, kth1 = C._kth_largest_pair_sorted(flat, win, (flat > win[:, :1]).sum(-1, keepdim=True))
+        assert torch.equal(kth.view(3, rows, 1), _brute_kth(union, k)), (n, m, k)
+        assert torch.equal(kth1.view(3, rows, 1), _brute_kth(union, k + 1)), (n, m, k)

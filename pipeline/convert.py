@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from inference.circuit import parse_location
+from pipeline.derived import snippet_window
 from pipeline.formats import BIAS, VizData, to_jsonable
 from pipeline.tables import SCHEMAS, make_table
 
@@ -309,7 +310,7 @@ def loss_at_k_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
 
 
 def run_tables(viz: VizData, run: RunRef, loss_factor: float, decode_token: Callable[[int], str], sha256: str | None = None) -> dict:
-    """Every run-level table of one circuit: name -> table, or iterator of pieces (activations, samples)."""
+    """Every run-level table of one circuit: name -> table, or iterator of pieces (activations, samples, snippets)."""
     return {
         "runs": runs_table(viz, run, loss_factor, sha256),
         "nodes": nodes_table(viz, run, loss_factor),
@@ -317,6 +318,7 @@ def run_tables(viz: VizData, run: RunRef, loss_factor: float, decode_token: Call
         "task_docs": task_docs_table(viz, run, decode_token),
         "activations": activation_pieces(viz, run),
         "samples": sample_pieces(viz, run),
+        "snippets": (snippet_window(piece) for piece in sample_pieces(viz, run)),  # derived: the viewer's cut
         "layer_ablations": layer_ablations_table(viz, run, loss_factor),
         "pruning_curve": pruning_curve_table(viz, run, loss_factor),
         "loss_at_k": loss_at_k_table(viz, run, loss_factor),

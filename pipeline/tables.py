@@ -77,6 +77,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("run_id", S), ("node_id", S), ("location", S), ("channel", I64), ("doc", I32), ("pos", I32),
         ("stored", F32), ("full_model", F32), ("circuit_model", F32),
     ),
+    "snippets": _schema(  # derived (pipeline/derived.py): the snippets the viewer shows
+        ("run_id", S), ("node_id", S), ("location", S), ("channel", I64), ("frac", F64), ("side", S),
+        ("rank", I32), ("pos", I32), ("token_id", I32), ("value", F32), ("is_center", B),
+    ),
+    "wte_extremes": _schema(("model", S), ("channel", I32), ("side", S), ("rank", I32), ("token_id", I32), ("value", F32)),
+    "wte_histograms": _schema(("model", S), ("channel", I32), ("bin", I32), ("bin_left", F64), ("bin_right", F64), ("count", I64)),
     "recompute_summary": _schema(
         ("run_id", S), ("stored_loss", F64), ("recomputed_loss", F64), ("stored_interv_loss", F64),
         ("recomputed_interv_loss", F64), ("max_abs_act_diff_full", F64), ("max_abs_act_diff_circuit", F64),
@@ -86,7 +92,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 }  # fmt: skip
 
 # Which tables are partitioned by model (the rest: by run).
-MODEL_TABLES = ("train_curves", "embeddings", "vocab")
+MODEL_TABLES = ("train_curves", "embeddings", "vocab", "wte_extremes", "wte_histograms")
 RUN_TABLES = tuple(t for t in SCHEMAS if t not in MODEL_TABLES)
 # Sort keys of each table's rows within a file (the partition column first).
 SORT_KEYS: dict[str, tuple[str, ...]] = {
@@ -105,8 +111,18 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
     "ablations": ("run_id", "location", "channel", "mode"),
     "recomputed_activations": ("run_id", "location", "channel", "doc", "pos"),
     "recompute_summary": ("run_id",),
+    "snippets": ("run_id", "location", "channel", "frac", "side", "rank", "pos"),
+    "wte_extremes": ("model", "channel", "side", "rank"),
+    "wte_histograms": ("model", "channel", "bin"),
 }
 ROW_GROUP_ROWS = 1 << 20
+# Tables read one node (or channel) at a time by the viewer: small row groups, so that a lookup
+# decompresses a few nodes' rows rather than a million (~20 nodes' activations at release widths).
+SMALL_ROW_GROUPS = {"activations": 1 << 16, "snippets": 1 << 15, "wte_extremes": 1 << 13, "wte_histograms": 1 << 13}
+
+
+def row_group_rows(table: str) -> int:
+    return SMALL_ROW_GROUPS.get(table, ROW_GROUP_ROWS)
 
 
 def partition_file_name(partition_key: str) -> str:
@@ -163,6 +179,7 @@ def write_partition(data: str, table: str, partition_key: str, parts: pa.Table |
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = str(final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     rows = 0
+    group_rows = row_group_rows(table)
     try:
         # Dictionary pages for the repetitive columns (ids, locations, channels); plain for floats,
         # where trying a dictionary only costs time.
@@ -177,11 +194,11 @@ def write_partition(data: str, table: str, partition_key: str, parts: pa.Table |
                 buffered.append(t)
                 n_buf += t.num_rows
                 rows += t.num_rows
-                if n_buf >= ROW_GROUP_ROWS:
-                    writer.write_table(pa.concat_tables(buffered), row_group_size=ROW_GROUP_ROWS)
+                if n_buf >= group_rows:
+                    writer.write_table(pa.concat_tables(buffered), row_group_size=group_rows)
                     buffered, n_buf = [], 0
             if buffered:
-                writer.write_table(pa.concat_tables(buffered), row_group_size=ROW_GROUP_ROWS)
+                writer.write_table(pa.concat_tables(buffered), row_group_size=group_rows)
         size = os.path.getsize(tmp)
         if remote:
             fs, path = fsspec.core.url_to_fs(target)

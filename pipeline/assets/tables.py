@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from pipeline import convert
 from pipeline.assets.discovery import MODELS, RUNS, run_ref
 from pipeline.assets.download import tokenizer_files, train_curve_file, viz_data_file
+from pipeline.derived import wte_tables
 from pipeline.formats import VizDataError, read_viz_data
 from pipeline.resources import CircuitsResource
 from pipeline.store_access import load_tokenizer, local_sha256, read_tensor, token_bytes_list
@@ -30,6 +31,7 @@ _DESCRIPTIONS = {
     "task_docs": "The run's task docs: class, pair, unpadded token ids and texts",
     "activations": "Stored activations of circuit nodes on the task docs (node x doc x position, no padding)",
     "samples": "Top/bottom pretraining snippets per node, one row per token",
+    "snippets": "Derived: the snippets the viewer shows (first 5 per list, 50 tokens either side of the token of interest)",
     "layer_ablations": "Loss with a whole layer-half of the circuit ablated",
     "pruning_curve": "The pruning optimisation's loss curve (all_loss)",
     "loss_at_k": "Final loss of the run (one row; query across k)",
@@ -120,15 +122,23 @@ def train_curves(context: dg.AssetExecutionContext, circuits: CircuitsResource) 
     return dg.MaterializeResult(metadata=table_metadata(write_partition(circuits.data_url(), "train_curves", model, table)))
 
 
-@dg.asset(group_name=GROUP, partitions_def=MODELS, description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt")
-def embeddings(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec("embeddings", group_name=GROUP, description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt"),
+        dg.AssetSpec("wte_extremes", group_name=GROUP, description="Derived: per wte channel, the 20 largest and smallest nonzero weights"),
+        dg.AssetSpec("wte_histograms", group_name=GROUP, description="Derived: per wte channel, a 30-bin histogram of its nonzero weights"),
+    ],
+    partitions_def=MODELS,
+)
+def embeddings(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     store = circuits.store()
     model = context.partition_key
     wte = read_tensor(store, model, "transformer.wte.weight").float().numpy()
     wpe = read_tensor(store, model, "transformer.wpe.weight").float().numpy()
     context.log.info(f"{model}: wte {wte.shape} ({np.count_nonzero(wte)} nonzero), wpe {wpe.shape}")
-    table = convert.embeddings_table(model, wte, wpe)
-    return dg.MaterializeResult(metadata=table_metadata(write_partition(circuits.data_url(), "embeddings", model, table)))
+    tables = {"embeddings": convert.embeddings_table(model, wte, wpe), **wte_tables(model, wte)}
+    for name, table in tables.items():
+        yield dg.MaterializeResult(asset_key=name, metadata=table_metadata(write_partition(circuits.data_url(), name, model, table)))
 
 
 @dg.asset(group_name=GROUP, partitions_def=MODELS, deps=[tokenizer_files], description="The model's tokenizer: id, printable text, bytes, special flag")

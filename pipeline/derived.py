@@ -1,0 +1,81 @@
+"""Derived tables: what the viewer shows, cut once by the pipeline so that a click only selects rows.
+
+- `snippets` (run-level): the pretraining snippets as the viewer shows them, the first
+  `SNIPPETS_SHOWN` of each (frac, side) list cut to `SNIPPET_RADIUS` tokens either side of the token
+  of interest. Same columns as `samples`; a tenth of its rows at release widths, in small row groups.
+- `wte_extremes` (model-level): per `wte` channel, the `N_EXTREME_TOKENS` largest and smallest
+  nonzero weights (side "top" / "bottom", rank 0 = most extreme).
+- `wte_histograms` (model-level): per `wte` channel, a `HISTOGRAM_BINS`-bin histogram of its nonzero
+  weights (numpy's default range: min..max). Its counts add up to the channel's nonzero count.
+
+Pure functions of the base data (an Arrow piece of `samples`, a dense `wte`), used by the pipeline's
+assets and by the viewer's test tables alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.tables import SCHEMAS, sort_table
+
+SNIPPETS_SHOWN = 5  # per (frac, side) list, as in the released viewer
+SNIPPET_RADIUS = 50  # tokens either side of the token of interest
+N_EXTREME_TOKENS = 20
+HISTOGRAM_BINS = 30
+
+_SNIPPET_KEYS = ["node_id", "frac", "side", "rank"]
+
+
+def snippet_window(samples: pa.Table) -> pa.Table:
+    """Rows of `samples` (any piece holding whole snippets) that the viewer shows, in `snippets` sort order.
+
+    A snippet's centre is its first `is_center` position; snippets without one are dropped.
+    """
+    shown = samples.filter(pc.less(samples["rank"], SNIPPETS_SHOWN))
+    centres = (shown.filter(shown["is_center"]).group_by(_SNIPPET_KEYS, use_threads=False)
+               .aggregate([("pos", "min")]).rename_columns([*_SNIPPET_KEYS, "centre"]))
+    joined = shown.join(centres, keys=_SNIPPET_KEYS, join_type="inner", use_threads=False)
+    offset = pc.abs(pc.subtract(joined["pos"].cast(pa.int64()), joined["centre"].cast(pa.int64())))
+    window = joined.filter(pc.less_equal(offset, SNIPPET_RADIUS)).select(SCHEMAS["snippets"].names)
+    return sort_table("snippets", window.cast(SCHEMAS["snippets"]))
+
+
+def wte_tables(model: str, wte: np.ndarray) -> dict[str, pa.Table]:
+    """`wte_extremes` and `wte_histograms` of a (vocab, d_model) token embedding."""
+    wte = np.asarray(wte, np.float32)
+    ext = {k: [] for k in ("channel", "side", "rank", "token_id", "value")}
+    hist = {k: [] for k in ("channel", "bin", "bin_left", "bin_right", "count")}
+    for ch in range(wte.shape[1]):
+        col = wte[:, ch]
+        rows = np.flatnonzero(col)
+        if rows.size == 0:
+            continue
+        vals = col[rows]
+        order = np.lexsort((rows, -vals))  # largest first; ties by token id
+        top = rows[order[:N_EXTREME_TOKENS]]
+        order = np.lexsort((rows, vals))
+        bottom = rows[order[:N_EXTREME_TOKENS]]
+        for side, ids in (("top", top), ("bottom", bottom)):
+            n = ids.size
+            ext["channel"].append(np.full(n, ch, np.int32))
+            ext["side"] += [side] * n
+            ext["rank"].append(np.arange(n, dtype=np.int32))
+            ext["token_id"].append(ids.astype(np.int32))
+            ext["value"].append(col[ids])
+        counts, edges = np.histogram(vals.astype(np.float64), bins=HISTOGRAM_BINS)
+        hist["channel"].append(np.full(HISTOGRAM_BINS, ch, np.int32))
+        hist["bin"].append(np.arange(HISTOGRAM_BINS, dtype=np.int32))
+        hist["bin_left"].append(edges[:-1])
+        hist["bin_right"].append(edges[1:])
+        hist["count"].append(counts.astype(np.int64))
+
+    def table(name, cols):
+        n = sum(len(v) for v in cols["channel"])
+        arrays = {k: (np.concatenate(v) if v and not isinstance(v[0], str) else v) for k, v in cols.items()}
+        arrays = {k: (v if len(v) else np.zeros(0)) for k, v in arrays.items()}
+        data = {"model": pa.array([model] * n, pa.string()), **arrays}
+        return sort_table(name, pa.table({f.name: pa.array(data[f.name], f.type) for f in SCHEMAS[name]}, schema=SCHEMAS[name]))
+
+    return {"wte_extremes": table("wte_extremes", ext), "wte_histograms": table("wte_histograms", hist)}

@@ -205,20 +205,58 @@ def test_compare_and_residual_links(viewer_data):
     assert set(zip(links["src_node_id"], links["tgt_node_id"], strict=True)) == want
 
 
-def test_embedding_top_bottom(viewer_data):
+def expected_wte(entries: pd.DataFrame, channel: int):
+    """Top / bottom 20 nonzero weights and the 30-bin histogram of one wte channel, computed here with pandas/numpy."""
+    col = entries[(entries["matrix"] == "wte") & (entries["channel"] == channel) & (entries["value"] != 0)]
+    top = col.sort_values(["value", "row"], ascending=[False, True]).head(20)
+    bottom = col.sort_values(["value", "row"]).head(20)
+    counts, edges = np.histogram(col["value"].to_numpy(np.float64), bins=30) if len(col) else (np.zeros(0), np.zeros(1))
+    return top, bottom, counts, edges
+
+
+def test_wte_extremes_and_histograms(viewer_data):
+    """The derived tables (written by pipeline.derived from the dense wte) against the nonzero entries of `embeddings`."""
     from viewer import queries
-    from viewer.views.embeddings import top_bottom, wpe_image
+    from viewer.views.embeddings import wpe_image
 
     _, truth = viewer_data
     e = table(truth, "embeddings")
-    col = e[(e["matrix"] == "wte") & (e["channel"] == 3)]
-    top, bottom = top_bottom(queries.embedding_column("toy", "wte", 3))
-    assert top["token_id"].tolist() == col.sort_values("value", ascending=False)["row"].head(20).tolist()
-    assert bottom["token_id"].tolist() == col.sort_values("value")["row"].head(20).tolist()
+    vocab = dict(zip(table(truth, "vocab")["token_id"], table(truth, "vocab")["text"], strict=True))
+    for channel in (0, 1, 3):
+        top, bottom, counts, edges = expected_wte(e, channel)
+        got = queries.wte_extremes("toy", channel)
+        got_top, got_bottom = got[got["side"] == "top"], got[got["side"] == "bottom"]
+        assert got_top["token_id"].tolist() == top["row"].tolist()
+        assert got_bottom["token_id"].tolist() == bottom["row"].tolist()
+        np.testing.assert_allclose(got_top["value"], top["value"], rtol=1e-6)
+        assert got_top["text"].tolist() == [vocab[t] for t in top["row"]]
+        hist = queries.wte_histogram("toy", channel)
+        np.testing.assert_array_equal(hist["count"], counts)
+        if len(counts):
+            np.testing.assert_allclose(hist["bin_left"], edges[:-1])
+            np.testing.assert_allclose(hist["bin_right"], edges[1:])
+    assert queries.wte_histogram("toy", 1).empty and queries.wte_extremes("toy", 1).empty  # channel 1 is all zero
     img, channels, _ = wpe_image(queries.embedding_matrix("toy", "wpe"))
     wpe = e[e["matrix"] == "wpe"]
     assert channels == sorted(wpe["channel"].unique().tolist()) and 1 not in channels  # channel 1 is all zero
     assert img.shape == (wpe["row"].max() + 1, len(channels))
+
+
+def test_snippets_table_is_the_cut_of_samples(viewer_data):
+    """The derived `snippets` table (read back from its files) holds exactly the rows of `samples` that the viewer shows."""
+    import pyarrow.dataset as ds
+
+    root, truth = viewer_data
+    s = table(truth, "samples")
+    s = s[s["rank"] < 5]
+    centres = s[s["is_center"]].groupby(["run_id", "node_id", "frac", "side", "rank"])["pos"].min().rename("centre").reset_index()
+    want = s.merge(centres, on=["run_id", "node_id", "frac", "side", "rank"])
+    want = want[(want["pos"] - want["centre"]).abs() <= 50].drop(columns="centre")
+    got = ds.dataset(str(root / "tables" / "snippets"), format="parquet").to_table().to_pandas()
+    keys = ["run_id", "node_id", "frac", "side", "rank", "pos"]
+    want, got = want.sort_values(keys).reset_index(drop=True), got.sort_values(keys).reset_index(drop=True)
+    assert len(got) == len(want) and len(got) < len(s)
+    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
 
 
 def test_replaced_database_is_reread(tmp_path):
@@ -236,6 +274,7 @@ def test_replaced_database_is_reread(tmp_path):
 
 
 def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
+    from viewer import queries
     from viewer.app import create_app
 
     _, truth = viewer_data
@@ -265,7 +304,9 @@ def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
     assert 'class="tok center"' in app.detail.snippets.object
     centre_text = html.escape(vocab[int(s[s["pos"] == centre]["token_id"].iloc[0])])
     assert f">{centre_text}</span>" in app.detail.snippets.object
-    assert app.detail.attn.visible  # a q node shows its head's attention pattern
+    app.detail.inner_tabs.active = 2  # a q node: its head's attention pattern
+    node = queries.node(RUN, node_id)
+    assert f"layer 1 head {int(node['head'])}, doc 0" in app.detail.attn_note.object
     assert app.url_state.node == node_id and app.url_state.layer == "1.attn"
 
 

@@ -28,9 +28,11 @@ CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
 NODE_XY = """(nodeId) => {
   for (const v of Bokeh.index.all_views()) {
     const data = v.model.data_source && v.model.data_source.data;
-    if (!data || !data.node_id || !v.parent.model.title.text.includes('layer-half')) continue;
+    if (!data || !data.node_id || !v.parent || !v.parent.model || !v.parent.model.title) continue;
+    const title = v.parent.model.title.text;
+    if (!title.includes('layer-half') || title.startsWith('whole circuit')) continue;
     const i = Array.from(data.node_id).indexOf(nodeId);
-    if (i < 0) return null;
+    if (i < 0) continue;
     const r = v.parent.canvas_view.el.getBoundingClientRect();
     return [r.left + v.parent.frame.x_scale.compute(data.x[i]), r.top + v.parent.frame.y_scale.compute(data.y[i])];
   }

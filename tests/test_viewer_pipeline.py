@@ -87,7 +87,37 @@ def test_pipeline_tabs_render(pipeline_data):
     q = nodes[(nodes["run_id"] == run_id) & (nodes["kind"] == "q")]
     if len(q):
         app.detail_tabs.active = 0
+        app.detail.inner_tabs.active = 2
         app.state.node = q["node_id"].iloc[0]
-        assert app.detail.attn.visible
         assert "head" in app.detail.attn_note.object
     assert queries.ablations(run_id) is not None
+
+
+def test_pipeline_derived_tables(pipeline_data):
+    """`snippets`, `wte_extremes`, `wte_histograms` as the pipeline wrote them, against the base tables (computed here)."""
+    import numpy as np
+    import pandas as pd
+
+    s = read(pipeline_data, "samples")
+    s = s[s["rank"] < 5]
+    keys = ["run_id", "node_id", "frac", "side", "rank"]
+    centres = s[s["is_center"]].groupby(keys)["pos"].min().rename("centre").reset_index()
+    want = s.merge(centres, on=keys)
+    want = want[(want["pos"] - want["centre"]).abs() <= 50].drop(columns="centre").sort_values([*keys, "pos"]).reset_index(drop=True)
+    got = read(pipeline_data, "snippets").sort_values([*keys, "pos"]).reset_index(drop=True)
+    assert len(want) > 0
+    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
+
+    emb = read(pipeline_data, "embeddings")
+    ext, hist = read(pipeline_data, "wte_extremes"), read(pipeline_data, "wte_histograms")
+    wte = emb[(emb["matrix"] == "wte") & (emb["value"] != 0)]
+    assert set(hist["channel"]) == set(wte["channel"])
+    for (model, channel), col in list(wte.groupby(["model", "channel"]))[:50]:
+        top = col.sort_values(["value", "row"], ascending=[False, True]).head(20)["row"].tolist()
+        bottom = col.sort_values(["value", "row"]).head(20)["row"].tolist()
+        mine = ext[(ext["model"] == model) & (ext["channel"] == channel)]
+        assert mine[mine["side"] == "top"].sort_values("rank")["token_id"].tolist() == top
+        assert mine[mine["side"] == "bottom"].sort_values("rank")["token_id"].tolist() == bottom
+        counts, _ = np.histogram(col["value"].to_numpy(np.float64), bins=30)
+        h = hist[(hist["model"] == model) & (hist["channel"] == channel)].sort_values("bin")
+        assert h["count"].tolist() == counts.tolist()

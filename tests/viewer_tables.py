@@ -18,6 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.derived import snippet_window, wte_tables
+from pipeline.tables import row_group_rows
+
 FRACS = (0.001, 0.01, 0.1, 0.5)
 LOSS_FACTOR = 0.5
 
@@ -55,35 +58,46 @@ def _width(kind, s: Scale):
     return {"q": s.n_head * s.d_head, "k": s.n_head * s.d_head, "v": s.n_head * s.d_head, "post_act": s.d_mlp}.get(kind, s.d_model)
 
 
-def _write(root, table, partition, data: dict, truth: Truth, sort_by=None):
-    tbl = pa.table(data)
+def _write(root, table, partition, data, truth: Truth, sort_by=None):
+    tbl = data if isinstance(data, pa.Table) else pa.table(data)
     if sort_by:
         tbl = tbl.sort_by([(c, "ascending") for c in sort_by])
     d = os.path.join(root, "tables", table)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, partition.replace("/", "__") + ".parquet")
-    pq.write_table(tbl, path + ".tmp", compression="zstd", row_group_size=truth.row_group)
+    pq.write_table(tbl, path + ".tmp", compression="zstd", row_group_size=min(truth.row_group, row_group_rows(table)))
     os.replace(path + ".tmp", path)
     truth.tables.setdefault(table, []).append(tbl)
 
 
-def _write_streamed(root, table, partition, batches, truth: Truth):
-    """Write a partition batch by batch (one row group each); tests keep the table in `truth` unless it is big."""
-    d = os.path.join(root, "tables", table)
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, partition.replace("/", "__") + ".parquet")
-    writer, kept = None, []
+def _write_streamed(root, table, partition, batches, truth: Truth, derived=None):
+    """Write a partition batch by batch (one row group each); tests keep the table in `truth` unless it is big.
+
+    `derived`: (table, fn) to also write `fn(batch)` of every batch (whole nodes per batch) as that table.
+    """
+    names = [table] + ([derived[0]] if derived else [])
+    paths = {}
+    for name in names:
+        d = os.path.join(root, "tables", name)
+        os.makedirs(d, exist_ok=True)
+        paths[name] = os.path.join(d, partition.replace("/", "__") + ".parquet")
+    writers, kept = {}, {name: [] for name in names}
     for cols in batches:
         tbl = pa.table(cols)
-        if writer is None:
-            writer = pq.ParquetWriter(path + ".tmp", tbl.schema, compression="zstd")
-        writer.write_table(tbl, row_group_size=len(tbl))
-        if truth.keep_big:
-            kept.append(tbl)
-    writer.close()
-    os.replace(path + ".tmp", path)
-    if kept:
-        truth.tables.setdefault(table, []).append(pa.concat_tables(kept))
+        out = {table: tbl}
+        if derived:
+            out[derived[0]] = derived[1](tbl)
+        for name, t in out.items():
+            if name not in writers:
+                writers[name] = pq.ParquetWriter(paths[name] + ".tmp", t.schema, compression="zstd")
+            writers[name].write_table(t, row_group_size=min(truth.row_group, row_group_rows(name)))
+            if truth.keep_big:
+                kept[name].append(t)
+    for name, w in writers.items():
+        w.close()
+        os.replace(paths[name] + ".tmp", paths[name])
+        if kept[name]:
+            truth.tables.setdefault(name, []).append(pa.concat_tables(kept[name]))
 
 
 def write_views(root, tables):
@@ -120,10 +134,12 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         _write(root, "vocab", model, {"model": [model] * s.vocab, "token_id": ids.astype(np.int32), "text": texts,
                                       "bytes_hex": [t.encode().hex() for t in texts], "is_special": ids == 0}, truth)
         rows = {"model": [], "matrix": [], "row": [], "channel": [], "value": []}
+        dense_of = {}
         for matrix, n_rows in (("wte", s.vocab), ("wpe", s.ctx)):
             dense = rng.normal(size=(n_rows, s.d_model)).astype(np.float32)
             dense[rng.random(dense.shape) < 0.6] = 0
             dense[:, 1] = 0  # a channel with no nonzero weights at all
+            dense_of[matrix] = dense
             r, c = np.nonzero(dense)
             rows["model"] += [model] * len(r)
             rows["matrix"] += [matrix] * len(r)
@@ -131,6 +147,8 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
             rows["channel"] += c.astype(np.int32).tolist()
             rows["value"] += dense[r, c].tolist()
         _write(root, "embeddings", model, {**rows, "value": np.array(rows["value"], np.float32)}, truth)
+        for name, tbl in wte_tables(model, dense_of["wte"]).items():  # the pipeline's derived tables, from the same data
+            _write(root, name, model, tbl, truth)
         steps = np.arange(0, 100, 10)
         _write(root, "train_curves", model, {"model": [model] * 2 * len(steps), "step": np.concatenate([steps, steps]),
                                              "metric": ["train_loss"] * len(steps) + ["lr"] * len(steps),
@@ -256,7 +274,7 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
                     "token_id": rng.integers(0, s.vocab, size=n).astype(np.int32), "value": rng.normal(size=n).astype(np.float32),
                     "is_center": np.tile(np.concatenate(cols["is_center"]), n_group)}
 
-        _write_streamed(root, "samples", run_id, per_node_batches(per_node, sample_columns), truth)
+        _write_streamed(root, "samples", run_id, per_node_batches(per_node, sample_columns), truth, derived=("snippets", snippet_window))
         n_nodes = len(node_rows)
 
         # Run-level curves and summaries.
@@ -286,7 +304,7 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
                                model_config=json.dumps(model_config), source_path=f"viz/{run_id}/viz_data.pt", source_sha256="0" * 64))
         if "runs" not in skip:
             _write(root, "runs", run_id, {k: [v] for k, v in truth.runs[-1].items()}, truth)
-    tables = [t for t in ("runs", "nodes", "edges", "task_docs", "activations", "samples", "layer_ablations", "pruning_curve", "loss_at_k",
-                          "train_curves", "embeddings", "vocab", "ablations") if t not in skip]
+    tables = [t for t in ("runs", "nodes", "edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve",
+                          "loss_at_k", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "vocab", "ablations") if t not in skip]
     write_views(root, tables)
     return truth

@@ -49,7 +49,7 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         return missing_page(str(err))
     sidebar = [
         app.model, app.task, app.sweep, app.k, app.summary.panel,
-        app.layer, app.threshold, app.node,
+        app.layer, app.threshold, app.node.panel,
         pn.pane.Markdown("**Pins**"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel,
     ]
     template = pn.template.FastListTemplate(title=TITLE, sidebar=sidebar, main=[pn.Column(app.notes, app.graph_tabs, sizing_mode="stretch_width"), app.detail_tabs],

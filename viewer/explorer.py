@@ -20,7 +20,7 @@ from viewer.views.curves import CurvesView
 from viewer.views.detail import DetailView
 from viewer.views.embeddings import EmbeddingView
 from viewer.views.export import ExportView
-from viewer.views.markup import HtmlBox
+from viewer.views.markup import HtmlBox, NodePicker
 
 DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Export")
 GRAPH_TABS = ("Layer-half", "Whole circuit")
@@ -54,23 +54,27 @@ class ExplorerApp:
         self.summary = HtmlBox()
         self.layer = pn.widgets.Select(label="layer-half (★ = delta > 0.3)", size=10, sizing_mode="stretch_width")
         self.threshold = pn.widgets.FloatSlider.from_param(state.param.threshold, label="edge threshold (fraction of strongest)", step=0.01)
-        self.node = pn.widgets.Select(label="node", sizing_mode="stretch_width")
+        self.node = NodePicker(lambda v: self._from_widget("node", v))
         self.pin_label = pn.widgets.TextInput(label="pin label", placeholder="label for the selected node")
         self.pin = pn.widgets.Button(label="pin / update label", color="default")
         self.unpin = pn.widgets.Button(label="unpin", color="light")
         self.pins = HtmlBox()
         self.notes = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
 
-        # Views.
+        # Views: every tab's view is built with the page (its figures empty), so that opening a tab only fills
+        # data into existing models. Adding models to a live document (a lazily built view, or Panel's
+        # dynamic tabs) makes Bokeh re-walk the whole document, ~100-250 ms per tab switch at release scale.
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
+        self.whole = graph_views.CircuitGraph(
+            self._select_node, height=480, node_size=7,  # as tall as the layer-half graph: both tabs are always built
+            title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel")
         self.detail = DetailView(state)
-        # The other tabs' views are built when first opened (a new session builds only what it shows).
-        self._lazy = {}
-        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[1:])}
+        self.embeddings, self.curves = EmbeddingView(state), CurvesView(state)
+        self.compare, self.export = CompareView(state), ExportView(state)
         self.graph_tabs = pn.Tabs((GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
-                                  (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]), sizing_mode="stretch_width", dynamic=True)
-        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]),
-                                   sizing_mode="stretch_width", dynamic=True)
+                                  (GRAPH_TABS[1], pn.pane.Bokeh(self.whole.figure, sizing_mode="stretch_width")), sizing_mode="stretch_width")
+        self.detail_tabs = pn.Tabs(*zip(DETAIL_TABS, (self.detail.panel, self.embeddings.panel, self.curves.panel, self.compare.panel,
+                                                      self.export.panel), strict=True), sizing_mode="stretch_width")
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
         self._whole_edges = None
@@ -79,7 +83,6 @@ class ExplorerApp:
         for w in (self.model, self.task, self.sweep, self.k):
             w.param.watch(self._picked_run, "value")
         self.layer.param.watch(lambda e: self._from_widget("layer", e.new), "value")
-        self.node.param.watch(lambda e: self._from_widget("node", e.new or ""), "value")
         self.pin.on_click(self._pin)
         self.unpin.on_click(self._unpin)
         self.graph_tabs.param.watch(lambda e: self._refresh_stale(), "active")
@@ -88,23 +91,6 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
-
-    def _view(self, tab):
-        if tab not in self._lazy:
-            make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
-                self._select_node, height=820, node_size=7,
-                title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
-                    "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: CurvesView(self.state),
-                    "Compare": lambda: CompareView(self.state), "Export": lambda: ExportView(self.state)}[tab]
-            view = self._lazy[tab] = make()
-            self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)
-        return self._lazy[tab]
-
-    whole = property(lambda self: self._view(GRAPH_TABS[1]))
-    embeddings = property(lambda self: self._view("Embeddings"))
-    curves = property(lambda self: self._view("Curves"))
-    compare = property(lambda self: self._view("Compare"))
-    export = property(lambda self: self._view("Export"))
 
     # --- widget -> state --------------------------------------------------------------------
 
@@ -158,7 +144,7 @@ class ExplorerApp:
             node = queries.node(s.run, s.node) if s.node else None
             if node is not None and f"{node['layer']}.{node['half']}" != s.layer:
                 s.layer = f"{node['layer']}.{node['half']}"  # follow the node into its layer-half (nested update)
-            self._set_widget(self.node, s.node)
+            self.node.show(s.node)
             self.graph.mark(s.pins, s.node)
             self.stale.update({"whole", "Node", "Embeddings"})
         if "pins" in names:
@@ -237,8 +223,7 @@ class ExplorerApp:
             layers = queries.layer_halves(s.run)
             self.layer.options = {layer_label(row): row.layer_half for row in layers.itertuples()}
             self.layer.value = s.layer
-            self.node.options = [""] + queries.node_ids(s.run)
-            self.node.value = s.node
+            self.node.show(s.node, queries.node_ids(s.run))
         finally:
             self._updating = False
         self.summary.object = (

@@ -24,12 +24,11 @@ import pandas as pd
 import panel as pn
 
 from pipeline import settings
+from pipeline.derived import SNIPPET_RADIUS, SNIPPETS_SHOWN
 
 REQUIRED_TABLES = ("runs", "nodes")
-OPTIONAL_TABLES = ("edges", "task_docs", "activations", "samples", "layer_ablations", "pruning_curve", "loss_at_k", "train_curves",
-                   "embeddings", "vocab", "ablations")
-SNIPPETS_SHOWN = 5  # per (frac, side) list, as in the released viewer
-SNIPPET_RADIUS = 50  # tokens either side of the token of interest
+OPTIONAL_TABLES = ("edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve", "loss_at_k",
+                   "train_curves", "embeddings", "wte_extremes", "wte_histograms", "vocab", "ablations")
 MARK_LAYER_DELTA = 0.3  # layer-halves above this delta are marked (released viewer)
 
 
@@ -107,6 +106,13 @@ def prefetch(*calls) -> None:
             pass
 
 
+def warm(*calls) -> None:
+    """Start queries in the background without waiting (their results land in the cache), e.g. the run's
+    edge index, needed by the first click, while the user looks at the new run's graph."""
+    for fn, *args in calls:
+        _pool.submit(fn, *args)
+
+
 def optional(sql: str, params=()) -> pd.DataFrame | None:
     """Like `query`, but a missing or unreadable optional table gives None."""
     try:
@@ -144,7 +150,9 @@ def runs() -> pd.DataFrame:
 
 
 def run(run_id: str) -> dict | None:
-    df = query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+    """One run's row, from the (cached) runs table."""
+    df = runs()
+    df = df[df["run_id"] == run_id]
     return None if df.empty else df.iloc[0].to_dict()
 
 
@@ -184,8 +192,16 @@ def nodes(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
     """Circuit nodes of a run (or of one layer-half), in circuit_data order within each location."""
     if layer_half is None:
         return query("SELECT * FROM nodes WHERE run_id = ? ORDER BY layer, half, location, node_order", [run_id])
+    version, _ = connection()
+    return _layer_nodes(version, run_id, layer_half)
+
+
+@pn.cache(max_items=512)
+def _layer_nodes(version, run_id, layer_half):
+    """One layer-half's rows of the run's (cached) node table: no query per layer pick."""
+    df = nodes(run_id)
     layer, half = _split_layer_half(layer_half)
-    return query("SELECT * FROM nodes WHERE run_id = ? AND layer = ? AND half = ? ORDER BY location, node_order", [run_id, layer, half])
+    return df[(df["layer"] == layer) & (df["half"] == half)].reset_index(drop=True)
 
 
 def node(run_id: str, node_id: str) -> dict | None:
@@ -238,7 +254,7 @@ def edges(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
 def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """(inputs, outputs) of a node: the nonzero entries of its column / row, strongest first."""
     # Looked up in an index of the run's cached edge table (tens of thousands of rows at release scale).
-    index = _edge_index(run_id)
+    index = edge_index(run_id)
     if index is None:
         return None, None
     all_edges, by_tgt, by_src = index
@@ -246,7 +262,8 @@ def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.Data
     return all_edges.iloc[by_tgt.get(node_id, empty)], all_edges.iloc[by_src.get(node_id, empty)]
 
 
-def _edge_index(run_id: str):
+def edge_index(run_id: str):
+    """(edges strongest first, node -> row positions as target, node -> row positions as source), cached per run."""
     version, _ = connection()
     return _edge_index_cached(version, run_id)
 
@@ -284,31 +301,68 @@ def vocab_model(model: str) -> str | None:
     return model if model in names else names[0]
 
 
-def samples(run_id: str, node_id: str) -> pd.DataFrame:
+def vocab_texts(model: str) -> np.ndarray | None:
+    """Token id -> text (object array) of a model's vocab; None without a vocab table. One query per model."""
+    vm = vocab_model(model)
+    if vm is None:
+        return None
+    version, _ = connection()
+    return _vocab_array(version, vm)
+
+
+@pn.cache(max_items=8)
+def _vocab_array(version, vm):
+    df = optional("SELECT token_id, text FROM vocab WHERE model = ? ORDER BY token_id", [vm])
+    if df is None or df.empty:
+        return None
+    out = np.array(["#" + str(i) for i in range(int(df["token_id"].max()) + 1)], dtype=object)
+    out[df["token_id"].to_numpy()] = df["text"].to_numpy(object)
+    return out
+
+
+def token_texts(model: str, token_ids: np.ndarray) -> np.ndarray:
+    """Texts of token ids (the vocab's, or '#<id>' for ids it lacks / without a vocab)."""
+    ids = np.asarray(token_ids, np.int64)
+    texts = vocab_texts(model)
+    if texts is None:
+        return np.array(["#" + str(i) for i in ids.tolist()], dtype=object)
+    inside = (ids >= 0) & (ids < len(texts))
+    out = texts[np.where(inside, ids, 0)]
+    if not inside.all():
+        out = out.copy()
+        out[~inside] = ["#" + str(i) for i in ids[~inside].tolist()]
+    return out
+
+
+SNIPPET_COLUMNS = "frac, side, rank, pos, token_id, value, is_center"
+
+
+def samples(run_id: str, node_id: str) -> pd.DataFrame | None:
     """The snippets shown for a node: the first five per (frac, side), 50 tokens either side of the token of interest.
 
-    Columns: frac, side, rank, pos, token_id, value, is_center, text (vocab text, or the id when no vocab).
+    Read from the pipeline's derived `snippets` table (pipeline/derived.py: already cut, small row groups);
+    tables from before it existed fall back to cutting `samples` here. Columns: frac, side, rank, pos,
+    token_id, value, is_center, text (vocab text, or '#<id>').
     """
-    r = run(run_id)
-    vm = vocab_model(r["model"]) if r else None
     location, channel = split_node_id(node_id)
-    df = optional("""
-        WITH s AS (SELECT * FROM samples WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ? AND rank < ?),
-        c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
-        SELECT s.frac, s.side, s.rank, s.pos, s.token_id, s.value, s.is_center,
-               coalesce(v.text, '#' || s.token_id::VARCHAR) AS text
-        FROM s JOIN c USING (frac, side, rank)
-        LEFT JOIN vocab v ON v.model = ? AND v.token_id = s.token_id
-        WHERE abs(s.pos - c.centre) <= ?
-        ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, location, channel, node_id, SNIPPETS_SHOWN, vm, SNIPPET_RADIUS])
-    if df is None and vm is None:  # no vocab table at all
-        df = optional("""
+    df = optional(f"""SELECT {SNIPPET_COLUMNS} FROM snippets WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ?
+                      ORDER BY frac, side, rank, pos""", [run_id, location, channel, node_id])
+    if df is None or (df.empty and not _has_rows("snippets", run_id)):
+        df = optional(f"""
             WITH s AS (SELECT * FROM samples WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ? AND rank < ?),
             c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
-            SELECT s.frac, s.side, s.rank, s.pos, s.token_id, s.value, s.is_center, '#' || s.token_id::VARCHAR AS text
-            FROM s JOIN c USING (frac, side, rank) WHERE abs(s.pos - c.centre) <= ?
-            ORDER BY s.frac, s.side, s.rank, s.pos""", [run_id, location, channel, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
-    return df
+            SELECT {", ".join("s." + c for c in SNIPPET_COLUMNS.split(", "))} FROM s JOIN c USING (frac, side, rank)
+            WHERE abs(s.pos - c.centre) <= ? ORDER BY s.frac, s.side, s.rank, s.pos""",
+                      [run_id, location, channel, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
+    if df is None:
+        return None
+    r = run(run_id)
+    return df.assign(text=token_texts(r["model"] if r else "", df["token_id"].to_numpy()))
+
+
+def _has_rows(table: str, run_id: str) -> bool:
+    df = optional(f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE run_id = ? LIMIT 1)", [run_id])
+    return df is not None and int(df["n"].iloc[0]) > 0
 
 
 def task_docs(run_id: str) -> pd.DataFrame | None:
@@ -345,17 +399,16 @@ def head_qk(run_id: str, layer: int, head: int, doc: int) -> pd.DataFrame | None
 
 # --- model-level ----------------------------------------------------------------------------
 
-def embedding_column(model: str, matrix: str, channel: int) -> pd.DataFrame | None:
-    """Nonzero entries of one channel of wte/wpe: row, value (+ text for wte when a vocab exists)."""
-    vm = vocab_model(model)
-    df = optional("""
-        SELECT e.row, e.value, coalesce(v.text, '#' || e.row::VARCHAR) AS text FROM embeddings e
-        LEFT JOIN vocab v ON v.model = ? AND v.token_id = e.row
-        WHERE e.model = ? AND e.matrix = ? AND e.channel = ? ORDER BY e.value DESC""", [vm, model, matrix, channel])
-    if df is None:
-        df = optional("""SELECT row, value, '#' || row::VARCHAR AS text FROM embeddings
-                         WHERE model = ? AND matrix = ? AND channel = ? ORDER BY value DESC""", [model, matrix, channel])
-    return df
+def wte_extremes(model: str, channel: int) -> pd.DataFrame | None:
+    """The pipeline's top and bottom nonzero wte weights of a channel: side, rank, token_id, value, text."""
+    df = optional("""SELECT side, rank, token_id, value FROM wte_extremes WHERE model = ? AND channel = ?
+                     ORDER BY side DESC, rank""", [model, channel])
+    return None if df is None else df.assign(text=token_texts(model, df["token_id"].to_numpy()))
+
+
+def wte_histogram(model: str, channel: int) -> pd.DataFrame | None:
+    """The pipeline's histogram of a wte channel's nonzero weights: bin, bin_left, bin_right, count (no rows: all zero)."""
+    return optional("SELECT bin, bin_left, bin_right, count FROM wte_histograms WHERE model = ? AND channel = ? ORDER BY bin", [model, channel])
 
 
 def embedding_matrix(model: str, matrix: str) -> pd.DataFrame | None:

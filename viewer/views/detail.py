@@ -36,12 +36,17 @@ def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str |
 
 
 PAIRS_PER_PAGE = 4  # task-doc pairs rendered at once (a release task has 32 pairs of up to 1024 tokens)
+INNER_TABS = ("Pretraining snippets", "Task docs", "Attention (q/k/v)")
+NO_NODE = "<i>Click a node in the graph to see its details.</i>"
 
 
 class DetailView:
+    """The Node tab. A click renders the header, connections and snippets; the task docs and the attention
+    pattern (which read the node's task activations) render when their inner tab is open."""
+
     def __init__(self, state):
         self.state = state
-        self.header = HtmlBox("<i>Click a node in the graph to see its details.</i>")
+        self.header = HtmlBox(NO_NODE)
         self.inputs = HtmlBox(max_height=260)
         self.outputs = HtmlBox(max_height=260)
         self.snippets = HtmlBox()
@@ -49,38 +54,35 @@ class DetailView:
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, label="zero-centred colours")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
-        self.head_plot = self.channel_plot = None  # built on the first q/k/v node
+        self.head_plot = attention.PatternPlot("head pattern")
+        self.channel_plot = attention.PatternPlot("channel pattern")
         self.attn_note = HtmlBox()
-        self.attn_plots = pn.Row()
-        self.attn = pn.Column(self.doc, self.attn_note.panel, self.attn_plots, visible=False)
-        self.inner_tabs = pn.Tabs(("Pretraining snippets", self.snippets.panel),
-                                  ("Task docs", pn.Column(pn.Row(self.zero, self.task_page), self.task.panel, sizing_mode="stretch_width")),
-                                  sizing_mode="stretch_width", dynamic=False)
-        self.task_stale = False
-        self.inner_tabs.param.watch(lambda e: self.show_task() if self.task_stale else None, "active")
+        self.attn = pn.Column(self.doc, self.attn_note.panel, pn.Row(pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)),
+                              sizing_mode="stretch_width")
+        self.inner_tabs = pn.Tabs((INNER_TABS[0], self.snippets.panel),
+                                  (INNER_TABS[1], pn.Column(pn.Row(self.zero, self.task_page), self.task.panel, sizing_mode="stretch_width")),
+                                  (INNER_TABS[2], self.attn), sizing_mode="stretch_width", dynamic=False)
+        self.stale = set()  # inner tabs whose content is out of date
+        self.inner_tabs.param.watch(lambda e: self._refresh_inner(), "active")
         self.task_page.param.watch(lambda e: self.show_task(force=True), "value")
         self.panel = pn.Column(
             self.header.panel,
             pn.Row(pn.Column("**Inputs**", self.inputs.panel, sizing_mode="stretch_width"),
                    pn.Column("**Outputs**", self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
-            self.attn,
             self.inner_tabs,
             sizing_mode="stretch_width")
 
     def show(self, *_):
         s = self.state
         node = queries.node(s.run, s.node) if s.node else None
-        if node is not None:  # the slow queries of this view, at once
-            calls = [(queries.samples, s.run, s.node), (queries.connections, s.run, s.node)]
-            if node["kind"] in ("q", "k", "v"):
-                calls.append((queries.head_qk, s.run, int(node["layer"]), int(node["head"]), int(s.doc)))
-            queries.prefetch(*calls)
         if node is None:
-            self.header.object = "<i>Click a node in the graph to see its details.</i>"
+            self.header.object = NO_NODE
             self.inputs.object = self.outputs.object = ""
-            self.snippets.object = self.task.object = ""
-            self.attn.visible = False
+            self.snippets.object = self.task.object = self.attn_note.object = ""
+            self.head_plot.show(None, "head pattern")
+            self.channel_plot.show(None, "channel pattern")
             return
+        queries.prefetch((queries.samples, s.run, s.node), (queries.connections, s.run, s.node), (queries.ablations, s.run))
         ab = queries.ablations(s.run)
         row = ab[ab["node_id"] == s.node] if ab is not None else None
         ablation = row.iloc[0].to_dict() if row is not None and len(row) else None
@@ -89,16 +91,21 @@ class DetailView:
         self.inputs.object = table_html(connections_frame(inputs))
         self.outputs.object = table_html(connections_frame(outputs))
         self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
-        self.show_task()
-        self.show_attention()
+        self.stale = {INNER_TABS[1], INNER_TABS[2]}
+        self._refresh_inner()
+
+    def _refresh_inner(self):
+        tab = INNER_TABS[self.inner_tabs.active]
+        if tab in self.stale:
+            self.stale.discard(tab)
+            (self.show_task if tab == INNER_TABS[1] else self.show_attention)(force=True)
 
     def show_task(self, force=False):
         """Render the task docs when their tab is open (tens of thousands of tokens per page otherwise wasted)."""
         s = self.state
-        if not force and self.inner_tabs.active != 1:
-            self.task_stale = True
+        if not force and INNER_TABS[self.inner_tabs.active] != INNER_TABS[1]:
+            self.stale.add(INNER_TABS[1])
             return
-        self.task_stale = False
         if not s.node:
             return
         docs = queries.task_docs(s.run)
@@ -111,17 +118,17 @@ class DetailView:
         self.task.object = tokens.task_docs_html(docs, queries.activation_matrix(s.run, s.node), s.zero_centred,
                                                  pairs_shown=range(first, first + PAIRS_PER_PAGE))
 
-    def show_attention(self, *_):
+    def show_attention(self, force=False):
         s = self.state
+        if not force and INNER_TABS[self.inner_tabs.active] != INNER_TABS[2]:
+            self.stale.add(INNER_TABS[2])
+            return
         node = queries.node(s.run, s.node) if s.node else None
         if node is None or node["kind"] not in ("q", "k", "v"):
-            self.attn.visible = False
+            self.attn_note.object = "<i>Attention patterns are shown for q, k and v nodes.</i>"
+            self.head_plot.show(None, "head pattern")
+            self.channel_plot.show(None, "channel pattern")
             return
-        self.attn.visible = True
-        if self.head_plot is None:
-            self.head_plot = attention.PatternPlot("head pattern")
-            self.channel_plot = attention.PatternPlot("channel pattern")
-            self.attn_plots.extend([pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)])
         docs = queries.task_docs(s.run)
         if docs is None or docs.empty:
             self.attn_note.object = "<i>No task docs in the tables.</i>"
@@ -141,5 +148,3 @@ class DetailView:
             self.channel_plot.show(None, f"channel {hc}: not in both q and k")
             note.append(f"channel {hc} is not kept in both q and k of this head, so it has no pattern of its own")
         self.attn_note.object = "<div>" + html.escape("; ".join(note)) + "</div>"
-
-

@@ -16,16 +16,6 @@ N_TOKENS = 20
 RESIDUAL_KINDS = ("act_in", "resid_delta")
 
 
-def top_bottom(col: pd.DataFrame | None, n: int = N_TOKENS):
-    """(top, bottom) tokens of a wte column by weight, nonzero only (the table holds nonzero entries only)."""
-    if col is None or col.empty:
-        return None, None
-    col = col[col["value"] != 0]
-    top = col.nlargest(n, "value")[["row", "text", "value"]].rename(columns={"row": "token_id"})
-    bottom = col.nsmallest(n, "value")[["row", "text", "value"]].rename(columns={"row": "token_id"})
-    return top, bottom
-
-
 def symlog(values: np.ndarray, linthresh: float) -> np.ndarray:
     """Symmetric log: linear within +-linthresh, logarithmic beyond (sign kept)."""
     return np.sign(values) * np.log10(1 + np.abs(values) / linthresh)
@@ -64,6 +54,7 @@ class EmbeddingView:
         wpe.add_tools(HoverTool(tooltips=[("pos", "$y{0}"), ("column", "$x{0}"), ("symlog value", "@image{0.000}")]))
         self.wpe = wpe
         self._wpe_model = None
+        self._shown = None  # (tables version, model, channel) on display
         self.channel.param.watch(lambda e: self.show(), "value")
         self.panel = pn.Column(pn.Row(self.channel, self.note.panel),
                                pn.Row(pn.Column("**Top tokens**", self.top.panel, width=260), pn.Column("**Bottom tokens**", self.bottom.panel, width=260),
@@ -80,25 +71,32 @@ class EmbeddingView:
         if r is None:
             return
         model, ch = r["model"], int(self.channel.value)
-        col = queries.embedding_column(model, "wte", ch)
-        if col is None:
-            self.note.object = "<i>No embeddings table: materialize it with the pipeline.</i>"
+        if self._shown == (queries.connection()[0], model, ch):
+            return  # already showing it (follow_node's channel change has just shown it)
+        self._shown = (queries.connection()[0], model, ch)
+        extremes, hist = queries.wte_extremes(model, ch), queries.wte_histogram(model, ch)
+        if extremes is None or hist is None:
+            self.note.object = "<i>No wte_extremes / wte_histograms tables: materialize them with the pipeline (circuits materialize).</i>"
             return
-        top, bottom = top_bottom(col)
-        self.top.object, self.bottom.object = table_html(top), table_html(bottom)
-        self.note.object = f"model {model}: wte column {ch} has {len(col)} nonzero weights"
-        if len(col):
-            counts, edges = np.histogram(col["value"].to_numpy(float), bins=30)
-            self.hist_source.data = {"left": edges[:-1], "right": edges[1:], "top": counts}
-        else:
-            self.hist_source.data = {"left": [], "right": [], "top": []}
+        columns = ["token_id", "text", "value"]
+        self.top.object = table_html(extremes[extremes["side"] == "top"][columns])
+        self.bottom.object = table_html(extremes[extremes["side"] == "bottom"][columns])
+        self.note.object = f"model {model}: wte column {ch} has {int(hist['count'].sum())} nonzero weights"
+        self.hist_source.data = {"left": hist["bin_left"].to_numpy(float), "right": hist["bin_right"].to_numpy(float), "top": hist["count"].to_numpy()}
         if self._wpe_model != model:  # the heatmap depends on the model only
             self._wpe_model = model
-            img, channels, linthresh = wpe_image(queries.embedding_matrix(model, "wpe"))
+            img, channels, linthresh = model_wpe_image(*queries.connection()[:1], model)
             if img is None:
                 self.wpe_source.data = {"image": [], "dw": [], "dh": []}
             else:
                 m = float(np.abs(img).max()) or 1.0
                 self.wpe_mapper.low, self.wpe_mapper.high = -m, m
-                self.wpe_source.data = {"image": [img.astype(np.float32)], "dw": [img.shape[1]], "dh": [img.shape[0]]}
+                self.wpe_source.data = {"image": [img], "dw": [img.shape[1]], "dh": [img.shape[0]]}
                 self.wpe.title.text = f"wpe: {img.shape[0]} positions x {len(channels)} nonzero channels (symlog, linthresh {linthresh:.3g})"
+
+
+@pn.cache(max_items=4)
+def model_wpe_image(version, model):
+    """The wpe heatmap of a model (float32 symlog image), shared by every session (keyed by the tables' version)."""
+    img, channels, linthresh = wpe_image(queries.embedding_matrix(model, "wpe"))
+    return (None if img is None else img.astype(np.float32)), channels, linthresh

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 import panel as pn
-from bokeh.models import Div
+from bokeh.models import AutocompleteInput, Div
 
 TABLE_STYLE = """<style>
 table.df {border-collapse: collapse; font-size: 12px; font-family: sans-serif; width: 100%;}
@@ -44,3 +44,46 @@ def table_html(df: pd.DataFrame | None, empty: str = "<i>none</i>", digits: int 
         return empty
     return TABLE_STYLE + df.to_html(index=False, classes="df", border=0, float_format=lambda v: f"{v:.{digits}f}", na_rep="",
                                     escape=True)
+
+
+class NodePicker:
+    """A node-id text box with completions: a Bokeh AutocompleteInput used directly.
+
+    Panel's select widgets re-scan every option on each value change (~5 ms for 2,000 node ids);
+    here a new value is one string property. `on_pick(value)` is called when the value changes
+    (typed by the user, or set through `.value`); `show(value)` changes it without calling back.
+    """
+
+    def __init__(self, on_pick, title="node"):
+        self.on_pick = on_pick
+        self.input = AutocompleteInput(title=title, completions=[], restrict=True, case_sensitive=False, search_strategy="includes",
+                                       min_characters=1, placeholder="type part of a node id, e.g. attn.q:", sizing_mode="stretch_width")
+        self.panel = pn.pane.Bokeh(self.input, sizing_mode="stretch_width")
+        self._quiet = False
+        self.input.on_change("value", self._changed)
+
+    def _changed(self, attr, old, new):
+        if not self._quiet:
+            self.on_pick(new or "")
+
+    @property
+    def value(self) -> str:
+        return self.input.value or ""
+
+    @value.setter
+    def value(self, node_id: str) -> None:
+        self.input.value = node_id
+
+    @property
+    def options(self) -> list[str]:
+        return list(self.input.completions)
+
+    def show(self, value: str, options: list[str] | None = None) -> None:
+        self._quiet = True
+        try:
+            if options is not None:
+                self.input.completions = options
+            if self.input.value != value:
+                self.input.value = value
+        finally:
+            self._quiet = False

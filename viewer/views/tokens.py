@@ -30,16 +30,20 @@ _POS_BG = [f"rgba({POS_RGB[0]},{POS_RGB[1]},{POS_RGB[2]},{i / ALPHA_STEPS:.2f})"
 _NEG_BG = [f"rgba({NEG_RGB[0]},{NEG_RGB[1]},{NEG_RGB[2]},{i / ALPHA_STEPS:.2f})" for i in range(ALPHA_STEPS + 1)]
 
 
+_BG = np.array(_POS_BG + _NEG_BG + ["transparent"], dtype=object)  # index: step, ALPHA_STEPS + 1 + step, or last
+
+
 def backgrounds(values: np.ndarray, scale: float, lo: float | None = None) -> list[str]:
     """Background per token. Diverging around zero (scale = max |v|: red positive, blue negative), or sequential
     from `lo` (lo clear, lo + scale full red) when given. Non-finite values get no colour."""
     v = np.asarray(values, np.float64)
-    finite = np.isfinite(v)
     scale = scale if scale > 0 else 1.0
     a = (v - lo) / scale if lo is not None else np.abs(v) / scale
-    steps = np.clip(np.round(np.nan_to_num(a) * ALPHA_STEPS), 0, ALPHA_STEPS).astype(int).tolist()
-    negative = ((v < 0) & (lo is None)).tolist()
-    return [("transparent" if not f else (_NEG_BG[i] if n else _POS_BG[i])) for f, i, n in zip(finite.tolist(), steps, negative, strict=True)]
+    idx = np.clip(np.round(np.nan_to_num(a) * ALPHA_STEPS), 0, ALPHA_STEPS).astype(np.int64)
+    if lo is None:
+        idx += (v < 0) * (ALPHA_STEPS + 1)
+    idx[~np.isfinite(v)] = len(_BG) - 1
+    return _BG[idx].tolist()
 
 
 def token_spans(texts, values, scale: float, boxed=(), lo: float | None = None, label="act") -> str:

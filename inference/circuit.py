@@ -192,24 +192,26 @@ def ablation_losses(model, docs: torch.Tensor, circuit_data, means, mode: str = 
     """
     if mode not in ("mean", "zero"):
         raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
-    cfg = model.config
-    masks = circuit_masks(cfg, circuit_data)
+    masks = circuit_masks(model.config, circuit_data)
     frozen = frozen_norm_scales(model, docs)
     out = {}
     for loc, channels in circuit_data.items():
-        losses = []
-        for c in torch.as_tensor(channels).long().tolist():
-            m = dict(masks)
-            m[loc] = masks[loc].clone()
-            m[loc][c] = 0.0
-            fill = means
-            if mode == "zero":
-                fill = dict(means)
-                fill[loc] = means[loc].clone()
-                fill[loc][c] = 0.0
-            losses.append(task_loss(masked_forward(model, docs, m, fill, frozen), docs).item())
-        out[loc] = torch.tensor(losses)
+        chans = torch.as_tensor(channels).long().tolist()
+        out[loc] = torch.tensor([_one_ablation_loss(model, docs, masks, means, frozen, loc, c, mode) for c in chans])
     return out
+
+
+def _one_ablation_loss(model, docs, masks, means, frozen, loc: str, c: int, mode: str) -> float:
+    """Task loss of one full-size masked forward with node (loc, c) also ablated."""
+    m = dict(masks)
+    m[loc] = masks[loc].clone()
+    m[loc][c] = 0.0
+    fill = means
+    if mode == "zero":
+        fill = dict(means)
+        fill[loc] = means[loc].clone()
+        fill[loc][c] = 0.0
+    return task_loss(masked_forward(model, docs, m, fill, frozen), docs).item()
 
 
 # ---- the circuit model over the circuit's nodes only ------------------------------------------
@@ -315,10 +317,16 @@ def _rank_window_once(const: torch.Tensor, k: int, m: int, docs: int) -> torch.T
 
 class _TopkStage:
     """One location's AbsTopK (or none) in the circuit model: which channels change, the constants,
-    and the circuit channels read out."""
+    and the channels read out (the circuit's, and act_in's position channels)."""
 
     def __init__(
-        self, z: torch.Tensor, changing: torch.Tensor, circuit: torch.Tensor, frac: float | None, docs: int = 1, full: bool = False
+        self,
+        z: torch.Tensor,
+        changing: torch.Tensor,
+        circuit: torch.Tensor,
+        frac: float | None,
+        docs: int = 1,
+        full: bool = False,
     ):
         n = z.shape[-1]
         self.n, self.full, self.frac = n, full, frac
@@ -354,10 +362,15 @@ class _TopkStage:
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
             # (every other channel is replaced by its fill either way).
-            flags, rows = ties
             tied = ((kth1 == kth) & (kth > 0) & (vals.abs() == kth).any(-1, keepdim=True))[..., 0]  # (A, rows)
-            flags |= (tied if rows is None else tied[:, rows]).any(1)
+            self._flag(ties, tied)
         return torch.where(vals.abs() >= kth, vals, 0.0)
+
+    @staticmethod
+    def _flag(ties: tuple[torch.Tensor, torch.Tensor | None], bad: torch.Tensor) -> None:
+        """Mark the ablations (A,) with a `bad` (A, rows) row among the rows that matter."""
+        flags, rows = ties
+        flags |= (bad if rows is None else bad[:, rows]).any(1)
 
 
 def _rows_reading(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -385,7 +398,7 @@ class _LinearStage:
 
     def run(self, x_circuit: torch.Tensor) -> torch.Tensor:
         lead = x_circuit.shape[:-1]
-        out = torch.mm(x_circuit.reshape(-1, x_circuit.shape[-1]), self.w_t).view(*lead, -1)
+        out = torch.mm(x_circuit.reshape(math.prod(lead), x_circuit.shape[-1]), self.w_t).view(*lead, self.w_t.shape[1])
         return out + self.k
 
 
@@ -419,6 +432,7 @@ class CircuitModel:
         self.B, self.T = docs.shape
         dtype = model.transformer.wte.weight.dtype
         frozen = frozen_norm_scales(model, docs) if frozen_scales is None else frozen_scales
+        self.frozen_scales = frozen
         self.rstd = {name: s.reshape(-1, 1).to(dtype) for name, s in frozen.items()}
         self.circuit = {}
         for loc in node_locations(cfg):
@@ -481,6 +495,16 @@ class CircuitModel:
         out[:, self.circuit[loc]] = stage.run(z[:, stage.changing].unsqueeze(0), None)[0]
         return out
 
+    def _read_channels(self, circuit: torch.Tensor, loctype: str) -> torch.Tensor:
+        """Channels of act_in that the next linear reads as variables: the circuit's, and the
+        position channels when AbsTopK acts there. The mask keeps position channels (they are not
+        nodes), so what passes is their value if it survives the threshold, which ablations move.
+        They come last (index >= d_model): a node's position in the list is unchanged."""
+        cfg = self.config
+        if not cfg.d_pos_emb or cfg.sparsity_at(loctype) is None:
+            return circuit
+        return torch.cat([circuit, torch.arange(cfg.d_model, cfg.d_model_in)])
+
     def _build_layer(self, i: int, x: torch.Tensor, resid: torch.Tensor):
         cfg, blk, L = self.config, self.model.transformer.h[i], {}
         d = cfg.d_attn
@@ -495,10 +519,11 @@ class CircuitModel:
             h = torch.cat([h, pos1], dim=-1)
         L["x_in_full"] = x if self.full_norm else None
         L["pos1"] = pos1 if self.full_norm else None
-        L["act_in"] = _TopkStage(h, resid, C["act_in"], cfg.sparsity_at("attn_in"), self.B, full=self.full_norm)
+        read = self._read_channels(C["act_in"], "attn_in")
+        L["act_in"] = _TopkStage(h, resid, read, cfg.sparsity_at("attn_in"), self.B, self.full_norm)
         act_in = self._masked(f"{i}.attn.act_in", abs_topk_exact(h, cfg.sparsity_at("attn_in")))
         # q, k, v
-        qkv_lin = _LinearStage(blk.attn.c_attn, act_in, C["act_in"])
+        qkv_lin = _LinearStage(blk.attn.c_attn, act_in, read)
         pre = blk.attn.c_attn(act_in)
         L["qkv"], qkv = qkv_lin, []
         for j, kind in enumerate("qkv"):
@@ -555,9 +580,10 @@ class CircuitModel:
             h = torch.cat([h, pos2], dim=-1)
         L["x_mid_full"] = x if self.full_norm else None
         L["pos2"] = pos2 if self.full_norm else None
-        L["mlp_act_in"] = _TopkStage(h, resid, C["mlp_act_in"], cfg.sparsity_at("mlp_in"), self.B, full=self.full_norm)
+        read = self._read_channels(C["mlp_act_in"], "mlp_in")
+        L["mlp_act_in"] = _TopkStage(h, resid, read, cfg.sparsity_at("mlp_in"), self.B, self.full_norm)
         act_in = self._masked(f"{i}.mlp.act_in", abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
-        fc = _LinearStage(blk.mlp.c_fc, act_in, C["mlp_act_in"])
+        fc = _LinearStage(blk.mlp.c_fc, act_in, read)
         z = self._act(blk.mlp.c_fc(act_in))
         L["fc"] = fc
         L["mlp_post_act"] = _TopkStage(z, fc.rows, C["mlp_post_act"], cfg.sparsity_at("mlp_neuron"), self.B)
@@ -686,8 +712,9 @@ class CircuitModel:
     @torch.no_grad()
     def ablation_losses(self, mode: str = "mean", batch: int = 32) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
         """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
-        and the nodes whose result hit an AbsTopK tie (their value here is not to be trusted;
-        `fast_ablation_losses` recomputes them with the reference)."""
+        and the nodes whose result the circuit model cannot vouch for: an AbsTopK tie, or a position
+        channel of act_in crossing the threshold, in a row that reaches an answer (their value here
+        is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""
         if mode not in ("mean", "zero"):
             raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
         docs = self.docs
@@ -748,31 +775,33 @@ def _aligned(
 
 @torch.no_grad()
 def fast_ablation_losses(
-    model, docs: torch.Tensor, circuit_data, means, mode: str = "mean", batch: int = 32
+    model,
+    docs: torch.Tensor,
+    circuit_data,
+    means,
+    mode: str = "mean",
+    batch: int = 32,
+    circuit_model: CircuitModel | None = None,
 ) -> dict[str, torch.Tensor]:
     """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
     only the circuit's nodes are recomputed, many ablations per pass. Ablations whose result
     depends on how topk breaks a tie are recomputed by the reference; models the circuit model
-    does not support fall back to `ablation_losses` entirely."""
+    does not support fall back to `ablation_losses` entirely.
+
+    `circuit_model`: a `CircuitModel(model, docs, circuit_data, means)` built already (to share
+    it between the mean and zero ablations); built here when None."""
     if mode not in ("mean", "zero"):
         raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
-    try:
-        cm = CircuitModel(model, docs, circuit_data, means)
-    except NotImplementedError:
-        return ablation_losses(model, docs, circuit_data, means, mode)
+    cm = circuit_model
+    if cm is None:
+        try:
+            cm = CircuitModel(model, docs, circuit_data, means)
+        except NotImplementedError:
+            return ablation_losses(model, docs, circuit_data, means, mode)
     per_channel, tied = cm.ablation_losses(mode, batch)
     if tied:
         masks = circuit_masks(model.config, circuit_data)
-        frozen = frozen_norm_scales(model, docs)
         for loc, c in tied:
-            m = dict(masks)
-            m[loc] = masks[loc].clone()
-            m[loc][c] = 0.0
-            fill = means
-            if mode == "zero":
-                fill = dict(means)
-                fill[loc] = means[loc].clone()
-                fill[loc][c] = 0.0
-            loss = task_loss(masked_forward(model, docs, m, fill, frozen), docs).item()
+            loss = _one_ablation_loss(model, docs, masks, means, cm.frozen_scales, loc, c, mode)
             per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc])] = loss
     return _aligned(circuit_data, per_channel, cm.circuit)

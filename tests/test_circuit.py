@@ -59,6 +59,38 @@ def test_fast_ablation_losses_equal_reference(variant, mode):
     assert spread.max() - spread.min() > 3e-4  # ablations changed the loss, differently per node (>> the tolerance)
 
 
+def test_position_channels_crossing_the_threshold():
+    """act_in's position channels are kept by the mask (they are not nodes) but pass only if they
+    survive AbsTopK, whose threshold an ablation moves: the circuit model must follow them. (This
+    case, where several ablations move the threshold across one, was off by 1e-2 before it did.)"""
+    from inference.hooks import record
+
+    model, docs, circuit, means = make_case("release_like", node_frac=0.4, seed=0)
+    cfg = model.config
+    masks, frozen = C.circuit_masks(cfg, circuit), C.frozen_norm_scales(model, docs)
+    acts = r"\d+\.(attn|mlp)\.act_in"
+    with torch.no_grad(), record(acts) as base:
+        C.masked_forward(model, docs, masks, means, frozen)
+    last = C.docs_lengths(docs) - 2  # rows after a doc's answer position never reach the loss
+    crossing = 0
+    for loc, chans in circuit.items():
+        for c in chans.tolist():
+            m = dict(masks)
+            m[loc] = masks[loc].clone()
+            m[loc][c] = 0.0
+            with torch.no_grad(), record(acts) as rec:
+                C.masked_forward(model, docs, m, means, frozen)
+            for name in rec:
+                kept, was = rec[name][..., cfg.d_model :] != 0, base[name][..., cfg.d_model :] != 0
+                doc, pos, _ = torch.nonzero(kept != was).unbind(1)
+                crossing += int((pos <= last[doc]).sum())
+    assert crossing > 0  # the case exercises it
+    want = C.ablation_losses(model, docs, circuit, means)
+    got = C.fast_ablation_losses(model, docs, circuit, means)
+    for loc in want:
+        assert torch.allclose(got[loc], want[loc], atol=1e-4, rtol=1e-4), loc
+
+
 def test_unsupported_variant_falls_back_to_reference():
     model, docs, circuit, means = make_case("afrac_resid_post_attn", node_frac=0.1)
     with pytest.raises(NotImplementedError):

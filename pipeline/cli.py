@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="store directory (default: $CIRCUITS_DATA/store)")
     p.add_argument("--force", action="store_true", help="replace a directory that holds a different store")
 
+    p = sub.add_parser("store-report", help="the embedded store's models, task accuracy, k_optim and circuits as Markdown tables")
+    p.add_argument("--store", default=None, help="store directory (default: $CIRCUITS_DATA/store)")
+
     p = sub.add_parser("materialize", help="run the pipeline's assets in-process (store -> Parquet + DuckDB)")
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
     p.add_argument("--data", default=None, help="output directory (default: $CIRCUITS_DATA or data/)")
@@ -36,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.demo.build import build_store_cli
 
         return build_store_cli(args)
+    if args.command == "store-report":
+        from pipeline.demo.report import store_report_cli
+
+        return store_report_cli(args)
     if args.command == "materialize":
         from pipeline.materialize import materialize_cli
 

@@ -295,10 +295,12 @@ class StoreBuilder:
             for name in (stage, *downstream):
                 m["stages"].pop(name, None)
             self._write_manifest(m)
+            t0 = time.perf_counter()
             files, info = fn()
             entry = {
                 "files": {p.relative_to(self.out).as_posix(): sha256_file(p) for p in sorted(files)},
                 "info": info,
+                "seconds": round(time.perf_counter() - t0, 1),  # wall time of the build (the README's numbers)
             }
             m = self.read_manifest() or self._new_manifest()
             m["stages"][stage] = entry

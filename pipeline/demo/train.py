@@ -26,7 +26,7 @@ from inference.model import GPT
 from pipeline.demo.profiles import Profile
 
 # Parameter names that are "embeddings" for L0_non_embed (the release's split).
-EMBED_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "final_logits_bias")
+EMBED_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "final_logits_bias", "bigram_table")
 
 
 def model_config(profile: Profile) -> GPTConfig:
@@ -51,6 +51,8 @@ def model_config(profile: Profile) -> GPTConfig:
         tokenizer_name="tinypython_2k",
         flash=True,
         sink=False,
+        enable_bigram_table=profile.bigram_table,
+        learnable_bigram_table=profile.bigram_table,
     )
 
 
@@ -201,8 +203,10 @@ def train(
     test_stream: torch.Tensor,
     sparse: bool,
     on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, GPT], dict] | None = None,
 ) -> TrainResult:
-    """Train one model on token streams (1-D int64 tensors). `on_step(step, loss)` reports progress."""
+    """Train one model on token streams (1-D int64 tensors). `on_step(step, loss)` reports progress;
+    `on_eval(step, model)` (model in eval mode) returns extra metrics for each progress.json line."""
     cfg = model_config(profile)
     with torch_threads(profile.num_threads):
         torch.manual_seed(profile.seed)
@@ -264,6 +268,11 @@ def train(
                 }
                 for i, n in enumerate(alive_neurons(model, eval_w)):
                     line[f"num_alive_neurons/c_fc/layer_{i}"] = n
+                if on_eval is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        line.update(on_eval(step, model))
+                    model.train()
                 curve.append(line)
         final = evaluate(model, final_w)
         nz, entries = weight_density(model)

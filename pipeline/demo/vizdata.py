@@ -4,7 +4,7 @@ Every number is measured by forward passes of the model (`inference.circuit`):
 
 - `loss`: raw task loss of the full model on the stored task docs; `interv_loss`: the circuit
   model (non-circuit nodes mean-ablated, norms frozen); `ch_interv_losses[loc][i]`: the circuit
-  with node `circuit_data[loc][i]` also mean-ablated; `layer_interv_losses["{i}.attn"|"{i}.mlp"]`:
+  with node `circuit_data[loc][i]` also mean-ablated (`inference.circuit.fast_ablation_losses`); `layer_interv_losses["{i}.attn"|"{i}.mlp"]`:
   the circuit with every circuit node of that layer-half mean-ablated. All raw (x2 convention).
 - `pair_data_connections`: for each location pair, the matrix (n_src x n_tgt) of the linear
   weights between retained nodes, entry [s, t] =
@@ -35,6 +35,7 @@ import torch
 from inference.circuit import (
     circuit_masks,
     docs_lengths,
+    fast_ablation_losses,
     frozen_norm_scales,
     masked_forward,
     node_locations,
@@ -65,7 +66,9 @@ def intervention_losses(model, docs, circuit, means) -> tuple[float, float, dict
         return task_loss(masked_forward(model, docs, m, means, frozen), docs).item()
 
     interv = run(masks)
-    ch = {loc: [run(_ablate(masks, loc, [c])) for c in circuit[loc].tolist()] for loc in circuit if len(circuit[loc])}
+    # per-node ablations over the circuit's nodes only (equal to one masked forward per node, tested)
+    per_node = fast_ablation_losses(model, docs, circuit, means, mode="mean")
+    ch = {loc: [float(v) for v in per_node[loc]] for loc in circuit if len(circuit[loc])}
     layer = {}
     for i in range(cfg.n_layer):
         for half in ("attn", "mlp"):

@@ -259,10 +259,11 @@ def test_snippets_table_is_the_cut_of_samples(viewer_data):
     pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
 
 
-def test_replaced_database_is_reread(tmp_path):
+def test_replaced_database_is_reread(tmp_path, monkeypatch):
     """The pipeline replaces circuits.duckdb by rename: the viewer must not answer from the old file or cache."""
     from viewer import queries
 
+    monkeypatch.setattr(queries, "RECHECK_SECONDS", 0.0)  # re-read the file's identity on every query
     with data_dir(tmp_path):
         first = write_contract_tables(str(tmp_path), Scale(snippet_len=8, snippets_per_list=1), seed=1)
         assert queries.run(RUN)["loss_raw"] == pytest.approx(next(r for r in first.runs if r["run_id"] == RUN)["loss_raw"])

@@ -47,13 +47,15 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         app = ExplorerApp(url=url, sync_url=sync_url)
     except queries.TablesMissing as err:
         return missing_page(str(err))
-    sidebar = [
+    # One root per template area: the template adds each item as a document root, and each new root
+    # makes Bokeh re-walk every model added so far (a dozen sidebar roots cost ~1 s of the cold start).
+    sidebar = pn.Column(
         app.model, app.task, app.sweep, app.k, app.summary.panel,
         app.layer, app.threshold, app.node.panel,
-        pn.pane.Markdown("**Pins**"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel,
-    ]
-    template = pn.template.FastListTemplate(title=TITLE, sidebar=sidebar, main=[pn.Column(app.notes, app.graph_tabs, sizing_mode="stretch_width"), app.detail_tabs],
-                                            sidebar_width=330, accent="#b2182b")
+        pn.pane.Markdown("**Pins**"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel, sizing_mode="stretch_width",
+    )
+    main = pn.Column(app.notes, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
+    template = pn.template.FastListTemplate(title=TITLE, sidebar=[sidebar], main=[main], sidebar_width=330, accent="#b2182b")
     template.explorer = app  # tests and bench reach the app's state and views through the page
     return template
 

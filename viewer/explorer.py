@@ -34,6 +34,33 @@ def layer_label(row) -> str:
     return f"{mark}{row.layer_half}  Δ {fmt(row.delta)} (released reading {fmt(row.delta_released)}) · {row.n_nodes} nodes"
 
 
+@queries.memo(512)
+def layer_layout(version, run: str, layer: str):
+    """(node positions, edges) of a layer-half, shared by every session (keyed by the tables' version)."""
+    edges = queries.edges(run, layer)
+    return graph_views.layout_layer_half(queries.nodes(run, layer), edges, layer.split(".", 1)[1]), edges
+
+
+@queries.memo(256)
+def run_choices(version, run: str) -> dict:
+    """The sidebar for a run: (options, value) of the model, task, sweep, k and layer pickers, and the summary."""
+    runs = queries.runs()
+    r = runs[runs["run_id"] == run].iloc[0].to_dict()
+    cols = {c: runs[c].to_numpy(object) for c in ("model", "task", "sweep", "k_label")}
+    m = cols["model"] == r["model"]
+    t = m & (cols["task"] == r["task"])
+    k = t & (cols["sweep"] == r["sweep"])
+    layers = queries.layer_halves(run)
+    pickers = [(sorted(set(cols["model"])), r["model"]), (sorted(set(cols["task"][m])), r["task"]), (sorted(set(cols["sweep"][t])), r["sweep"]),
+               (cols["k_label"][k].tolist(), r["k_label"]),  # runs are already in numeric k order
+               ({layer_label(row): row.layer_half for row in layers.itertuples()}, layers["layer_half"].iloc[0])]
+    summary = (f"<div><b>{int(r['n_nodes'])}</b> nodes in the circuit (of {int(r['num_total_nodes'])} prunable)</div>"
+               f"<div>task loss: unpruned <b>{r['loss']:.4f}</b> → circuit <b>{r['interv_loss']:.4f}</b></div>"
+               f"<div style='color:#666;font-size:11px'>losses corrected by the factor {r['loss_factor']:g} "
+               f"(raw {r['loss_raw']:.4f} → {r['interv_loss_raw']:.4f})</div>")
+    return {"pickers": pickers, "summary": summary}
+
+
 class ExplorerApp:
     def __init__(self, url: dict | None = None, sync_url: bool = False):
         self.state = state = Explorer()
@@ -54,7 +81,7 @@ class ExplorerApp:
         self.summary = HtmlBox()
         self.layer = pn.widgets.Select(label="layer-half (★ = delta > 0.3)", size=10, sizing_mode="stretch_width")
         self.threshold = pn.widgets.FloatSlider.from_param(state.param.threshold, label="edge threshold (fraction of strongest)", step=0.01)
-        self.node = NodePicker(lambda v: self._from_widget("node", v))
+        self.node = NodePicker(self._pick_node)
         self.pin_label = pn.widgets.TextInput(label="pin label", placeholder="label for the selected node")
         self.pin = pn.widgets.Button(label="pin / update label", color="default")
         self.unpin = pn.widgets.Button(label="unpin", color="light")
@@ -111,6 +138,16 @@ class ExplorerApp:
                 break
         if len(sel):
             self.state.set_run(sel["run_id"].iloc[0])
+
+    def _pick_node(self, node_id: str):
+        """A node id typed in the picker: any node of the run (completions list the shown layer-half's)."""
+        if self._updating or node_id == self.state.node:
+            return
+        if node_id and queries.node(self.state.run, node_id) is None:
+            self.node.show(self.state.node)
+            self.notes.object, self.notes.visible = f"No node {node_id!r} in this circuit.", True
+            return
+        self.state.node = node_id
 
     def _select_node(self, node_id: str):
         self.state.node = node_id
@@ -206,35 +243,19 @@ class ExplorerApp:
 
     def _sync_run_widgets(self):
         s = self.state
-        runs = queries.runs()
-        r = runs[runs["run_id"] == s.run].iloc[0]
+        c = run_choices(queries.connection()[0], s.run)
         self._updating = True
         try:
-            self.model.options = sorted(runs["model"].unique())
-            self.model.value = r["model"]
-            m = runs[runs["model"] == r["model"]]
-            self.task.options = sorted(m["task"].unique())
-            self.task.value = r["task"]
-            t = m[m["task"] == r["task"]]
-            self.sweep.options = sorted(t["sweep"].unique())
-            self.sweep.value = r["sweep"]
-            self.k.options = t[t["sweep"] == r["sweep"]]["k_label"].tolist()  # already in numeric k order
-            self.k.value = r["k_label"]
-            layers = queries.layer_halves(s.run)
-            self.layer.options = {layer_label(row): row.layer_half for row in layers.itertuples()}
+            for widget, (options, value) in zip((self.model, self.task, self.sweep, self.k, self.layer), c["pickers"], strict=True):
+                widget.param.update(options=options, value=value)
             self.layer.value = s.layer
-            self.node.show(s.node, queries.node_ids(s.run))
         finally:
             self._updating = False
-        self.summary.object = (
-            f"<div><b>{int(r['n_nodes'])}</b> nodes in the circuit (of {int(r['num_total_nodes'])} prunable)</div>"
-            f"<div>task loss: unpruned <b>{r['loss']:.4f}</b> → circuit <b>{r['interv_loss']:.4f}</b></div>"
-            f"<div style='color:#666;font-size:11px'>losses corrected by the factor {r['loss_factor']:g} "
-            f"(raw {r['loss_raw']:.4f} → {r['interv_loss_raw']:.4f})</div>")
+        self.summary.object = c["summary"]
         self._show_pins()
 
     def _layer_edges(self):
-        return queries.edges(self.state.run, self.state.layer)
+        return layer_layout(queries.connection()[0], self.state.run, self.state.layer)[1]
 
     def _scale(self):
         d = queries.nodes(self.state.run)["delta"].abs()
@@ -243,10 +264,10 @@ class ExplorerApp:
     def _show_graph(self):
         s = self.state
         half = s.layer.split(".", 1)[1]
-        edges = self._layer_edges()
-        pos = graph_views.layout_layer_half(queries.nodes(s.run, s.layer), edges, half)
+        pos, edges = layer_layout(queries.connection()[0], s.run, s.layer)
         self.graph.figure.title.text = f"{s.run} · layer-half {s.layer} · colour = ablation delta (red: node matters)"
         self.graph.show(pos, edges, s.threshold, self._scale(), s.pins, s.node, graph_views.layer_half_ticks(half))
+        self.node.show(s.node, pos.loc[~pos["is_bias"], "node_id"].tolist())  # completions: this layer-half's nodes
 
     def _show_whole(self):
         s = self.state

@@ -95,7 +95,6 @@ class Explorer(param.Parameterized):
             return
         # The new circuit's tables, concurrently (DuckDB releases the GIL); the views below then hit the cache.
         queries.prefetch((queries.layer_halves, run), (queries.nodes, run), (queries.edges, run, self.layer))
-        queries.warm((queries.edge_index, run), (queries.ablations, run))  # for the first click
         layers = queries.layer_halves(run)
         layer = self.layer if self.layer in set(layers["layer_half"]) else default_layer(layers)
         known = set(queries.node_ids(run))

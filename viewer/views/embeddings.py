@@ -85,7 +85,7 @@ class EmbeddingView:
         self.hist_source.data = {"left": hist["bin_left"].to_numpy(float), "right": hist["bin_right"].to_numpy(float), "top": hist["count"].to_numpy()}
         if self._wpe_model != model:  # the heatmap depends on the model only
             self._wpe_model = model
-            img, channels, linthresh = model_wpe_image(*queries.connection()[:1], model)
+            img, channels, linthresh = model_wpe_image(queries.connection()[0], model)
             if img is None:
                 self.wpe_source.data = {"image": [], "dw": [], "dh": []}
             else:
@@ -95,7 +95,7 @@ class EmbeddingView:
                 self.wpe.title.text = f"wpe: {img.shape[0]} positions x {len(channels)} nonzero channels (symlog, linthresh {linthresh:.3g})"
 
 
-@pn.cache(max_items=4)
+@queries.memo(4)
 def model_wpe_image(version, model):
     """The wpe heatmap of a model (float32 symlog image), shared by every session (keyed by the tables' version)."""
     img, channels, linthresh = wpe_image(queries.embedding_matrix(model, "wpe"))

@@ -46,15 +46,21 @@ def backgrounds(values: np.ndarray, scale: float, lo: float | None = None) -> li
     return _BG[idx].tolist()
 
 
+def span_list(texts, values, scale: float, boxed: np.ndarray | None = None, lo: float | None = None, label="act") -> list[str]:
+    """One <span> per token (background by value, hover title with the value); `boxed`: bool mask outlined."""
+    values = np.asarray(values, np.float64)
+    bgs = backgrounds(values, scale, lo)
+    heads = np.where(boxed, '<span class="tok center" style="background:', '<span class="tok" style="background:').tolist() \
+        if boxed is not None else ['<span class="tok" style="background:'] * len(values)
+    titles = [f'" title="{label} {v:.4g}">' if v == v else '" title="no value">' for v in values.tolist()]
+    return [f"{h}{bg}{t}{printable(x)}</span>" for h, bg, t, x in zip(heads, bgs, titles, texts, strict=True)]
+
+
 def token_spans(texts, values, scale: float, boxed=(), lo: float | None = None, label="act") -> str:
     """One line of tokens; `boxed` holds the indices drawn with an outline; hover title shows the value."""
-    values = np.asarray(values, np.float64)
-    boxed = set(int(b) for b in boxed)
-    bgs = backgrounds(values, scale, lo)
-    titles = [f"{label} {v:.4g}" if v == v else "no value" for v in values.tolist()]
-    spans = [f'<span class="tok{" center" if i in boxed else ""}" style="background:{bg}" title="{t}">{printable(x)}</span>'
-             for i, (x, bg, t) in enumerate(zip(texts, bgs, titles, strict=True))]
-    return '<div class="toks">' + "".join(spans) + "</div>"
+    mask = np.zeros(len(values), bool)
+    mask[np.asarray(list(boxed), int)] = True
+    return '<div class="toks">' + "".join(span_list(texts, values, scale, mask, lo, label)) + "</div>"
 
 
 def snippets_html(df) -> str:
@@ -68,6 +74,7 @@ def snippets_html(df) -> str:
     frac, side, rank = df["frac"].to_numpy(), df["side"].to_numpy(), df["rank"].to_numpy()
     texts, values, centre = df["text"].to_numpy(), df["value"].to_numpy(float), df["is_center"].to_numpy(bool)
     starts = np.r_[0, np.flatnonzero((frac[1:] != frac[:-1]) | (side[1:] != side[:-1]) | (rank[1:] != rank[:-1])) + 1, len(df)]
+    spans = span_list(texts, values, scale, centre)  # every token at once: one colour scale, one pass
     last_frac = last_side = None
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         if frac[a] != last_frac:
@@ -78,7 +85,7 @@ def snippets_html(df) -> str:
         if side[a] != last_side:
             parts.append(f'<div class="doclabel">{side[a]}</div>')
             last_side = side[a]
-        parts.append(token_spans(texts[a:b], values[a:b], scale, boxed=np.flatnonzero(centre[a:b])))
+        parts.append('<div class="toks">' + "".join(spans[a:b]) + "</div>")
     parts.append("</div>")
     return "".join(parts)
 

@@ -14,6 +14,7 @@ parameters. The only formatted SQL fragments are the table names below (constant
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import os
@@ -152,12 +153,14 @@ def prefetch(*calls) -> None:
 
     `calls` are (function, *args) tuples of this module's query functions.
     """
-    futures = [_pool.submit(fn, *args) for fn, *args in calls]
+    # The first runs here (one thread hand-off fewer), the others in the pool meanwhile.
+    futures = [_pool.submit(fn, *args) for fn, *args in calls[1:]]
+    for call in calls[:1]:
+        with contextlib.suppress(Exception):  # the real call repeats it and handles or raises the error
+            call[0](*call[1:])
     for f in futures:
-        try:
+        with contextlib.suppress(Exception):
             f.result()
-        except Exception:  # noqa: BLE001  (the real call repeats it and handles or raises the error)
-            pass
 
 
 def optional(sql: str, params=()) -> pd.DataFrame | None:
@@ -198,6 +201,11 @@ def runs() -> pd.DataFrame:
 
 def run(run_id: str) -> dict | None:
     """One run's row, from the (cached) runs table."""
+    return _run_row(connection()[0], run_id)
+
+
+@memo(256)
+def _run_row(version, run_id):
     df = runs()
     df = df[df["run_id"] == run_id]
     return None if df.empty else df.iloc[0].to_dict()
@@ -301,12 +309,21 @@ def edges(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
 def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """(inputs, outputs) of a node: the nonzero entries of its column / row, strongest first.
 
-    One query per node (the run's edges are one small file): no per-run index to build before the first click."""
-    df = optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND (tgt_node_id = ? OR src_node_id = ?)
-                      ORDER BY abs(coalesce(strength, weight)) DESC, src_node_id, tgt_node_id""", [run_id, node_id, node_id])
+    One query per node (the run's edges are one small file): no per-run index to build before the first click.
+    Filters on (location, channel) integers rather than the id strings (~3x faster); sorted here, not in SQL."""
+    location, channel = split_node_id(node_id)
+    if channel is None:  # a bias pseudo-node: a source only
+        df = optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND src_node_id = ?", [run_id, node_id])
+    else:
+        df = optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?
+                          AND ((tgt_location = ? AND tgt_channel = ?) OR (src_location = ? AND src_channel = ?))""",
+                      [run_id, location, channel, location, channel])
     if df is None:
         return None, None
-    return df[df["tgt_node_id"] == node_id], df[df["src_node_id"] == node_id]
+    strength = df["strength"].to_numpy(float, na_value=np.nan)
+    measure = np.abs(np.where(np.isnan(strength), df["weight"].to_numpy(float, na_value=np.nan), strength))
+    df = df.iloc[np.lexsort((df["tgt_node_id"].to_numpy(object), df["src_node_id"].to_numpy(object), -np.nan_to_num(measure, nan=-1)))]
+    return df[df["tgt_node_id"].to_numpy(object) == node_id], df[df["src_node_id"].to_numpy(object) == node_id]
 
 
 def residual_links(run_id: str) -> pd.DataFrame:
@@ -373,8 +390,8 @@ def samples(run_id: str, node_id: str) -> pd.DataFrame | None:
     token_id, value, is_center, text (vocab text, or '#<id>').
     """
     location, channel = split_node_id(node_id)
-    df = optional(f"""SELECT {SNIPPET_COLUMNS} FROM snippets WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ?
-                      ORDER BY frac, side, rank, pos""", [run_id, location, channel, node_id])
+    # (location, channel) identify the node; no string filter on node_id and no ORDER BY in SQL (each ~2x the query).
+    df = optional(f"SELECT {SNIPPET_COLUMNS} FROM snippets WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel])
     if df is None or (df.empty and not _has_rows("snippets", run_id)):
         df = optional(f"""
             WITH s AS (SELECT * FROM samples WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ? AND rank < ?),
@@ -384,8 +401,10 @@ def samples(run_id: str, node_id: str) -> pd.DataFrame | None:
                       [run_id, location, channel, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
     if df is None:
         return None
+    df = df.iloc[np.lexsort((df["pos"].to_numpy(), df["rank"].to_numpy(), df["side"].to_numpy(object), df["frac"].to_numpy()))]
     r = run(run_id)
-    return df.assign(text=token_texts(r["model"] if r else "", df["token_id"].to_numpy()))
+    return df.assign(text=pd.Series(token_texts(r["model"] if r else "", df["token_id"].to_numpy()), dtype=object, index=df.index)
+                     ).reset_index(drop=True)
 
 
 def _has_rows(table: str, run_id: str) -> bool:
@@ -398,10 +417,9 @@ def task_docs(run_id: str) -> pd.DataFrame | None:
 
 
 def activations(run_id: str, node_id: str) -> pd.DataFrame | None:
-    """The node's stored activation at every (doc, pos) of the task docs."""
+    """The node's stored activation at every (doc, pos) of the task docs (file order: by doc, pos)."""
     location, channel = split_node_id(node_id)
-    return optional("""SELECT doc, pos, value FROM activations WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ?
-                       ORDER BY doc, pos""", [run_id, location, channel, node_id])
+    return optional("SELECT doc, pos, value FROM activations WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel])
 
 
 def activation_matrix(run_id: str, node_id: str) -> np.ndarray | None:

@@ -11,11 +11,12 @@ from viewer.views import attention, tokens
 from viewer.views.markup import HtmlBox, table_html
 
 
-def connections_frame(df):
+def connections_frame(df) -> dict | None:
+    """The columns shown for a node's inputs or outputs (from, to, strength, weight)."""
     if df is None or df.empty:
         return None
-    out = df[["src_node_id", "tgt_node_id", "strength", "weight"]].copy()
-    return out.rename(columns={"src_node_id": "from", "tgt_node_id": "to"})
+    return {"from": df["src_node_id"].to_numpy(object), "to": df["tgt_node_id"].to_numpy(object),
+            "strength": df["strength"].to_numpy(float), "weight": df["weight"].to_numpy(float)}
 
 
 def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str | None) -> str:
@@ -82,7 +83,7 @@ class DetailView:
             self.head_plot.show(None, "head pattern")
             self.channel_plot.show(None, "channel pattern")
             return
-        queries.prefetch((queries.samples, s.run, s.node), (queries.connections, s.run, s.node), (queries.ablations, s.run))
+        queries.prefetch((queries.samples, s.run, s.node), (queries.connections, s.run, s.node))
         ab = queries.ablations(s.run)
         row = ab[ab["node_id"] == s.node] if ab is not None else None
         ablation = row.iloc[0].to_dict() if row is not None and len(row) else None

@@ -27,15 +27,15 @@ class CompareView:
         self.shared = HtmlBox(max_height=500)
         self.only_a = HtmlBox(max_height=500)
         self.only_b = HtmlBox(max_height=500)
-        self.pick.param.watch(self._picked, "value")
+        pn.bind(self._picked, self.pick, watch=True)
         self.panel = pn.Column(self.pick, self.summary.panel,
                                pn.Row(pn.Column("**Shared** (delta in A and B)", self.shared.panel, sizing_mode="stretch_width"),
                                       pn.Column("**Only in A**", self.only_a.panel, sizing_mode="stretch_width"),
                                       pn.Column("**Only in B**", self.only_b.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
                                sizing_mode="stretch_width")
 
-    def _picked(self, event):
-        self.state.compare = event.new or ""
+    def _picked(self, run_id):
+        self.state.compare = run_id or ""
 
     def show(self, *_):
         s = self.state

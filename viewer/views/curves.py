@@ -41,7 +41,7 @@ class CurvesView:
         tfig.line("step", "value", source=self.t_source, line_width=2)
         self.tfig = tfig
         self._train = None
-        self.metric_pick.param.watch(lambda e: self._show_metric(), "value")
+        pn.bind(self._show_metric, self.metric_pick, watch=True)
         self.panel = pn.Column(
             pn.Row(pn.Column(pn.pane.Bokeh(kfig, sizing_mode="stretch_width"), self.k_note.panel, sizing_mode="stretch_width"),
                    pn.pane.Bokeh(pfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
@@ -83,7 +83,7 @@ class CurvesView:
             self.metric_pick.value = next((m for m in names if "loss" in m), names[0])
         self._show_metric()
 
-    def _show_metric(self):
+    def _show_metric(self, *_):
         t = self._train
         if t is None or not self.metric_pick.value:
             return

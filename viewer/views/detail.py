@@ -65,7 +65,7 @@ class DetailView:
                                   (INNER_TABS[2], self.attn), sizing_mode="stretch_width", dynamic=False)
         self.stale = set()  # inner tabs whose content is out of date
         self.inner_tabs.param.watch(lambda e: self._refresh_inner(), "active")
-        self.task_page.param.watch(lambda e: self.show_task(force=True), "value")
+        pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
         self.panel = pn.Column(
             self.header.panel,
             pn.Row(pn.Column("**Inputs**", self.inputs.panel, sizing_mode="stretch_width"),
@@ -101,9 +101,11 @@ class DetailView:
             self.stale.discard(tab)
             (self.show_task if tab == INNER_TABS[1] else self.show_attention)(force=True)
 
-    def show_task(self, force=False):
-        """Render the task docs when their tab is open (tens of thousands of tokens per page otherwise wasted)."""
+    def show_task(self, page=None, force=False):
+        """Render the task docs when their tab is open (tens of thousands of tokens per page otherwise wasted).
+        `page`: set when the page picker changed (only shown in the open tab), which forces the render."""
         s = self.state
+        force = force or page is not None
         if not force and INNER_TABS[self.inner_tabs.active] != INNER_TABS[1]:
             self.stale.add(INNER_TABS[1])
             return

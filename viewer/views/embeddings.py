@@ -55,7 +55,7 @@ class EmbeddingView:
         self.wpe = wpe
         self._wpe_model = None
         self._shown = None  # (tables version, model, channel) on display
-        self.channel.param.watch(lambda e: self.show(), "value")
+        pn.bind(self.show, self.channel, watch=True)
         self.panel = pn.Column(pn.Row(self.channel, self.note.panel),
                                pn.Row(pn.Column("**Top tokens**", self.top.panel, width=260), pn.Column("**Bottom tokens**", self.bottom.panel, width=260),
                                       pn.pane.Bokeh(hist)),

@@ -12,6 +12,7 @@ paths must agree with it.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -345,6 +346,13 @@ class _TopkStage:
             return
         self.window = _rank_window_once(z[:, ~is_changing].abs(), self.k, len(changing), docs)
 
+    def take_rows(self, rows: torch.Tensor) -> _TopkStage:
+        """This stage on a subset of the rows (tokens)."""
+        out = copy.copy(self)
+        out.c_const = self.c_const[rows]
+        out.window = None if self.window is None else self.window[rows]
+        return out
+
     def run(self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
         """Values at the circuit channels (A, rows, |circuit|) after AbsTopK, given the changing
         channels' values (A, rows, m) (all n channels when `full`). `ties` = (flags (A,), rows or
@@ -396,6 +404,12 @@ class _LinearStage:
         x_const[:, in_circuit] = 0
         self.k = F.linear(x_const, w[self.rows], None if linear.bias is None else linear.bias.detach()[self.rows])
 
+    def take_rows(self, rows: torch.Tensor) -> _LinearStage:
+        """This stage on a subset of the rows (tokens)."""
+        out = copy.copy(self)
+        out.k = self.k[rows]
+        return out
+
     def run(self, x_circuit: torch.Tensor) -> torch.Tensor:
         lead = x_circuit.shape[:-1]
         out = torch.mm(x_circuit.reshape(math.prod(lead), x_circuit.shape[-1]), self.w_t).view(*lead, self.w_t.shape[1])
@@ -441,6 +455,7 @@ class CircuitModel:
         self.fill = {loc: fill[loc].to(dtype).reshape(-1) for loc in node_locations(cfg)}
         self.full_norm = not cfg.rms_norm  # LayerNorm's mean couples every channel
 
+        self._tail = None  # (key, tables) of `_after_attention_at`
         x = self._embed()
         resid = torch.zeros(0, dtype=torch.long)  # residual channels that depend on the circuit
         self.layers = []
@@ -575,7 +590,8 @@ class CircuitModel:
         x, resid = self._build_residual(L, "attn", x, delta, resid, C["resid_delta"], f"{i}.attn.resid_delta")
         # MLP
         pos2 = self._pos(blk.ln_p2, i) if cfg.d_pos_emb else None
-        h = self._norm(blk.ln_2, x, self.rstd[f"{i}.ln_2.rstd"])
+        L["ln_2_rstd"] = self.rstd[f"{i}.ln_2.rstd"]
+        h = self._norm(blk.ln_2, x, L["ln_2_rstd"])
         if pos2 is not None:
             h = torch.cat([h, pos2], dim=-1)
         L["x_mid_full"] = x if self.full_norm else None
@@ -647,7 +663,22 @@ class CircuitModel:
             h = torch.cat([h, L[pos_key].expand(state.shape[0], -1, -1)], dim=-1)
         return h
 
-    def _run_layer(self, i: int, state: torch.Tensor, ablations, ties) -> torch.Tensor:
+    def _after_attention_at(self, i: int, rows: torch.Tensor) -> dict:
+        """Layer i's tables for the part after attention, on `rows` only (cached for the last call's rows)."""
+        key = (i, rows.tolist())
+        if self._tail is None or self._tail[0] != key:
+            L = dict(self.layers[i])
+            for name in ("proj", "resid_delta", "mlp_act_in", "fc", "mlp_post_act", "mlp_proj", "mlp_resid_delta"):
+                L[name] = L[name].take_rows(rows)
+            for name in ("attn_fresh_base", "mlp_fresh_base", "x_mid_full", "pos2", "ln_2_rstd"):
+                L[name] = None if L[name] is None else L[name][rows]
+            self._tail = (key, L)
+        return self._tail[1]
+
+    def _run_layer(self, i: int, state: torch.Tensor, ablations, ties, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer i of the circuit-only run. With `rows`, everything after attention (which is
+        row-local) is computed, and the state returned, at those rows only: in the last layer,
+        only the answer positions reach the loss."""
         cfg, blk, L = self.config, self.model.transformer.h[i], self.layers[i]
         p = f"{i}.attn"
         h = self._norm_input(i, L, blk.ln_1, state, L["resid_in"], self.rstd[f"{i}.ln_1.rstd"], "x_in_full", "pos1")
@@ -677,22 +708,28 @@ class CircuitModel:
             y_parts.append((v.cumsum(dim=2) * L["static_weight"]).reshape(v.shape[0], self.B * self.T, -1))
         y_parts = [t.expand(A, -1, -1) for t in y_parts]
         y = torch.cat(y_parts, dim=-1) if y_parts else state.new_zeros(1, state.shape[1], 0)
+        if rows is not None:
+            L, y, state = self._after_attention_at(i, rows), y[:, rows], state[:, rows]
+            ties = None if ties is None else (ties[0], None)  # every one of these rows reaches an answer
         delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties), ablations)
         state = self._residual(L, "attn", state, delta)
 
         p = f"{i}.mlp"
-        h = self._norm_input(i, L, blk.ln_2, state, L["attn_resid_out"], self.rstd[f"{i}.ln_2.rstd"], "x_mid_full", "pos2")
+        h = self._norm_input(i, L, blk.ln_2, state, L["attn_resid_out"], L["ln_2_rstd"], "x_mid_full", "pos2")
         act_in = self._ablate(f"{p}.act_in", L["mlp_act_in"].run(h, ties), ablations)
         post = self._ablate(f"{p}.post_act", L["mlp_post_act"].run(self._act(L["fc"].run(act_in)), ties), ablations)
         delta = self._ablate(f"{p}.resid_delta", L["mlp_resid_delta"].run(L["mlp_proj"].run(post), ties), ablations)
         return self._residual(L, "mlp", state, delta)
 
-    def _final_logits(self, state: torch.Tensor, rows: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
-        """Logits at `rows` (all when None) of the flattened docs, for `tokens` (rows, j) or all."""
+    def _final_logits(
+        self, state: torch.Tensor, rows: torch.Tensor | None = None, tokens: torch.Tensor | None = None, at_rows: bool = False
+    ):
+        """Logits at `rows` (all when None) of the flattened docs, for `tokens` (rows, j) or all;
+        `at_rows`: `state` holds those rows only."""
         tr, m = self.model.transformer, self.model
         rows = torch.arange(self.B * self.T) if rows is None else rows
         x = self.final_x[rows].expand(state.shape[0], -1, -1).clone()
-        x[..., self.final_resid] = state[:, rows]
+        x[..., self.final_resid] = state if at_rows else state[:, rows]
         h = self._norm(tr.ln_f, x, self.rstd["ln_f.rstd"][rows])
         ids = self.docs.reshape(-1)[rows]
         if tokens is None:
@@ -712,9 +749,8 @@ class CircuitModel:
     @torch.no_grad()
     def ablation_losses(self, mode: str = "mean", batch: int = 32) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
         """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
-        and the nodes whose result the circuit model cannot vouch for: an AbsTopK tie, or a position
-        channel of act_in crossing the threshold, in a row that reaches an answer (their value here
-        is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""
+        and the nodes whose result hit an AbsTopK tie in a row that reaches an answer (their value
+        here is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""
         if mode not in ("mean", "zero"):
             raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
         docs = self.docs
@@ -743,9 +779,10 @@ class CircuitModel:
                 ablations = {loc: (A, torch.arange(A), torch.tensor([pos for _, pos, _ in group]), value)}
                 ties = (torch.zeros(A, dtype=torch.bool), relevant)
                 state = self.start_states[i]
-                for j in range(i, self.config.n_layer):
-                    state = self._run_layer(j, state, ablations, ties)
-                logits = self._final_logits(state, rows, tokens).float()  # (A, n, 2)
+                last = self.config.n_layer - 1
+                for j in range(i, last + 1):
+                    state = self._run_layer(j, state, ablations, ties, rows if j == last else None)
+                logits = self._final_logits(state, rows, tokens, at_rows=True).float()  # (A, n, 2)
                 lp_first = F.log_softmax(logits[:, :half], dim=-1)[..., 0]
                 lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
                 loss = -(lp_first + lp_second).mean(dim=1)

@@ -53,10 +53,18 @@ def sizes(data: Path):
     return out
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+class Sample(float):
+    """Wall-clock ms, with the process CPU ms (all threads) of the same call as `.cpu`."""
+
+    cpu: float = 0.0
+
+
+def timed(fn) -> Sample:
+    c, t = time.process_time(), time.perf_counter()
     fn()
-    return (time.perf_counter() - t) * 1000
+    out = Sample((time.perf_counter() - t) * 1000)
+    out.cpu = (time.process_time() - c) * 1000
+    return out
 
 
 def pct(xs, q):
@@ -89,6 +97,7 @@ def main(argv=None):
         page.server_doc(Document())  # what `panel serve` does for a new session: build the Bokeh models
         return page
 
+    print(f"load average (1, 5, 15 min) before the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     cold = timed(new_session)
     warm_sessions = [timed(new_session) for _ in range(3)]
     page = new_session()
@@ -97,7 +106,7 @@ def main(argv=None):
     big = next(r for r in runs if r.endswith("/2000"))
     state.set_run(big)
     n_nodes = len(queries.nodes(big))
-    print(f"cold start, first session (caches empty): {cold:.0f} ms; further sessions: "
+    print(f"cold start, first session (caches empty): {cold:.0f} ms (cpu {cold.cpu:.0f} ms); further sessions: "
           f"{statistics.median(warm_sessions):.0f} ms median; circuit {big}: {n_nodes} nodes")
 
     results = {}
@@ -188,10 +197,14 @@ def main(argv=None):
     samples = [timed(lambda t=t: setattr(app.threshold, "value", t)) for t in (0.2, 0.3, 0.4, 0.5, 0.6)]
     results["whole-circuit graph: threshold"] = samples
 
-    print(f"{'interaction':66s} {'n':>3s} {'p50 ms':>8s} {'p95 ms':>8s}  target p95 50 ms")
+    # Wall-clock is what a user waits; on a shared machine it is inflated by other processes, so the
+    # process CPU time of the same calls (all threads) is printed beside it.
+    print(f"load average (1, 5, 15 min) after the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(f"{'interaction':66s} {'n':>3s} {'p50 ms':>8s} {'p95 ms':>8s} {'cpu p95':>8s}  target p95 50 ms (wall)")
     for name, xs in results.items():
         p95 = pct(xs, 0.95)
-        print(f"{name:66s} {len(xs):3d} {pct(xs, 0.5):8.1f} {p95:8.1f}  {'ok' if p95 <= 50 else 'OVER'} ({p95 / 50:.2f}x target)")
+        cpu95 = pct([x.cpu for x in xs], 0.95)
+        print(f"{name:66s} {len(xs):3d} {pct(xs, 0.5):8.1f} {p95:8.1f} {cpu95:8.1f}  {'ok' if p95 <= 50 else 'OVER'} ({p95 / 50:.2f}x target)")
     print(f"first open of Embeddings after every cache was cleared (the model's wpe heatmap built): {cold_embeddings:.0f} ms")
     print(f"cold start {cold:.0f} ms: {'ok' if cold <= 2000 else 'OVER'} ({cold / 2000:.2f}x the 2 s target); "
           f"released Streamlit viewer for comparison: ~1100 ms per click, > 20000 ms to open")

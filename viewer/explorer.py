@@ -88,20 +88,20 @@ class ExplorerApp:
         self.pins = HtmlBox()
         self.notes = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
 
-        # Views: every tab's view is built with the page (its figures empty), so that opening a tab only fills
-        # data into existing models. Adding models to a live document (a lazily built view, or Panel's
-        # dynamic tabs) makes Bokeh re-walk the whole document, ~100-250 ms per tab switch at release scale.
+        # Views. The Node and Embeddings tabs are built with the page (figures empty), so opening them only fills
+        # data into existing models: adding models to a live document (a view built later, or Panel's dynamic
+        # tabs) makes Bokeh re-walk all of it, 100-250 ms per tab at release scale. The other tabs (whole
+        # circuit, curves, compare, export) are built on first open: each view built with the page costs the
+        # cold start of every session (~100 models a figure, each themed and walked when the page is served).
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
-        self.whole = graph_views.CircuitGraph(
-            self._select_node, height=480, node_size=7,  # as tall as the layer-half graph: both tabs are always built
-            title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel")
         self.detail = DetailView(state)
-        self.embeddings, self.curves = EmbeddingView(state), CurvesView(state)
-        self.compare, self.export = CompareView(state), ExportView(state)
+        self.embeddings = EmbeddingView(state)
+        self._lazy = {}
+        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[2:])}
         self.graph_tabs = pn.Tabs((GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
-                                  (GRAPH_TABS[1], pn.pane.Bokeh(self.whole.figure, sizing_mode="stretch_width")), sizing_mode="stretch_width")
-        self.detail_tabs = pn.Tabs(*zip(DETAIL_TABS, (self.detail.panel, self.embeddings.panel, self.curves.panel, self.compare.panel,
-                                                      self.export.panel), strict=True), sizing_mode="stretch_width")
+                                  (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]), sizing_mode="stretch_width")
+        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), (DETAIL_TABS[1], self.embeddings.panel),
+                                   *((t, self._holders[t]) for t in DETAIL_TABS[2:]), sizing_mode="stretch_width")
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
         self._whole_edges = None
@@ -118,6 +118,22 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
+
+    def _view(self, tab):
+        """The view of a tab built on first open."""
+        if tab not in self._lazy:
+            make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
+                self._select_node, height=640, node_size=7,
+                title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
+                    "Curves": lambda: CurvesView(self.state), "Compare": lambda: CompareView(self.state), "Export": lambda: ExportView(self.state)}[tab]
+            view = self._lazy[tab] = make()
+            self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)
+        return self._lazy[tab]
+
+    whole = property(lambda self: self._view(GRAPH_TABS[1]))
+    curves = property(lambda self: self._view("Curves"))
+    compare = property(lambda self: self._view("Compare"))
+    export = property(lambda self: self._view("Export"))
 
     # --- widget -> state --------------------------------------------------------------------
 

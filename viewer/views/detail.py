@@ -55,11 +55,10 @@ class DetailView:
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, label="zero-centred colours")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
-        self.head_plot = attention.PatternPlot("head pattern")
-        self.channel_plot = attention.PatternPlot("channel pattern")
+        self.head_plot = self.channel_plot = None  # built on the first q/k/v node shown (two figures less per page)
         self.attn_note = HtmlBox()
-        self.attn = pn.Column(self.doc, self.attn_note.panel, pn.Row(pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)),
-                              sizing_mode="stretch_width")
+        self.attn_plots = pn.Row()
+        self.attn = pn.Column(self.doc, self.attn_note.panel, self.attn_plots, sizing_mode="stretch_width")
         self.inner_tabs = pn.Tabs((INNER_TABS[0], self.snippets.panel),
                                   (INNER_TABS[1], pn.Column(pn.Row(self.zero, self.task_page), self.task.panel, sizing_mode="stretch_width")),
                                   (INNER_TABS[2], self.attn), sizing_mode="stretch_width", dynamic=False)
@@ -80,8 +79,7 @@ class DetailView:
             self.header.object = NO_NODE
             self.inputs.object = self.outputs.object = ""
             self.snippets.object = self.task.object = self.attn_note.object = ""
-            self.head_plot.show(None, "head pattern")
-            self.channel_plot.show(None, "channel pattern")
+            self._no_pattern()
             return
         queries.prefetch((queries.samples, s.run, s.node), (queries.connections, s.run, s.node))
         ab = queries.ablations(s.run)
@@ -121,6 +119,11 @@ class DetailView:
         self.task.object = tokens.task_docs_html(docs, queries.activation_matrix(s.run, s.node), s.zero_centred,
                                                  pairs_shown=range(first, first + PAIRS_PER_PAGE))
 
+    def _no_pattern(self):
+        if self.head_plot is not None:
+            self.head_plot.show(None, "head pattern")
+            self.channel_plot.show(None, "channel pattern")
+
     def show_attention(self, force=False):
         s = self.state
         if not force and INNER_TABS[self.inner_tabs.active] != INNER_TABS[2]:
@@ -129,9 +132,12 @@ class DetailView:
         node = queries.node(s.run, s.node) if s.node else None
         if node is None or node["kind"] not in ("q", "k", "v"):
             self.attn_note.object = "<i>Attention patterns are shown for q, k and v nodes.</i>"
-            self.head_plot.show(None, "head pattern")
-            self.channel_plot.show(None, "channel pattern")
+            self._no_pattern()
             return
+        if self.head_plot is None:
+            self.head_plot = attention.PatternPlot("head pattern")
+            self.channel_plot = attention.PatternPlot("channel pattern")
+            self.attn_plots.extend([pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)])
         docs = queries.task_docs(s.run)
         if docs is None or docs.empty:
             self.attn_note.object = "<i>No task docs in the tables.</i>"

@@ -156,7 +156,7 @@ def _node_data(pos: pd.DataFrame, scale: float, pins: dict, selected: str) -> di
 class CircuitGraph:
     """A Bokeh graph of circuit nodes; `on_select(node_id)` is called when a node is tapped."""
 
-    def __init__(self, on_select, height=480, title="", node_size=14):
+    def __init__(self, on_select, height=420, title="", node_size=14):
         self.on_select = on_select
         self.nodes = ColumnDataSource({k: [] for k in ("x", "y", "node_id", "label", "delta", "color", "outline", "lw", "pin")})
         self.edges = ColumnDataSource({k: [] for k in ("x0", "y0", "x1", "y1", "color", "alpha", "width", "src", "tgt", "strength")})

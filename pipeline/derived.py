@@ -72,10 +72,10 @@ def wte_tables(model: str, wte: np.ndarray) -> dict[str, pa.Table]:
         hist["count"].append(counts.astype(np.int64))
 
     def table(name, cols):
+        if not cols["channel"]:  # an all-zero wte: no rows
+            return SCHEMAS[name].empty_table()
         n = sum(len(v) for v in cols["channel"])
-        arrays = {k: (np.concatenate(v) if v and not isinstance(v[0], str) else v) for k, v in cols.items()}
-        arrays = {k: (v if len(v) else np.zeros(0)) for k, v in arrays.items()}
-        data = {"model": pa.array([model] * n, pa.string()), **arrays}
+        data = {"model": [model] * n, **{k: (v if isinstance(v[0], str) else np.concatenate(v)) for k, v in cols.items()}}
         return sort_table(name, pa.table({f.name: pa.array(data[f.name], f.type) for f in SCHEMAS[name]}, schema=SCHEMAS[name]))
 
     return {"wte_extremes": table("wte_extremes", ext), "wte_histograms": table("wte_histograms", hist)}

@@ -434,3 +434,27 @@ def test_layer_half_layout_rows_and_heads(viewer_data):
         right_a = max(pos.loc[n["node_id"], "x"] for n in qkv if n["head"] == a)
         left_b = min(pos.loc[n["node_id"], "x"] for n in qkv if n["head"] == b)
         assert left_b >= right_a + 2  # a column of gap between heads
+
+
+def test_derived_tables_edges_of_the_cut():
+    """pipeline.derived on hand-made input: window bounds (50 either side kept, 51 dropped), rank >= 5 and
+    snippets without a token of interest dropped, an all-zero wte giving empty tables."""
+    import pyarrow as pa
+
+    from pipeline.derived import snippet_window, wte_tables
+
+    rows = {k: [] for k in ("run_id", "node_id", "location", "channel", "frac", "side", "rank", "pos", "token_id", "value", "is_center")}
+    for rank, centre in ((0, 60), (5, 60), (1, None)):  # rank 5 is not shown; rank 1 has no centre
+        for pos in range(130):
+            for k, v in (("run_id", "r"), ("node_id", "0.mlp.post_act:3"), ("location", "0.mlp.post_act"), ("channel", 3), ("frac", 0.1),
+                         ("side", "top"), ("rank", rank), ("pos", pos), ("token_id", pos), ("value", float(pos)), ("is_center", pos == centre)):
+                rows[k].append(v)
+    piece = pa.table(rows).cast(pa.schema([pa.field(n, t) for n, t in zip(rows, [pa.string()] * 3 + [pa.int64(), pa.float64(), pa.string(),
+                                                                                    pa.int32(), pa.int32(), pa.int32(), pa.float32(), pa.bool_()],
+                                                                          strict=True)]))
+    got = snippet_window(piece).to_pandas()
+    assert set(got["rank"]) == {0}
+    assert got["pos"].tolist() == list(range(10, 111))  # 60 - 50 .. 60 + 50
+    assert got["is_center"].sum() == 1 and got.loc[got["is_center"], "pos"].item() == 60
+    empty = wte_tables("m", np.zeros((4, 3), np.float32))
+    assert empty["wte_extremes"].num_rows == 0 and empty["wte_histograms"].num_rows == 0

@@ -377,10 +377,11 @@ class StoreBuilder:
             if self.stage_done("tokenizer") is None:
                 raise StoreBuildError(f"{self.out}: build the tokenizer before the models")
             train_stream, test_stream = self.streams()
+            on_eval = self._task_metrics_on_eval()
             self.log(f"{name}: training {self.profile.steps} steps ({kind})")
             t0 = time.perf_counter()
             with self._bar(name) as on_step:
-                result = train(self.profile, train_stream, test_stream, sparse=(kind == "sparse"), on_step=on_step)
+                result = train(self.profile, train_stream, test_stream, sparse=(kind == "sparse"), on_step=on_step, on_eval=on_eval)
             seconds = time.perf_counter() - t0
             want = expected_nonzeros(result.model, self.profile, sparse=(kind == "sparse"))
             if result.nonzero_weights != want:
@@ -410,6 +411,24 @@ class StoreBuilder:
             return [model_dir / "beeg_config.json", model_dir / "final_model.pt", curve_path], info
 
         return self._run_stage(stage, self._downstream(stage), run)
+
+    def _task_metrics_on_eval(self):
+        """progress.json gets, at every eval, each task's held-out accuracy and loss (the docs
+        part 2 stores), so the curve shows when the model learned each task."""
+        from pipeline.demo.prune import PruneConfig
+        from pipeline.demo.tasks import held_out_task_docs, task_metrics
+
+        cfg = PruneConfig.from_profile(self.profile)
+        docs = held_out_task_docs(self.corpus, self.encoding(), cfg.ctx, cfg.test_pairs)
+
+        def on_eval(step, model) -> dict:
+            out = {}
+            for task, d in docs.items():
+                for key, value in task_metrics(model(d), d).items():
+                    out[f"task_{key}/{task}"] = value
+            return out
+
+        return on_eval
 
     def build_circuits(self) -> dict[str, Any] | None:
         """Part 2 (pipeline.demo.circuits), when that module exists; None when it does not."""

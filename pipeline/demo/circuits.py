@@ -16,7 +16,7 @@ import torch
 
 from inference.circuit import node_locations, node_means, num_total_nodes
 from pipeline.demo.prune import PruneConfig, circuit_from_order, find_k_optim, raw_circuit_loss, train_gates
-from pipeline.demo.tasks import TASK_NAMES, pairs_to_docs, task_pairs
+from pipeline.demo.tasks import TASK_NAMES, held_out_task_docs, pairs_to_docs, task_pairs
 from pipeline.demo.vizdata import build_viz_data, pretraining_acts
 
 SWEEP = "prune_demo"
@@ -52,16 +52,15 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
     corpus = corpus_for_profile(profile)
     enc = _load_encoding(store_dir / "tinypython")
     train_texts = [f.text for f in corpus.split("train")]
-    test_texts = [f.text for f in corpus.split("test")]
     stream = token_stream(train_texts, enc, enc.eot_token)
+    test_docs_of = held_out_task_docs(corpus, enc, cfg.ctx, cfg.test_pairs)  # as progress.json measured them
     task_docs = {}
     for task in TASK_NAMES:
         tr = task_pairs(task, train_texts, enc, cfg.ctx, cfg.train_pairs)
-        te = task_pairs(task, test_texts, enc, cfg.ctx, cfg.test_pairs)
-        if len(tr) < MIN_PAIRS or len(te) < MIN_PAIRS:
-            log(f"circuits: task {task} skipped ({len(tr)} train / {len(te)} test pairs)")
+        if len(tr) < MIN_PAIRS or task not in test_docs_of:
+            log(f"circuits: task {task} skipped ({len(tr)} train pairs, test docs: {task in test_docs_of})")
             continue
-        task_docs[task] = (pairs_to_docs(tr, cfg.ctx), pairs_to_docs(te, cfg.ctx))
+        task_docs[task] = (pairs_to_docs(tr, cfg.ctx), test_docs_of[task])
     written = []
     for name in profile.model_names:
         model = load_model(str(store_dir / "models" / name))

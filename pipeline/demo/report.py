@@ -20,21 +20,7 @@ from pathlib import Path
 
 import torch
 
-from inference.circuit import docs_lengths
-
-
-def _accuracy(logits: torch.Tensor, docs: torch.Tensor) -> tuple[float, float]:
-    """(per-prompt, per-pair) accuracy: the correct answer outscores the alternative."""
-    n = docs.shape[0]
-    half = n // 2
-    lengths = docs_lengths(docs)
-    rows = torch.arange(n)
-    answers = docs[rows, lengths - 1]
-    last = logits[rows, lengths - 2]
-    pair = torch.stack([answers[:half], answers[half:]], dim=1)
-    first, second = last[:half].gather(1, pair), last[half:].gather(1, pair)
-    right1, right2 = first[:, 0] > first[:, 1], second[:, 1] > second[:, 0]
-    return float(torch.cat([right1, right2]).float().mean()), float((right1 & right2).float().mean())
+from pipeline.demo.tasks import task_metrics
 
 
 def collect(store_dir: str | Path) -> dict:
@@ -71,8 +57,8 @@ def collect(store_dir: str | Path) -> dict:
                 if "accuracy" not in task_row and model is not None:
                     docs = imp["task_samples"][0]
                     with torch.no_grad():
-                        acc, pair_acc = _accuracy(model(docs), docs)
-                    task_row.update(accuracy=acc, pair_accuracy=pair_acc, loss=imp["loss"] / 2, prompts=docs.shape[0])
+                        m = task_metrics(model(docs), docs)
+                    task_row.update(accuracy=m["accuracy"], pair_accuracy=m["pair_accuracy"], loss=imp["loss"] / 2, prompts=docs.shape[0])
             tasks.append(task_row)
     return {"models": models, "tasks": tasks, "circuits": circuits, "timings": manifest.get("timings", {})}
 

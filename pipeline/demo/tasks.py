@@ -23,6 +23,10 @@ held-out test split are stored and evaluated):
 - `for_while`: a real `for NAME in` loop header cut after `for NAME` (answer ` in`) vs the same
   with `while` (answer: first token of `:\\n`).
 
+Every prompt is one line of code (from the start of the line, indentation included, up to
+the point of the contrast; `_doc`), like the paper's short task prompts: the contrast is
+decided within the line, not by which quote style or names the rest of the file favours.
+
 A pair is skipped when an answer is not a single token, the two answers coincide, or an answer
 is token id 0 (the padding id: a doc ending in 0 would look shorter than it is).
 """
@@ -57,7 +61,9 @@ def _first_token(enc, text: str) -> int:
 
 
 def _doc(enc, prefix: str, answer: int, ctx: int) -> list[int]:
-    ids = enc.encode_ordinary(prefix)[-(ctx - 1) :]
+    """The prompt is the prefix's last line (its indentation included), at most ctx - 1 tokens."""
+    line = prefix[prefix.rfind("\n") + 1 :]
+    ids = enc.encode_ordinary(line)[-(ctx - 1) :]
     return ids + [answer]
 
 
@@ -207,3 +213,33 @@ def pairs_to_docs(pairs: list[Pair], ctx: int) -> torch.Tensor:
         for row, ids in ((j, p.first), (j + len(pairs), p.second)):
             docs[row, : len(ids)] = torch.tensor(ids)
     return docs
+
+
+def held_out_task_docs(corpus, enc, ctx: int, pairs: int) -> dict[str, torch.Tensor]:
+    """Every task's docs from the corpus's test split (tasks with fewer than 4 pairs left out)."""
+    texts = [f.text for f in corpus.split("test")]
+    out = {}
+    for task in TASK_NAMES:
+        found = task_pairs(task, texts, enc, ctx, pairs)
+        if len(found) >= 4:
+            out[task] = pairs_to_docs(found, ctx)
+    return out
+
+
+def task_metrics(logits: torch.Tensor, docs: torch.Tensor) -> dict[str, float]:
+    """Accuracy per prompt (the correct answer outscores the alternative), per pair (both
+    prompts right) and the task loss per prompt (raw / 2) of a model's logits on task docs."""
+    from inference.circuit import docs_lengths, task_loss
+
+    n = docs.shape[0]
+    half, rows, lengths = n // 2, torch.arange(n), docs_lengths(docs)
+    answers, last = docs[rows, lengths - 1], logits[rows, lengths - 2]
+    pair = torch.stack([answers[:half], answers[half:]], dim=1)
+    first, second = last[:half].gather(1, pair), last[half:].gather(1, pair)
+    right1, right2 = first[:, 0] > first[:, 1], second[:, 1] > second[:, 0]
+    return {
+        "accuracy": float(torch.cat([right1, right2]).float().mean()),
+        "pair_accuracy": float((right1 & right2).float().mean()),
+        "loss": float(task_loss(logits, docs)) / 2,
+    }
+

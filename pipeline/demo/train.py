@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inference.config import GPTConfig
@@ -81,7 +82,15 @@ def sparsify_(w: torch.Tensor, density: float, min_per_row: int) -> None:
     rest = k - int(keep.sum())
     if rest > 0:
         score = mag.masked_fill(keep, -1.0).flatten()
-        keep.view(-1)[score.topk(rest).indices] = True
+        # The rest-th largest score by selection (O(n); a global topk is O(n log k) and dominates
+        # the step for a large table), then exactly `rest` entries: all above it, and of those
+        # equal to it the first in index order.
+        s = score.numpy()
+        thr = float(np.partition(s, s.size - rest)[s.size - rest])
+        above = score > thr
+        ties = (score == thr).nonzero().squeeze(1)[: rest - int(above.sum())]
+        keep.view(-1)[above] = True
+        keep.view(-1)[ties] = True
     w.mul_(keep)
 
 

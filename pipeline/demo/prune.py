@@ -69,7 +69,7 @@ class PruneConfig:
 # Per-profile overrides (the tiny store must build in about a minute on 2 shared cores).
 PROFILE_DEFAULTS: dict[str, dict] = {
     "tiny": dict(steps=40, lr=0.1, train_pairs=16, test_pairs=8, ctx=32, ks=(8,), mean_windows=16, k_optim_max=48, curve_every=4),
-    "demo": dict(steps=150, lr=0.05, train_pairs=32, test_pairs=64, ctx=32, ks=(16, 64, 256), mean_windows=64, k_optim_max=2048),
+    "demo": dict(steps=150, lr=0.05, train_pairs=32, test_pairs=64, ctx=32, ks=(16, 64), mean_windows=64, k_optim_max=2048),
 }
 
 

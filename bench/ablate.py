@@ -6,14 +6,17 @@ the answer last), node means over random "pretraining" tokens. Times, in one pro
 
 - `dense`: one forward of the full model over the docs by the released algorithm (dense
   matmuls; bench/forward.py's `released_forward`), the unit of the ratio;
-- `fast_ablation_losses(model, docs, circuit, means)` on the accelerated model, mean ablation
-  of every node, including building the circuit-only model (its base run at full width);
+- the per-node ablations as `fast_ablation_losses` computes them on the accelerated model, mean
+  ablation of every node: the full model's norm scales (one forward), building the circuit-only
+  model (`CircuitModel`), its ablation passes, and the reference recomputation of any node that
+  hit an AbsTopK tie;
 - one reference masked forward (what the naive loop pays per node), to show the naive ratio;
 
-and prints total ablation time / dense forward time (target <= 2x), plus the largest difference
-between the fast and the reference deltas on a few nodes checked with the reference.
+and prints total ablation time / dense forward time (target <= 2x), in wall-clock time and in
+process CPU time (the latter is steadier when other jobs share the cores), plus the largest
+difference between the fast and the reference deltas on a few nodes checked with the reference.
 
-    python bench/ablate.py [--layers 2] [--nodes 200] [--docs 8] [--ctx 512] [--check 3]
+    python bench/ablate.py [--layers 2] [--nodes 200] [--docs 8] [--ctx 512] [--check 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -60,6 +63,22 @@ def task_docs(n_docs: int, ctx: int, vocab: int, gen: torch.Generator) -> torch.
     return docs
 
 
+class _Clock:
+    """Wall-clock and process CPU time since creation, and per lap."""
+
+    def __init__(self):
+        self.start = self.last = (time.perf_counter(), time.process_time())
+
+    def lap(self) -> tuple[float, float]:
+        now = (time.perf_counter(), time.process_time())
+        out = (now[0] - self.last[0], now[1] - self.last[1])
+        self.last = now
+        return out
+
+    def total(self) -> tuple[float, float]:
+        return time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
@@ -68,7 +87,10 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32, help="ablations per circuit-only pass")
     ap.add_argument("--check", type=int, default=3, help="nodes to recompute with the reference")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)
     model = build_release_model(args.layers)
@@ -80,23 +102,26 @@ def main() -> None:
 
     with torch.no_grad():
         sd = model.state_dict()
-        t0 = time.perf_counter()
+        clock = _Clock()
         released_forward(sd, cfg, docs)
-        t_dense = time.perf_counter() - t0
-        print(f"dense forward (released algorithm): {t_dense:.2f} s")
+        t_dense, cpu_dense = clock.lap()
+        print(f"dense forward (released algorithm): {t_dense:.2f} s (CPU {cpu_dense:.2f} s)")
 
         accelerate(model)
         means = C.node_means(model, torch.randint(0, cfg.vocab_size, (2, args.ctx), generator=gen))
-        t0 = time.perf_counter()
-        cm = C.CircuitModel(model, docs, circuit, means)
-        t_build = time.perf_counter() - t0
-        per_channel, tied = cm.ablation_losses("mean", args.batch)
-        t_total = time.perf_counter() - t0
-        print(f"fast ablation of {args.nodes} nodes: {t_total:.2f} s (circuit-only model built in {t_build:.2f} s), "
-              f"{len(tied)} nodes hit a topk tie -> {t_total / t_dense:.1f}x one dense forward (target <= 2x)")  # fmt: skip
+        clock = _Clock()
+        frozen = C.frozen_norm_scales(model, docs)  # the full model's norm scales: one forward
+        t_frozen, _ = clock.lap()
+        cm = C.CircuitModel(model, docs, circuit, means, frozen)
+        t_build, _ = clock.lap()
+        fast = C.fast_ablation_losses(model, docs, circuit, means, "mean", args.batch, circuit_model=cm)
+        t_passes, _ = clock.lap()
+        t_total, cpu_total = clock.total()
+        print(f"fast ablation of {args.nodes} nodes: {t_total:.2f} s (norm scales {t_frozen:.2f} s, circuit-only model "
+              f"built in {t_build:.2f} s, ablation passes {t_passes:.2f} s; CPU {cpu_total:.2f} s)")  # fmt: skip
+        print(f"ablate/dense: {t_total / t_dense:.1f}x wall, {cpu_total / cpu_dense:.1f}x CPU time (target <= 2x)")
 
-        fast = C._aligned(circuit, per_channel, cm.circuit)
-        masks, frozen = C.circuit_masks(cfg, circuit), C.frozen_norm_scales(model, docs)
+        masks = C.circuit_masks(cfg, circuit)
         checked = [
             (loc, int(ch[0])) for loc, ch in list(circuit.items())[:: max(1, len(circuit) // max(1, args.check))][: args.check]
         ]

@@ -785,7 +785,9 @@ class CircuitModel:
                 logits = self._final_logits(state, rows, tokens, at_rows=True).float()  # (A, n, 2)
                 lp_first = F.log_softmax(logits[:, :half], dim=-1)[..., 0]
                 lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
-                loss = -(lp_first + lp_second).mean(dim=1)
+                # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
+                # read by no q/k/v node of the circuit): every one of them leaves the loss as is.
+                loss = -(lp_first + lp_second).mean(dim=1).expand(A)
                 for a, (loc, _pos, c) in enumerate(group):
                     losses[(loc, c)] = loss[a].item()
                     if ties[0][a]:

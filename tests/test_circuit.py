@@ -134,3 +134,22 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         kth, kth1 = C._kth_largest_pair_sorted(flat, win, (flat > win[:, :1]).sum(-1, keepdim=True))
         assert torch.equal(kth.view(3, rows, 1), _brute_kth(union, k)), (n, m, k)
         assert torch.equal(kth1.view(3, rows, 1), _brute_kth(union, k + 1)), (n, m, k)
+
+
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_ablations_that_reach_nothing_leave_the_loss(mode):
+    """A circuit whose last layer keeps attention inputs but no q/k/v or MLP node: ablating those
+    inputs changes nothing downstream. (Found on the demo store, where the fast path crashed.)"""
+    model, docs, circuit, means = make_case("release_like", node_frac=0.2)
+    last = model.config.n_layer - 1
+    for loc in C.node_locations(model.config):
+        if loc.startswith(f"{last}.") and loc != f"{last}.attn.act_in":
+            circuit[loc] = torch.zeros(0, dtype=torch.long)
+    want = C.ablation_losses(model, docs, circuit, means, mode)
+    got = C.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
+    for loc in want:
+        assert torch.allclose(got[loc], want[loc], atol=1e-4, rtol=1e-4), loc
+    inert = want[f"{last}.attn.act_in"]
+    assert len(inert) > 1 and torch.allclose(inert, inert[0].expand_as(inert))  # all equal: they reach nothing
+    others = torch.cat([v for loc, v in want.items() if loc != f"{last}.attn.act_in"])
+    assert (others - inert[0]).abs().max() > 3e-4  # while other ablations do change it

@@ -132,3 +132,25 @@ def test_edges_are_checkpoint_weights(one_circuit):
                     want = sd[f"transformer.h.{i}.mlp.c_fc.weight"][t, s].item()
                 assert v == pytest.approx(want)
         assert mat.count_nonzero() > 0
+
+
+@pytest.mark.parametrize(
+    "losses, want",
+    [
+        ({k: 1.0 / k for k in range(1, 300)}, (34, True)),  # smallest k with 1/k <= 0.03 (raw = 2 x 0.15 / 10)
+        ({k: 0.5 + abs(k - 23) / 100 for k in range(1, 300)}, (23, False)),  # never reached: the best grid k
+    ],
+)
+def test_find_k_optim(monkeypatch, losses, want):
+    """k_optim against a known loss-vs-k curve: the smallest passing k by bisection, else the best k
+    the grid tried (never silently the whole model)."""
+    from pipeline.demo import prune
+
+    cfg = prune.PruneConfig(target_loss=0.015, k_optim_max=256)  # raw target 0.03
+    order = [("0.mlp.post_act", c) for c in range(300)]
+    size = lambda circuit: sum(len(c) for c in circuit.values())  # noqa: E731
+    monkeypatch.setattr(prune, "node_locations", lambda config: ["0.mlp.post_act"])
+    monkeypatch.setattr(prune, "frozen_norm_scales", lambda model, docs: None)
+    monkeypatch.setattr(prune, "raw_circuit_loss", lambda model, docs, circuit, means, frozen: losses[size(circuit)])
+    model = type("M", (), {"config": None})()
+    assert prune.find_k_optim(model, None, order, None, cfg) == want

@@ -28,7 +28,9 @@ recording and interventions work as before. `decelerate(model)` undoes it.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -121,15 +123,32 @@ class FastCausalSelfAttention(CausalSelfAttention):
         return sink_attention(q, k, v, self.attn_imp.sink_logit)
 
 
+def _select_rows(x: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
+    """AbsTopK of rows `x` (r, n) into `out`; returns the rows (r,) whose threshold is ambiguous."""
+    n = x.shape[-1]
+    part = np.abs(x)  # a fresh array: partitioned in place
+    np.copyto(part, -np.arange(1, n + 1, dtype=x.dtype), where=part == 0)  # distinct stand-ins for zeros
+    part.partition(n - k, axis=-1)
+    kth = part[:, n - k : n - k + 1]  # the k-th largest, or < 0 when fewer than k nonzeros
+    tied = (part[:, : n - k].max(axis=-1, keepdims=True) == kth) & (kth > 0)
+    tied |= np.isnan(part[:, n - k :].max(axis=-1, keepdims=True))  # NaNs: leave them to topk too
+    # x * (|x| >= kth), then + 0.0 so that dropped negatives are +0.0 as topk's scatter leaves
+    # them (kth < 0 keeps every entry; inf is always kept, so there is no inf * 0).
+    np.multiply(x, np.greater_equal(np.abs(x), kth), out=out)
+    out += 0.0
+    return tied[:, 0]
+
+
 def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:
     """`inference.model.abs_topk` with the same output, found by a threshold instead of a sort.
 
     The k-th largest |x| of each row comes from numpy's introselect (`np.partition`, ~4x faster
-    than `torch.topk` here), then every entry at least that large is kept. That is exactly the
-    top k unless the k-th value is tied with an entry outside the top k (or NaNs); such rows are redone by
-    `abs_topk` itself, so even the choice among ties is the plain path's. Exact zeros, which
-    sparse layers produce in bulk and on which introselect slows down, are given distinct
-    negative stand-ins: a row with fewer than k nonzeros then keeps all of them, as topk does.
+    than `torch.topk` on one thread), then every entry at least that large is kept. That is
+    exactly the top k unless the k-th value is tied with an entry outside the top k (or NaNs);
+    such rows are redone by `abs_topk` itself, so even the choice among ties is the plain path's.
+    Exact zeros, which sparse layers produce in bulk and on which introselect slows down, are
+    given distinct negative stand-ins: a row with fewer than k nonzeros then keeps all of them,
+    as topk does. All in numpy on the calling thread (`FastBlock` runs chunks on worker threads).
     """
     if frac is None:
         return x
@@ -144,17 +163,13 @@ def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:
         or _grad_needed(x)
     ):
         return abs_topk(x, frac)
-    a = x.detach().abs()
-    stand_ins = -torch.arange(1, n + 1, dtype=x.dtype)
-    part = torch.where(a == 0, stand_ins, a).reshape(-1, n).numpy()  # a fresh array: partitioned in place
-    part.partition(n - k, axis=-1)
-    kth = part[:, n - k : n - k + 1]  # the k-th largest, or < 0 when fewer than k nonzeros
-    tied = (part[:, : n - k].max(axis=-1, keepdims=True) == kth) & (kth > 0)
-    tied |= np.isnan(part[:, n - k :].max(axis=-1, keepdims=True))  # NaNs: leave them to topk too
-    out = torch.where(a >= torch.from_numpy(kth).view(*x.shape[:-1], 1), x.detach(), 0.0)
+    xs = x.detach().reshape(-1, n).contiguous()
+    out = torch.empty_like(xs)
+    tied = _select_rows(xs.numpy(), out.numpy(), k)
+    out = out.view(x.shape)
     if tied.any():
-        bad = torch.from_numpy(tied[:, 0]).view(x.shape[:-1])
-        out[bad] = abs_topk(x[bad], frac)
+        bad = torch.from_numpy(tied).view(x.shape[:-1])
+        out[bad] = abs_topk(x.detach()[bad], frac)
     return out
 
 
@@ -183,17 +198,51 @@ class _Taps:
     def __init__(self, names: list[str], n_rows: int):
         self.order = [name for name in names if recorded(name)]
         self.n_rows, self.full = n_rows, {}
+        self.lock = threading.Lock()
 
     def put(self, name: str, s: slice, t: torch.Tensor) -> None:
         if name in self.order:
-            if name not in self.full:
-                self.full[name] = t.new_empty(self.n_rows, t.shape[-1])
+            with self.lock:  # chunks may run on several threads: one full tensor per name
+                if name not in self.full:
+                    self.full[name] = t.new_empty(self.n_rows, t.shape[-1])
             self.full[name][s] = t
 
     def flush(self, B: int, T: int) -> None:
         for name in self.order:
             if name in self.full:
                 hook(name, self.full[name].view(B, T, -1))
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)  # per OS thread: this worker's ops run on its own core
+
+
+_CHUNK_POOLS: dict[int, ThreadPoolExecutor] = {}  # by size; never shut down (callers may share one)
+_POOLS_LOCK = threading.Lock()
+
+
+def _run_chunks(fn, chunks: list[slice]) -> None:
+    """fn(chunk) for every chunk: on the calling thread when torch has one thread (or there is one
+    chunk); else spread over as many worker threads as torch has, each running its ops on one
+    thread. The chunks are independent rows, so every row gets the same ops either way: equal
+    results. (Torch's own intra-op threads split each small op of a chunk, paying a fork/join per
+    op; whole chunks per thread pay none: the fast forward is ~15-30% faster on 2 cores.)"""
+    n = torch.get_num_threads()
+    if n <= 1 or len(chunks) <= 1:
+        for s in chunks:
+            fn(s)
+        return
+    with _POOLS_LOCK:
+        pool = _CHUNK_POOLS.get(n)
+        if pool is None:
+            pool = _CHUNK_POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="fastblock", initializer=_one_torch_thread)
+
+    def run(s: slice) -> None:
+        with torch.no_grad():  # grad mode is per thread; the caller checked it is off
+            fn(s)
+
+    for f in [pool.submit(run, s) for s in chunks]:
+        f.result()
 
 
 class FastBlock(Block):
@@ -223,7 +272,8 @@ class FastBlock(Block):
         chunks = [slice(s, min(s + CHUNK_ROWS, B * T)) for s in range(0, B * T, CHUNK_ROWS)]
 
         qkv = x.new_empty(3, B * T, cfg.d_attn)
-        for s in chunks:
+
+        def attn_in_chunk(s: slice) -> None:
             h, rstd = _norm_rows(self.ln_1, rows[s])
             if pos1 is not None:
                 h = torch.cat([h, pos1[s]], dim=-1)
@@ -234,6 +284,8 @@ class FastBlock(Block):
             h = attn.c_attn(h)
             for j, loc in enumerate(("attn_q", "attn_k", "attn_v")):
                 qkv[j, s] = abs_topk_exact(h[:, j * cfg.d_attn : (j + 1) * cfg.d_attn], cfg.sparsity_at(loc))
+
+        _run_chunks(attn_in_chunk, chunks)
         if taps:
             for j, kind in enumerate("qkv"):
                 hook(f"{i}.attn.{kind}", qkv[j].view(B, T, -1))
@@ -243,7 +295,8 @@ class FastBlock(Block):
             hook(f"{i}.attn.y", y.view(B, T, -1))
 
         out = torch.empty_like(rows)
-        for s in chunks:
+
+        def mlp_chunk(s: slice) -> None:
             delta = abs_topk_exact(attn.c_proj(y[s]), cfg.sparsity_at("attn_out"))
             xm = self._residual(rows[s] + delta, "resid_post_attn")
             h, rstd = _norm_rows(self.ln_2, xm)
@@ -262,6 +315,8 @@ class FastBlock(Block):
                 taps.put(f"{i}.mlp.post_act", s, h)
                 taps.put(f"{i}.mlp.resid_delta", s, delta)
             out[s] = self._residual(xm + delta, "resid_post_mlp")
+
+        _run_chunks(mlp_chunk, chunks)
         if taps:
             taps.flush(B, T)
         return out.view(B, T, D)

@@ -178,3 +178,28 @@ def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros():
     assert n_tied_rows > 50  # the tie fallback was exercised
     x = torch.tensor([[float("nan"), 1.0, -3.0, 2.0]])
     assert torch.equal(abs_topk_exact(x, 0.5).isnan(), abs_topk(x, 0.5).isnan())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunks_on_worker_threads_equal_one_thread(threads, monkeypatch):
+    """FastBlock runs its token chunks on as many worker threads as torch has: the logits and the
+    recorded hook values (assembled from chunks finished in any order) equal the plain path's."""
+    monkeypatch.setattr(fast_module, "CHUNK_ROWS", 7)
+    plain = sparsify(tiny_model(**VARIANTS["release_like"]), density=0.4)
+    fast = accelerate(sparsify(tiny_model(**VARIANTS["release_like"]), density=0.4), max_density=1.0)
+    idx = torch.randint(0, BASE["vocab_size"], (4, BASE["block_size"]), generator=torch.Generator().manual_seed(5))
+    want_logits, want = all_hooks(plain, idx)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got_logits, got = all_hooks(fast, idx)
+        with torch.no_grad():
+            fused = fast(idx)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    for name in want:
+        assert_close_to_scale(got[name], want[name], name)
+    assert_close_to_scale(fused, want_logits, "logits")
+    if threads > 1:
+        assert threads in fast_module._CHUNK_POOLS  # a worker pool of that size ran the chunks

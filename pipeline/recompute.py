@@ -12,10 +12,13 @@ Given the store's model and a circuit's viz_data:
 Forward passes run on the fast path (`inference.fast.accelerate`, switched on in place on the
 model given: same logits and hook values, sparse matmuls).
 
-Means: the store holds no pretraining corpus, but every viz_data carries pretraining text, the
-`samples` snippets. The node means are taken over all tokens of the distinct snippets of the file,
-each snippet run through the model as its own sequence (positions from 0). With no snippets the
-task docs are used instead (`means_source` says which).
+Means: the released store holds neither the node means its circuits were found with nor a
+pretraining corpus, but every viz_data carries pretraining text, the `samples` snippets. The node
+means are taken over all tokens of the distinct snippets of the file, each snippet run through the
+model as its own sequence (positions from 0): an approximation, so small disagreements with the
+stored ablations are expected. With no snippets the task docs are used instead. A store that holds
+`models/<model>/node_means.pt` (the embedded store writes the exact means it pruned with) gives
+those instead (`means_source` = "store"); then recomputed and stored values agree to float rounding.
 """
 
 from __future__ import annotations
@@ -81,7 +84,11 @@ def _record_nodes(viz: VizData, rec: dict) -> dict[tuple[str, int], np.ndarray]:
 
 
 @torch.no_grad()
-def recompute(model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None) -> Recomputed:
+def recompute(
+    model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None, store_means: tuple[dict, int, str] | None = None
+) -> Recomputed:
+    """`store_means`: (means by location, tokens, source) that the store holds for the model (the
+    embedded store writes the ones its circuits were found with); used instead of the snippets."""
     if not is_accelerated(model):
         accelerate(model)
     device = next(model.parameters()).device
@@ -98,7 +105,10 @@ def recompute(model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), lo
     full_acts = _record_nodes(viz, rec)
 
     seqs = snippet_sequences(viz)
-    if seqs:
+    if store_means is not None:
+        means, n_tokens, source = store_means
+        means = {loc: m.to(device) for loc, m in means.items()}
+    elif seqs:
         means, n_tokens = means_over_sequences(model, seqs)
         source = "samples"
     else:

@@ -49,6 +49,35 @@ def load_model(store, model: str, device: str = "cpu"):
     return _load(store.path(f"models/{model}"), device=device, cache_dir=getattr(store, "_cache_dir", None)).eval()
 
 
+NODE_MEANS_FILE = "node_means.pt"
+
+
+def load_node_means(store, model: str, config) -> tuple[dict, int, str] | None:
+    """(means by node location, tokens, "store") from `models/<model>/node_means.pt` when the store
+    has one (the embedded store does; the release does not), else None. Loaded with
+    `weights_only=True`; a file that does not fit the model is an error naming it."""
+    import torch
+
+    from inference.circuit import location_width, node_locations
+
+    rel = f"models/{model}/{NODE_MEANS_FILE}"
+    if not store.exists(rel):
+        return None
+    where = store.path(rel)
+    try:
+        blob = torch.load(store.local(rel), map_location="cpu", weights_only=True)
+        means, tokens = blob["means"], int(blob["tokens"])
+    except Exception as e:  # noqa: BLE001 (any unreadable content is the same finding)
+        raise ValueError(f"{where}: not a node-means file ({type(e).__name__}: {e})") from None
+    for loc in node_locations(config):
+        m = means.get(loc) if isinstance(means, dict) else None
+        want = location_width(config, loc)
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (want,):
+            got = "missing" if m is None else f"shape {tuple(getattr(m, 'shape', ()))}"
+            raise ValueError(f"{where}: means of {loc} are {got}, expected shape ({want},)")
+    return {loc: means[loc].float() for loc in node_locations(config)}, tokens, "store"
+
+
 def read_tensor(store, model: str, key: str):
     """One tensor of `models/<model>/final_model.pt`, with ranged reads (not the whole checkpoint)."""
     from inference.store import read_tensor as _read

@@ -163,3 +163,39 @@ def test_materialize_from_a_remote_store_through_the_cache(viz_store, tmp_path):
         meta = ev.asset_materialization.metadata
         assert meta["viz_data_pt/sha256"].value == sha[0][0]
         assert meta["viz_data_pt/size"].value == (viz_store / "viz" / run / "viz_data.pt").stat().st_size
+
+
+def test_recompute_on_the_embedded_store_uses_its_means_and_agrees(tiny_store, tmp_path):
+    """The embedded store ships the node means its circuits were pruned with
+    (`models/<model>/node_means.pt`): the pipeline's recomputed circuit loss and per-node mean
+    ablations then equal the stored ones, on every node (an end-to-end check of builder and pipeline)."""
+    import duckdb
+
+    s = materialize_store(store=str(tiny_store), data=str(tmp_path / "d"), progress=False, select="single_double_quote")
+    assert not s.failed, s.failed
+    con = duckdb.connect(str(tmp_path / "d" / "circuits.duckdb"), read_only=True)
+    rows = con.execute("select run_id, means_source, stored_interv_loss, recomputed_interv_loss, tolerance from recompute_summary").fetchall()
+    assert rows and len(rows) == len(s.runs)
+    for run_id, source, stored, recomputed, tol in rows:
+        assert source == "store", run_id
+        assert abs(stored - recomputed) <= tol * max(1.0, abs(stored)), run_id
+    n, agree, worst = con.execute("select count(*), count(*) filter (where agrees), max(abs_diff) from ablations where mode = 'mean'").fetchone()
+    n_nodes = con.execute("select count(*) from nodes").fetchone()[0]
+    assert n == n_nodes > 0 and agree == n, (agree, n, worst)
+
+
+def test_a_bad_node_means_file_fails_its_runs_by_name(tiny_store, tmp_path):
+    import shutil
+
+    import torch
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    means_file = store / "models" / "tiny_sparse" / "node_means.pt"
+    blob = torch.load(means_file, weights_only=True)
+    loc = sorted(blob["means"])[0]
+    blob["means"][loc] = blob["means"][loc][:-1]
+    torch.save(blob, means_file)
+    s = materialize_store(store=str(store), data=str(tmp_path / "d"), progress=False, select="single_double_quote/prune_demo/8")
+    assert s.failed
+    assert any("node_means.pt" in msg and loc in msg for msg in s.failed.values()), s.failed

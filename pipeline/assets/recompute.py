@@ -14,7 +14,7 @@ from pipeline.assets.tables import table_metadata
 from pipeline.formats import VizDataError, read_viz_data
 from pipeline.recompute import recompute, recompute_tables, within
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import load_model
+from pipeline.store_access import load_model, load_node_means
 from pipeline.tables import write_partition
 
 GROUP = "recompute"
@@ -54,7 +54,11 @@ def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
     model = cached_model(store, run.model, circuits.device)
-    r = recompute(model, viz, log=context.log.info)
+    try:
+        store_means = load_node_means(store, run.model, model.config)
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from None
+    r = recompute(model, viz, log=context.log.info, store_means=store_means)
     tables = recompute_tables(viz, run, r, circuits.loss_factor, circuits.tolerance, circuits.device)
     data = circuits.data_url()
     for name, t in tables.items():

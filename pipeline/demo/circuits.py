@@ -18,6 +18,7 @@ from inference.circuit import node_locations, node_means, num_total_nodes
 from pipeline.demo.prune import PruneConfig, circuit_from_order, find_k_optim, raw_circuit_loss, train_gates
 from pipeline.demo.tasks import TASK_NAMES, held_out_task_docs, pairs_to_docs, task_pairs
 from pipeline.demo.vizdata import build_viz_data, pretraining_acts
+from pipeline.store_access import NODE_MEANS_FILE  # models/<model>/node_means.pt: {"means": {location: (width,)}, "tokens", "source"}
 
 SWEEP = "prune_demo"
 MIN_PAIRS = 4
@@ -66,6 +67,16 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
         model = load_model(str(store_dir / "models" / name))
         windows = pretraining_windows(stream, model.config.block_size, cfg.mean_windows)
         means = node_means(model, windows)
+        # The means every circuit of this model was pruned and measured with: the release ships no
+        # such file, so readers of the public store approximate them; on this store the pipeline
+        # reads these and its recomputed ablations can match the stored ones exactly.
+        means_path = store_dir / "models" / name / NODE_MEANS_FILE
+        save_atomic(
+            {"means": {loc: m.float().clone() for loc, m in means.items()}, "tokens": int(windows.numel()),
+             "source": f"{windows.shape[0]} windows of {windows.shape[1]} tokens of the train split"},
+            means_path,
+        )  # fmt: skip
+        written.append(means_path)
         pre_acts = pretraining_acts(model, windows)
         locs = node_locations(model.config)
         total = num_total_nodes(model.config)

@@ -19,6 +19,9 @@ code, so pruning and attribution keep their exact gradients):
   which also returns each query's log-sum-exp `lse` of the scores, then one rescale. With the
   sink the softmax denominator gains `exp(s)` and the sink's value is zero, so the output is
   the sinkless one times `Z / (Z + exp(s)) = sigmoid(lse - s)`.
+- Each block runs token chunks of 256 rows (AbsTopK by selection, `abs_topk_exact`), the chunks
+  spread over worker threads, one torch thread each, rather than every small op split over
+  torch's threads (bench/README.md has the measurements).
 
 Every module keeps its parameters and names, so `state_dict()` (and `save_model`) is
 unchanged, and every hook point of `inference.model` is still called with the same values:
@@ -249,8 +252,9 @@ class FastBlock(Block):
     """The block computed chunk by chunk of tokens, with `abs_topk_exact`, when nothing can change
     its insides (no intervention, no gradient): the same math as `Block.forward` (tests check
     equality on every model variant). Recorded hook points are assembled from the chunks and
-    recorded with the same values. With interventions active it runs `Block.forward`, still with
-    the sparse linears and fast attention."""
+    recorded with the same values. The chunks before and after attention run on worker threads
+    (`_run_chunks`), one torch thread each. With interventions active it runs `Block.forward`,
+    still with the sparse linears and fast attention."""
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
         cfg, i = self.config, self.layer

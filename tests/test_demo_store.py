@@ -39,7 +39,12 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
 
 
 def part1_files(store: Path) -> dict[str, bytes]:
-    return {p.relative_to(store).as_posix(): p.read_bytes() for d in PART1_DIRS for p in sorted((store / d).rglob("*")) if p.is_file()}
+    """Part 1's files: everything under PART1_DIRS but what the circuits stage wrote there
+    (`models/<model>/node_means.pt`), as the store's manifest records it."""
+    stages = json.loads((store / MANIFEST).read_text())["stages"]
+    part2 = set(stages.get("circuits", {}).get("files", {}))
+    files = (p for d in PART1_DIRS for p in sorted((store / d).rglob("*")) if p.is_file())
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in files if p.relative_to(store).as_posix() not in part2}
 
 
 def have(module: str) -> bool:

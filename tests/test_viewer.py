@@ -458,3 +458,28 @@ def test_derived_tables_edges_of_the_cut():
     assert got["is_center"].sum() == 1 and got.loc[got["is_center"], "pos"].item() == 60
     empty = wte_tables("m", np.zeros((4, 3), np.float32))
     assert empty["wte_extremes"].num_rows == 0 and empty["wte_histograms"].num_rows == 0
+
+
+def test_outputs_of_a_residual_write_that_no_later_node_reads(viewer_data):
+    """A resid_delta node whose channel no later act_in node of the circuit reads says that it goes to
+    the logits; one that is read lists its readers."""
+    from viewer.app import create_app
+
+    _, truth = viewer_data
+    nodes = truth.nodes[RUN]
+    order = {"attn": 0, "mlp": 1}
+
+    def readers(w):
+        return [r for r in nodes if r["kind"] == "act_in" and r["channel"] == w["channel"]
+                and (r["layer"], order[r["half"]]) > (w["layer"], order[w["half"]])]
+
+    writes = [n for n in nodes if n["kind"] == "resid_delta"]
+    unread = next(w for w in writes if not readers(w))
+    read = next(w for w in writes if readers(w))
+    app = create_app(url={"run": RUN}).explorer
+    app.state.node = unread["node_id"]
+    assert f"reads residual channel {unread['channel']}" in app.detail.outputs.object
+    assert "unembedding" in app.detail.outputs.object
+    app.state.node = read["node_id"]
+    assert all(r["node_id"] in app.detail.outputs.object for r in readers(read))
+    assert "unembedding" not in app.detail.outputs.object

@@ -18,7 +18,7 @@ from inference.circuit import node_locations, node_means, num_total_nodes
 from pipeline.demo.prune import PruneConfig, circuit_from_order, find_k_optim, raw_circuit_loss, train_gates
 from pipeline.demo.tasks import TASK_NAMES, held_out_task_docs, pairs_to_docs, task_pairs
 from pipeline.demo.vizdata import build_viz_data, pretraining_acts
-from pipeline.store_access import NODE_MEANS_FILE  # models/<model>/node_means.pt: {"means": {location: (width,)}, "tokens", "source"}
+from pipeline.store_access import NODE_MEANS_FILE  # models/<model>/node_means.pt
 
 SWEEP = "prune_demo"
 MIN_PAIRS = 4

@@ -19,6 +19,24 @@ def connections_frame(df) -> dict | None:
             "strength": df["strength"].to_numpy(float), "weight": df["weight"].to_numpy(float)}
 
 
+def outputs_html(node: dict, outputs, links) -> str:
+    """The Outputs column: the node's outgoing edges; for a residual write without stored edges, the
+    later circuit nodes that read its channel (`links`: `queries.residual_links` of the run); and for
+    one that no later circuit node reads, what that means: in the circuit model every other reader is
+    held at its mean, so the channel reaches the answer only through the final norm and the unembedding."""
+    frame = connections_frame(outputs)
+    if frame is not None:
+        return table_html(frame)
+    if node.get("kind") != "resid_delta":
+        return "<i>none</i>"
+    mine = links[links["src_node_id"] == node["node_id"]] if links is not None and len(links) else None
+    if mine is not None and len(mine):
+        return ("<i>later reads of the same residual channel</i>"
+                + table_html({"from": mine["src_node_id"].to_numpy(object), "to": mine["tgt_node_id"].to_numpy(object)}))
+    return (f"<i>no later node of this circuit reads residual channel {int(node['channel'])}: "
+            "it acts on the logits directly, through the final norm and the unembedding</i>")
+
+
 def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str | None) -> str:
     nid = html.escape(node["node_id"])
     head = ""
@@ -88,7 +106,8 @@ class DetailView:
         self.header.object = header_html(s.run, node, ablation, s.pins.get(s.node))
         inputs, outputs = queries.connections(s.run, s.node)
         self.inputs.object = table_html(connections_frame(inputs))
-        self.outputs.object = table_html(connections_frame(outputs))
+        links = queries.residual_links(s.run) if node.get("kind") == "resid_delta" else None
+        self.outputs.object = outputs_html(node, outputs, links)
         self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
         self.stale = {INNER_TABS[1], INNER_TABS[2]}
         self._refresh_inner()

@@ -104,7 +104,7 @@ def recompute(
     loss = C.task_loss(logits, docs).item()
     full_acts = _record_nodes(viz, rec)
 
-    seqs = snippet_sequences(viz)
+    seqs = snippet_sequences(viz) if store_means is None else []
     if store_means is not None:
         means, n_tokens, source = store_means
         means = {loc: m.to(device) for loc, m in means.items()}

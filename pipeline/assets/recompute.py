@@ -18,14 +18,18 @@ from pipeline.store_access import load_model, load_node_means
 from pipeline.tables import write_partition
 
 GROUP = "recompute"
-_MODELS: dict[tuple, object] = {}  # (store, model, device) -> model, reused across runs of one process
+# (store, model, device) -> (model, the store's node means or None), reused across runs of one process
+_MODELS: dict[tuple, tuple] = {}
 
 
 def cached_model(store, model: str, device: str):
+    """The model and its store-shipped node means (`load_node_means`: ValueError on a bad file),
+    loaded once per process for all runs of that model."""
     key = (store.url, model, device)
     if key not in _MODELS:
         _MODELS.clear()  # keep at most one model in memory
-        _MODELS[key] = load_model(store, model, device)
+        m = load_model(store, model, device)
+        _MODELS[key] = (m, load_node_means(store, model, m.config))
     return _MODELS[key]
 
 
@@ -53,10 +57,9 @@ def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
         viz = read_viz_data(store.local(run.path), source=store.path(run.path))
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
-    model = cached_model(store, run.model, circuits.device)
     try:
-        store_means = load_node_means(store, run.model, model.config)
-    except ValueError as e:
+        model, store_means = cached_model(store, run.model, circuits.device)
+    except ValueError as e:  # a bad node-means file: fail the runs of that model, naming it
         raise dg.Failure(description=str(e)) from None
     r = recompute(model, viz, log=context.log.info, store_means=store_means)
     tables = recompute_tables(viz, run, r, circuits.loss_factor, circuits.tolerance, circuits.device)

@@ -106,7 +106,8 @@ class DetailView:
         self.header.object = header_html(s.run, node, ablation, s.pins.get(s.node))
         inputs, outputs = queries.connections(s.run, s.node)
         self.inputs.object = table_html(connections_frame(inputs))
-        links = queries.residual_links(s.run) if node.get("kind") == "resid_delta" else None
+        unlinked_write = node.get("kind") == "resid_delta" and (outputs is None or outputs.empty)
+        links = queries.residual_links(s.run) if unlinked_write else None  # only when no edge leaves it
         self.outputs.object = outputs_html(node, outputs, links)
         self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
         self.stale = {INNER_TABS[1], INNER_TABS[2]}

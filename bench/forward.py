@@ -6,7 +6,8 @@ layers, block weights at the release's density (1/1000 nonzero), saves it in the
 then in a fresh process (so peak RSS is its own):
 
 - loads it with `inference.load_model` (memory-mapped) and reports peak RSS against the file size;
-- times, at batch 1 and 8 of 1024 tokens:
+- times, at batch 1 and 8 of 1024 tokens (each path: one warm-up run, then the median of
+  `--repeat` runs, 3 by default, the released and the fast path taking turns):
   `released`: the released algorithm written out here (dense `F.linear`, AbsTopK by topk+scatter,
               sink attention as SDPA over a prepended zero key with a (B, H, T, T+1) additive
               mask, as the release's `SDPAWithSink`; attention run one sequence at a time so
@@ -18,7 +19,7 @@ then in a fresh process (so peak RSS is its own):
   number of positions whose logits differ by more than 1e-4 of the logit scale (AbsTopK is
   discontinuous: two values equal to float rounding can swap places when summed in another order).
 
-    python bench/forward.py [--layers 2] [--tokens 1024] [--batches 1 8] [--threads N]
+    python bench/forward.py [--layers 2] [--tokens 1024] [--batches 1 8] [--threads N] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -119,7 +120,20 @@ def _timed(fn, *args):
     return out, (time.perf_counter() - start, time.process_time() - cpu)
 
 
-def child(directory: str, tokens: int, batches: list[int], threads: int | None) -> dict:
+def _median_interleaved(repeat: int, fns: dict):
+    """Each function once untimed (warm-up: allocator, thread pools, caches), then `repeat` rounds
+    calling each in turn, so that a slow spell of the machine hits both sides alike; per function,
+    its output and the (wall, cpu) times of its median-wall run."""
+    outs = {name: fn() for name, fn in fns.items()}
+    runs: dict = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            outs[name], t = _timed(fn)
+            runs[name].append(t)
+    return {name: (outs[name], sorted(r)[len(r) // 2]) for name, r in runs.items()}
+
+
+def child(directory: str, tokens: int, batches: list[int], threads: int | None, repeat: int) -> dict:
     from inference import load_model
     from inference.fast import accelerate, decelerate
 
@@ -136,11 +150,12 @@ def child(directory: str, tokens: int, batches: list[int], threads: int | None) 
         model(torch.zeros(1, 8, dtype=torch.long))  # builds the compressed weights once
         for B in batches:
             idx = torch.randint(0, cfg.vocab_size, (B, tokens), generator=gen)
-            ref, t_released = _timed(released_forward, sd, cfg, idx)
-            fast, t_fast = _timed(model, idx)
+            paths = {"released": lambda idx=idx: released_forward(sd, cfg, idx), "fast": lambda idx=idx: model(idx)}
+            res = _median_interleaved(repeat, paths)
+            (ref, t_released), (fast, t_fast) = res["released"], res["fast"]
             decelerate(model)
             accelerate(model, max_density=0.0)  # dense matmuls, fast attention
-            _, t_dense_attn = _timed(model, idx)
+            _, t_dense_attn = _median_interleaved(repeat, {"dense": lambda idx=idx: model(idx)})["dense"]
             decelerate(model)
             accelerate(model)
             model(idx[:, :8])
@@ -165,10 +180,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per path after one warm-up; the median is reported")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.tokens, args.batches, args.threads)))
+        print(json.dumps(child(args.child, args.tokens, args.batches, args.threads, args.repeat)))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,13 +192,15 @@ def main() -> None:
     from inference.loader import save_model
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; csp_yolo2 widths, {args.layers} layers, density {DENSITY}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; csp_yolo2 widths, {args.layers} layers, density {DENSITY}; "
+        f"times: median of {args.repeat} runs after a warm-up"
     )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         save_model(build_release_model(args.layers), tmp)
         print(f"built and saved the checkpoint in {time.perf_counter() - t0:.1f} s")
-        cmd = [sys.executable, __file__, "--child", tmp, "--tokens", str(args.tokens), "--batches", *map(str, args.batches)]
+        cmd = [sys.executable, __file__, "--child", tmp, "--tokens", str(args.tokens), "--repeat", str(args.repeat)]
+        cmd += ["--batches", *map(str, args.batches)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     mb = 2**20

@@ -19,9 +19,11 @@ code, so pruning and attribution keep their exact gradients):
   which also returns each query's log-sum-exp `lse` of the scores, then one rescale. With the
   sink the softmax denominator gains `exp(s)` and the sink's value is zero, so the output is
   the sinkless one times `Z / (Z + exp(s)) = sigmoid(lse - s)`.
-- Each block runs token chunks of 256 rows (AbsTopK by selection, `abs_topk_exact`), the chunks
-  spread over worker threads, one torch thread each, rather than every small op split over
-  torch's threads (bench/README.md has the measurements).
+- AbsTopK by an exact selection (`abs_topk_exact`: a compiled radix select from
+  `inference.topk_select`; 4-7x faster per call than torch.topk + scatter on one thread).
+- Each block runs token chunks of 256 rows, the chunks spread over worker threads, one torch
+  thread each, rather than every small op split over torch's threads (bench/README.md has the
+  measurements).
 
 Every module keeps its parameters and names, so `state_dict()` (and `save_model`) is
 unchanged, and every hook point of `inference.model` is still called with the same values:
@@ -35,13 +37,13 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from inference.hooks import hook, hooks_active, interventions_active, recorded
 from inference.model import GPT, Block, CausalSelfAttention, abs_topk
+from inference.topk_select import select_rows
 
 # Dense-times-CSC beats the dense matmul below about 2-3% density for the release's shapes
 # (measured on 2 cores at 1024 tokens: 8192x2080 at 1%: 110 ms vs 280 ms dense; at 0.1%: 23 ms).
@@ -126,33 +128,15 @@ class FastCausalSelfAttention(CausalSelfAttention):
         return sink_attention(q, k, v, self.attn_imp.sink_logit)
 
 
-def _select_rows(x: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
-    """AbsTopK of rows `x` (r, n) into `out`; returns the rows (r,) whose threshold is ambiguous."""
-    n = x.shape[-1]
-    part = np.abs(x)  # a fresh array: partitioned in place
-    np.copyto(part, -np.arange(1, n + 1, dtype=x.dtype), where=part == 0)  # distinct stand-ins for zeros
-    part.partition(n - k, axis=-1)
-    kth = part[:, n - k : n - k + 1]  # the k-th largest, or < 0 when fewer than k nonzeros
-    tied = (part[:, : n - k].max(axis=-1, keepdims=True) == kth) & (kth > 0)
-    tied |= np.isnan(part[:, n - k :].max(axis=-1, keepdims=True))  # NaNs: leave them to topk too
-    # x * (|x| >= kth), then + 0.0 so that dropped negatives are +0.0 as topk's scatter leaves
-    # them (kth < 0 keeps every entry; inf is always kept, so there is no inf * 0).
-    np.multiply(x, np.greater_equal(np.abs(x), kth), out=out)
-    out += 0.0
-    return tied[:, 0]
-
-
 def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:
-    """`inference.model.abs_topk` with the same output, found by a threshold instead of a sort.
+    """`inference.model.abs_topk` with the same output, found by a threshold.
 
-    The k-th largest |x| of each row comes from numpy's introselect (`np.partition`; in the
-    release-width forward of bench/forward.py the whole pass is ~10% faster than with `abs_topk`'s
-    topk + scatter), then every entry at least that large is kept. That is
-    exactly the top k unless the k-th value is tied with an entry outside the top k (or NaNs);
-    such rows are redone by `abs_topk` itself, so even the choice among ties is the plain path's.
-    Exact zeros, which sparse layers produce in bulk and on which introselect slows down, are
-    given distinct negative stand-ins: a row with fewer than k nonzeros then keeps all of them,
-    as topk does. All in numpy on the calling thread (`FastBlock` runs chunks on worker threads).
+    The k-th largest |x| of each row comes from `inference.topk_select` (a compiled radix select,
+    or numpy's sort / introselect), then every entry at least that large is kept. That is exactly
+    the top k unless the k-th value is tied with an entry outside the top k (or NaNs); such rows
+    are redone by `abs_topk` itself, so even the choice among ties is the plain path's. A row with
+    fewer than k nonzeros keeps all of them, as topk does. Runs on the calling thread without the
+    GIL (`FastBlock` runs chunks on worker threads).
     """
     if frac is None:
         return x
@@ -169,7 +153,7 @@ def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:
         return abs_topk(x, frac)
     xs = x.detach().reshape(-1, n).contiguous()
     out = torch.empty_like(xs)
-    tied = _select_rows(xs.numpy(), out.numpy(), k)
+    tied = select_rows(xs.numpy(), out.numpy(), k)
     out = out.view(x.shape)
     if tied.any():
         bad = torch.from_numpy(tied).view(x.shape[:-1])

@@ -9,6 +9,7 @@ import torch
 from test_model import BASE, VARIANTS, ref_forward, tiny_model
 
 import inference.fast as fast_module
+import inference.topk_select as topk_select
 from inference import GPT, GPTConfig, intervene, load_model, record
 from inference.fast import FastBlock, FastCausalSelfAttention, SparseLinear, accelerate, decelerate, is_accelerated
 from inference.loader import save_model
@@ -157,9 +158,26 @@ def test_density_threshold_and_decelerate():
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros():
+SELECT_METHODS = ["radix", "sort", "introselect"]
+
+
+def force_select_method(monkeypatch, method: str) -> None:
+    """Make inference.topk_select use one implementation for every call."""
+    if method == "radix":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(topk_select, "METHOD", "radix" if method == "radix" else "numpy")
+    monkeypatch.setattr(topk_select, "SORT_MIN_ZERO_FRACTION", 0.0 if method == "sort" else 2.0)
+
+
+@pytest.mark.parametrize("method", SELECT_METHODS)
+def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros(method, monkeypatch):
+    """Every selection method (compiled radix select; numpy's full sort, used for rows with many
+    zeros, and introselect), forced on every row, gives abs_topk's output exactly: ties, zeros,
+    -0.0, inf and NaNs included."""
     from inference.fast import abs_topk_exact
     from inference.model import abs_topk
+
+    force_select_method(monkeypatch, method)
 
     gen = torch.Generator().manual_seed(0)
     n_tied_rows = 0
@@ -167,6 +185,10 @@ def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros():
         n = int(torch.randint(2, 40, (1,), generator=gen))
         frac = float(torch.rand(1, generator=gen))
         x = torch.randn(2, 5, n, generator=gen) * (torch.rand(2, 5, n, generator=gen) > 0.5)  # many exact zeros
+        if trial % 5 == 1:
+            x = x.neg()  # -0.0 where zeroed: the output must hold +0.0 there, as topk's scatter does
+        if trial % 7 == 2:
+            x[0, 0, 0] = float("inf") * (1 if trial % 2 else -1)
         if trial % 3 == 0:
             x = torch.round(x * 2) / 2  # many ties, also at the k-th value
             k = int(frac * n)
@@ -176,8 +198,9 @@ def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros():
         got, want = abs_topk_exact(x, frac), abs_topk(x, frac)
         assert torch.equal(got, want), (x, frac)
     assert n_tied_rows > 50  # the tie fallback was exercised
-    x = torch.tensor([[float("nan"), 1.0, -3.0, 2.0]])
-    assert torch.equal(abs_topk_exact(x, 0.5).isnan(), abs_topk(x, 0.5).isnan())
+    x = torch.tensor([[float("nan"), 1.0, -3.0, 2.0], [0.5, 1.0, -3.0, 2.0]])
+    got, want = abs_topk_exact(x, 0.5), abs_topk(x, 0.5)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -203,3 +226,40 @@ def test_chunks_on_worker_threads_equal_one_thread(threads, monkeypatch):
     assert_close_to_scale(fused, want_logits, "logits")
     if threads > 1:
         assert threads in fast_module._CHUNK_POOLS  # a worker pool of that size ran the chunks
+
+
+@pytest.mark.parametrize("method", SELECT_METHODS + ["auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zeros", [0.0, 0.6, 0.95])
+def test_abs_topk_exact_on_wide_rows(method, dtype, zeros, monkeypatch):
+    """Release-like row widths and shares of zeros, both float widths (radix: float32 only, float64
+    goes to numpy): equal to abs_topk, which keeps exactly k entries per row here (or every nonzero)."""
+    from inference.fast import abs_topk_exact
+    from inference.model import abs_topk
+
+    if method != "auto":
+        force_select_method(monkeypatch, method)
+    gen = torch.Generator().manual_seed(1)
+    for n in (2048, 2080, 8192):
+        x = torch.randn(3, 40, n, generator=gen, dtype=dtype) * (torch.rand(3, 40, n, generator=gen) >= zeros)
+        got = abs_topk_exact(x, 0.25)
+        assert torch.equal(got, abs_topk(x, 0.25))
+        kept = (got != 0).sum(-1)
+        assert bool(((kept == n // 4) | (kept == (x != 0).sum(-1))).all())
+
+
+def test_select_rows_without_numba_falls_back_to_numpy(monkeypatch):
+    """Without numba the numpy implementations serve "auto" with the same result; forcing the
+    compiled kernel then fails with a message that says what is missing."""
+    import numpy as np
+
+    from inference.model import abs_topk
+
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(2)).numpy()
+    want = np.empty_like(x)
+    monkeypatch.setattr(topk_select, "_KERNEL", [None])  # as if numba were not installed
+    assert not topk_select.select_rows(x, want, 75).any()
+    assert torch.equal(torch.from_numpy(want), abs_topk(torch.from_numpy(x), 0.25))
+    monkeypatch.setattr(topk_select, "METHOD", "radix")
+    with pytest.raises(RuntimeError, match="numba"):
+        topk_select.select_rows(x, np.empty_like(x), 75)

@@ -21,6 +21,7 @@ implementations, all exact, chosen per call:
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 
@@ -91,73 +92,84 @@ def radix_kernel():
 
 
 def _build_radix_kernel():
+    """numba's compiled `_radix_select_rows` (cached on disk where numba can write its cache), or
+    None, with a warning, when numba is missing or cannot compile it here: numpy then serves."""
     try:
         import numba
     except ImportError:
         return None
+    try:
+        try:
+            kernel = numba.njit(nogil=True, cache=True, boundscheck=False)(_radix_select_rows)
+        except RuntimeError:  # no writable cache location: compile per process instead
+            kernel = numba.njit(nogil=True, boundscheck=False)(_radix_select_rows)
+        x = np.arange(-8, 8, dtype=np.float32).reshape(2, 8)
+        kernel(x, np.empty_like(x), 2)  # compile (or load the cache) now, not mid-forward
+    except Exception as e:  # noqa: BLE001 (any failure of the optional kernel falls back to numpy)
+        warnings.warn(f"inference.topk_select: numba kernel unavailable ({e!r}); using numpy", stacklevel=2)
+        return None
+    return kernel
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False)
-    def radix_select_rows(x, out, k):  # pragma: no cover (compiled; tested through select_rows)
-        r, n = x.shape
-        xb = x.view(np.uint32)
-        ob = out.view(np.uint32)
-        redo = np.zeros(r, np.bool_)
-        hist = np.zeros(2048, np.int32)  # 0x7F800000 >> 20 = 2040: every finite |x| has a bucket
-        buf = np.empty(n, np.uint32)
-        for i in range(r):
-            # pass 1: bucket counts of |x| (bits >> 20: exponent and 3 mantissa bits); NaNs
-            top, nan = 0, False
-            for j in range(n):
-                a = xb[i, j] & 0x7FFFFFFF
-                nan |= a > 0x7F800000
-                b = a >> 20
-                hist[b] += 1
-                top = max(top, b)
-            # the bucket holding the k-th largest: walk down from the top bucket
-            b, above = top, 0
-            while b > 0 and above + hist[b] < k:
-                above += hist[b]
-                b -= 1
-            hist[: top + 1] = 0
-            if nan:
-                redo[i] = True
-                continue
-            # pass 2: that bucket's members (branch-free compaction)
-            m = 0
-            for j in range(n):
-                a = xb[i, j] & 0x7FFFFFFF
-                buf[m] = a
-                m += (a >> 20) == b
-            # the (k - above)-th largest of buf[:m]: quickselect (Hoare partition, descending)
-            want, lo, hi = k - above - 1, 0, m - 1
-            while lo < hi:
-                pivot = buf[(lo + hi) >> 1]
-                p, q = lo, hi
-                while p <= q:
-                    while buf[p] > pivot:
-                        p += 1
-                    while buf[q] < pivot:
-                        q -= 1
-                    if p <= q:
-                        buf[p], buf[q] = buf[q], buf[p]
-                        p += 1
-                        q -= 1
-                if want <= q:
-                    hi = q
-                elif want >= p:
-                    lo = p
-                else:
-                    break
-            kth = buf[want]
-            # pass 3: keep |x| >= kth (kth == 0: fewer than k nonzeros, all kept); -0.0 -> +0.0
-            kept = 0
-            for j in range(n):
-                v = xb[i, j]
-                a = v & 0x7FFFFFFF
-                keep = a >= kth
-                kept += keep
-                ob[i, j] = v if (keep and a != 0) else 0
-            redo[i] = kth > 0 and kept != k  # the kth tied with an entry outside the top k
-        return redo
 
-    return radix_select_rows
+def _radix_select_rows(x, out, k):  # pragma: no cover (run compiled by numba; tested through select_rows)
+    r, n = x.shape
+    xb = x.view(np.uint32)
+    ob = out.view(np.uint32)
+    redo = np.zeros(r, np.bool_)
+    hist = np.zeros(2048, np.int32)  # 0x7F800000 >> 20 = 2040: every finite |x| has a bucket
+    buf = np.empty(n, np.uint32)
+    for i in range(r):
+        # pass 1: bucket counts of |x| (bits >> 20: exponent and 3 mantissa bits); NaNs
+        top, nan = 0, False
+        for j in range(n):
+            a = xb[i, j] & 0x7FFFFFFF
+            nan |= a > 0x7F800000
+            b = a >> 20
+            hist[b] += 1
+            top = max(top, b)
+        # the bucket holding the k-th largest: walk down from the top bucket
+        b, above = top, 0
+        while b > 0 and above + hist[b] < k:
+            above += hist[b]
+            b -= 1
+        hist[: top + 1] = 0
+        if nan:
+            redo[i] = True
+            continue
+        # pass 2: that bucket's members (branch-free compaction)
+        m = 0
+        for j in range(n):
+            a = xb[i, j] & 0x7FFFFFFF
+            buf[m] = a
+            m += (a >> 20) == b
+        # the (k - above)-th largest of buf[:m]: quickselect (Hoare partition, descending)
+        want, lo, hi = k - above - 1, 0, m - 1
+        while lo < hi:
+            pivot = buf[(lo + hi) >> 1]
+            p, q = lo, hi
+            while p <= q:
+                while buf[p] > pivot:
+                    p += 1
+                while buf[q] < pivot:
+                    q -= 1
+                if p <= q:
+                    buf[p], buf[q] = buf[q], buf[p]
+                    p += 1
+                    q -= 1
+            if want <= q:
+                hi = q
+            elif want >= p:
+                lo = p
+            else:
+                break
+        kth = buf[want]
+        # pass 3: keep |x| >= kth (kth == 0: fewer than k nonzeros, all kept); -0.0 -> +0.0
+        kept = 0
+        for j in range(n):
+            v = xb[i, j]
+            a = v & 0x7FFFFFFF
+            keep = a >= kth
+            kept += keep
+            ob[i, j] = v if (keep and a != 0) else 0
+        redo[i] = kth > 0 and kept != k  # the kth tied with an entry outside the top k
+    return redo

@@ -263,3 +263,15 @@ def test_select_rows_without_numba_falls_back_to_numpy(monkeypatch):
     monkeypatch.setattr(topk_select, "METHOD", "radix")
     with pytest.raises(RuntimeError, match="numba"):
         topk_select.select_rows(x, np.empty_like(x), 75)
+
+
+def test_radix_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
+    """numba present but unable to compile here: a warning naming the cause, then numpy serves."""
+    numba = pytest.importorskip("numba")
+
+    def broken(*args, **kwargs):
+        raise TypeError("no LLVM target for this machine")
+
+    monkeypatch.setattr(numba, "njit", broken)
+    with pytest.warns(UserWarning, match="numba kernel unavailable.*no LLVM target"):
+        assert topk_select._build_radix_kernel() is None

@@ -82,6 +82,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("rank", I32), ("pos", I32), ("token_id", I32), ("value", F32), ("is_center", B),
     ),
     "wte_extremes": _schema(("model", S), ("channel", I32), ("side", S), ("rank", I32), ("token_id", I32), ("value", F32)),
+    "unembed_extremes": _schema(("model", S), ("channel", I32), ("side", S), ("rank", I32), ("token_id", I32), ("value", F32)),
     "wte_histograms": _schema(("model", S), ("channel", I32), ("bin", I32), ("bin_left", F64), ("bin_right", F64), ("count", I64)),
     "recompute_summary": _schema(
         ("run_id", S), ("stored_loss", F64), ("recomputed_loss", F64), ("stored_interv_loss", F64),
@@ -92,7 +93,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 }  # fmt: skip
 
 # Which tables are partitioned by model (the rest: by run).
-MODEL_TABLES = ("train_curves", "embeddings", "vocab", "wte_extremes", "wte_histograms")
+MODEL_TABLES = ("train_curves", "embeddings", "vocab", "wte_extremes", "wte_histograms", "unembed_extremes")
 RUN_TABLES = tuple(t for t in SCHEMAS if t not in MODEL_TABLES)
 # Sort keys of each table's rows within a file (the partition column first).
 SORT_KEYS: dict[str, tuple[str, ...]] = {
@@ -113,12 +114,13 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
     "recompute_summary": ("run_id",),
     "snippets": ("run_id", "location", "channel", "frac", "side", "rank", "pos"),
     "wte_extremes": ("model", "channel", "side", "rank"),
+    "unembed_extremes": ("model", "channel", "side", "rank"),
     "wte_histograms": ("model", "channel", "bin"),
 }
 ROW_GROUP_ROWS = 1 << 20
 # Tables read one node (or channel) at a time by the viewer: small row groups, so that a lookup
 # decompresses a few nodes' rows rather than a million (~20 nodes' activations at release widths).
-SMALL_ROW_GROUPS = {"activations": 1 << 16, "snippets": 1 << 15, "wte_extremes": 1 << 13, "wte_histograms": 1 << 13}
+SMALL_ROW_GROUPS = {"activations": 1 << 16, "snippets": 1 << 15, "wte_extremes": 1 << 13, "wte_histograms": 1 << 13, "unembed_extremes": 1 << 13}
 
 
 def row_group_rows(table: str) -> int:

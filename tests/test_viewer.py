@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -479,7 +480,35 @@ def test_outputs_of_a_residual_write_that_no_later_node_reads(viewer_data):
     app = create_app(url={"run": RUN}).explorer
     app.state.node = unread["node_id"]
     assert f"reads residual channel {unread['channel']}" in app.detail.outputs.object
-    assert "unembedding" in app.detail.outputs.object
+    assert "acts on the logits directly" in app.detail.outputs.object
     app.state.node = read["node_id"]
     assert all(r["node_id"] in app.detail.outputs.object for r in readers(read))
-    assert "unembedding" not in app.detail.outputs.object
+    assert "acts on the logits directly" not in app.detail.outputs.object
+
+
+def test_outputs_of_a_residual_write_list_the_tokens_it_pushes_directly(viewer_data):
+    """Every resid_delta node's Outputs name the tokens whose logits its channel raises and lowers most
+    through the final norm and the unembedding: checked against lm_head[:, c] * ln_f[c] ranked here."""
+    from viewer.app import create_app
+    from viewer.views.detail import LOGIT_TOKENS_SHOWN
+    from viewer.views.tokens import printable
+
+    _, truth = viewer_data
+    lm_head, ln_f = truth.unembed["toy"]
+    texts = [f"tok{i}" if i % 7 else f"<&{i}>" for i in range(lm_head.shape[0])]  # the toy vocab
+    app = create_app(url={"run": RUN}).explorer
+    writes = [n for n in truth.nodes[RUN] if n["kind"] == "resid_delta"]
+    assert writes
+    for w in writes:
+        app.state.node = w["node_id"]
+        out = app.detail.outputs.object
+        direct = lm_head[:, w["channel"]] * ln_f[w["channel"]]
+        ids = np.flatnonzero(direct)
+        raises = ids[np.lexsort((ids, -direct[ids]))][:LOGIT_TOKENS_SHOWN]
+        lowers = ids[np.lexsort((ids, direct[ids]))][:LOGIT_TOKENS_SHOWN]
+        up, down = out.split("raises:")[1].split("lowers:")
+        assert [printable(texts[i]) for i in raises] == re.findall(r"<code>(.*?)</code>", up)
+        assert [printable(texts[i]) for i in lowers] == re.findall(r"<code>(.*?)</code>", down)
+        assert f"{direct[raises[0]]:+.3f}" in up and f"{direct[lowers[0]]:+.3f}" in down
+    app.state.node = next(n["node_id"] for n in truth.nodes[RUN] if n["kind"] == "q")
+    assert "raises:" not in app.detail.outputs.object  # only residual writes have a direct path

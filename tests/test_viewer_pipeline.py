@@ -121,3 +121,29 @@ def test_pipeline_derived_tables(pipeline_data):
         counts, _ = np.histogram(col["value"].to_numpy(np.float64), bins=30)
         h = hist[(hist["model"] == model) & (hist["channel"] == channel)].sort_values("bin")
         assert h["count"].tolist() == counts.tolist()
+
+
+def test_pipeline_unembed_extremes_from_the_checkpoint(pipeline_data, viz_store):
+    """`unembed_extremes` as the pipeline wrote it, against lm_head.weight[:, c] * ln_f.weight[c] read
+    here from each model's checkpoint with plain torch.load."""
+    import numpy as np
+    import torch
+
+    ext = read(pipeline_data, "unembed_extremes")
+    models = sorted(set(ext["model"]))
+    assert models
+    for model in models:
+        sd = torch.load(viz_store / "models" / model / "final_model.pt", map_location="cpu", weights_only=True)
+        sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+        direct = sd["lm_head.weight"].float().numpy() * sd["transformer.ln_f.weight"].float().numpy()[None, :]
+        mine = ext[ext["model"] == model]
+        assert set(mine["channel"]) == {c for c in range(direct.shape[1]) if np.any(direct[:, c])}
+        for c in range(direct.shape[1]):
+            ids = np.flatnonzero(direct[:, c])
+            if not ids.size:
+                continue
+            ch = mine[mine["channel"] == c]
+            for side, order in (("top", np.lexsort((ids, -direct[ids, c]))), ("bottom", np.lexsort((ids, direct[ids, c])))):
+                got = ch[ch["side"] == side].sort_values("rank")
+                assert got["token_id"].tolist() == ids[order][:20].tolist()
+                np.testing.assert_allclose(got["value"].to_numpy(), direct[ids[order][:20], c], rtol=1e-6)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.derived import snippet_window, wte_tables
+from pipeline.derived import snippet_window, unembed_table, wte_tables
 from pipeline.tables import row_group_rows
 
 FRACS = (0.001, 0.01, 0.1, 0.5)
@@ -47,6 +47,7 @@ class Truth:
     runs: list = field(default_factory=list)
     nodes: dict = field(default_factory=dict)  # run_id -> list of node dicts
     tables: dict = field(default_factory=dict)  # table -> list of pyarrow tables
+    unembed: dict = field(default_factory=dict)  # model -> (lm_head (vocab, d_model), ln_f weight (d_model,))
 
 
 def _locations(layer):
@@ -149,6 +150,12 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         _write(root, "embeddings", model, {**rows, "value": np.array(rows["value"], np.float32)}, truth)
         for name, tbl in wte_tables(model, dense_of["wte"]).items():  # the pipeline's derived tables, from the same data
             _write(root, name, model, tbl, truth)
+        urng = np.random.default_rng(seed + 1000)  # its own stream: the other tables stay as they were
+        lm_head = urng.normal(size=(s.vocab, s.d_model)).astype(np.float32)
+        lm_head[urng.random(lm_head.shape) < 0.6] = 0
+        ln_f = urng.normal(size=s.d_model).astype(np.float32)
+        truth.unembed[model] = (lm_head, ln_f)
+        _write(root, "unembed_extremes", model, unembed_table(model, lm_head, ln_f), truth)
         steps = np.arange(0, 100, 10)
         _write(root, "train_curves", model, {"model": [model] * 2 * len(steps), "step": np.concatenate([steps, steps]),
                                              "metric": ["train_loss"] * len(steps) + ["lr"] * len(steps),
@@ -305,6 +312,7 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         if "runs" not in skip:
             _write(root, "runs", run_id, {k: [v] for k, v in truth.runs[-1].items()}, truth)
     tables = [t for t in ("runs", "nodes", "edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve",
-                          "loss_at_k", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "vocab", "ablations") if t not in skip]
+                          "loss_at_k", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab",
+                          "ablations") if t not in skip]
     write_views(root, tables)
     return truth

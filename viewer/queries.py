@@ -30,7 +30,7 @@ from pipeline.derived import SNIPPET_RADIUS, SNIPPETS_SHOWN
 
 REQUIRED_TABLES = ("runs", "nodes")
 OPTIONAL_TABLES = ("edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve", "loss_at_k",
-                   "train_curves", "embeddings", "wte_extremes", "wte_histograms", "vocab", "ablations")
+                   "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab", "ablations")
 MARK_LAYER_DELTA = 0.3  # layer-halves above this delta are marked (released viewer)
 
 
@@ -448,6 +448,14 @@ def head_qk(run_id: str, layer: int, head: int, doc: int) -> pd.DataFrame | None
 def wte_extremes(model: str, channel: int) -> pd.DataFrame | None:
     """The pipeline's top and bottom nonzero wte weights of a channel: side, rank, token_id, value, text."""
     df = optional("""SELECT side, rank, token_id, value FROM wte_extremes WHERE model = ? AND channel = ?
+                     ORDER BY side DESC, rank""", [model, channel])
+    return None if df is None else df.assign(text=token_texts(model, df["token_id"].to_numpy()))
+
+
+def unembed_extremes(model: str, channel: int) -> pd.DataFrame | None:
+    """The pipeline's tokens whose logits residual channel `channel` raises (side 'top') and lowers
+    ('bottom') most directly (lm_head x final-norm weight): side, rank, token_id, value, text."""
+    df = optional("""SELECT side, rank, token_id, value FROM unembed_extremes WHERE model = ? AND channel = ?
                      ORDER BY side DESC, rank""", [model, channel])
     return None if df is None else df.assign(text=token_texts(model, df["token_id"].to_numpy()))
 

@@ -85,7 +85,7 @@ def build_duckdb(data: str) -> str:
 
 @dg.asset(
     group_name="duckdb",
-    deps=list(VIZ_TABLES) + ["ablations", "recomputed_activations", "recompute_summary", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "vocab"],
+    deps=list(VIZ_TABLES) + ["ablations", "recomputed_activations", "recompute_summary", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab"],
     description="circuits.duckdb: one view per table over its Parquet files (absolute paths)",
 )
 def circuits_duckdb(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pipeline import convert
 from pipeline.assets.discovery import MODELS, RUNS, run_ref
 from pipeline.assets.download import tokenizer_files, train_curve_file, viz_data_file
-from pipeline.derived import wte_tables
+from pipeline.derived import unembed_table, wte_tables
 from pipeline.formats import VizDataError, read_viz_data
 from pipeline.resources import CircuitsResource
 from pipeline.store_access import load_tokenizer, local_sha256, read_tensor, token_bytes_list
@@ -127,6 +127,8 @@ def train_curves(context: dg.AssetExecutionContext, circuits: CircuitsResource) 
         dg.AssetSpec("embeddings", group_name=GROUP, description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt"),
         dg.AssetSpec("wte_extremes", group_name=GROUP, description="Derived: per wte channel, the 20 largest and smallest nonzero weights"),
         dg.AssetSpec("wte_histograms", group_name=GROUP, description="Derived: per wte channel, a 30-bin histogram of its nonzero weights"),
+        dg.AssetSpec("unembed_extremes", group_name=GROUP,
+                     description="Derived: per residual channel, the 20 tokens whose logits it raises / lowers most directly (lm_head x ln_f weight)"),
     ],
     partitions_def=MODELS,
 )
@@ -136,7 +138,13 @@ def embeddings(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     wte = read_tensor(store, model, "transformer.wte.weight").float().numpy()
     wpe = read_tensor(store, model, "transformer.wpe.weight").float().numpy()
     context.log.info(f"{model}: wte {wte.shape} ({np.count_nonzero(wte)} nonzero), wpe {wpe.shape}")
-    tables = {"embeddings": convert.embeddings_table(model, wte, wpe), **wte_tables(model, wte)}
+    try:
+        lm_head = read_tensor(store, model, "lm_head.weight").float().numpy()
+    except KeyError:  # a tied unembedding may be saved once, as wte
+        lm_head = wte
+    ln_f = read_tensor(store, model, "transformer.ln_f.weight").float().numpy()
+    tables = {"embeddings": convert.embeddings_table(model, wte, wpe), **wte_tables(model, wte),
+              "unembed_extremes": unembed_table(model, lm_head, ln_f)}
     for name, table in tables.items():
         yield dg.MaterializeResult(asset_key=name, metadata=table_metadata(write_partition(circuits.data_url(), name, model, table)))
 

@@ -19,22 +19,42 @@ def connections_frame(df) -> dict | None:
             "strength": df["strength"].to_numpy(float), "weight": df["weight"].to_numpy(float)}
 
 
-def outputs_html(node: dict, outputs, links) -> str:
+LOGIT_TOKENS_SHOWN = 8  # per side, of the pipeline's 20
+
+
+def logit_effect_html(extremes) -> str:
+    """A residual channel's direct effect on the logits (`queries.unembed_extremes`): the tokens whose
+    logits a positive value in it raises and lowers most (a negative value does the reverse)."""
+    if extremes is None or extremes.empty:
+        return ""
+    lines = []
+    for side, verb in (("top", "raises"), ("bottom", "lowers")):
+        rows = extremes[extremes["side"] == side].head(LOGIT_TOKENS_SHOWN)
+        cells = " ".join(f"<code>{tokens.printable(t)}</code>&nbsp;{v:+.3f}" for t, v in zip(rows["text"], rows["value"], strict=True))
+        lines.append(f"<div>{verb}: {cells or '<i>none</i>'}</div>")
+    return ('<div class="logit-effect"><i>direct effect on the logits, per unit of the normalized channel '
+            "(unembedding × final-norm weight); a positive value</i>" + "".join(lines) + "</div>")
+
+
+def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
     """The Outputs column: the node's outgoing edges; for a residual write without stored edges, the
     later circuit nodes that read its channel (`links`: `queries.residual_links` of the run); and for
     one that no later circuit node reads, what that means: in the circuit model every other reader is
-    held at its mean, so the channel reaches the answer only through the final norm and the unembedding."""
+    held at its mean, so the channel reaches the answer only through the final norm and the unembedding.
+    For every residual write, `logit_effect` (`queries.unembed_extremes` of its channel) adds the
+    tokens its channel pushes up and down directly."""
     frame = connections_frame(outputs)
-    if frame is not None:
-        return table_html(frame)
     if node.get("kind") != "resid_delta":
-        return "<i>none</i>"
+        return table_html(frame) if frame is not None else "<i>none</i>"
+    direct = logit_effect_html(logit_effect)
+    if frame is not None:
+        return table_html(frame) + direct
     mine = links[links["src_node_id"] == node["node_id"]] if links is not None and len(links) else None
     if mine is not None and len(mine):
         return ("<i>later reads of the same residual channel</i>"
-                + table_html({"from": mine["src_node_id"].to_numpy(object), "to": mine["tgt_node_id"].to_numpy(object)}))
+                + table_html({"from": mine["src_node_id"].to_numpy(object), "to": mine["tgt_node_id"].to_numpy(object)}) + direct)
     return (f"<i>no later node of this circuit reads residual channel {int(node['channel'])}: "
-            "it acts on the logits directly, through the final norm and the unembedding</i>")
+            "it acts on the logits directly, through the final norm and the unembedding</i>" + direct)
 
 
 def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str | None) -> str:
@@ -108,7 +128,11 @@ class DetailView:
         self.inputs.object = table_html(connections_frame(inputs))
         unlinked_write = node.get("kind") == "resid_delta" and (outputs is None or outputs.empty)
         links = queries.residual_links(s.run) if unlinked_write else None  # only when no edge leaves it
-        self.outputs.object = outputs_html(node, outputs, links)
+        logit = None
+        if node.get("kind") == "resid_delta":
+            run = queries.run(s.run)
+            logit = queries.unembed_extremes(run["model"], int(node["channel"])) if run is not None else None
+        self.outputs.object = outputs_html(node, outputs, links, logit)
         self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
         self.stale = {INNER_TABS[1], INNER_TABS[2]}
         self._refresh_inner()

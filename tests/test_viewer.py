@@ -491,8 +491,9 @@ def test_outputs_of_a_residual_write_list_the_tokens_it_pushes_directly(viewer_d
     through the final norm and the unembedding: checked against lm_head[:, c] * ln_f[c] ranked here."""
     from viewer.app import create_app
     from viewer.views.detail import LOGIT_TOKENS_SHOWN
-    from viewer.views.tokens import printable
+    from viewer.views.tokens import token_label
 
+    assert token_label(" in\n") == "␣in⏎" and token_label("<&") == "&lt;&amp;"
     _, truth = viewer_data
     lm_head, ln_f = truth.unembed["toy"]
     texts = [f"tok{i}" if i % 7 else f"<&{i}>" for i in range(lm_head.shape[0])]  # the toy vocab
@@ -507,8 +508,8 @@ def test_outputs_of_a_residual_write_list_the_tokens_it_pushes_directly(viewer_d
         raises = ids[np.lexsort((ids, -direct[ids]))][:LOGIT_TOKENS_SHOWN]
         lowers = ids[np.lexsort((ids, direct[ids]))][:LOGIT_TOKENS_SHOWN]
         up, down = out.split("raises:")[1].split("lowers:")
-        assert [printable(texts[i]) for i in raises] == re.findall(r"<code>(.*?)</code>", up)
-        assert [printable(texts[i]) for i in lowers] == re.findall(r"<code>(.*?)</code>", down)
+        assert [token_label(texts[i]) for i in raises] == re.findall(r"<code>(.*?)</code>", up)
+        assert [token_label(texts[i]) for i in lowers] == re.findall(r"<code>(.*?)</code>", down)
         assert f"{direct[raises[0]]:+.3f}" in up and f"{direct[lowers[0]]:+.3f}" in down
     app.state.node = next(n["node_id"] for n in truth.nodes[RUN] if n["kind"] == "q")
     assert "raises:" not in app.detail.outputs.object  # only residual writes have a direct path

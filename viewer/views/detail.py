@@ -30,7 +30,7 @@ def logit_effect_html(extremes) -> str:
     lines = []
     for side, verb in (("top", "raises"), ("bottom", "lowers")):
         rows = extremes[extremes["side"] == side].head(LOGIT_TOKENS_SHOWN)
-        cells = " ".join(f"<code>{tokens.printable(t)}</code>&nbsp;{v:+.3f}" for t, v in zip(rows["text"], rows["value"], strict=True))
+        cells = " ".join(f"<code>{tokens.token_label(t)}</code>&nbsp;{v:+.3f}" for t, v in zip(rows["text"], rows["value"], strict=True))
         lines.append(f"<div>{verb}: {cells or '<i>none</i>'}</div>")
     return ('<div class="logit-effect"><i>direct effect on the logits, per unit of the normalized channel '
             "(unembedding × final-norm weight); a positive value</i>" + "".join(lines) + "</div>")

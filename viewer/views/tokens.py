@@ -25,6 +25,12 @@ def printable(text: str) -> str:
     return html.escape(str(text)).replace("\n", "⏎").replace("\t", "⇥")
 
 
+def token_label(text: str) -> str:
+    """A token shown on its own (not in running text): `printable`, with spaces shown as ␣ so that
+    ' in' and 'in' differ at a glance."""
+    return printable(text).replace(" ", "␣")
+
+
 ALPHA_STEPS = 100  # background opacity is quantized to 1/100: a lookup table instead of a format per token
 _POS_BG = [f"rgba({POS_RGB[0]},{POS_RGB[1]},{POS_RGB[2]},{i / ALPHA_STEPS:.2f})" for i in range(ALPHA_STEPS + 1)]
 _NEG_BG = [f"rgba({NEG_RGB[0]},{NEG_RGB[1]},{NEG_RGB[2]},{i / ALPHA_STEPS:.2f})" for i in range(ALPHA_STEPS + 1)]

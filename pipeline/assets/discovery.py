@@ -15,6 +15,7 @@ import dagster as dg
 from pipeline.convert import RunRef
 from pipeline.resources import CircuitsResource
 from pipeline.store_access import list_dir
+from pipeline.tables import MODEL_TABLES
 
 RUNS = dg.DynamicPartitionsDefinition(name="circuit_runs")
 MODELS = dg.DynamicPartitionsDefinition(name="models")
@@ -95,7 +96,7 @@ def store_index(context: dg.AssetExecutionContext, circuits: CircuitsResource) -
 # needs no import of the asset modules).
 RUN_ASSET_KEYS = ("viz_data_file", "runs", "nodes", "edges", "task_docs", "activations", "samples", "layer_ablations",
                   "pruning_curve", "loss_at_k", "snippets", "ablations", "recomputed_activations", "recompute_summary")  # fmt: skip
-MODEL_ASSET_KEYS = ("model_checkpoint", "train_curve_file", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab")
+MODEL_ASSET_KEYS = ("model_checkpoint", "train_curve_file", *MODEL_TABLES)  # the downloads, then every model-level table
 run_tables_job = dg.define_asset_job("run_tables_job", selection=dg.AssetSelection.assets(*RUN_ASSET_KEYS))
 model_tables_job = dg.define_asset_job("model_tables_job", selection=dg.AssetSelection.assets(*MODEL_ASSET_KEYS))
 

@@ -21,7 +21,7 @@ import fsspec
 
 from pipeline.assets.tables import VIZ_TABLES
 from pipeline.resources import CircuitsResource
-from pipeline.tables import SCHEMAS, is_remote, local_path, table_dir
+from pipeline.tables import MODEL_TABLES, SCHEMAS, is_remote, local_path, table_dir
 
 DB_NAME = "circuits.duckdb"
 
@@ -85,7 +85,7 @@ def build_duckdb(data: str) -> str:
 
 @dg.asset(
     group_name="duckdb",
-    deps=list(VIZ_TABLES) + ["ablations", "recomputed_activations", "recompute_summary", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab"],
+    deps=list(VIZ_TABLES) + ["ablations", "recomputed_activations", "recompute_summary", *MODEL_TABLES],
     description="circuits.duckdb: one view per table over its Parquet files (absolute paths)",
 )
 def circuits_duckdb(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:

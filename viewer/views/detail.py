@@ -126,10 +126,10 @@ class DetailView:
         self.header.object = header_html(s.run, node, ablation, s.pins.get(s.node))
         inputs, outputs = queries.connections(s.run, s.node)
         self.inputs.object = table_html(connections_frame(inputs))
-        unlinked_write = node.get("kind") == "resid_delta" and (outputs is None or outputs.empty)
-        links = queries.residual_links(s.run) if unlinked_write else None  # only when no edge leaves it
-        logit = None
+        links = logit = None
         if node.get("kind") == "resid_delta":
+            if outputs is None or outputs.empty:  # later readers only when no edge leaves it
+                links = queries.residual_links(s.run)
             run = queries.run(s.run)
             logit = queries.unembed_extremes(run["model"], int(node["channel"])) if run is not None else None
         self.outputs.object = outputs_html(node, outputs, links, logit)

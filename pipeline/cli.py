@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", choices=["tiny", "demo"], default="demo")
     p.add_argument("--out", default=None, help="store directory (default: $CIRCUITS_DATA/store)")
     p.add_argument("--force", action="store_true", help="replace a directory that holds a different store")
+    p.add_argument("--redo", choices=["circuits"], default=None, help="rebuild this stage (e.g. the circuits on existing models)")
 
     p = sub.add_parser("store-report", help="the embedded store's models, task accuracy, k_optim and circuits as Markdown tables")
     p.add_argument("--store", default=None, help="store directory (default: $CIRCUITS_DATA/store)")

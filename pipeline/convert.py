@@ -309,6 +309,24 @@ def loss_at_k_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
     )
 
 
+def faithfulness_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
+    """The stored stress tests of a demo-store circuit (per-prompt losses, i.e. raw / 2, in the
+    file; `loss_raw` restores the release's raw scale so that `loss` follows `loss_factor`)."""
+    rows = viz.prune_config.get("faithfulness") or []
+    flagged = bool((viz.prune_config.get("overfit") or {}).get("flagged", False))
+    cols: dict[str, list] = {k: [] for k in SCHEMAS["faithfulness"].names}
+    for r in rows:
+        raw = 2.0 * float(r["loss"])
+        row = {
+            "run_id": run.run_id, "prompt_set": str(r["prompt_set"]), "ablation": str(r["ablation"]), "variant": str(r["variant"]),
+            "loss_raw": raw, "loss": raw * loss_factor, "loss_se": 2.0 * float(r["loss_se"]) * loss_factor,
+            "accuracy": float(r["accuracy"]), "n_prompts": int(r["n_prompts"]), "flagged": flagged,
+        }  # fmt: skip
+        for k, v in row.items():
+            cols[k].append(v)
+    return make_table("faithfulness", cols)
+
+
 def run_tables(viz: VizData, run: RunRef, loss_factor: float, decode_token: Callable[[int], str], sha256: str | None = None) -> dict:
     """Every run-level table of one circuit: name -> table, or iterator of pieces (activations, samples, snippets)."""
     return {
@@ -322,6 +340,7 @@ def run_tables(viz: VizData, run: RunRef, loss_factor: float, decode_token: Call
         "layer_ablations": layer_ablations_table(viz, run, loss_factor),
         "pruning_curve": pruning_curve_table(viz, run, loss_factor),
         "loss_at_k": loss_at_k_table(viz, run, loss_factor),
+        "faithfulness": faithfulness_table(viz, run, loss_factor),
     }
 
 

@@ -92,6 +92,15 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }  # fmt: skip
 
+# Faithfulness stress tests of a circuit (embedded demo store: prune_config["faithfulness"],
+# pipeline.demo.circuits; no rows for released runs): its loss alone, without it, mean vs zero
+# ablation, on each prompt set. `flagged`: the run's evaluation loss misses its selection loss
+# by more than the standard error of their difference (same value on every row of the run).
+SCHEMAS["faithfulness"] = _schema(
+    ("run_id", S), ("prompt_set", S), ("ablation", S), ("variant", S), ("loss_raw", F64), ("loss", F64),
+    ("loss_se", F64), ("accuracy", F64), ("n_prompts", I64), ("flagged", B),
+)  # fmt: skip
+
 # Which tables are partitioned by model (the rest: by run).
 MODEL_TABLES = ("train_curves", "embeddings", "vocab", "wte_extremes", "wte_histograms", "unembed_extremes")
 RUN_TABLES = tuple(t for t in SCHEMAS if t not in MODEL_TABLES)
@@ -116,6 +125,7 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
     "wte_extremes": ("model", "channel", "side", "rank"),
     "unembed_extremes": ("model", "channel", "side", "rank"),
     "wte_histograms": ("model", "channel", "bin"),
+    "faithfulness": ("run_id", "prompt_set", "ablation", "variant"),
 }
 ROW_GROUP_ROWS = 1 << 20
 # Tables read one node (or channel) at a time by the viewer: small row groups, so that a lookup

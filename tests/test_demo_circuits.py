@@ -137,7 +137,7 @@ def test_edges_are_checkpoint_weights(one_circuit):
 @pytest.mark.parametrize(
     "losses, want",
     [
-        ({k: 1.0 / k for k in range(1, 300)}, (34, True)),  # smallest k with 1/k <= 0.03 (raw = 2 x 0.15 / 10)
+        ({k: 1.0 / k for k in range(1, 300)}, (34, True)),  # smallest k with 1/k <= 0.03
         ({k: 0.5 + abs(k - 23) / 100 for k in range(1, 300)}, (23, False)),  # never reached: the best grid k
     ],
 )
@@ -146,11 +146,146 @@ def test_find_k_optim(monkeypatch, losses, want):
     the grid tried (never silently the whole model)."""
     from pipeline.demo import prune
 
-    cfg = prune.PruneConfig(target_loss=0.015, k_optim_max=256)  # raw target 0.03
+    cfg = prune.PruneConfig(target_loss=0.03, k_optim_max=256)  # per prompt
     order = [("0.mlp.post_act", c) for c in range(300)]
     size = lambda circuit: sum(len(c) for c in circuit.values())  # noqa: E731
     monkeypatch.setattr(prune, "node_locations", lambda config: ["0.mlp.post_act"])
-    monkeypatch.setattr(prune, "frozen_norm_scales", lambda model, docs: None)
-    monkeypatch.setattr(prune, "raw_circuit_loss", lambda model, docs, circuit, means, frozen: losses[size(circuit)])
+    monkeypatch.setattr(prune, "calibrated_loss", lambda model, docs, circuit, means, calib: losses[size(circuit)])
     model = type("M", (), {"config": None})()
     assert prune.find_k_optim(model, None, order, None, cfg) == want
+
+
+# ---- the three prompt sets, the targets, the faithfulness table ---------------------------------
+
+
+def _rows(docs):
+    """Each doc (prompt + answer, unpadded) as a tuple of token ids."""
+    return [tuple(r[: int((r != 0).nonzero().max()) + 1].tolist()) for r in docs]
+
+
+def _prompt_sets(store):
+    files = sorted((store / "models").glob("*/prompt_sets/*.pt"))
+    assert files, "no prompt sets written"
+    return [(f, torch.load(f, weights_only=True)) for f in files]
+
+
+def test_prompt_sets_are_disjoint_deduplicated_and_unseen(tiny_store):
+    """No prompt occurs twice within or across the pruning pool, the selection and the evaluation
+    set; the stored task docs are the evaluation set; and no selection or evaluation prompt (with its
+    answer) starts a line of the pretraining (train split) text."""
+    from inference.tokenizer import get_tokenizer
+    from pipeline.demo.corpus import corpus_for_profile
+    from pipeline.demo.profiles import get_profile
+
+    enc = get_tokenizer(str(tiny_store / "tinypython"))
+    lines = [line for f in corpus_for_profile(get_profile("tiny")).split("train") for line in f.text.split("\n")]
+    for path, sets in _prompt_sets(tiny_store):
+        pool, sel, ev = _rows(sets["pool"]), _rows(sets["selection"]), _rows(sets["evaluation"])
+        assert len(sel) >= 8 and len(ev) >= 8
+        everything = pool + sel + ev
+        assert len(set(everything)) == len(everything), path
+        assert set(_rows(sets["pruning"])) <= set(pool)  # the calibration batch comes from the pool
+        model, task = path.parts[-3], path.stem
+        viz = torch.load(tiny_store / "viz" / model / task / "prune_demo" / "k_optim" / "viz_data.pt", weights_only=True)
+        assert torch.equal(viz["importances"]["task_samples"][0], sets["evaluation"])
+        for ids in sel + ev:
+            text = enc.decode(list(ids))
+            head = text.split("\n")[0]
+            if len(ids) < viz["prune_config"]["ctx"]:  # a whole line prefix
+                if "\n" in text:
+                    assert head not in lines, (task, text)
+                else:
+                    assert not any(line.startswith(head) for line in lines), (task, text)
+
+
+def test_targets_lie_above_the_full_models_loss(tiny_store):
+    for f in _viz_files(tiny_store):
+        viz = torch.load(f, weights_only=True)
+        pc = viz["prune_config"]
+        sets = torch.load(tiny_store / "models" / f.parts[-5] / "prompt_sets" / f"{f.parts[-4]}.pt", weights_only=True)
+        model = load_model(str(tiny_store / "models" / f.parts[-5]))
+        with torch.no_grad():
+            full = _loss(model(sets["selection"]), sets["selection"]) / 2
+        assert pc["target_loss"] > full + 1e-9
+        assert pc["full_loss_selection"] == pytest.approx(full, abs=1e-5)
+        for t in pc["targets"].values():
+            assert t > full + 1e-9
+
+
+def _per_prompt(logits, docs, scale=1.0, shift=0.0):
+    """(mean per-prompt loss, accuracy) after z -> scale * z + shift, written out independently."""
+    n = docs.shape[0] // 2
+    losses, right = [], []
+    for j in range(docs.shape[0]):
+        length = int((docs[j] != 0).nonzero().max()) + 1
+        partner = j + n if j < n else j - n
+        plen = int((docs[partner] != 0).nonzero().max()) + 1
+        first, second = (docs[j, length - 1], docs[partner, plen - 1]) if j < n else (docs[partner, plen - 1], docs[j, length - 1])
+        z = scale * (logits[j, length - 2, first].double() - logits[j, length - 2, second].double()) + shift
+        want_first = j < n
+        losses.append(float(F.softplus(-z if want_first else z)))
+        right.append(float(z > 0) if want_first else float(z < 0))
+    return sum(losses) / len(losses), sum(right) / len(right)
+
+
+def test_faithfulness_rows_match_plain_torch(tiny_store, one_circuit):
+    path, viz, model = one_circuit
+    pc = viz["prune_config"]
+    sets = torch.load(tiny_store / "models" / path.parts[-5] / "prompt_sets" / f"{path.parts[-4]}.pt", weights_only=True)
+    _means.store = tiny_store
+    means = _means(model, viz)
+    zeros = {loc: torch.zeros_like(m) for loc, m in means.items()}
+    keep = {loc: c.tolist() for loc, c in viz["circuit_data"].items()}
+    width = {loc: m.numel() for loc, m in means.items()}
+    without = {loc: [c for c in range(width[loc]) if c not in set(keep.get(loc, []))] for loc in means}
+    rows = pc["faithfulness"]
+    assert {(r["prompt_set"], r["ablation"], r["variant"]) for r in rows} >= {
+        (s, a, v) for s in ("pruning", "selection", "evaluation") for a in ("mean", "zero") for v in ("circuit", "without_circuit")
+    }
+    cal = pc["calibration"]
+    for r in rows:
+        docs = sets[r["prompt_set"]]
+        fill = means if r["ablation"] != "zero" else zeros
+        if r["variant"] == "full_model":
+            with torch.no_grad():
+                logits = model(docs)
+        else:
+            logits = _circuit_forward(model, docs, without if r["variant"] == "without_circuit" else keep, fill)
+        scale, shift = (cal["scale"], cal["shift"]) if r["variant"] == "circuit_calibrated" else (1.0, 0.0)
+        loss, acc = _per_prompt(logits, docs, scale, shift)
+        assert r["loss"] == pytest.approx(loss, abs=1e-4), r
+        assert r["accuracy"] == pytest.approx(acc, abs=1e-9), r
+        assert r["n_prompts"] == docs.shape[0]
+    # the flag: evaluation misses selection by more than the standard error of the difference
+    pick = {r["prompt_set"]: r for r in rows if r["variant"] == "circuit_calibrated"}
+    gap = pick["evaluation"]["loss"] - pick["selection"]["loss"]
+    spread = (pick["evaluation"]["loss_se"] ** 2 + pick["selection"]["loss_se"] ** 2) ** 0.5
+    assert pc["overfit"]["flagged"] == (gap > spread)
+
+
+def test_faithfulness_table_converts_the_stored_rows(one_circuit):
+    from pipeline.convert import faithfulness_table
+    from pipeline.formats import read_viz_data
+
+    path, viz, _ = one_circuit
+    run = type("Run", (), {"run_id": "m/t/s/k"})()
+    table = faithfulness_table(read_viz_data(path), run, 0.5).to_pylist()
+    stored = viz["prune_config"]["faithfulness"]
+    assert len(table) == len(stored)
+    got = {(r["prompt_set"], r["ablation"], r["variant"]): r for r in table}
+    for r in stored:
+        t = got[(r["prompt_set"], r["ablation"], r["variant"])]
+        assert t["loss"] == pytest.approx(r["loss"]) and t["loss_raw"] == pytest.approx(2 * r["loss"])
+        assert t["flagged"] == viz["prune_config"]["overfit"]["flagged"]
+
+
+def test_calibration_fits_scale_and_shift_and_never_flips():
+    from pipeline.demo.prune import calibrate, prompt_losses
+
+    z = torch.tensor([1.0, 2.0, -1.0, 3.0, -2.0, -1.0, 0.5, -3.0])
+    scale, shift = calibrate(z)
+    best = prompt_losses(z, scale, shift).mean()
+    for ds, db in ((0.05, 0), (-0.05, 0), (0, 0.05), (0, -0.05)):
+        assert best <= prompt_losses(z, scale + ds, shift + db).mean() + 1e-6  # a minimum
+    anti = torch.tensor([5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0])  # anti-correlated with the answers
+    assert calibrate(anti)[0] == 0.0  # no negative scale: the circuit is not turned around

@@ -17,12 +17,13 @@ from viewer.state import URL_KEYS, Explorer, UrlState
 from viewer.views import graph as graph_views
 from viewer.views.compare import CompareView
 from viewer.views.curves import CurvesView
+from viewer.views.faithfulness import FaithfulnessView
 from viewer.views.detail import DetailView
 from viewer.views.embeddings import EmbeddingView
 from viewer.views.export import ExportView
 from viewer.views.markup import HtmlBox, NodePicker
 
-DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Export")
+DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Faithfulness", "Export")
 GRAPH_TABS = ("Layer-half", "Whole circuit")
 
 
@@ -125,7 +126,8 @@ class ExplorerApp:
             make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
                 self._select_node, height=640, node_size=7,
                 title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
-                    "Curves": lambda: CurvesView(self.state), "Compare": lambda: CompareView(self.state), "Export": lambda: ExportView(self.state)}[tab]
+                    "Curves": lambda: CurvesView(self.state), "Compare": lambda: CompareView(self.state),
+                    "Faithfulness": lambda: FaithfulnessView(self.state), "Export": lambda: ExportView(self.state)}[tab]
             view = self._lazy[tab] = make()
             self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)
         return self._lazy[tab]
@@ -133,6 +135,7 @@ class ExplorerApp:
     whole = property(lambda self: self._view(GRAPH_TABS[1]))
     curves = property(lambda self: self._view("Curves"))
     compare = property(lambda self: self._view("Compare"))
+    faithfulness = property(lambda self: self._view("Faithfulness"))
     export = property(lambda self: self._view("Export"))
 
     # --- widget -> state --------------------------------------------------------------------
@@ -247,6 +250,8 @@ class ExplorerApp:
             self.curves.show()
         elif tab == "Compare":
             self.compare.show()
+        elif tab == "Faithfulness":
+            self.faithfulness.show()
         elif tab == "Export":
             self.export.show()
 

@@ -95,7 +95,7 @@ def store_index(context: dg.AssetExecutionContext, circuits: CircuitsResource) -
 # The jobs the sensor launches: one run's assets, one model's assets (selected by key, so this module
 # needs no import of the asset modules).
 RUN_ASSET_KEYS = ("viz_data_file", "runs", "nodes", "edges", "task_docs", "activations", "samples", "layer_ablations",
-                  "pruning_curve", "loss_at_k", "snippets", "ablations", "recomputed_activations", "recompute_summary")  # fmt: skip
+                  "pruning_curve", "loss_at_k", "faithfulness", "snippets", "ablations", "recomputed_activations", "recompute_summary")  # fmt: skip
 MODEL_ASSET_KEYS = ("model_checkpoint", "train_curve_file", *MODEL_TABLES)  # the downloads, then every model-level table
 run_tables_job = dg.define_asset_job("run_tables_job", selection=dg.AssetSelection.assets(*RUN_ASSET_KEYS))
 model_tables_job = dg.define_asset_job("model_tables_job", selection=dg.AssetSelection.assets(*MODEL_ASSET_KEYS))

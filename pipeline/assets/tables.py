@@ -35,6 +35,7 @@ _DESCRIPTIONS = {
     "layer_ablations": "Loss with a whole layer-half of the circuit ablated",
     "pruning_curve": "The pruning optimisation's loss curve (all_loss)",
     "loss_at_k": "Final loss of the run (one row; query across k)",
+    "faithfulness": "Demo-store circuits: loss alone / without the circuit, mean vs zero ablation, per prompt set",
 }
 
 

@@ -313,6 +313,8 @@ class StoreBuilder:
 
     def _downstream(self, stage: str) -> tuple[str, ...]:
         names = self.stage_names()
+        if stage == f"model:{self.profile.sparse_model}" and self.profile.dense_match_sparse and self.profile.train_dense:
+            return (f"model:{self.profile.dense_model}", "circuits")  # the dense one is matched to it
         if stage.startswith("model:"):
             return ("circuits",)
         return tuple(names[names.index(stage) + 1 :])
@@ -378,10 +380,17 @@ class StoreBuilder:
                 raise StoreBuildError(f"{self.out}: build the tokenizer before the models")
             train_stream, test_stream = self.streams()
             on_eval = self._task_metrics_on_eval()
+            stop_at = None
+            if kind == "dense" and self.profile.dense_match_sparse:
+                sparse_entry = self.stage_done(f"model:{self.profile.sparse_model}")
+                if sparse_entry is None:
+                    raise StoreBuildError(f"{self.out}: build the sparse model before the loss-matched dense one")
+                stop_at = sparse_entry["info"]["final_test_xent"]
+                self.log(f"{name}: stops at held-out xent <= {stop_at:.4f} (the sparse model's)")
             self.log(f"{name}: training {self.profile.steps} steps ({kind})")
             t0 = time.perf_counter()
             with self._bar(name) as on_step:
-                result = train(self.profile, train_stream, test_stream, sparse=(kind == "sparse"), on_step=on_step, on_eval=on_eval)
+                result = train(self.profile, train_stream, test_stream, sparse=(kind == "sparse"), on_step=on_step, on_eval=on_eval, stop_at_xent=stop_at)
             seconds = time.perf_counter() - t0
             want = expected_nonzeros(result.model, self.profile, sparse=(kind == "sparse"))
             if result.nonzero_weights != want:
@@ -402,6 +411,8 @@ class StoreBuilder:
                 "unigram_xent": result.unigram_xent,
                 "nats_below_unigram": result.unigram_xent - result.final_test_xent,
                 "heldout_tokens": self.profile.final_eval_windows * self.profile.block_size,
+                "steps": result.steps,
+                "matched_to_xent": stop_at,
             }
             self.log(
                 f"{name}: held-out xent {result.final_test_xent:.3f} nats (unigram {result.unigram_xent:.3f}), "
@@ -475,6 +486,15 @@ class StoreBuilder:
         else:
             yield None
 
+    def forget(self, stage: str) -> None:
+        """Mark a stage (and what was built from it) as not done: the next build redoes it,
+        e.g. `--redo circuits` reruns the circuits on the existing models."""
+        with self._locked():
+            m = self.read_manifest() or self._new_manifest()
+            for name in (stage, *self._downstream(stage)):
+                m["stages"].pop(name, None)
+            self._write_manifest(m)
+
     def build_all(self) -> Path:
         self.build_corpus()
         self.build_tokenizer()
@@ -498,6 +518,8 @@ def build_store_cli(args) -> int:
     t0 = time.perf_counter()
     try:
         builder = StoreBuilder(out, args.profile, force=args.force, progress=True)
+        if getattr(args, "redo", None):
+            builder.forget(args.redo)
         builder.build_all()
     except StoreBuildError as e:
         print(f"circuits build-store: error: {e}", file=sys.stderr)

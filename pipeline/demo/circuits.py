@@ -1,27 +1,53 @@
 """Part 2 of the embedded store: find circuits by pruning and write them as viz_data.
 
-For every model of the profile and every task (`pipeline.demo.tasks`), the gates are trained
-once on train-split pairs (`pipeline.demo.prune`), and the circuit of each budget k in
-`PruneConfig.ks` plus `k_optim` is written to `viz/<model>/<task>/<SWEEP>/<k>/viz_data.pt`
-(`pipeline.demo.vizdata`), measured on held-out test-split pairs. Files are written
-atomically (temp file, then rename).
+Per task (`PruneConfig.tasks`), three disjoint prompt sets (`pipeline.demo.tasks.prompt_sets`):
+gates are trained on fresh batches from the `pruning` pool, the circuit size k is chosen on the
+`selection` set, and every reported loss and accuracy is measured on the `evaluation` set,
+which nothing was tuned on. The viz_data's `task_samples` are the evaluation prompts.
+
+Targets: per task, `target = full + f * |ablated - full|` (per prompt, the release's raw / 2),
+with `full` the full model's and `ablated` the fully mean-ablated model's loss on the selection
+set (the absolute value: on a task the model has not learned, ablation can lower the loss, and
+the target must still lie above the full model's); when a store has two models, the larger of
+their targets (so it lies above both full models' losses and the size comparison is at one loss). `f = target_fraction` gives the
+stored `k_optim` circuit; the size study repeats the search for every f in `target_sweep` and
+every pruning seed in `prune_seeds` (each seed draws different fresh batches).
+
+Written, per model and task:
+- `viz/<model>/<task>/<SWEEP>/<k>/viz_data.pt` for k in `PruneConfig.ks` and `k_optim` (first
+  seed); each file's `prune_config` carries the target, the calibration, the faithfulness rows
+  (`faithfulness_rows`) and, for k_optim, the size study (`study`) and the prompt-set counts;
+- `models/<model>/prompt_sets/<task>.pt`: the docs of the three sets (and the calibration batch).
+Files are written atomically (temp file, then rename).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import torch
 
-from inference.circuit import node_locations, node_means, num_total_nodes
-from pipeline.demo.prune import PruneConfig, circuit_from_order, find_k_optim, raw_circuit_loss, train_gates
-from pipeline.demo.tasks import TASK_NAMES, held_out_task_docs, pairs_to_docs, task_pairs
-from pipeline.demo.vizdata import build_viz_data, pretraining_acts
+from inference.circuit import circuit_masks, frozen_norm_scales, location_width, masked_forward, node_locations, node_means, num_total_nodes
+from pipeline.demo.prune import (
+    PruneConfig,
+    answer_logit_diff,
+    batch_rows,
+    calibrate,
+    circuit_from_order,
+    circuit_z,
+    find_k_optim,
+    prompt_losses,
+    train_gates,
+)
+from pipeline.demo.tasks import PROMPT_SETS, _line_index, prompt_sets
+from pipeline.demo.vizdata import build_viz_data, pretraining_acts, weight_pairs
 from pipeline.store_access import NODE_MEANS_FILE  # models/<model>/node_means.pt
 
 SWEEP = "prune_demo"
 MIN_PAIRS = 4
+PROMPT_SETS_DIR = "prompt_sets"  # models/<model>/prompt_sets/<task>.pt
 
 
 def pretraining_windows(stream: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
@@ -39,6 +65,75 @@ def save_atomic(obj, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+# ---- measurements ----------------------------------------------------------------------------
+
+
+def complement_masks(config, circuit) -> dict[str, torch.Tensor]:
+    """Masks that ablate only the circuit's nodes (the model without the circuit)."""
+    out = {}
+    for loc, m in circuit_masks(config, circuit).items():
+        m = m.clone()
+        w = location_width(config, loc)
+        m[:w] = 1.0 - m[:w]
+        out[loc] = m
+    return out
+
+
+@torch.no_grad()
+def set_measure(model, docs, masks, fill, scale: float = 1.0, shift: float = 0.0) -> dict:
+    """Per-prompt loss (mean and standard error over prompts) and per-prompt accuracy of the
+    model with `masks` (None: the full model) on task docs, after calibration scale/shift."""
+    logits = model(docs) if masks is None else masked_forward(model, docs, masks, fill, frozen_norm_scales(model, docs))
+    z = answer_logit_diff(logits, docs)
+    losses = prompt_losses(z, scale, shift).double()
+    half = z.shape[0] // 2
+    zc = scale * z + shift
+    right = torch.cat([zc[:half] > 0, zc[half:] < 0]).double()
+    n = losses.numel()
+    return {
+        "loss": float(losses.mean()),
+        "loss_se": float(losses.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0,
+        "accuracy": float(right.mean()),
+        "n_prompts": n,
+    }
+
+
+def count_edges(model, circuit) -> int:
+    """Nonzero weights between the circuit's nodes (the stored `pair_data_connections`)."""
+    return sum(int(torch.count_nonzero(mat)) for _, _, mat in weight_pairs(model, circuit))
+
+
+def faithfulness_rows(model, circuit, set_docs: dict[str, torch.Tensor], means, calibration: tuple[float, float]) -> list[dict]:
+    """Stress tests of one circuit: on every prompt set, with mean and with zero ablation, the
+    full model, the circuit alone (everything else ablated), the model without the circuit
+    (only the circuit's nodes ablated), and (mean ablation) the calibrated circuit."""
+    zeros = {loc: torch.zeros_like(m) for loc, m in means.items()}
+    rows = []
+    for set_name, docs in set_docs.items():
+        rows.append({"prompt_set": set_name, "ablation": "none", "variant": "full_model", **set_measure(model, docs, None, means)})
+        for mode, fill in (("mean", means), ("zero", zeros)):
+            rows.append({"prompt_set": set_name, "ablation": mode, "variant": "circuit", **set_measure(model, docs, circuit_masks(model.config, circuit), fill)})
+            rows.append({"prompt_set": set_name, "ablation": mode, "variant": "without_circuit", **set_measure(model, docs, complement_masks(model.config, circuit), fill)})
+        rows.append(
+            {"prompt_set": set_name, "ablation": "mean", "variant": "circuit_calibrated", **set_measure(model, docs, circuit_masks(model.config, circuit), means, *calibration)}
+        )  # fmt: skip
+    return rows
+
+
+def overfit_flag(rows: list[dict]) -> dict:
+    """Does the circuit's evaluation loss miss its selection loss by more than its spread (the
+    standard error of the difference of the two means)? Calibrated, mean ablation: the loss
+    k_optim was selected on."""
+    pick = {r["prompt_set"]: r for r in rows if r["variant"] == "circuit_calibrated"}
+    sel, ev = pick["selection"], pick["evaluation"]
+    spread = math.sqrt(sel["loss_se"] ** 2 + ev["loss_se"] ** 2)
+    gap = ev["loss"] - sel["loss"]
+    return {"selection_loss": sel["loss"], "evaluation_loss": ev["loss"], "gap": gap, "spread": spread, "flagged": bool(gap > spread)}
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+
 def build_circuits(store_dir, profile, progress=None) -> list[Path]:
     from inference.loader import load_model
     from pipeline.demo.build import _load_encoding
@@ -54,14 +149,27 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
     enc = _load_encoding(store_dir / "tinypython")
     train_texts = [f.text for f in corpus.split("train")]
     stream = token_stream(train_texts, enc, enc.eot_token)
-    test_docs_of = held_out_task_docs(corpus, enc, cfg.ctx, cfg.test_pairs)  # as progress.json measured them
-    task_docs = {}
-    for task in TASK_NAMES:
-        tr = task_pairs(task, train_texts, enc, cfg.ctx, cfg.train_pairs)
-        if len(tr) < MIN_PAIRS or task not in test_docs_of:
-            log(f"circuits: task {task} skipped ({len(tr)} train pairs, test docs: {task in test_docs_of})")
+    index = _line_index(train_texts)
+    sizes = {"pruning": cfg.pool_pairs, "selection": cfg.selection_pairs, "evaluation": cfg.eval_pairs}
+
+    sets = {}
+    for task in cfg.tasks:
+        ps = prompt_sets(task, corpus, enc, cfg.ctx, sizes, index)
+        counts = {name: len(getattr(ps, name)) for name in PROMPT_SETS}
+        log(f"circuits: {task}: prompt sets {counts}")
+        if min(counts.values()) < MIN_PAIRS:
+            log(f"circuits: task {task} skipped (fewer than {MIN_PAIRS} pairs in a set)")
             continue
-        task_docs[task] = (pairs_to_docs(tr, cfg.ctx), test_docs_of[task])
+        pool = ps.docs("pruning", cfg.ctx)
+        n_pool = pool.shape[0] // 2
+        calib_rows = torch.cat([torch.arange(min(cfg.batch_pairs, n_pool)), n_pool + torch.arange(min(cfg.batch_pairs, n_pool))])
+        sets[task] = {
+            "pool": pool,
+            "docs": {"pruning": pool[calib_rows], "selection": ps.docs("selection", cfg.ctx), "evaluation": ps.docs("evaluation", cfg.ctx)},
+            "stats": ps.stats,
+        }
+
+    models, means_of, windows_of = {}, {}, {}
     written = []
     for name in profile.model_names:
         model = load_model(str(store_dir / "models" / name))
@@ -77,36 +185,84 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
             means_path,
         )  # fmt: skip
         written.append(means_path)
+        for task, s in sets.items():
+            path = store_dir / "models" / name / PROMPT_SETS_DIR / f"{task}.pt"
+            save_atomic({"pool": s["pool"].clone(), **{k: v.clone() for k, v in s["docs"].items()}, "stats": s["stats"]}, path)
+            written.append(path)
+        models[name], means_of[name], windows_of[name] = model, means, windows
+
+    # Targets: from each model's full and fully-ablated loss on the selection set.
+    baselines: dict[str, dict[str, dict]] = {}
+    for name, model in models.items():
+        empty = {loc: torch.zeros(0, dtype=torch.long) for loc in node_locations(model.config)}
+        for task, s in sets.items():
+            sel = s["docs"]["selection"]
+            baselines.setdefault(task, {})[name] = {
+                "full": set_measure(model, sel, None, means_of[name])["loss"],
+                "ablated": set_measure(model, sel, circuit_masks(model.config, empty), means_of[name])["loss"],
+            }
+    fractions = sorted(set(cfg.target_sweep) | {cfg.target_fraction})
+    targets = {
+        task: {f: max(b["full"] + f * abs(b["ablated"] - b["full"]) for b in by_model.values()) for f in fractions}
+        for task, by_model in baselines.items()
+    }
+
+    for name, model in models.items():
+        means, windows = means_of[name], windows_of[name]
         pre_acts = pretraining_acts(model, windows)
         locs = node_locations(model.config)
         total = num_total_nodes(model.config)
-        for task, (train_docs, test_docs) in task_docs.items():
-            log(f"circuits: {name} / {task}: pruning ({len(train_docs) // 2} train pairs)")
-            result = train_gates(model, train_docs, means, cfg, progress=log)
-            k_opt, reached = find_k_optim(model, test_docs, result.order, means, cfg)
-            prune_config = {**cfg.to_dict(), "model": name, "task": task, "k_optim": k_opt, "k_optim_reached_target": reached}
+        for task, s in sets.items():
+            docs = s["docs"]
+            study, first = [], None
+            for seed in cfg.prune_seeds:
+                log(f"circuits: {name} / {task}: pruning, seed {seed} ({s['pool'].shape[0] // 2} pool pairs, {cfg.batch_pairs} per step)")
+                result = train_gates(model, s["pool"], means, cfg, progress=log, seed=seed)
+                if first is None:
+                    first = result
+                for f in fractions:
+                    k, reached = find_k_optim(model, docs["selection"], result.order, means, cfg, target=targets[task][f], calib_docs=docs["pruning"])
+                    circuit = circuit_from_order(result.order, k, locs)
+                    calib = calibrate(circuit_z(model, docs["pruning"], circuit, means))
+                    row = {"seed": seed, "target_fraction": f, "target": targets[task][f], "k": k, "reached": reached, "edges": count_edges(model, circuit)}
+                    for set_name in ("selection", "evaluation"):
+                        m = set_measure(model, docs[set_name], circuit_masks(model.config, circuit), means, *calib)
+                        row[f"{set_name}_loss"], row[f"{set_name}_loss_se"] = m["loss"], m["loss_se"]
+                    study.append(row)
+            head = next(r for r in study if r["seed"] == cfg.prune_seeds[0] and r["target_fraction"] == cfg.target_fraction)
+            k_opt, reached = head["k"], head["reached"]
+            prune_config = {
+                **cfg.to_dict(), "model": name, "task": task, "k_optim": k_opt, "k_optim_reached_target": reached,
+                "target_loss": targets[task][cfg.target_fraction], "targets": {str(f): t for f, t in targets[task].items()},
+                "full_loss_selection": baselines[task][name]["full"], "ablated_loss_selection": baselines[task][name]["ablated"],
+                "seed": cfg.prune_seeds[0],
+            }  # fmt: skip
             budgets = [(str(k), k) for k in cfg.ks if k <= total] + [("k_optim", k_opt)]
             for label, k in budgets:
-                circuit = circuit_from_order(result.order, k, locs)
-                loss_k = raw_circuit_loss(model, test_docs, circuit, means, _frozen(model, test_docs))
+                circuit = circuit_from_order(first.order, k, locs)
+                calib = calibrate(circuit_z(model, docs["pruning"], circuit, means))
+                rows = faithfulness_rows(model, circuit, docs, means, calib)
+                flag = overfit_flag(rows)
+                ev = next(r for r in rows if r["prompt_set"] == "evaluation" and r["variant"] == "circuit" and r["ablation"] == "mean")
                 # all_loss: the optimisation curve (raw scale) until the kept count first drops to k,
-                # closed by the measured loss of this top-k circuit on the stored docs.
+                # closed by the measured loss of this top-k circuit on the stored (evaluation) docs.
                 curve = []
-                for step, corrected, kept in result.curve:
+                for step, corrected, kept in first.curve:
                     curve.append((step, corrected * cfg.loss_factor))
                     if kept <= k:
                         break
-                curve.append((curve[-1][0] + 1 if curve else 0, loss_k))
-                viz = build_viz_data(model, test_docs, circuit, means, pre_acts, windows, curve, total, {**prune_config, "k": k}, cfg)
+                curve.append((curve[-1][0] + 1 if curve else 0, ev["loss"] * cfg.loss_factor))
+                extra = {"k": k, "calibration": {"scale": calib[0], "shift": calib[1]}, "faithfulness": rows, "overfit": flag}
+                if label == "k_optim":
+                    extra.update(study=study, prompt_sets=s["stats"])
+                viz = build_viz_data(model, docs["evaluation"], circuit, means, pre_acts, windows, curve, total, {**prune_config, **extra}, cfg)
                 path = store_dir / "viz" / name / task / SWEEP / label / "viz_data.pt"
                 save_atomic(viz, path)
                 written.append(path)
                 imp = viz["importances"]
-                log(f"circuits: {name} / {task} / {label}: {k} nodes, loss {imp['loss'] / 2:.3f}, circuit {imp['interv_loss'] / 2:.3f} (per prompt)")
+                log(
+                    f"circuits: {name} / {task} / {label}: {k} nodes, evaluation loss (per prompt) full {imp['loss'] / 2:.3f}, "
+                    f"circuit {imp['interv_loss'] / 2:.3f}, calibrated {flag['evaluation_loss']:.3f} (selection {flag['selection_loss']:.3f}"
+                    f"{', FLAGGED' if flag['flagged'] else ''}); target {prune_config['target_loss']:.3f}"
+                )
     return written
-
-
-def _frozen(model, docs):
-    from inference.circuit import frozen_norm_scales
-
-    return frozen_norm_scales(model, docs)

@@ -3,19 +3,25 @@
 `circuits store-report [--store DIR]` prints, as Markdown:
 
 - per model: parameters, weight density, held-out cross-entropy next to the unigram baseline
-  (from the build manifest, measured at build time), and build seconds;
-- per model and task: accuracy of the full model on the stored held-out task docs (per prompt,
-  and per pair = both prompts of a pair right), the full-model task loss, `k_optim` and whether
-  it reached the target, side by side for the sparse and the dense model;
-- every circuit: model, task, k, nodes, edges, full-model and circuit loss.
+  (from the build manifest), training steps (the dense model stops at the sparse one's loss);
+- per task: the three prompt sets (pairs, and what deduplication and the pretraining check dropped);
+- per model and task: accuracy and loss of the full model on the evaluation set, the target
+  (a fraction of the way from the full to the fully mean-ablated loss), `k_optim` and its
+  evaluation loss next to its selection loss;
+- every circuit: nodes, edges, losses; and its faithfulness stress tests (circuit alone, model
+  without the circuit, mean vs zero ablation, every prompt set), flagged when the evaluation loss
+  misses the selection loss by more than the standard error of that difference;
+- the size study: edges of circuits at equal loss, sparse vs dense, mean and spread over pruning
+  seeds, and their geometric mean ratio over the tasks every seed of both models reached.
 
-Losses are printed per prompt (the stored raw values / 2, the release's factor-2 convention).
+Every loss is per prompt (the stored raw values / 2, the release's factor-2 convention).
 Accuracy needs one forward pass per model on the stored docs; everything else is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -53,7 +59,13 @@ def collect(store_dir: str | Path) -> dict:
                     }
                 )  # fmt: skip
                 if label == "k_optim":
-                    task_row.update(k_optim=pc.get("k_optim", nodes), reached=pc.get("k_optim_reached_target"), target=pc.get("target_loss"))
+                    task_row.update(
+                        k_optim=pc.get("k_optim", nodes), reached=pc.get("k_optim_reached_target"), target=pc.get("target_loss"),
+                        target_fraction=pc.get("target_fraction"), full_selection=pc.get("full_loss_selection"),
+                        ablated_selection=pc.get("ablated_loss_selection"), overfit=pc.get("overfit"),
+                        study=pc.get("study", []), prompt_sets=pc.get("prompt_sets"),
+                    )  # fmt: skip
+                circuits[-1].update(faithfulness=pc.get("faithfulness", []), overfit=pc.get("overfit"))
                 if "accuracy" not in task_row and model is not None:
                     docs = imp["task_samples"][0]
                     with torch.no_grad():
@@ -67,30 +79,142 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _pm(values: list[float], spec: str = ".0f") -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, spec)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{format(mean, spec)} ± {format(sd, spec)}"
+
+
+def size_study(report: dict) -> tuple[list[dict], dict]:
+    """Rows (task, fraction, model: edges over seeds) and, per fraction, the geometric mean over
+    tasks of dense edges / sparse edges (tasks where every seed of every model reached the target)."""
+    by = {}
+    for row in report["tasks"]:
+        for r in row.get("study") or []:
+            by.setdefault((row["task"], r["target_fraction"]), {}).setdefault(row["model"], []).append(r)
+    rows, ratios = [], {}
+    models = sorted({row["model"] for row in report["tasks"]})
+    # A task counts as learned when every model's full loss on the selection set is below chance
+    # (ln 2 per prompt): a calibrated empty circuit reaches chance, so an unlearned task's
+    # "circuits" can reach a target above it with next to nothing.
+    learned = {}
+    for row in report["tasks"]:
+        ok = row.get("full_selection") is not None and row["full_selection"] < math.log(2)
+        learned[row["task"]] = learned.get(row["task"], True) and ok
+    for (task, f), per_model in sorted(by.items()):
+        all_reached = len(per_model) == len(models) and all(r["reached"] for rs in per_model.values() for r in rs)
+        rows.append({"task": task, "fraction": f, "target": next(iter(per_model.values()))[0]["target"], "all_reached": all_reached,
+                     "learned": learned.get(task, False), "models": per_model})  # fmt: skip
+        if all_reached and learned.get(task, False) and len(models) == 2:
+            s_name = next(m for m in models if m.endswith("_sparse"))
+            d_name = next(m for m in models if m.endswith("_dense"))
+            sparse = sum(r["edges"] for r in per_model[s_name]) / len(per_model[s_name])
+            dense = sum(r["edges"] for r in per_model[d_name]) / len(per_model[d_name])
+            ratios.setdefault(f, []).append((task, dense / max(sparse, 1e-9)))
+    geo = {f: (math.exp(sum(math.log(r) for _, r in rs) / len(rs)), [t for t, _ in rs]) for f, rs in ratios.items()}
+    return rows, geo
+
+
 def markdown(report: dict) -> str:
-    out = ["| model | params | weight density | held-out xent | unigram xent | train s |", "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "All losses: per prompt, nats (the release stores raw = 2 x this). Every loss and accuracy below is on the",
+        "evaluation prompts unless a column says otherwise.",
+        "",
+        "| model | params | weight density | held-out xent | unigram xent | steps | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in sorted(report["models"].items()):
+        steps = m.get("steps")
+        matched = f" (stopped at the sparse model's xent {m['matched_to_xent']:.3f})" if m.get("matched_to_xent") is not None else ""
         out.append(
             f"| {name} | {m.get('num_params', 0):,} | {_fmt(m.get('weight_density'), '.4f')} | {_fmt(m.get('final_test_xent'))} "
-            f"| {_fmt(m.get('unigram_xent'))} | {_fmt(m.get('seconds'), '.0f')} |"
+            f"| {_fmt(m.get('unigram_xent'))} | {steps if steps is not None else '-'}{matched} | {_fmt(m.get('seconds'), '.0f')} |"
         )
     by_task: dict[str, dict[str, dict]] = {}
     for row in report["tasks"]:
         by_task.setdefault(row["task"], {})[row["model"]] = row
     models = sorted({row["model"] for row in report["tasks"]})
-    out += ["", "| task | " + " | ".join(f"{m} accuracy (prompt / pair) | {m} k_optim" for m in models) + " |"]
-    out.append("|---|" + "---:|---:|" * len(models))
+
+    out += ["", "Prompt sets (pairs; pruning = the pool fresh batches are drawn from; dropped = duplicates / equal to a pruning prompt / seen verbatim in pretraining):", ""]
+    out += ["| task | pruning pool | selection | evaluation | selection dropped | evaluation dropped |", "|---|---:|---:|---:|---:|---:|"]
     for task, rows in sorted(by_task.items()):
-        cells = []
+        st = next((r.get("prompt_sets") for r in rows.values() if r.get("prompt_sets")), None)
+        if not st:
+            continue
+        drop = lambda d: f"{d['duplicates_dropped']} / {d.get('equal_to_pruning_dropped', 0)} / {d['seen_in_pretraining_dropped']}"  # noqa: E731
+        out.append(f"| {task} | {st['pruning']['pairs']} | {st['selection']['pairs']} | {st['evaluation']['pairs']} | {drop(st['selection'])} | {drop(st['evaluation'])} |")
+
+    out += ["", "| model | task | accuracy (prompt / pair) | full loss | full loss (selection) | ablated loss (selection) | target | k_optim | k_optim loss (selection) | k_optim loss (evaluation) |"]
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for task, rows in sorted(by_task.items()):
         for m in models:
-            r = rows.get(m, {})
+            r = rows.get(m)
+            if r is None:
+                continue
+            ov = r.get("overfit") or {}
             acc = f"{_fmt(r.get('accuracy'), '.0%')} / {_fmt(r.get('pair_accuracy'), '.0%')}" if "accuracy" in r else "-"
-            k = "-" if "k_optim" not in r else f"{r['k_optim']}" + ("" if r.get("reached") else " (target not reached)")
-            cells += [acc, k]
-        out.append(f"| {task} | " + " | ".join(cells) + " |")
-    out += ["", "| model | task | k | nodes | edges | full-model loss | circuit loss |", "|---|---|---|---:|---:|---:|---:|"]
+            k = "-" if "k_optim" not in r else f"{r['k_optim']}" + ("" if r.get("reached") else " (not reached)")
+            tgt = f"{_fmt(r.get('target'))} (f = {r.get('target_fraction')})" if r.get("target") is not None else "-"
+            ev = f"{_fmt(ov.get('evaluation_loss'))}" + (" **flagged**" if ov.get("flagged") else "") if ov else "-"
+            out.append(
+                f"| {m} | {task} | {acc} | {_fmt(r.get('loss'))} | {_fmt(r.get('full_selection'))} | {_fmt(r.get('ablated_selection'))} "
+                f"| {tgt} | {k} | {_fmt(ov.get('selection_loss'))} | {ev} |"
+            )
+
+    out += ["", "Every circuit (first pruning seed; edges = nonzero weights between retained nodes, `pair_data_connections`):", ""]
+    out += ["| model | task | k | nodes | edges | full-model loss | circuit loss | calibrated circuit loss |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for c in report["circuits"]:
-        out.append(f"| {c['model']} | {c['task']} | {c['k']} | {c['nodes']} | {c['edges']} | {c['loss']:.3f} | {c['circuit_loss']:.3f} |")
+        cal = next((r["loss"] for r in c.get("faithfulness", []) if r["prompt_set"] == "evaluation" and r["variant"] == "circuit_calibrated"), None)
+        out.append(f"| {c['model']} | {c['task']} | {c['k']} | {c['nodes']} | {c['edges']} | {c['loss']:.3f} | {c['circuit_loss']:.3f} | {_fmt(cal)} |")
+
+    out += ["", "Faithfulness stress tests (loss ± standard error over prompts; evaluation set unless named):", ""]
+    out += [
+        "| model | task | k | circuit alone (mean abl.) | circuit alone (zero abl.) | without circuit (mean abl.) | without circuit (zero abl.) "
+        "| calibrated: pruning | selection | evaluation | flag |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in report["circuits"]:
+        rows = c.get("faithfulness") or []
+        if not rows:
+            continue
+        pick = {(r["prompt_set"], r["ablation"], r["variant"]): r for r in rows}
+
+        def cell(key):
+            r = pick.get(key)
+            return "-" if r is None else f"{r['loss']:.3f} ± {r['loss_se']:.3f}"
+
+        flagged = (c.get("overfit") or {}).get("flagged")
+        out.append(
+            f"| {c['model']} | {c['task']} | {c['k']} | {cell(('evaluation', 'mean', 'circuit'))} | {cell(('evaluation', 'zero', 'circuit'))} "
+            f"| {cell(('evaluation', 'mean', 'without_circuit'))} | {cell(('evaluation', 'zero', 'without_circuit'))} "
+            f"| {cell(('pruning', 'mean', 'circuit_calibrated'))} | {cell(('selection', 'mean', 'circuit_calibrated'))} "
+            f"| {cell(('evaluation', 'mean', 'circuit_calibrated'))} | {'evaluation misses selection' if flagged else 'ok'} |"
+        )
+
+    rows, geo = size_study(report)
+    if rows:
+        out += ["", "Size at equal loss: k selected per pruning seed on the selection set at a common target per task (f = fraction of the way", "from the full to the ablated loss, the larger of the models' targets); edges and evaluation loss as mean ± sd over seeds:", ""]
+        out += ["| task | f | target | " + " | ".join(f"{m} edges | {m} nodes | {m} eval loss | {m} reached" for m in models) + " |"]
+        out.append("|---|---:|---:|" + "---:|---:|---:|---:|" * len(models))
+        for r in rows:
+            cells = []
+            for m in models:
+                rs = r["models"].get(m, [])
+                cells += [_pm([x["edges"] for x in rs]), _pm([x["k"] for x in rs]), _pm([x["evaluation_loss"] for x in rs], ".3f"), f"{sum(x['reached'] for x in rs)}/{len(rs)}"]
+            task = r["task"] if r["learned"] else f"{r['task']} (not learned: full loss >= ln 2)"
+            out.append(f"| {task} | {r['fraction']} | {r['target']:.3f} | " + " | ".join(cells) + " |")
+        if len(models) == 2:
+            out.append("")
+            for f in sorted({r["fraction"] for r in rows}):
+                if f in geo:
+                    g, tasks = geo[f]
+                    out.append(f"- f = {f}: geometric mean over {len(tasks)} learned task(s) ({', '.join(tasks)}) of dense edges / sparse edges: **{g:.2f}**")
+                else:
+                    out.append(f"- f = {f}: no learned task where every seed of both models reached the target; no ratio")
     return "\n".join(out) + "\n"
 
 

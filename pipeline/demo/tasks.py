@@ -243,3 +243,123 @@ def task_metrics(logits: torch.Tensor, docs: torch.Tensor) -> dict[str, float]:
         "loss": float(task_loss(logits, docs)) / 2,
     }
 
+
+
+# ---- three disjoint prompt sets -------------------------------------------------------------
+#
+# Circuits are pruned on one set of prompts, their size k is chosen on a second, and every
+# reported loss and accuracy is measured on a third that nothing was tuned on:
+#
+# - `pruning`: pairs from the train split (the text the model was trained on);
+# - `selection` / `evaluation`: pairs from the test split, divided by file (a stable hash of the
+#   file's path), so that no evaluation prompt comes from a file a selection prompt came from.
+#
+# Every prompt occurs once over the three sets (a pair is dropped when either of its prompts
+# already occurred, in pruning first, then selection, then evaluation). A test-split pair is
+# "seen in pretraining" when either prompt, with its answer, starts a line of the train split
+# verbatim (the prompts are line prefixes); such pairs are removed from selection and
+# evaluation and counted.
+
+PROMPT_SETS = ("pruning", "selection", "evaluation")
+
+
+def _line_index(texts: Iterable[str]) -> tuple[list[str], str]:
+    """Sorted unique lines of the texts (for prefix look-ups) and the texts joined (for the rest)."""
+    texts = list(texts)
+    return sorted({line for t in texts for line in t.split("\n")}), "\n".join(texts)
+
+
+def _seen_in(index: tuple[list[str], str], enc, ids: list[int], ctx: int) -> bool:
+    """Does prompt + answer occur verbatim in the indexed text (as a line prefix when the prompt
+    is a whole line prefix, anywhere when it was cut to ctx tokens)?"""
+    import bisect
+
+    lines, joined = index
+    text = enc.decode(ids)
+    if len(ids) >= ctx:  # the prompt's line was cut on the left: not anchored at a line start
+        return text in joined
+    head, nl, _ = text.partition("\n")
+    if nl:  # the answer ends the line: an exact line
+        i = bisect.bisect_left(lines, head)
+        return i < len(lines) and lines[i] == head
+    i = bisect.bisect_left(lines, head)
+    return i < len(lines) and lines[i].startswith(head)
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+@dataclass
+class PromptSets:
+    task: str
+    pruning: list[Pair]
+    selection: list[Pair]
+    evaluation: list[Pair]
+    stats: dict  # candidates, duplicates dropped, pairs seen in pretraining dropped, per set
+
+    def docs(self, name: str, ctx: int) -> torch.Tensor:
+        return pairs_to_docs(getattr(self, name), ctx)
+
+
+def _file_half(relpath: str) -> str:
+    import hashlib
+
+    return "selection" if hashlib.sha256(("select:" + relpath).encode()).digest()[0] % 2 == 0 else "evaluation"
+
+
+def prompt_sets(task: str, corpus, enc, ctx: int, sizes: dict[str, int], pretrain_index=None) -> PromptSets:
+    """The task's pruning / selection / evaluation pairs (sizes: at most that many pairs each),
+    disjoint and deduplicated, with test pairs seen verbatim in pretraining text removed."""
+    if task not in TASK_BUILDERS:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASK_BUILDERS)}")
+    train_files = corpus.split("train")
+    index = pretrain_index or _line_index(f.text for f in train_files)
+    seen: set[tuple[int, ...]] = set()  # every prompt of an earlier candidate (any set)
+    pruning_prompts: set[tuple[int, ...]] = set()
+    stats: dict = {}
+
+    def take(pairs: list[Pair], name: str, check_leak: bool) -> list[Pair]:
+        kept, dup, same_as_pruning, leaked = [], 0, 0, 0
+        for p in pairs:
+            a, b = tuple(p.first), tuple(p.second)
+            if check_leak and (a in pruning_prompts or b in pruning_prompts):
+                same_as_pruning += 1  # a train-split line: seen in pretraining, and a pruning candidate
+            elif a in seen or b in seen or a == b:
+                dup += 1
+            elif check_leak and (_seen_in(index, enc, p.first, ctx) or _seen_in(index, enc, p.second, ctx)):
+                leaked += 1
+            else:
+                kept.append(p)
+            seen.update((a, b))
+        chosen = _spread(kept, sizes[name])
+        # the candidates not chosen stay in `seen`: a later set never repeats any candidate of an earlier one
+        stats[name] = {
+            "candidates": len(pairs), "duplicates_dropped": dup, "equal_to_pruning_dropped": same_as_pruning,
+            "seen_in_pretraining_dropped": leaked, "unique": len(kept), "pairs": len(chosen),
+        }  # fmt: skip
+        if not check_leak:
+            pruning_prompts.update(x for q in pairs for x in (tuple(q.first), tuple(q.second)))
+        return chosen
+
+    def candidates(files, enough: int | None = None) -> list[Pair]:
+        out = []
+        for f in files:
+            out.extend(p for p in TASK_BUILDERS[task](f.text, enc, ctx) if _valid(p))
+            if enough is not None and len(out) >= enough:
+                break
+        return out
+
+    # The pruning pool: train files in a stable pseudo-random order until 3x the pool size of
+    # candidates are found (scanning all 649 files costs minutes; the pool needs a sample).
+    import hashlib
+
+    shuffled = sorted(train_files, key=lambda f: hashlib.sha256(("prune:" + f.relpath).encode()).digest())
+    pruning = take(candidates(shuffled, 3 * sizes["pruning"]), "pruning", check_leak=False)
+    test_files = corpus.split("test")
+    selection = take(candidates([f for f in test_files if _file_half(f.relpath) == "selection"]), "selection", check_leak=True)
+    evaluation = take(candidates([f for f in test_files if _file_half(f.relpath) == "evaluation"]), "evaluation", check_leak=True)
+    return PromptSets(task, pruning, selection, evaluation, stats)

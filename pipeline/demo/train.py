@@ -204,6 +204,7 @@ class TrainResult:
     num_params: int
     nonzero_weights: int
     weight_entries: int
+    steps: int = 0  # optimizer steps taken (fewer than the profile's when stopped at a matched loss)
 
 
 def train(
@@ -213,9 +214,12 @@ def train(
     sparse: bool,
     on_step: Callable[[int, float], None] | None = None,
     on_eval: Callable[[int, GPT], dict] | None = None,
+    stop_at_xent: float | None = None,
 ) -> TrainResult:
     """Train one model on token streams (1-D int64 tensors). `on_step(step, loss)` reports progress;
-    `on_eval(step, model)` (model in eval mode) returns extra metrics for each progress.json line."""
+    `on_eval(step, model)` (model in eval mode) returns extra metrics for each progress.json line.
+    `stop_at_xent`: stop (after a last eval line) at the first `match_every`-th step whose
+    held-out cross-entropy on the final windows is at most this (a loss-matched baseline)."""
     cfg = model_config(profile)
     with torch_threads(profile.num_threads):
         torch.manual_seed(profile.seed)
@@ -235,6 +239,7 @@ def train(
             [{"params": decay, "weight_decay": profile.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=profile.lr,
             betas=(profile.beta1, profile.beta2),
+            eps=profile.adam_eps,
             foreach=False,
         )
         n_windows = len(train_stream) - cfg.block_size - 1
@@ -245,6 +250,8 @@ def train(
         loss_ema = None
         for step in range(1, profile.steps + 1):
             lr = lr_at(step - 1, profile)
+            if profile.lr_density_scale and sparse:
+                lr = lr / math.sqrt(density_at(step - 1, profile) if step > 1 else 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             starts = torch.randint(0, n_windows, (profile.batch_size,), generator=data_gen)
@@ -262,7 +269,10 @@ def train(
             loss_ema = loss_v if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_v
             if on_step is not None:
                 on_step(step, loss_ema)
-            if step % profile.eval_every == 0 or step == profile.steps:
+            matched = (
+                stop_at_xent is not None and step % profile.match_every == 0 and evaluate(model, final_w) <= stop_at_xent
+            )
+            if step % profile.eval_every == 0 or step == profile.steps or matched:
                 l0, l0_ne = nonzero_counts(model)
                 line = {
                     "step": step,
@@ -283,12 +293,14 @@ def train(
                         line.update(on_eval(step, model))
                     model.train()
                 curve.append(line)
+            if matched:
+                break
         final = evaluate(model, final_w)
         nz, entries = weight_density(model)
         curve[-1]["final_test_xent"] = final
         curve[-1]["final_unigram_xent"] = unigram
     model.eval()
-    return TrainResult(model, curve, final, unigram, model.num_params(), nz, entries)
+    return TrainResult(model, curve, final, unigram, model.num_params(), nz, entries, steps=step)
 
 
 def token_stream(texts: Iterable[str], encoding, eot: int) -> torch.Tensor:

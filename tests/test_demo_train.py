@@ -52,3 +52,21 @@ def test_unigram_xent_matches_hand_count():
     got = unigram_xent(train, torch.tensor([0, 3]), vocab_size=4)
     want = -(math.log(3 / 8) + math.log(1 / 8)) / 2
     assert abs(got - want) < 1e-12
+
+
+def test_dense_baseline_stops_at_the_matched_loss():
+    """`stop_at_xent`: training ends at the first `match_every`-th step whose held-out loss (the
+    final windows) is at most the given one, and reports the steps it took."""
+    import torch
+
+    from pipeline.demo.train import evaluate, eval_windows, train
+
+    p = dataclasses.replace(get_profile("tiny"), steps=60, eval_every=30, match_every=20, vocab_size=64, final_eval_windows=8, eval_windows=4)
+    g = torch.Generator().manual_seed(0)
+    train_stream, test_stream = torch.randint(1, 63, (4000,), generator=g), torch.randint(1, 63, (2000,), generator=g)
+    never = train(p, train_stream, test_stream, sparse=False, stop_at_xent=0.0)
+    assert never.steps == 60
+    at_once = train(p, train_stream, test_stream, sparse=False, stop_at_xent=100.0)
+    assert at_once.steps == 20 and at_once.curve[-1]["step"] == 20
+    final_w = eval_windows(test_stream, p.block_size, p.final_eval_windows)
+    assert at_once.final_test_xent == evaluate(at_once.model, final_w) <= 100.0

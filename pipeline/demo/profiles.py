@@ -34,6 +34,7 @@ class Profile:
     afrac: float | None = 0.25  # AbsTopK: fraction of activations kept at afrac_loctypes
     afrac_loctypes: str = "attn_in,attn_out,mlp_in,mlp_out,mlp_neuron,attn_v,attn_k,attn_q"
     bigram_table: bool = False  # a learnable (vocab x vocab) logit table, as csp_yolo2 has
+    d_pos_emb: int | None = None  # None: wpe added to the residual; else a "cat pos emb" of this width (csp_yolo2: 32)
     # ---- training (pipeline.demo.train) -----------------------------------------------------
     steps: int = 1500
     batch_size: int = 32  # sequences of block_size tokens per optimizer step

@@ -53,6 +53,7 @@ def model_config(profile: Profile) -> GPTConfig:
         flash=True,
         sink=False,
         enable_bigram_table=profile.bigram_table,
+        d_pos_emb=profile.d_pos_emb,
         learnable_bigram_table=profile.bigram_table,
     )
 

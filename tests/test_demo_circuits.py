@@ -289,3 +289,33 @@ def test_calibration_fits_scale_and_shift_and_never_flips():
         assert best <= prompt_losses(z, scale + ds, shift + db).mean() + 1e-6  # a minimum
     anti = torch.tensor([5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0])  # anti-correlated with the answers
     assert calibrate(anti)[0] == 0.0  # no negative scale: the circuit is not turned around
+
+
+def test_viewer_faithfulness_tab_shows_the_table(one_circuit, monkeypatch):
+    """The viewer's Faithfulness tab renders the run's rows (from the pipeline's conversion) and its flag."""
+    from pipeline.convert import faithfulness_table
+    from pipeline.formats import read_viz_data
+    from viewer import queries
+    from viewer.views import faithfulness as view
+
+    path, viz, _ = one_circuit
+    run = type("Run", (), {"run_id": "tiny_sparse/t/prune_demo/k_optim"})()
+    df = faithfulness_table(read_viz_data(path), run, 0.5).to_pandas()
+    seen = {}
+
+    def optional(sql, params=()):
+        seen["params"] = params
+        return df.drop(columns=["run_id", "loss_raw"])
+
+    monkeypatch.setattr(queries, "optional", optional)
+    state = type("S", (), {"run": run.run_id})()
+    v = view.FaithfulnessView(state)
+    v.show()
+    assert seen["params"] == [run.run_id]
+    html_text = v.table.object
+    for variant in ("without_circuit", "circuit_calibrated", "full_model"):
+        assert variant in html_text
+    assert ("Flagged" in v.verdict.object) == bool(viz["prune_config"]["overfit"]["flagged"])
+    monkeypatch.setattr(queries, "optional", lambda sql, params=(): None)  # a released store: no table
+    v.show()
+    assert "No faithfulness rows" in v.verdict.object and v.table.object == ""

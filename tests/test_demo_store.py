@@ -314,3 +314,5 @@ def test_dagster_assets_materialize_a_finished_store(tiny_store, tmp_path):
     assert meta["sparse_model"]["num_params"].value > 0
     assert meta["tokenizer"]["vocab_size"].value == TINY.vocab_size
     assert meta["dense_model"]["skipped"].value is True
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"prompt_sets_disjoint": True, "targets_above_full_loss": True}

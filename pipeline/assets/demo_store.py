@@ -71,7 +71,10 @@ def _model_result(b: StoreBuilder, entry: dict) -> dg.MaterializeResult:
         "heldout_xent": dg.MetadataValue.float(info["final_test_xent"]),
         "unigram_xent": dg.MetadataValue.float(info["unigram_xent"]),
         "nats_below_unigram": dg.MetadataValue.float(info["nats_below_unigram"]),
+        "steps": info.get("steps", 0),
     }
+    if info.get("matched_to_xent") is not None:
+        meta["matched_to_xent"] = dg.MetadataValue.float(info["matched_to_xent"])
     return dg.MaterializeResult(metadata=meta | _files_metadata(b, entry))
 
 
@@ -81,7 +84,7 @@ def sparse_model(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> 
     return _model_result(b, b.build_model("sparse"))
 
 
-@dg.asset(key_prefix=PREFIX, group_name=GROUP, deps=[sparse_model], description="The dense baseline (same shape and steps)")
+@dg.asset(key_prefix=PREFIX, group_name=GROUP, deps=[sparse_model], description="The dense baseline (same shape; stops at the sparse model's held-out loss)")
 def dense_model(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> dg.MaterializeResult:
     b = _builder(context, config)
     if not b.profile.train_dense:
@@ -90,18 +93,46 @@ def dense_model(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> d
     return _model_result(b, b.build_model("dense"))
 
 
+def _prompt_sets_disjoint(out: Path) -> dg.AssetCheckResult:
+    import torch
+
+    bad = []
+    for f in sorted(out.glob("models/*/prompt_sets/*.pt")):
+        sets = torch.load(f, map_location="cpu", weights_only=True)
+        rows = [tuple(r[r != 0].tolist()) for name in ("pool", "selection", "evaluation") for r in sets[name]]
+        if len(set(rows)) != len(rows):
+            bad.append(f.relative_to(out).as_posix())
+    return dg.AssetCheckResult(check_name="prompt_sets_disjoint", passed=not bad, metadata={"repeated_prompts_in": ", ".join(bad) or "none"})
+
+
+def _targets_above_full(out: Path) -> dg.AssetCheckResult:
+    import torch
+
+    bad = []
+    for f in sorted(out.glob("viz/*/*/*/k_optim/viz_data.pt")):
+        pc = torch.load(f, map_location="cpu", weights_only=True).get("prune_config", {})
+        if "target_loss" in pc and "full_loss_selection" in pc and not pc["target_loss"] > pc["full_loss_selection"]:
+            bad.append(f.relative_to(out).as_posix())
+    return dg.AssetCheckResult(check_name="targets_above_full_loss", passed=not bad, metadata={"violations": ", ".join(bad) or "none"})
+
+
 @dg.asset(
     key_prefix=PREFIX,
     group_name=GROUP,
     deps=[sparse_model, dense_model],
     description="viz/<model>/<task>/<sweep>/<k>/viz_data.pt: circuits found by pruning (pipeline.demo.circuits)",
+    check_specs=[
+        dg.AssetCheckSpec("prompt_sets_disjoint", asset=dg.AssetKey([*PREFIX, "circuits"]), description="No prompt repeats within or across the pruning, selection and evaluation sets"),
+        dg.AssetCheckSpec("targets_above_full_loss", asset=dg.AssetKey([*PREFIX, "circuits"]), description="Every k_optim target lies above the full model's selection loss"),
+    ],
 )
 def circuits(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> dg.MaterializeResult:
     b = _builder(context, config)
     entry = b.build_circuits()
+    checks = [_prompt_sets_disjoint(b.out), _targets_above_full(b.out)]
     if entry is None:
-        return dg.MaterializeResult(metadata={"skipped": True})
-    return dg.MaterializeResult(metadata=entry["info"] | _files_metadata(b, entry))
+        return dg.MaterializeResult(metadata={"skipped": True}, check_results=checks)
+    return dg.MaterializeResult(metadata=entry["info"] | _files_metadata(b, entry), check_results=checks)
 
 
 demo_store_assets = [corpus, tokenizer, sparse_model, dense_model, circuits]

@@ -197,7 +197,7 @@ def markdown(report: dict) -> str:
 
     rows, geo = size_study(report)
     if rows:
-        out += ["", "Size at equal loss: k selected per pruning seed on the selection set at a common target per task (f = fraction of the way", "from the full to the ablated loss, the larger of the models' targets); edges and evaluation loss as mean ± sd over seeds:", ""]
+        out += ["", "Size at equal loss: k selected per pruning seed on the selection set at one target per task (full + f x |ablated - full|,", "the larger of the models' targets); edges, nodes and evaluation loss (calibrated) as mean ± sd over seeds:", ""]
         out += ["| task | f | target | " + " | ".join(f"{m} edges | {m} nodes | {m} eval loss | {m} reached" for m in models) + " |"]
         out.append("|---|---:|---:|" + "---:|---:|---:|---:|" * len(models))
         for r in rows:

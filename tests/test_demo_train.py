@@ -59,7 +59,7 @@ def test_dense_baseline_stops_at_the_matched_loss():
     final windows) is at most the given one, and reports the steps it took."""
     import torch
 
-    from pipeline.demo.train import evaluate, eval_windows, train
+    from pipeline.demo.train import eval_windows, evaluate, train
 
     p = dataclasses.replace(get_profile("tiny"), steps=60, eval_every=30, match_every=20, vocab_size=64, final_eval_windows=8, eval_windows=4)
     g = torch.Generator().manual_seed(0)

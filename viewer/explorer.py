@@ -17,10 +17,10 @@ from viewer.state import URL_KEYS, Explorer, UrlState
 from viewer.views import graph as graph_views
 from viewer.views.compare import CompareView
 from viewer.views.curves import CurvesView
-from viewer.views.faithfulness import FaithfulnessView
 from viewer.views.detail import DetailView
 from viewer.views.embeddings import EmbeddingView
 from viewer.views.export import ExportView
+from viewer.views.faithfulness import FaithfulnessView
 from viewer.views.markup import HtmlBox, NodePicker
 
 DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Faithfulness", "Export")

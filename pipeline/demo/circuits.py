@@ -29,11 +29,18 @@ from pathlib import Path
 
 import torch
 
-from inference.circuit import circuit_masks, frozen_norm_scales, location_width, masked_forward, node_locations, node_means, num_total_nodes
+from inference.circuit import (
+    circuit_masks,
+    frozen_norm_scales,
+    location_width,
+    masked_forward,
+    node_locations,
+    node_means,
+    num_total_nodes,
+)
 from pipeline.demo.prune import (
     PruneConfig,
     answer_logit_diff,
-    batch_rows,
     calibrate,
     circuit_from_order,
     circuit_z,

@@ -183,7 +183,7 @@ def markdown(report: dict) -> str:
             continue
         pick = {(r["prompt_set"], r["ablation"], r["variant"]): r for r in rows}
 
-        def cell(key):
+        def cell(key, pick=pick):
             r = pick.get(key)
             return "-" if r is None else f"{r['loss']:.3f} ± {r['loss_se']:.3f}"
 

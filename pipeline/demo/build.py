@@ -424,8 +424,9 @@ class StoreBuilder:
         return self._run_stage(stage, self._downstream(stage), run)
 
     def _task_metrics_on_eval(self):
-        """progress.json gets, at every eval, each task's held-out accuracy and loss (the docs
-        part 2 stores), so the curve shows when the model learned each task."""
+        """progress.json gets, at every eval, each task's accuracy and loss on test-split pairs
+        (a training monitor: not the circuits' evaluation set, which part 2 builds disjoint from
+        its selection and pruning sets), so the curve shows when the model learned each task."""
         from pipeline.demo.prune import PruneConfig
         from pipeline.demo.tasks import held_out_task_docs, task_metrics
 

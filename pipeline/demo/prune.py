@@ -62,8 +62,8 @@ class PruneConfig:
     loss_factor: float = LOSS_FACTOR
     ks: tuple[int, ...] = (16, 32, 64, 128, 256)  # node budgets written besides k_optim
     k_optim_max: int = 2048  # k_optim search stops here (reported as not reached)
-    train_pairs: int = 64  # train-split pairs used by the optimisation
-    test_pairs: int = 32  # test-split pairs stored in task_samples and used for every loss
+    train_pairs: int = 64  # unused since the prompt sets (kept so old prune_configs read alike)
+    test_pairs: int = 32  # test-split pairs of the task metrics in progress.json (training monitor only)
     ctx: int = 64  # task doc length (tokens, including the answer)
     mean_windows: int = 64  # pretraining windows (train split) for node means and samples
     snippet_radius: int = 50  # tokens either side of a sample's token of interest

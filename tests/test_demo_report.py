@@ -55,3 +55,19 @@ def test_report_numbers_match_the_files(tiny_store):
     text = markdown(report)
     for c in report["circuits"]:
         assert f"| {c['model']} | {c['task']} | {c['k']} | {c['nodes']} | {c['edges']} |" in text
+
+
+def test_report_prints_targets_faithfulness_and_the_size_study(tiny_store):
+    """The report's target, faithfulness and size-study cells are the stored values."""
+    report = collect(tiny_store)
+    text = markdown(report)
+    assert "per prompt" in text  # the loss scale is stated
+    for f in sorted((tiny_store / "viz").rglob("viz_data.pt")):
+        pc = torch.load(f, weights_only=True)["prune_config"]
+        ev = next(r for r in pc["faithfulness"] if (r["prompt_set"], r["ablation"], r["variant"]) == ("evaluation", "zero", "without_circuit"))
+        assert f"{ev['loss']:.3f} ± {ev['loss_se']:.3f}" in text
+        if f.parts[-2] == "k_optim":
+            assert f"{pc['target_loss']:.3f} (f = {pc['target_fraction']})" in text
+            assert len(pc["study"]) == len(pc["prune_seeds"]) * len(set(pc["target_sweep"]) | {pc["target_fraction"]})
+            for r in pc["study"]:
+                assert r["target"] > pc["full_loss_selection"]

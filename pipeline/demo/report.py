@@ -148,7 +148,7 @@ def markdown(report: dict) -> str:
         drop = lambda d: f"{d['duplicates_dropped']} / {d.get('equal_to_pruning_dropped', 0)} / {d['seen_in_pretraining_dropped']}"  # noqa: E731
         out.append(f"| {task} | {st['pruning']['pairs']} | {st['selection']['pairs']} | {st['evaluation']['pairs']} | {drop(st['selection'])} | {drop(st['evaluation'])} |")
 
-    out += ["", "| model | task | accuracy (prompt / pair) | full loss | full loss (selection) | ablated loss (selection) | target | k_optim | k_optim loss (selection) | k_optim loss (evaluation) |"]
+    out += ["", "| model | task | accuracy (prompt / pair) | full loss | full loss (selection) | ablated loss (selection) | target | k_optim | k_optim calibrated loss (selection) | k_optim calibrated loss (evaluation) |"]
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for task, rows in sorted(by_task.items()):
         for m in models:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from pipeline.demo.profiles import get_profile
@@ -70,3 +71,22 @@ def test_dense_baseline_stops_at_the_matched_loss():
     assert at_once.steps == 20 and at_once.curve[-1]["step"] == 20
     final_w = eval_windows(test_stream, p.block_size, p.final_eval_windows)
     assert at_once.final_test_xent == evaluate(at_once.model, final_w) <= 100.0
+
+
+def test_paper_knobs_train_with_a_dense_bigram_table_and_cat_pos_emb():
+    """The paper's options (bigram table kept dense, concatenated position embedding, Adam eps,
+    LR x 1/sqrt(density)) train, and the sparsified matrices end with exactly the expected nonzeros."""
+    import torch
+
+    from pipeline.demo.train import expected_nonzeros, lr_at, sparse_param_names, train
+
+    p = dataclasses.replace(get_profile("tiny"), steps=20, eval_every=10, vocab_size=64, final_eval_windows=4, eval_windows=4,
+                            d_pos_emb=8, bigram_table=True, adam_eps=0.1, lr_density_scale=True, warmup_steps=2)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    result = train(p, torch.randint(1, 63, (3000,), generator=g), torch.randint(1, 63, (1000,), generator=g), sparse=True)
+    names = sparse_param_names(result.model)
+    assert "bigram_table" not in names and result.model.config.d_pos_emb == 8
+    assert result.nonzero_weights == expected_nonzeros(result.model, p, sparse=True)
+    assert torch.count_nonzero(result.model.bigram_table) > 0.5 * result.model.bigram_table.numel()  # learned, dense
+    # the LR of the last step: the schedule's value over sqrt(the density then)
+    assert result.curve[-1]["lr"] == pytest.approx(lr_at(p.steps - 1, p) / math.sqrt(p.target_density))

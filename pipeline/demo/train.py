@@ -59,8 +59,9 @@ def model_config(profile: Profile) -> GPTConfig:
 
 
 def sparse_param_names(model: GPT) -> list[str]:
-    """Every weight matrix: the matrices pruned to `target_density` (biases and norms stay dense)."""
-    return [n for n, p in model.named_parameters() if p.ndim == 2]
+    """Every weight matrix: the matrices pruned to `target_density` (biases, norms and the bigram
+    table stay dense: the paper adds the table as a dense component)."""
+    return [n for n, p in model.named_parameters() if p.ndim == 2 and n != "bigram_table"]
 
 
 def kept_count(shape: tuple[int, int], density: float, min_per_row: int) -> int:

@@ -114,7 +114,8 @@ def size_study(report: dict) -> tuple[list[dict], dict]:
             d_name = next(m for m in models if m.endswith("_dense"))
             sparse = sum(r["edges"] for r in per_model[s_name]) / len(per_model[s_name])
             dense = sum(r["edges"] for r in per_model[d_name]) / len(per_model[d_name])
-            ratios.setdefault(f, []).append((task, dense / max(sparse, 1e-9)))
+            if sparse > 0 and dense > 0:  # a ratio with an empty (0-edge) circuit has no geometric mean
+                ratios.setdefault(f, []).append((task, dense / sparse))
     geo = {f: (math.exp(sum(math.log(r) for _, r in rs) / len(rs)), [t for t, _ in rs]) for f, rs in ratios.items()}
     return rows, geo
 
@@ -214,7 +215,7 @@ def markdown(report: dict) -> str:
                     g, tasks = geo[f]
                     out.append(f"- f = {f}: geometric mean over {len(tasks)} learned task(s) ({', '.join(tasks)}) of dense edges / sparse edges: **{g:.2f}**")
                 else:
-                    out.append(f"- f = {f}: no learned task where every seed of both models reached the target; no ratio")
+                    out.append(f"- f = {f}: no learned task where every seed of both models reached the target with nonempty circuits; no ratio")
     return "\n".join(out) + "\n"
 
 

@@ -65,7 +65,11 @@ def load_node_means(store, model: str, config) -> tuple[dict, int, str] | None:
         return None
     where = store.path(rel)
     try:
-        blob = torch.load(store.local(rel), map_location="cpu", weights_only=True)
+        from inference.safe_load import check_torch_zip
+
+        local = store.local(rel)
+        check_torch_zip(local, where)  # sizes and views checked before anything is allocated
+        blob = torch.load(local, map_location="cpu", weights_only=True)
         means, tokens = blob["means"], int(blob["tokens"])
     except Exception as e:  # noqa: BLE001 (any unreadable content is the same finding)
         raise ValueError(f"{where}: not a node-means file ({type(e).__name__}: {e})") from None

@@ -76,7 +76,10 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
     enc = load_tokenizer(store)
-    tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=sha)
+    try:
+        tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=sha)
+    except Exception as e:  # noqa: BLE001 - content the validation let through: still name the file
+        raise dg.Failure(description=f"{source}: cannot convert ({type(e).__name__}: {e})") from None
     data = circuits.data_url()
     context.log.info(f"{key}: {viz.n_nodes} nodes, {viz.docs.shape[0]} docs -> {data}")
 
@@ -104,6 +107,8 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
             meta = write_partition(data, name, key, tables[name])
         except VizDataError as e:
             raise dg.Failure(description=str(e)) from None
+        except (ArithmeticError, ValueError, TypeError, IndexError, KeyError) as e:  # while streaming the file's nodes
+            raise dg.Failure(description=f"{source}: table {name}: {type(e).__name__}: {e}") from None
         results.append(dg.MaterializeResult(asset_key=name, metadata=table_metadata(meta)))
     yield from results
     yield from checks

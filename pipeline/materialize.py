@@ -30,7 +30,7 @@ from pathlib import Path
 import dagster as dg
 from tqdm import tqdm
 
-from pipeline.assets.discovery import refresh_partitions, store_index
+from pipeline.assets.discovery import StoreWalkWarning, refresh_partitions, store_index
 from pipeline.assets.download import tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
@@ -47,6 +47,7 @@ class MaterializeSummary:
     models: list[str] = field(default_factory=list)
     ok: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # partition (or step) -> error message
+    skipped: list[str] = field(default_factory=list)  # store entries the walk could not use, with why
     duckdb: str | None = None
 
 
@@ -199,14 +200,36 @@ def materialize_store(
         return _materialize(resource, data_url, select, progress, recompute, instance or pipeline_instance(data_url), verbose)
 
 
+def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
+    """Temp files of writes a kill interrupted (`tables/<t>/.<name>.<hex>.tmp`; never read, since
+    readers glob `*.parquet`): removed once old enough not to belong to a live writer."""
+    if is_remote(data_url):
+        return
+    now = time.time()
+    for tmp in Path(data_url).glob("tables/*/.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > min_age_s:
+                tmp.unlink()
+
+
 def _materialize(resource, data_url, select, progress, recompute, instance, verbose) -> MaterializeSummary:
+    _remove_stale_temp_files(data_url)
     resources = {"circuits": resource}
     run_config = None if verbose else QUIET
     summary = MaterializeSummary()
 
     store_obj = resource.store()
     try:
-        runs, models = refresh_partitions(instance, store_obj)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StoreWalkWarning)
+            runs, models = refresh_partitions(instance, store_obj)
+        for w in caught:
+            if issubclass(w.category, StoreWalkWarning):
+                summary.skipped.append(str(w.message))
+                if progress:
+                    tqdm.write(f"WARNING {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - an unreadable store or a failing instance: report, don't crash
@@ -273,6 +296,8 @@ def materialize_cli(args) -> int:
         print(f"circuits materialize: {type(e).__name__}: {e}")
         return 2
     print(f"{len(s.runs)} circuits of {len(s.models)} models: {len(s.ok)} steps ok, {len(s.failed)} failed")
+    for msg in s.skipped:
+        print(f"  SKIPPED {msg}")
     for label, msg in s.failed.items():
         print(f"  FAILED {label}: {msg}")
     if s.duckdb:

@@ -13,10 +13,9 @@ from fixtures_viz import FIXTURE_CONFIG, FIXTURE_RUNS
 from test_model import tiny_model
 
 from inference.loader import load_model, save_model
-from inference.safe_load import UnsafeFileError, check_legacy_torch
 from inference.store import CheckpointError, read_tensor
 from inference.tokenizer import TokenizerError, mergeable_ranks
-from pipeline.formats import VizDataError, check_against_model, read_viz_data
+from pipeline.formats import VizDataError, read_viz_data
 
 PT_RUN = "fixture_a/quotes/prune_v4/4"
 PKL_RUN = "fixture_a/quotes/prune_v4/k_optim"
@@ -84,6 +83,7 @@ def test_zero_stride_in_a_pickle_is_refused_naming_the_key(viz_store, tmp_path):
 
 
 def test_legacy_storage_declaring_more_than_its_bytes():
+    from inference.safe_load import UnsafeFileError, check_legacy_torch
     b = io.BytesIO()
     torch.save({"w": torch.arange(1000.0)}, b, _use_new_zipfile_serialization=False)
     check_legacy_torch(io.BytesIO(b.getvalue()), "ok")
@@ -191,6 +191,7 @@ def test_negative_pair_data_names_are_refused(viz_store, tmp_path):
 
 def test_channel_beyond_the_width_names_the_file(viz_store, tmp_path):
     from inference.config import GPTConfig
+    from pipeline.formats import check_against_model
 
     raw = _raw(viz_store, PT_RUN)
     loc = next(iter(raw["circuit_data"]))

@@ -128,10 +128,9 @@ def test_unreadable_directory_is_skipped_and_the_rest_materializes(viz_store, tm
 def test_materialize_survives_a_self_looping_symlink(viz_store, tmp_path):
     store = _store(viz_store, tmp_path / "store", {PT_RUN: PT_RUN})
     os.symlink("loop", store / "viz" / "loop")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = materialize_store(store=str(store), data=str(tmp_path / "data"), progress=False, recompute=False)
+    s = materialize_store(store=str(store), data=str(tmp_path / "data"), progress=False, recompute=False)
     assert not s.failed and s.runs == [PT_RUN]
+    assert len(s.skipped) == 1 and "viz/loop" in s.skipped[0]
     assert _nodes_per_run(tmp_path / "data") == {PT_RUN: FIXTURE_RUNS[PT_RUN]["n_nodes"]}
 
 
@@ -151,16 +150,26 @@ def test_cli_shows_the_underlying_error_not_dagsters_wrapper(viz_store, tmp_path
     assert "Error occurred while executing" not in line
 
 
-def test_failed_error_checks_are_failures_in_the_summary(viz_store, tmp_path):
-    """A NaN loss fails the run's no_nan check; the summary used to call the run ok."""
+def test_failed_error_checks_and_hostile_files_are_failures_in_the_summary(viz_store, tmp_path):
+    """A NaN loss fails the run's no_nan check (the summary used to call the run ok); a zero-stride
+    activation is refused with the file and the key in the summary."""
     raw = torch.load(viz_store / "viz" / PT_RUN / "viz_data.pt", weights_only=False)  # our own fixture: trusted
     raw["importances"]["loss"] = float("nan")
     store = _store(viz_store, tmp_path / "store", {})
     (store / "viz" / PT_RUN).mkdir(parents=True)
     torch.save(raw, store / "viz" / PT_RUN / "viz_data.pt")
+    raw["importances"]["loss"] = 1.0
+    acts = raw["importances"]["task_samples"][1]
+    loc = next(iter(acts))
+    ch = next(iter(acts[loc]))
+    acts[loc][ch] = torch.zeros(1).as_strided(acts[loc][ch].shape, (0, 0))
+    (store / "viz" / OTHER_PT_RUN).mkdir(parents=True)
+    torch.save(raw, store / "viz" / OTHER_PT_RUN / "viz_data.pt")
     s = materialize_store(store=str(store), data=str(tmp_path / "d"), progress=False, recompute=False)
     assert f"run {PT_RUN}" in s.failed and f"run {PT_RUN}" not in s.ok
     assert "no_nan_runs" in s.failed[f"run {PT_RUN}"] and "loss" in s.failed[f"run {PT_RUN}"]
+    msg = s.failed[f"run {OTHER_PT_RUN}"]
+    assert f"viz/{OTHER_PT_RUN}/viz_data.pt: tensor importances['task_samples'][1]['{loc}'][{ch}]" in msg, msg
 
 
 # ---- the Dagster instance ------------------------------------------------------------------------

@@ -15,7 +15,9 @@ terabytes. This module inspects a file's structure without creating any tensor:
   and every tensor must fit its storage with no more elements than the storage holds.
 - `check_legacy_torch(f, source)`: the same for the pre-zip `torch.save` format (the storage blobs
   that a plain pickle of a tensor embeds, and legacy `.pt` files).
-- `check_view(...)`: the per-tensor rule, also used by unpicklers that rebuild tensors themselves.
+- `check_view(...)`: the per-tensor rule, also used by unpicklers that rebuild tensors themselves;
+  `check_reconstruct(...)`: the same for numpy arrays, whose unpickling first allocates an
+  uninitialised array of the pickled shape.
 
 Each problem raises `UnsafeFileError` (a ValueError) naming the file and the key (the path of
 the tensor inside the loaded object, e.g. `importances.task_samples[1]['0.mlp'][3]`).
@@ -105,6 +107,46 @@ class _Inert:
         raise TypeError("inert")
 
 
+MAX_RECONSTRUCT_BYTES = 1 << 20
+
+
+def _itemsize(spec: Any) -> int:
+    """Element size of a numpy dtype spec as a pickle gives it (b'b', 'f4', a dtype, a stand-in)."""
+    import numpy as np
+
+    if isinstance(spec, _Inert) and spec.args:
+        spec = spec.args[0]
+    try:
+        if isinstance(spec, (bytes, bytearray)):
+            spec = bytes(spec).decode("latin1")
+        if isinstance(spec, (str, np.dtype)):
+            return max(np.dtype(spec).itemsize, 1)
+    except (TypeError, ValueError):
+        pass
+    return 1
+
+
+def check_reconstruct(source: str, key: str, shape: Any, dtype: Any) -> None:
+    """numpy's unpickling first creates an *uninitialised* array of the pickled shape (numpy itself
+    always writes `(0,)`, then fills it); a hostile shape would allocate before any data is read."""
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise UnsafeFileError(f"{source}: numpy array {key}: malformed shape {shape!r:.60}")
+    nbytes = math.prod(shape) * _itemsize(dtype)
+    if nbytes > MAX_RECONSTRUCT_BYTES:
+        raise UnsafeFileError(
+            f"{source}: numpy array {key} is created with shape {shape} ({nbytes:,} uninitialised bytes) before "
+            "its data; numpy writes shape (0,) there, so this file is not numpy's; refusing it"
+        )
+
+
+class _NdStub(_Inert):
+    """numpy's `_reconstruct(cls, shape, dtype)` during a scan: checked (with its key) after the scan."""
+
+    def __init__(self, cls: Any = None, shape: Any = (0,), dtype: Any = b"b", *rest: Any) -> None:
+        super().__init__(cls, shape, dtype, *rest)
+        self.shape, self.dtype = shape, dtype
+
+
 def _rebuild_ref(storage: Any, offset: Any = 0, size: Any = (), stride: Any = (), *_rest: Any) -> TensorRef:
     return TensorRef(storage, offset, tuple(size) if isinstance(size, (tuple, list)) else size, tuple(stride) if isinstance(stride, (tuple, list)) else stride)
 
@@ -127,6 +169,8 @@ class ScanUnpickler(pickle.Unpickler):
             return lambda func, _type, args, *_a: func(*args) if callable(func) else _Inert(func, args)
         if module in ("torch", "torch.cuda") and name in STORAGE_ITEMSIZE:
             return name
+        if name == "_reconstruct" and module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            return _NdStub
         if (module, name) in _INERT or module == _NUMPY_DTYPE_MODULE and name.endswith("DType"):
             if (module, name) in {("collections", "OrderedDict")}:
                 return dict
@@ -175,14 +219,15 @@ def _child(path: str, k: Any) -> str:
     return k if not path and isinstance(k, str) else f"{path}[{k!r}]"
 
 
-def tensor_refs(obj: Any) -> list[tuple[str, TensorRef]]:
-    """Every TensorRef in a scanned object, with its key path (`importances['task_samples'][1]`)."""
-    out: list[tuple[str, TensorRef]] = []
+def tensor_refs(obj: Any) -> list[tuple[str, Any]]:
+    """Every TensorRef (and numpy array stand-in) in a scanned object, with its key path
+    (`importances['task_samples'][1]`)."""
+    out: list[tuple[str, Any]] = []
     stack: list[tuple[str, Any]] = [("", obj)]
     seen: set[int] = set()
     while stack:
         p, x = stack.pop()
-        if isinstance(x, TensorRef):
+        if isinstance(x, (TensorRef, _NdStub)):
             out.append((p or "<top>", x))
         elif isinstance(x, (dict, list, tuple, _Inert)) and id(x) not in seen:
             seen.add(id(x))
@@ -197,6 +242,9 @@ def tensor_refs(obj: Any) -> list[tuple[str, TensorRef]]:
 
 def _check_refs(obj: Any, source: str, storage_numel: dict[str, int]) -> None:
     for key, ref in tensor_refs(obj):
+        if isinstance(ref, _NdStub):
+            check_reconstruct(source, key, ref.shape, ref.dtype)
+            continue
         st = ref.storage
         if not isinstance(st, StorageRef):
             raise UnsafeFileError(f"{source}: tensor {key}: its storage is not a storage record")

@@ -28,7 +28,15 @@ import numpy as np
 import torch
 
 from inference.circuit import parse_location
-from inference.safe_load import UnsafeFileError, check_legacy_torch, check_torch_zip, check_view, explain_torch_error, refusal
+from inference.safe_load import (
+    UnsafeFileError,
+    check_legacy_torch,
+    check_reconstruct,
+    check_torch_zip,
+    check_view,
+    explain_torch_error,
+    refusal,
+)
 
 FRACS = (0.001, 0.01, 0.1, 0.5)
 BIAS = "bias"
@@ -125,9 +133,18 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _latin1_encode
         if (module, name) in (("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar")):
             return _numpy_scalar
+        if (module, name) in (("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")):
+            return self._checked_reconstruct
         if (module, name) in self._ALLOWED or (module, name) in self._DTYPE_CLASSES:
             return super().find_class(module, name)
         raise VizDataError(refusal(self.source, module, name))
+
+    def _checked_reconstruct(self, cls, shape, dtype, *rest):
+        from numpy._core.multiarray import _reconstruct
+
+        self._arrays = getattr(self, "_arrays", 0) + 1
+        check_reconstruct(self.source, f"#{self._arrays} (in file order)", shape, dtype)
+        return _reconstruct(cls, shape, dtype, *rest)
 
     def load(self):
         return _build_tensors(super().load(), "", self.source)

@@ -237,3 +237,21 @@ def test_bad_vocab_bpe_names_the_file(viz_store, tmp_path):
     bpe.write_bytes(b"#version: 0.2\n\xff\xfe a\n")
     with pytest.raises(TokenizerError, match=r"vocab\.bpe: not UTF-8"):
         mergeable_ranks(enc, bpe)
+
+
+class _UninitialisedArray:
+    """Pickles as numpy's `_reconstruct(ndarray, (10**9,), b'b')` with no data: a 1 GB empty array."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (10**9,), b"b"))
+
+
+def test_uninitialised_numpy_array_is_refused_before_allocating(tmp_path):
+    torch.save({"circuit_data": {}, "x": _UninitialisedArray()}, tmp_path / "viz_data.pt")
+    with pytest.raises(VizDataError, match=r"viz_data\.pt: numpy array x is created with shape \(1000000000,\) \(1,000,000,000 uninitialised bytes\)"):
+        read_viz_data(tmp_path / "viz_data.pt")
+    (tmp_path / "viz_data.pkl").write_bytes(pickle.dumps({"x": _UninitialisedArray()}, protocol=2))
+    with pytest.raises(VizDataError, match=r"viz_data\.pkl: numpy array #1 .* is created with shape \(1000000000,\)"):
+        read_viz_data(tmp_path / "viz_data.pkl")

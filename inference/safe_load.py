@@ -25,6 +25,7 @@ the tensor inside the loaded object, e.g. `importances.task_samples[1]['0.mlp'][
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import os
@@ -172,8 +173,8 @@ class ScanUnpickler(pickle.Unpickler):
         if name == "_reconstruct" and module in ("numpy._core.multiarray", "numpy.core.multiarray"):
             return _NdStub
         if (module, name) in _INERT or module == _NUMPY_DTYPE_MODULE and name.endswith("DType"):
-            if (module, name) in {("collections", "OrderedDict")}:
-                return dict
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict  # a state dict's: BUILD then sets its `_metadata`
             return _Inert
         raise UnsafeFileError(refusal(self.source, module, name))
 

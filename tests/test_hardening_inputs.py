@@ -255,3 +255,15 @@ def test_uninitialised_numpy_array_is_refused_before_allocating(tmp_path):
     (tmp_path / "viz_data.pkl").write_bytes(pickle.dumps({"x": _UninitialisedArray()}, protocol=2))
     with pytest.raises(VizDataError, match=r"viz_data\.pkl: numpy array #1 .* is created with shape \(1000000000,\)"):
         read_viz_data(tmp_path / "viz_data.pkl")
+
+
+def test_a_real_state_dict_passes_the_checks(tmp_path):
+    """torch's own state dicts (OrderedDict with `_metadata`, parameters, views) are not refused."""
+    from inference.safe_load import check_torch_zip
+
+    model = tiny_model()
+    save_model(model, tmp_path / "m")
+    check_torch_zip(tmp_path / "m" / "final_model.pt", "m")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")  # with _metadata, as train scripts save it
+    check_torch_zip(tmp_path / "sd.pt", "sd")
+    assert torch.equal(load_model(tmp_path / "m").transformer.wte.weight, model.transformer.wte.weight)

@@ -84,9 +84,14 @@ def load_node_means(store, model: str, config) -> tuple[dict, int, str] | None:
 
 def read_tensor(store, model: str, key: str):
     """One tensor of `models/<model>/final_model.pt`, with ranged reads (not the whole checkpoint)."""
+    import torch
+
     from inference.store import read_tensor as _read
 
-    return _read(store.path(f"models/{model}"), key, cache_dir=getattr(store, "_cache_dir", None))
+    t = _read(store.path(f"models/{model}"), key, cache_dir=getattr(store, "_cache_dir", None))
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # else NaN tables, or numpy errors naming nothing
+        raise ValueError(f"{store.path(f'models/{model}/final_model.pt')}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} NaN or infinite values")
+    return t
 
 
 _TOKENIZERS: dict[tuple, object] = {}

@@ -192,20 +192,27 @@ def test_a_broken_instance_database_is_repaired(viz_store, tmp_path):
     assert _nodes_per_run(data) == {PT_RUN: FIXTURE_RUNS[PT_RUN]["n_nodes"]}
 
 
-def test_a_kill_while_creating_the_instance_leaves_no_half_instance(tmp_path, monkeypatch):
-    import pipeline.materialize as M
+def test_a_kill_while_creating_the_instance_leaves_no_half_instance(tmp_path):
+    """SIGKILL while the instance's databases are being created (held there by a slow probe)."""
+    import signal
 
     data = tmp_path / "data"
-
-    def killed(instance):
-        raise KeyboardInterrupt  # stands for SIGKILL between two CREATE TABLEs
-
-    monkeypatch.setattr(M, "_probe", killed)
-    with pytest.raises(KeyboardInterrupt):
-        M.pipeline_instance(str(data))
+    code = (
+        "import sys, time, pipeline.materialize as M\n"
+        "M._probe = lambda instance: (print('creating', flush=True), time.sleep(60))\n"
+        "M.pipeline_instance(sys.argv[1])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("DAGSTER_HOME", None)
+    p = subprocess.Popen([sys.executable, "-c", code, str(data)], env=env, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "creating"  # the databases exist, half-way through creation
+    assert list(data.glob(".dagster.new-*/history/runs.db"))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
     assert not (data / ".dagster").exists()
-    monkeypatch.undo()
-    M.pipeline_instance(str(data)).dispose()
+    from pipeline.materialize import pipeline_instance
+
+    pipeline_instance(str(data)).dispose()
     assert (data / ".dagster" / "history" / "runs" / "index.db").exists()
 
 
@@ -243,3 +250,14 @@ def test_two_concurrent_materialize_on_a_fresh_dir_both_succeed(viz_store, tmp_p
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, out + err[-3000:]
     assert _nodes_per_run(data) == {PT_RUN: FIXTURE_RUNS[PT_RUN]["n_nodes"]}
+
+
+def test_nan_embedding_weight_fails_the_model_naming_file_and_key(viz_store, tmp_path):
+    store = _store(viz_store, tmp_path / "store", {PT_RUN: PT_RUN})
+    pt = store / "models" / "fixture_a" / "final_model.pt"
+    state = torch.load(pt, weights_only=True)
+    state["transformer.wte.weight"][3, 2] = float("nan")
+    torch.save(state, pt)
+    s = materialize_store(store=str(store), data=str(tmp_path / "d"), progress=False, recompute=False)
+    msg = s.failed["model fixture_a"]
+    assert "models/fixture_a/final_model.pt: tensor 'transformer.wte.weight' holds 1 NaN" in msg, msg

@@ -388,7 +388,7 @@ def test_hostile_url_values_fall_back_with_notes(viewer_data):
     assert state.run == queries.runs()["run_id"].iloc[0]
     assert state.node == "" and state.pins == {} and state.compare == "" and state.threshold == 0.1
     assert len(state.notes) == 6
-    assert page.explorer.notes.visible and "Unknown run" in page.explorer.notes.object
+    assert page.explorer.notes.div.visible and "Unknown run" in page.explorer.notes.object
     assert len(queries.runs()) == n_runs
 
 

@@ -54,7 +54,7 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         app.layer, app.threshold, app.node.panel,
         pn.pane.Markdown("**Pins**"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel, sizing_mode="stretch_width",
     )
-    main = pn.Column(app.notes, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
+    main = pn.Column(app.notes.panel, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
     template = pn.template.FastListTemplate(title=TITLE, sidebar=[sidebar], main=[main], sidebar_width=330, accent="#b2182b")
     template.explorer = app  # tests and bench reach the app's state and views through the page
     return template

@@ -9,7 +9,7 @@ from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
 from viewer import queries
-from viewer.views.markup import HtmlBox, table_html
+from viewer.views.markup import HtmlBox, plain, table_html
 
 
 class CurvesView:
@@ -89,4 +89,4 @@ class CurvesView:
             return
         sub = t[t["metric"] == self.metric_pick.value]
         self.t_source.data = {"step": sub["step"].tolist(), "value": sub["value"].tolist()}
-        self.tfig.title.text = self.metric_pick.value
+        self.tfig.title.text = plain(self.metric_pick.value or "")

@@ -113,10 +113,10 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
             s = s[(s["run_id"] == run) & (s["node_id"] == target) & (s["frac"] == 0.001) & (s["side"] == "bottom") & (s["rank"] == 0)]
             vocab = pa.concat_tables(truth.tables["vocab"]).to_pandas().set_index("token_id")["text"]
             centre_text = vocab[int(s[s["is_center"]]["token_id"].iloc[0])]
-            first_centre = page.locator("span.tok.center").first
+            first_centre = page.locator(".toks span.c").first
             first_centre.wait_for(timeout=30000)
             assert first_centre.inner_text() == centre_text
-            assert page.locator("span.tok").count() >= 8 * 5 * 50  # 4 fracs x 2 sides x 5 snippets, >= 50 tokens each
+            assert page.locator(".toks span").count() >= 8 * 5 * 50  # 4 fracs x 2 sides x 5 snippets, >= 50 tokens each
             page.wait_for_function("(id) => new URLSearchParams(window.location.search).get('node') === id", arg=target,
                                    timeout=60000)  # the URL carries the selection
             page.screenshot(path=str(tmp_path / "viewer_node.png"), full_page=True)
@@ -219,14 +219,14 @@ def test_token_text_is_not_typeset_and_zero_centred_toggle_redraws(served, brows
     node = next(n["node_id"] for n in truth.nodes[run] if n["node_id"].startswith("1.attn.q:"))
     page = browser_page
     _open(page, f"{url}?run={run}&node={node}")
-    page.locator("span.tok").first.wait_for(timeout=60000)
+    page.locator(".toks span").first.wait_for(timeout=60000)
     # The vocab holds texts like "$$x11$$" and "\(a13\)" (tests/viewer_tables.py): shown as typed, not as TeX.
-    tex = page.locator("span.tok", has_text="$$x")
+    tex = page.locator(".toks span", has_text="$$x")
     assert tex.count() > 0
     assert all(t.startswith("$$x") and t.endswith("$$") for t in tex.all_inner_texts())
-    assert page.locator("span.tok", has_text="\\(a").count() > 0
+    assert page.locator(".toks span", has_text="\\(a").count() > 0
     assert page.locator("mjx-container").count() == 0
-    assert page.locator("span.tok", has_text="<img src=x").count() > 0 and page.dialogs == []
+    assert page.locator(".toks span", has_text="<img src=x").count() > 0 and page.dialogs == []
     # Task docs: the colour-mode buttons redraw the docs on the other colour scale (clicking the label of the
     # former checkbox did nothing).
     page.get_by_text("Task docs", exact=True).click()

@@ -184,7 +184,10 @@ class ExplorerApp:
     # --- state -> views ---------------------------------------------------------------------
 
     def _changed(self, *events):
-        self._update({e.name for e in events})
+        # One message to the browser per interaction: unheld, each property change went out on its own and
+        # BokehJS re-laid out the page after each (a click sent a dozen messages).
+        with pn.io.hold():
+            self._update({e.name for e in events})
 
     def _update(self, names: set):
         s = self.state

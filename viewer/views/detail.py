@@ -8,7 +8,7 @@ import panel as pn
 
 from viewer import queries
 from viewer.views import attention, tokens
-from viewer.views.markup import HtmlBox, table_html
+from viewer.views.markup import HtmlBox, heading, table_html
 
 
 def connections_frame(df) -> dict | None:
@@ -110,8 +110,8 @@ class DetailView:
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
         self.panel = pn.Column(
             self.header.panel,
-            pn.Row(pn.Column("**Inputs**", self.inputs.panel, sizing_mode="stretch_width"),
-                   pn.Column("**Outputs**", self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            pn.Row(pn.Column(heading("Inputs"), self.inputs.panel, sizing_mode="stretch_width"),
+                   pn.Column(heading("Outputs"), self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             self.inner_tabs,
             sizing_mode="stretch_width")
 

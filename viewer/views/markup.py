@@ -35,6 +35,13 @@ def plain(text: str) -> str:
     return text
 
 
+def heading(text: str, note: str = ""):
+    """A bold label (a Bokeh Div, like HtmlBox): no Panel Markdown pane, whose HTML model makes every page
+    load the 1.8 MB MathJax bundle."""
+    extra = f" {html.escape(note)}" if note else ""
+    return pn.pane.Bokeh(Div(text=f"<b>{html.escape(text)}</b>{extra}", disable_math=True))
+
+
 class HtmlBox:
     """`box.object = html` like a Panel pane; `box.panel` goes into layouts."""
 

@@ -82,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--sessions", type=int, default=20, help="--browser: concurrent new sessions")
     ap.add_argument("--clicks", type=int, default=6, help="--browser: node clicks per layer-half")
     ap.add_argument("--layers", type=int, default=4, help="--browser: layer-halves visited")
+    ap.add_argument("--code", default=str(ROOT), help="--browser: serve the viewer of this checkout (e.g. an older commit as a baseline)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     if args.rebuild or not (data / "circuits.duckdb").exists():
@@ -91,7 +92,7 @@ def main(argv=None):
     if args.browser:
         from viewer_browser import main as browser_main
 
-        return browser_main(data, args.sessions, args.clicks, args.layers)
+        return browser_main(data, args.sessions, args.clicks, args.layers, Path(args.code))
 
     t0 = time.perf_counter()
     from bokeh.document import Document

@@ -74,11 +74,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(data: Path, port: int, log_path: Path):
-    env = {**os.environ, "CIRCUITS_DATA": str(data), "PYTHONPATH": str(ROOT)}
+def serve(data: Path, port: int, log_path: Path, code: Path = ROOT):
+    """`panel serve viewer/app.py` of the checkout `code` (another one serves as a baseline) on the tables in `data`."""
+    env = {**os.environ, "CIRCUITS_DATA": str(data), "PYTHONPATH": str(code)}
     log = open(log_path, "w")  # noqa: SIM115 (closed by the caller through the process)
     proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "viewer/app.py", "--address", "127.0.0.1", "--port", str(port),
-                             f"--allow-websocket-origin=127.0.0.1:{port}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             f"--allow-websocket-origin=127.0.0.1:{port}"], cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while True:  # the server answers HTTP before any session exists: this starts no session
         try:
@@ -149,7 +150,7 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
             await ctx.close()
         results["cold start, a new visitor (server warm, browser cache empty)"] = starts
 
-        print(f"cold starts done: {results}", flush=True)
+        print("cold starts done", flush=True)
         ctx, page, _ = await open_session(browser, base)
         clicks, clicks_task = [], []
         for i, layer in enumerate(layers):
@@ -197,7 +198,7 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
     return results, wall
 
 
-def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int):
+def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code: Path = ROOT):
     import duckdb
 
     con = duckdb.connect(str(data / "circuits.duckdb"), read_only=True)
@@ -207,9 +208,9 @@ def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int):
     con.close()
     port = free_port()
     log_path = data / "bench-serve.log"
-    print(f"browser bench: {CHROMIUM}, circuit {run_id} ({n_nodes} nodes), layer-halves {layers}; server log {log_path}")
+    print(f"browser bench of the viewer in {code}: {CHROMIUM}, circuit {run_id} ({n_nodes} nodes), layer-halves {layers}; server log {log_path}")
     print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
-    proc, log = serve(data, port, log_path)
+    proc, log = serve(data, port, log_path, code)
     try:
         results, wall = asyncio.run(run(f"http://127.0.0.1:{port}/app", run_id, layers, sessions, clicks_per_layer))
     finally:

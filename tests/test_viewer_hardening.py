@@ -5,7 +5,6 @@ The same behaviours in a real browser are in test_viewer_browser.py."""
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import urllib.parse

@@ -8,6 +8,7 @@ install -y chromium` (README "Setup"); skipped, with the reason, only when no Ch
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -221,12 +222,11 @@ def test_token_text_is_not_typeset_and_zero_centred_toggle_redraws(served, brows
     _open(page, f"{url}?run={run}&node={node}")
     page.locator(".toks span").first.wait_for(timeout=60000)
     # The vocab holds texts like "$$x11$$" and "\(a13\)" (tests/viewer_tables.py): shown as typed, not as TeX.
-    tex = page.locator(".toks span", has_text="$$x")
-    assert tex.count() > 0
-    assert all(t.startswith("$$x") and t.endswith("$$") for t in tex.all_inner_texts())
-    assert page.locator(".toks span", has_text="\\(a").count() > 0
+    lines = page.locator(".toks").all_inner_texts()  # a token is a span, or bare text when its value is exactly 0
+    assert re.search(r"\$\$x[0-9]+\$\$", "".join(lines))
+    assert re.search(r"\\\(a[0-9]+\\\)", "".join(lines))
     assert page.locator("mjx-container").count() == 0
-    assert page.locator(".toks span", has_text="<img src=x").count() > 0 and page.dialogs == []
+    assert "<img src=x onerror=alert(" in "".join(lines) and page.dialogs == []
     # Task docs: the colour-mode buttons redraw the docs on the other colour scale (clicking the label of the
     # former checkbox did nothing).
     page.get_by_text("Task docs", exact=True).click()

@@ -11,7 +11,8 @@ POS_RGB = (214, 96, 77)  # positive activations: red
 NEG_RGB = (67, 147, 195)  # negative: blue
 # Every token is a <span>: tens of thousands per page of task docs, so each is kept short (the browser's
 # parsing and layout of this HTML was most of a click's time): the colour is a class (`p37` = red at 0.37,
-# `n5` = blue at 0.05) defined once per box, the boxed token has class `c`, the hover title is bare.
+# `n5` = blue at 0.05) defined once per box, the boxed token has class `c`, the hover title is bare; a token
+# whose value is exactly 0 is plain text (no span).
 STYLE = """<style>
 .toks {font-family: monospace; font-size: 12px; line-height: 1.9; white-space: pre-wrap; word-break: break-all; margin: 2px 0;}
 .toks span {padding: 1px 0; margin-right: 1px; border-radius: 2px;}
@@ -79,12 +80,16 @@ def span_list(texts, values, scale: float, boxed: np.ndarray | None = None, lo: 
     """One <span> per token (colour class by value, hover title with the value); `boxed`: bool mask outlined.
     Returns the spans and the colour classes they use (for `colour_style`)."""
     values = np.asarray(values, np.float64)
-    classes = _CLASS[colour_steps(values, scale, lo)]
-    if boxed is not None:
-        classes = np.where(boxed, classes + " c", classes)
+    colour = _CLASS[colour_steps(values, scale, lo)]
+    classes = np.where(boxed, colour + " c", colour) if boxed is not None else colour
     heads = [f'<span class="{c}" ' if " " in c else (f"<span class={c} " if c else "<span ") for c in classes.tolist()]
     titles = [f"title={v:.4g}>" if v == v else 'title="no value">' for v in values.tolist()]
-    spans = [f"{h}{t}{printable(x)}</span>" for h, t, x in zip(heads, titles, texts, strict=True)]
+    # A token whose value is exactly 0 (most of them: the models are sparse), uncoloured and not boxed is bare text:
+    # no colour to show, and a third of the bytes and DOM nodes of the page otherwise.
+    bare = (values == 0) & (colour == "")  # uncoloured zeros (not on a min-to-max scale)
+    if boxed is not None:
+        bare &= ~np.asarray(boxed, bool)
+    spans = [printable(x) if b else f"{h}{t}{printable(x)}</span>" for h, t, x, b in zip(heads, titles, texts, bare.tolist(), strict=True)]
     return spans, {c.split(" ")[0] for c in classes.tolist()}
 
 
@@ -103,7 +108,7 @@ def snippets_html(df) -> str:
         return STYLE + "<p><i>No pretraining snippets for this node.</i></p>"
     scale = float(np.nanmax(np.abs(df["value"].to_numpy(float)))) or 1.0
     parts = [STYLE, f'<div class="scale">one colour scale for all snippets: |activation| {scale:.4g} = full colour; '
-                    "the token of interest is boxed; hover a token for its activation</div>"]
+                    "the token of interest is boxed; hover a token for its activation (uncoloured plain text: exactly 0)</div>"]
     # Rows arrive ordered by (frac, side, rank, pos): cut them into snippets with numpy (pandas groupby costs more).
     frac, side, rank = df["frac"].to_numpy(), df["side"].to_numpy(), df["rank"].to_numpy()
     texts, values, centre = df["text"].to_numpy(), df["value"].to_numpy(float), df["is_center"].to_numpy(bool)
@@ -144,7 +149,7 @@ def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool, pairs_show
         legend = f"min {lo:.4g} (clear) to max {lo + scale:.4g} (full red)"
     docs = docs.rename(columns={"class": "cls"})  # "class" cannot be a tuple field
     by_doc = {int(r.doc): r for r in docs.itertuples()}
-    parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; '
+    parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; plain text: exactly 0; '
                     "difference = class 2 minus class 1, position by position, on its own zero-centred scale</div>"]
     all_pairs = sorted({int(r.pair) for r in docs.itertuples()})
     pairs = all_pairs if pairs_shown is None else [p for p in all_pairs if p in set(pairs_shown)]

@@ -8,7 +8,7 @@ import panel as pn
 
 from viewer import queries
 from viewer.views import attention, tokens
-from viewer.views.markup import HtmlBox, table_html
+from viewer.views.markup import HtmlBox, heading, table_html
 
 
 def connections_frame(df) -> dict | None:
@@ -74,6 +74,7 @@ def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str |
     return "".join(parts)
 
 
+COLOUR_MODES = (("zero-centred colours", True), ("min to max", False))  # task-doc colour scales (labels -> zero_centred)
 PAIRS_PER_PAGE = 4  # task-doc pairs rendered at once (a release task has 32 pairs of up to 1024 tokens)
 INNER_TABS = ("Pretraining snippets", "Task docs", "Attention (q/k/v)")
 NO_NODE = "<i>Click a node in the graph to see its details.</i>"
@@ -91,7 +92,11 @@ class DetailView:
         self.snippets = HtmlBox()
         self.task = HtmlBox()
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
-        self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, label="zero-centred colours")
+        # Two buttons rather than a checkbox: the checkbox's label text is not part of its click target, so a
+        # click on "zero-centred" changed nothing; each button is a target of its own and shows the mode.
+        self.zero = pn.widgets.RadioButtonGroup(options=dict(COLOUR_MODES), value=state.zero_centred, button_type="default", width=260)
+        self.zero.param.watch(lambda e: setattr(state, "zero_centred", bool(e.new)), "value")
+        state.param.watch(lambda e: setattr(self.zero, "value", e.new), "zero_centred")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
         self.head_plot = self.channel_plot = None  # built on the first q/k/v node shown (two figures less per page)
         self.attn_note = HtmlBox()
@@ -105,8 +110,8 @@ class DetailView:
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
         self.panel = pn.Column(
             self.header.panel,
-            pn.Row(pn.Column("**Inputs**", self.inputs.panel, sizing_mode="stretch_width"),
-                   pn.Column("**Outputs**", self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            pn.Row(pn.Column(heading("Inputs"), self.inputs.panel, sizing_mode="stretch_width"),
+                   pn.Column(heading("Outputs"), self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             self.inner_tabs,
             sizing_mode="stretch_width")
 

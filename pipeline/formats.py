@@ -257,8 +257,11 @@ def _edge_blocks(raw: Any, key: str, source: str, unknown: set[str] | None = Non
     if not isinstance(raw, (list, tuple)):
         raise VizDataError(f"{source}: importances[{key!r}] should be a list, got {type(raw).__name__}")
     entries = list(raw)
-    # One release version nests pair_data one level deeper (a list per worker).
-    if entries and isinstance(entries[0], (list, tuple)) and entries[0] and not isinstance(entries[0][0], (torch.Tensor, np.ndarray)):
+    # One release version nests pair_data one level deeper (a list per worker; a worker's list may be empty).
+    def per_worker(e: Any) -> bool:
+        return isinstance(e, (list, tuple)) and (not e or isinstance(e[0], (list, tuple)))
+
+    if entries and all(per_worker(e) for e in entries):
         entries = [e for worker in entries for e in worker]
     blocks = []
     for n, e in enumerate(entries):

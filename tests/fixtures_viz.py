@@ -32,7 +32,8 @@ import numpy as np
 import pytest
 import torch
 
-__all__ = ["viz_store", "circuits_data", "tables_dir", "build_viz_store", "FIXTURE_RUNS", "FIXTURE_MODEL", "FIXTURE_CONFIG"]
+__all__ = ["viz_store", "circuits_data", "tables_dir", "build_viz_store", "FIXTURE_RUNS", "FIXTURE_MODEL", "FIXTURE_CONFIG",
+           "release_store", "release_data", "build_release_store", "RELEASE_RUNS", "RELEASE_MODEL", "PARTIAL_MODEL", "UNKNOWN_LOCATION"]
 
 FIXTURE_MODEL = "fixture_a"
 FIXTURE_CONFIG = dict(
@@ -315,8 +316,18 @@ def make_viz_data(
     docs = _task_docs(enc, task, rng)
     circuit = _pick_circuit(cfg, rng, n_nodes, base)
     if final_resid is not None:
+        # A residual write of the circuit read again by final_resid (an edge across layers, below).
+        writes = [int(ch[0]) for loc, ch in circuit.items() if loc.endswith("resid_delta")]
+        final_resid = list(dict.fromkeys(list(final_resid) + writes[:1]))
         circuit[C.FINAL_RESID] = torch.tensor(final_resid, dtype=torch.long)
     samples = _pretraining_samples(model, enc, circuit, rng, as_tensor_keys=pkl, float_tokens=pkl, pair=pair)
+    for loc, chans in (unknown or {}).items():  # made-up snippets (pretraining text too: in the means)
+        loc_samples = {}
+        for c in chans:
+            g = torch.Generator().manual_seed(100 + c)
+            item = lambda g=g: (torch.randint(1, 2000, (7,), generator=g), torch.randn(7, generator=g), 3)  # noqa: E731
+            loc_samples[torch.tensor(c) if pkl else c] = {frac: pair([[item()], [item(), item()]]) for frac in FRACS}
+        samples[loc] = loc_samples
     means = _snippet_means(model, samples, [C.FINAL_RESID] if final_resid is not None else [])
     pattern = "|".join(re.escape(loc) for loc in circuit)
     with torch.no_grad():
@@ -349,21 +360,15 @@ def make_viz_data(
     rec = circ_rec if stored_acts == "circuit" else full_rec
     acts = {loc: {(torch.tensor(c) if pkl else c): rec[loc][..., c].clone() for c in chans.tolist()} for loc, chans in circuit.items()}
     pair_s, pair_w = _pairs(model, circuit, seed, numpy_pairs or pkl, nested=pkl)
-    last_write = f"{cfg.n_layer - 1}.mlp.resid_delta"
-    if final_resid is not None and last_write in circuit and not pkl:  # an edge across layers: a residual write read by final_resid
-        w = (circuit[last_write][:, None] == torch.tensor(final_resid)[None, :]).float()
-        pair_s.append([w * 0.5, circuit[last_write].tolist(), list(final_resid), (last_write, C.FINAL_RESID)])
-        pair_w.append([w, circuit[last_write].tolist(), list(final_resid), (last_write, C.FINAL_RESID)])
+    writes = [loc for loc in circuit if loc.endswith("resid_delta")]
+    if final_resid is not None and writes and not pkl:  # an edge across layers: a residual write read by final_resid
+        w = (circuit[writes[0]][:, None] == torch.tensor(final_resid)[None, :]).float()
+        pair_s.append([w * 0.5, circuit[writes[0]].tolist(), list(final_resid), (writes[0], C.FINAL_RESID)])
+        pair_w.append([w, circuit[writes[0]].tolist(), list(final_resid), (writes[0], C.FINAL_RESID)])
     for loc, chans in (unknown or {}).items():  # a location the code does not know: made-up numbers
         circuit[loc] = torch.tensor(chans, dtype=torch.long)
         ch_losses[loc] = torch.tensor([interv_loss + 0.01 * (i + 1) for i in range(len(chans))])
         acts[loc] = {(torch.tensor(c) if pkl else c): torch.rand(docs.shape, generator=torch.Generator().manual_seed(c)) for c in chans}
-        loc_samples = {}
-        for c in chans:
-            g = torch.Generator().manual_seed(100 + c)
-            item = lambda g=g: (torch.randint(1, 2000, (7,), generator=g), torch.randn(7, generator=g), 3)  # noqa: E731
-            loc_samples[torch.tensor(c) if pkl else c] = {frac: pair([[item()], [item(), item()]]) for frac in FRACS}
-        samples[loc] = loc_samples
     all_loss = [(s, interv_loss * (1 + 2.0 / (s + 1))) for s in range(0, 50, 7)]
     return {
         "circuit_data": circuit,
@@ -412,6 +417,61 @@ def build_viz_store(root: Path) -> Path:
         else:
             torch.save(viz, d / f["file"])
     return root
+
+
+# The release's variants, on a store of their own (`release_store`): final_resid nodes, a location
+# the code does not know, samples pairs as tuples (.pt, as released) and lists (.pkl), and a second
+# model whose checkpoint lacks `transformer.ln_f.weight` (no circuits: its model cannot run).
+RELEASE_MODEL, PARTIAL_MODEL = "fixture_r", "fixture_p"
+UNKNOWN_LOCATION = "1.resid_post"  # not a location this code knows; its name says layer 1
+RELEASE_RUNS = {
+    "fixture_r/quotes/prune_v4/6": dict(file="viz_data.pt", seed=11, n_nodes=6, final_resid=[3, 12, 7], pair=tuple),
+    "fixture_r/quotes/prune_v4/k_optim": dict(file="viz_data.pkl", seed=12, n_nodes=9, final_resid=[5, 3],
+                                              unknown={UNKNOWN_LOCATION: [2, 6]}, pair=list),
+}
+
+
+def build_release_store(root: Path) -> Path:
+    """Write the release-variant store (see RELEASE_RUNS) under `root`; returns root."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(root / "tinypython")
+    enc = fixture_encoding(root / "tinypython")
+    model = make_model(seed=5)
+    for name in (RELEASE_MODEL, PARTIAL_MODEL):
+        mdir = root / "models" / name
+        mdir.mkdir(parents=True, exist_ok=True)
+        (mdir / "beeg_config.json").write_text(json.dumps(FIXTURE_CONFIG))
+        state = model.state_dict()
+        if name == PARTIAL_MODEL:
+            state = {k: v for k, v in state.items() if k != "transformer.ln_f.weight"}
+        torch.save(state, mdir / "final_model.pt")
+    for run_id, f in RELEASE_RUNS.items():
+        model_name, task, sweep, k = run_id.split("/")
+        pkl = f["file"].endswith(".pkl")
+        viz = make_viz_data(model, enc, task, f["seed"], f["n_nodes"], "circuit", pkl, base=None,
+                            final_resid=f["final_resid"], unknown=f.get("unknown"), pair=f["pair"])
+        d = root / "viz" / model_name / task / sweep / k
+        d.mkdir(parents=True, exist_ok=True)
+        if pkl:
+            with open(d / f["file"], "wb") as fh:
+                pickle.dump(viz, fh)
+        else:
+            torch.save(viz, d / f["file"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def release_store(tmp_path_factory) -> Path:
+    return build_release_store(tmp_path_factory.mktemp("release_store") / "store")
+
+
+@pytest.fixture(scope="session")
+def release_data(release_store, tmp_path_factory):
+    """(data dir, MaterializeSummary) of `circuits materialize` (every asset) on `release_store`."""
+    from pipeline.materialize import materialize_store
+
+    data = tmp_path_factory.mktemp("release_data") / "data"
+    return data, materialize_store(store=str(release_store), data=str(data), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -289,3 +289,22 @@ def test_detail_says_not_available_without_unembed_extremes(release_data, viewer
     view = _detail("fixture_r/quotes/prune_v4/6", "final_resid:3")
     assert "not available" in view.outputs.object
     assert "final_resid:3" in view.header.object
+
+
+def test_docs_location_queries_find_final_resid_and_other(release_store, release_data):
+    """The docs/tables.md queries about locations, on the release-variant tables: they find final_resid and "other"."""
+    import re
+    from pathlib import Path
+
+    import duckdb
+
+    text = (Path(__file__).parent.parent / "docs" / "tables.md").read_text()
+    run = "fixture_r/quotes/prune_v4/k_optim"
+    qs = [q.replace("csp_yolo1/single_double_quote/prune_v4/k_optim", run) for q in re.findall(r"```sql\n(.*?)```", text, re.S)]
+    con = duckdb.connect(str(release_data[0] / "circuits.duckdb"), read_only=True)
+    rows = con.execute(next(q for q in qs if "unembed_extremes" in q)).fetchall()
+    final = {f"final_resid:{int(c)}" for c in _raw(release_store, run)["circuit_data"]["final_resid"]}
+    assert {r[0] for r in rows if r[0].startswith("final_resid:")} == final
+    assert all(len([r for r in rows if r[0] == n]) == 10 for n in final)  # 5 per side
+    groups = {half: n for half, n, _ in con.execute(next(q for q in qs if "GROUP BY half" in q)).fetchall()}
+    assert groups["final"] == len(final) and groups["other"] == 2

@@ -308,3 +308,42 @@ def test_docs_location_queries_find_final_resid_and_other(release_store, release
     assert all(len([r for r in rows if r[0] == n]) == 10 for n in final)  # 5 per side
     groups = {half: n for half, n, _ in con.execute(next(q for q in qs if "GROUP BY half" in q)).fetchall()}
     assert groups["final"] == len(final) and groups["other"] == 2
+
+
+def test_bench_store_at_small_widths_materializes_with_recompute(tmp_path):
+    """`bench/synthetic.py --store`'s layout at small widths (csp_yolo2's options: RMSNorm, sink,
+    concatenated position embedding, bigram table, untied unembedding): every node converts, and the
+    recompute runs, its final_resid ablations equal to the reference (one masked forward per node)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    from synthetic import CSP_YOLO2, MODEL, write_store
+
+    from pipeline.formats import read_viz_data
+    from pipeline.materialize import materialize_store
+    from pipeline.recompute import means_over_sequences, snippet_sequences
+    from pipeline.store_access import load_model, open_store
+
+    cfg = {**CSP_YOLO2, "n_layer": 2, "d_model": 32, "n_head": 4, "d_head": 8, "d_mlp": 64, "block_size": 32, "d_pos_emb": 8}
+    store = write_store(tmp_path / "store", n_nodes=34, n_docs=4, ctx=16, config=cfg, density=0.2, log=lambda *_: None)
+    data = tmp_path / "data"
+    summary = materialize_store(store=str(store), data=str(data), progress=False)
+    assert not summary.failed, summary.failed
+    run = summary.runs[0]
+    viz_path = next((store / "viz").rglob("viz_data.pt"))
+    raw = torch.load(viz_path, weights_only=False)
+    nodes = _table(data, "nodes", run)
+    assert len(nodes) == sum(len(c) for c in raw["circuit_data"].values()) == 34
+    assert (nodes["kind"] == "final_resid").sum() == len(raw["circuit_data"]["final_resid"]) == 2
+    # the recompute's final_resid ablations vs the reference, on the same model, docs and means
+    viz = read_viz_data(viz_path)
+    model = load_model(open_store(str(store)), MODEL)
+    circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}
+    means = means_over_sequences(model, snippet_sequences(viz), C.circuit_locations(model.config, circuit))[0]
+    docs = torch.from_numpy(viz.docs)
+    ref = C.ablation_losses(model, docs, {"final_resid": circuit["final_resid"], **circuit}, means)["final_resid"]
+    ab = _table(data, "ablations", run)
+    got = ab[(ab["location"] == "final_resid") & (ab["mode"] == "mean")].set_index("channel")["recomputed_loss"]
+    for i, c in enumerate(viz.circuit["final_resid"].tolist()):
+        assert got[c] == pytest.approx(ref[i].item(), abs=1e-4)

@@ -347,3 +347,24 @@ def test_bench_store_at_small_widths_materializes_with_recompute(tmp_path):
     got = ab[(ab["location"] == "final_resid") & (ab["mode"] == "mean")].set_index("channel")["recomputed_loss"]
     for i, c in enumerate(viz.circuit["final_resid"].tolist()):
         assert got[c] == pytest.approx(ref[i].item(), abs=1e-4)
+
+
+def test_skipped_table_replaces_a_stale_file(release_store, release_data, tmp_path):
+    """A model-level file of a table the checkpoint can no longer build (written from an earlier one) is removed."""
+    import dagster as dg
+
+    from pipeline.assets.discovery import MODELS
+    from pipeline.assets.tables import embeddings
+    from pipeline.resources import CircuitsResource
+
+    data = tmp_path / "data"
+    stale = data / "tables" / "unembed_extremes" / f"{PARTIAL_MODEL}.parquet"
+    stale.parent.mkdir(parents=True)
+    shutil.copy(release_data[0] / "tables" / "unembed_extremes" / f"{RELEASE_MODEL}.parquet", stale)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(MODELS.name, [PARTIAL_MODEL])
+        result = dg.materialize([embeddings], partition_key=PARTIAL_MODEL, instance=instance,
+                                resources={"circuits": CircuitsResource.from_env(store_url=str(release_store), data=str(data))})
+    assert result.success
+    assert not stale.exists()
+    assert (data / "tables" / "wte_extremes" / f"{PARTIAL_MODEL}.parquet").exists()

@@ -15,6 +15,7 @@ import warnings
 
 
 import dagster as dg
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,7 +27,7 @@ from pipeline.derived import unembed_table, wte_tables
 from pipeline.formats import UnknownLocationWarning, VizDataError, read_viz_data
 from pipeline.resources import CircuitsResource
 from pipeline.store_access import load_tokenizer, local_sha256, read_tensor, token_bytes_list
-from pipeline.tables import RUN_TABLES, write_partition
+from pipeline.tables import RUN_TABLES, partition_path, write_partition
 
 GROUP = "tables"
 _RECOMPUTED = ("ablations", "recomputed_activations", "recompute_summary")
@@ -198,6 +199,11 @@ def embeddings(context: dg.AssetExecutionContext, circuits: CircuitsResource):
         context.log.info(f"{model}: wte {wte.shape} ({np.count_nonzero(wte)} nonzero)")
     for name, reason in skipped.items():
         context.log.warning(f"{model}: table {name} skipped: {reason}")
+        stale = partition_path(circuits.data_url(), name, model)  # from an earlier checkpoint: no longer true
+        fs, path = fsspec.core.url_to_fs(stale)
+        if fs.exists(path):
+            fs.rm(path)
+            context.log.warning(f"{model}: removed {stale}, written from an earlier checkpoint that had the tensor")
         context.log_event(dg.AssetObservation(asset_key=name, partition=model, metadata={"skipped": reason}))
     note = {"skipped_tables": dg.MetadataValue.json(skipped)} if skipped else {}
     for name, table in tables.items():

@@ -289,7 +289,7 @@ def plain_final_resid_losses(model, docs, per_layer: dict, final_channels, means
             rstd = torch.rsqrt((full - full.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + 1e-5)
             h = (x - x.mean(-1, keepdim=True)) * rstd * ln.weight + (ln.bias if ln.bias is not None else 0.0)
         logits = h @ model.lm_head.weight.T + model.final_logits_bias
-        n, half = docs.shape[0], docs.shape[0] // 2
+        half = docs.shape[0] // 2
         total = 0.0
         for j in range(half):
             a, b = j, j + half

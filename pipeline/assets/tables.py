@@ -13,7 +13,6 @@ tensor and the file; the model's other tables materialize, and their metadata li
 
 import warnings
 
-
 import dagster as dg
 import fsspec
 import numpy as np

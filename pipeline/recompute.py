@@ -27,6 +27,7 @@ are skipped, and `recompute_summary.skipped` says which and why.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -110,9 +111,12 @@ def recompute(
     locs = sorted(circuit)
     if log and len(circuit) < len(viz.circuit):
         log(f"not recomputed (no hook point in the model): {skipped_locations(viz)}")
-    pattern = "|".join(re.escape(loc) for loc in locs) or "$^"
+    pattern = "|".join(re.escape(loc) for loc in locs)
 
-    with record(pattern) as rec:
+    def recording():  # nothing to record when every location is unknown (a pattern must name a hook point)
+        return record(pattern) if pattern else contextlib.nullcontext({})
+
+    with recording() as rec:
         logits = model(docs)
     loss = C.task_loss(logits, docs).item()
     full_acts = _record_nodes(viz, rec)
@@ -139,7 +143,7 @@ def recompute(
     masks = C.circuit_masks(model.config, circuit)
     masks = {k: v.to(device) for k, v in masks.items()}
     frozen = C.frozen_norm_scales(model, docs)
-    with record(pattern) as rec:
+    with recording() as rec:
         logits = C.masked_forward(model, docs, masks, means, frozen)
     interv_loss = C.task_loss(logits, docs).item()
     circuit_acts = _record_nodes(viz, rec)

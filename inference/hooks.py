@@ -16,15 +16,22 @@ global: each thread (and each asyncio task) has its own, so two threads can run 
 passes on the same model at once with different recorders. Contexts nest: every active
 intervention applies (outermost first), then every active recorder sees the final value,
 i.e. what flows on through the model.
+
+A name or pattern that matches no hook point of the model is an error, not an empty result:
+the model calls `check_names(its hook names)` at the end of every forward with hooks active,
+which raises `HookNameError` listing the closest real names (a typo such as `0.mlp.postact`
+would otherwise record nothing, or leave the logits silently unchanged).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -33,7 +40,8 @@ Intervention = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class _Hooks:
-    interventions: tuple[tuple[re.Pattern[str], Intervention], ...] = ()
+    # (regex, fn, the key as the caller wrote it): the key is what an error names
+    interventions: tuple[tuple[re.Pattern[str], Intervention, str], ...] = ()
     recorders: tuple[tuple[re.Pattern[str], dict[str, torch.Tensor], bool], ...] = ()
 
 
@@ -45,7 +53,7 @@ def hook(name: str, t: torch.Tensor) -> torch.Tensor:
     active = _ACTIVE.get()
     if not active.interventions and not active.recorders:
         return t
-    for rx, fn in active.interventions:
+    for rx, fn, _ in active.interventions:
         if rx.fullmatch(name):
             out = fn(t)
             if out.shape != t.shape:
@@ -74,6 +82,32 @@ def recorded(name: str) -> bool:
     return any(rx.fullmatch(name) for rx, _, _ in _ACTIVE.get().recorders)
 
 
+class HookNameError(KeyError):
+    """A recorder pattern or intervention key that matches no hook point of the model."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@lru_cache(maxsize=1024)
+def _matches_any(rx: re.Pattern[str], names: tuple[str, ...]) -> bool:
+    return any(rx.fullmatch(n) for n in names)
+
+
+def check_names(names: tuple[str, ...]) -> None:
+    """Raise `HookNameError` if an active recorder pattern or intervention key matches none of
+    `names` (the hook points of the model being run). Cached per (pattern, names): one lookup
+    per active hook and forward."""
+    active = _ACTIVE.get()
+    wanted = [(rx, key, "intervention") for rx, _, key in active.interventions]
+    wanted += [(rx, rx.pattern, "record pattern") for rx, _, _ in active.recorders]
+    for rx, key, what in wanted:
+        if not _matches_any(rx, names):
+            close = difflib.get_close_matches(key, names, n=5, cutoff=0.5)
+            hint = f"; close names: {', '.join(close)}" if close else f"; hook points look like {names[0]!r}, {names[-1]!r}"
+            raise HookNameError(f"{what} {key!r} matches no hook point of the model{hint}")
+
+
 @contextmanager
 def record(pattern: str = r".*", *, detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Record every hook point whose full name matches `pattern` into the yielded dict.
@@ -96,7 +130,7 @@ def intervene(fns: Mapping[str, Intervention], *, regex: bool = False) -> Iterat
 
     Keys are exact hook names, or full-match regexes with `regex=True`.
     """
-    compiled = tuple((re.compile(k if regex else re.escape(k)), fn) for k, fn in fns.items())
+    compiled = tuple((re.compile(k if regex else re.escape(k)), fn, k) for k, fn in fns.items())
     active = _ACTIVE.get()
     token = _ACTIVE.set(_Hooks(active.interventions + compiled, active.recorders))
     try:

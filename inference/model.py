@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from inference.config import GPTConfig
-from inference.hooks import hook
+from inference.hooks import check_names, hook, hooks_active
 
 
 def abs_topk(x: torch.Tensor, frac: float | None) -> torch.Tensor:
@@ -170,6 +170,16 @@ def sinusoid_table(block_size: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
+LAYER_HOOK_POINTS = ("resid_in", "ln_1.rstd", "attn.act_in", "attn.q", "attn.k", "attn.v", "attn.y", "attn.resid_delta",
+                     "resid_mid", "ln_2.rstd", "mlp.act_in", "mlp.post_act", "mlp.resid_delta")  # fmt: skip
+
+
+def hook_names(config: GPTConfig) -> tuple[str, ...]:
+    """Every hook point the model calls, in forward order (the spec's, plus each norm's `.rstd`)."""
+    per_layer = tuple(f"{i}.{p}" for i in range(config.n_layer) for p in LAYER_HOOK_POINTS)
+    return per_layer + ("final_resid", "ln_f.rstd")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -200,6 +210,7 @@ class GPT(nn.Module):
             self.transformer.wpe.weight.requires_grad_(False)
         if config.tied_unembed:
             self.lm_head.weight = self.transformer.wte.weight
+        self.hook_names = hook_names(config)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -225,6 +236,8 @@ class GPT(nn.Module):
             x = block(x, pos_emb)
         x = hook("final_resid", x)
         logits = self.lm_head(self.transformer.ln_f(x, "ln_f")) + self.final_logits_bias
+        if hooks_active():
+            check_names(self.hook_names)
         if cfg.enable_bigram_table:
             logits = logits + self.bigram_table[idx]
         if targets is None:

@@ -122,3 +122,32 @@ def test_two_threads_record_their_own_tensors():
     for name in idx:
         assert set(results[name]) == set(expected[name])
         assert all(torch.equal(results[name][k], expected[name][k]) for k in expected[name])
+
+
+def test_hook_names_lists_every_hook_point_in_forward_order():
+    model = tiny_model()
+    with record(r".*") as rec, torch.no_grad():
+        model(torch.randint(0, 37, (B, T)))
+    assert list(rec) == list(model.hook_names)  # dict insertion order = the order hook() ran
+
+
+def test_misspelled_names_raise_with_close_names():
+    import pytest
+
+    from inference.hooks import HookNameError
+
+    model = tiny_model()
+    idx = torch.randint(0, 37, (B, T))
+    with pytest.raises(HookNameError, match=r"'0\.mlp\.postact' matches no hook point.*0\.mlp\.post_act"):
+        with record("0.mlp.postact"), torch.no_grad():
+            model(idx)
+    with pytest.raises(HookNameError, match=r"intervention '0\.mlp\.post-act'.*0\.mlp\.post_act"):
+        with intervene({"0.mlp.post-act": lambda t: t * 0}), torch.no_grad():
+            model(idx)
+    with pytest.raises(HookNameError, match=r"'7\.attn\.q'"):  # a layer the 2-layer model lacks
+        with intervene({"0.attn.q": lambda t: t, "7.attn.q": lambda t: t}), torch.no_grad():
+            model(idx)
+    # patterns that match something are fine, also when other hooks of the context match nothing else
+    with record(r"\d+\.attn\.q") as rec, intervene({"1.mlp.post_act": lambda t: t}), torch.no_grad():
+        model(idx)
+    assert set(rec) == {"0.attn.q", "1.attn.q"}

@@ -368,3 +368,26 @@ def test_skipped_table_replaces_a_stale_file(release_store, release_data, tmp_pa
     assert result.success
     assert not stale.exists()
     assert (data / "tables" / "wte_extremes" / f"{PARTIAL_MODEL}.parquet").exists()
+
+
+def test_recompute_of_a_circuit_with_only_unknown_locations_skips_them(release_store):
+    from pipeline.convert import RunRef
+    from pipeline.formats import UnknownLocationWarning, parse_viz_data
+    from pipeline.recompute import recompute, recompute_tables
+    from pipeline.store_access import load_model, open_store
+
+    run = "fixture_r/quotes/prune_v4/k_optim"
+    raw = _raw(release_store, run)
+    keep = UNKNOWN_LOCATION
+    raw["circuit_data"] = {keep: raw["circuit_data"][keep]}
+    imp = raw["importances"]
+    imp["ch_interv_losses"] = {keep: imp["ch_interv_losses"][keep]}
+    imp["pair_data"] = imp["pair_data_connections"] = []
+    with pytest.warns(UnknownLocationWarning):
+        viz = parse_viz_data(raw, "only-unknown.pkl")
+    model = load_model(open_store(str(release_store)), RELEASE_MODEL)
+    r = recompute(model, viz)
+    tables = recompute_tables(viz, RunRef(*run.split("/"), "x"), r, 0.5, 1e-3, "cpu")
+    assert tables["ablations"].num_rows == 0
+    assert sum(t.num_rows for t in tables["recomputed_activations"]) == 0
+    assert "2 nodes" in tables["recompute_summary"].column("skipped")[0].as_py()

@@ -7,6 +7,10 @@ arrays and torch tensors), checks every field the converter relies on, and retur
 whose fields are normalised (int channel keys, float fracs, int token ids, numpy arrays).
 Any problem raises `VizDataError` with the file's name and what is wrong.
 
+Node locations: a location string this code does not know (not per-layer, not `final_resid`) is
+kept, not refused (`VizData.unknown_locations`); the file gets one `UnknownLocationWarning` naming
+them, and the tables place their nodes in the "other" group.
+
 Large per-node tensors (task activations, snippets) are kept as loaded (a `.pt` is memory-mapped)
 and converted one node at a time by the accessors, so converting a release-scale file never holds
 a second full copy of it.
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.circuit import parse_location
+from inference.circuit import is_known_location, parse_location
 from inference.safe_load import (
     UnsafeFileError,
     check_legacy_torch,
@@ -44,6 +48,10 @@ BIAS = "bias"
 
 class VizDataError(ValueError):
     """A viz_data file that cannot be read; the message names the file and the problem."""
+
+
+class UnknownLocationWarning(UserWarning):
+    """A viz_data file holds node locations this code does not know; their nodes are kept."""
 
 
 # ---- safe loading --------------------------------------------------------------------------------
@@ -247,6 +255,7 @@ class VizData:
     num_total_nodes: int | None
     prune_config: dict
     extra_keys: list[str] = field(default_factory=list)
+    unknown_locations: list[str] = field(default_factory=list)  # kept, in the "other" group
 
     @property
     def n_nodes(self) -> int:
@@ -342,22 +351,26 @@ def _require(d: dict, key: str, typ: type | tuple[type, ...], where: str, source
     return d[key]
 
 
-def _check_location(loc: Any, what: str, source: str) -> str:
-    try:
-        parse_location(loc)
-    except (ValueError, TypeError):
-        raise VizDataError(f"{source}: {what} has an unknown node location {loc!r}") from None
+def _check_location(loc: Any, what: str, source: str, unknown: set[str] | None = None) -> str:
+    """A location must be a string; one this code does not know is kept and collected in `unknown`."""
+    if not isinstance(loc, str) or not loc:
+        raise VizDataError(f"{source}: {what} has a node location {loc!r} that is not a name (a non-empty string)")
+    if unknown is not None and not is_known_location(loc):
+        unknown.add(loc)
     return loc
 
 
-def _edge_blocks(raw: Any, key: str, source: str) -> list[EdgeBlock]:
+def _edge_blocks(raw: Any, key: str, source: str, unknown: set[str] | None = None) -> list[EdgeBlock]:
     if raw is None:
         return []
     if not isinstance(raw, (list, tuple)):
         raise VizDataError(f"{source}: importances[{key!r}] should be a list, got {type(raw).__name__}")
     entries = list(raw)
-    # One release version nests pair_data one level deeper (a list per worker).
-    if entries and isinstance(entries[0], (list, tuple)) and entries[0] and not isinstance(entries[0][0], (torch.Tensor, np.ndarray)):
+    # One release version nests pair_data one level deeper (a list per worker; a worker's list may be empty).
+    def per_worker(e: Any) -> bool:
+        return isinstance(e, (list, tuple)) and (not e or isinstance(e[0], (list, tuple)))
+
+    if entries and all(per_worker(e) for e in entries):
         entries = [e for worker in entries for e in worker]
     blocks = []
     for n, e in enumerate(entries):
@@ -368,7 +381,7 @@ def _edge_blocks(raw: Any, key: str, source: str) -> list[EdgeBlock]:
         src, tgt = [_names(x, f"{what} names", source) for x in (e[1], e[2])]
         if not isinstance(e[3], (list, tuple)) or len(e[3]) != 2:
             raise VizDataError(f"{source}: {what} should end with (src_location, tgt_location)")
-        src_loc, tgt_loc = (_check_location(x, what, source) for x in e[3])
+        src_loc, tgt_loc = (_check_location(x, what, source, unknown) for x in e[3])
         if matrix.ndim != 2 or matrix.shape != (len(src), len(tgt)):
             raise VizDataError(f"{source}: {what} matrix has shape {matrix.shape}, names give ({len(src)}, {len(tgt)})")
         blocks.append(EdgeBlock(matrix.astype(np.float32, copy=False), src, tgt, src_loc, tgt_loc))
@@ -451,8 +464,10 @@ def check_against_model(viz: VizData, config, against: str = "the model") -> Non
     src = viz.source
 
     def check_channels(loc: str, chans, what: str) -> None:
+        if not is_known_location(loc):
+            return  # kept as an 'other' node: no width to check it against
         layer = parse_location(loc)[0]
-        if layer >= config.n_layer:
+        if layer is not None and layer >= config.n_layer:
             raise VizDataError(f"{src}: {what} names layer {layer}, but {against} has {config.n_layer} layers")
         width = location_width(config, loc)
         bad = [c for c in chans if isinstance(c, (int, np.integer)) and not 0 <= c < width]
@@ -483,9 +498,10 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
     circuit_raw = _require(raw, "circuit_data", dict, "", source)
     imp = _require(raw, "importances", dict, "", source)
 
+    unknown: set[str] = set()
     circuit: dict[str, np.ndarray] = {}
     for loc, chans in circuit_raw.items():
-        _check_location(loc, "circuit_data", source)
+        _check_location(loc, "circuit_data", source, unknown)
         a = _to_numpy(chans, f"circuit_data[{loc!r}]", source)
         if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or (a.size and np.all(np.mod(a, 1) == 0)) or a.size == 0):
             raise VizDataError(f"{source}: circuit_data[{loc!r}] should be a 1-D int tensor, got shape {a.shape} dtype {a.dtype}")
@@ -536,7 +552,7 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
     docs = np.rint(docs).astype(np.int64)
     acts: dict[str, dict[int, Any]] = {}
     for loc, by_ch in ts[1].items():
-        _check_location(loc, "task_samples acts", source)
+        _check_location(loc, "task_samples acts", source, unknown)
         if not isinstance(by_ch, dict):
             raise VizDataError(f"{source}: task_samples acts[{loc!r}] should be a dict channel -> tensor")
         acts[loc] = {_to_int64(c, f"task_samples acts[{loc!r}] channel", source): t for c, t in by_ch.items()}
@@ -552,7 +568,7 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
         raise VizDataError(f"{source}: 'samples' should be a dict")
     samples: dict[str, dict[int, dict[float, Any]]] = {}
     for loc, by_ch in samples_raw.items():
-        _check_location(loc, "samples", source)
+        _check_location(loc, "samples", source, unknown)
         if not isinstance(by_ch, dict):
             raise VizDataError(f"{source}: samples[{loc!r}] should be a dict channel -> frac -> [bottom, top]")
         samples[loc] = {}
@@ -577,6 +593,13 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
     if not isinstance(prune_config, dict):
         raise VizDataError(f"{source}: 'prune_config' should be a dict")
     known = {"circuit_data", "importances", "samples", "all_loss", "num_total_nodes", "prune_config"}
+    pair_data = _edge_blocks(imp.get("pair_data"), "pair_data", source, unknown)
+    pair_data_connections = _edge_blocks(imp.get("pair_data_connections"), "pair_data_connections", source, unknown)
+    if unknown:  # one warning per file, not per node
+        warnings.warn(
+            f"{source}: node locations this code does not know, kept in the 'other' group: {sorted(unknown)}",
+            UnknownLocationWarning, stacklevel=2,
+        )
     return VizData(
         source=source,
         circuit=circuit,
@@ -585,8 +608,8 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
         interv_loss=interv_loss,
         ch_interv_losses=ch_interv,
         layer_interv_losses=layer_interv,
-        pair_data=_edge_blocks(imp.get("pair_data"), "pair_data", source),
-        pair_data_connections=_edge_blocks(imp.get("pair_data_connections"), "pair_data_connections", source),
+        pair_data=pair_data,
+        pair_data_connections=pair_data_connections,
         docs=docs,
         acts=acts,
         samples=samples,
@@ -594,6 +617,7 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
         num_total_nodes=None if ntn is None else _to_int64(ntn, "num_total_nodes", source),
         prune_config=prune_config,
         extra_keys=sorted(set(raw) - known),
+        unknown_locations=sorted(unknown),
     )
 
 

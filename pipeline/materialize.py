@@ -298,6 +298,8 @@ def materialize_cli(args) -> int:
     print(f"{len(s.runs)} circuits of {len(s.models)} models: {len(s.ok)} steps ok, {len(s.failed)} failed")
     for msg in s.skipped:
         print(f"  SKIPPED {msg}")
+    if getattr(args, "no_recompute", False):
+        print("recompute skipped (--no-recompute): no ablations, recomputed_activations, recompute_summary written")
     for label, msg in s.failed.items():
         print(f"  FAILED {label}: {msg}")
     if s.duckdb:

@@ -90,7 +90,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("run_id", S), ("stored_loss", F64), ("recomputed_loss", F64), ("stored_interv_loss", F64),
         ("recomputed_interv_loss", F64), ("max_abs_act_diff_full", F64), ("max_abs_act_diff_circuit", F64),
         ("stored_acts_match", S), ("loss_factor", F64), ("means_source", S), ("means_tokens", I64),
-        ("tolerance", F64), ("device", S),
+        ("tolerance", F64), ("device", S), ("skipped", S),
     ),
 }  # fmt: skip
 

@@ -205,8 +205,9 @@ class ExplorerApp:
             self.stale.add("whole")
         if "node" in names and "run" not in names:
             node = queries.node(s.run, s.node) if s.node else None
-            if node is not None and f"{node['layer']}.{node['half']}" != s.layer:
-                s.layer = f"{node['layer']}.{node['half']}"  # follow the node into its layer-half (nested update)
+            # Follow the node into its layer-half (nested update); final_resid and "other" nodes have none.
+            if node is not None and node["half"] in ("attn", "mlp") and f"{int(node['layer'])}.{node['half']}" != s.layer:
+                s.layer = f"{int(node['layer'])}.{node['half']}"
             self.node.show(s.node)
             self.graph.mark(s.pins, s.node)
             self.stale.update({"whole", "Node", "Embeddings"})

@@ -239,7 +239,8 @@ def layer_halves(run_id: str) -> pd.DataFrame:
         df = query("""
             SELECT layer || '.' || half AS layer_half, layer, half, NULL::DOUBLE AS delta,
                    NULL::DOUBLE AS delta_released, count(*) AS n_nodes
-            FROM nodes WHERE run_id = ? GROUP BY layer, half ORDER BY layer, half""", [run_id])
+            FROM nodes WHERE run_id = ? AND half IN ('attn', 'mlp')  -- final_resid and "other": whole-circuit graph only
+            GROUP BY layer, half ORDER BY layer, half""", [run_id])
     df = df.copy()
     df["marked"] = df["delta"].fillna(-np.inf) > MARK_LAYER_DELTA
     return df
@@ -338,12 +339,14 @@ def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.Data
 
 
 def residual_links(run_id: str) -> pd.DataFrame:
-    """A residual write (resid_delta) linked to every later read (act_in) of the same channel."""
+    """A residual write (resid_delta) linked to every later read of the same channel: an act_in of a
+    later layer-half, or the final residual (final_resid, after every layer)."""
     return query("""
         SELECT DISTINCT w.node_id AS src_node_id, r.node_id AS tgt_node_id, w.channel
         FROM nodes w JOIN nodes r ON r.run_id = w.run_id AND r.channel = w.channel
-        WHERE w.run_id = ? AND w.kind = 'resid_delta' AND r.kind = 'act_in'
-          AND (r.layer > w.layer OR (r.layer = w.layer AND w.half = 'attn' AND r.half = 'mlp'))""", [run_id])
+        WHERE w.run_id = ? AND w.kind = 'resid_delta'
+          AND ((r.kind = 'act_in' AND (r.layer > w.layer OR (r.layer = w.layer AND w.half = 'attn' AND r.half = 'mlp')))
+               OR r.kind = 'final_resid')""", [run_id])
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -469,6 +472,14 @@ def unembed_extremes(model: str, channel: int) -> pd.DataFrame | None:
     df = optional("""SELECT side, rank, token_id, value FROM unembed_extremes WHERE model = ? AND channel = ?
                      ORDER BY side DESC, rank""", [model, channel])
     return None if df is None else df.assign(text=token_texts(model, df["token_id"].to_numpy()))
+
+
+def model_has_rows(table: str, model: str) -> bool:
+    """Whether a model-level table holds rows for the model (the pipeline skips a table whose tensors
+    the model's checkpoint lacks, e.g. `unembed_extremes` without `transformer.ln_f.weight`)."""
+    assert table in OPTIONAL_TABLES  # a constant table name, never user input
+    df = optional(f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE model = ? LIMIT 1)", [model])
+    return df is not None and int(df["n"].iloc[0]) > 0
 
 
 def wte_histogram(model: str, channel: int) -> pd.DataFrame | None:

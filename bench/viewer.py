@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # This file is named like the `viewer` package: drop its own directory from the path, add the project and tests/
 # (the contract-table generator shared with the viewer's tests).
-sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path[:] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 MODEL, TASK, SWEEP = "csp_yolo2_synth", "bracket_counting", "sweep"
 
@@ -77,12 +77,22 @@ def main(argv=None):
     ap.add_argument("--data", default="/tmp/circuits-viewer-bench")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--browser", action="store_true", help="time click-to-paint in headless Chromium (bench/viewer_browser.py) "
+                    "instead of the server side in-process")
+    ap.add_argument("--sessions", type=int, default=20, help="--browser: concurrent new sessions")
+    ap.add_argument("--clicks", type=int, default=6, help="--browser: node clicks per layer-half")
+    ap.add_argument("--layers", type=int, default=4, help="--browser: layer-halves visited")
+    ap.add_argument("--code", default=str(ROOT), help="--browser: serve the viewer of this checkout (e.g. an older commit as a baseline)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     if args.rebuild or not (data / "circuits.duckdb").exists():
         build(data)
     os.environ["CIRCUITS_DATA"] = str(data)
     print("tables:", "; ".join(sizes(data)))
+    if args.browser:
+        from viewer_browser import main as browser_main
+
+        return browser_main(data, args.sessions, args.clicks, args.layers, Path(args.code))
 
     t0 = time.perf_counter()
     from bokeh.document import Document
@@ -103,7 +113,7 @@ def main(argv=None):
     page = new_session()
     app, state = page.explorer, page.explorer.state
     runs = queries.runs()["run_id"].tolist()
-    big = next(r for r in runs if r.endswith("/2000"))
+    big = queries.runs().sort_values("n_nodes")["run_id"].iloc[-1]  # the biggest circuit (tables may hold one run only)
     state.set_run(big)
     n_nodes = len(queries.nodes(big))
     print(f"cold start, first session (caches empty): {cold:.0f} ms (cpu {cold.cpu:.0f} ms); further sessions: "

@@ -1,8 +1,12 @@
 """Circuits as the pruning setup defines them, and the release's task loss.
 
 A node is one channel at one of eight locations per layer (viz-data-format.md):
-`{i}.attn.act_in|q|k|v|resid_delta` and `{i}.mlp.act_in|post_act|resid_delta`; each is a hook
-point of `inference.model`. The *circuit model* keeps the circuit's nodes, holds every other
+`{i}.attn.act_in|q|k|v|resid_delta` and `{i}.mlp.act_in|post_act|resid_delta`, or at
+`final_resid` (the residual stream after the last block, read by `ln_f`; no layer index);
+each is a hook point of `inference.model`. `node_locations` lists the per-layer ones (every
+circuit is pruned there); `final_resid` is a node location of a circuit whose `circuit_data`
+lists it (released circuits do, the embedded store's do not): only then are its channels
+outside the circuit held at their fill. The *circuit model* keeps the circuit's nodes, holds every other
 node at its mean over pretraining text, and freezes every norm at its unpruned scale (the
 per-token inverse scale recorded from the full model on the same tokens).
 
@@ -33,8 +37,12 @@ _LOCATION = re.compile(r"(\d+)\.(attn|mlp)\.(act_in|q|k|v|resid_delta|post_act)"
 _RSTD = r"(\d+\.ln_[12]|ln_f)\.rstd"
 
 
+FINAL_RESID = "final_resid"  # the residual stream after the last block (the model's hook point of that name)
+FINAL, OTHER = "final", "other"  # the `half` of a final_resid node, and of a location this code does not know
+
+
 def node_locations(config: GPTConfig) -> list[str]:
-    """Every node location of the model, in forward order."""
+    """Every per-layer node location of the model, in forward order (not `final_resid`: see the module doc)."""
     out = []
     for i in range(config.n_layer):
         out += [f"{i}.attn.{k}" for k in ATTN_KINDS]
@@ -42,12 +50,47 @@ def node_locations(config: GPTConfig) -> list[str]:
     return out
 
 
-def parse_location(location: str) -> tuple[int, str, str]:
-    """'3.attn.q' -> (3, 'attn', 'q'); raises ValueError for anything else."""
-    m = _LOCATION.fullmatch(location)
+def circuit_locations(config: GPTConfig, circuit_data: Mapping) -> list[str]:
+    """The node locations a circuit is pruned at, in forward order: the per-layer ones, then
+    `final_resid` when `circuit_data` lists it."""
+    return node_locations(config) + ([FINAL_RESID] if FINAL_RESID in circuit_data else [])
+
+
+def parse_location(location: str) -> tuple[int | None, str, str]:
+    """'3.attn.q' -> (3, 'attn', 'q'); 'final_resid' -> (None, 'final', 'final_resid');
+    raises ValueError for anything else (see `classify_location` for a reader that keeps it)."""
+    if location == FINAL_RESID:
+        return None, FINAL, FINAL_RESID
+    m = _LOCATION.fullmatch(location) if isinstance(location, str) else None
     if not m or m.group(3) not in (ATTN_KINDS if m.group(2) == "attn" else MLP_KINDS):
         raise ValueError(f"not a node location: {location!r}")
     return int(m.group(1)), m.group(2), m.group(3)
+
+
+def is_known_location(location: str) -> bool:
+    try:
+        parse_location(location)
+    except ValueError:
+        return False
+    return True
+
+
+def classify_location(location: str) -> tuple[int | None, str, str]:
+    """(layer, half, kind) of any location string: `parse_location`'s for a known one; for any
+    other, (the leading layer index if the name starts with one, else None, 'other', 'other')."""
+    try:
+        return parse_location(location)
+    except ValueError:
+        m = re.match(r"(\d+)\.", location)
+        return (int(m.group(1)) if m else None), OTHER, OTHER
+
+
+def layer_half_key(location: str) -> str | None:
+    """The `layer_interv_losses` key a location's nodes belong to: '3.attn', 'final_resid', or None."""
+    layer, half, _ = classify_location(location)
+    if half == FINAL:
+        return FINAL_RESID
+    return None if half == OTHER else f"{layer}.{half}"
 
 
 def location_width(config: GPTConfig, location: str) -> int:
@@ -67,12 +110,13 @@ def _hook_width(config: GPTConfig, location: str) -> int:
 
 
 def circuit_masks(config: GPTConfig, circuit_data: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float masks at every node location: 1 for the circuit's channels, 0 elsewhere.
+    """Float masks at every node location of the circuit (`circuit_locations`): 1 for the circuit's
+    channels, 0 elsewhere; locations the model does not know are ignored.
 
     Position-embedding channels of act_in (index >= d_model) are not nodes and stay 1.
     """
     masks = {}
-    for loc in node_locations(config):
+    for loc in circuit_locations(config, circuit_data):
         m = torch.zeros(_hook_width(config, loc))
         m[location_width(config, loc) :] = 1.0
         if loc in circuit_data and len(circuit_data[loc]):
@@ -82,9 +126,10 @@ def circuit_masks(config: GPTConfig, circuit_data: Mapping[str, torch.Tensor]) -
 
 
 @torch.no_grad()
-def node_means(model, idx: torch.Tensor, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Mean of every node location's activation over all tokens of `idx` (N, T) (pretraining text)."""
-    locs = node_locations(model.config)
+def node_means(model, idx: torch.Tensor, batch_size: int = 16, locations: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Mean of every node location's activation (or of `locations`', e.g. with `final_resid`) over
+    all tokens of `idx` (N, T) (pretraining text)."""
+    locs = node_locations(model.config) if locations is None else locations
     pattern = "|".join(re.escape(loc) for loc in locs)
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -448,11 +493,12 @@ class CircuitModel:
         frozen = frozen_norm_scales(model, docs) if frozen_scales is None else frozen_scales
         self.frozen_scales = frozen
         self.rstd = {name: s.reshape(-1, 1).to(dtype) for name, s in frozen.items()}
+        self.locations = circuit_locations(cfg, circuit_data)
         self.circuit = {}
-        for loc in node_locations(cfg):
+        for loc in self.locations:
             ch = torch.as_tensor(circuit_data.get(loc, []), dtype=torch.long).reshape(-1)
             self.circuit[loc] = torch.unique(ch)
-        self.fill = {loc: fill[loc].to(dtype).reshape(-1) for loc in node_locations(cfg)}
+        self.fill = {loc: fill[loc].to(dtype).reshape(-1) for loc in self.locations}
         self.full_norm = not cfg.rms_norm  # LayerNorm's mean couples every channel
 
         self._tail = None  # (key, tables) of `_after_attention_at`
@@ -463,6 +509,14 @@ class CircuitModel:
             layer, x, resid = self._build_layer(i, x, resid)
             self.layers.append(layer)
         self.final_x, self.final_resid = x, resid
+        # final_resid pruned (listed in circuit_data): its channels outside the circuit hold their fill.
+        self.final_const = None
+        if FINAL_RESID in self.circuit:
+            keep = torch.zeros(cfg.d_model, dtype=torch.bool)
+            keep[self.circuit[FINAL_RESID]] = True
+            self.final_const = torch.nonzero(~keep).flatten()
+            self.final_x = x.clone()
+            self.final_x[:, self.final_const] = self.fill[FINAL_RESID][self.final_const]
 
         # Un-ablated circuit-only run: the state entering each layer, for ablations that start there.
         self.start_states = []
@@ -722,14 +776,19 @@ class CircuitModel:
         return self._residual(L, "mlp", state, delta)
 
     def _final_logits(
-        self, state: torch.Tensor, rows: torch.Tensor | None = None, tokens: torch.Tensor | None = None, at_rows: bool = False
+        self, state: torch.Tensor, rows: torch.Tensor | None = None, tokens: torch.Tensor | None = None, at_rows: bool = False,
+        ablations=None,
     ):
         """Logits at `rows` (all when None) of the flattened docs, for `tokens` (rows, j) or all;
-        `at_rows`: `state` holds those rows only."""
+        `at_rows`: `state` holds those rows only. `ablations` may hold final_resid's (positions
+        there are channels of the full residual)."""
         tr, m = self.model.transformer, self.model
         rows = torch.arange(self.B * self.T) if rows is None else rows
         x = self.final_x[rows].expand(state.shape[0], -1, -1).clone()
         x[..., self.final_resid] = state if at_rows else state[:, rows]
+        if self.final_const is not None:  # the final_resid mask: channels outside the circuit at their fill
+            x[..., self.final_const] = self.final_x[rows][:, self.final_const]
+            x = self._ablate(FINAL_RESID, x, ablations or {})
         h = self._norm(tr.ln_f, x, self.rstd["ln_f.rstd"][rows])
         ids = self.docs.reshape(-1)[rows]
         if tokens is None:
@@ -765,24 +824,29 @@ class CircuitModel:
         # Ties matter only where they can reach an answer: positions up to each doc's last query.
         relevant = (torch.arange(self.T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)
 
-        nodes = [(loc, pos, int(c)) for loc in node_locations(self.config) for pos, c in enumerate(self.circuit[loc].tolist())]
+        nodes = [(loc, pos, int(c)) for loc in self.locations for pos, c in enumerate(self.circuit[loc].tolist())]
         losses: dict[tuple[str, int], float] = {}
         tied: list[tuple[str, int]] = []
         # One location at a time, so a pass shares everything upstream of its nodes (size 1).
-        for loc in node_locations(self.config):
+        for loc in self.locations:
             i = parse_location(loc)[0]
             loc_nodes = [nd for nd in nodes if nd[0] == loc]
             for start in range(0, len(loc_nodes), batch):
                 group = loc_nodes[start : start + batch]
                 A = len(group)
                 value = torch.tensor([0.0 if mode == "zero" else float(self.fill[loc][c]) for _, _, c in group])
-                ablations = {loc: (A, torch.arange(A), torch.tensor([pos for _, pos, _ in group]), value)}
+                # final_resid is ablated in the full-width residual: its positions are the channels.
+                pos = [c if loc == FINAL_RESID else p for _, p, c in group]
+                ablations = {loc: (A, torch.arange(A), torch.tensor(pos), value)}
                 ties = (torch.zeros(A, dtype=torch.bool), relevant)
-                state = self.start_states[i]
-                last = self.config.n_layer - 1
-                for j in range(i, last + 1):
-                    state = self._run_layer(j, state, ablations, ties, rows if j == last else None)
-                logits = self._final_logits(state, rows, tokens, at_rows=True).float()  # (A, n, 2)
+                if loc == FINAL_RESID:  # after every layer: only the final norm and the unembedding run
+                    logits = self._final_logits(self.final_state, rows, tokens, ablations=ablations).float()
+                else:
+                    state = self.start_states[i]
+                    last = self.config.n_layer - 1
+                    for j in range(i, last + 1):
+                        state = self._run_layer(j, state, ablations, ties, rows if j == last else None)
+                    logits = self._final_logits(state, rows, tokens, at_rows=True).float()  # (A, n, 2)
                 lp_first = F.log_softmax(logits[:, :half], dim=-1)[..., 0]
                 lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
                 # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
@@ -792,9 +856,7 @@ class CircuitModel:
                     losses[(loc, c)] = loss[a].item()
                     if ties[0][a]:
                         tied.append((loc, c))
-        out = {
-            loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in node_locations(self.config)
-        }
+        out = {loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
         return out, tied
 
 

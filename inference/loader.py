@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from inference.config import ConfigError, GPTConfig
 from inference.model import GPT
+from inference.safe_load import UnsafeFileError, check_torch_zip, explain_torch_error
 from inference.store import CheckpointError, Store, open_checkpoint_zip, write_atomic
 
 CONFIG_FILE = "beeg_config.json"
@@ -123,18 +124,32 @@ def _empty_model(config: GPTConfig) -> GPT:
 
 def _load_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     """torch.load a local checkpoint file (memory-mapped, on CPU: the model copies it and then
-    moves to its device), with errors that name the file."""
+    moves to its device), with errors that name the file.
+
+    The zip's structure is checked first (`inference.safe_load.check_torch_zip`): uncompressed
+    storage records whose declared sizes fit them, tensor views inside their storages, no global
+    but tensors and containers; so a small hostile file is refused before it can allocate much.
+    Every floating tensor must be finite (a NaN weight makes every later number meaningless).
+    """
     try:
         with open(path, "rb") as f:
             open_checkpoint_zip(f, source)[0].close()  # a clear message for truncated or foreign files
     except zipfile.BadZipFile as e:
         raise CheckpointError(f"{source}: corrupt zip archive ({e})") from None
     try:
+        check_torch_zip(path, source)
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError with its own wording
-        raise CheckpointError(f"{source}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(explain_torch_error(e, source)) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{source}: not a state dict (name -> tensor)")
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: tensor {key!r} holds {bad} NaN or infinite values")
     return dict(state)
 
 

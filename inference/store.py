@@ -303,6 +303,19 @@ def open_checkpoint_zip(f: BinaryIO, source: str) -> tuple[zipfile.ZipFile, str]
     return zf, top
 
 
+def _check_record(source: str, key: str, ref: _TensorRef, record: zipfile.ZipInfo) -> None:
+    """Refuse, before reading it, a storage record that would inflate (torch never compresses) or
+    a view that reaches outside it or holds more elements than it (a zero-stride view's copy)."""
+    from inference.safe_load import UnsafeFileError, check_view
+
+    if record.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{source}: the storage of {key!r} is a compressed zip record; torch.save never writes one")
+    try:
+        check_view(source, repr(key), ref.size, ref.stride, ref.offset, record.file_size // ref.storage.dtype.itemsize)
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def read_tensor(location: str | os.PathLike, key: str, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
     """Read one named tensor (e.g. `transformer.wte.weight`) out of a `final_model.pt`.
 
@@ -332,7 +345,9 @@ def read_tensor(location: str | os.PathLike, key: str, cache_dir: str | os.PathL
                 ref = index.get(key)
                 if not isinstance(ref, _TensorRef):
                     raise KeyError(f"{source}: no tensor {key!r} in the checkpoint")
-                raw = zf.read(f"{top}/data/{ref.storage.key}")
+                record = zf.getinfo(f"{top}/data/{ref.storage.key}")
+                _check_record(source, key, ref, record)
+                raw = zf.read(record)
     except zipfile.BadZipFile as e:
         raise CheckpointError(f"{source}: corrupt zip entry ({e})") from None
     storage = torch.frombuffer(bytearray(raw), dtype=ref.storage.dtype) if raw else torch.empty(0, dtype=ref.storage.dtype)

@@ -72,7 +72,10 @@ def mergeable_ranks(encoder_json: Path, vocab_bpe: Path) -> tuple[dict[bytes, in
             raise TokenizerError(f"{source}: token {token!r} has a character outside the data-gym alphabet: {e}") from None
 
     ranks = {bytes([b]): i for i, b in enumerate(order)}
-    lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{vocab_bpe}: not UTF-8 text ({e})") from None
     for lineno, line in enumerate(lines, 1):
         if not line or line.startswith("#version"):
             continue
@@ -90,6 +93,9 @@ def mergeable_ranks(encoder_json: Path, vocab_bpe: Path) -> tuple[dict[bytes, in
         raise TokenizerError(f"{encoder_json}: not valid JSON ({e})") from None
     if not isinstance(encoder, dict):
         raise TokenizerError(f"{encoder_json}: expected a JSON object token -> id")
+    bad = next(((k, v) for k, v in encoder.items() if not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise TokenizerError(f"{encoder_json}: entry {bad[0]!r}: {bad[1]!r} is not token -> integer id")
     special = {ENDOFTEXT: encoder.pop(ENDOFTEXT, len(ranks))}
     encoder.pop("<|startoftext|>", None)
     from_json = {decode(k, encoder_json): v for k, v in encoder.items()}

@@ -6,9 +6,30 @@ Each subcommand's work lives in its own module; this file only parses arguments.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 
 
+def _errors_in_one_line(main):
+    """The project's errors (ValueError / OSError subclasses naming the file and the problem) as
+    one line on stderr and exit status 2, not a traceback; `CIRCUITS_TRACEBACK=1` shows it."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (ValueError, OSError) as e:
+            if os.environ.get("CIRCUITS_TRACEBACK"):
+                raise
+            command = next(iter(argv if argv is not None else sys.argv[1:]), "")
+            print(f"circuits {command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+@_errors_in_one_line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="circuits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,7 +79,6 @@ def _dagster_dev(extra: list[str]) -> int:
     `dagster dev` alone keeps run history in a temporary directory unless DAGSTER_HOME is set;
     this puts it where `circuits materialize` keeps it, so both see the same runs.
     """
-    import os
     import subprocess
 
     from pipeline.settings import data_dir
@@ -68,6 +88,9 @@ def _dagster_dev(extra: list[str]) -> int:
         if "://" in data_dir():
             print("circuits dev: CIRCUITS_DATA is remote; set DAGSTER_HOME to a local directory", file=sys.stderr)
             return 2
+        from pipeline.materialize import pipeline_instance
+
+        pipeline_instance(os.path.abspath(data_dir())).dispose()  # created (or repaired) atomically, as materialize does
         env["DAGSTER_HOME"] = os.path.abspath(os.path.join(data_dir(), ".dagster"))
     os.makedirs(env["DAGSTER_HOME"], exist_ok=True)
     cmd = [sys.executable, "-m", "dagster", "dev", "-m", "pipeline.definitions", *extra]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from inference.circuit import parse_location
+from inference.circuit import classify_location, layer_half_key
 from pipeline.derived import snippet_window
 from pipeline.formats import BIAS, VizData, to_jsonable
 from pipeline.tables import SCHEMAS, make_table
@@ -77,9 +77,9 @@ def runs_table(viz: VizData, run: RunRef, loss_factor: float, sha256: str | None
     )
 
 
-def _layer_delta(viz: VizData, layer_half: str, loss_factor: float) -> float | None:
+def _layer_delta(viz: VizData, layer_half: str | None, loss_factor: float) -> float | None:
     """The released viewer's reading of a layer-half's delta: raw - interv_loss_raw * factor."""
-    raw = viz.layer_interv_losses.get(layer_half)
+    raw = viz.layer_interv_losses.get(layer_half) if layer_half is not None else None
     return None if raw is None else raw - viz.interv_loss * loss_factor
 
 
@@ -87,7 +87,7 @@ def nodes_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
     d_head = _d_head(viz)
     cols: dict[str, list] = {k: [] for k in SCHEMAS["nodes"].names}
     for loc, ch, order in viz.nodes():
-        layer, half, kind = parse_location(loc)
+        layer, half, kind = classify_location(loc)  # final_resid: (None, final, final_resid); unknown: (.., other, other)
         raw = float(viz.ch_interv_losses[loc][order])
         qkv = kind in ("q", "k", "v")
         row = {
@@ -104,7 +104,7 @@ def nodes_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
             "ch_interv_loss_raw": raw,
             "ch_interv_loss": raw * loss_factor,
             "delta": (raw - viz.interv_loss) * loss_factor,
-            "layer_delta": _layer_delta(viz, f"{layer}.{half}", loss_factor),
+            "layer_delta": _layer_delta(viz, layer_half_key(loc), loss_factor),
         }
         for k, v in row.items():
             cols[k].append(v)
@@ -254,11 +254,12 @@ def sample_pieces(viz: VizData, run: RunRef) -> Iterator[pa.Table]:
 def layer_ablations_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
     counts: dict[str, int] = {}
     for loc, _ch, _ in viz.nodes():
-        layer, half, _ = parse_location(loc)
-        counts[f"{layer}.{half}"] = counts.get(f"{layer}.{half}", 0) + 1
+        key = layer_half_key(loc)
+        counts[key] = counts.get(key, 0) + 1
     cols: dict[str, list] = {k: [] for k in SCHEMAS["layer_ablations"].names}
     for key, raw in viz.layer_interv_losses.items():
         layer_s, _, half = key.partition(".")
+        half = "final" if key == "final_resid" else half  # a released key for the final residual, if any
         row = {
             "run_id": run.run_id,
             "layer_half": key,

@@ -6,19 +6,31 @@ assets (tables, then the recompute forward passes), then `circuits.duckdb`. A fa
 (e.g. a corrupt viz_data) is reported with its message and the others still materialize.
 
 Dagster's instance (run history, partitions) lives in `$DAGSTER_HOME` when that is set, else in
-`<data>/.dagster` (a temporary instance when the data dir is an object store URL).
+`<data>/.dagster` (a temporary instance when the data dir is an object store URL). That directory
+is created whole or not at all (built beside it, then renamed), an instance that fails to open
+is migrated and, failing that, set aside and recreated (it holds only run history; the tables
+are the data). One `circuits materialize` at a time per data dir: a second one waits for the
+lock file `<data>/.dagster.lock`. An error of the instance itself (a full disk, say) fails the
+step it happened in, with its message, not the process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 from tqdm import tqdm
 
-from pipeline.assets.discovery import refresh_partitions, store_index
+from pipeline.assets.discovery import StoreWalkWarning, refresh_partitions, store_index
 from pipeline.assets.download import tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
@@ -35,17 +47,118 @@ class MaterializeSummary:
     models: list[str] = field(default_factory=list)
     ok: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # partition (or step) -> error message
+    skipped: list[str] = field(default_factory=list)  # store entries the walk could not use, with why
     duckdb: str | None = None
 
 
+INSTANCE_DIR = ".dagster"
+LOCK_FILE = ".dagster.lock"
+_TELEMETRY_OFF = {"telemetry": {"enabled": False}}
+
+
+def _open_instance(home: Path) -> dg.DagsterInstance:
+    return dg.DagsterInstance.local_temp(tempdir=str(home), overrides=_TELEMETRY_OFF)
+
+
+def _probe(instance: dg.DagsterInstance) -> None:
+    """Touch every storage the pipeline uses, so a half-created or outdated database fails here."""
+    instance.get_dynamic_partitions("circuit_runs")
+    instance.get_runs(limit=1)
+    instance.all_instigator_state()
+
+
+def _create_instance_dir(home: Path) -> None:
+    """Create `home` with fully initialised databases, atomically: built in a sibling temp dir and
+    renamed, so a kill mid-creation leaves only a `.dagster.new-*` leftover, never a broken `home`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{home.name}.new-", dir=home.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # as mkdir would (mkdtemp makes it private)
+    try:
+        instance = _open_instance(tmp)
+        try:
+            _probe(instance)
+        finally:
+            instance.dispose()
+        try:
+            os.rename(tmp, home)
+        except OSError:  # created meanwhile by another process: use theirs
+            if not home.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def pipeline_instance(data_url: str) -> dg.DagsterInstance:
+    """The Dagster instance of a data dir (see the module doc), created or repaired as needed."""
     if os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.get()
     if is_remote(data_url):
-        return dg.DagsterInstance.ephemeral(settings={"telemetry": {"enabled": False}})
-    home = Path(data_url) / ".dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.local_temp(tempdir=str(home), overrides={"telemetry": {"enabled": False}})
+        return dg.DagsterInstance.ephemeral(settings=_TELEMETRY_OFF)
+    home = Path(data_url) / INSTANCE_DIR
+    home.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in home.parent.glob(f"{INSTANCE_DIR}.new-*"):  # from a creation that was killed
+        if time.time() - leftover.stat().st_mtime > 3600:
+            shutil.rmtree(leftover, ignore_errors=True)
+    if not home.exists():
+        _create_instance_dir(home)
+    instance = None
+    try:
+        instance = _open_instance(home)
+        _probe(instance)
+        return instance
+    except Exception as first:  # noqa: BLE001 - any database problem: migrate, else recreate
+        try:
+            if instance is None:
+                raise
+            instance.upgrade()  # what `dagster instance migrate` does
+            _probe(instance)
+            return instance
+        except Exception:  # noqa: BLE001
+            if instance is not None:
+                instance.dispose()
+        aside = home.with_name(f"{INSTANCE_DIR}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.rename(home, aside)
+        warnings.warn(
+            f"{home}: the Dagster instance could not be opened or migrated ({type(first).__name__}: "
+            f"{str(first).strip().splitlines()[0] if str(first).strip() else ''}); moved it to {aside.name} "
+            "and created a new one (it held only run history; the tables are unaffected)",
+            stacklevel=2,
+        )
+        _create_instance_dir(home)
+        instance = _open_instance(home)
+        _probe(instance)
+        return instance
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_url: str, progress: bool = True):
+    """Hold `<data>/.dagster.lock` (an flock, released when the process dies): one materialize per
+    data dir at a time; a second one waits. Object-store data dirs are not locked."""
+    if is_remote(data_url):
+        yield
+        return
+    path = Path(data_url) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another `circuits materialize` on {data_url} (lock {path})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _innermost(error) -> str:
+    """The message of the root cause of a Dagster SerializableErrorInfo chain: the user's
+    exception (`FileNotFoundError: ...`), not Dagster's `Error occurred while executing op`."""
+    while error.cause is not None:
+        error = error.cause
+    return (error.message or error.cls_name or "failed").strip()
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
@@ -53,8 +166,19 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     for ev in result.get_step_failure_events():
         data = ev.step_failure_data
         desc = data.user_failure_data.description if data.user_failure_data else None
-        msgs.append(f"{ev.step_key}: {desc or (data.error.message.strip() if data.error else 'failed')}")
+        msgs.append(f"{ev.step_key}: {desc or (_innermost(data.error) if data.error else 'failed')}")
     return "; ".join(msgs) or "run failed"
+
+
+def failed_checks(result: dg.ExecuteInProcessResult) -> str:
+    """The ERROR-severity asset checks that did not pass (WARN ones are findings, not failures)."""
+    bad = [
+        f"check {ev.check_name} of {ev.asset_key.to_user_string()} failed"
+        + (f" ({ev.metadata['bad_columns'].value})" if "bad_columns" in ev.metadata else "")
+        for ev in result.get_asset_check_evaluations()
+        if not ev.passed and ev.severity == dg.AssetCheckSeverity.ERROR
+    ]
+    return "; ".join(bad)
 
 
 def materialize_store(
@@ -72,13 +196,45 @@ def materialize_store(
     resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache)
     data_url = resource.data_url()
     resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device, cache=cache)
-    instance = instance or pipeline_instance(data_url)
+    with data_dir_lock(data_url, progress):
+        return _materialize(resource, data_url, select, progress, recompute, instance or pipeline_instance(data_url), verbose)
+
+
+def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
+    """Temp files of writes a kill interrupted (`tables/<t>/.<name>.<hex>.tmp`; never read, since
+    readers glob `*.parquet`): removed once old enough not to belong to a live writer."""
+    if is_remote(data_url):
+        return
+    now = time.time()
+    for tmp in Path(data_url).glob("tables/*/.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > min_age_s:
+                tmp.unlink()
+
+
+def _materialize(resource, data_url, select, progress, recompute, instance, verbose) -> MaterializeSummary:
+    _remove_stale_temp_files(data_url)
     resources = {"circuits": resource}
     run_config = None if verbose else QUIET
     summary = MaterializeSummary()
 
     store_obj = resource.store()
-    runs, models = refresh_partitions(instance, store_obj)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StoreWalkWarning)
+            runs, models = refresh_partitions(instance, store_obj)
+        for w in caught:
+            if issubclass(w.category, StoreWalkWarning):
+                summary.skipped.append(str(w.message))
+                if progress:
+                    tqdm.write(f"WARNING {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unreadable store or a failing instance: report, don't crash
+        summary.failed["store index"] = f"{type(e).__name__}: {e}"
+        return summary
     if not runs and not models:
         raise FileNotFoundError(
             f"{resource.store_url}: no models/ or viz/ found: not a circuit store "
@@ -96,20 +252,26 @@ def materialize_store(
     bar = tqdm(steps, desc="materialize", unit="step", disable=not progress)
     for label, assets, partition in bar:
         bar.set_postfix_str(label)
-        result = dg.materialize(
-            PIPELINE_ASSETS,
-            selection=dg.AssetSelection.assets(*assets),
-            partition_key=partition,
-            resources=resources,
-            instance=instance,
-            raise_on_error=False,
-            run_config=run_config,
-            tags={"circuits/step": label[:63]},
-        )
-        if result.success:
-            summary.ok.append(label)
+        try:
+            result = dg.materialize(
+                PIPELINE_ASSETS,
+                selection=dg.AssetSelection.assets(*assets),
+                partition_key=partition,
+                resources=resources,
+                instance=instance,
+                raise_on_error=False,
+                run_config=run_config,
+                tags={"circuits/step": label[:63]},
+            )
+        except Exception as e:  # noqa: BLE001 - the instance itself failed (disk full, locked database)
+            summary.failed[label] = f"Dagster instance error ({instance.root_directory or 'in memory'}): {type(e).__name__}: {e}"
         else:
-            summary.failed[label] = failure_message(result)
+            problem = failure_message(result) if not result.success else failed_checks(result)
+            if problem:
+                summary.failed[label] = problem
+            else:
+                summary.ok.append(label)
+        if label in summary.failed:
             if progress:
                 tqdm.write(f"FAILED {label}: {summary.failed[label]}")
     if "circuits.duckdb" in summary.ok:
@@ -130,7 +292,14 @@ def materialize_cli(args) -> int:
     except FileNotFoundError as e:
         print(f"circuits materialize: {e}")
         return 2
+    except Exception as e:  # noqa: BLE001 - e.g. the instance cannot be created (disk full): one clear line
+        print(f"circuits materialize: {type(e).__name__}: {e}")
+        return 2
     print(f"{len(s.runs)} circuits of {len(s.models)} models: {len(s.ok)} steps ok, {len(s.failed)} failed")
+    for msg in s.skipped:
+        print(f"  SKIPPED {msg}")
+    if getattr(args, "no_recompute", False):
+        print("recompute skipped (--no-recompute): no ablations, recomputed_activations, recompute_summary written")
     for label, msg in s.failed.items():
         print(f"  FAILED {label}: {msg}")
     if s.duckdb:

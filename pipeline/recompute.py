@@ -19,10 +19,15 @@ model as its own sequence (positions from 0): an approximation, so small disagre
 stored ablations are expected. With no snippets the task docs are used instead. A store that holds
 `models/<model>/node_means.pt` (the embedded store writes the exact means it pruned with) gives
 those instead (`means_source` = "store"); then recomputed and stored values agree to float rounding.
+
+Locations: `final_resid` nodes are recomputed like the others (the model's `final_resid` hook:
+the residual after the last block, before `ln_f`). Nodes at a location the model has no hook for
+are skipped, and `recompute_summary.skipped` says which and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -49,8 +54,8 @@ def snippet_sequences(viz: VizData) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def means_over_sequences(model, seqs: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """Token-weighted mean of every node location over sequences of any lengths; (means, n_tokens)."""
+def means_over_sequences(model, seqs: list[torch.Tensor], locations: list[str] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Token-weighted mean of every node location (or of `locations`) over sequences of any lengths; (means, n_tokens)."""
     block = model.config.block_size
     by_len: dict[int, list[torch.Tensor]] = {}
     for s in seqs:
@@ -60,7 +65,7 @@ def means_over_sequences(model, seqs: list[torch.Tensor]) -> tuple[dict[str, tor
     n_tokens = 0
     for _length, group in sorted(by_len.items()):
         idx = torch.stack(group).to(next(model.parameters()).device)
-        m = C.node_means(model, idx)
+        m = C.node_means(model, idx, locations=locations)
         w = idx.numel()
         for loc, v in m.items():
             total[loc] = total[loc] + v.double() * w if loc in total else v.double() * w
@@ -80,7 +85,12 @@ class Recomputed:
 
 
 def _record_nodes(viz: VizData, rec: dict) -> dict[tuple[str, int], np.ndarray]:
-    return {(loc, ch): rec[loc][..., ch].float().cpu().numpy() for loc, ch, _ in viz.nodes()}
+    return {(loc, ch): rec[loc][..., ch].float().cpu().numpy() for loc, ch, _ in viz.nodes() if loc in rec}
+
+
+def skipped_locations(viz: VizData) -> dict[str, int]:
+    """Locations of the circuit that the model has no hook point for (unknown names), with their node counts."""
+    return {loc: len(ch) for loc, ch in viz.circuit.items() if not C.is_known_location(loc)}
 
 
 @torch.no_grad()
@@ -95,11 +105,18 @@ def recompute(
     docs = torch.from_numpy(viz.docs).to(device)
     ctx = int(viz.doc_lengths().max()) if docs.numel() else 0
     docs = docs[:, : max(ctx, 2)]  # positions after the longest doc only hold padding
-    circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}
-    locs = sorted(viz.circuit)
-    pattern = "|".join(re.escape(loc) for loc in locs) or "$^"
+    # Locations the model has no hook point for cannot be recomputed (skipped_locations).
+    circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items() if C.is_known_location(loc)}
+    locations = C.circuit_locations(model.config, circuit)  # the means needed, final_resid's included
+    locs = sorted(circuit)
+    if log and len(circuit) < len(viz.circuit):
+        log(f"not recomputed (no hook point in the model): {skipped_locations(viz)}")
+    pattern = "|".join(re.escape(loc) for loc in locs)
 
-    with record(pattern) as rec:
+    def recording():  # nothing to record when every location is unknown (a pattern must name a hook point)
+        return record(pattern) if pattern else contextlib.nullcontext({})
+
+    with recording() as rec:
         logits = model(docs)
     loss = C.task_loss(logits, docs).item()
     full_acts = _record_nodes(viz, rec)
@@ -108,11 +125,17 @@ def recompute(
     if store_means is not None:
         means, n_tokens, source = store_means
         means = {loc: m.to(device) for loc, m in means.items()}
+        lacking = [loc for loc in locations if loc not in means]  # e.g. final_resid: not in the store's file
+        if lacking:
+            seqs = snippet_sequences(viz)
+            extra = means_over_sequences(model, seqs, lacking)[0] if seqs else C.node_means(model, docs, locations=lacking)
+            means = {**means, **extra}
+            source = f"{source} ({', '.join(lacking)}: {'samples' if seqs else 'task_docs'})"
     elif seqs:
-        means, n_tokens = means_over_sequences(model, seqs)
+        means, n_tokens = means_over_sequences(model, seqs, locations)
         source = "samples"
     else:
-        means, n_tokens = C.node_means(model, docs), docs.numel()
+        means, n_tokens = C.node_means(model, docs, locations=locations), docs.numel()
         source = "task_docs"
     if log:
         log(f"node means over {n_tokens} tokens of {source}")
@@ -120,7 +143,7 @@ def recompute(
     masks = C.circuit_masks(model.config, circuit)
     masks = {k: v.to(device) for k, v in masks.items()}
     frozen = C.frozen_norm_scales(model, docs)
-    with record(pattern) as rec:
+    with recording() as rec:
         logits = C.masked_forward(model, docs, masks, means, frozen)
     interv_loss = C.task_loss(logits, docs).item()
     circuit_acts = _record_nodes(viz, rec)
@@ -161,6 +184,8 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
                                            "recomputed_loss", "recomputed_delta", "abs_diff", "agrees")}  # fmt: skip
     for mode, by_loc in r.ablation.items():
         for loc, ch, order in viz.nodes():
+            if loc not in by_loc:  # skipped (skipped_locations)
+                continue
             rec_loss = float(by_loc[loc][order])
             rec_delta = (rec_loss - r.interv_loss) * loss_factor
             stored = (float(viz.ch_interv_losses[loc][order]) - viz.interv_loss) * loss_factor if mode == "mean" else None
@@ -176,7 +201,8 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
     # activations: stored vs full model vs circuit model, unpadded positions of the task docs.
     doc, pos = _unpadded_index(viz)
     n = doc.size
-    nodes = sorted((loc, ch) for loc, ch, _ in viz.nodes())
+    nodes = sorted((loc, ch) for loc, ch, _ in viz.nodes() if (loc, ch) in r.full_acts)
+    skipped = skipped_locations(viz)
     max_full = max_circ = scale = 0.0
     for loc, ch in nodes:
         stored = viz.node_acts(loc, ch)
@@ -196,7 +222,7 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
                  "full_model": r.full_acts[(loc, ch)][doc, pos], "circuit_model": r.circuit_acts[(loc, ch)][doc, pos]},
             )  # fmt: skip
 
-    has_stored = any(viz.node_acts(loc, ch) is not None for loc, ch, _ in viz.nodes())
+    has_stored = any(viz.node_acts(loc, ch) is not None for loc, ch in nodes)
     limit = tolerance * max(1.0, scale)
     if not has_stored:
         match = "neither"
@@ -220,6 +246,8 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             "means_tokens": [r.means_tokens],
             "tolerance": [tolerance],
             "device": [device],
+            "skipped": [None if not skipped else f"{sum(skipped.values())} nodes at locations the model has no hook point for "
+                        f"(not recomputed): {', '.join(f'{loc} ({n})' for loc, n in skipped.items())}"],
         },
     )
     return {"ablations": make_table("ablations", ab), "recomputed_activations": act_pieces(), "recompute_summary": summary}

@@ -65,7 +65,11 @@ def load_node_means(store, model: str, config) -> tuple[dict, int, str] | None:
         return None
     where = store.path(rel)
     try:
-        blob = torch.load(store.local(rel), map_location="cpu", weights_only=True)
+        from inference.safe_load import check_torch_zip
+
+        local = store.local(rel)
+        check_torch_zip(local, where)  # sizes and views checked before anything is allocated
+        blob = torch.load(local, map_location="cpu", weights_only=True)
         means, tokens = blob["means"], int(blob["tokens"])
     except Exception as e:  # noqa: BLE001 (any unreadable content is the same finding)
         raise ValueError(f"{where}: not a node-means file ({type(e).__name__}: {e})") from None
@@ -80,9 +84,14 @@ def load_node_means(store, model: str, config) -> tuple[dict, int, str] | None:
 
 def read_tensor(store, model: str, key: str):
     """One tensor of `models/<model>/final_model.pt`, with ranged reads (not the whole checkpoint)."""
+    import torch
+
     from inference.store import read_tensor as _read
 
-    return _read(store.path(f"models/{model}"), key, cache_dir=getattr(store, "_cache_dir", None))
+    t = _read(store.path(f"models/{model}"), key, cache_dir=getattr(store, "_cache_dir", None))
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # else NaN tables, or numpy errors naming nothing
+        raise ValueError(f"{store.path(f'models/{model}/final_model.pt')}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} NaN or infinite values")
+    return t
 
 
 _TOKENIZERS: dict[tuple, object] = {}

@@ -1,7 +1,9 @@
 """Arrow schemas of every table, and the atomic Parquet writer.
 
 Layout (docs/tables.md): `<data>/tables/<table>/<partition>.parquet`, one file per circuit run
-(run-level tables; file name = run_id with `/` replaced by `__`) or per model (model-level tables).
+(run-level tables) or per model (model-level tables); `partition_file_name` maps a partition key to
+its file name injectively (`model/task/sweep/k` -> `model__task__sweep__k.parquet`, with escapes
+only in the rare components that could make two keys collide).
 Files are zstd-compressed and written in sorted order (run, location, channel, ...) so that
 filters on those columns prune row groups. A file is written to a temporary name beside its
 target (a name that does not end in `.parquet`, so readers globbing `*.parquet` never see it)
@@ -88,7 +90,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("run_id", S), ("stored_loss", F64), ("recomputed_loss", F64), ("stored_interv_loss", F64),
         ("recomputed_interv_loss", F64), ("max_abs_act_diff_full", F64), ("max_abs_act_diff_circuit", F64),
         ("stored_acts_match", S), ("loss_factor", F64), ("means_source", S), ("means_tokens", I64),
-        ("tolerance", F64), ("device", S),
+        ("tolerance", F64), ("device", S), ("skipped", S),
     ),
 }  # fmt: skip
 
@@ -137,8 +139,33 @@ def row_group_rows(table: str) -> int:
     return SMALL_ROW_GROUPS.get(table, ROW_GROUP_ROWS)
 
 
+def _escape_component(c: str) -> str:
+    """A key component as it appears in a file name: unchanged when plain, else percent-escaped.
+
+    Plain: non-empty, no `%`, no `__`, neither starting nor ending with `_`. Such a component
+    can neither contain nor touch the `__` separator, so splitting a name on `__` gives back the
+    components. Any other component has its `%` and `_` escaped (`%25`, `%5F`), so it contains `%`
+    and no `_` at all, and a plain component never contains `%`: the map is injective.
+    """
+    if c and "%" not in c and "__" not in c and not c.startswith("_") and not c.endswith("_"):
+        return c
+    return c.replace("%", "%25").replace("_", "%5F")
+
+
 def partition_file_name(partition_key: str) -> str:
-    """`model/task/sweep/k` -> `model__task__sweep__k.parquet`."""
+    """`model/task/sweep/k` -> `model__task__sweep__k.parquet`, injectively.
+
+    Ids whose components contain `__` (or start/end with `_`, or hold `%`) get those characters
+    escaped: `m/coll__a/b/8` -> `m__coll%5F%5Fa__b__8.parquet`, while `m/coll/a__b/8` ->
+    `m__coll__a%5F%5Fb__8.parquet`; under the old plain `/` -> `__` mapping both were
+    `m__coll__a__b__8.parquet` and one run's rows silently replaced the other's. Every id without
+    such components keeps its old name, so existing data dirs stay valid.
+    """
+    return "__".join(_escape_component(c) for c in partition_key.split("/")) + ".parquet"
+
+
+def _legacy_file_name(partition_key: str) -> str:
+    """The file name before the names were made injective (only differs for escaped ids)."""
     return partition_key.replace("/", "__") + ".parquet"
 
 
@@ -217,12 +244,32 @@ def write_partition(data: str, table: str, partition_key: str, parts: pa.Table |
             fs.put_file(tmp, path)  # one put: the object appears whole or not at all
         else:
             os.replace(tmp, target)
+        _remove_legacy_file(data, table, partition_key)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
         if remote:
             os.rmdir(os.path.dirname(tmp))
     return {"path": target, "rows": rows, "bytes": size}
+
+
+def _remove_legacy_file(data: str, table: str, partition_key: str) -> None:
+    """Remove a file written under the old, colliding name of this partition, now superseded.
+
+    A legacy name that differs from the new one is never the new name of any key (it has an
+    unescaped `__` inside a component, or a bare `%`), so it can only be a stale file whose rows
+    (this run's or a colliding run's) would otherwise be read twice by the `*.parquet` views.
+    """
+    legacy = _legacy_file_name(partition_key)
+    if legacy == partition_file_name(partition_key):
+        return
+    stale = table_dir(data, table) + "/" + legacy
+    if is_remote(data):
+        fs, path = fsspec.core.url_to_fs(stale)
+        if fs.exists(path):
+            fs.rm(path)
+    else:
+        local_path(stale).unlink(missing_ok=True)
 
 
 def read_partition(data: str, table: str, partition_key: str) -> pa.Table:

@@ -32,7 +32,8 @@ import numpy as np
 import pytest
 import torch
 
-__all__ = ["viz_store", "circuits_data", "tables_dir", "build_viz_store", "FIXTURE_RUNS", "FIXTURE_MODEL", "FIXTURE_CONFIG"]
+__all__ = ["viz_store", "circuits_data", "tables_dir", "build_viz_store", "FIXTURE_RUNS", "FIXTURE_MODEL", "FIXTURE_CONFIG",
+           "release_store", "release_data", "build_release_store", "RELEASE_RUNS", "RELEASE_MODEL", "PARTIAL_MODEL", "UNKNOWN_LOCATION"]
 
 FIXTURE_MODEL = "fixture_a"
 FIXTURE_CONFIG = dict(
@@ -149,7 +150,7 @@ def _pick_circuit(cfg, rng: np.random.Generator, n_nodes: int, base: dict | None
     return {loc: torch.tensor(rng.permutation(sorted(v)).tolist(), dtype=torch.long) for loc, v in chosen.items() if v}
 
 
-def _pretraining_samples(model, enc, circuit, rng: np.random.Generator, as_tensor_keys: bool, float_tokens: bool):
+def _pretraining_samples(model, enc, circuit, rng: np.random.Generator, as_tensor_keys: bool, float_tokens: bool, pair=list):
     """Top/bottom snippets per node from random 'pretraining' sequences, activations from the real model."""
     from inference.hooks import record
 
@@ -176,12 +177,12 @@ def _pretraining_samples(model, enc, circuit, rng: np.random.Generator, as_tenso
                         tk = seqs[s, lo:hi].clone()
                         items.append((tk.float() if float_tokens else tk, a[s, lo:hi].clone(), t - lo))
                     lists.append(items)
-                by_frac[frac] = lists
+                by_frac[frac] = pair(lists)  # (bottom, top): a tuple in the released files, a list in some copies
             samples[loc][torch.tensor(ch) if as_tensor_keys else ch] = by_frac
     return samples
 
 
-def _snippet_means(model, samples) -> dict[str, torch.Tensor]:
+def _snippet_means(model, samples, extra_locations=()) -> dict[str, torch.Tensor]:
     """Node means over the distinct snippets (each its own sequence), token-weighted: written here
     independently of the pipeline's implementation."""
     from inference.circuit import node_locations
@@ -195,7 +196,7 @@ def _snippet_means(model, samples) -> dict[str, torch.Tensor]:
                     for tk, _, _ in items:
                         t = tk.long()
                         seen.setdefault(tuple(t.tolist()), t)
-    locs = node_locations(model.config)
+    locs = node_locations(model.config) + list(extra_locations)
     sums = {loc: 0.0 for loc in locs}
     n = 0
     by_len: dict[int, list] = {}
@@ -244,9 +245,69 @@ def _pairs(model, circuit, scale_seed: int, numpy_pairs: bool, nested: bool):
     return out_s, out_w
 
 
+def plain_final_resid_losses(model, docs, per_layer: dict, final_channels, means, ablate=None, mode: str = "mean"):
+    """(raw task loss, final residual) of the circuit model whose `final_resid` is pruned to
+    `final_channels`, the final step written out in plain torch rather than through
+    `inference.circuit`'s final_resid handling: the per-layer masks through `masked_forward` (no
+    final_resid entry: the residual after the last block is recorded untouched), then here: the
+    channels outside the circuit set to their mean, `ln_f` at the full model's scale (computed here
+    from the full model's own final residual), the unembedding and the two-sided task loss.
+    `ablate` = (location, channel) also set to its mean (`mode="zero"`: to 0)."""
+    from inference import circuit as C
+    from inference.hooks import record
+
+    cfg = model.config
+    masks = C.circuit_masks(cfg, per_layer)
+    fills = dict(means)
+    if ablate is not None and ablate[0] != "final_resid":
+        loc, c = ablate
+        masks[loc] = masks[loc].clone()
+        masks[loc][c] = 0.0
+        if mode == "zero":
+            fills[loc] = means[loc].clone()
+            fills[loc][c] = 0.0
+    tr = model.transformer
+    with torch.no_grad():
+        full = tr.wte(docs) + tr.wpe.weight[: docs.shape[1]]  # the fixture models add wpe (no d_pos_emb)
+        for blk in tr.h:
+            full = blk(full, None)
+        frozen = C.frozen_norm_scales(model, docs)
+        with record("final_resid") as rec:
+            C.masked_forward(model, docs, masks, fills, frozen)
+        x = rec["final_resid"].clone()
+        mean = means["final_resid"]
+        keep = torch.zeros(cfg.d_model, dtype=torch.bool)
+        keep[torch.as_tensor(list(final_channels), dtype=torch.long)] = True
+        x[..., ~keep] = mean[~keep]
+        if ablate is not None and ablate[0] == "final_resid":
+            x[..., ablate[1]] = 0.0 if mode == "zero" else mean[ablate[1]]
+        ln = tr.ln_f
+        if ln.rms:
+            rstd = torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + torch.finfo(full.dtype).eps)
+            h = x * rstd * ln.weight
+        else:
+            rstd = torch.rsqrt((full - full.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + 1e-5)
+            h = (x - x.mean(-1, keepdim=True)) * rstd * ln.weight + (ln.bias if ln.bias is not None else 0.0)
+        logits = h @ model.lm_head.weight.T + model.final_logits_bias
+        half = docs.shape[0] // 2
+        total = 0.0
+        for j in range(half):
+            a, b = j, j + half
+            la, lb = int((docs[a] != 0).nonzero().max()) + 1, int((docs[b] != 0).nonzero().max()) + 1
+            tok, alt = int(docs[a, la - 1]), int(docs[b, lb - 1])
+            first = logits[a, la - 2, [tok, alt]].double()
+            second = logits[b, lb - 2, [tok, alt]].double()
+            total += -(first[0] - torch.logsumexp(first, 0)) - (second[1] - torch.logsumexp(second, 0))
+    return float(total) / half, x
+
+
 def make_viz_data(
-    model, enc, task: str, seed: int, n_nodes: int, stored_acts: str, pkl: bool, numpy_pairs: bool = False, base: dict | None = None
+    model, enc, task: str, seed: int, n_nodes: int, stored_acts: str, pkl: bool, numpy_pairs: bool = False, base: dict | None = None,
+    final_resid: list[int] | None = None, unknown: dict[str, list[int]] | None = None, pair=list,
 ) -> dict:
+    """`final_resid`: channels of the final residual in the circuit (its stored numbers computed by
+    `plain_final_resid_losses`, independently of `inference.circuit`); `unknown`: extra locations
+    the code does not know, with made-up numbers; `pair`: the type of each samples (bottom, top)."""
     from inference import circuit as C
     from inference.hooks import record
 
@@ -254,8 +315,20 @@ def make_viz_data(
     cfg = model.config
     docs = _task_docs(enc, task, rng)
     circuit = _pick_circuit(cfg, rng, n_nodes, base)
-    samples = _pretraining_samples(model, enc, circuit, rng, as_tensor_keys=pkl, float_tokens=pkl)
-    means = _snippet_means(model, samples)
+    if final_resid is not None:
+        # A residual write of the circuit read again by final_resid (an edge across layers, below).
+        writes = [int(ch[0]) for loc, ch in circuit.items() if loc.endswith("resid_delta")]
+        final_resid = list(dict.fromkeys(list(final_resid) + writes[:1]))
+        circuit[C.FINAL_RESID] = torch.tensor(final_resid, dtype=torch.long)
+    samples = _pretraining_samples(model, enc, circuit, rng, as_tensor_keys=pkl, float_tokens=pkl, pair=pair)
+    for loc, chans in (unknown or {}).items():  # made-up snippets (pretraining text too: in the means)
+        loc_samples = {}
+        for c in chans:
+            g = torch.Generator().manual_seed(100 + c)
+            item = lambda g=g: (torch.randint(1, 2000, (7,), generator=g), torch.randn(7, generator=g), 3)  # noqa: E731
+            loc_samples[torch.tensor(c) if pkl else c] = {frac: pair([[item()], [item(), item()]]) for frac in FRACS}
+        samples[loc] = loc_samples
+    means = _snippet_means(model, samples, [C.FINAL_RESID] if final_resid is not None else [])
     pattern = "|".join(re.escape(loc) for loc in circuit)
     with torch.no_grad():
         with record(pattern) as full_rec:
@@ -263,7 +336,15 @@ def make_viz_data(
         masks = C.circuit_masks(cfg, circuit)
         with record(pattern) as circ_rec:
             interv_loss = C.task_loss(C.masked_forward(model, docs, masks, means), docs).item()
-        ch_losses = C.ablation_losses(model, docs, circuit, means, mode="mean")
+        per_layer = {loc: ch for loc, ch in circuit.items() if loc != C.FINAL_RESID}
+        ch_losses = C.ablation_losses(model, docs, circuit, means, mode="mean") if final_resid is None else {}
+        if final_resid is not None:  # every node's loss from the plain computation (final mask included)
+            interv_loss = plain_final_resid_losses(model, docs, per_layer, final_resid, means)[0]
+            for loc, chans in per_layer.items():
+                ch_losses[loc] = torch.tensor([plain_final_resid_losses(model, docs, per_layer, final_resid, means, (loc, c))[0]
+                                               for c in chans.tolist()])
+            ch_losses[C.FINAL_RESID] = torch.tensor([plain_final_resid_losses(model, docs, per_layer, final_resid, means, (C.FINAL_RESID, c))[0]
+                                                     for c in final_resid])
         layer_losses = {}
         frozen = C.frozen_norm_scales(model, docs)
         for i in range(cfg.n_layer):
@@ -279,6 +360,15 @@ def make_viz_data(
     rec = circ_rec if stored_acts == "circuit" else full_rec
     acts = {loc: {(torch.tensor(c) if pkl else c): rec[loc][..., c].clone() for c in chans.tolist()} for loc, chans in circuit.items()}
     pair_s, pair_w = _pairs(model, circuit, seed, numpy_pairs or pkl, nested=pkl)
+    writes = [loc for loc in circuit if loc.endswith("resid_delta")]
+    if final_resid is not None and writes and not pkl:  # an edge across layers: a residual write read by final_resid
+        w = (circuit[writes[0]][:, None] == torch.tensor(final_resid)[None, :]).float()
+        pair_s.append([w * 0.5, circuit[writes[0]].tolist(), list(final_resid), (writes[0], C.FINAL_RESID)])
+        pair_w.append([w, circuit[writes[0]].tolist(), list(final_resid), (writes[0], C.FINAL_RESID)])
+    for loc, chans in (unknown or {}).items():  # a location the code does not know: made-up numbers
+        circuit[loc] = torch.tensor(chans, dtype=torch.long)
+        ch_losses[loc] = torch.tensor([interv_loss + 0.01 * (i + 1) for i in range(len(chans))])
+        acts[loc] = {(torch.tensor(c) if pkl else c): torch.rand(docs.shape, generator=torch.Generator().manual_seed(c)) for c in chans}
     all_loss = [(s, interv_loss * (1 + 2.0 / (s + 1))) for s in range(0, 50, 7)]
     return {
         "circuit_data": circuit,
@@ -327,6 +417,61 @@ def build_viz_store(root: Path) -> Path:
         else:
             torch.save(viz, d / f["file"])
     return root
+
+
+# The release's variants, on a store of their own (`release_store`): final_resid nodes, a location
+# the code does not know, samples pairs as tuples (.pt, as released) and lists (.pkl), and a second
+# model whose checkpoint lacks `transformer.ln_f.weight` (no circuits: its model cannot run).
+RELEASE_MODEL, PARTIAL_MODEL = "fixture_r", "fixture_p"
+UNKNOWN_LOCATION = "1.resid_post"  # not a location this code knows; its name says layer 1
+RELEASE_RUNS = {
+    "fixture_r/quotes/prune_v4/6": dict(file="viz_data.pt", seed=11, n_nodes=6, final_resid=[3, 12, 7], pair=tuple),
+    "fixture_r/quotes/prune_v4/k_optim": dict(file="viz_data.pkl", seed=12, n_nodes=9, final_resid=[5, 3],
+                                              unknown={UNKNOWN_LOCATION: [2, 6]}, pair=list),
+}
+
+
+def build_release_store(root: Path) -> Path:
+    """Write the release-variant store (see RELEASE_RUNS) under `root`; returns root."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(root / "tinypython")
+    enc = fixture_encoding(root / "tinypython")
+    model = make_model(seed=5)
+    for name in (RELEASE_MODEL, PARTIAL_MODEL):
+        mdir = root / "models" / name
+        mdir.mkdir(parents=True, exist_ok=True)
+        (mdir / "beeg_config.json").write_text(json.dumps(FIXTURE_CONFIG))
+        state = model.state_dict()
+        if name == PARTIAL_MODEL:
+            state = {k: v for k, v in state.items() if k != "transformer.ln_f.weight"}
+        torch.save(state, mdir / "final_model.pt")
+    for run_id, f in RELEASE_RUNS.items():
+        model_name, task, sweep, k = run_id.split("/")
+        pkl = f["file"].endswith(".pkl")
+        viz = make_viz_data(model, enc, task, f["seed"], f["n_nodes"], "circuit", pkl, base=None,
+                            final_resid=f["final_resid"], unknown=f.get("unknown"), pair=f["pair"])
+        d = root / "viz" / model_name / task / sweep / k
+        d.mkdir(parents=True, exist_ok=True)
+        if pkl:
+            with open(d / f["file"], "wb") as fh:
+                pickle.dump(viz, fh)
+        else:
+            torch.save(viz, d / f["file"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def release_store(tmp_path_factory) -> Path:
+    return build_release_store(tmp_path_factory.mktemp("release_store") / "store")
+
+
+@pytest.fixture(scope="session")
+def release_data(release_store, tmp_path_factory):
+    """(data dir, MaterializeSummary) of `circuits materialize` (every asset) on `release_store`."""
+    from pipeline.materialize import materialize_store
+
+    data = tmp_path_factory.mktemp("release_data") / "data"
+    return data, materialize_store(store=str(release_store), data=str(data), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from viewer_tables import Scale, write_contract_tables
+from viewer_tables import Scale, vocab_texts, write_contract_tables
 
 RUN = "toy/quotes/sweep1/8"
 
@@ -303,9 +303,8 @@ def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
     vocab = dict(zip(table(truth, "vocab")["token_id"], table(truth, "vocab")["text"], strict=True))
     import html
 
-    assert 'class="tok center"' in app.detail.snippets.object
     centre_text = html.escape(vocab[int(s[s["pos"] == centre]["token_id"].iloc[0])])
-    assert f">{centre_text}</span>" in app.detail.snippets.object
+    assert re.search(f'<span class="(p[0-9]+ |n[0-9]+ | )c" title=[^>]*>{re.escape(centre_text)}</span>', app.detail.snippets.object)
     app.detail.inner_tabs.active = 2  # a q node: its head's attention pattern
     node = queries.node(RUN, node_id)
     assert f"layer 1 head {int(node['head'])}, doc 0" in app.detail.attn_note.object
@@ -388,7 +387,7 @@ def test_hostile_url_values_fall_back_with_notes(viewer_data):
     assert state.run == queries.runs()["run_id"].iloc[0]
     assert state.node == "" and state.pins == {} and state.compare == "" and state.threshold == 0.1
     assert len(state.notes) == 6
-    assert page.explorer.notes.visible and "Unknown run" in page.explorer.notes.object
+    assert page.explorer.notes.div.visible and "Unknown run" in page.explorer.notes.object
     assert len(queries.runs()) == n_runs
 
 
@@ -496,7 +495,7 @@ def test_outputs_of_a_residual_write_list_the_tokens_it_pushes_directly(viewer_d
     assert token_label(" in\n") == "␣in⏎" and token_label("<&") == "&lt;&amp;"
     _, truth = viewer_data
     lm_head, ln_f = truth.unembed["toy"]
-    texts = [f"tok{i}" if i % 7 else f"<&{i}>" for i in range(lm_head.shape[0])]  # the toy vocab
+    texts = vocab_texts(lm_head.shape[0])  # the toy vocab
     app = create_app(url={"run": RUN}).explorer
     writes = [n for n in truth.nodes[RUN] if n["kind"] == "resid_delta"]
     assert writes

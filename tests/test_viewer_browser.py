@@ -8,6 +8,7 @@ install -y chromium` (README "Setup"); skipped, with the reason, only when no Ch
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -113,10 +114,10 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
             s = s[(s["run_id"] == run) & (s["node_id"] == target) & (s["frac"] == 0.001) & (s["side"] == "bottom") & (s["rank"] == 0)]
             vocab = pa.concat_tables(truth.tables["vocab"]).to_pandas().set_index("token_id")["text"]
             centre_text = vocab[int(s[s["is_center"]]["token_id"].iloc[0])]
-            first_centre = page.locator("span.tok.center").first
+            first_centre = page.locator(".toks span.c").first
             first_centre.wait_for(timeout=30000)
             assert first_centre.inner_text() == centre_text
-            assert page.locator("span.tok").count() >= 8 * 5 * 50  # 4 fracs x 2 sides x 5 snippets, >= 50 tokens each
+            assert page.locator(".toks span").count() >= 8 * 5 * 50  # 4 fracs x 2 sides x 5 snippets, >= 50 tokens each
             page.wait_for_function("(id) => new URLSearchParams(window.location.search).get('node') === id", arg=target,
                                    timeout=60000)  # the URL carries the selection
             page.screenshot(path=str(tmp_path / "viewer_node.png"), full_page=True)
@@ -124,3 +125,116 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
             page.screenshot(path=str(tmp_path / "viewer_snippets.png"))
         finally:
             browser.close()
+
+
+# --- hardening (issue 15): hostile links, shared links, text shown as text --------------------
+
+HOSTILE = "<img src=x onerror=alert(document.domain)>"
+BOKEH_MODEL_VALUE = """(args) => {
+  for (const v of Bokeh.index.all_views()) {
+    const m = v.model;
+    if (m.type === args[0] || m.constructor.name === args[0]) {
+      if (args[1] === null || String(m.title).includes(args[1])) return m.value;
+    }
+  }
+  return null;
+}"""
+
+
+@pytest.fixture()
+def browser_page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.dialogs = []
+            page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
+            yield page
+        finally:
+            browser.close()
+
+
+def _open(page, url):
+    page.goto(url, timeout=60000)
+    page.wait_for_selector("canvas", timeout=60000)
+
+
+def _wait(predicate, what, seconds=60):
+    for _ in range(int(seconds / 0.25)):
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_hostile_link_runs_no_script_and_shows_the_text(served, browser_page, tmp_path):
+    import urllib.parse
+
+    url, _ = served
+    page = browser_page
+    query = urllib.parse.urlencode({"run": HOSTILE, "layer": HOSTILE, "node": HOSTILE, "compare": HOSTILE})
+    _open(page, f"{url}?{query}")
+    notes = page.get_by_text("Unknown run", exact=False)
+    notes.first.wait_for(timeout=60000)
+    time.sleep(1.0)  # an injected <img onerror> fires as soon as it is inserted
+    for what in ("Unknown run", "Unknown layer", "Unknown comparison run"):
+        assert page.get_by_text(f"{what} '{HOSTILE}'", exact=False).count() == 1, what  # shown as text, escaped
+    assert page.dialogs == []
+    assert page.locator("img[src='x']").count() == 0  # no element was made from the value
+    page.screenshot(path=str(tmp_path / "hostile_link.png"))
+
+
+def test_shared_link_restores_threshold_pins_node_and_its_layer(served, browser_page, tmp_path):
+    import json
+    import urllib.parse
+
+    url, truth = served
+    run = "toy/quotes/sweep1/8"
+    node = next(n["node_id"] for n in truth.nodes[run] if n["node_id"].startswith("1.attn.k:"))  # not the default layer-half (0.mlp)
+    other = truth.nodes[run][0]["node_id"]
+    pins = {node: "a k channel", other: "0.5"}
+    query = {"run": run, "threshold": "0.5", "pins": json.dumps(pins), "node": node}
+    page = browser_page
+    _open(page, f"{url}?{urllib.parse.urlencode(query)}")
+    title = page.locator("h3.node-title")
+    title.wait_for(timeout=60000)
+    assert title.inner_text().strip() == node
+    _wait(lambda: page.evaluate(NODE_XY, node) is not None, "the graph showing the node's layer-half")
+    assert page.evaluate(BOKEH_MODEL_VALUE, ["Slider", "edge threshold"]) == 0.5
+    assert page.locator("select[size]").input_value() == "1.attn"
+    sidebar_pins = page.get_by_text("📌", exact=False)
+    assert sorted(t.strip() for t in sidebar_pins.first.inner_text().split("\n") if t.strip()) == sorted(f"📌 {k}: {v}" for k, v in pins.items())
+    # The URL after loading still carries the link's state, as strings the app reads back.
+    _wait(lambda: "threshold" in page.evaluate("() => window.location.search"), "the URL written back")
+    back = urllib.parse.parse_qs(page.evaluate("() => window.location.search")[1:])
+    assert back["threshold"] == ["0.5"] and json.loads(back["pins"][0]) == pins and back["node"] == [node]
+    assert back["layer"] == ["1.attn"]
+    page.screenshot(path=str(tmp_path / "shared_link.png"), full_page=True)
+
+
+def test_token_text_is_not_typeset_and_zero_centred_toggle_redraws(served, browser_page, tmp_path):
+    url, truth = served
+    run = "toy/quotes/sweep1/8"
+    node = next(n["node_id"] for n in truth.nodes[run] if n["node_id"].startswith("1.attn.q:"))
+    page = browser_page
+    _open(page, f"{url}?run={run}&node={node}")
+    page.locator(".toks span").first.wait_for(timeout=60000)
+    # The vocab holds texts like "$$x11$$" and "\(a13\)" (tests/viewer_tables.py): shown as typed, not as TeX.
+    lines = page.locator(".toks").all_inner_texts()  # a token is a span, or bare text when its value is exactly 0
+    assert re.search(r"\$\$x[0-9]+\$\$", "".join(lines))
+    assert re.search(r"\\\(a[0-9]+\\\)", "".join(lines))
+    assert page.locator("mjx-container").count() == 0
+    assert "<img src=x onerror=alert(" in "".join(lines) and page.dialogs == []
+    # Task docs: the colour-mode buttons redraw the docs on the other colour scale (clicking the label of the
+    # former checkbox did nothing).
+    page.get_by_text("Task docs", exact=True).click()
+    legend = page.locator(".scale", has_text="zero-centred: red positive")
+    legend.first.wait_for(timeout=60000)
+    first_doc = page.locator('div.doclabel:has-text("doc 0 · class") + div.toks').first
+    before = first_doc.inner_html()
+    page.get_by_text("min to max", exact=True).click()
+    page.locator(".scale", has_text="(clear) to max").first.wait_for(timeout=60000)
+    assert first_doc.inner_html() != before
+    page.screenshot(path=str(tmp_path / "task_docs.png"), full_page=True)

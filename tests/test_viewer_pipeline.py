@@ -53,7 +53,7 @@ def test_every_run_opens_and_a_click_shows_its_node(pipeline_data):
         assert html.escape(node_id) in app.detail.header.object
         mine_s = samples[(samples["run_id"] == run_id) & (samples["node_id"] == node_id)]
         if len(mine_s):
-            assert app.detail.snippets.object.count('class="tok center"') == mine_s[mine_s["rank"] < 5]["is_center"].sum()
+            assert app.detail.snippets.object.count('c" title=') == mine_s[mine_s["rank"] < 5]["is_center"].sum()
         app.detail.inner_tabs.active = 1
         assert "doc 0 · class 1" in app.detail.task.object
 

@@ -115,6 +115,24 @@ def write_views(root, tables):
     os.replace(tmp, db)
 
 
+def vocab_text(i: int) -> str:
+    """Token text of id i: mostly plain, some hostile (as real vocabularies of code and web text are): HTML
+    that must be escaped, a script that must not run, and TeX delimiters that must not be typeset."""
+    if i % 7 == 0:
+        return f"<&{i}>"
+    if i % 11 == 0:
+        return f"$$x{i}$$"
+    if i % 13 == 0:
+        return f"\\(a{i}\\)"
+    if i % 17 == 0:
+        return f"<img src=x onerror=alert({i})>"
+    return f"tok{i}"
+
+
+def vocab_texts(n: int) -> list[str]:
+    return [vocab_text(i) for i in range(n)]
+
+
 def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, skip=(), keep_big=True) -> Truth:
     """Write every contract table for `runs` (list of (model, task, sweep, k_label, nodes_per_location))."""
     s = scale or Scale()
@@ -131,7 +149,7 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
     # Model-level tables: vocab, embeddings, train curves.
     for model in models:
         ids = np.arange(s.vocab)
-        texts = [f"tok{i}" if i % 7 else f"<&{i}>" for i in ids]  # some need HTML escaping
+        texts = vocab_texts(s.vocab)
         _write(root, "vocab", model, {"model": [model] * s.vocab, "token_id": ids.astype(np.int32), "text": texts,
                                       "bytes_hex": [t.encode().hex() for t in texts], "is_special": ids == 0}, truth)
         rows = {"model": [], "matrix": [], "row": [], "channel": [], "value": []}
@@ -234,7 +252,7 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         # Task docs and the stored activations (positions < length only).
         lengths = rng.integers(s.ctx // 2, s.ctx + 1, size=s.n_docs)
         docs = [rng.integers(1, s.vocab, size=int(n)).astype(np.int32) for n in lengths]
-        vocab_text = [f"tok{i}" if i % 7 else f"<&{i}>" for i in range(s.vocab)]
+        vocab_text = vocab_texts(s.vocab)
         half_n = s.n_docs // 2
         _write(root, "task_docs", run_id, {
             "run_id": [run_id] * s.n_docs, "doc": np.arange(s.n_docs, dtype=np.int32),

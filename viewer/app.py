@@ -12,6 +12,7 @@ import panel as pn
 
 from viewer import queries
 from viewer.explorer import ExplorerApp
+from viewer.views.markup import heading
 
 TITLE = "Circuit explorer"
 
@@ -52,9 +53,9 @@ def create_app(url: dict | None = None, sync_url: bool = False):
     sidebar = pn.Column(
         app.model, app.task, app.sweep, app.k, app.summary.panel,
         app.layer, app.threshold, app.node.panel,
-        pn.pane.Markdown("**Pins**"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel, sizing_mode="stretch_width",
+        heading("Pins"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel, sizing_mode="stretch_width",
     )
-    main = pn.Column(app.notes, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
+    main = pn.Column(app.notes.panel, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
     template = pn.template.FastListTemplate(title=TITLE, sidebar=[sidebar], main=[main], sidebar_width=330, accent="#b2182b")
     template.explorer = app  # tests and bench reach the app's state and views through the page
     return template

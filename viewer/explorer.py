@@ -8,12 +8,13 @@ costs the visible views only.
 from __future__ import annotations
 
 import html
+import urllib.parse
 
 import pandas as pd
 import panel as pn
 
 from viewer import queries
-from viewer.state import URL_KEYS, Explorer, UrlState
+from viewer.state import URL_KEYS, Explorer, UrlState, request_args
 from viewer.views import graph as graph_views
 from viewer.views.compare import CompareView
 from viewer.views.curves import CurvesView
@@ -21,10 +22,11 @@ from viewer.views.detail import DetailView
 from viewer.views.embeddings import EmbeddingView
 from viewer.views.export import ExportView
 from viewer.views.faithfulness import FaithfulnessView
-from viewer.views.markup import HtmlBox, NodePicker
+from viewer.views.markup import HtmlBox, NodePicker, plain
 
 DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Faithfulness", "Export")
 GRAPH_TABS = ("Layer-half", "Whole circuit")
+NOTE_STYLE = {"background": "#fff3cd", "border": "1px solid #ffe69c", "border-radius": "4px", "padding": "6px 10px", "color": "#664d03"}
 
 
 def layer_label(row) -> str:
@@ -65,13 +67,14 @@ def run_choices(version, run: str) -> dict:
 class ExplorerApp:
     def __init__(self, url: dict | None = None, sync_url: bool = False):
         self.state = state = Explorer()
-        self.url_state = UrlState()
-        if sync_url and pn.state.location is not None:
-            pn.state.location.sync(self.url_state, {k: k for k in URL_KEYS})
+        self.url_state = UrlState()  # the URL's query values (strings), as last written
+        self._location = pn.state.location if sync_url else None
+        if url is None:
+            url = request_args(pn.state.session_args) if sync_url else {}
+        state.apply_url(url)
+        if self._location is not None:
             # Query changes made while the page is built do not reach the browser: push the checked state once loaded.
-            pn.state.onload(lambda: pn.state.location.update_query(**self.state.to_url()))
-        raw = url if url is not None else self.url_state.param.values()
-        state.apply_url(raw)
+            pn.state.onload(self._write_url)
         self._updating = False
 
         # Sidebar widgets.
@@ -87,7 +90,9 @@ class ExplorerApp:
         self.pin = pn.widgets.Button(label="pin / update label", color="default")
         self.unpin = pn.widgets.Button(label="unpin", color="light")
         self.pins = HtmlBox()
-        self.notes = pn.pane.Alert("", alert_type="warning", visible=False, sizing_mode="stretch_width")
+        # Notes quote URL values and typed ids: escaped HTML in a Div, never Markdown (which passes raw HTML through).
+        self.notes = HtmlBox(style=NOTE_STYLE)
+        self.notes.div.visible = False
 
         # Views. The Node and Embeddings tabs are built with the page (figures empty), so opening them only fills
         # data into existing models: adding models to a live document (a view built later, or Panel's dynamic
@@ -164,7 +169,7 @@ class ExplorerApp:
             return
         if node_id and queries.node(self.state.run, node_id) is None:
             self.node.show(self.state.node)
-            self.notes.object, self.notes.visible = f"No node {node_id!r} in this circuit.", True
+            self._show_notes([f"No node {node_id!r} in this circuit."])
             return
         self.state.node = node_id
 
@@ -182,12 +187,17 @@ class ExplorerApp:
     # --- state -> views ---------------------------------------------------------------------
 
     def _changed(self, *events):
-        self._update({e.name for e in events})
+        # One message to the browser per interaction: unheld, each property change went out on its own and
+        # BokehJS re-laid out the page after each (a click sent a dozen messages).
+        with pn.io.hold():
+            self._update({e.name for e in events})
 
     def _update(self, names: set):
         s = self.state
         if "run" in names:
             self._sync_run_widgets()
+            if self.notes.div.visible or queries.duplicate_nodes(s.run):
+                self._show_notes()
             self.stale = {"whole", *DETAIL_TABS}
             self._show_graph()
         elif "layer" in names:
@@ -198,8 +208,9 @@ class ExplorerApp:
             self.stale.add("whole")
         if "node" in names and "run" not in names:
             node = queries.node(s.run, s.node) if s.node else None
-            if node is not None and f"{node['layer']}.{node['half']}" != s.layer:
-                s.layer = f"{node['layer']}.{node['half']}"  # follow the node into its layer-half (nested update)
+            # Follow the node into its layer-half (nested update); final_resid and "other" nodes have none.
+            if node is not None and node["half"] in ("attn", "mlp") and f"{int(node['layer'])}.{node['half']}" != s.layer:
+                s.layer = f"{int(node['layer'])}.{node['half']}"
             self.node.show(s.node)
             self.graph.mark(s.pins, s.node)
             self.stale.update({"whole", "Node", "Embeddings"})
@@ -216,6 +227,17 @@ class ExplorerApp:
         self._refresh_stale()
         if set(names) & set(URL_KEYS):
             self.url_state.param.update(**s.to_url())
+            self._write_url()
+
+    def _write_url(self):
+        """The state into the browser's URL, as the strings `apply_url` reads back (empty values left out).
+
+        Not `location.update_query`: it re-parses the current query as JSON and writes a dict back as Python repr."""
+        if self._location is not None:
+            query = {k: v for k, v in self.state.to_url().items() if v}
+            search = "?" + urllib.parse.urlencode(query) if query else ""
+            if self._location.search != search:
+                self._location.search = search
 
     def _when_visible(self, tab, fn):
         if DETAIL_TABS[self.detail_tabs.active] == tab:
@@ -286,7 +308,7 @@ class ExplorerApp:
         s = self.state
         half = s.layer.split(".", 1)[1]
         pos, edges = layer_layout(queries.connection()[0], s.run, s.layer)
-        self.graph.figure.title.text = f"{s.run} · layer-half {s.layer} · colour = ablation delta (red: node matters)"
+        self.graph.figure.title.text = plain(f"{s.run} · layer-half {s.layer} · colour = ablation delta (red: node matters)")
         self.graph.show(pos, edges, s.threshold, self._scale(), s.pins, s.node, graph_views.layer_half_ticks(half))
         self.node.show(s.node, pos.loc[~pos["is_bias"], "node_id"].tolist())  # completions: this layer-half's nodes
 
@@ -311,7 +333,11 @@ class ExplorerApp:
             return
         self.pins.object = "<br>".join(f"📌 {html.escape(k)}: {html.escape(v)}" for k, v in sorted(pins.items()))
 
-    def _show_notes(self):
-        notes = self.state.notes
-        self.notes.object = "\n\n".join(notes)
-        self.notes.visible = bool(notes)
+    def _show_notes(self, extra=()):
+        """The URL notes, data warnings about the run shown, and `extra` (each escaped: they quote untrusted text)."""
+        notes = [*self.state.notes, *extra]
+        duplicates = queries.duplicate_nodes(self.state.run)
+        if duplicates:
+            notes.append(f"The node table of {self.state.run!r} repeats {duplicates} node row(s): the first row of each node is shown.")
+        self.notes.object = "".join(f"<div>{html.escape(n)}</div>" for n in notes)
+        self.notes.div.visible = bool(notes)

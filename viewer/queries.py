@@ -70,8 +70,9 @@ def connection():
     with _lock:
         cached = _conn.get(path)
         if cached is None or cached[0] != version:
-            if cached is not None:
-                cached[1].close()
+            # The old connection is dropped, not closed: another thread may be running a query on one of its
+            # cursors, and closing it then fails ("connection is busy with another call"). Each cursor keeps
+            # the old database open until its thread moves to the new one (`_cursor`), then it is freed.
             try:
                 con = duckdb.connect(path, read_only=True)
                 # Footers parsed once, not per query. GLOBAL: cursors are connections of their own and do not
@@ -94,7 +95,8 @@ def _cursor():
     version, con = connection()
     mine = getattr(_local, "cursor", None)
     if mine is None or mine[0] != version:
-        _local.cursor = mine = (version, con.cursor())
+        with _lock:  # the shared connection refuses concurrent calls (cursor() included) instead of waiting
+            _local.cursor = mine = (version, con.cursor())
     return mine[1]
 
 
@@ -237,7 +239,8 @@ def layer_halves(run_id: str) -> pd.DataFrame:
         df = query("""
             SELECT layer || '.' || half AS layer_half, layer, half, NULL::DOUBLE AS delta,
                    NULL::DOUBLE AS delta_released, count(*) AS n_nodes
-            FROM nodes WHERE run_id = ? GROUP BY layer, half ORDER BY layer, half""", [run_id])
+            FROM nodes WHERE run_id = ? AND half IN ('attn', 'mlp')  -- final_resid and "other": whole-circuit graph only
+            GROUP BY layer, half ORDER BY layer, half""", [run_id])
     df = df.copy()
     df["marked"] = df["delta"].fillna(-np.inf) > MARK_LAYER_DELTA
     return df
@@ -246,7 +249,11 @@ def layer_halves(run_id: str) -> pd.DataFrame:
 def nodes(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
     """Circuit nodes of a run (or of one layer-half), in circuit_data order within each location."""
     if layer_half is None:
-        return query("SELECT * FROM nodes WHERE run_id = ? ORDER BY layer, half, location, node_order", [run_id])
+        # One row per node_id: a table holding a node twice (the pipeline refuses to write one, older or
+        # hand-made tables may) would otherwise give lookups a frame instead of a row. The first row is kept.
+        return query("""SELECT * FROM nodes WHERE run_id = ?
+                        QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY layer, half, location, node_order) = 1
+                        ORDER BY layer, half, location, node_order""", [run_id])
     version, _ = connection()
     return _layer_nodes(version, run_id, layer_half)
 
@@ -257,6 +264,11 @@ def _layer_nodes(version, run_id, layer_half):
     df = nodes(run_id)
     layer, half = _split_layer_half(layer_half)
     return df[(df["layer"] == layer) & (df["half"] == half)].reset_index(drop=True)
+
+
+def duplicate_nodes(run_id: str) -> int:
+    """How many rows of the run's node table repeat a node_id (ignored by `nodes`; the page says so)."""
+    return int(query("SELECT count(*) - count(DISTINCT node_id) AS n FROM nodes WHERE run_id = ?", [run_id])["n"].iloc[0])
 
 
 def node(run_id: str, node_id: str) -> dict | None:
@@ -327,12 +339,14 @@ def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.Data
 
 
 def residual_links(run_id: str) -> pd.DataFrame:
-    """A residual write (resid_delta) linked to every later read (act_in) of the same channel."""
+    """A residual write (resid_delta) linked to every later read of the same channel: an act_in of a
+    later layer-half, or the final residual (final_resid, after every layer)."""
     return query("""
-        SELECT w.node_id AS src_node_id, r.node_id AS tgt_node_id, w.channel
+        SELECT DISTINCT w.node_id AS src_node_id, r.node_id AS tgt_node_id, w.channel
         FROM nodes w JOIN nodes r ON r.run_id = w.run_id AND r.channel = w.channel
-        WHERE w.run_id = ? AND w.kind = 'resid_delta' AND r.kind = 'act_in'
-          AND (r.layer > w.layer OR (r.layer = w.layer AND w.half = 'attn' AND r.half = 'mlp'))""", [run_id])
+        WHERE w.run_id = ? AND w.kind = 'resid_delta'
+          AND ((r.kind = 'act_in' AND (r.layer > w.layer OR (r.layer = w.layer AND w.half = 'attn' AND r.half = 'mlp')))
+               OR r.kind = 'final_resid')""", [run_id])
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -460,6 +474,14 @@ def unembed_extremes(model: str, channel: int) -> pd.DataFrame | None:
     return None if df is None else df.assign(text=token_texts(model, df["token_id"].to_numpy()))
 
 
+def model_has_rows(table: str, model: str) -> bool:
+    """Whether a model-level table holds rows for the model (the pipeline skips a table whose tensors
+    the model's checkpoint lacks, e.g. `unembed_extremes` without `transformer.ln_f.weight`)."""
+    assert table in OPTIONAL_TABLES  # a constant table name, never user input
+    df = optional(f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE model = ? LIMIT 1)", [model])
+    return df is not None and int(df["n"].iloc[0]) > 0
+
+
 def wte_histogram(model: str, channel: int) -> pd.DataFrame | None:
     """The pipeline's histogram of a wte channel's nonzero weights: bin, bin_left, bin_right, count (no rows: all zero)."""
     return optional("SELECT bin, bin_left, bin_right, count FROM wte_histograms WHERE model = ? AND channel = ? ORDER BY bin", [model, channel])
@@ -497,5 +519,7 @@ def compare(run_a: str, run_b: str) -> pd.DataFrame:
         SELECT coalesce(a.node_id, b.node_id) AS node_id, coalesce(a.location, b.location) AS location,
                coalesce(a.layer, b.layer) AS layer, a.delta AS delta_a, b.delta AS delta_b,
                CASE WHEN a.node_id IS NULL THEN 'only B' WHEN b.node_id IS NULL THEN 'only A' ELSE 'shared' END AS status
-        FROM (SELECT * FROM nodes WHERE run_id = ?) a FULL OUTER JOIN (SELECT * FROM nodes WHERE run_id = ?) b USING (node_id)
+        FROM (SELECT * FROM nodes WHERE run_id = ? QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY node_order) = 1) a
+        FULL OUTER JOIN (SELECT * FROM nodes WHERE run_id = ? QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY node_order) = 1) b
+        USING (node_id)
         ORDER BY layer, location, node_id""", [run_a, run_b])

@@ -19,6 +19,21 @@ DEFAULT_THRESHOLD = 0.1  # fraction of the layer-half's strongest edge below whi
 URL_KEYS = ("run", "layer", "node", "threshold", "pins", "compare")
 
 
+def request_args(args: dict) -> dict:
+    """The URL's query values as the strings the browser sent (`pn.state.session_args`: name -> [bytes]).
+
+    Read from the request rather than through `pn.state.location.sync`, which JSON-parses values
+    first (threshold=0.5 arrives as a float and pins as a dict, and a String parameter then refuses
+    them, so a shared link silently lost its threshold and pins). The last value of a repeated key wins."""
+    out = {}
+    for key in URL_KEYS:
+        values = args.get(key) or []
+        if values:
+            v = values[-1]
+            out[key] = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return out
+
+
 class UrlState(param.Parameterized):
     """The URL's query values, unchecked strings."""
 
@@ -58,13 +73,16 @@ class Explorer(param.Parameterized):
         if layer and layer not in set(layers["layer_half"]):
             notes.append(f"Unknown layer {layer!r} for this run: showing the default layer instead.")
             layer = ""
-        layer = layer or default_layer(layers)
 
         node = str(raw.get("node") or "")
         known_nodes = set(queries.node_ids(run))
         if node and node not in known_nodes:
             notes.append(f"Unknown node {node!r} in this run: no node selected.")
             node = ""
+        if node:  # the graph shows the selected node: its layer-half wins over the link's layer
+            row = queries.node(run, node)
+            layer = f"{row['layer']}.{row['half']}"
+        layer = layer or default_layer(layers)
 
         threshold = DEFAULT_THRESHOLD
         if raw.get("threshold") not in (None, ""):
@@ -103,6 +121,7 @@ class Explorer(param.Parameterized):
         self.param.update(run=run, layer=layer, node=node, pins=pins, doc=0)
 
     def to_url(self) -> dict:
+        """The state as URL query strings (the inverse of `apply_url`): threshold as `%g`, pins as a JSON object."""
         return {"run": self.run, "layer": self.layer, "node": self.node, "threshold": f"{self.threshold:g}",
                 "pins": json.dumps(self.pins, sort_keys=True) if self.pins else "", "compare": self.compare}
 

@@ -9,12 +9,13 @@ Partitions are refreshed by the `store_index` asset (materialize it, or let the
 `discover_circuits` sensor run) and by `circuits materialize`.
 """
 
+import os
+import warnings
 
 import dagster as dg
 
 from pipeline.convert import RunRef
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import list_dir
 from pipeline.tables import MODEL_TABLES
 
 RUNS = dg.DynamicPartitionsDefinition(name="circuit_runs")
@@ -22,35 +23,117 @@ MODELS = dg.DynamicPartitionsDefinition(name="models")
 VIZ_FILES = ("viz_data.pt", "viz_data.pkl")
 
 
+class StoreWalkWarning(UserWarning):
+    """A store entry the walk skipped (unreadable, a symlink leaving the store, a symlink loop)."""
+
+
+class _Walk:
+    """Directory listings of one walk over a store, robust to what a shared store may hold.
+
+    An entry that cannot be listed (permissions, a self-looping symlink, a network error) is
+    skipped with a `StoreWalkWarning` naming it; the rest of the store is still discovered. In
+    a local store, symlinks are followed only to targets inside the store root; a symlinked
+    directory whose target the walk reaches anyway (inside the same `viz/` or `models/`: a link to
+    `.`, to an ancestor, or an alias of a sibling) is not followed, and no directory is entered
+    twice, so a link can neither hang the walk nor invent phantom runs.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.local = bool(getattr(store, "is_local", False))
+        self.root = os.path.realpath(store._fspath("")) if self.local else ""
+        self.seen: dict[str, str] = {}  # real path -> store-relative path that claimed it
+        self.warnings: list[str] = []
+        self.listed: dict[str, list[str]] = {}
+
+    def warn(self, rel: str, why: str) -> None:
+        msg = f"{self.store.path(rel)}: skipped ({why})"
+        self.warnings.append(msg)
+        warnings.warn(msg, StoreWalkWarning, stacklevel=3)
+
+    def _allowed(self, rel: str, is_dir: bool) -> bool:
+        """Local stores: the entry resolves inside the root and (directories) was not entered yet."""
+        if not self.local:
+            return True
+        path = self.store._fspath(rel)
+        try:
+            real = os.path.realpath(path, strict=True)
+        except OSError as e:  # a symlink loop, a dangling link, a vanished entry
+            self.warn(rel, f"cannot resolve: {e.strerror or e}")
+            return False
+        if real != self.root and not real.startswith(self.root + os.sep):
+            self.warn(rel, f"a symlink to {real}, outside the store; not followed")
+            return False
+        if is_dir:
+            top = os.path.realpath(self.store._fspath(rel.split("/")[0]))
+            if rel != rel.split("/")[0] and os.path.islink(path) and (real == top or real.startswith(top + os.sep)):
+                self.warn(rel, f"a symlink to {real}, which the walk reaches by its real path; not followed")
+                return False
+            if real in self.seen:
+                self.warn(rel, f"the same directory as {self.store.path(self.seen[real])} (symlink); not entered twice")
+                return False
+            self.seen[real] = rel
+        return True
+
+    def ls(self, rel: str) -> list[str]:
+        """Sorted child names of a store directory; [] if absent or unreadable (with a warning)."""
+        if rel in self.listed:
+            return self.listed[rel]
+        self.listed[rel] = []
+        if not self._allowed(rel, is_dir=True):
+            return []
+        try:
+            names = self.store.ls(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:  # PermissionError, ELOOP, StoreError (network): this entry only
+            self.warn(rel, f"cannot list: {e}")
+            return []
+        self.listed[rel] = names
+        return names
+
+    def viz_file(self, rel_dir: str) -> str | None:
+        names = set(self.ls(rel_dir))
+        for f in VIZ_FILES:
+            if f in names and self._allowed(f"{rel_dir}/{f}", is_dir=False):
+                return f"{rel_dir}/{f}"
+        return None
+
+
 def _viz_file(store, rel_dir: str) -> str | None:
-    names = set(list_dir(store, rel_dir))
-    for f in VIZ_FILES:
-        if f in names:
-            return f"{rel_dir}/{f}"
-    return None
+    return _Walk(store).viz_file(rel_dir)
 
 
 def discover_runs(store) -> list[RunRef]:
-    """Every circuit of the store, sorted by run id."""
+    """Every circuit of the store, sorted by run id; entries it cannot read are skipped with a warning."""
+    walk = _Walk(store)
     runs: list[RunRef] = []
-    for a in list_dir(store, "viz"):
-        for b in list_dir(store, f"viz/{a}"):
-            for c in list_dir(store, f"viz/{a}/{b}"):
-                for d in list_dir(store, f"viz/{a}/{b}/{c}"):
+    for a in walk.ls("viz"):
+        for b in walk.ls(f"viz/{a}"):
+            for c in walk.ls(f"viz/{a}/{b}"):
+                for d in walk.ls(f"viz/{a}/{b}/{c}"):
                     base = f"viz/{a}/{b}/{c}/{d}"
-                    path = _viz_file(store, base)
+                    path = walk.viz_file(base)
                     if path:  # viz/<model>/<task>/<sweep>/<k>/
                         runs.append(RunRef(a, b, c, d, path))
                         continue
-                    for k in list_dir(store, base):  # viz/<experiment>/<model>/<task>/<sweep>/<k>/
-                        path = _viz_file(store, f"{base}/{k}")
+                    for k in walk.ls(base):  # viz/<experiment>/<model>/<task>/<sweep>/<k>/
+                        path = walk.viz_file(f"{base}/{k}")
                         if path:
                             runs.append(RunRef(b, c, f"{d}@{a}", k, path))
     return sorted(runs, key=lambda r: r.run_id)
 
 
 def discover_models(store) -> list[str]:
-    return [m for m in list_dir(store, "models") if store.exists(f"models/{m}/beeg_config.json")]
+    walk = _Walk(store)
+    out = []
+    for m in walk.ls("models"):
+        try:
+            if walk._allowed(f"models/{m}", is_dir=True) and store.exists(f"models/{m}/beeg_config.json"):
+                out.append(m)
+        except OSError as e:
+            walk.warn(f"models/{m}", f"cannot read: {e}")
+    return out
 
 
 def run_ref(store, run_id: str) -> RunRef:
@@ -80,7 +163,11 @@ def refresh_partitions(instance: dg.DagsterInstance, store) -> tuple[list[RunRef
 
 @dg.asset(group_name="discovery", description="Lists the store: every circuit run and model, added as dynamic partitions")
 def store_index(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
-    runs, models = refresh_partitions(context.instance, circuits.store())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StoreWalkWarning)
+        runs, models = refresh_partitions(context.instance, circuits.store())
+    for w in caught:  # entries the walk skipped: in the run's log, one line each
+        context.log.warning(str(w.message))
     context.log.info(f"{circuits.store_url}: {len(runs)} circuits of {len(models)} models")
     return dg.MaterializeResult(
         metadata={

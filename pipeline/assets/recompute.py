@@ -11,7 +11,7 @@ import dagster as dg
 from pipeline.assets.discovery import RUNS, run_ref
 from pipeline.assets.download import viz_data_file
 from pipeline.assets.tables import table_metadata
-from pipeline.formats import VizDataError, read_viz_data
+from pipeline.formats import VizDataError, check_against_model, read_viz_data
 from pipeline.recompute import recompute, recompute_tables, within
 from pipeline.resources import CircuitsResource
 from pipeline.store_access import load_model, load_node_means
@@ -60,6 +60,10 @@ def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     try:
         model, store_means = cached_model(store, run.model, circuits.device)
     except ValueError as e:  # a bad node-means file: fail the runs of that model, naming it
+        raise dg.Failure(description=str(e)) from None
+    try:  # channels, context and token ids that fit the store's model, before any forward pass
+        check_against_model(viz, model.config, f"the model {run.model}")
+    except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
     r = recompute(model, viz, log=context.log.info, store_means=store_means)
     tables = recompute_tables(viz, run, r, circuits.loss_factor, circuits.tolerance, circuits.device)

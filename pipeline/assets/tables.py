@@ -4,10 +4,17 @@
 in the same step. A corrupt, truncated or wrong-schema viz_data fails only its own partition,
 with a message naming the file and the problem, before any of its files is replaced.
 Model-level tables (`train_curves`, `embeddings`, `vocab`) are partitioned by model.
+
+A viz_data with node locations this code does not know converts whole (their nodes in the "other"
+group) with one warning per file. A checkpoint that lacks a tensor one model-level table needs
+(e.g. `transformer.ln_f.weight` for `unembed_extremes`) skips that table with a warning naming the
+tensor and the file; the model's other tables materialize, and their metadata lists what was skipped.
 """
 
+import warnings
 
 import dagster as dg
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,10 +23,10 @@ from pipeline import convert
 from pipeline.assets.discovery import MODELS, RUNS, run_ref
 from pipeline.assets.download import tokenizer_files, train_curve_file, viz_data_file
 from pipeline.derived import unembed_table, wte_tables
-from pipeline.formats import VizDataError, read_viz_data
+from pipeline.formats import UnknownLocationWarning, VizDataError, read_viz_data
 from pipeline.resources import CircuitsResource
 from pipeline.store_access import load_tokenizer, local_sha256, read_tensor, token_bytes_list
-from pipeline.tables import RUN_TABLES, write_partition
+from pipeline.tables import RUN_TABLES, partition_path, write_partition
 
 GROUP = "tables"
 _RECOMPUTED = ("ablations", "recomputed_activations", "recompute_summary")
@@ -73,11 +80,18 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     source = store.path(run.path)
     local, sha = local_sha256(store, run.path)
     try:
-        viz = read_viz_data(local, source=source)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnknownLocationWarning)
+            viz = read_viz_data(local, source=source)
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
+    for w in caught:
+        context.log.warning(str(w.message))
     enc = load_tokenizer(store)
-    tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=sha)
+    try:
+        tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=sha)
+    except Exception as e:  # noqa: BLE001 - content the validation let through: still name the file
+        raise dg.Failure(description=f"{source}: cannot convert ({type(e).__name__}: {e})") from None
     data = circuits.data_url()
     context.log.info(f"{key}: {viz.n_nodes} nodes, {viz.docs.shape[0]} docs -> {data}")
 
@@ -105,7 +119,10 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
             meta = write_partition(data, name, key, tables[name])
         except VizDataError as e:
             raise dg.Failure(description=str(e)) from None
-        results.append(dg.MaterializeResult(asset_key=name, metadata=table_metadata(meta)))
+        except (ArithmeticError, ValueError, TypeError, IndexError, KeyError) as e:  # while streaming the file's nodes
+            raise dg.Failure(description=f"{source}: table {name}: {type(e).__name__}: {e}") from None
+        extra = {"unknown_locations": str(viz.unknown_locations)} if name == "nodes" and viz.unknown_locations else {}
+        results.append(dg.MaterializeResult(asset_key=name, metadata=table_metadata(meta) | extra))
     yield from results
     yield from checks
 
@@ -123,31 +140,80 @@ def train_curves(context: dg.AssetExecutionContext, circuits: CircuitsResource) 
     return dg.MaterializeResult(metadata=table_metadata(write_partition(circuits.data_url(), "train_curves", model, table)))
 
 
+# The model-level tables of one checkpoint: (tables, the tensors they are built from). A tuple
+# of names is a choice: a tied unembedding may be saved once, as wte.
+_WTE, _WPE, _LN_F = "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"
+MODEL_TABLE_TENSORS = (
+    (("embeddings",), (_WTE, _WPE)),
+    (("wte_extremes", "wte_histograms"), (_WTE,)),
+    (("unembed_extremes",), (("lm_head.weight", _WTE), _LN_F)),
+)
+
+
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("embeddings", group_name=GROUP, description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt"),
-        dg.AssetSpec("wte_extremes", group_name=GROUP, description="Derived: per wte channel, the 20 largest and smallest nonzero weights"),
-        dg.AssetSpec("wte_histograms", group_name=GROUP, description="Derived: per wte channel, a 30-bin histogram of its nonzero weights"),
-        dg.AssetSpec("unembed_extremes", group_name=GROUP,
+        dg.AssetSpec("embeddings", group_name=GROUP, skippable=True,
+                     description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt"),
+        dg.AssetSpec("wte_extremes", group_name=GROUP, skippable=True,
+                     description="Derived: per wte channel, the 20 largest and smallest nonzero weights"),
+        dg.AssetSpec("wte_histograms", group_name=GROUP, skippable=True,
+                     description="Derived: per wte channel, a 30-bin histogram of its nonzero weights"),
+        dg.AssetSpec("unembed_extremes", group_name=GROUP, skippable=True,
                      description="Derived: per residual channel, the 20 tokens whose logits it raises / lowers most directly (lm_head x ln_f weight)"),
     ],
     partitions_def=MODELS,
 )
 def embeddings(context: dg.AssetExecutionContext, circuits: CircuitsResource):
+    """Each table from the tensors it needs (`MODEL_TABLE_TENSORS`); a table whose tensor the checkpoint lacks is
+    skipped (a warning naming the tensor and the file, an observation on the skipped asset, and
+    `skipped_tables` in the metadata of the tables written), the others materialize."""
     store = circuits.store()
     model = context.partition_key
-    wte = read_tensor(store, model, "transformer.wte.weight").float().numpy()
-    wpe = read_tensor(store, model, "transformer.wpe.weight").float().numpy()
-    context.log.info(f"{model}: wte {wte.shape} ({np.count_nonzero(wte)} nonzero), wpe {wpe.shape}")
-    try:
-        lm_head = read_tensor(store, model, "lm_head.weight").float().numpy()
-    except KeyError:  # a tied unembedding may be saved once, as wte
-        lm_head = wte
-    ln_f = read_tensor(store, model, "transformer.ln_f.weight").float().numpy()
-    tables = {"embeddings": convert.embeddings_table(model, wte, wpe), **wte_tables(model, wte),
-              "unembed_extremes": unembed_table(model, lm_head, ln_f)}
+    checkpoint = store.path(f"models/{model}/final_model.pt")
+    loaded: dict[str, np.ndarray | None] = {}
+
+    def tensor(key: str) -> np.ndarray | None:
+        if key not in loaded:
+            try:
+                loaded[key] = read_tensor(store, model, key).float().numpy()
+            except KeyError:  # the checkpoint has no such tensor
+                loaded[key] = None
+        return loaded[key]
+
+    build = {
+        "embeddings": lambda wte, wpe: {"embeddings": convert.embeddings_table(model, wte, wpe)},
+        "wte_extremes": lambda wte: wte_tables(model, wte),
+        "unembed_extremes": lambda lm_head, ln_f: {"unembed_extremes": unembed_table(model, lm_head, ln_f)},
+    }
+    tables: dict = {}
+    skipped: dict[str, str] = {}
+    for names, needs in MODEL_TABLE_TENSORS:
+        args, missing = [], None
+        for need in needs:
+            choices = need if isinstance(need, tuple) else (need,)
+            found = next((t for t in map(tensor, choices) if t is not None), None)
+            if found is None:
+                missing = " or ".join(choices)
+                break
+            args.append(found)
+        if missing is not None:
+            skipped |= {name: f"{checkpoint} has no tensor {missing}" for name in names}
+        else:
+            tables |= build[names[0]](*args)
+    if (wte := loaded.get(_WTE)) is not None:
+        context.log.info(f"{model}: wte {wte.shape} ({np.count_nonzero(wte)} nonzero)")
+    for name, reason in skipped.items():
+        context.log.warning(f"{model}: table {name} skipped: {reason}")
+        stale = partition_path(circuits.data_url(), name, model)  # from an earlier checkpoint: no longer true
+        fs, path = fsspec.core.url_to_fs(stale)
+        if fs.exists(path):
+            fs.rm(path)
+            context.log.warning(f"{model}: removed {stale}, written from an earlier checkpoint that had the tensor")
+        context.log_event(dg.AssetObservation(asset_key=name, partition=model, metadata={"skipped": reason}))
+    note = {"skipped_tables": dg.MetadataValue.json(skipped)} if skipped else {}
     for name, table in tables.items():
-        yield dg.MaterializeResult(asset_key=name, metadata=table_metadata(write_partition(circuits.data_url(), name, model, table)))
+        meta = table_metadata(write_partition(circuits.data_url(), name, model, table))
+        yield dg.MaterializeResult(asset_key=name, metadata=meta | note)
 
 
 @dg.asset(group_name=GROUP, partitions_def=MODELS, deps=[tokenizer_files], description="The model's tokenizer: id, printable text, bytes, special flag")

@@ -7,7 +7,7 @@ import html
 import panel as pn
 
 from viewer import queries
-from viewer.views.markup import HtmlBox, table_html
+from viewer.views.markup import HtmlBox, heading, table_html
 
 
 def summary(df, run_a: str, run_b: str) -> str:
@@ -29,9 +29,9 @@ class CompareView:
         self.only_b = HtmlBox(max_height=500)
         pn.bind(self._picked, self.pick, watch=True)
         self.panel = pn.Column(self.pick, self.summary.panel,
-                               pn.Row(pn.Column("**Shared** (delta in A and B)", self.shared.panel, sizing_mode="stretch_width"),
-                                      pn.Column("**Only in A**", self.only_a.panel, sizing_mode="stretch_width"),
-                                      pn.Column("**Only in B**", self.only_b.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+                               pn.Row(pn.Column(heading("Shared", "(delta in A and B)"), self.shared.panel, sizing_mode="stretch_width"),
+                                      pn.Column(heading("Only in A"), self.only_a.panel, sizing_mode="stretch_width"),
+                                      pn.Column(heading("Only in B"), self.only_b.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
                                sizing_mode="stretch_width")
 
     def _picked(self, run_id):

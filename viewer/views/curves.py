@@ -9,7 +9,7 @@ from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
 from viewer import queries
-from viewer.views.markup import HtmlBox, table_html
+from viewer.views.markup import HtmlBox, heading, plain, table_html
 
 
 class CurvesView:
@@ -45,8 +45,8 @@ class CurvesView:
         self.panel = pn.Column(
             pn.Row(pn.Column(pn.pane.Bokeh(kfig, sizing_mode="stretch_width"), self.k_note.panel, sizing_mode="stretch_width"),
                    pn.pane.Bokeh(pfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
-            pn.Row(pn.Column("**Prune config**", self.config, sizing_mode="stretch_width"),
-                   pn.Column("**Training metrics** (last value of each)", self.metrics.panel, self.metric_pick,
+            pn.Row(pn.Column(heading("Prune config"), self.config, sizing_mode="stretch_width"),
+                   pn.Column(heading("Training metrics", "(last value of each)"), self.metrics.panel, self.metric_pick,
                              pn.pane.Bokeh(tfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             sizing_mode="stretch_width")
 
@@ -89,4 +89,4 @@ class CurvesView:
             return
         sub = t[t["metric"] == self.metric_pick.value]
         self.t_source.data = {"step": sub["step"].tolist(), "value": sub["value"].tolist()}
-        self.tfig.title.text = self.metric_pick.value
+        self.tfig.title.text = plain(self.metric_pick.value or "")

@@ -8,7 +8,7 @@ import panel as pn
 
 from viewer import queries
 from viewer.views import attention, tokens
-from viewer.views.markup import HtmlBox, table_html
+from viewer.views.markup import HtmlBox, heading, table_html
 
 
 def connections_frame(df) -> dict | None:
@@ -22,9 +22,17 @@ def connections_frame(df) -> dict | None:
 LOGIT_TOKENS_SHOWN = 8  # per side, of the pipeline's 20
 
 
-def logit_effect_html(extremes) -> str:
+LOGIT_EFFECT_MISSING = ('<div class="logit-effect"><i>direct effect on the logits: not available (the tables hold no '
+                        "unembed_extremes for this model: its checkpoint lacks the unembedding or final-norm weight; "
+                        "see the pipeline's warning)</i></div>")
+
+
+def logit_effect_html(extremes, available: bool = True) -> str:
     """A residual channel's direct effect on the logits (`queries.unembed_extremes`): the tokens whose
-    logits a positive value in it raises and lowers most (a negative value does the reverse)."""
+    logits a positive value in it raises and lowers most (a negative value does the reverse).
+    `available=False`: the model has no such table (skipped by the pipeline): say so."""
+    if not available:
+        return LOGIT_EFFECT_MISSING
     if extremes is None or extremes.empty:
         return ""
     lines = []
@@ -41,12 +49,17 @@ def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
     later circuit nodes that read its channel (`links`: `queries.residual_links` of the run); and for
     one that no later circuit node reads, what that means: in the circuit model every other reader is
     held at its mean, so the channel reaches the answer only through the final norm and the unembedding.
-    For every residual write, `logit_effect` (`queries.unembed_extremes` of its channel) adds the
-    tokens its channel pushes up and down directly."""
+    For every residual write, and for a final_resid node, `logit_effect` (`queries.unembed_extremes` of
+    its channel, or that already rendered by `logit_effect_html`) adds the tokens its channel pushes up
+    and down directly."""
     frame = connections_frame(outputs)
+    if node.get("kind") == "final_resid":
+        return ((table_html(frame) if frame is not None else "")
+                + f"<i>the final residual: channel {int(node['channel'])} is read by the final norm and the unembedding only</i>"
+                + (logit_effect if isinstance(logit_effect, str) else logit_effect_html(logit_effect)))
     if node.get("kind") != "resid_delta":
         return table_html(frame) if frame is not None else "<i>none</i>"
-    direct = logit_effect_html(logit_effect)
+    direct = logit_effect if isinstance(logit_effect, str) else logit_effect_html(logit_effect)
     if frame is not None:
         return table_html(frame) + direct
     mine = links[links["src_node_id"] == node["node_id"]] if links is not None and len(links) else None
@@ -57,14 +70,35 @@ def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
             "it acts on the logits directly, through the final norm and the unembedding</i>" + direct)
 
 
+def inputs_html(node: dict, inputs, links) -> str:
+    """The Inputs column: the node's incoming edges; for a final_resid node without stored edges, the
+    circuit's residual writes (resid_delta) of the same channel (`links`: `queries.residual_links`)."""
+    frame = connections_frame(inputs)
+    if frame is not None or node.get("kind") != "final_resid":
+        return table_html(frame)
+    mine = links[links["tgt_node_id"] == node["node_id"]] if links is not None and len(links) else None
+    if mine is None or not len(mine):
+        return f"<i>no residual write of this circuit into channel {int(node['channel'])}</i>"
+    return ("<i>the circuit's writes into the same residual channel</i>"
+            + table_html({"from": mine["src_node_id"].to_numpy(object), "to": mine["tgt_node_id"].to_numpy(object)}))
+
+
+WHERE = {"final_resid": "the residual stream after the last block, read by the final norm and the unembedding",
+         "other": "a location this viewer does not know (kept as stored, in the 'other' group)"}
+
+
 def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str | None) -> str:
     nid = html.escape(node["node_id"])
     head = ""
     if node.get("kind") in ("q", "k", "v"):
         head = f" · head {int(node['head'])}, head channel {int(node['head_channel'])}"
+    where = WHERE.get(node.get("kind"))
+    layer_delta = node.get("layer_delta")
+    layer_part = f" · layer-half delta {layer_delta:.4f}" if layer_delta is not None and layer_delta == layer_delta else ""
     parts = [f'<h3 class="node-title">{nid}</h3>',
              f"<div>{html.escape(node['location'])} · channel {int(node['channel'])}{head}</div>",
-             f"<div>ablation delta (stored): <b>{node['delta']:.4f}</b> · layer-half delta {node['layer_delta']:.4f}</div>"]
+             *([f"<div><i>{html.escape(where)}</i></div>"] if where else []),
+             f"<div>ablation delta (stored): <b>{node['delta']:.4f}</b>{layer_part}</div>"]
     if ablation is not None:
         flag = "agrees" if ablation["agrees"] else '<b style="color:#b2182b">DISAGREES</b>'
         parts.append(f"<div>recomputed by the pipeline: {ablation['recomputed_delta']:.4f} "
@@ -74,6 +108,7 @@ def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str |
     return "".join(parts)
 
 
+COLOUR_MODES = (("zero-centred colours", True), ("min to max", False))  # task-doc colour scales (labels -> zero_centred)
 PAIRS_PER_PAGE = 4  # task-doc pairs rendered at once (a release task has 32 pairs of up to 1024 tokens)
 INNER_TABS = ("Pretraining snippets", "Task docs", "Attention (q/k/v)")
 NO_NODE = "<i>Click a node in the graph to see its details.</i>"
@@ -91,7 +126,11 @@ class DetailView:
         self.snippets = HtmlBox()
         self.task = HtmlBox()
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
-        self.zero = pn.widgets.Checkbox.from_param(state.param.zero_centred, label="zero-centred colours")
+        # Two buttons rather than a checkbox: the checkbox's label text is not part of its click target, so a
+        # click on "zero-centred" changed nothing; each button is a target of its own and shows the mode.
+        self.zero = pn.widgets.RadioButtonGroup(options=dict(COLOUR_MODES), value=state.zero_centred, button_type="default", width=260)
+        self.zero.param.watch(lambda e: setattr(state, "zero_centred", bool(e.new)), "value")
+        state.param.watch(lambda e: setattr(self.zero, "value", e.new), "zero_centred")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
         self.head_plot = self.channel_plot = None  # built on the first q/k/v node shown (two figures less per page)
         self.attn_note = HtmlBox()
@@ -105,8 +144,8 @@ class DetailView:
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
         self.panel = pn.Column(
             self.header.panel,
-            pn.Row(pn.Column("**Inputs**", self.inputs.panel, sizing_mode="stretch_width"),
-                   pn.Column("**Outputs**", self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            pn.Row(pn.Column(heading("Inputs"), self.inputs.panel, sizing_mode="stretch_width"),
+                   pn.Column(heading("Outputs"), self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             self.inner_tabs,
             sizing_mode="stretch_width")
 
@@ -125,13 +164,17 @@ class DetailView:
         ablation = row.iloc[0].to_dict() if row is not None and len(row) else None
         self.header.object = header_html(s.run, node, ablation, s.pins.get(s.node))
         inputs, outputs = queries.connections(s.run, s.node)
-        self.inputs.object = table_html(connections_frame(inputs))
+        kind = node.get("kind")
         links = logit = None
-        if node.get("kind") == "resid_delta":
-            if outputs is None or outputs.empty:  # later readers only when no edge leaves it
-                links = queries.residual_links(s.run)
+        if (kind == "resid_delta" and (outputs is None or outputs.empty)) or (kind == "final_resid" and (inputs is None or inputs.empty)):
+            links = queries.residual_links(s.run)  # later readers / earlier writers, only when no stored edge says it
+        self.inputs.object = inputs_html(node, inputs, links)
+        if kind in ("resid_delta", "final_resid"):  # a residual channel: the tokens it pushes directly
             run = queries.run(s.run)
-            logit = queries.unembed_extremes(run["model"], int(node["channel"])) if run is not None else None
+            if run is not None:
+                model = run["model"]
+                logit = (logit_effect_html(queries.unembed_extremes(model, int(node["channel"])))
+                         if queries.model_has_rows("unembed_extremes", model) else LOGIT_EFFECT_MISSING)
         self.outputs.object = outputs_html(node, outputs, links, logit)
         self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
         self.stale = {INNER_TABS[1], INNER_TABS[2]}

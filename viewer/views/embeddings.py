@@ -10,7 +10,7 @@ from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
 from viewer import queries
-from viewer.views.markup import HtmlBox, table_html
+from viewer.views.markup import HtmlBox, heading, table_html
 
 N_TOKENS = 20
 RESIDUAL_KINDS = ("act_in", "resid_delta")
@@ -57,7 +57,7 @@ class EmbeddingView:
         self._shown = None  # (tables version, model, channel) on display
         pn.bind(self.show, self.channel, watch=True)
         self.panel = pn.Column(pn.Row(self.channel, self.note.panel),
-                               pn.Row(pn.Column("**Top tokens**", self.top.panel, width=260), pn.Column("**Bottom tokens**", self.bottom.panel, width=260),
+                               pn.Row(pn.Column(heading("Top tokens"), self.top.panel, width=260), pn.Column(heading("Bottom tokens"), self.bottom.panel, width=260),
                                       pn.pane.Bokeh(hist)),
                                pn.pane.Bokeh(wpe, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 

@@ -8,6 +8,7 @@ import pandas as pd
 import panel as pn
 
 from viewer import queries
+from viewer.views.markup import heading
 
 
 def nodes_export(run_id: str, pins: dict) -> pd.DataFrame:
@@ -47,7 +48,7 @@ class ExportView:
                                            width=160)
 
         self.buttons = {(w, f): button(w, f) for w in ("nodes", "edges") for f in ("csv", "parquet")}
-        self.panel = pn.Column("Download the current circuit (nodes carry their pin labels):", pn.Row(*self.buttons.values()))
+        self.panel = pn.Column(heading("Download the current circuit", "(nodes carry their pin labels):"), pn.Row(*self.buttons.values()))
 
     def show(self, *_):
         stem = self.state.run.replace("/", "_")

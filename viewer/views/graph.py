@@ -206,20 +206,36 @@ def layer_half_ticks(half: str) -> dict:
     return {i: k for i, k in enumerate(ROWS[half])}
 
 
+def _band(grp: pd.DataFrame, y: np.ndarray) -> pd.DataFrame:
+    """Nodes of one band of the whole-circuit graph at rows `y`, laid out within their rows."""
+    grp = grp.reset_index(drop=True).copy()
+    grp["is_bias"] = False
+    grp["y"] = np.asarray(y, float)
+    grp["x"] = row_positions(grp)
+    grp["label"] = node_labels(grp["kind"].to_numpy(object), grp["channel"].to_numpy(float, na_value=np.nan),
+                               grp["head"].to_numpy(float, na_value=np.nan),
+                               grp["head_channel"].to_numpy(float, na_value=np.nan), np.zeros(len(grp), bool))
+    return grp
+
+
 def layout_whole(nodes: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """All nodes: one band of rows per layer-half, stacked by layer (layer 0 at the bottom)."""
+    """All nodes: one band of rows per layer-half, stacked by layer (layer 0 at the bottom); above the
+    last layer the final residual (`final_resid`, read by ln_f and the unembedding), then one row per
+    location this code does not know (the "other" group, by name)."""
     parts, ticks, base = [], {}, 0
-    for (layer, half), grp in nodes.groupby(["layer", "half"], sort=True):
-        grp = grp.reset_index(drop=True).copy()
-        grp["is_bias"] = False
-        rows = ROWS[half]
-        grp["y"] = base + grp["kind"].map({k: i for i, k in enumerate(rows)}).astype(float)
-        grp["x"] = row_positions(grp)
-        grp["label"] = node_labels(grp["kind"].to_numpy(object), grp["channel"].to_numpy(float, na_value=np.nan),
-                                   grp["head"].to_numpy(float, na_value=np.nan),
-                                   grp["head_channel"].to_numpy(float, na_value=np.nan), np.zeros(len(grp), bool))
-        ticks[base + (len(rows) - 1) / 2] = f"{layer}.{half}"  # one label per band; hover names each node's location
-        parts.append(grp)
+    half = nodes["half"].to_numpy(object)
+    for (layer, h), grp in nodes[np.isin(half, list(ROWS))].groupby(["layer", "half"], sort=True):
+        rows = ROWS[h]
+        parts.append(_band(grp, base + grp["kind"].map({k: i for i, k in enumerate(rows)}).to_numpy(float)))
+        ticks[base + (len(rows) - 1) / 2] = f"{int(layer)}.{h}"  # one label per band (int: final_resid makes the column float); hover names each node's location
         base += len(rows) + 1
+    for group in ("final", "other"):
+        grp = nodes[half == group]
+        if grp.empty:
+            continue
+        locations = sorted(set(grp["location"]))
+        parts.append(_band(grp, base + grp["location"].map({loc: i for i, loc in enumerate(locations)}).to_numpy(float)))
+        ticks.update({base + i: loc if group == "final" else f"{loc} (other)" for i, loc in enumerate(locations)})
+        base += len(locations) + 1
     pos = pd.concat(parts, ignore_index=True) if parts else nodes.assign(x=[], y=[], is_bias=[])
     return pos, ticks

@@ -22,13 +22,35 @@ table.df td {text-align: right; padding: 1px 6px; border-bottom: 1px solid #eee;
 </style>"""
 
 
+_TEX_OPENERS = {"$$": "$\u200b$", "\\(": "\\\u200b(", "\\[": "\\\u200b["}
+
+
+def plain(text: str) -> str:
+    """Data text for a Bokeh title, axis or tick label, shown as it is: Bokeh typesets a label string holding
+    $$...$$, \\(...\\) or \\[...\\] as TeX (these have no `disable_math`); a zero-width space between the
+    delimiter's two characters keeps the look and stops the parsing."""
+    text = str(text)
+    for opener, broken in _TEX_OPENERS.items():
+        text = text.replace(opener, broken)
+    return text
+
+
+def heading(text: str, note: str = ""):
+    """A bold label (a Bokeh Div, like HtmlBox): no Panel Markdown pane, whose HTML model makes every page
+    load the 1.8 MB MathJax bundle."""
+    extra = f" {html.escape(note)}" if note else ""
+    return pn.pane.Bokeh(Div(text=f"<b>{html.escape(text)}</b>{extra}", disable_math=True))
+
+
 class HtmlBox:
     """`box.object = html` like a Panel pane; `box.panel` goes into layouts."""
 
-    def __init__(self, text: str = "", max_height: int | None = None):
+    def __init__(self, text: str = "", max_height: int | None = None, style: dict | None = None):
         self.max_height = max_height
-        self.div = Div(text=text, sizing_mode="stretch_width", styles={"overflow-y": "auto"} if max_height else {},
-                       max_height=max_height)
+        # disable_math: token texts and ids are data, and Bokeh would otherwise typeset anything between
+        # $$...$$, \(...\) or \[...\] (common in code snippets: regexes) as TeX.
+        self.div = Div(text=text, sizing_mode="stretch_width", styles={**({"overflow-y": "auto"} if max_height else {}), **(style or {})},
+                       max_height=max_height, disable_math=True)
         self.panel = pn.pane.Bokeh(self.div, sizing_mode="stretch_width")
 
     @property

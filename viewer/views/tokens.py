@@ -9,10 +9,14 @@ import numpy as np
 
 POS_RGB = (214, 96, 77)  # positive activations: red
 NEG_RGB = (67, 147, 195)  # negative: blue
+# Every token is a <span>: tens of thousands per page of task docs, so each is kept short (the browser's
+# parsing and layout of this HTML was most of a click's time): the colour is a class (`p37` = red at 0.37,
+# `n5` = blue at 0.05) defined once per box, the boxed token has class `c`, the hover title is bare; a token
+# whose value is exactly 0 is plain text (no span).
 STYLE = """<style>
 .toks {font-family: monospace; font-size: 12px; line-height: 1.9; white-space: pre-wrap; word-break: break-all; margin: 2px 0;}
-.tok {padding: 1px 0; margin-right: 1px; border-radius: 2px;}
-.tok.center, .tok.extreme {outline: 2px solid #111; outline-offset: -1px;}
+.toks span {padding: 1px 0; margin-right: 1px; border-radius: 2px;}
+.toks span.c {outline: 2px solid #111; outline-offset: -1px;}
 .snipgroup {margin: 4px 0 10px 0;} .snipgroup h4 {margin: 6px 0 2px 0; font-size: 13px;}
 .doclabel {color: #666; font-size: 11px; font-family: sans-serif; margin-top: 6px;}
 .scale {color: #666; font-size: 11px; font-family: sans-serif;}
@@ -31,42 +35,71 @@ def token_label(text: str) -> str:
     return printable(text).replace(" ", "␣")
 
 
-ALPHA_STEPS = 100  # background opacity is quantized to 1/100: a lookup table instead of a format per token
-_POS_BG = [f"rgba({POS_RGB[0]},{POS_RGB[1]},{POS_RGB[2]},{i / ALPHA_STEPS:.2f})" for i in range(ALPHA_STEPS + 1)]
-_NEG_BG = [f"rgba({NEG_RGB[0]},{NEG_RGB[1]},{NEG_RGB[2]},{i / ALPHA_STEPS:.2f})" for i in range(ALPHA_STEPS + 1)]
+ALPHA_STEPS = 100  # background opacity is quantized to 1/100: a class per step, a lookup table instead of a format per token
+# Class per step; step 0 of either sign (no colour) has none. The last entry is for tokens without a value.
+_CLASS = np.array([""] + [f"p{i}" for i in range(1, ALPHA_STEPS + 1)] + [""] + [f"n{i}" for i in range(1, ALPHA_STEPS + 1)] + [""],
+                  dtype=object)
 
 
-_BG = np.array(_POS_BG + _NEG_BG + ["transparent"], dtype=object)  # index: step, ALPHA_STEPS + 1 + step, or last
+def _rule(c: str) -> str:
+    r, g, b = POS_RGB if c[0] == "p" else NEG_RGB
+    return f".toks .{c}{{background:rgba({r},{g},{b},{int(c[1:]) / ALPHA_STEPS:.2f})}}"
 
 
-def backgrounds(values: np.ndarray, scale: float, lo: float | None = None) -> list[str]:
-    """Background per token. Diverging around zero (scale = max |v|: red positive, blue negative), or sequential
-    from `lo` (lo clear, lo + scale full red) when given. Non-finite values get no colour."""
+_RULE = {c: _rule(c) for c in _CLASS if c}
+
+
+def colour_steps(values: np.ndarray, scale: float, lo: float | None = None) -> np.ndarray:
+    """Index into `_CLASS` per token. Diverging around zero (scale = max |v|: red positive, blue negative), or
+    sequential from `lo` (lo clear, lo + scale full red) when given. Non-finite values get no colour."""
     v = np.asarray(values, np.float64)
     scale = scale if scale > 0 else 1.0
     a = (v - lo) / scale if lo is not None else np.abs(v) / scale
     idx = np.clip(np.round(np.nan_to_num(a) * ALPHA_STEPS), 0, ALPHA_STEPS).astype(np.int64)
     if lo is None:
         idx += (v < 0) * (ALPHA_STEPS + 1)
-    idx[~np.isfinite(v)] = len(_BG) - 1
-    return _BG[idx].tolist()
+    idx[~np.isfinite(v)] = len(_CLASS) - 1
+    return idx
 
 
-def span_list(texts, values, scale: float, boxed: np.ndarray | None = None, lo: float | None = None, label="act") -> list[str]:
-    """One <span> per token (background by value, hover title with the value); `boxed`: bool mask outlined."""
+def backgrounds(values: np.ndarray, scale: float, lo: float | None = None) -> list[str]:
+    """Background colour per token (CSS), as the classes of `span_list` draw it; 'transparent' for no value."""
+    rules = {c: r.split("background:")[1][:-1] for c, r in _RULE.items()}
+    return [rules.get(c, "transparent") for c in _CLASS[colour_steps(values, scale, lo)].tolist()]
+
+
+def colour_style(*class_lists) -> str:
+    """The <style> rules of the colour classes used in `class_lists` (only those: a box defines a few dozen)."""
+    used = set()
+    for classes in class_lists:
+        used.update(classes)
+    return "<style>" + "".join(_RULE[c] for c in sorted(used) if c) + "</style>"
+
+
+def span_list(texts, values, scale: float, boxed: np.ndarray | None = None, lo: float | None = None) -> tuple[list[str], set]:
+    """One <span> per token (colour class by value, hover title with the value); `boxed`: bool mask outlined.
+    Returns the spans and the colour classes they use (for `colour_style`)."""
     values = np.asarray(values, np.float64)
-    bgs = backgrounds(values, scale, lo)
-    heads = np.where(boxed, '<span class="tok center" style="background:', '<span class="tok" style="background:').tolist() \
-        if boxed is not None else ['<span class="tok" style="background:'] * len(values)
-    titles = [f'" title="{label} {v:.4g}">' if v == v else '" title="no value">' for v in values.tolist()]
-    return [f"{h}{bg}{t}{printable(x)}</span>" for h, bg, t, x in zip(heads, bgs, titles, texts, strict=True)]
+    colour = _CLASS[colour_steps(values, scale, lo)]
+    classes = np.where(boxed, colour + " c", colour) if boxed is not None else colour
+    heads = [f'<span class="{c}" ' if " " in c else (f"<span class={c} " if c else "<span ") for c in classes.tolist()]
+    titles = [f"title={v:.4g}>" if v == v else 'title="no value">' for v in values.tolist()]
+    # A token whose value is exactly 0 (most of them: the models are sparse), uncoloured and not boxed is bare text:
+    # no colour to show, and a third of the bytes and DOM nodes of the page otherwise.
+    bare = (values == 0) & (colour == "")  # uncoloured zeros (not on a min-to-max scale)
+    if boxed is not None:
+        bare &= ~np.asarray(boxed, bool)
+    spans = [printable(x) if b else f"{h}{t}{printable(x)}</span>" for h, t, x, b in zip(heads, titles, texts, bare.tolist(), strict=True)]
+    return spans, {c.split(" ")[0] for c in classes.tolist()}
 
 
-def token_spans(texts, values, scale: float, boxed=(), lo: float | None = None, label="act") -> str:
-    """One line of tokens; `boxed` holds the indices drawn with an outline; hover title shows the value."""
+def token_spans(texts, values, scale: float, boxed=(), lo: float | None = None) -> tuple[str, set]:
+    """One line of tokens; `boxed` holds the indices drawn with an outline; hover title shows the value.
+    Returns the HTML and the colour classes used."""
     mask = np.zeros(len(values), bool)
     mask[np.asarray(list(boxed), int)] = True
-    return '<div class="toks">' + "".join(span_list(texts, values, scale, mask, lo, label)) + "</div>"
+    spans, used = span_list(texts, values, scale, mask, lo)
+    return '<div class="toks">' + "".join(spans) + "</div>", used
 
 
 def snippets_html(df) -> str:
@@ -75,12 +108,12 @@ def snippets_html(df) -> str:
         return STYLE + "<p><i>No pretraining snippets for this node.</i></p>"
     scale = float(np.nanmax(np.abs(df["value"].to_numpy(float)))) or 1.0
     parts = [STYLE, f'<div class="scale">one colour scale for all snippets: |activation| {scale:.4g} = full colour; '
-                    "the token of interest is boxed; hover a token for its activation</div>"]
+                    "the token of interest is boxed; hover a token for its activation (uncoloured plain text: exactly 0)</div>"]
     # Rows arrive ordered by (frac, side, rank, pos): cut them into snippets with numpy (pandas groupby costs more).
     frac, side, rank = df["frac"].to_numpy(), df["side"].to_numpy(), df["rank"].to_numpy()
     texts, values, centre = df["text"].to_numpy(), df["value"].to_numpy(float), df["is_center"].to_numpy(bool)
     starts = np.r_[0, np.flatnonzero((frac[1:] != frac[:-1]) | (side[1:] != side[:-1]) | (rank[1:] != rank[:-1])) + 1, len(df)]
-    spans = span_list(texts, values, scale, centre)  # every token at once: one colour scale, one pass
+    spans, used = span_list(texts, values, scale, centre)  # every token at once: one colour scale, one pass
     last_frac = last_side = None
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         if frac[a] != last_frac:
@@ -93,6 +126,7 @@ def snippets_html(df) -> str:
             last_side = side[a]
         parts.append('<div class="toks">' + "".join(spans[a:b]) + "</div>")
     parts.append("</div>")
+    parts.insert(1, colour_style(used))
     return "".join(parts)
 
 
@@ -115,7 +149,7 @@ def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool, pairs_show
         legend = f"min {lo:.4g} (clear) to max {lo + scale:.4g} (full red)"
     docs = docs.rename(columns={"class": "cls"})  # "class" cannot be a tuple field
     by_doc = {int(r.doc): r for r in docs.itertuples()}
-    parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; '
+    parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; plain text: exactly 0; '
                     "difference = class 2 minus class 1, position by position, on its own zero-centred scale</div>"]
     all_pairs = sorted({int(r.pair) for r in docs.itertuples()})
     pairs = all_pairs if pairs_shown is None else [p for p in all_pairs if p in set(pairs_shown)]
@@ -126,15 +160,21 @@ def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool, pairs_show
         if d1 and d2:
             n = min(d1[0].length, d2[0].length)
             diffs[p] = acts[d2[0].doc, :n] - acts[d1[0].doc, :n]
+    used = set()
     dscale = max([float(np.nanmax(np.abs(d))) for d in diffs.values() if d.size and np.isfinite(d).any()] or [1.0]) or 1.0
     for p in pairs:
         for r in sorted((r for r in by_doc.values() if r.pair == p), key=lambda r: r.cls):
             vals = acts[r.doc, : r.length]
             boxed = [int(np.nanargmax(vals)), int(np.nanargmin(vals))] if np.isfinite(vals).any() else []
             parts.append(f'<div class="doclabel">doc {r.doc} · class {r.cls} · pair {p}</div>')
-            parts.append(token_spans(list(r.tokens), vals, scale, boxed=boxed, lo=lo))
+            line, u = token_spans(list(r.tokens), vals, scale, boxed=boxed, lo=lo)
+            parts.append(line)
+            used |= u
         if p in diffs:
             r2 = next(r for r in by_doc.values() if r.pair == p and r.cls == 2)
             parts.append(f'<div class="doclabel">pair {p} · class 2 − class 1</div>')
-            parts.append(token_spans(list(r2.tokens)[: len(diffs[p])], diffs[p], dscale, label="diff"))
+            line, u = token_spans(list(r2.tokens)[: len(diffs[p])], diffs[p], dscale)
+            parts.append(line)
+            used |= u
+    parts.insert(1, colour_style(used))
     return "".join(parts)

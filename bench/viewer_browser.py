@@ -1,0 +1,247 @@
+"""The viewer in a real browser (Playwright + system Chromium): click-to-paint latencies, cold start and
+concurrent sessions against `panel serve` on the release-scale tables. Run through `bench/viewer.py --browser`.
+
+Every time is measured in the page, from the browser's own clock: from just before the action (a mouse
+click on the node's canvas position, a tab click, a widget value set on its Bokeh model) to the first
+animation frame in which the page's Bokeh models hold the new content (the frame that paints it). Python
+only waits. Each session runs in a fresh browser context (no HTTP cache), like a first visit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+
+# Helpers installed in every page: the layer-half graph's node positions, and a few models found by content.
+HELPERS = """
+window.__bench = {
+  models() { return Array.from(Bokeh.documents[0]._all_models.values()); },
+  graph() {  // the layer-half graph's node source and its plot view
+    for (const v of Bokeh.index.all_views()) {
+      const data = v.model.data_source && v.model.data_source.data;
+      if (!data || !data.node_id || !v.parent || !v.parent.model || !v.parent.model.title) continue;
+      const title = v.parent.model.title.text;
+      if (typeof title !== 'string' || !title.includes('layer-half') || title.startsWith('whole circuit')) continue;
+      return v;
+    }
+    return null;
+  },
+  ready() {  // the page is usable: the graph holds its nodes
+    if (!window.Bokeh || !Bokeh.documents || !Bokeh.documents.length) return false;
+    const g = this.graph();
+    return g !== null && g.model.data_source.data.node_id.length > 0;
+  },
+  node_xy(id) {
+    const v = this.graph();
+    if (!v) return null;
+    const data = v.model.data_source.data;
+    const i = Array.from(data.node_id).indexOf(id);
+    if (i < 0) return null;
+    const r = v.parent.canvas_view.el.getBoundingClientRect();
+    return [r.left + v.parent.frame.x_scale.compute(data.x[i]), r.top + v.parent.frame.y_scale.compute(data.y[i])];
+  },
+  node_ids() { const v = this.graph(); return v ? Array.from(v.model.data_source.data.node_id) : []; },
+  div(marker) { return this.models().find(m => m.type === 'Div' && typeof m.text === 'string' && m.text.includes(marker)) || null; },
+  task_text() { const d = this.div('difference = class 2 minus class 1'); return d ? d.text : null; },
+  whole_edges() {  // the whole-circuit graph's edge count, or -1 before it exists
+    for (const m of this.models()) {
+      if ((m.type !== 'Plot' && m.type !== 'Figure') || !m.title || !String(m.title.text).startsWith('whole circuit')) continue;
+      for (const r of m.renderers) { const d = r.data_source && r.data_source.data; if (d && d.x0 && !d.node_id) return d.x0.length; }
+    }
+    return -1;
+  },
+  header_shows(id) {
+    const esc = id.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+    return this.models().some(m => m.type === 'Div' && typeof m.text === 'string' && m.text.includes('node-title">' + esc + '</h3>'));
+  },
+};
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(data: Path, port: int, log_path: Path, code: Path = ROOT):
+    """`panel serve viewer/app.py` of the checkout `code` (another one serves as a baseline) on the tables in `data`."""
+    env = {**os.environ, "CIRCUITS_DATA": str(data), "PYTHONPATH": str(code)}
+    log = open(log_path, "w")  # noqa: SIM115 (closed by the caller through the process)
+    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "viewer/app.py", "--address", "127.0.0.1", "--port", str(port),
+                             f"--allow-websocket-origin=127.0.0.1:{port}"], cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while True:  # the server answers HTTP before any session exists: this starts no session
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"panel serve did not start: {log_path.read_text()[-2000:]}") from None
+            time.sleep(0.3)
+    return proc, log
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def open_session(browser, url):
+    """A fresh context (no cache) and page; returns (context, page, ms from navigation start to the ready graph)."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 1400})
+    page = await context.new_page()
+    await page.add_init_script(HELPERS)
+    await page.goto(url, wait_until="commit", timeout=180000)
+    handle = await page.wait_for_function("() => window.__bench.ready() && performance.now()", polling="raf", timeout=300000)
+    return context, page, float(await handle.json_value())
+
+
+async def timed(page, action, done_js, arg=None, before_js="null"):
+    """ms from just before `action()` to the first animation frame where `done_js(arg)` is true
+    (`before_js` is evaluated first; its value is `window.__before` for done_js)."""
+    t0 = float(await page.evaluate(f"() => {{ window.__before = ({before_js}); return performance.now(); }}"))
+    await action()
+    handle = await page.wait_for_function(f"(a) => ({done_js})(a) && performance.now()", arg=arg, polling="raf", timeout=120000)
+    return float(await handle.json_value()) - t0
+
+
+async def click_node(page, node_id, extra_done="true", before_js="null"):
+    """A tap on the node, as Bokeh's TapTool reports it: the node's index set as the source's selection (a
+    mouse click at its canvas position hit a neighbour now and then: nodes 6 px apart overlap)."""
+    tap = "(id) => { const s = window.__bench.graph().model.data_source; s.selected.indices = [Array.from(s.data.node_id).indexOf(id)]; }"
+    return await timed(page, lambda: page.evaluate(tap, node_id), f"(id) => window.__bench.header_shows(id) && ({extra_done})", node_id,
+                       before_js)
+
+
+async def pick_layer(page, layer):
+    await page.locator("select[size]").select_option(layer)
+    await page.wait_for_function("(l) => { const g = window.__bench.graph(); return g && g.parent.model.title.text.includes('layer-half ' + l + ' '); }",
+                                 arg=layer, polling="raf", timeout=120000)
+    await asyncio.sleep(1.0)  # the plot re-ranges to the new nodes when it renders: positions are read after that
+
+
+async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_per_layer: int):
+    from playwright.async_api import async_playwright
+
+    results = {}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        base = f"{url}?run={run_id}"
+        # Cold start: the server's first session (its caches empty), then further first visits.
+        ctx, page, ms = await open_session(browser, base)
+        results["cold start, first session of the server (navigation to a drawn graph)"] = [ms]
+        await ctx.close()
+        starts = []
+        for _ in range(3):
+            ctx, page, ms = await open_session(browser, base)
+            starts.append(ms)
+            await ctx.close()
+        results["cold start, a new visitor (server warm, browser cache empty)"] = starts
+
+        report(results)
+        ctx, page, _ = await open_session(browser, base)
+        clicks, clicks_task = [], []
+        for i, layer in enumerate(layers):
+            await pick_layer(page, layer)
+            ids = [n for n in await page.evaluate("() => window.__bench.node_ids()") if not n.endswith(":bias")]
+            picks = ids[::2][:: max(1, len(ids) // 2 // clicks_per_layer)][:clicks_per_layer]
+            print(f"layer-half {layer}: clicking {picks}", flush=True)
+            for node_id in picks:
+                clicks.append(await click_node(page, node_id))
+            if i == 0:  # with the Task docs tab open: a click also renders a page of task docs
+                await page.get_by_text("Task docs", exact=True).click()
+                await asyncio.sleep(1.0)
+                for node_id in ids[1::2][:: max(1, len(ids) // 2 // clicks_per_layer)][:clicks_per_layer]:
+                    clicks_task.append(await click_node(page, node_id, "window.__bench.task_text() !== window.__before",
+                                                        "window.__bench.task_text()"))
+                await page.get_by_text("Pretraining snippets", exact=True).click()
+                await asyncio.sleep(1.0)
+        results["click node (header, connections, snippets)"] = clicks
+        results["click node, Task docs tab open (4 pairs of task docs)"] = clicks_task
+        report(results)
+
+        # Whole circuit: open the tab, then move the threshold (set on the slider's model, as a drag ends).
+        whole = []
+        t_open = await timed(page, lambda: page.get_by_text("Whole circuit", exact=True).click(), "() => window.__bench.whole_edges() > 0")
+        results["open whole-circuit graph"] = [t_open]
+        for thr in (0.3, 0.05, 0.5, 0.02, 0.2):
+            whole.append(await timed(
+                page, lambda t=thr: page.evaluate("(t) => { const s = window.__bench.models().find(m => m.type === 'Slider' && "
+                                                   "String(m.title).includes('edge threshold')); s.value = t; }", t),
+                "() => window.__bench.whole_edges() !== window.__before", before_js="window.__bench.whole_edges()"))
+        results["whole-circuit graph: threshold"] = whole
+        report(results)
+        await ctx.close()
+
+        # Concurrent sessions: `sessions` first visits at once, each timed to its drawn graph.
+        async def one():
+            try:
+                c, _, ms = await open_session(browser, base)
+                return c, ms
+            except Exception:  # noqa: BLE001 (a session that never drew within the timeout counts as one)
+                return None, float("inf")
+
+        t = time.perf_counter()
+        out = await asyncio.gather(*(one() for _ in range(sessions)))
+        wall = (time.perf_counter() - t) * 1000
+        results[f"{sessions} concurrent new sessions (each: navigation to a drawn graph)"] = [ms for _, ms in out]
+        for c, _ in out:
+            if c is not None:
+                await c.close()
+        await browser.close()
+    return results, wall
+
+
+def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code: Path = ROOT):
+    import duckdb
+
+    con = duckdb.connect(str(data / "circuits.duckdb"), read_only=True)
+    run_id, n_nodes = con.execute("SELECT run_id, n_nodes FROM runs ORDER BY n_nodes DESC LIMIT 1").fetchone()  # the biggest circuit
+    layers = [r[0] for r in con.execute("SELECT DISTINCT layer || '.' || half AS lh, layer, half FROM nodes WHERE run_id = ? "
+                                        "ORDER BY layer, half", [run_id]).fetchall()][:max_layers]
+    con.close()
+    port = free_port()
+    log_path = data / "bench-serve.log"
+    print(f"browser bench of the viewer in {code}: {CHROMIUM}, circuit {run_id} ({n_nodes} nodes), layer-halves {layers}; server log {log_path}")
+    print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    proc, log = serve(data, port, log_path, code)
+    try:
+        results, wall = asyncio.run(run(f"http://127.0.0.1:{port}/app", run_id, layers, sessions, clicks_per_layer))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    print(f"load average (1, 5, 15 min) after: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    report(results)
+    print(f"{sessions} concurrent sessions: all drawn after {wall:.0f} ms (wall-clock, browser and server on the same 2 cores)")
+
+
+def report(results):
+    """The table of results so far (printed after each phase: a later failure keeps the earlier numbers)."""
+    targets = {"click node (header": ("median", 150), "cold start, a new": ("median", 1500), "concurrent": ("max", 5000)}
+    print(f"load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'in the browser (ms, action to painted frame)':72s} {'n':>3s} {'median':>8s} {'p95':>8s} {'max':>8s}  target")
+    for name, xs in results.items():
+        if not xs:
+            continue
+        target = next(((kind, v) for k, (kind, v) in targets.items() if name.startswith(k) or k in name), None)
+        verdict = ""
+        if target:
+            got = statistics.median(xs) if target[0] == "median" else max(xs)
+            verdict = f"{target[0]} <= {target[1]}: {'ok' if got <= target[1] else 'OVER'} ({got / target[1]:.2f}x)"
+        print(f"{name:72s} {len(xs):3d} {statistics.median(xs):8.0f} {pct(xs, 0.95):8.0f} {max(xs):8.0f}  {verdict}", flush=True)

@@ -7,10 +7,9 @@ the project root). Settings come from the CIRCUITS_* variables (`pipeline.resour
 
 from __future__ import annotations
 
-import warnings
-
 import dagster as dg
 
+from pipeline.assets.demo_store import demo_store_assets
 from pipeline.assets.discovery import discover_circuits, model_tables_job, run_tables_job, store_index
 from pipeline.assets.download import download_assets, model_checkpoint, train_curve_file, viz_data_file
 from pipeline.assets.duckdb_views import duckdb_assets
@@ -18,17 +17,10 @@ from pipeline.assets.recompute import recompute_assets
 from pipeline.assets.tables import embeddings, run_tables, table_assets, train_curves, vocab
 from pipeline.resources import CircuitsResource
 
-try:  # the embedded demo store's assets (pipeline/demo); absent in a checkout without them
-    from pipeline.assets.demo_store import demo_store_assets
-except Exception as e:  # noqa: BLE001 - the pipeline's own assets must load even if the demo's do not
-    warnings.warn(f"demo store assets not loaded: {type(e).__name__}: {str(e).strip().splitlines()[0]}", stacklevel=1)
-    demo_store_assets = []
-
 # Assets of one run partition, of one model partition, and the unpartitioned ones.
 RUN_ASSETS = [viz_data_file, run_tables, *recompute_assets]
 MODEL_ASSETS = [model_checkpoint, train_curve_file, train_curves, embeddings, vocab]
 PIPELINE_ASSETS = [store_index, *download_assets, *table_assets, *recompute_assets, *duckdb_assets]
-
 
 
 def build_definitions(resource: CircuitsResource | None = None) -> dg.Definitions:

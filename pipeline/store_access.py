@@ -8,8 +8,9 @@ tokenizer's bytes per id).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from inference.files import sha256_file
 
 TOKENIZER_DIR = "tinypython"
 
@@ -26,14 +27,6 @@ def list_dir(store, rel: str) -> list[str]:
         return store.ls(rel)
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def local_sha256(store, rel: str) -> tuple[Path, str]:

@@ -42,7 +42,7 @@ def _means(model, viz):
     # node means are not stored: recompute them the way the spec says would need the corpus;
     # instead check against the stored interv_loss with means recovered from the model run
     # on the same pretraining windows by pipeline.demo.circuits (one shared definition).
-    from pipeline.demo.build import _load_encoding
+    from inference.tokenizer import get_tokenizer
     from pipeline.demo.circuits import pretraining_windows
     from pipeline.demo.corpus import corpus_for_profile
     from pipeline.demo.profiles import get_profile
@@ -50,7 +50,7 @@ def _means(model, viz):
 
     cfg = viz["prune_config"]
     prof = get_profile("tiny")
-    enc = _load_encoding(_means.store / "tinypython")
+    enc = get_tokenizer(_means.store / "tinypython")
     stream = token_stream([f.text for f in corpus_for_profile(prof).split("train")], enc, enc.eot_token)
     windows = pretraining_windows(stream, model.config.block_size, cfg["mean_windows"])
     locs = [f"{i}.{h}.{k}" for i in range(model.config.n_layer) for h, ks in (("attn", ("act_in", "q", "k", "v", "resid_delta")), ("mlp", ("act_in", "post_act", "resid_delta"))) for k in ks]

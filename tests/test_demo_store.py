@@ -248,7 +248,7 @@ def test_interrupted_build_leaves_no_partial_files_and_rerun_completes(tmp_path,
         (directory / "beeg_config.json").write_text("{}")  # one file written, then the "crash"
         raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(build_mod, "_save_model", crash_midway)
+    monkeypatch.setattr(build_mod, "save_model", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         build_part1(out, quick)
     monkeypatch.undo()

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
-import os
 import platform
 import shutil
 import sys
@@ -33,12 +31,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from inference.files import TMP_PREFIX, atomic_dir, sha256_file, write_atomic
+from inference.loader import save_model
 from pipeline.demo.profiles import Profile, get_profile
 
 MANIFEST = "store_manifest.json"
 MANIFEST_FORMAT = "circuits-demo-store/1"
 LAYOUT_DIRS = ("tinypython", "models", "train_curves", "viz")
-TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".build.lock"
 
 
@@ -46,37 +45,7 @@ class StoreBuildError(RuntimeError):
     """The store cannot be built here (a different store in the way, or a failed check)."""
 
 
-# ---- atomic files ------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temp file in the same directory, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp directory next to `path`; on success it replaces `path` as a whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+# ---- temporaries ---------------------------------------------------------------------------
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -89,62 +58,6 @@ def remove_stale_temporaries(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---- writing models ----------------------------------------------------------------------
-
-
-def _save_model(model, directory: Path) -> None:
-    """beeg_config.json + final_model.pt in the released layout (through inference.loader when present)."""
-    try:
-        from inference.loader import save_model
-    except ImportError:
-        save_model = None
-    if save_model is not None:
-        save_model(model, directory)
-        return
-    import io
-
-    import torch
-
-    buf = io.BytesIO()  # saved through a file object: the archive's folder is always "archive/"
-    torch.save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, buf)
-    atomic_write(directory / "final_model.pt", buf.getvalue())
-    atomic_write(directory / "beeg_config.json", json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def _load_encoding(tokenizer_dir: Path):
-    """The tiktoken encoding of a written tokenizer directory, through the project's loader when present."""
-    try:
-        from inference.tokenizer import get_tokenizer
-    except ImportError:
-        get_tokenizer = None
-    if get_tokenizer is not None:
-        return get_tokenizer(str(tokenizer_dir))
-    import tiktoken
-    import tiktoken.load
-
-    from pipeline.demo.bpe import ENDOFTEXT, TINYPYTHON_PAT
-
-    # tiktoken caches data-gym files by path; a rebuilt tokenizer at the same path must not hit it.
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""
-    try:
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(tokenizer_dir / "vocab.bpe"), str(tokenizer_dir / "encoder.json"))
-    finally:
-        if old is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = old
-    return tiktoken.Encoding("tinypython_2k", pat_str=TINYPYTHON_PAT, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})
 
 
 # ---- the builder -------------------------------------------------------------------------
@@ -228,7 +141,7 @@ class StoreBuilder:
         return m
 
     def _write_manifest(self, m: dict[str, Any]) -> None:
-        atomic_write(self.out / MANIFEST, json.dumps(m, indent=2, sort_keys=True) + "\n")
+        write_atomic(self.out / MANIFEST, json.dumps(m, indent=2, sort_keys=True) + "\n")
 
     def _new_manifest(self) -> dict[str, Any]:
         return {"format": MANIFEST_FORMAT, "identity": self.identity, "profile": self.profile.to_dict(), "stages": {}}
@@ -349,7 +262,9 @@ class StoreBuilder:
         return self._run_stage("tokenizer", self._downstream("tokenizer"), run)
 
     def encoding(self):
-        return _load_encoding(self.out / "tinypython")
+        from inference.tokenizer import get_tokenizer
+
+        return get_tokenizer(self.out / "tinypython")
 
     def streams(self):
         """(train, test) token streams of the corpus under the written tokenizer."""
@@ -397,9 +312,9 @@ class StoreBuilder:
                 raise StoreBuildError(f"{name}: {result.nonzero_weights} nonzero weights after training, expected exactly {want}")
             curve_path = self.out / "train_curves" / name / "progress.json"
             model_dir = self.out / "models" / name
-            atomic_write(curve_path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in result.curve))
+            write_atomic(curve_path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in result.curve))
             with atomic_dir(model_dir) as tmp:
-                _save_model(result.model, tmp)
+                save_model(result.model, tmp)
             info = {
                 "kind": kind,
                 "num_params": result.num_params,

@@ -38,6 +38,7 @@ from inference.circuit import (
     node_means,
     num_total_nodes,
 )
+from inference.files import write_atomic
 from pipeline.demo.prune import (
     PruneConfig,
     answer_logit_diff,
@@ -65,11 +66,9 @@ def pretraining_windows(stream: torch.Tensor, block_size: int, n: int) -> torch.
 
 
 def save_atomic(obj, path: Path) -> None:
-    from pipeline.demo.build import atomic_write
-
-    buf = io.BytesIO()
+    buf = io.BytesIO()  # saved through a buffer: the archive's folder is always "archive/", so bytes are reproducible
     torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 # ---- measurements ----------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def overfit_flag(rows: list[dict]) -> dict:
 
 def build_circuits(store_dir, profile, progress=None) -> list[Path]:
     from inference.loader import load_model
-    from pipeline.demo.build import _load_encoding
+    from inference.tokenizer import get_tokenizer
     from pipeline.demo.corpus import corpus_for_profile
     from pipeline.demo.profiles import get_profile
     from pipeline.demo.train import token_stream
@@ -153,7 +152,7 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
     cfg = PruneConfig.from_profile(profile)
     torch.set_num_threads(profile.num_threads)
     corpus = corpus_for_profile(profile)
-    enc = _load_encoding(store_dir / "tinypython")
+    enc = get_tokenizer(store_dir / "tinypython")
     train_texts = [f.text for f in corpus.split("train")]
     stream = token_stream(train_texts, enc, enc.eot_token)
     index = _line_index(train_texts)

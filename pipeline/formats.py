@@ -493,101 +493,22 @@ def check_against_model(viz: VizData, config, against: str = "the model") -> Non
 
 
 def _parse_viz_data(raw: Any, source: str) -> VizData:
+    """Validate the top level and hand each part to its parser; `unknown` collects location strings
+    this code does not know (kept, in the 'other' group) for one warning per file."""
     if not isinstance(raw, dict):
         raise VizDataError(f"{source}: expected a dict at the top level, got {type(raw).__name__}")
-    circuit_raw = _require(raw, "circuit_data", dict, "", source)
     imp = _require(raw, "importances", dict, "", source)
-
     unknown: set[str] = set()
-    circuit: dict[str, np.ndarray] = {}
-    for loc, chans in circuit_raw.items():
-        _check_location(loc, "circuit_data", source, unknown)
-        a = _to_numpy(chans, f"circuit_data[{loc!r}]", source)
-        if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or (a.size and np.all(np.mod(a, 1) == 0)) or a.size == 0):
-            raise VizDataError(f"{source}: circuit_data[{loc!r}] should be a 1-D int tensor, got shape {a.shape} dtype {a.dtype}")
-        if a.size and not np.issubdtype(a.dtype, np.integer) and np.abs(a).max() >= 2**53:
-            raise VizDataError(f"{source}: circuit_data[{loc!r}] has channel ids too large to be exact ({np.abs(a).max():g})")
-        a = a.astype(np.int64)
-        if a.size and a.min() < 0:
-            raise VizDataError(f"{source}: circuit_data[{loc!r}] has the negative channel id {int(a.min())}")
-        uniq, counts = np.unique(a, return_counts=True)
-        if (counts > 1).any():
-            raise VizDataError(f"{source}: circuit_data[{loc!r}] lists channel(s) {uniq[counts > 1][:10].tolist()} more than once")
-        circuit[loc] = a
-
+    circuit = _parse_circuit(_require(raw, "circuit_data", dict, "", source), source, unknown)
     config = imp.get("beeg_model_config") or {}  # shown verbatim and used for d_head only: optional
     if not isinstance(config, dict):
         raise VizDataError(f"{source}: importances['beeg_model_config'] should be a dict, got {type(config).__name__}")
     loss = _to_float(_require(imp, "loss", object, "importances.", source), "importances['loss']", source)
     interv_loss = _to_float(_require(imp, "interv_loss", object, "importances.", source), "importances['interv_loss']", source)
-
-    ch_raw = _require(imp, "ch_interv_losses", dict, "importances.", source)
-    ch_interv: dict[str, np.ndarray] = {}
-    for loc, chans in circuit.items():
-        if len(chans) == 0:
-            ch_interv[loc] = np.zeros(0)
-            continue
-        if loc not in ch_raw:
-            raise VizDataError(f"{source}: importances['ch_interv_losses'] has no entry for circuit location {loc!r}")
-        v = np.asarray(_to_numpy(ch_raw[loc], f"ch_interv_losses[{loc!r}]", source), dtype=np.float64).reshape(-1)
-        if len(v) != len(chans):
-            raise VizDataError(f"{source}: ch_interv_losses[{loc!r}] has {len(v)} values for {len(chans)} circuit nodes")
-        ch_interv[loc] = v
-
-    layer_raw = imp.get("layer_interv_losses") or {}
-    if not isinstance(layer_raw, dict):
-        raise VizDataError(f"{source}: importances['layer_interv_losses'] should be a dict")
-    layer_interv = {str(k): _to_float(v, f"layer_interv_losses[{k!r}]", source) for k, v in layer_raw.items()}
-
-    ts = _require(imp, "task_samples", (list, tuple), "importances.", source)
-    if len(ts) != 2 or not isinstance(ts[1], dict):
-        raise VizDataError(f"{source}: importances['task_samples'] should be [docs, acts]")
-    docs = _to_numpy(ts[0], "task_samples docs", source)
-    if docs.ndim != 2:
-        raise VizDataError(f"{source}: task_samples docs should be 2-D (n_docs, ctx), got shape {docs.shape}")
-    if docs.shape[0] % 2:
-        raise VizDataError(f"{source}: task_samples has {docs.shape[0]} docs; they must come in pairs")
-    if docs.size and not np.issubdtype(docs.dtype, np.integer) and not np.all(np.abs(docs) < 2**53):
-        raise VizDataError(f"{source}: task_samples docs hold token ids that are not finite exact integers")
-    docs = np.rint(docs).astype(np.int64)
-    acts: dict[str, dict[int, Any]] = {}
-    for loc, by_ch in ts[1].items():
-        _check_location(loc, "task_samples acts", source, unknown)
-        if not isinstance(by_ch, dict):
-            raise VizDataError(f"{source}: task_samples acts[{loc!r}] should be a dict channel -> tensor")
-        acts[loc] = {_to_int64(c, f"task_samples acts[{loc!r}] channel", source): t for c, t in by_ch.items()}
-        if any(c < 0 for c in acts[loc]):
-            raise VizDataError(f"{source}: task_samples acts[{loc!r}] has the negative channel id {min(acts[loc])}")
-        for c, t in acts[loc].items():  # shapes only: the data stays unread (memory-mapped) until converted
-            shape = tuple(getattr(t, "shape", ()))
-            if shape != docs.shape:
-                raise VizDataError(f"{source}: task_samples acts[{loc!r}][{c}] has shape {shape}, docs have {docs.shape}")
-
-    samples_raw = raw.get("samples") or {}
-    if not isinstance(samples_raw, dict):
-        raise VizDataError(f"{source}: 'samples' should be a dict")
-    samples: dict[str, dict[int, dict[float, Any]]] = {}
-    for loc, by_ch in samples_raw.items():
-        _check_location(loc, "samples", source, unknown)
-        if not isinstance(by_ch, dict):
-            raise VizDataError(f"{source}: samples[{loc!r}] should be a dict channel -> frac -> [bottom, top]")
-        samples[loc] = {}
-        for c, by_frac in by_ch.items():
-            if not isinstance(by_frac, dict):
-                raise VizDataError(f"{source}: samples[{loc!r}][{c}] should be a dict frac -> [bottom, top]")
-            if _to_int64(c, f"samples[{loc!r}] channel", source) < 0:
-                raise VizDataError(f"{source}: samples[{loc!r}] has the negative channel id {_to_int(c)}")
-            samples[loc][_to_int(c)] = {_to_float(f, f"samples[{loc!r}][{c}] frac", source): v for f, v in by_frac.items()}
-            for f, pair in by_frac.items():
-                _check_snippets(pair, f"samples[{loc!r}][{_to_int(c)}][{f}]", source)
-
-    all_loss_raw = raw.get("all_loss") or []
-    all_loss = []
-    for i, entry in enumerate(all_loss_raw):
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            raise VizDataError(f"{source}: all_loss[{i}] should be (step, loss)")
-        all_loss.append((_to_int64(entry[0], f"all_loss[{i}] step", source), _to_float(entry[1], f"all_loss[{i}] loss", source)))
-
+    ch_interv, layer_interv = _parse_interv_losses(imp, circuit, source)
+    docs, acts = _parse_task_samples(_require(imp, "task_samples", (list, tuple), "importances.", source), source, unknown)
+    samples = _parse_samples(raw.get("samples") or {}, source, unknown)
+    all_loss = _parse_all_loss(raw.get("all_loss") or [], source)
     ntn = raw.get("num_total_nodes")
     prune_config = raw.get("prune_config") or {}
     if not isinstance(prune_config, dict):
@@ -619,6 +540,105 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
         extra_keys=sorted(set(raw) - known),
         unknown_locations=sorted(unknown),
     )
+
+
+def _parse_circuit(circuit_raw: dict, source: str, unknown: set[str]) -> dict[str, np.ndarray]:
+    """`circuit_data`: location -> distinct non-negative channel ids, exact as int64."""
+    circuit: dict[str, np.ndarray] = {}
+    for loc, chans in circuit_raw.items():
+        _check_location(loc, "circuit_data", source, unknown)
+        a = _to_numpy(chans, f"circuit_data[{loc!r}]", source)
+        if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or (a.size and np.all(np.mod(a, 1) == 0)) or a.size == 0):
+            raise VizDataError(f"{source}: circuit_data[{loc!r}] should be a 1-D int tensor, got shape {a.shape} dtype {a.dtype}")
+        if a.size and not np.issubdtype(a.dtype, np.integer) and np.abs(a).max() >= 2**53:
+            raise VizDataError(f"{source}: circuit_data[{loc!r}] has channel ids too large to be exact ({np.abs(a).max():g})")
+        a = a.astype(np.int64)
+        if a.size and a.min() < 0:
+            raise VizDataError(f"{source}: circuit_data[{loc!r}] has the negative channel id {int(a.min())}")
+        uniq, counts = np.unique(a, return_counts=True)
+        if (counts > 1).any():
+            raise VizDataError(f"{source}: circuit_data[{loc!r}] lists channel(s) {uniq[counts > 1][:10].tolist()} more than once")
+        circuit[loc] = a
+    return circuit
+
+
+def _parse_interv_losses(imp: dict, circuit: dict[str, np.ndarray], source: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """(`ch_interv_losses`: one value per circuit node, `layer_interv_losses`: one per layer-half)."""
+    ch_raw = _require(imp, "ch_interv_losses", dict, "importances.", source)
+    ch_interv: dict[str, np.ndarray] = {}
+    for loc, chans in circuit.items():
+        if len(chans) == 0:
+            ch_interv[loc] = np.zeros(0)
+            continue
+        if loc not in ch_raw:
+            raise VizDataError(f"{source}: importances['ch_interv_losses'] has no entry for circuit location {loc!r}")
+        v = np.asarray(_to_numpy(ch_raw[loc], f"ch_interv_losses[{loc!r}]", source), dtype=np.float64).reshape(-1)
+        if len(v) != len(chans):
+            raise VizDataError(f"{source}: ch_interv_losses[{loc!r}] has {len(v)} values for {len(chans)} circuit nodes")
+        ch_interv[loc] = v
+    layer_raw = imp.get("layer_interv_losses") or {}
+    if not isinstance(layer_raw, dict):
+        raise VizDataError(f"{source}: importances['layer_interv_losses'] should be a dict")
+    layer_interv = {str(k): _to_float(v, f"layer_interv_losses[{k!r}]", source) for k, v in layer_raw.items()}
+    return ch_interv, layer_interv
+
+
+def _parse_task_samples(ts: list | tuple, source: str, unknown: set[str]) -> tuple[np.ndarray, dict[str, dict[int, Any]]]:
+    """`task_samples` = [docs (n_docs, ctx) in pairs, acts location -> channel -> (n_docs, ctx)]."""
+    if len(ts) != 2 or not isinstance(ts[1], dict):
+        raise VizDataError(f"{source}: importances['task_samples'] should be [docs, acts]")
+    docs = _to_numpy(ts[0], "task_samples docs", source)
+    if docs.ndim != 2:
+        raise VizDataError(f"{source}: task_samples docs should be 2-D (n_docs, ctx), got shape {docs.shape}")
+    if docs.shape[0] % 2:
+        raise VizDataError(f"{source}: task_samples has {docs.shape[0]} docs; they must come in pairs")
+    if docs.size and not np.issubdtype(docs.dtype, np.integer) and not np.all(np.abs(docs) < 2**53):
+        raise VizDataError(f"{source}: task_samples docs hold token ids that are not finite exact integers")
+    docs = np.rint(docs).astype(np.int64)
+    acts: dict[str, dict[int, Any]] = {}
+    for loc, by_ch in ts[1].items():
+        _check_location(loc, "task_samples acts", source, unknown)
+        if not isinstance(by_ch, dict):
+            raise VizDataError(f"{source}: task_samples acts[{loc!r}] should be a dict channel -> tensor")
+        acts[loc] = {_to_int64(c, f"task_samples acts[{loc!r}] channel", source): t for c, t in by_ch.items()}
+        if any(c < 0 for c in acts[loc]):
+            raise VizDataError(f"{source}: task_samples acts[{loc!r}] has the negative channel id {min(acts[loc])}")
+        for c, t in acts[loc].items():  # shapes only: the data stays unread (memory-mapped) until converted
+            shape = tuple(getattr(t, "shape", ()))
+            if shape != docs.shape:
+                raise VizDataError(f"{source}: task_samples acts[{loc!r}][{c}] has shape {shape}, docs have {docs.shape}")
+    return docs, acts
+
+
+def _parse_samples(samples_raw: Any, source: str, unknown: set[str]) -> dict[str, dict[int, dict[float, Any]]]:
+    """`samples`: location -> channel -> frac -> [bottom, top] snippets (the pair a tuple or a list)."""
+    if not isinstance(samples_raw, dict):
+        raise VizDataError(f"{source}: 'samples' should be a dict")
+    samples: dict[str, dict[int, dict[float, Any]]] = {}
+    for loc, by_ch in samples_raw.items():
+        _check_location(loc, "samples", source, unknown)
+        if not isinstance(by_ch, dict):
+            raise VizDataError(f"{source}: samples[{loc!r}] should be a dict channel -> frac -> [bottom, top]")
+        samples[loc] = {}
+        for c, by_frac in by_ch.items():
+            if not isinstance(by_frac, dict):
+                raise VizDataError(f"{source}: samples[{loc!r}][{c}] should be a dict frac -> [bottom, top]")
+            if _to_int64(c, f"samples[{loc!r}] channel", source) < 0:
+                raise VizDataError(f"{source}: samples[{loc!r}] has the negative channel id {_to_int(c)}")
+            samples[loc][_to_int(c)] = {_to_float(f, f"samples[{loc!r}][{c}] frac", source): v for f, v in by_frac.items()}
+            for f, pair in by_frac.items():
+                _check_snippets(pair, f"samples[{loc!r}][{_to_int(c)}][{f}]", source)
+    return samples
+
+
+def _parse_all_loss(all_loss_raw: Any, source: str) -> list[tuple[int, float]]:
+    """`all_loss`: the pruning curve as (step, loss) pairs."""
+    all_loss = []
+    for i, entry in enumerate(all_loss_raw):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise VizDataError(f"{source}: all_loss[{i}] should be (step, loss)")
+        all_loss.append((_to_int64(entry[0], f"all_loss[{i}] step", source), _to_float(entry[1], f"all_loss[{i}] loss", source)))
+    return all_loss
 
 
 def read_viz_data(path: str | Path, source: str | None = None) -> VizData:

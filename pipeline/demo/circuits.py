@@ -141,6 +141,8 @@ def overfit_flag(rows: list[dict]) -> dict:
 
 
 def build_circuits(store_dir, profile, progress=None) -> list[Path]:
+    """The circuits stage: prompt sets, node means, targets, then per model and task the pruning
+    seeds (size study) and the stored circuits with their faithfulness rows. Returns the files written."""
     from inference.loader import load_model
     from inference.tokenizer import get_tokenizer
     from pipeline.demo.corpus import corpus_for_profile
@@ -155,9 +157,29 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
     enc = get_tokenizer(store_dir / "tinypython")
     train_texts = [f.text for f in corpus.split("train")]
     stream = token_stream(train_texts, enc, enc.eot_token)
-    index = _line_index(train_texts)
-    sizes = {"pruning": cfg.pool_pairs, "selection": cfg.selection_pairs, "evaluation": cfg.eval_pairs}
+    sets = _task_prompt_sets(cfg, corpus, enc, _line_index(train_texts), log)
 
+    models, means_of, windows_of = {}, {}, {}
+    written = []
+    for name in profile.model_names:
+        model = load_model(str(store_dir / "models" / name))
+        windows = pretraining_windows(stream, model.config.block_size, cfg.mean_windows)
+        means = node_means(model, windows)
+        written += _write_model_inputs(store_dir / "models" / name, means, windows, sets)
+        models[name], means_of[name], windows_of[name] = model, means, windows
+
+    baselines, targets = _targets(models, means_of, sets, cfg)
+    for name, model in models.items():
+        pre_acts = pretraining_acts(model, windows_of[name])
+        for task, s in sets.items():
+            written += _prune_task(store_dir, name, model, task, s, means_of[name], windows_of[name], pre_acts, baselines, targets, cfg, log)
+    return written
+
+
+def _task_prompt_sets(cfg, corpus, enc, index, log) -> dict[str, dict]:
+    """Per task: the pruning pool, the docs of each prompt set (pruning = the fixed calibration
+    batch) and the set statistics; tasks with a set below MIN_PAIRS are skipped."""
+    sizes = {"pruning": cfg.pool_pairs, "selection": cfg.selection_pairs, "evaluation": cfg.eval_pairs}
     sets = {}
     for task in cfg.tasks:
         ps = prompt_sets(task, corpus, enc, cfg.ctx, sizes, index)
@@ -174,30 +196,31 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
             "docs": {"pruning": pool[calib_rows], "selection": ps.docs("selection", cfg.ctx), "evaluation": ps.docs("evaluation", cfg.ctx)},
             "stats": ps.stats,
         }
+    return sets
 
-    models, means_of, windows_of = {}, {}, {}
-    written = []
-    for name in profile.model_names:
-        model = load_model(str(store_dir / "models" / name))
-        windows = pretraining_windows(stream, model.config.block_size, cfg.mean_windows)
-        means = node_means(model, windows)
-        # The means every circuit of this model was pruned and measured with: the release ships no
-        # such file, so readers of the public store approximate them; on this store the pipeline
-        # reads these and its recomputed ablations can match the stored ones exactly.
-        means_path = store_dir / "models" / name / NODE_MEANS_FILE
-        save_atomic(
-            {"means": {loc: m.float().clone() for loc, m in means.items()}, "tokens": int(windows.numel()),
-             "source": f"{windows.shape[0]} windows of {windows.shape[1]} tokens of the train split"},
-            means_path,
-        )  # fmt: skip
-        written.append(means_path)
-        for task, s in sets.items():
-            path = store_dir / "models" / name / PROMPT_SETS_DIR / f"{task}.pt"
-            save_atomic({"pool": s["pool"].clone(), **{k: v.clone() for k, v in s["docs"].items()}, "stats": s["stats"]}, path)
-            written.append(path)
-        models[name], means_of[name], windows_of[name] = model, means, windows
 
-    # Targets: from each model's full and fully-ablated loss on the selection set.
+def _write_model_inputs(model_dir: Path, means, windows, sets) -> list[Path]:
+    """`node_means.pt` and the prompt sets of one model."""
+    # The means every circuit of this model was pruned and measured with: the release ships no
+    # such file, so readers of the public store approximate them; on this store the pipeline
+    # reads these and its recomputed ablations can match the stored ones exactly.
+    means_path = model_dir / NODE_MEANS_FILE
+    save_atomic(
+        {"means": {loc: m.float().clone() for loc, m in means.items()}, "tokens": int(windows.numel()),
+         "source": f"{windows.shape[0]} windows of {windows.shape[1]} tokens of the train split"},
+        means_path,
+    )  # fmt: skip
+    written = [means_path]
+    for task, s in sets.items():
+        path = model_dir / PROMPT_SETS_DIR / f"{task}.pt"
+        save_atomic({"pool": s["pool"].clone(), **{k: v.clone() for k, v in s["docs"].items()}, "stats": s["stats"]}, path)
+        written.append(path)
+    return written
+
+
+def _targets(models, means_of, sets, cfg) -> tuple[dict, dict]:
+    """(baselines[task][model] = full and fully-ablated loss on the selection set,
+    targets[task][f] = the larger over models of full + f * |ablated - full|)."""
     baselines: dict[str, dict[str, dict]] = {}
     for name, model in models.items():
         empty = {loc: torch.zeros(0, dtype=torch.long) for loc in node_locations(model.config)}
@@ -212,63 +235,74 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
         task: {f: max(b["full"] + f * abs(b["ablated"] - b["full"]) for b in by_model.values()) for f in fractions}
         for task, by_model in baselines.items()
     }
+    return baselines, targets
 
-    for name, model in models.items():
-        means, windows = means_of[name], windows_of[name]
-        pre_acts = pretraining_acts(model, windows)
-        locs = node_locations(model.config)
-        total = num_total_nodes(model.config)
-        for task, s in sets.items():
-            docs = s["docs"]
-            study, first = [], None
-            for seed in cfg.prune_seeds:
-                log(f"circuits: {name} / {task}: pruning, seed {seed} ({s['pool'].shape[0] // 2} pool pairs, {cfg.batch_pairs} per step)")
-                result = train_gates(model, s["pool"], means, cfg, progress=log, seed=seed)
-                if first is None:
-                    first = result
-                for f in fractions:
-                    k, reached = find_k_optim(model, docs["selection"], result.order, means, cfg, target=targets[task][f], calib_docs=docs["pruning"])
-                    circuit = circuit_from_order(result.order, k, locs)
-                    calib = calibrate(circuit_z(model, docs["pruning"], circuit, means))
-                    row = {"seed": seed, "target_fraction": f, "target": targets[task][f], "k": k, "reached": reached, "edges": count_edges(model, circuit)}
-                    for set_name in ("selection", "evaluation"):
-                        m = set_measure(model, docs[set_name], circuit_masks(model.config, circuit), means, *calib)
-                        row[f"{set_name}_loss"], row[f"{set_name}_loss_se"] = m["loss"], m["loss_se"]
-                    study.append(row)
-            head = next(r for r in study if r["seed"] == cfg.prune_seeds[0] and r["target_fraction"] == cfg.target_fraction)
-            k_opt, reached = head["k"], head["reached"]
-            prune_config = {
-                **cfg.to_dict(), "model": name, "task": task, "k_optim": k_opt, "k_optim_reached_target": reached,
-                "target_loss": targets[task][cfg.target_fraction], "targets": {str(f): t for f, t in targets[task].items()},
-                "full_loss_selection": baselines[task][name]["full"], "ablated_loss_selection": baselines[task][name]["ablated"],
-                "seed": cfg.prune_seeds[0],
-            }  # fmt: skip
-            budgets = [(str(k), k) for k in cfg.ks if k <= total] + [("k_optim", k_opt)]
-            for label, k in budgets:
-                circuit = circuit_from_order(first.order, k, locs)
-                calib = calibrate(circuit_z(model, docs["pruning"], circuit, means))
-                rows = faithfulness_rows(model, circuit, docs, means, calib)
-                flag = overfit_flag(rows)
-                ev = next(r for r in rows if r["prompt_set"] == "evaluation" and r["variant"] == "circuit" and r["ablation"] == "mean")
-                # all_loss: the optimisation curve (raw scale) until the kept count first drops to k,
-                # closed by the measured loss of this top-k circuit on the stored (evaluation) docs.
-                curve = []
-                for step, corrected, kept in first.curve:
-                    curve.append((step, corrected * cfg.loss_factor))
-                    if kept <= k:
-                        break
-                curve.append((curve[-1][0] + 1 if curve else 0, ev["loss"] * cfg.loss_factor))
-                extra = {"k": k, "calibration": {"scale": calib[0], "shift": calib[1]}, "faithfulness": rows, "overfit": flag}
-                if label == "k_optim":
-                    extra.update(study=study, prompt_sets=s["stats"])
-                viz = build_viz_data(model, docs["evaluation"], circuit, means, pre_acts, windows, curve, total, {**prune_config, **extra}, cfg)
-                path = store_dir / "viz" / name / task / SWEEP / label / "viz_data.pt"
-                save_atomic(viz, path)
-                written.append(path)
-                imp = viz["importances"]
-                log(
-                    f"circuits: {name} / {task} / {label}: {k} nodes, evaluation loss (per prompt) full {imp['loss'] / 2:.3f}, "
-                    f"circuit {imp['interv_loss'] / 2:.3f}, calibrated {flag['evaluation_loss']:.3f} (selection {flag['selection_loss']:.3f}"
-                    f"{', FLAGGED' if flag['flagged'] else ''}); target {prune_config['target_loss']:.3f}"
-                )
+
+def _size_study(model, s, means, targets_f: dict, cfg, log, name: str, task: str):
+    """Prune every seed; per seed and target fraction, k_optim on the selection set and the
+    calibrated loss on selection and evaluation. Returns (rows, the first seed's result)."""
+    docs, locs = s["docs"], node_locations(model.config)
+    study, first = [], None
+    for seed in cfg.prune_seeds:
+        log(f"circuits: {name} / {task}: pruning, seed {seed} ({s['pool'].shape[0] // 2} pool pairs, {cfg.batch_pairs} per step)")
+        result = train_gates(model, s["pool"], means, cfg, progress=log, seed=seed)
+        if first is None:
+            first = result
+        for f, target in sorted(targets_f.items()):
+            k, reached = find_k_optim(model, docs["selection"], result.order, means, cfg, target=target, calib_docs=docs["pruning"])
+            circuit = circuit_from_order(result.order, k, locs)
+            calib = calibrate(circuit_z(model, docs["pruning"], circuit, means))
+            row = {"seed": seed, "target_fraction": f, "target": target, "k": k, "reached": reached, "edges": count_edges(model, circuit)}
+            for set_name in ("selection", "evaluation"):
+                m = set_measure(model, docs[set_name], circuit_masks(model.config, circuit), means, *calib)
+                row[f"{set_name}_loss"], row[f"{set_name}_loss_se"] = m["loss"], m["loss_se"]
+            study.append(row)
+    return study, first
+
+
+def _prune_task(store_dir, name, model, task, s, means, windows, pre_acts, baselines, targets, cfg, log) -> list[Path]:
+    """One model and task: the size study, then a viz_data file per stored k (the k grid and k_optim)."""
+    study, first = _size_study(model, s, means, targets[task], cfg, log, name, task)
+    head = next(r for r in study if r["seed"] == cfg.prune_seeds[0] and r["target_fraction"] == cfg.target_fraction)
+    k_opt, reached = head["k"], head["reached"]
+    prune_config = {
+        **cfg.to_dict(), "model": name, "task": task, "k_optim": k_opt, "k_optim_reached_target": reached,
+        "target_loss": targets[task][cfg.target_fraction], "targets": {str(f): t for f, t in targets[task].items()},
+        "full_loss_selection": baselines[task][name]["full"], "ablated_loss_selection": baselines[task][name]["ablated"],
+        "seed": cfg.prune_seeds[0],
+    }  # fmt: skip
+    docs, locs, total = s["docs"], node_locations(model.config), num_total_nodes(model.config)
+    written = []
+    for label, k in [(str(k), k) for k in cfg.ks if k <= total] + [("k_optim", k_opt)]:
+        circuit = circuit_from_order(first.order, k, locs)
+        calib = calibrate(circuit_z(model, docs["pruning"], circuit, means))
+        rows = faithfulness_rows(model, circuit, docs, means, calib)
+        flag = overfit_flag(rows)
+        ev = next(r for r in rows if r["prompt_set"] == "evaluation" and r["variant"] == "circuit" and r["ablation"] == "mean")
+        curve = _pruning_curve(first.curve, k, ev["loss"], cfg.loss_factor)
+        extra = {"k": k, "calibration": {"scale": calib[0], "shift": calib[1]}, "faithfulness": rows, "overfit": flag}
+        if label == "k_optim":
+            extra.update(study=study, prompt_sets=s["stats"])
+        viz = build_viz_data(model, docs["evaluation"], circuit, means, pre_acts, windows, curve, total, {**prune_config, **extra}, cfg)
+        path = store_dir / "viz" / name / task / SWEEP / label / "viz_data.pt"
+        save_atomic(viz, path)
+        written.append(path)
+        imp = viz["importances"]
+        log(
+            f"circuits: {name} / {task} / {label}: {k} nodes, evaluation loss (per prompt) full {imp['loss'] / 2:.3f}, "
+            f"circuit {imp['interv_loss'] / 2:.3f}, calibrated {flag['evaluation_loss']:.3f} (selection {flag['selection_loss']:.3f}"
+            f"{', FLAGGED' if flag['flagged'] else ''}); target {prune_config['target_loss']:.3f}"
+        )
     return written
+
+
+def _pruning_curve(curve_steps, k: int, eval_loss: float, loss_factor: float) -> list[tuple[int, float]]:
+    """`all_loss`: the optimisation curve (raw scale) until the kept count first drops to k,
+    closed by the measured loss of this top-k circuit on the stored (evaluation) docs."""
+    curve = []
+    for step, corrected, kept in curve_steps:
+        curve.append((step, corrected * loss_factor))
+        if kept <= k:
+            break
+    curve.append((curve[-1][0] + 1 if curve else 0, eval_loss * loss_factor))
+    return curve

@@ -153,3 +153,9 @@ def test_materialize_from_azurite_equals_local_copy(az_env, tmp_path, monkeypatc
     # The azure run read through the cache: the selected circuits' files, the checkpoint.
     cached = {p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "files").rglob("*-*") if p.is_file()}
     assert {"viz_data.pt", "final_model.pt", "beeg_config.json", "encoder.json", "vocab.bpe"} <= cached
+
+
+def test_offline_retries_are_short(no_azure_env):
+    """Offline, every request first exhausts the SDK's retries; ours back off ~2/4/6 s, not 15/18/24 s."""
+    policy = Store("az://circuit-sparsity").fs.service_client._config.retry_policy
+    assert (policy.initial_backoff, policy.increment_base) == (2, 2)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-import tiktoken
-
 # The split pattern of the released tinypython_2k tokenizer (checkpoint-format.md).
 TINYPYTHON_PAT = r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
@@ -105,9 +103,3 @@ def data_gym_files(merges: list[tuple[bytes, bytes]]) -> tuple[str, str]:
     return json.dumps(encoder, ensure_ascii=False) + "\n", "\n".join(lines) + "\n"
 
 
-def encoding_from_merges(merges: list[tuple[bytes, bytes]], name: str = "tinypython_2k") -> tiktoken.Encoding:
-    """The tiktoken encoding these merges define (ranks as in the data-gym files)."""
-    ranks = {bytes([b]): i for i, b in enumerate(data_gym_byte_order())}
-    for a, b in merges:
-        ranks[a + b] = len(ranks)
-    return tiktoken.Encoding(name=name, pat_str=TINYPYTHON_PAT, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})

@@ -210,12 +210,6 @@ def circuit_from_order(order: list[tuple[str, int]], k: int, locs: list[str]) ->
 
 
 @torch.no_grad()
-def raw_circuit_loss(model, docs, circuit, means, frozen) -> float:
-    from inference.circuit import circuit_masks
-
-    return task_loss(masked_forward(model, docs, circuit_masks(model.config, circuit), means, frozen), docs).item()
-
-
 # ---- calibration and per-prompt losses ----------------------------------------------------
 
 

@@ -16,23 +16,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-# The split pattern of the released tinypython_2k tokenizer (checkpoint-format.md).
-TINYPYTHON_PAT = r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-ENDOFTEXT = "<|endoftext|>"
+from inference.tokenizer import ENDOFTEXT, PAT_STR, data_gym_bytes  # the released tokenizer's split pattern and end token
+
 VERSION_HEADER = "#version: 0.2"
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (printable Latin-1 maps to itself)."""
-    bs = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+    """GPT-2's reversible byte -> printable character map, in data-gym rank order (the reader's table)."""
+    order, char_to_byte = data_gym_bytes()
+    char_of = {b: c for c, b in char_to_byte.items()}
+    return {b: char_of[b] for b in order}
 
 
 def data_gym_byte_order() -> list[int]:
@@ -53,7 +46,7 @@ def train_bpe_merges(texts: Iterable[str], vocab_size: int = 2048) -> list[tuple
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(TINYPYTHON_PAT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

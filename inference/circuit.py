@@ -545,11 +545,7 @@ class CircuitModel:
 
     def _norm(self, norm, x: torch.Tensor, rstd: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
         """A norm at its frozen scale, at full width, or (RMSNorm) at `channels` only."""
-        w = norm.weight if channels is None else norm.weight[channels]
-        if norm.rms:
-            return x * rstd * w
-        y = (x - x.mean(-1, keepdim=True)) * rstd * w
-        return y if norm.bias is None else y + norm.bias
+        return norm.scale(x, rstd, channels)
 
     def _masked(self, loc: str, values: torch.Tensor) -> torch.Tensor:
         out = self.fill[loc].expand(values.shape[0], -1).clone()

@@ -7,39 +7,78 @@ A *store* is a local directory or any fsspec URL (`file://`, `https://`, `memory
     path = store.local("models/csp_yolo1/final_model.pt")    # downloaded once, then cached
     wte = read_tensor(store.path("models/csp_yolo1"), "transformer.wte.weight")  # ranged reads
 
-The cache: a remote file is stored under `cache_dir()` keyed by its URL *and* by what the
-store reports about it (size plus ETag / modification time), so a changed remote file is
-fetched again. Looking a file up in the cache costs one metadata request (`info`, an HTTP
-HEAD) and never reads the remote file's bytes. When that request fails (offline), the most
-recent cached copy of the URL is used with a warning. Downloads go to a temporary file in
-the same directory and are renamed into place only once complete, so an interrupted
-download never looks like a cached file.
+Azure Blob Storage goes through `adlfs` (fsspec's Azure backend), never plain https: a blob
+container has no HTML index, so only the Blob service's own API can list it. Two URL forms:
+
+- `https://<account>.blob.core.windows.net/<container>[/<prefix>]`: the account is the URL's.
+- `az://<container>[/<prefix>]` (also `abfs://`, `abfss://`): the account comes from the ordinary
+  Azure variables, `AZURE_STORAGE_CONNECTION_STRING` (its `BlobEndpoint` / `AccountName`) or
+  `AZURE_STORAGE_ACCOUNT_NAME`, else `openaipublic` (the release's account). An emulator such
+  as azurite is reached this way: `AZURE_STORAGE_CONNECTION_STRING="BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"`.
+
+Access is anonymous (the release's container is public) unless credentials are in the ordinary
+Azure variables (`AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_SAS_TOKEN`, a service principal's
+`AZURE_STORAGE_CLIENT_ID` / `_SECRET` / `TENANT_ID`, or a connection string holding a key);
+`AZURE_STORAGE_ANON=false` asks adlfs for `DefaultAzureCredential` (e.g. `az login`). For an
+https URL, credentials of another account (a connection string or `AZURE_STORAGE_ACCOUNT_NAME`
+naming a different one) are not sent: that URL is read anonymously.
+
+The cache: a remote file is stored under `cache_dir()` keyed by the file's identity (the
+service's own URL of it, so `az://` and https spellings of one blob share an entry) *and* by
+what the store reports about it (size, ETag, content MD5, modification time: any change fetches
+it again). Looking a file up in the cache costs one metadata request (`info`, a HEAD) and never
+reads the remote file's bytes. When that request fails (offline), the most recent cached copy of
+the file is used with a warning. A download is verified before it enters the cache: its length
+against the size the store lists, its MD5 against the service's `content_md5` when there is one
+(Azure gives it for blobs uploaded whole). It goes to a temporary `.part` file in the same
+directory (locked while written) and is renamed into place only once verified, so an interrupted
+or truncated download never looks like a cached file; `.part` files left by a killed process are
+removed when the next `Store` opens the cache. A file whose size the store does not report (an
+HTTP server without Content-Length) cannot be verified: it is downloaded again on every use and
+never served from the cache.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
 import pickle
-import tempfile
+import re
+import time
 import warnings
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from inference.files import TMP_SUFFIX, write_atomic
+
+__all__ = ["Store", "StoreError", "CheckpointError", "cache_dir", "azure_location", "read_tensor", "write_atomic"]
+
 DEFAULT_CACHE = "~/.cache/circuits"
-# Fields of `fs.info()` that change when a remote file changes, best first (HTTP: ETag,
-# Last-Modified; S3: ETag, LastModified; memory: created; local: mtime).
-_VERSION_FIELDS = ("ETag", "etag", "Last-Modified", "LastModified", "last_modified", "mtime", "modified", "created")
+# Fields of `fs.info()` that change when a remote file changes (HTTP: ETag, Content-MD5, Digest,
+# Last-Modified; S3: ETag, LastModified; Azure: etag, last_modified; memory: created; local:
+# mtime). The cache key holds every one present, so a change to any of them is a new version.
+_VERSION_FIELDS = ("ETag", "etag", "Content-MD5", "Digest", "Last-Modified", "LastModified", "last_modified", "mtime", "modified", "created")
 _COPY_CHUNK = 1 << 22
+# A `.part` file older than this whose lock nobody holds belongs to a killed download. (The age
+# guards the instant between a download creating its temp file and locking it.)
+_STALE_PART_S = 60.0
+_UNVERIFIED = "unverified"  # cache subdirectory of downloads whose size the store did not report
+
+DEFAULT_AZURE_ACCOUNT = "openaipublic"
+AZURE_PROTOCOLS = ("az", "abfs", "abfss")
+_AZURE_HOST = re.compile(r"(?P<account>[a-z0-9]+)\.blob\.core\.[a-z0-9.]+")
 
 
 class StoreError(OSError):
@@ -56,18 +95,144 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
+# ---- Azure Blob URLs -> adlfs -------------------------------------------------------------------
+
+
+def _env_anon() -> bool:
+    """Anonymous unless AZURE_STORAGE_ANON says otherwise (adlfs's own variable and parsing)."""
+    raw = os.environ.get("AZURE_STORAGE_ANON")
+    return True if raw is None else raw.strip().lower() not in ("false", "0", "f", "")
+
+
+def _connection_account(conn: str) -> str | None:
+    """The account a connection string names: `AccountName`, else its `BlobEndpoint`'s account."""
+    fields = dict(p.split("=", 1) for p in conn.split(";") if "=" in p)
+    if fields.get("AccountName"):
+        return fields["AccountName"]
+    if fields.get("UseDevelopmentStorage", "").lower() == "true":
+        return "devstoreaccount1"
+    endpoint = urlsplit(fields.get("BlobEndpoint", ""))
+    m = _AZURE_HOST.fullmatch(endpoint.hostname or "")
+    return m["account"] if m else (endpoint.path.strip("/") or None)  # path-style (emulator): /<account>
+
+
+def azure_location(url: str) -> tuple[dict[str, Any], str] | None:
+    """(adlfs options, `<container>[/<prefix>]`) of an Azure Blob store URL; None for other URLs.
+
+    See the module doc for the URL forms and where the account and credentials come from."""
+    parts = urlsplit(str(url))
+    env_conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or None
+    env_account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or None
+    anon = _env_anon()
+    if parts.scheme in AZURE_PROTOCOLS:
+        path = (parts.netloc + parts.path).strip("/")
+        if not path:
+            raise ValueError(f"{url}: an az:// store URL names a container: az://<container>[/<prefix>]")
+        if env_conn:  # passed explicitly: fsspec caches filesystems by their arguments, not the env
+            return {"connection_string": env_conn, "anon": anon}, path
+        return {"account_name": env_account or DEFAULT_AZURE_ACCOUNT, "anon": anon}, path
+    m = _AZURE_HOST.fullmatch(parts.hostname or "") if parts.scheme in ("http", "https") else None
+    if m is None:
+        return None
+    account, path = m["account"], parts.path.strip("/")
+    if not path:
+        raise ValueError(f"{url}: an Azure Blob store URL names a container: https://<account>.blob.core.windows.net/<container>[/<prefix>]")
+    env_names = _connection_account(env_conn) if env_conn else env_account
+    if env_names not in (None, account):  # the environment's credentials are another account's
+        return {"connection_string": f"BlobEndpoint={parts.scheme}://{parts.netloc};", "anon": True}, path
+    if env_conn:
+        return {"connection_string": env_conn, "anon": anon}, path
+    options: dict[str, Any] = {"account_name": account, "anon": anon}
+    if parts.netloc != f"{account}.blob.core.windows.net":  # another Azure cloud's suffix
+        options["account_host"] = parts.netloc
+    return options, path
+
+
+def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """(filesystem, root path in it, identity URL for cache keys) of a store URL."""
+    azure = azure_location(url)
+    if azure is None:
+        fs, root = fsspec.core.url_to_fs(url)
+        return fs, root.rstrip("/"), url
+    options, root = azure
+    # No listings cache: a long-lived process (the Dagster sensor) must see new files.
+    fs = fsspec.filesystem("az", use_listings_cache=False, **options)
+    # The service's own URL: one cache entry per blob whichever way the store was spelled.
+    return fs, root, f"{fs.service_client.url.rstrip('/')}/{root}"
+
+
+# ---- the store ----------------------------------------------------------------------------------
+
+
+def _content_md5(info: dict[str, Any]) -> str | None:
+    """The MD5 the service reports for a file, as hex (Azure `content_md5` bytes, HTTP Content-MD5 base64)."""
+    raw = (info.get("content_settings") or {}).get("content_md5") if isinstance(info.get("content_settings"), dict) else None
+    raw = raw if raw is not None else info.get("content_md5", info.get("Content-MD5"))
+    if not raw:
+        return None
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw).hex() if len(raw) == 16 else None
+    text = str(raw).strip()
+    if re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        return text.lower()
+    try:
+        digest = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == 16 else None
+
+
+def _version_key(info: dict[str, Any]) -> str:
+    fields = [f"{k}={info[k]}" for k in _VERSION_FIELDS if info.get(k) is not None]
+    md5 = _content_md5(info)
+    return "\0".join([f"size={info.get('size')}", *fields, f"md5={md5}"])
+
+
+_CLEANED: set[Path] = set()
+
+
+def clean_stale_downloads(root: str | os.PathLike | None = None, min_age_s: float = _STALE_PART_S) -> list[Path]:
+    """Remove the `.part` files that killed downloads left in the cache; returns what was removed.
+
+    A live download holds an exclusive `flock` on its `.part` file for as long as it writes, so
+    a file that is old enough and not locked belongs to a process that is gone."""
+    files = cache_dir(root) / "files"
+    removed = []
+    now = time.time()
+    for part in (*files.glob(f"*/*{TMP_SUFFIX}"), *files.glob(f"*/{_UNVERIFIED}/*{TMP_SUFFIX}")):
+        with contextlib.suppress(OSError):
+            if now - part.stat().st_mtime < min_age_s:
+                continue
+            with open(part, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a download in progress
+                part.unlink()
+                removed.append(part)
+    return removed
+
+
 class Store:
     """One store root (local directory or fsspec URL); file names are relative to it."""
 
     def __init__(self, url: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:
         self.url = str(url).rstrip("/") or "/"
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.root = self.root.rstrip("/")
+        self.fs, self.root, self._identity = _filesystem(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._cache_dir = cache_dir
+        if not self.is_local:
+            self._clean_cache_once()
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+    def _clean_cache_once(self) -> None:
+        root = globals()["cache_dir"](self._cache_dir).resolve()
+        if root not in _CLEANED:
+            _CLEANED.add(root)
+            for part in clean_stale_downloads(root):
+                warnings.warn(f"removed {part}, left by an interrupted download", stacklevel=3)
 
     # ---- names ---------------------------------------------------------------------
     def path(self, rel: str = "") -> str:
@@ -78,6 +243,11 @@ class Store:
     def _fspath(self, rel: str) -> str:
         rel = rel.strip("/")
         return f"{self.root}/{rel}" if rel else self.root
+
+    def rel(self, fspath: str) -> str:
+        """The store-relative name of a path returned by the filesystem (inverse of `_fspath`)."""
+        p, root = fspath.rstrip("/"), self.root.rstrip("/")
+        return p[len(root) :].lstrip("/") if p == root or p.startswith(root + "/") else p
 
     # ---- metadata and reading ------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -91,6 +261,17 @@ class Store:
         entries = self._call(rel, lambda p: self.fs.ls(p, detail=False))
         own = self._fspath(rel).rstrip("/")
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != own})
+
+    def find(self, rel: str = "") -> dict[str, dict[str, Any]]:
+        """Every file under a directory, recursively: {store-relative name: info (size, ...)}.
+
+        On an object store this is one flat listing (a few requests for thousands of files)
+        instead of one request per directory. {} when the directory does not exist."""
+        try:
+            found = self._call(rel, lambda p: self.fs.find(p, detail=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        return {self.rel(p): info for p, info in sorted(found.items()) if info.get("type", "file") != "directory"}
 
     def open(self, rel: str, mode: str = "rb", **kwargs: Any) -> BinaryIO:
         return self._call(rel, lambda p: self.fs.open(p, mode, **kwargs))
@@ -114,32 +295,36 @@ class Store:
             # fsspec's HTTP backend reports every failure (refused connection, 500, ...) as
             # FileNotFoundError; only a 404 really means "no such file".
             cause = e.__cause__
-            if cause is not None and getattr(cause, "status", None) != 404:
+            status = getattr(cause, "status", getattr(cause, "status_code", None))
+            if cause is not None and status != 404:
                 raise StoreError(f"{full}: cannot reach ({type(cause).__name__}: {cause})") from cause
             raise FileNotFoundError(f"{full}: no such file or directory") from None
         except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
             raise type(e)(f"{full}: {e}") from None
-        except Exception as e:  # network and backend errors come in many types (aiohttp, botocore, ...)
+        except Exception as e:  # network and backend errors come in many types (aiohttp, botocore, azure.core, ...)
             raise StoreError(f"{full}: cannot read ({type(e).__name__}: {e})") from e
 
     # ---- local copies --------------------------------------------------------------
-    def local(self, rel: str) -> Path:
-        """A local path holding the file: the file itself for a local store, else a cached download."""
+    def local(self, rel: str, info: dict[str, Any] | None = None) -> Path:
+        """A local path holding the file: the file itself for a local store, else a verified
+        download from the cache (fetched first if missing or changed). `info`: the file's entry
+        from a listing (`find`), which spares the metadata request."""
         if self.is_local:
             path = Path(self._fspath(rel))
             if not path.is_file():
                 raise FileNotFoundError(f"{self.path(rel)}: no such file")
             return path
-        try:
-            info = self.info(rel)
-        except StoreError as e:
-            fallback = self._newest_cached(rel)
-            if fallback is None:
-                raise
-            warnings.warn(f"{e}; using the cached copy {fallback}", stacklevel=2)
-            return fallback
+        if info is None:
+            try:
+                info = self.info(rel)
+            except StoreError as e:
+                fallback = self._newest_cached(rel)
+                if fallback is None:
+                    raise
+                warnings.warn(f"{e}; using the cached copy {fallback}", stacklevel=2)
+                return fallback
         target = self._cache_path(rel, info)
-        if target.is_file() and (info.get("size") is None or target.stat().st_size == info["size"]):
+        if info.get("size") is not None and target.is_file() and target.stat().st_size == info["size"]:
             return target
         self._download(rel, info, target)
         return target
@@ -148,17 +333,21 @@ class Store:
         """The local copy of a file if it is already at hand (local store or cache hit), else None."""
         if self.is_local:
             return self.local(rel)
-        target = self._cache_path(rel, self.info(rel))
-        return target if target.is_file() else None
+        info = self.info(rel)
+        target = self._cache_path(rel, info)
+        return target if info.get("size") is not None and target.is_file() else None
 
     def _url_dir(self, rel: str) -> Path:
-        key = hashlib.sha256(self.path(rel).encode()).hexdigest()[:32]
+        identity = f"{self._identity}/{rel.strip('/')}" if rel.strip("/") else self._identity
+        key = hashlib.sha256(identity.encode()).hexdigest()[:32]
         return cache_dir(self._cache_dir) / "files" / key
 
     def _cache_path(self, rel: str, info: dict[str, Any]) -> Path:
-        version = next((str(info[k]) for k in _VERSION_FIELDS if info.get(k) is not None), "")
-        key = hashlib.sha256(f"{info.get('size')}\0{version}".encode()).hexdigest()[:16]
-        return self._url_dir(rel) / f"{key}-{rel.rstrip('/').rsplit('/', 1)[-1]}"
+        name = rel.rstrip("/").rsplit("/", 1)[-1]
+        if info.get("size") is None:  # unverifiable: never a cache entry (see the module doc)
+            return self._url_dir(rel) / _UNVERIFIED / name
+        key = hashlib.sha256(_version_key(info).encode()).hexdigest()[:16]
+        return self._url_dir(rel) / f"{key}-{name}"
 
     def _newest_cached(self, rel: str) -> Path | None:
         name = rel.rstrip("/").rsplit("/", 1)[-1]
@@ -166,40 +355,33 @@ class Store:
         return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
     def _download(self, rel: str, info: dict[str, Any], target: Path) -> None:
+        """Fetch a file into `target`, verified by size and MD5 where the store gives them."""
         from tqdm.auto import tqdm
 
-        size = info.get("size")
+        size, md5 = info.get("size"), _content_md5(info)
+        if size is None:
+            warnings.warn(f"{self.path(rel)}: the store does not report its size, so a download cannot be verified; "
+                          "it is fetched on every use and never cached", stacklevel=3)  # fmt: skip
 
         def copy(out: BinaryIO) -> None:
-            got = 0
-            big = (size or 0) > 1 << 24  # a progress bar only where a download takes a while
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX)  # "in progress", for `clean_stale_downloads`
+            got, digest = 0, hashlib.md5(usedforsecurity=False)
+            # The bar appears only for a download that takes over a second, and only on a terminal.
             with (
                 self.open(rel, "rb") as src,
-                tqdm(total=size, unit="B", unit_scale=True, desc=f"download {rel}", disable=None if big else True) as bar,
+                tqdm(total=size, unit="B", unit_scale=True, desc=f"download {rel}", delay=1.0, disable=None, leave=False) as bar,
             ):
                 while chunk := _read_remote(src, self.path(rel)):
                     out.write(chunk)
+                    digest.update(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
             if size is not None and got != size:
-                raise StoreError(f"{self.path(rel)}: download stopped after {got} of {size} bytes")
+                raise StoreError(f"{self.path(rel)}: download stopped after {got} of {size} bytes; not cached")
+            if md5 is not None and digest.hexdigest() != md5:
+                raise StoreError(f"{self.path(rel)}: downloaded bytes have MD5 {digest.hexdigest()}, the store lists {md5}; not cached")
 
         write_atomic(target, copy)
-
-
-def write_atomic(target: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write a local file atomically: `write(f)` fills a temp file in the same directory,
-    which is renamed over `target` only if it returns; on any error the temp file is removed."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_remote(f: BinaryIO, name: str) -> bytes:

@@ -46,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("materialize", help="run the pipeline's assets in-process (store -> Parquet + DuckDB)")
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
     p.add_argument("--data", default=None, help="output directory (default: $CIRCUITS_DATA or data/)")
-    p.add_argument("--select", default=None, help="only runs whose id contains this text")
+    _selection_flags(p)
     p.add_argument("--device", default=None, help="torch device of the recompute forward passes (default: $CIRCUITS_DEVICE or cpu)")
     p.add_argument("--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's own log lines")
+
+    p = sub.add_parser("ls", help="what the store holds (models, circuits, sizes), listed without fetching anything")
+    p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
+    _selection_flags(p)
+    p.add_argument("--runs", action="store_true", help="also one line per circuit with its file size")
 
     p = sub.add_parser("dev", help="`dagster dev` with Dagster's instance under $CIRCUITS_DATA/.dagster (unless DAGSTER_HOME is set)")
     p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed on to `dagster dev` (e.g. -p 3000)")
@@ -65,12 +70,26 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.demo.report import store_report_cli
 
         return store_report_cli(args)
+    if args.command == "ls":
+        from pipeline.listing import ls_cli
+
+        return ls_cli(args)
     if args.command == "materialize":
         from pipeline.materialize import materialize_cli
 
         return materialize_cli(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _selection_flags(p: argparse.ArgumentParser) -> None:
+    """--model / --task / --sweep / --k (repeatable, comma lists, shell patterns) and --select."""
+    what = "repeatable or a comma list; shell patterns such as csp_sweep1_* work; default: $CIRCUITS_{} or all"
+    p.add_argument("--model", action="append", default=None, metavar="NAME", help=f"only these models ({what.format('MODELS')})")
+    p.add_argument("--task", action="append", default=None, metavar="NAME", help=f"only these tasks ({what.format('TASKS')})")
+    p.add_argument("--sweep", action="append", default=None, metavar="NAME", help=f"only these sweeps ({what.format('SWEEPS')})")
+    p.add_argument("--k", action="append", default=None, metavar="K", help=f"only these node budgets, e.g. 64,k_optim ({what.format('KS')})")
+    p.add_argument("--select", default=None, help="only runs whose id <model>/<task>/<sweep>/<k> contains this text")
 
 
 def _dagster_dev(extra: list[str]) -> int:

@@ -31,7 +31,7 @@ import dagster as dg
 from tqdm import tqdm
 
 from pipeline.assets.discovery import StoreWalkWarning, refresh_partitions, store_index
-from pipeline.assets.download import tokenizer_files
+from pipeline.assets.download import model_checkpoint, tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
 from pipeline.definitions import MODEL_ASSETS, PIPELINE_ASSETS, RUN_ASSETS
@@ -191,11 +191,20 @@ def materialize_store(
     instance: dg.DagsterInstance | None = None,
     verbose: bool = False,
     cache: str | None = None,
+    models=None,
+    tasks=None,
+    sweeps=None,
+    ks=None,
 ) -> MaterializeSummary:
-    """Materialize every asset for every (selected) partition of the store; never raises on a bad partition."""
-    resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache)
+    """Materialize every asset for every selected partition of the store; never raises on a bad partition.
+
+    The selection: `models`, `tasks`, `sweeps`, `ks` (names, patterns or comma lists; None: from
+    CIRCUITS_MODELS etc.) and `select` (run ids containing this text). Only the selected circuits
+    and their models are fetched."""
+    chosen = dict(models=models, tasks=tasks, sweeps=sweeps, ks=ks)
+    resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache, **chosen)
     data_url = resource.data_url()
-    resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device, cache=cache)
+    resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device, cache=cache, **chosen)
     with data_dir_lock(data_url, progress):
         return _materialize(resource, data_url, select, progress, recompute, instance or pipeline_instance(data_url), verbose)
 
@@ -219,10 +228,11 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
     summary = MaterializeSummary()
 
     store_obj = resource.store()
+    selection = resource.selection(select)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StoreWalkWarning)
-            runs, models = refresh_partitions(instance, store_obj)
+            runs, models = refresh_partitions(instance, store_obj, selection)
         for w in caught:
             if issubclass(w.category, StoreWalkWarning):
                 summary.skipped.append(str(w.message))
@@ -236,17 +246,21 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
         summary.failed["store index"] = f"{type(e).__name__}: {e}"
         return summary
     if not runs and not models:
+        if selection:
+            raise FileNotFoundError(f"{resource.store_url}: nothing matches the selection ({selection.describe()}); `circuits ls` shows what the store holds")
         raise FileNotFoundError(
             f"{resource.store_url}: no models/ or viz/ found: not a circuit store "
             "(set CIRCUITS_STORE or --store, or build the embedded store with `circuits build-store`)"
         )
-    summary.runs = [r.run_id for r in runs if not select or select in r.run_id]
-    summary.models = sorted({r.model for r in runs if r.run_id in summary.runs} | (set(models) if not select else set()))
-    summary.models = [m for m in summary.models if m in models]
+    summary.runs = [r.run_id for r in runs]
+    summary.models = list(models)
     run_assets = RUN_ASSETS if recompute else [a for a in RUN_ASSETS if a not in recompute_assets]
 
     steps: list[tuple[str, list, str | None]] = [("store index and tokenizer", [store_index, tokenizer_files], None)]
-    steps += [(f"model {m}", MODEL_ASSETS, m) for m in summary.models]
+    # Without recompute nothing needs the whole checkpoint: the model tables read their few tensors
+    # by ranged reads (`read_tensor`), so the checkpoint download (~1.9 GB for csp_yolo2) is skipped.
+    model_assets = MODEL_ASSETS if recompute else [a for a in MODEL_ASSETS if a is not model_checkpoint]
+    steps += [(f"model {m}", model_assets, m) for m in summary.models]
     steps += [(f"run {r}", run_assets, r) for r in summary.runs]
     steps += [("circuits.duckdb", [circuits_duckdb], None)]
     bar = tqdm(steps, desc="materialize", unit="step", disable=not progress)
@@ -285,6 +299,10 @@ def materialize_cli(args) -> int:
             store=args.store,
             data=args.data,
             select=args.select,
+            models=getattr(args, "model", None),
+            tasks=getattr(args, "task", None),
+            sweeps=getattr(args, "sweep", None),
+            ks=getattr(args, "k", None),
             recompute=not getattr(args, "no_recompute", False),
             device=getattr(args, "device", None),
             verbose=getattr(args, "verbose", False),
@@ -299,7 +317,7 @@ def materialize_cli(args) -> int:
     for msg in s.skipped:
         print(f"  SKIPPED {msg}")
     if getattr(args, "no_recompute", False):
-        print("recompute skipped (--no-recompute): no ablations, recomputed_activations, recompute_summary written")
+        print("recompute skipped (--no-recompute): no ablations, recomputed_activations, recompute_summary written; checkpoints not downloaded (model tables read their tensors by ranged reads)")
     for label, msg in s.failed.items():
         print(f"  FAILED {label}: {msg}")
     if s.duckdb:

@@ -10,6 +10,7 @@ Every value defaults from an environment variable (read when the definitions loa
 | `CIRCUITS_DEVICE` | `cpu` | torch device of the recompute assets |
 | `CIRCUITS_LOSS_FACTOR` | `0.5` | corrected loss = stored (raw) loss x factor |
 | `CIRCUITS_TOLERANCE` | `1e-3` | relative tolerance of recomputed vs stored numbers |
+| `CIRCUITS_MODELS`, `CIRCUITS_TASKS`, `CIRCUITS_SWEEPS`, `CIRCUITS_KS` | all | the selection: comma lists of names or patterns (`pipeline.settings.Selection`) |
 
 In the Dagster UI the same fields can be overridden per run in the launchpad (resource config).
 """
@@ -43,6 +44,12 @@ class CircuitsResource(ConfigurableResource):
     device: str = "cpu"
     loss_factor: float = 0.5
     tolerance: float = 1e-3
+    # The selection (see `pipeline.settings.Selection`): only these circuits and their models become
+    # partitions, so only their files are fetched. Empty: everything.
+    models: list[str] = []
+    tasks: list[str] = []
+    sweeps: list[str] = []
+    ks: list[str] = []
 
     @classmethod
     def from_env(cls, **overrides) -> CircuitsResource:
@@ -54,8 +61,15 @@ class CircuitsResource(ConfigurableResource):
             loss_factor=_env_float("CIRCUITS_LOSS_FACTOR", 0.5),
             tolerance=_env_float("CIRCUITS_TOLERANCE", 1e-3),
         )
+        selection = settings.Selection.from_env(**{f: overrides.pop(f, None) for f in settings.SELECTION_ENV})
+        values |= {f: list(getattr(selection, f)) for f in settings.SELECTION_ENV}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def selection(self, text: str | None = None) -> settings.Selection:
+        """The circuits and models to fetch; `text`: also only run ids containing it."""
+        fields = {f: settings.split_names(getattr(self, f)) for f in settings.SELECTION_ENV}
+        return settings.Selection(**fields, text=text or None)
 
     def store(self):
         from pipeline.store_access import open_store

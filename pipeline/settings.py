@@ -6,7 +6,9 @@ Imports nothing heavy, so the viewer can use it without torch.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from dataclasses import dataclass
 
 DEFAULT_DATA = "data"
 EMBEDDED_STORE_DIRNAME = "store"
@@ -38,3 +40,68 @@ def duckdb_path() -> str:
 
 def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
+
+
+# ---- what to fetch: models, tasks, sweeps, k ---------------------------------------------------
+
+SELECTION_ENV = {"models": "CIRCUITS_MODELS", "tasks": "CIRCUITS_TASKS", "sweeps": "CIRCUITS_SWEEPS", "ks": "CIRCUITS_KS"}
+
+
+def split_names(values) -> tuple[str, ...]:
+    """Names from a comma list, or a list of comma lists (`--task a,b --task c`); blanks dropped."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = [values]
+    return tuple(n.strip() for v in values for n in str(v).split(",") if n.strip())
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The part of the store to fetch and convert: circuits `viz/<model>/<task>/<sweep>/<k>/` whose
+    parts match, and the models they belong to. Each field is a tuple of names or shell-style
+    patterns (`csp_sweep1_*`); an empty field matches everything. `text`: only runs whose id
+    `<model>/<task>/<sweep>/<k>` contains it (the older `--select`).
+
+    A run's sweep under the README's `viz/<experiment>/<model>/...` level is `<sweep>@<experiment>`;
+    a sweep pattern matches either that or the bare `<sweep>`."""
+
+    models: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    sweeps: tuple[str, ...] = ()
+    ks: tuple[str, ...] = ()
+    text: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides) -> Selection:
+        """CIRCUITS_MODELS / _TASKS / _SWEEPS / _KS (comma lists); a field given here (not None) wins."""
+        fields = {f: split_names(overrides[f]) if overrides.get(f) is not None else split_names(os.environ.get(var)) for f, var in SELECTION_ENV.items()}
+        return cls(**fields, text=overrides.get("text") or None)
+
+    @property
+    def filters_runs(self) -> bool:
+        """Whether anything beyond the model narrows the circuits (then only their models are kept)."""
+        return bool(self.tasks or self.sweeps or self.ks or self.text)
+
+    def __bool__(self) -> bool:
+        return bool(self.models) or self.filters_runs
+
+    def wants_model(self, model: str) -> bool:
+        return _matches(model, self.models)
+
+    def wants_run(self, model: str, task: str, sweep: str, k: str) -> bool:
+        return (
+            _matches(model, self.models)
+            and _matches(task, self.tasks)
+            and (_matches(sweep, self.sweeps) or _matches(sweep.partition("@")[0], self.sweeps))
+            and _matches(k, self.ks)
+            and (not self.text or self.text in f"{model}/{task}/{sweep}/{k}")
+        )
+
+    def describe(self) -> str:
+        parts = [f"{name}={','.join(v)}" for name, v in (("model", self.models), ("task", self.tasks), ("sweep", self.sweeps), ("k", self.ks)) if v]
+        return " ".join(parts + ([f"select={self.text}"] if self.text else [])) or "everything"
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -5,8 +5,15 @@ an extra `viz/<experiment>/<model>/...` level is tolerated: such a run's sweep i
 `<sweep>@<experiment>` so run ids stay `<model>/<task>/<sweep>/<k>` and unique. When both
 `viz_data.pt` and `viz_data.pkl` exist, the `.pt` is used.
 
+A local store is walked directory by directory (with the symlink guards of `_Walk`); an object
+store (Azure through adlfs, S3, HTTP, memory) is listed flat, `viz/` and `models/` in one recursive
+listing each (a few requests for thousands of files, not one per directory).
+
 Partitions are refreshed by the `store_index` asset (materialize it, or let the
-`discover_circuits` sensor run) and by `circuits materialize`.
+`discover_circuits` sensor run) and by `circuits materialize`. Only the circuits and models of the
+selection (`pipeline.settings.Selection`: the `circuits` resource's `models` / `tasks` / `sweeps` /
+`ks`, from CIRCUITS_MODELS etc.) become partitions, so a backfill of every partition in the UI
+fetches only those.
 """
 
 import os
@@ -16,6 +23,7 @@ import dagster as dg
 
 from pipeline.convert import RunRef
 from pipeline.resources import CircuitsResource
+from pipeline.settings import Selection
 from pipeline.tables import MODEL_TABLES
 
 RUNS = dg.DynamicPartitionsDefinition(name="circuit_runs")
@@ -104,8 +112,33 @@ def _viz_file(store, rel_dir: str) -> str | None:
     return _Walk(store).viz_file(rel_dir)
 
 
-def discover_runs(store) -> list[RunRef]:
-    """Every circuit of the store, sorted by run id; entries it cannot read are skipped with a warning."""
+def _runs_from_files(files) -> list[RunRef]:
+    """The runs among store-relative file names (a flat listing of `viz/`), by the walk's rules: a
+    `<model>/<task>/<sweep>/<k>/` directory holding a viz file is a run (nothing below it is looked
+    at), else one level deeper under an `<experiment>/`; `.pt` before `.pkl`."""
+    found: dict[tuple[str, ...], str] = {}
+    for rel in files:
+        parts = rel.split("/")
+        if parts[0] != "viz" or parts[-1] not in VIZ_FILES or len(parts) not in (6, 7):
+            continue
+        d = tuple(parts[1:-1])
+        best = found.get(d)
+        if best is None or VIZ_FILES.index(parts[-1]) < VIZ_FILES.index(best.rsplit("/", 1)[-1]):
+            found[d] = rel
+    runs = []
+    for d, rel in found.items():
+        if len(d) == 4:
+            runs.append(RunRef(*d, rel))
+        elif d[:4] not in found:  # viz/<experiment>/<model>/<task>/<sweep>/<k>/
+            runs.append(RunRef(d[1], d[2], f"{d[3]}@{d[0]}", d[4], rel))
+    return runs
+
+
+def _all_runs(store, files=None) -> list[RunRef]:
+    if files is not None:
+        return _runs_from_files(files)
+    if not getattr(store, "is_local", True):  # an object store: one flat listing, not one per directory
+        return _runs_from_files(store.find("viz"))
     walk = _Walk(store)
     runs: list[RunRef] = []
     for a in walk.ls("viz"):
@@ -121,19 +154,38 @@ def discover_runs(store) -> list[RunRef]:
                         path = walk.viz_file(f"{base}/{k}")
                         if path:
                             runs.append(RunRef(b, c, f"{d}@{a}", k, path))
-    return sorted(runs, key=lambda r: r.run_id)
+    return runs
 
 
-def discover_models(store) -> list[str]:
-    walk = _Walk(store)
-    out = []
-    for m in walk.ls("models"):
-        try:
-            if walk._allowed(f"models/{m}", is_dir=True) and store.exists(f"models/{m}/beeg_config.json"):
-                out.append(m)
-        except OSError as e:
-            walk.warn(f"models/{m}", f"cannot read: {e}")
-    return out
+def discover_runs(store, selection: Selection | None = None, files=None) -> list[RunRef]:
+    """The store's circuits (those `selection` wants), sorted by run id; on a local store, entries
+    it cannot read are skipped with a warning. Lists only: no file is fetched. `files`: a flat
+    listing of the store (relative names) to use instead of listing it again."""
+    sel = selection or Selection()
+    return sorted((r for r in _all_runs(store, files) if sel.wants_run(r.model, r.task, r.sweep, r.k_label)), key=lambda r: r.run_id)
+
+
+def discover_models(store, selection: Selection | None = None, runs: list[RunRef] | None = None, files=None) -> list[str]:
+    """The store's models (`models/<m>/beeg_config.json`) that `selection` wants: those matching its
+    model names and, when it narrows the circuits (task, sweep, k), only the models of `runs`
+    (the selected circuits; discovered here when not given)."""
+    sel = selection or Selection()
+    if files is not None or not getattr(store, "is_local", True):
+        names = {rel.split("/")[1] for rel in (files if files is not None else store.find("models")) if rel.startswith("models/") and rel.count("/") == 2 and rel.endswith("/beeg_config.json")}
+        models = sorted(names)
+    else:
+        walk = _Walk(store)
+        models = []
+        for m in walk.ls("models"):
+            try:
+                if walk._allowed(f"models/{m}", is_dir=True) and store.exists(f"models/{m}/beeg_config.json"):
+                    models.append(m)
+            except OSError as e:
+                walk.warn(f"models/{m}", f"cannot read: {e}")
+    if sel.filters_runs:
+        wanted = {r.model for r in (runs if runs is not None else discover_runs(store, sel))}
+        models = [m for m in models if m in wanted]
+    return [m for m in models if sel.wants_model(m)]
 
 
 def run_ref(store, run_id: str) -> RunRef:
@@ -150,9 +202,10 @@ def run_ref(store, run_id: str) -> RunRef:
     return RunRef(model, task, sweep, k, path)
 
 
-def refresh_partitions(instance: dg.DagsterInstance, store) -> tuple[list[RunRef], list[str]]:
-    """Add every discovered run and model as a dynamic partition; returns what was discovered."""
-    runs, models = discover_runs(store), discover_models(store)
+def refresh_partitions(instance: dg.DagsterInstance, store, selection: Selection | None = None) -> tuple[list[RunRef], list[str]]:
+    """Add every discovered (selected) run and model as a dynamic partition; returns them."""
+    runs = discover_runs(store, selection)
+    models = discover_models(store, selection, runs)
     for definition, keys in ((RUNS, [r.run_id for r in runs]), (MODELS, models)):
         existing = set(instance.get_dynamic_partitions(definition.name))
         new = [k for k in keys if k not in existing]
@@ -165,13 +218,14 @@ def refresh_partitions(instance: dg.DagsterInstance, store) -> tuple[list[RunRef
 def store_index(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StoreWalkWarning)
-        runs, models = refresh_partitions(context.instance, circuits.store())
+        runs, models = refresh_partitions(context.instance, circuits.store(), circuits.selection())
     for w in caught:  # entries the walk skipped: in the run's log, one line each
         context.log.warning(str(w.message))
-    context.log.info(f"{circuits.store_url}: {len(runs)} circuits of {len(models)} models")
+    context.log.info(f"{circuits.store_url}: {len(runs)} circuits of {len(models)} models ({circuits.selection().describe()})")
     return dg.MaterializeResult(
         metadata={
             "store": circuits.store_url,
+            "selection": circuits.selection().describe(),
             "n_runs": len(runs),
             "n_models": len(models),
             "runs": dg.MetadataValue.md("\n".join(f"- `{r.run_id}` ({r.path})" for r in runs) or "(none)"),
@@ -194,8 +248,9 @@ model_tables_job = dg.define_asset_job("model_tables_job", selection=dg.AssetSel
     description="Adds new circuits and models of the store as partitions and requests their assets",
 )
 def discover_circuits(context: dg.SensorEvaluationContext, circuits: CircuitsResource):
-    store = circuits.store()
-    runs, models = discover_runs(store), discover_models(store)
+    store, selection = circuits.store(), circuits.selection()
+    runs = discover_runs(store, selection)
+    models = discover_models(store, selection, runs)
     known_runs = set(context.instance.get_dynamic_partitions(RUNS.name))
     known_models = set(context.instance.get_dynamic_partitions(MODELS.name))
     new_runs = [r.run_id for r in runs if r.run_id not in known_runs]

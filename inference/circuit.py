@@ -193,6 +193,18 @@ def task_loss(logits: torch.Tensor, docs: torch.Tensor, per_pair: bool = False) 
     -(log_softmax(first[[tokid, alt]])[0] + log_softmax(second[[tokid, alt]])[1]) at the
     position before the answer; the mean over pairs is returned (or each with `per_pair`).
     """
+    pair = answer_logits(logits, docs)  # (n, 2)
+    half = docs.shape[0] // 2
+    lp_first = F.log_softmax(pair[:half], dim=1)[:, 0]
+    lp_second = F.log_softmax(pair[half:], dim=1)[:, 1]
+    losses = -(lp_first + lp_second)
+    return losses if per_pair else losses.mean()
+
+
+def answer_logits(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """(n, 2) float logits of each doc's pair answers (`tokid`, `alt_tokid`) at the position
+    before the answer: the one place the task layout (pairs split in halves, the answer as the
+    last token of each doc) is read. The first half of the docs wants column 0, the second column 1."""
     n = docs.shape[0]
     if n % 2:
         raise ValueError(f"task docs must come in pairs, got {n} docs")
@@ -200,25 +212,16 @@ def task_loss(logits: torch.Tensor, docs: torch.Tensor, per_pair: bool = False) 
     lengths = docs_lengths(docs)
     rows = torch.arange(n, device=docs.device)
     answers = docs[rows, lengths - 1]
-    last = logits[rows, lengths - 2].float()  # (n, vocab): logits predicting the answer
     pair_tokens = torch.stack([answers[:half], answers[half:]], dim=1)  # (half, 2): tokid, alt_tokid
-    lp_first = F.log_softmax(last[:half].gather(1, pair_tokens), dim=1)[:, 0]
-    lp_second = F.log_softmax(last[half:].gather(1, pair_tokens), dim=1)[:, 1]
-    losses = -(lp_first + lp_second)
-    return losses if per_pair else losses.mean()
+    last = logits[rows, lengths - 2].float()  # (n, vocab): logits predicting the answer
+    return last.gather(1, torch.cat([pair_tokens, pair_tokens]))
 
 
 def task_accuracy(logits: torch.Tensor, docs: torch.Tensor) -> float:
     """Fraction of pairs where the correct token outscores the alternative on both prompts."""
-    n = docs.shape[0]
-    half = n // 2
-    lengths = docs_lengths(docs)
-    rows = torch.arange(n, device=docs.device)
-    answers = docs[rows, lengths - 1]
-    last = logits[rows, lengths - 2]
-    pair_tokens = torch.stack([answers[:half], answers[half:]], dim=1)
-    first, second = last[:half].gather(1, pair_tokens), last[half:].gather(1, pair_tokens)
-    return ((first[:, 0] > first[:, 1]) & (second[:, 1] > second[:, 0])).float().mean().item()
+    pair = answer_logits(logits, docs)
+    half = docs.shape[0] // 2
+    return ((pair[:half, 0] > pair[:half, 1]) & (pair[half:, 1] > pair[half:, 0])).float().mean().item()
 
 
 @torch.no_grad()
@@ -542,11 +545,7 @@ class CircuitModel:
 
     def _norm(self, norm, x: torch.Tensor, rstd: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
         """A norm at its frozen scale, at full width, or (RMSNorm) at `channels` only."""
-        w = norm.weight if channels is None else norm.weight[channels]
-        if norm.rms:
-            return x * rstd * w
-        y = (x - x.mean(-1, keepdim=True)) * rstd * w
-        return y if norm.bias is None else y + norm.bias
+        return norm.scale(x, rstd, channels)
 
     def _masked(self, loc: str, values: torch.Tensor) -> torch.Tensor:
         out = self.fill[loc].expand(values.shape[0], -1).clone()

@@ -169,14 +169,8 @@ CHUNK_ROWS = 256
 def _norm_rows(norm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`inference.model.Norm` on rows (n, d), returning its output and inverse scale (n, 1): the
     same math, without the hook call (a chunk is not the tensor the hook point expects)."""
-    if norm.rms:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
-        y = x * rstd * norm.weight
-    else:
-        xc = x - x.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)
-        y = xc * rstd * norm.weight
-    return (y if norm.bias is None else y + norm.bias), rstd
+    rstd = norm.inv_scale(x)
+    return norm.scale(x, rstd), rstd
 
 
 class _Taps:

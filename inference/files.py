@@ -3,7 +3,7 @@
 A reader sees the old file or the new one, never half: content goes to a temporary name in
 the target's directory (same filesystem, so the final `os.replace` is atomic) and is renamed
 over the target only once complete. A crash leaves at most a temporary, named
-`.tmp-<name>.<random>.part`, which `is_temporary` recognises so cleanups can remove it.
+`.tmp-<name>.<random>.part` (TMP_PREFIX, TMP_SUFFIX), which cleanups remove.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from typing import Any, BinaryIO
 TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".part"
 _CHUNK = 1 << 20
-
-
-def is_temporary(path: str | os.PathLike) -> bool:
-    """Whether a file or directory name is one of this module's temporaries."""
-    return Path(path).name.startswith(TMP_PREFIX)
 
 
 def write_atomic(target: str | os.PathLike, content: bytes | str | Callable[[BinaryIO], Any], fsync: bool = True) -> Path:

@@ -41,15 +41,22 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and not rms else None
 
     def forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.scale(x, hook(f"{name}.rstd", self.inv_scale(x)))
+
+    def inv_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / std over the last dim (RMS for RMSNorm, centred for LayerNorm), shape (..., 1)."""
         if self.rms:
-            eps = torch.finfo(x.dtype).eps
-            rstd = hook(f"{name}.rstd", torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-            y = x * rstd * self.weight
-        else:
-            mu = x.mean(-1, keepdim=True)
-            xc = x - mu
-            rstd = hook(f"{name}.rstd", torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5))
-            y = xc * rstd * self.weight
+            return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+        xc = x - x.mean(-1, keepdim=True)
+        return torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    def scale(self, x: torch.Tensor, rstd: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm's output at a given inverse scale (its own, or a frozen one), at full width or
+        (RMSNorm, which has no mean to couple the channels) at `channels` only."""
+        w = self.weight if channels is None else self.weight[channels]
+        if self.rms:
+            return x * rstd * w
+        y = (x - x.mean(-1, keepdim=True)) * rstd * w
         return y if self.bias is None else y + self.bias
 
 

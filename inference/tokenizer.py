@@ -39,7 +39,7 @@ class TokenizerError(ValueError):
     """Tokenizer files that are missing or inconsistent; the message names them."""
 
 
-def _data_gym_bytes() -> tuple[list[int], dict[str, int]]:
+def data_gym_bytes() -> tuple[list[int], dict[str, int]]:
     """GPT-2's byte order (printable bytes first) and its character -> byte map.
 
     Printable Latin-1 bytes stand for themselves; the others (and space) are shifted to
@@ -63,7 +63,7 @@ def mergeable_ranks(encoder_json: Path, vocab_bpe: Path) -> tuple[dict[bytes, in
     then one token per merge in file order; `encoder.json` must give exactly those ids.
     `<|endoftext|>` takes its id from `encoder.json`, or the next id when absent.
     """
-    order, char_to_byte = _data_gym_bytes()
+    order, char_to_byte = data_gym_bytes()
 
     def decode(token: str, source: Path) -> bytes:
         try:

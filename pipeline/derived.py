@@ -22,8 +22,8 @@ assets and by the viewer's test tables alike.
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.tables import SCHEMAS, sort_table
 
@@ -40,13 +40,14 @@ def snippet_window(samples: pa.Table) -> pa.Table:
 
     A snippet's centre is its first `is_center` position; snippets without one are dropped.
     """
-    shown = samples.filter(pc.less(samples["rank"], SNIPPETS_SHOWN))
-    centres = (shown.filter(shown["is_center"]).group_by(_SNIPPET_KEYS, use_threads=False)
-               .aggregate([("pos", "min")]).rename_columns([*_SNIPPET_KEYS, "centre"]))
-    joined = shown.join(centres, keys=_SNIPPET_KEYS, join_type="inner", use_threads=False)
-    offset = pc.abs(pc.subtract(joined["pos"].cast(pa.int64()), joined["centre"].cast(pa.int64())))
-    window = joined.filter(pc.less_equal(offset, SNIPPET_RADIUS)).select(SCHEMAS["snippets"].names)
-    return sort_table("snippets", window.cast(SCHEMAS["snippets"]))
+    window = (
+        pl.from_arrow(samples)
+        .filter(pl.col("rank") < SNIPPETS_SHOWN)
+        .with_columns(centre=pl.col("pos").filter(pl.col("is_center")).min().over(_SNIPPET_KEYS))
+        .filter(pl.col("centre").is_not_null() & ((pl.col("pos").cast(pl.Int64) - pl.col("centre").cast(pl.Int64)).abs() <= SNIPPET_RADIUS))
+        .select(SCHEMAS["snippets"].names)
+    )
+    return sort_table("snippets", window.to_arrow().cast(SCHEMAS["snippets"]))
 
 
 def _column_extremes(matrix: np.ndarray, ext: dict, hist: dict | None = None) -> None:

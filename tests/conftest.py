@@ -10,6 +10,6 @@ import os
 # Tests never touch the user's cache or data directory by accident.
 os.environ.setdefault("CIRCUITS_CACHE", os.path.join(os.path.dirname(__file__), ".cache-unused"))
 
+from fixtures_azurite import *  # noqa: E402,F401,F403
 from fixtures_store import *  # noqa: E402,F401,F403
 from fixtures_viz import *  # noqa: E402,F401,F403
-from fixtures_azurite import *  # noqa: E402,F401,F403

@@ -8,7 +8,6 @@ split, cross-entropy from the loaded model's logits.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -47,48 +46,16 @@ def part1_files(store: Path) -> dict[str, bytes]:
     return {p.relative_to(store).as_posix(): p.read_bytes() for p in files if p.relative_to(store).as_posix() not in part2}
 
 
-def have(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def load_tokenizer(store: Path):
-    """Through the project's loader (inference.tokenizer); plain tiktoken until that module exists."""
-    if have("inference.tokenizer"):
-        from inference.tokenizer import get_tokenizer
+    from inference.tokenizer import get_tokenizer
 
-        return get_tokenizer(str(store / "tinypython"))
-    import tiktoken
-    import tiktoken.load
-
-    from pipeline.demo.bpe import TINYPYTHON_PAT
-
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken caches data-gym files by path
-    try:
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(store / "tinypython/vocab.bpe"), str(store / "tinypython/encoder.json"))
-    finally:
-        if old is None:
-            os.environ.pop("TIKTOKEN_CACHE_DIR")
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = old
-    return tiktoken.Encoding("tinypython_2k", pat_str=TINYPYTHON_PAT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
+    return get_tokenizer(str(store / "tinypython"))
 
 
 def load_model(model_dir: Path):
-    """Through `inference.load_model`; a minimal reader of the released layout until it exists."""
-    if have("inference.loader"):
-        from inference import load_model
+    from inference import load_model
 
-        return load_model(str(model_dir))
-    from inference.config import GPTConfig
-    from inference.model import GPT
-
-    cfg = GPTConfig.from_json((model_dir / "beeg_config.json").read_text(), source=str(model_dir / "beeg_config.json"))
-    model = GPT(cfg)
-    model.load_state_dict(torch.load(model_dir / "final_model.pt", weights_only=True), strict=True)
-    return model.eval()
+    return load_model(str(model_dir))
 
 
 # ---- corpus ----------------------------------------------------------------------------
@@ -150,7 +117,6 @@ def test_tokenizer_round_trips_every_test_file_and_matches_naive_bpe(tiny_store)
         assert enc.encode_ordinary(text) == naive, f.relpath
 
 
-@pytest.mark.skipif(not have("inference.tokenizer"), reason="the tiktoken plugin needs inference.tokenizer")
 def test_tokenizer_loads_through_tiktoken_plugin(tiny_store, monkeypatch):
     import subprocess
     import sys

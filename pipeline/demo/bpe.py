@@ -16,25 +16,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-import tiktoken
+from inference.tokenizer import ENDOFTEXT, PAT_STR, data_gym_bytes  # the released tokenizer's split pattern and end token
 
-# The split pattern of the released tinypython_2k tokenizer (checkpoint-format.md).
-TINYPYTHON_PAT = r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-ENDOFTEXT = "<|endoftext|>"
 VERSION_HEADER = "#version: 0.2"
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (printable Latin-1 maps to itself)."""
-    bs = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+    """GPT-2's reversible byte -> printable character map, in data-gym rank order (the reader's table)."""
+    order, char_to_byte = data_gym_bytes()
+    char_of = {b: c for c, b in char_to_byte.items()}
+    return {b: char_of[b] for b in order}
 
 
 def data_gym_byte_order() -> list[int]:
@@ -55,7 +46,7 @@ def train_bpe_merges(texts: Iterable[str], vocab_size: int = 2048) -> list[tuple
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(TINYPYTHON_PAT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -105,9 +96,3 @@ def data_gym_files(merges: list[tuple[bytes, bytes]]) -> tuple[str, str]:
     return json.dumps(encoder, ensure_ascii=False) + "\n", "\n".join(lines) + "\n"
 
 
-def encoding_from_merges(merges: list[tuple[bytes, bytes]], name: str = "tinypython_2k") -> tiktoken.Encoding:
-    """The tiktoken encoding these merges define (ranks as in the data-gym files)."""
-    ranks = {bytes([b]): i for i, b in enumerate(data_gym_byte_order())}
-    for a, b in merges:
-        ranks[a + b] = len(ranks)
-    return tiktoken.Encoding(name=name, pat_str=TINYPYTHON_PAT, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})

@@ -210,26 +210,16 @@ def circuit_from_order(order: list[tuple[str, int]], k: int, locs: list[str]) ->
 
 
 @torch.no_grad()
-def raw_circuit_loss(model, docs, circuit, means, frozen) -> float:
-    from inference.circuit import circuit_masks
-
-    return task_loss(masked_forward(model, docs, circuit_masks(model.config, circuit), means, frozen), docs).item()
-
-
 # ---- calibration and per-prompt losses ----------------------------------------------------
 
 
 def answer_logit_diff(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     """z per doc: logit of the pair's first answer (tokid) minus the second's (alt_tokid), at the
     position before the answer. The first half of the docs wants z > 0, the second z < 0."""
-    from inference.circuit import docs_lengths
+    from inference.circuit import answer_logits
 
-    n = docs.shape[0]
-    half, rows, lengths = n // 2, torch.arange(n), docs_lengths(docs)
-    answers = docs[rows, lengths - 1]
-    pair = torch.cat([torch.stack([answers[:half], answers[half:]], 1)] * 2)
-    last = logits[rows, lengths - 2].float().gather(1, pair)
-    return last[:, 0] - last[:, 1]
+    pair = answer_logits(logits, docs)
+    return pair[:, 0] - pair[:, 1]
 
 
 def prompt_losses(z: torch.Tensor, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:

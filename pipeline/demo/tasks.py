@@ -229,14 +229,10 @@ def held_out_task_docs(corpus, enc, ctx: int, pairs: int) -> dict[str, torch.Ten
 def task_metrics(logits: torch.Tensor, docs: torch.Tensor) -> dict[str, float]:
     """Accuracy per prompt (the correct answer outscores the alternative), per pair (both
     prompts right) and the task loss per prompt (raw / 2) of a model's logits on task docs."""
-    from inference.circuit import docs_lengths, task_loss
+    from inference.circuit import answer_logits, task_loss
 
-    n = docs.shape[0]
-    half, rows, lengths = n // 2, torch.arange(n), docs_lengths(docs)
-    answers, last = docs[rows, lengths - 1], logits[rows, lengths - 2]
-    pair = torch.stack([answers[:half], answers[half:]], dim=1)
-    first, second = last[:half].gather(1, pair), last[half:].gather(1, pair)
-    right1, right2 = first[:, 0] > first[:, 1], second[:, 1] > second[:, 0]
+    pair, half = answer_logits(logits, docs), docs.shape[0] // 2
+    right1, right2 = pair[:half, 0] > pair[:half, 1], pair[half:, 1] > pair[half:, 0]
     return {
         "accuracy": float(torch.cat([right1, right2]).float().mean()),
         "pair_accuracy": float((right1 & right2).float().mean()),

@@ -2,6 +2,7 @@
 computed here from the store's files with plain torch (not through pipeline.demo.*)."""
 
 import json
+import math
 
 import torch
 
@@ -71,3 +72,6 @@ def test_report_prints_targets_faithfulness_and_the_size_study(tiny_store):
             assert len(pc["study"]) == len(pc["prune_seeds"]) * len(set(pc["target_sweep"]) | {pc["target_fraction"]})
             for r in pc["study"]:
                 assert r["target"] > pc["full_loss_selection"]
+            # A target at or above chance (ln 2 per prompt) is reachable by a constant predictor: said so.
+            row = next(line for line in text.splitlines() if f"{pc['target_loss']:.3f} (f = {pc['target_fraction']})" in line)
+            assert ("chance reaches it" in row) == (pc["target_loss"] >= math.log(2))

@@ -160,6 +160,8 @@ def markdown(report: dict) -> str:
             acc = f"{_fmt(r.get('accuracy'), '.0%')} / {_fmt(r.get('pair_accuracy'), '.0%')}" if "accuracy" in r else "-"
             k = "-" if "k_optim" not in r else f"{r['k_optim']}" + ("" if r.get("reached") else " (not reached)")
             tgt = f"{_fmt(r.get('target'))} (f = {r.get('target_fraction')})" if r.get("target") is not None else "-"
+            if r.get("target") is not None and r["target"] >= math.log(2):
+                tgt += " **>= ln 2: chance reaches it**"
             ev = f"{_fmt(ov.get('evaluation_loss'))}" + (" **flagged**" if ov.get("flagged") else "") if ov else "-"
             out.append(
                 f"| {m} | {task} | {acc} | {_fmt(r.get('loss'))} | {_fmt(r.get('full_selection'))} | {_fmt(r.get('ablated_selection'))} "
@@ -207,6 +209,8 @@ def markdown(report: dict) -> str:
                 rs = r["models"].get(m, [])
                 cells += [_pm([x["edges"] for x in rs]), _pm([x["k"] for x in rs]), _pm([x["evaluation_loss"] for x in rs], ".3f"), f"{sum(x['reached'] for x in rs)}/{len(rs)}"]
             task = r["task"] if r["learned"] else f"{r['task']} (not learned: full loss >= ln 2)"
+            if r["learned"] and r["target"] >= math.log(2):
+                task += " (target >= ln 2: chance reaches it)"
             out.append(f"| {task} | {r['fraction']} | {r['target']:.3f} | " + " | ".join(cells) + " |")
         if len(models) == 2:
             out.append("")

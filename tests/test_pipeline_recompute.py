@@ -62,16 +62,21 @@ def test_recomputed_ablations_with_abs_topk_equal_the_reference_loop(viz_store):
     assert means_all.max() - means_all.min() > 1e-3  # and so do the nodes
 
 
-def test_chunked_recompute_equals_one_pass_of_the_plain_model(viz_store):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_chunked_recompute_equals_one_pass_of_the_plain_model(viz_store, device):
     """Docs in chunks of one pair, only circuit channels recorded and spilled: activations and
-    losses equal those of the plain dense model over all docs at once (whole hook tensors), and
-    the ablations equal an unchunked recompute."""
+    losses equal those of the plain dense model on the CPU over all docs at once (whole hook
+    tensors), and the ablations equal an unchunked recompute. `device`: where the recompute runs
+    (CIRCUITS_DEVICE)."""
     run_id = "fixture_a/quotes/prune_v4/k_optim"
     viz = _viz(viz_store, run_id)
     assert viz.docs.shape[0] >= 4  # at least two chunks of one pair
     plain = load_model(viz_store / "models" / FIXTURE_MODEL)
-    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL), viz, chunk_docs=2)
-    whole = recompute(load_model(viz_store / "models" / FIXTURE_MODEL), viz, chunk_docs=10_000)
+    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_docs=2)
+    whole = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_docs=10_000)
     ctx = int(viz.doc_lengths().max())
     docs = torch.from_numpy(viz.docs)[:, :ctx]
     circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}

@@ -42,7 +42,8 @@ Intervention = Callable[[torch.Tensor], torch.Tensor]
 class _Hooks:
     # (regex, fn, the key as the caller wrote it): the key is what an error names
     interventions: tuple[tuple[re.Pattern[str], Intervention, str], ...] = ()
-    recorders: tuple[tuple[re.Pattern[str], dict[str, torch.Tensor], bool], ...] = ()
+    # (regex, a dict to store into or a callable `into(name, tensor)`, detach)
+    recorders: tuple[tuple[re.Pattern[str], dict[str, torch.Tensor] | Callable[[str, torch.Tensor], None], bool], ...] = ()
 
 
 _ACTIVE: ContextVar[_Hooks] = ContextVar("circuits_inference_hooks", default=_Hooks())  # noqa: B039 (frozen, never mutated)
@@ -61,7 +62,11 @@ def hook(name: str, t: torch.Tensor) -> torch.Tensor:
             t = out
     for rx, store, detach in active.recorders:
         if rx.fullmatch(name):
-            store[name] = t.detach() if detach else t
+            value = t.detach() if detach else t
+            if callable(store):
+                store(name, value)
+            else:
+                store[name] = value
     return t
 
 
@@ -109,17 +114,22 @@ def check_names(names: tuple[str, ...]) -> None:
 
 
 @contextmanager
-def record(pattern: str = r".*", *, detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+def record(
+    pattern: str = r".*", *, detach: bool = True, into: Callable[[str, torch.Tensor], None] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Record every hook point whose full name matches `pattern` into the yielded dict.
 
     `detach=False` keeps the autograd graph (for gradients through recorded values).
+    `into(name, tensor)`: called at each matching hook point instead of keeping the tensor (the
+    yielded dict stays empty), so a caller can keep only what it needs, e.g. a few channels, and
+    let the whole tensor go (recompute at release scale: whole hook tensors would not fit).
     """
     rx = re.compile(pattern)
-    store: dict[str, torch.Tensor] = {}
+    store: dict[str, torch.Tensor] | Callable[[str, torch.Tensor], None] = {} if into is None else into
     active = _ACTIVE.get()
     token = _ACTIVE.set(_Hooks(active.interventions, active.recorders + ((rx, store, detach),)))
     try:
-        yield store
+        yield store if into is None else {}
     finally:
         _ACTIVE.reset(token)
 

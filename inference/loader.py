@@ -98,8 +98,14 @@ def load_model(
         raise CheckpointError(f"{source}: tied_unembed is true but lm_head.weight differs from transformer.wte.weight")
 
     state = {k: v for k, v in state.items() if k in expected}
-    model.load_state_dict(state, strict=False)
-    model.to(device=device, dtype=dtype or state["transformer.wte.weight"].dtype)
+    # assign=True: the parameters become the memory-mapped tensors themselves (no second dense
+    # copy: peak RSS ~ the checkpoint, not twice it); the empty ones `_empty_model` allocated are
+    # freed untouched. A private mapping: in-place edits of a weight copy that page, never the file.
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tied_unembed:  # assign replaced the shared Parameter: tie again
+        model.lm_head.weight = model.transformer.wte.weight
+    del state
+    model.to(device=device, dtype=dtype or model.transformer.wte.weight.dtype)
     return model.eval()
 
 

@@ -28,7 +28,9 @@ are skipped, and `recompute_summary.skipped` says which and why.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,39 +55,131 @@ def snippet_sequences(viz: VizData) -> list[torch.Tensor]:
     return list(seen.values())
 
 
+# Node means from the snippets: at most this many tokens (whole snippets, a fixed-seed sample when
+# the file holds more). 131,072 tokens ~ 1,300 snippets of 101 tokens: the standard errors it gives
+# are reported (`means_se_max`, `node_mean_se`), and bench/recompute.py measures the effect on the
+# deltas against all snippets. Small files (every fixture) use all their snippets.
+MEANS_TOKEN_BUDGET = 131_072
+# Docs per chunk of the forward passes (whole pairs: a doc and its partner n/2 later): bounds the
+# hook tensors and the circuit-only model's tables to a chunk's tokens.
+CHUNK_DOCS = 8
+
+
+def sample_sequences(seqs: list[torch.Tensor], budget: int = MEANS_TOKEN_BUDGET, seed: int = 0) -> list[torch.Tensor]:
+    """A fixed-seed random subset of whole sequences with at most `budget` tokens in all (all of
+    them when they fit): the means' estimator is then a mean over a sample of snippets."""
+    if sum(len(s) for s in seqs) <= budget:
+        return seqs
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
+    out, n = [], 0
+    for i in order:
+        if n + len(seqs[i]) > budget:
+            break
+        out.append(seqs[i])
+        n += len(seqs[i])
+    return out
+
+
 @torch.no_grad()
-def means_over_sequences(model, seqs: list[torch.Tensor], locations: list[str] | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Token-weighted mean of every node location (or of `locations`) over sequences of any lengths; (means, n_tokens)."""
+def means_over_sequences(
+    model, seqs: list[torch.Tensor], locations: list[str] | None = None, batch_size: int = 16, with_se: bool = False
+):
+    """Token-weighted mean of every node location (or of `locations`) over sequences of any
+    lengths; (means, n_tokens), or (means, n_tokens, standard errors) with `with_se`.
+
+    Standard error: the sequences are the sampled units (tokens of one snippet are correlated),
+    so SE = sqrt(sum_i w_i^2 (m_i - mean)^2) / sum_i w_i over sequences i with w_i tokens and
+    mean m_i (the ratio estimator's); it needs the per-sequence means, recorded channel-wise by
+    `record(into=...)` without keeping any hook tensor."""
     block = model.config.block_size
+    locs = C.node_locations(model.config) if locations is None else locations
+    device = next(model.parameters()).device
     by_len: dict[int, list[torch.Tensor]] = {}
     for s in seqs:
         s = s[:block]
         by_len.setdefault(len(s), []).append(s)
     total: dict[str, torch.Tensor] = {}
+    sq: dict[str, torch.Tensor] = {}  # sum_i w_i^2 m_i^2, sum_i w_i^2 m_i, for the SE
+    cross: dict[str, torch.Tensor] = {}
+    w2_total = 0.0
     n_tokens = 0
-    for _length, group in sorted(by_len.items()):
-        idx = torch.stack(group).to(next(model.parameters()).device)
-        m = C.node_means(model, idx, locations=locations)
-        w = idx.numel()
-        for loc, v in m.items():
-            total[loc] = total[loc] + v.double() * w if loc in total else v.double() * w
-        n_tokens += w
-    return {loc: (v / n_tokens).float() for loc, v in total.items()}, n_tokens
+    pattern = "|".join(re.escape(loc) for loc in locs)
+    for length, group in sorted(by_len.items()):
+        for start in range(0, len(group), batch_size):
+            idx = torch.stack(group[start : start + batch_size]).to(device)
+
+            def take(name, t, w=length):
+                m = t.double().mean(dim=1)  # (n_seq, width): each sequence's mean
+                s = m.sum(0) * w
+                total[name] = total[name] + s if name in total else s
+                if with_se:
+                    a, b = (m * m).sum(0) * w * w, m.sum(0) * w * w
+                    sq[name] = sq[name] + a if name in sq else a
+                    cross[name] = cross[name] + b if name in cross else b
+
+            with record(pattern, into=take):
+                model(idx)
+            n_tokens += idx.numel()
+            w2_total += idx.shape[0] * length * length
+    means = {loc: (v / n_tokens) for loc, v in total.items()}
+    out = {loc: v.float() for loc, v in means.items()}
+    if not with_se:
+        return out, n_tokens
+    # sum w^2 (m - mu)^2 = sum w^2 m^2 - 2 mu sum w^2 m + mu^2 sum w^2
+    se = {
+        loc: ((sq[loc] - 2 * mu * cross[loc] + mu * mu * w2_total).clamp(min=0).sqrt() / n_tokens).float()
+        for loc, mu in means.items()
+    }
+    return out, n_tokens, se
+
+
+class Spill:
+    """Per-node activations (n_docs, ctx) written chunk by chunk to a temporary file, node-major,
+    and read back one node at a time: the recompute never holds every node's activations (release
+    scale: 2,000 nodes x 64 x 1,024 floats = 0.5 GB per model). Plain reads and writes, no mmap,
+    so the pages are not counted in the process's resident memory."""
+
+    def __init__(self, nodes: list[tuple[str, int]], n_docs: int, ctx: int):
+        self._dir = tempfile.TemporaryDirectory(prefix="circuits-recompute-")
+        self.path = os.path.join(self._dir.name, "acts.f32")
+        self.index = {node: i for i, node in enumerate(nodes)}
+        self.n_docs, self.ctx = n_docs, ctx
+        with open(self.path, "wb") as f:
+            f.truncate(len(nodes) * n_docs * ctx * 4)
+
+    def write(self, d0: int, by_node: dict[tuple[str, int], np.ndarray]) -> None:
+        """Docs d0.. of each node: arrays (chunk_docs, width <= ctx); positions past width stay 0."""
+        with open(self.path, "r+b") as f:
+            for node, a in by_node.items():
+                a = np.ascontiguousarray(a, dtype=np.float32)
+                for j in range(a.shape[0]):
+                    f.seek(((self.index[node] * self.n_docs + d0 + j) * self.ctx) * 4)
+                    f.write(a[j].tobytes())
+
+    def __contains__(self, node) -> bool:
+        return node in self.index
+
+    def __getitem__(self, node) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            f.seek(self.index[node] * self.n_docs * self.ctx * 4)
+            return np.fromfile(f, dtype=np.float32, count=self.n_docs * self.ctx).reshape(self.n_docs, self.ctx)
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 @dataclass
 class Recomputed:
     loss: float
     interv_loss: float
-    full_acts: dict[tuple[str, int], np.ndarray]  # (loc, ch) -> (n_docs, ctx)
-    circuit_acts: dict[tuple[str, int], np.ndarray]
+    full_acts: Spill | dict  # (loc, ch) -> (n_docs, ctx)
+    circuit_acts: Spill | dict
     ablation: dict[str, dict[str, np.ndarray]]  # mode -> loc -> losses aligned with circuit[loc]
     means_source: str
     means_tokens: int
-
-
-def _record_nodes(viz: VizData, rec: dict) -> dict[tuple[str, int], np.ndarray]:
-    return {(loc, ch): rec[loc][..., ch].float().cpu().numpy() for loc, ch, _ in viz.nodes() if loc in rec}
+    means: dict[str, np.ndarray] | None = None  # loc -> the node means used, aligned with circuit[loc]
+    means_se: dict[str, np.ndarray] | None = None  # their standard errors (NaN when exact, e.g. the store's)
+    timings: dict[str, float] | None = None  # seconds per stage
 
 
 def skipped_locations(viz: VizData) -> dict[str, int]:
@@ -93,18 +187,38 @@ def skipped_locations(viz: VizData) -> dict[str, int]:
     return {loc: len(ch) for loc, ch in viz.circuit.items() if not C.is_known_location(loc)}
 
 
+def pair_chunks(n_docs: int, chunk_docs: int = CHUNK_DOCS) -> list[torch.Tensor]:
+    """Doc indices per chunk: whole pairs (doc j with its partner j + n/2), so each chunk's task
+    loss is a mean over its own pairs and the chunks' losses combine by pair counts."""
+    half = n_docs // 2
+    per = max(1, chunk_docs // 2)
+    return [torch.cat([torch.arange(a, min(a + per, half)), torch.arange(a, min(a + per, half)) + half]) for a in range(0, half, per)]
+
+
 @torch.no_grad()
 def recompute(
-    model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None, store_means: tuple[dict, int, str] | None = None
+    model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None, store_means: tuple[dict, int, str] | None = None,
+    chunk_docs: int = CHUNK_DOCS, means_budget: int = MEANS_TOKEN_BUDGET,
 ) -> Recomputed:
     """`store_means`: (means by location, tokens, source) that the store holds for the model (the
-    embedded store writes the ones its circuits were found with); used instead of the snippets."""
+    embedded store writes the ones its circuits were found with); used instead of the snippets.
+
+    Docs run in chunks of `chunk_docs` (whole pairs); every per-doc quantity (activations, norm
+    scales, task loss per pair, ablation losses) is computed per chunk and combined, equal to one
+    pass over all docs within float rounding (tested)."""
+    import time
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     if not is_accelerated(model):
         accelerate(model)
     device = next(model.parameters()).device
-    docs = torch.from_numpy(viz.docs).to(device)
-    ctx = int(viz.doc_lengths().max()) if docs.numel() else 0
-    docs = docs[:, : max(ctx, 2)]  # positions after the longest doc only hold padding
+    all_docs = torch.from_numpy(viz.docs)
+    n_docs = all_docs.shape[0]
+    if n_docs % 2:
+        raise ValueError(f"task docs must come in pairs, got {n_docs} docs")
+    ctx = int(viz.doc_lengths().max()) if all_docs.numel() else 0
+    ctx = max(ctx, 2)  # positions after the longest doc only hold padding
     # Locations the model has no hook point for cannot be recomputed (skipped_locations).
     circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items() if C.is_known_location(loc)}
     locations = C.circuit_locations(model.config, circuit)  # the means needed, final_resid's included
@@ -112,64 +226,121 @@ def recompute(
     if log and len(circuit) < len(viz.circuit):
         log(f"not recomputed (no hook point in the model): {skipped_locations(viz)}")
     pattern = "|".join(re.escape(loc) for loc in locs)
+    nodes = [(loc, int(ch)) for loc, ch, _ in viz.nodes() if loc in circuit]
+    chans = {loc: torch.as_tensor(circuit[loc]).long() for loc in locs}
+    full_acts = Spill(nodes, n_docs, viz.docs.shape[1])
+    circuit_acts = Spill(nodes, n_docs, viz.docs.shape[1])
+    chunks = pair_chunks(n_docs, chunk_docs)
 
-    def recording():  # nothing to record when every location is unknown (a pattern must name a hook point)
-        return record(pattern) if pattern else contextlib.nullcontext({})
+    def recorder(into: dict):  # only the circuit's channels of each hook tensor are kept
+        def take(name, t):
+            if name in chans:
+                into[name] = t[..., chans[name].to(t.device)].float().cpu()
+            else:  # a norm's inverse scale (B, T, 1): small
+                into[name] = t.clone()
 
-    with recording() as rec:
-        logits = model(docs)
-    loss = C.task_loss(logits, docs).item()
-    full_acts = _record_nodes(viz, rec)
+        return take
 
-    seqs = snippet_sequences(viz) if store_means is None else []
+    def spill(target: Spill, docs_idx: torch.Tensor, got: dict) -> None:
+        # a chunk is two runs of consecutive docs (its first halves and their partners)
+        half = len(docs_idx) // 2
+        for part in (slice(0, half), slice(half, len(docs_idx))):
+            d0 = int(docs_idx[part][0])
+            target.write(d0, {(loc, int(c)): got[loc][part, :, j].numpy() for loc in locs if loc in got
+                              for j, c in enumerate(chans[loc].tolist())})  # fmt: skip
+
+    # 1. full model: task loss per pair, circuit channels, norm scales (kept per chunk for step 3)
+    pair_losses = []
+    frozen_by_chunk = []
+    full_pattern = "|".join(p for p in (pattern, C._RSTD) if p)
+    for idx in chunks:
+        docs = all_docs[idx, :ctx].to(device)
+        got: dict = {}
+        with record(full_pattern, into=recorder(got)):
+            logits = model(docs)
+        pair_losses.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
+        del logits
+        frozen_by_chunk.append({k: v for k, v in got.items() if k.endswith(".rstd")})
+        spill(full_acts, idx, got)
+    loss = torch.cat(pair_losses).mean().item()
+    timings["full_model"] = time.perf_counter() - t0
+
+    # 2. node means
+    t = time.perf_counter()
+    se = None
+    seqs = []
     if store_means is not None:
         means, n_tokens, source = store_means
         means = {loc: m.to(device) for loc, m in means.items()}
         lacking = [loc for loc in locations if loc not in means]  # e.g. final_resid: not in the store's file
         if lacking:
-            seqs = snippet_sequences(viz)
-            extra = means_over_sequences(model, seqs, lacking)[0] if seqs else C.node_means(model, docs, locations=lacking)
+            seqs = sample_sequences(snippet_sequences(viz), means_budget)
+            if seqs:
+                extra, _, extra_se = means_over_sequences(model, seqs, lacking, with_se=True)
+                se = extra_se
+            else:
+                extra = C.node_means(model, all_docs[:, :ctx].to(device), locations=lacking)
             means = {**means, **extra}
             source = f"{source} ({', '.join(lacking)}: {'samples' if seqs else 'task_docs'})"
-    elif seqs:
-        means, n_tokens = means_over_sequences(model, seqs, locations)
-        source = "samples"
     else:
-        means, n_tokens = C.node_means(model, docs, locations=locations), docs.numel()
-        source = "task_docs"
+        seqs = sample_sequences(snippet_sequences(viz), means_budget)
+        if seqs:
+            means, n_tokens, se = means_over_sequences(model, seqs, locations, with_se=True)
+            source = "samples"
+        else:
+            means, n_tokens = C.node_means(model, all_docs[:, :ctx].to(device), locations=locations), n_docs * ctx
+            source = "task_docs"
+    means = {loc: m.to(device) for loc, m in means.items()}
     if log:
         log(f"node means over {n_tokens} tokens of {source}")
+    timings["means"] = time.perf_counter() - t
 
-    masks = C.circuit_masks(model.config, circuit)
-    masks = {k: v.to(device) for k, v in masks.items()}
-    frozen = C.frozen_norm_scales(model, docs)
-    with recording() as rec:
-        logits = C.masked_forward(model, docs, masks, means, frozen)
-    interv_loss = C.task_loss(logits, docs).item()
-    circuit_acts = _record_nodes(viz, rec)
-
-    circuit_model = None  # built once, shared by the modes; CPU only
-    if device.type == "cpu":
-        try:
-            circuit_model = C.CircuitModel(model, docs, circuit, means, frozen)
-        except NotImplementedError:  # AbsTopK on the residual stream: the reference loop below
-            pass
-    ablation = {}
-    for mode in modes:
+    # 3. circuit model per chunk: task loss, circuit channels, ablations
+    masks = {k: v.to(device) for k, v in C.circuit_masks(model.config, circuit).items()}
+    interv = []
+    ablation_sums = {mode: {} for mode in modes}
+    timings["circuit_model"] = timings["ablations"] = 0.0
+    for idx, frozen in zip(chunks, frozen_by_chunk, strict=True):
+        t = time.perf_counter()
+        docs = all_docs[idx, :ctx].to(device)
+        got = {}
+        with record(pattern, into=recorder(got)) if pattern else contextlib.nullcontext():
+            logits = C.masked_forward(model, docs, masks, means, frozen)
+        interv.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
+        del logits
+        spill(circuit_acts, idx, got)
+        timings["circuit_model"] += time.perf_counter() - t
+        t = time.perf_counter()
+        circuit_model = None  # built once per chunk, shared by the modes; CPU only
+        if device.type == "cpu":
+            try:
+                circuit_model = C.CircuitModel(model, docs, circuit, means, frozen)
+            except NotImplementedError:  # AbsTopK on the residual stream: the reference loop below
+                pass
+        n_pairs = len(idx) // 2
+        for mode in modes:
+            if circuit_model is not None:
+                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, circuit_model=circuit_model)
+            else:
+                out = C.ablation_losses(model, docs, circuit, means, mode=mode)
+            for loc, v in out.items():  # chunk means over its pairs, weighted by its pairs
+                v = np.asarray(v, dtype=np.float64) * n_pairs
+                ablation_sums[mode][loc] = ablation_sums[mode][loc] + v if loc in ablation_sums[mode] else v
+        del circuit_model
+        timings["ablations"] += time.perf_counter() - t
         if log:
-            log(f"{mode} ablation of {viz.n_nodes} nodes")
-        if circuit_model is not None:
-            out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, circuit_model=circuit_model)
-        else:
-            out = C.ablation_losses(model, docs, circuit, means, mode=mode)
-        ablation[mode] = {loc: np.asarray(v, dtype=np.float64) for loc, v in out.items()}
+            log(f"chunk of {len(idx)} docs done ({len(interv)}/{len(chunks)})")
+    interv_loss = torch.cat(interv).mean().item()
+    half = n_docs // 2
+    ablation = {mode: {loc: v / half for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
 
-    pad = viz.docs.shape[1] - docs.shape[1]
+    def aligned(d):  # per location, the circuit's channels in circuit_data order
+        return {loc: d[loc].detach().double().cpu().numpy()[chans[loc].numpy()] for loc in locs if loc in d}
 
-    def unpad(a: dict) -> dict:
-        return {k: np.pad(v, ((0, 0), (0, pad))) if pad else v for k, v in a.items()}
-
-    return Recomputed(loss, interv_loss, unpad(full_acts), unpad(circuit_acts), ablation, source, n_tokens)
+    return Recomputed(
+        loss, interv_loss, full_acts, circuit_acts, ablation, source, n_tokens, aligned(means),
+        aligned(se) if se is not None else None, timings,
+    )  # fmt: skip
 
 
 def within(a: float, b: float, tol: float) -> bool:
@@ -181,7 +352,8 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
     """The `ablations`, `recomputed_activations` (an iterator of per-node pieces) and `recompute_summary` tables of one run."""
     # ablations: per node and mode; deltas corrected and relative to the recomputed circuit loss.
     ab: dict[str, list] = {k: [] for k in ("run_id", "node_id", "location", "channel", "mode", "stored_delta",
-                                           "recomputed_loss", "recomputed_delta", "abs_diff", "agrees")}  # fmt: skip
+                                           "recomputed_loss", "recomputed_delta", "abs_diff", "agrees",
+                                           "node_mean", "node_mean_se")}  # fmt: skip
     for mode, by_loc in r.ablation.items():
         for loc, ch, order in viz.nodes():
             if loc not in by_loc:  # skipped (skipped_locations)
@@ -193,7 +365,9 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             for k, v in zip(
                 ab,
                 (run.run_id, node_id(loc, ch), loc, ch, mode, stored, rec_loss, rec_delta, diff,
-                 None if stored is None else within(rec_delta, stored, tolerance)),
+                 None if stored is None else within(rec_delta, stored, tolerance),
+                 None if r.means is None or loc not in r.means else float(r.means[loc][order]),
+                 None if r.means_se is None or loc not in r.means_se else float(r.means_se[loc][order])),
                 strict=True,
             ):  # fmt: skip
                 ab[k].append(v)
@@ -222,6 +396,7 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
                  "full_model": r.full_acts[(loc, ch)][doc, pos], "circuit_model": r.circuit_acts[(loc, ch)][doc, pos]},
             )  # fmt: skip
 
+    ses = [v for v in (r.means_se or {}).values() if v.size]
     has_stored = any(viz.node_acts(loc, ch) is not None for loc, ch in nodes)
     limit = tolerance * max(1.0, scale)
     if not has_stored:
@@ -246,6 +421,9 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             "means_tokens": [r.means_tokens],
             "tolerance": [tolerance],
             "device": [device],
+            "means_se_max": [float(max(v.max() for v in ses)) if ses else None],
+            "means_se_median": [float(np.median(np.concatenate(ses))) if ses else None],
+            **{f"seconds_{k}": [(r.timings or {}).get(k)] for k in ("full_model", "means", "circuit_model", "ablations")},
             "skipped": [None if not skipped else f"{sum(skipped.values())} nodes at locations the model has no hook point for "
                         f"(not recomputed): {', '.join(f'{loc} ({n})' for loc, n in skipped.items())}"],
         },

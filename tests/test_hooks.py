@@ -151,3 +151,23 @@ def test_misspelled_names_raise_with_close_names():
     with record(r"\d+\.attn\.q") as rec, intervene({"1.mlp.post_act": lambda t: t}), torch.no_grad():
         model(idx)
     assert set(rec) == {"0.attn.q", "1.attn.q"}
+
+
+def test_record_into_callback_keeps_what_the_caller_selects():
+    """`record(into=...)` hands each matching tensor to the callback and keeps nothing itself;
+    keeping two channels gives the same values as a plain recording, on the plain and fast paths."""
+    from inference.fast import accelerate
+
+    model = tiny_model(d_model=12, n_head=3, d_head=2, d_mlp=20)
+    idx = torch.randint(0, 37, (B, T))
+    with record(r"\d+\.mlp\.post_act") as full, torch.no_grad():
+        model(idx)
+    for m in (model, accelerate(tiny_model(d_model=12, n_head=3, d_head=2, d_mlp=20))):
+        m.load_state_dict(model.state_dict())
+        kept = {}
+        with record(r"\d+\.mlp\.post_act", into=lambda name, t, kept=kept: kept.setdefault(name, t[..., [3, 7]].clone())) as rec, torch.no_grad():
+            m(idx)
+        assert rec == {}
+        assert sorted(kept) == sorted(full)
+        for name, t in kept.items():
+            torch.testing.assert_close(t, full[name][..., [3, 7]])

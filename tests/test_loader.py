@@ -69,6 +69,22 @@ def test_tied_checkpoint_and_missing_final_logits_bias(tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
+def test_weights_are_the_mapped_file_not_a_copy(model, saved):
+    """The parameters are the memory-mapped checkpoint (assign=True): no second dense copy; an
+    in-place edit of a weight copies that page privately and leaves the file as it was."""
+    before = (saved / "final_model.pt").read_bytes()
+    m = load_model(saved)
+    w = m.transformer.h[0].mlp.c_fc.weight
+    # backed by a mapping of the file (/proc/self/maps), not by a heap copy
+    maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(str(saved / "final_model.pt"))]
+    spans = [tuple(int(x, 16) for x in f[0].split("-")) for f in maps]
+    assert any(lo <= w.data_ptr() < hi for lo, hi in spans)
+    with torch.no_grad():
+        w.mul_(2.0)
+    assert (saved / "final_model.pt").read_bytes() == before
+    assert torch.equal(logits(load_model(saved)), logits(model))
+
+
 def test_dtype_argument(saved):
     assert load_model(saved).transformer.wte.weight.dtype == torch.float32
     assert load_model(saved, dtype=torch.bfloat16).transformer.wte.weight.dtype == torch.bfloat16

@@ -60,3 +60,70 @@ def test_recomputed_ablations_with_abs_topk_equal_the_reference_loop(viz_store):
     means_all, zeros_all = (np.concatenate(list(r.ablation[mode].values())) for mode in ("mean", "zero"))
     assert np.abs(means_all - zeros_all).max() > 1e-3  # the modes differ (>> the tolerance)
     assert means_all.max() - means_all.min() > 1e-3  # and so do the nodes
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_chunked_recompute_equals_one_pass_of_the_plain_model(viz_store, device):
+    """Docs in chunks of one pair, only circuit channels recorded and spilled: activations and
+    losses equal those of the plain dense model on the CPU over all docs at once (whole hook
+    tensors), and the ablations equal an unchunked recompute. `device`: where the recompute runs
+    (CIRCUITS_DEVICE)."""
+    run_id = "fixture_a/quotes/prune_v4/k_optim"
+    viz = _viz(viz_store, run_id)
+    assert viz.docs.shape[0] >= 4  # at least two chunks of one pair
+    plain = load_model(viz_store / "models" / FIXTURE_MODEL)
+    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_docs=2)
+    whole = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_docs=10_000)
+    ctx = int(viz.doc_lengths().max())
+    docs = torch.from_numpy(viz.docs)[:, :ctx]
+    circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}
+    means, _ = means_over_sequences(plain, snippet_sequences(viz), C.circuit_locations(plain.config, circuit))
+    with torch.no_grad(), C.record(".*") as full:
+        loss = C.task_loss(plain(docs), docs).item()
+    masks = C.circuit_masks(plain.config, circuit)
+    with torch.no_grad(), C.record(".*") as circ:
+        interv = C.task_loss(C.masked_forward(plain, docs, masks, means), docs).item()
+    assert r.loss == pytest.approx(loss, abs=1e-6) and r.interv_loss == pytest.approx(interv, abs=1e-6)
+    for loc, ch, _ in viz.nodes():
+        np.testing.assert_allclose(r.full_acts[(loc, ch)][:, :ctx], full[loc][..., ch].numpy(), atol=1e-5, err_msg=loc)
+        np.testing.assert_allclose(r.circuit_acts[(loc, ch)][:, :ctx], circ[loc][..., ch].numpy(), atol=1e-5, err_msg=loc)
+        assert not r.full_acts[(loc, ch)][:, ctx:].any()  # padding positions past the longest doc
+    for mode in ("mean", "zero"):
+        for loc in whole.ablation[mode]:
+            np.testing.assert_allclose(r.ablation[mode][loc], whole.ablation[mode][loc], atol=1e-6, err_msg=(mode, loc))
+    for x in (r, whole):
+        x.full_acts.close()
+        x.circuit_acts.close()
+
+
+def test_means_on_a_token_budget_with_standard_errors(viz_store):
+    """A budget below the snippets' tokens samples whole snippets (fixed seed); the means and
+    standard errors equal a direct numpy computation over those snippets' hook tensors."""
+    from pipeline.recompute import sample_sequences
+
+    viz = _viz(viz_store, "fixture_a/quotes/prune_v4/k_optim")
+    model = load_model(viz_store / "models" / FIXTURE_MODEL)
+    seqs = snippet_sequences(viz)
+    total = sum(len(s) for s in seqs)
+    budget = total // 3
+    sample = sample_sequences(seqs, budget)
+    assert 1 < len(sample) < len(seqs) and sum(len(s) for s in sample) <= budget
+    assert [s.tolist() for s in sample_sequences(seqs, budget)] == [s.tolist() for s in sample]  # fixed seed
+    loc = "0.mlp.post_act"
+    means, n, se = means_over_sequences(model, sample, [loc], with_se=True)
+    per_seq, w = [], []
+    for s in sample:
+        with torch.no_grad(), C.record(loc) as rec:
+            model(s[None, : model.config.block_size])
+        per_seq.append(rec[loc][0].double().mean(0).numpy())
+        w.append(min(len(s), model.config.block_size))
+    per_seq, w = np.stack(per_seq), np.asarray(w, dtype=np.float64)[:, None]
+    mu = (per_seq * w).sum(0) / w.sum()
+    want_se = np.sqrt((w**2 * (per_seq - mu) ** 2).sum(0)) / w.sum()
+    assert n == int(w.sum())
+    np.testing.assert_allclose(means[loc].numpy(), mu, atol=1e-6)
+    np.testing.assert_allclose(se[loc].numpy(), want_se, atol=1e-6)
+    assert se[loc].max() > 0

@@ -68,8 +68,12 @@ def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     r = recompute(model, viz, log=context.log.info, store_means=store_means)
     tables = recompute_tables(viz, run, r, circuits.loss_factor, circuits.tolerance, circuits.device)
     data = circuits.data_url()
-    for name, t in tables.items():
-        yield dg.MaterializeResult(asset_key=name, metadata=table_metadata(write_partition(data, name, key, t)))
+    try:
+        for name, t in tables.items():
+            yield dg.MaterializeResult(asset_key=name, metadata=table_metadata(write_partition(data, name, key, t)))
+    finally:  # the spilled activations' temporary files
+        for spilled in (r.full_acts, r.circuit_acts):
+            spilled.close()
 
     s = tables["recompute_summary"].to_pylist()[0]
     loss_ok = within(r.loss, viz.loss, circuits.tolerance) and within(r.interv_loss, viz.interv_loss, circuits.tolerance)

@@ -149,7 +149,9 @@ def test_materialize_from_azurite_equals_local_copy(az_env, tmp_path, monkeypatc
         "embeddings",
     }
     for name, table in want.items():
-        assert got[name].equals(table), name
+        # Wall-clock seconds per recompute stage are measurements of the run, not data of the store.
+        timing = [c for c in table.column_names if c.startswith("seconds_")]
+        assert got[name].drop_columns(timing).equals(table.drop_columns(timing)), name
     # The azure run read through the cache: the selected circuits' files, the checkpoint.
     cached = {p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "files").rglob("*-*") if p.is_file()}
     assert {"viz_data.pt", "final_model.pt", "beeg_config.json", "encoder.json", "vocab.bpe"} <= cached

@@ -61,8 +61,13 @@ def snippet_sequences(viz: VizData) -> list[torch.Tensor]:
 # deltas against all snippets. Small files (every fixture) use all their snippets.
 MEANS_TOKEN_BUDGET = 131_072
 # Docs per chunk of the forward passes (whole pairs: a doc and its partner n/2 later): bounds the
-# hook tensors and the circuit-only model's tables to a chunk's tokens.
-CHUNK_DOCS = 8
+# hook tensors and the circuit-only model's tables to a chunk's tokens (at release scale, 8 docs of
+# 1,024 tokens took the masked forward plus CircuitModel's ablation batches past 10 GB; 2 docs fit
+# in the 3 GB of issue 14).
+CHUNK_DOCS = 2
+# Ablations per batched pass of the circuit-only model, times the chunk's tokens: its (A, rows,
+# channels) tensors scale with the product, so the batch shrinks as the chunk grows.
+ABLATION_ROWS = 16_384
 
 
 def sample_sequences(seqs: list[torch.Tensor], budget: int = MEANS_TOKEN_BUDGET, seed: int = 0) -> list[torch.Tensor]:
@@ -320,7 +325,8 @@ def recompute(
         n_pairs = len(idx) // 2
         for mode in modes:
             if circuit_model is not None:
-                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, circuit_model=circuit_model)
+                batch = max(1, ABLATION_ROWS // docs.numel())
+                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model)
             else:
                 out = C.ablation_losses(model, docs, circuit, means, mode=mode)
             for loc, v in out.items():  # chunk means over its pairs, weighted by its pairs

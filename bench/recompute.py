@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=200)
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunk-docs", type=int, default=8)
+    ap.add_argument("--chunk-docs", type=int, default=None, help="default: CHUNK_DOCS")
     ap.add_argument("--budget", type=int, default=None, help="node-means token budget (default: MEANS_TOKEN_BUDGET)")
     ap.add_argument("--compare-budget", type=int, default=None)
     ap.add_argument("--modes", default="mean,zero")
@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from pipeline.formats import read_viz_data
-    from pipeline.recompute import MEANS_TOKEN_BUDGET, recompute
+    from pipeline.recompute import CHUNK_DOCS, MEANS_TOKEN_BUDGET, recompute
     from pipeline.store_access import load_model, open_store
 
     store_dir = args.store
@@ -74,6 +74,7 @@ def main() -> None:
           f"peak RSS so far {peak_rss_mb():.0f} MB")  # fmt: skip
 
     budget = args.budget or MEANS_TOKEN_BUDGET
+    args.chunk_docs = args.chunk_docs or CHUNK_DOCS
     modes = tuple(args.modes.split(","))
     t = time.perf_counter()
     r = recompute(model, viz, modes=modes, chunk_docs=args.chunk_docs, means_budget=budget, log=lambda m: print("  " + m))

@@ -56,10 +56,10 @@ def snippet_sequences(viz: VizData) -> list[torch.Tensor]:
 
 
 # Node means from the snippets: at most this many tokens (whole snippets, a fixed-seed sample when
-# the file holds more). 131,072 tokens ~ 1,300 snippets of 101 tokens: the standard errors it gives
+# the file holds more). 32,768 tokens ~ 320 snippets of 101 tokens: the standard errors it gives
 # are reported (`means_se_max`, `node_mean_se`), and bench/recompute.py measures the effect on the
-# deltas against all snippets. Small files (every fixture) use all their snippets.
-MEANS_TOKEN_BUDGET = 131_072
+# deltas of another budget (bench/README.md). Small files (every fixture) use all their snippets.
+MEANS_TOKEN_BUDGET = 32_768
 # Docs per chunk of the forward passes (whole pairs: a doc and its partner n/2 later): bounds the
 # hook tensors and the circuit-only model's tables to a chunk's tokens (at release scale, 8 docs of
 # 1,024 tokens took the masked forward plus CircuitModel's ablation batches past 10 GB; 2 docs fit
@@ -67,7 +67,7 @@ MEANS_TOKEN_BUDGET = 131_072
 CHUNK_DOCS = 2
 # Ablations per batched pass of the circuit-only model, times the chunk's tokens: its (A, rows,
 # channels) tensors scale with the product, so the batch shrinks as the chunk grows.
-ABLATION_ROWS = 16_384
+ABLATION_ROWS = 65_536  # 32 ablations per pass at 2 docs of 1,024 tokens (passes' overhead: fewer is slower)
 
 
 def sample_sequences(seqs: list[torch.Tensor], budget: int = MEANS_TOKEN_BUDGET, seed: int = 0) -> list[torch.Tensor]:

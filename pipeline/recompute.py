@@ -39,6 +39,7 @@ import torch
 from inference import circuit as C
 from inference.fast import accelerate, is_accelerated
 from inference.hooks import record
+from inference.memory import release_mapped_pages
 from pipeline.convert import RunRef, _unpadded_index, node_id
 from pipeline.formats import VizData
 from pipeline.tables import make_table
@@ -267,6 +268,8 @@ def recompute(
         del logits
         frozen_by_chunk.append({k: v for k, v in got.items() if k.endswith(".rstd")})
         spill(full_acts, idx, got)
+        if len(pair_losses) == 1:  # the linears' compressed copies are built: the dense pages are not read again
+            release_mapped_pages(model.parameters())
     loss = torch.cat(pair_losses).mean().item()
     timings["full_model"] = time.perf_counter() - t0
 

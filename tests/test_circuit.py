@@ -153,3 +153,27 @@ def test_ablations_that_reach_nothing_leave_the_loss(mode):
     assert len(inert) > 1 and torch.allclose(inert, inert[0].expand_as(inert))  # all equal: they reach nothing
     others = torch.cat([v for loc, v in want.items() if loc != f"{last}.attn.act_in"])
     assert (others - inert[0]).abs().max() > 3e-4  # while other ablations do change it
+
+
+def test_linear_stage_from_compressed_weights_equals_dense():
+    """An accelerated model's `_LinearStage` reads the nonzeros of the compressed copy instead of
+    the dense (memory-mapped) weight: the same rows, weights and constants, bit for bit."""
+    from inference.fast import accelerate
+
+    model, docs, circuit, means = make_case("release_like", density=0.1)
+    lin = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(5, lin.in_features)
+    cols = torch.tensor([1, 3, 4, 9])
+    plain = C._LinearStage(lin, x, cols)
+    assert C._weight_entries(lin) is None
+    accelerate(model, max_density=1.0)
+    assert C._weight_entries(lin) is not None
+    fast = C._LinearStage(lin, x, cols)
+    assert len(plain.rows) > 0 and torch.equal(plain.rows, fast.rows)
+    dense = lambda w: w.to_dense() if w.layout != torch.strided else w  # noqa: E731
+    assert torch.equal(dense(plain.w_t), dense(fast.w_t))
+    assert torch.equal(plain.k, fast.k)
+    with torch.no_grad():
+        want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
+        got = C.CircuitModel(model, docs, circuit, means).logits()
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())

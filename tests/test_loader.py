@@ -163,3 +163,36 @@ def test_memory_store_missing_model():
     fsspec.filesystem("memory")  # registered
     with pytest.raises(FileNotFoundError, match="memory://nowhere-.*/beeg_config.json"):
         load_model(f"memory://nowhere-{uuid.uuid4().hex}")
+
+
+def test_release_mapped_pages_keeps_values_and_written_pages(tmp_path):
+    """`inference.memory.release_mapped_pages` lowers the resident size of a memory-mapped
+    state dict without changing a value; a mapping with a page written in place is left alone
+    (dropping it would lose the write)."""
+    import sys
+
+    import pytest
+    import torch
+
+    from inference.memory import release_mapped_pages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/smaps is Linux's")
+
+    def rss_file_kb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+    path = tmp_path / "w.pt"
+    torch.save({"a": torch.randn(4096, 1024), "b": torch.arange(10.0)}, path)  # 16 MB
+    want = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, mmap=True)
+    assert torch.equal(state["a"], want["a"])  # every page read: resident
+    before = rss_file_kb()
+    assert release_mapped_pages(state.values()) >= 16 * 2**20
+    assert before - rss_file_kb() >= 12 * 1024  # most of the 16 MB left the resident set
+    assert torch.equal(state["a"], want["a"]) and torch.equal(state["b"], want["b"])
+    state["b"][0] = 42.0  # a private mapping: this page is now the process's own copy
+    assert release_mapped_pages(state.values()) == 0
+    assert state["b"][0].item() == 42.0
+    assert release_mapped_pages([torch.randn(1000)]) == 0  # anonymous memory: never

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from inference.config import GPTConfig
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.hooks import intervene, record
+from inference.kth_pair import kth_pair
 
 ATTN_KINDS = ("act_in", "q", "k", "v", "resid_delta")
 MLP_KINDS = ("act_in", "post_act", "resid_delta")
@@ -414,7 +415,8 @@ class _TopkStage:
         vals[..., self.c_const_pos] = self.c_const
         if self.window is None:
             return vals
-        kth, kth1 = _kth_largest_pair(changing.abs(), self.window)
+        got = kth_pair(changing, self.window)  # compiled (inference.kth_pair), or None: the torch code
+        kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
             # (every other channel is replaced by its fill either way).

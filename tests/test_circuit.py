@@ -7,6 +7,8 @@ from test_fast import sparsify
 from test_model import BASE, VARIANTS, tiny_model
 
 from inference import circuit as C
+from inference import kth_pair as KP
+from inference.kth_pair import kth_pair
 
 SUPPORTED = {
     name: v for name, v in VARIANTS.items() if name not in ("afrac_resid_post_attn", "afrac_resid_post_mlp", "afrac_all")
@@ -47,7 +49,9 @@ def test_circuit_model_logits_equal_masked_forward(variant):
     "variant", ["layernorm_gelu_tied", "rmsnorm_nobias_relu_untied", "release_like", "residual_relu", "cat_pos_emb_learned"]
 )
 @pytest.mark.parametrize("mode", ["mean", "zero"])
-def test_fast_ablation_losses_equal_reference(variant, mode):
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_fast_ablation_losses_equal_reference(variant, mode, compiled, monkeypatch):
+    monkeypatch.setattr(KP, "ENABLED", compiled)
     model, docs, circuit, means = make_case(variant, node_frac=0.2)
     want = C.ablation_losses(model, docs, circuit, means, mode)
     got = C.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
@@ -127,6 +131,9 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         assert torch.equal(window, full[:, k - m + m : k + 2 + m]), (n, m, k)  # ranks k-m .. k+1 (index rank + m)
         changed = (changing.unsqueeze(0) + torch.rand(3, rows, m, generator=gen) * (trial % 3)).round(decimals=1)
         kth, kth1 = C._kth_largest_pair(changed, window)
+        compiled = kth_pair(changed, window)  # the numba kernel (None without numba)
+        if compiled is not None:
+            assert torch.equal(compiled[0], kth) and torch.equal(compiled[1], kth1), (n, m, k)
         union = torch.cat([changed, const.expand(3, -1, -1)], -1)
         assert torch.equal(kth, _brute_kth(union, k)) and torch.equal(kth1, _brute_kth(union, k + 1)), (n, m, k)
         # the general path alone, on every row (also those the fast path answers without it)

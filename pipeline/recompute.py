@@ -68,7 +68,10 @@ MEANS_TOKEN_BUDGET = 32_768
 CHUNK_DOCS = 2
 # Ablations per batched pass of the circuit-only model, times the chunk's tokens: its (A, rows,
 # channels) tensors scale with the product, so the batch shrinks as the chunk grows.
-ABLATION_ROWS = 65_536  # 32 ablations per pass at 2 docs of 1,024 tokens (passes' overhead: fewer is slower)
+# 8 ablations per pass at 2 docs of 1,024 tokens: at release scale each pass holds ~70 MB per
+# ablation (32 took the process from 1.8 to 3.9 GB); the passes' fixed overhead is small next to
+# their arithmetic there (bench/README.md).
+ABLATION_ROWS = 16_384
 
 
 def sample_sequences(seqs: list[torch.Tensor], budget: int = MEANS_TOKEN_BUDGET, seed: int = 0) -> list[torch.Tensor]:
@@ -204,14 +207,17 @@ def pair_chunks(n_docs: int, chunk_docs: int = CHUNK_DOCS) -> list[torch.Tensor]
 @torch.no_grad()
 def recompute(
     model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None, store_means: tuple[dict, int, str] | None = None,
-    chunk_docs: int = CHUNK_DOCS, means_budget: int = MEANS_TOKEN_BUDGET,
+    chunk_docs: int = CHUNK_DOCS, means_budget: int = MEANS_TOKEN_BUDGET, ablation_chunks: int | None = None,
 ) -> Recomputed:
     """`store_means`: (means by location, tokens, source) that the store holds for the model (the
     embedded store writes the ones its circuits were found with); used instead of the snippets.
 
     Docs run in chunks of `chunk_docs` (whole pairs); every per-doc quantity (activations, norm
     scales, task loss per pair, ablation losses) is computed per chunk and combined, equal to one
-    pass over all docs within float rounding (tested)."""
+    pass over all docs within float rounding (tested).
+
+    `ablation_chunks` (benchmarks only): ablate on the first that many chunks only, so the
+    ablation losses are means over those chunks' pairs (bench/recompute.py extrapolates)."""
     import time
 
     timings: dict[str, float] = {}
@@ -272,6 +278,8 @@ def recompute(
             release_mapped_pages(model.parameters())
     loss = torch.cat(pair_losses).mean().item()
     timings["full_model"] = time.perf_counter() - t0
+    if log:
+        log(f"full model: {n_docs} docs in {timings['full_model']:.0f} s")
 
     # 2. node means
     t = time.perf_counter()
@@ -308,7 +316,8 @@ def recompute(
     interv = []
     ablation_sums = {mode: {} for mode in modes}
     timings["circuit_model"] = timings["ablations"] = 0.0
-    for idx, frozen in zip(chunks, frozen_by_chunk, strict=True):
+    ablated_pairs = 0
+    for n_chunk, (idx, frozen) in enumerate(zip(chunks, frozen_by_chunk, strict=True)):
         t = time.perf_counter()
         docs = all_docs[idx, :ctx].to(device)
         got = {}
@@ -318,6 +327,8 @@ def recompute(
         del logits
         spill(circuit_acts, idx, got)
         timings["circuit_model"] += time.perf_counter() - t
+        if ablation_chunks is not None and n_chunk >= ablation_chunks:
+            continue
         t = time.perf_counter()
         circuit_model = None  # built once per chunk, shared by the modes; CPU only
         if device.type == "cpu":
@@ -326,6 +337,9 @@ def recompute(
             except NotImplementedError:  # AbsTopK on the residual stream: the reference loop below
                 pass
         n_pairs = len(idx) // 2
+        ablated_pairs += n_pairs
+        if log and n_chunk == 0:
+            log(f"circuit-only model of the first chunk built in {time.perf_counter() - t:.0f} s")
         for mode in modes:
             if circuit_model is not None:
                 batch = max(1, ABLATION_ROWS // docs.numel())
@@ -340,8 +354,7 @@ def recompute(
         if log:
             log(f"chunk of {len(idx)} docs done ({len(interv)}/{len(chunks)})")
     interv_loss = torch.cat(interv).mean().item()
-    half = n_docs // 2
-    ablation = {mode: {loc: v / half for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
+    ablation = {mode: {loc: v / ablated_pairs for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
 
     def aligned(d):  # per location, the circuit's channels in circuit_data order
         return {loc: d[loc].detach().double().cpu().numpy()[chans[loc].numpy()] for loc in locs if loc in d}

@@ -56,14 +56,18 @@ def _file_mappings() -> list[tuple[int, int, str, int]]:
     return [tuple(m) for m in out]
 
 
-def release_mapped_pages(tensors) -> int:
+def release_mapped_pages(tensors, whole_mappings: bool = True) -> int:
     """Drop from this process's resident set the pages of the clean private file mappings that
-    hold any of `tensors` (e.g. `model.parameters()`); returns the bytes of the mappings released
-    (0 off Linux or when none qualifies). Values are unchanged (module doc)."""
+    hold any of `tensors` (e.g. `model.parameters()`): the whole mappings, or with
+    `whole_mappings=False` only the pages inside the tensors' own bytes. Returns the bytes
+    released (0 off Linux or when none qualifies). Values are unchanged (module doc)."""
     if not sys.platform.startswith("linux"):
         return 0
-    ptrs = sorted({t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()})
-    if not ptrs:
+    spans = sorted(
+        {(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
+         if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() and t.is_contiguous()}
+    )  # fmt: skip
+    if not spans:
         return 0
     try:
         maps = _file_mappings()
@@ -74,9 +78,11 @@ def release_mapped_pages(tensors) -> int:
     for start, end, path, anon_kb in maps:
         if anon_kb or not os.path.isfile(path):
             continue  # written pages (copy-on-write) would be lost: keep the mapping as is
-        if not any(start <= p < end for p in ptrs):
+        inside = [(a, b) for a, b in spans if start <= a < end]
+        if not inside:
             continue
-        start_al = (start + page - 1) // page * page
-        if end > start_al and _madvise()(start_al, end - start_al, _MADV_DONTNEED) == 0:
-            released += end - start_al
+        for a, b in [(start, end)] if whole_mappings else inside:
+            a, b = (a + page - 1) // page * page, min(b, end) // page * page  # whole pages only
+            if b > a and _madvise()(a, b - a, _MADV_DONTNEED) == 0:
+                released += b - a
     return released

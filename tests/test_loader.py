@@ -196,3 +196,24 @@ def test_release_mapped_pages_keeps_values_and_written_pages(tmp_path):
     assert release_mapped_pages(state.values()) == 0
     assert state["b"][0].item() == 42.0
     assert release_mapped_pages([torch.randn(1000)]) == 0  # anonymous memory: never
+
+
+def test_release_mapped_pages_of_one_tensor_only(tmp_path):
+    """`whole_mappings=False` drops only the pages inside the given tensors' bytes."""
+    import sys
+
+    import pytest
+    import torch
+
+    from inference.memory import release_mapped_pages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/smaps is Linux's")
+    path = tmp_path / "w.pt"
+    torch.save({"a": torch.randn(2048, 1024), "b": torch.randn(2048, 1024)}, path)
+    want = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, mmap=True)
+    assert torch.equal(state["a"], want["a"]) and torch.equal(state["b"], want["b"])
+    got = release_mapped_pages([state["a"]], whole_mappings=False)
+    assert 8 * 2**20 - 2 * 4096 <= got <= 8 * 2**20  # a's 8 MB (whole pages), not b's
+    assert torch.equal(state["a"], want["a"]) and torch.equal(state["b"], want["b"])

@@ -31,6 +31,7 @@ from inference.config import GPTConfig
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.hooks import intervene, record
 from inference.kth_pair import kth_pair
+from inference.memory import trim_heap
 
 ATTN_KINDS = ("act_in", "q", "k", "v", "resid_delta")
 MLP_KINDS = ("act_in", "post_act", "resid_delta")
@@ -857,6 +858,7 @@ class CircuitModel:
         tied: list[tuple[str, int]] = []
         # One location at a time, so a pass shares everything upstream of its nodes (size 1).
         for loc in self.locations:
+            trim_heap()  # the passes' freed intermediates back to the system (inference.memory)
             i = parse_location(loc)[0]
             loc_nodes = [nd for nd in nodes if nd[0] == loc]
             for start in range(0, len(loc_nodes), batch):

@@ -39,7 +39,7 @@ import torch
 from inference import circuit as C
 from inference.fast import accelerate, is_accelerated
 from inference.hooks import record
-from inference.memory import release_mapped_pages
+from inference.memory import release_mapped_pages, trim_heap
 from pipeline.convert import RunRef, _unpadded_index, node_id
 from pipeline.formats import VizData
 from pipeline.tables import make_table
@@ -128,6 +128,7 @@ def means_over_sequences(
 
             with record(pattern, into=take):
                 model(idx)
+            trim_heap()
             n_tokens += idx.numel()
             w2_total += idx.shape[0] * length * length
     means = {loc: (v / n_tokens) for loc, v in total.items()}
@@ -276,6 +277,7 @@ def recompute(
         spill(full_acts, idx, got)
         if len(pair_losses) == 1:  # the linears' compressed copies are built: the dense pages are not read again
             release_mapped_pages(model.parameters())
+        trim_heap()  # freed intermediates back to the system (inference.memory: else RSS creeps up chunk by chunk)
     loss = torch.cat(pair_losses).mean().item()
     timings["full_model"] = time.perf_counter() - t0
     if log:
@@ -326,6 +328,7 @@ def recompute(
         interv.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
         del logits
         spill(circuit_acts, idx, got)
+        trim_heap()
         timings["circuit_model"] += time.perf_counter() - t
         if ablation_chunks is not None and n_chunk >= ablation_chunks:
             continue
@@ -350,6 +353,7 @@ def recompute(
                 v = np.asarray(v, dtype=np.float64) * n_pairs
                 ablation_sums[mode][loc] = ablation_sums[mode][loc] + v if loc in ablation_sums[mode] else v
         del circuit_model
+        trim_heap()
         timings["ablations"] += time.perf_counter() - t
         if log:
             log(f"chunk of {len(idx)} docs done ({len(interv)}/{len(chunks)})")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import re
 import warnings
 from collections.abc import Mapping
@@ -835,7 +836,7 @@ class CircuitModel:
         return self._final_logits(self.final_state)[0].view(self.B, self.T, -1)
 
     @torch.no_grad()
-    def ablation_losses(self, mode: str = "mean", batch: int = 32) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
+    def ablation_losses(self, mode: str = "mean", batch: int = 32, log=None) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
         """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
         and the nodes whose result hit an AbsTopK tie in a row that reaches an answer (their value
         here is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""
@@ -859,6 +860,7 @@ class CircuitModel:
         # One location at a time, so a pass shares everything upstream of its nodes (size 1).
         for loc in self.locations:
             trim_heap()  # the passes' freed intermediates back to the system (inference.memory)
+            t_loc = time.perf_counter()
             i = parse_location(loc)[0]
             loc_nodes = [nd for nd in nodes if nd[0] == loc]
             for start in range(0, len(loc_nodes), batch):
@@ -886,6 +888,8 @@ class CircuitModel:
                     losses[(loc, c)] = loss[a].item()
                     if ties[0][a]:
                         tied.append((loc, c))
+            if log:
+                log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
         out = {loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
         return out, tied
 
@@ -913,6 +917,7 @@ def fast_ablation_losses(
     mode: str = "mean",
     batch: int = 32,
     circuit_model: CircuitModel | None = None,
+    log=None,
 ) -> dict[str, torch.Tensor]:
     """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
     only the circuit's nodes are recomputed, many ablations per pass. Ablations whose result
@@ -929,7 +934,7 @@ def fast_ablation_losses(
             cm = CircuitModel(model, docs, circuit_data, means)
         except NotImplementedError:
             return ablation_losses(model, docs, circuit_data, means, mode)
-    per_channel, tied = cm.ablation_losses(mode, batch)
+    per_channel, tied = cm.ablation_losses(mode, batch, log)
     if tied:
         masks = circuit_masks(model.config, circuit_data)
         for loc, c in tied:

@@ -346,7 +346,8 @@ def recompute(
         for mode in modes:
             if circuit_model is not None:
                 batch = max(1, ABLATION_ROWS // docs.numel())
-                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model)
+                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model,
+                                             log=log if n_chunk == 0 else None)  # per location, first chunk only
             else:
                 out = C.ablation_losses(model, docs, circuit, means, mode=mode)
             for loc, v in out.items():  # chunk means over its pairs, weighted by its pairs

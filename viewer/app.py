@@ -1,6 +1,6 @@
 """The circuit explorer: `panel serve viewer/app.py --address 127.0.0.1 --port 5006` (from the project root).
 
-Template and layout only; widgets and wiring are in explorer.py, data access in queries.py.
+Page layout only; widgets and wiring are in explorer.py, view models in models.py, SQL in queries.py.
 Reads `$CIRCUITS_DATA/circuits.duckdb` (default `data/`), written by `circuits materialize`.
 """
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import html
 
 import numpy as np
-import pandas as pd
 import panel as pn
+import polars as pl
 from bokeh.models import AutocompleteInput, Div
 
 TABLE_STYLE = """<style>
@@ -69,15 +69,15 @@ def _cells(values: np.ndarray, digits: int) -> list[str]:
     return ["" if v is None or v != v else html.escape(str(v)) for v in values.tolist()]
 
 
-def table_html(df: pd.DataFrame | dict | None, empty: str = "<i>none</i>", digits: int = 4) -> str:
-    """A DataFrame (or dict of equal-length columns) as a small HTML table, values escaped.
+def table_html(df: pl.DataFrame | dict | None, empty: str = "<i>none</i>", digits: int = 4) -> str:
+    """A Polars DataFrame (or dict of equal-length columns) as a small HTML table, values escaped.
 
-    Built from numpy columns: pandas' to_html costs ~4 ms per table."""
+    Built from numpy columns (a table's HTML writer costs ~4 ms per table)."""
     if df is None or len(df) == 0 or (isinstance(df, dict) and len(next(iter(df.values()))) == 0):
         return empty
-    names = list(df.columns) if isinstance(df, pd.DataFrame) else list(df)
+    names = list(df.columns) if isinstance(df, pl.DataFrame) else list(df)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in names)
-    columns = [_cells(np.asarray(df[c]), digits) for c in names]
+    columns = [_cells(df[c].to_numpy() if isinstance(df, pl.DataFrame) else np.asarray(df[c]), digits) for c in names]
     rows = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for row in zip(*columns, strict=True))
     return f'{TABLE_STYLE}<table class="df"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 

@@ -71,11 +71,11 @@ def test_pipeline_tabs_render(pipeline_data):
     assert app.embeddings.channel.value == int(resid["channel"].iloc[0])
     emb = read(pipeline_data, "embeddings")
     col = emb[(emb["matrix"] == "wte") & (emb["channel"] == int(resid["channel"].iloc[0])) & (emb["model"] == runs["model"].iloc[0])]
-    assert int(sum(app.embeddings.hist_source.data["top"])) == len(col)
+    assert int(sum(app.embeddings.hist.data[1])) == len(col)  # the counts the histogram draws
     app.detail_tabs.active = 2
     lak = read(pipeline_data, "loss_at_k")
     r = runs.iloc[0]
-    assert len(app.curves.k_source.data["k_label"]) == int(((lak["model"] == r["model"]) & (lak["task"] == r["task"])
+    assert len(app.curves.k_plot.data[0]["k_label"]) == int(((lak["model"] == r["model"]) & (lak["task"] == r["task"])
                                                           & (lak["sweep"] == r["sweep"])).sum())
     other = [x for x in runs["run_id"] if x != run_id][0]
     app.state.compare = other

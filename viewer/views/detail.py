@@ -133,7 +133,7 @@ class DetailView:
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         # Two buttons rather than a checkbox: the checkbox's label text is not part of its click target, so a
         # click on "zero-centred" changed nothing; each button is a target of its own and shows the mode.
-        self.zero = pn.widgets.RadioButtonGroup(options=dict(COLOUR_MODES), value=state.zero_centred, button_type="default", width=260)
+        self.zero = pn.widgets.RadioButtonGroup(options=dict(COLOUR_MODES), value=state.zero_centred, color="default", width=260)
         self.zero.param.watch(lambda e: setattr(state, "zero_centred", bool(e.new)), "value")
         state.param.watch(lambda e: setattr(self.zero, "value", e.new), "zero_centred")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)

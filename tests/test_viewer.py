@@ -362,8 +362,7 @@ def test_other_tabs_render(viewer_data):
     app = create_app(url={"run": RUN, "node": node["node_id"], "compare": "toy/quotes/sweep1/16"}).explorer
     app.detail_tabs.active = 1
     assert app.embeddings.channel.value == node["channel"]
-    edges, counts = app.embeddings.hist.data  # what the histogram draws
-    assert len(counts) == 30 and len(edges) == 31
+    assert len(app.embeddings.hist_source.data["top"]) == 30
     app.detail_tabs.active = 2
     lak, shown_run, unpruned = app.curves.k_plot.data
     assert lak["k_label"].to_list() == ["8", "16"] and shown_run == RUN

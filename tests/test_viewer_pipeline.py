@@ -71,7 +71,7 @@ def test_pipeline_tabs_render(pipeline_data):
     assert app.embeddings.channel.value == int(resid["channel"].iloc[0])
     emb = read(pipeline_data, "embeddings")
     col = emb[(emb["matrix"] == "wte") & (emb["channel"] == int(resid["channel"].iloc[0])) & (emb["model"] == runs["model"].iloc[0])]
-    assert int(sum(app.embeddings.hist.data[1])) == len(col)  # the counts the histogram draws
+    assert int(sum(app.embeddings.hist_source.data["top"])) == len(col)
     app.detail_tabs.active = 2
     lak = read(pipeline_data, "loss_at_k")
     r = runs.iloc[0]

@@ -79,20 +79,20 @@ class ExplorerApp:
         self.notes = HtmlBox(style=NOTE_STYLE)
         self.notes.div.visible = False
 
-        # Views. The Node and Embeddings tabs are built with the page (figures empty), so opening them only fills
-        # data into existing models: adding models to a live document (a view built later, or Panel's dynamic
-        # tabs) makes Bokeh re-walk all of it, 100-250 ms per tab at release scale. The other tabs (whole
-        # circuit, curves, compare, export) are built on first open: each view built with the page costs the
-        # cold start of every session (~100 models a figure, each themed and walked when the page is served).
+        # Views. The Node tab is built with the page (figures empty), so a click only fills data into existing
+        # models. The Embeddings tab (two figures: a third of the page's models and of the session's build time)
+        # is built right after the page has loaded (`pn.state.onload`), so that the page is drawn without it and
+        # its first open only fills data in (built on open it costs ~200 ms: adding models to a live document
+        # makes Bokeh re-walk it). The other tabs (whole circuit, curves, compare, export) are built on first
+        # open: each view built with the page costs the cold start of every session.
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
         self.detail = DetailView(state)
-        self.embeddings = EmbeddingView(state)
         self._lazy = {}
-        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[2:])}
+        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[1:])}
         self.graph_tabs = pn.Tabs((GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
                                   (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]), sizing_mode="stretch_width")
-        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), (DETAIL_TABS[1], self.embeddings.panel),
-                                   *((t, self._holders[t]) for t in DETAIL_TABS[2:]), sizing_mode="stretch_width")
+        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]),
+                                   sizing_mode="stretch_width")
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
 
@@ -108,6 +108,7 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
+        pn.state.onload(lambda: self._view("Embeddings"))  # without a served page (tests, bench): now
 
     def _view(self, tab):
         """The view of a tab built on first open."""
@@ -115,13 +116,14 @@ class ExplorerApp:
             make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
                 self._select_node, height=640, node_size=7,
                 title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
-                    "Curves": lambda: CurvesView(self.state), "Compare": lambda: CompareView(self.state),
+                    "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: CurvesView(self.state), "Compare": lambda: CompareView(self.state),
                     "Faithfulness": lambda: FaithfulnessView(self.state), "Export": lambda: ExportView(self.state)}[tab]
             view = self._lazy[tab] = make()
             self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)
         return self._lazy[tab]
 
     whole = property(lambda self: self._view(GRAPH_TABS[1]))
+    embeddings = property(lambda self: self._view("Embeddings"))
     curves = property(lambda self: self._view("Curves"))
     compare = property(lambda self: self._view("Compare"))
     faithfulness = property(lambda self: self._view("Faithfulness"))

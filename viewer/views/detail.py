@@ -9,7 +9,7 @@ import polars as pl
 
 from viewer import models
 from viewer.views import attention, tokens
-from viewer.views.markup import HtmlBox, heading, table_html
+from viewer.views.markup import HtmlBox, block, heading_div, table_html
 
 
 def connections_frame(df) -> dict | None:
@@ -147,12 +147,8 @@ class DetailView:
         self.stale = set()  # inner tabs whose content is out of date
         self.inner_tabs.param.watch(lambda e: self._refresh_inner(), "active")
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
-        self.panel = pn.Column(
-            self.header.panel,
-            pn.Row(pn.Column(heading("Inputs"), self.inputs.panel, sizing_mode="stretch_width"),
-                   pn.Column(heading("Outputs"), self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
-            self.inner_tabs,
-            sizing_mode="stretch_width")
+        self.panel = pn.Column(block(self.header.div, [(heading_div("Inputs"), self.inputs.div), (heading_div("Outputs"), self.outputs.div)]),
+                               self.inner_tabs, sizing_mode="stretch_width")
 
     def show(self, *_):
         s = self.state

@@ -13,9 +13,11 @@ NEG_RGB = (67, 147, 195)  # negative: blue
 # Every token is a <span>: tens of thousands per page of task docs, so each is kept short (the browser's
 # parsing and layout of this HTML was most of a click's time): the colour is a class (`p37` = red at 0.37,
 # `n5` = blue at 0.05) defined once per box, the boxed token has class `c`, the hover title is bare; a token
-# whose value is exactly 0 is plain text (no span).
+# whose value is exactly 0 is plain text (no span). `content-visibility: auto`: the browser styles, lays out and
+# paints only the lines on screen (a click rendered all ~4,000 snippet tokens; most are below the fold).
 STYLE = """<style>
-.toks {font-family: monospace; font-size: 12px; line-height: 1.9; white-space: pre-wrap; word-break: break-all; margin: 2px 0;}
+.toks {font-family: monospace; font-size: 12px; line-height: 1.9; white-space: pre-wrap; word-break: break-all; margin: 2px 0;
+       content-visibility: auto; contain-intrinsic-size: auto 90px;}
 .toks span {padding: 1px 0; margin-right: 1px; border-radius: 2px;}
 .toks span.c {outline: 2px solid #111; outline-offset: -1px;}
 .snipgroup {margin: 4px 0 10px 0;} .snipgroup h4 {margin: 6px 0 2px 0; font-size: 13px;}

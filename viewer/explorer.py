@@ -16,7 +16,6 @@ from viewer import models
 from viewer.state import URL_KEYS, Explorer, UrlState, request_args
 from viewer.views import graph as graph_views
 from viewer.views.compare import CompareView
-from viewer.views.curves import CurvesView
 from viewer.views.detail import DetailView
 from viewer.views.embeddings import EmbeddingView
 from viewer.views.export import ExportView
@@ -47,6 +46,14 @@ def summary_html(r: dict) -> str:
 def layer_options(layers) -> dict:
     """Label -> layer_half of the layer picker."""
     return {layer_label(row): row["layer_half"] for row in layers.iter_rows(named=True)}
+
+
+def curves_view(state):
+    """The Curves tab, imported on first open: hvPlot and HoloViews take ~1 s to import, which the first page
+    a server shows would otherwise wait for."""
+    from viewer.views.curves import CurvesView
+
+    return CurvesView(state)
 
 
 class ExplorerApp:
@@ -116,7 +123,7 @@ class ExplorerApp:
             make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
                 self._select_node, height=640, node_size=7,
                 title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
-                    "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: CurvesView(self.state), "Compare": lambda: CompareView(self.state),
+                    "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: curves_view(self.state), "Compare": lambda: CompareView(self.state),
                     "Faithfulness": lambda: FaithfulnessView(self.state), "Export": lambda: ExportView(self.state)}[tab]
             view = self._lazy[tab] = make()
             self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)

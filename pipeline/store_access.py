@@ -139,22 +139,12 @@ def read_tensor(store, model: str, key: str):
     return t
 
 
-_TOKENIZERS: dict[tuple, object] = {}
-
-
 def load_tokenizer(store):
-    """The store's `tinypython/` tokenizer (a tiktoken Encoding), its files fetched through the
-    pipeline's download cache (`inference.tokenizer.get_tokenizer` would use the default cache)."""
-    import tiktoken
+    """The store's `tinypython/` tokenizer (a tiktoken Encoding, cached per file version), its files
+    fetched through the pipeline's download cache."""
+    from inference.tokenizer import get_tokenizer
 
-    from inference import tokenizer as T
-
-    encoder_json, vocab_bpe = T.find_tokenizer_files(store.path(TOKENIZER_DIR), cache_dir=getattr(store, "_cache_dir", None))
-    key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in (encoder_json, vocab_bpe))
-    if key not in _TOKENIZERS:
-        ranks, special = T.mergeable_ranks(encoder_json, vocab_bpe)
-        _TOKENIZERS[key] = tiktoken.Encoding(T.ENCODING_NAME, pat_str=T.PAT_STR, mergeable_ranks=ranks, special_tokens=special)
-    return _TOKENIZERS[key]
+    return get_tokenizer(store.path(TOKENIZER_DIR), cache_dir=getattr(store, "_cache_dir", None))
 
 
 def token_bytes_list(enc) -> tuple[list[bytes], dict[int, str]]:

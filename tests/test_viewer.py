@@ -68,12 +68,12 @@ def test_layer_halves_deltas_counts_and_marks(viewer_data):
     la = la[la["run_id"] == RUN].set_index("layer_half")
     for lh, row in la.iterrows():
         # delta: both terms corrected; delta_released: the released viewer's reading
-        assert got.loc[lh, "delta"] == pytest.approx(row["delta_corrected"])
-        assert got.loc[lh, "delta_released"] == pytest.approx(row["delta"])
+        assert got.loc[lh, "delta"] == pytest.approx(row["delta"])
+        assert got.loc[lh, "delta_released"] == pytest.approx(row["delta_released"])
         count = sum(1 for n in truth.nodes[RUN] if f"{n['layer']}.{n['half']}" == lh)
         assert got.loc[lh, "n_nodes"] == count
-        assert bool(got.loc[lh, "marked"]) == (row["delta_corrected"] > 0.3)
-    expected = sorted(lh for lh, row in la.iterrows() if row["delta_corrected"] > 0.3)
+        assert bool(got.loc[lh, "marked"]) == (row["delta"] > 0.3)
+    expected = sorted(lh for lh, row in la.iterrows() if row["delta"] > 0.3)
     assert sorted(got.index[got["marked"]]) == expected
     assert expected, "the fixture should mark at least one layer-half"
 

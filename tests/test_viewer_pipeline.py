@@ -39,7 +39,7 @@ def test_every_run_opens_and_a_click_shows_its_node(pipeline_data):
         app = page.explorer
         assert app.state.notes == []
         mine = layers[layers["run_id"] == run_id].sort_values(["layer", "half"])
-        marked = mine[mine["delta_corrected"] > 0.3]
+        marked = mine[mine["delta"] > 0.3]
         assert app.state.layer == (marked if len(marked) else mine)["layer_half"].iloc[0]
         n_nodes = int((nodes["run_id"] == run_id).sum())
         assert f"<b>{n_nodes}</b> nodes" in app.summary.object

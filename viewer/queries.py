@@ -200,7 +200,7 @@ def layer_halves(run_id: str) -> pl.DataFrame:
     Without layer_ablations the deltas are null and nodes are counted.
     """
     df = optional("""
-        SELECT layer_half, layer, half, delta_corrected AS delta, delta AS delta_released, n_nodes
+        SELECT layer_half, layer, half, delta, delta_released, n_nodes
         FROM layer_ablations WHERE run_id = ? ORDER BY layer, half""", [run_id])
     if df is None or df.is_empty():
         df = query("""

@@ -62,7 +62,7 @@ def test_node_detail_header_connections_snippets():
     from viewer.views.detail import DetailView
 
     node = {"node_id": "1.attn.q:7", "location": "1.attn.q", "channel": 7, "kind": "q", "head": 1, "head_channel": 3,
-            "delta": 0.4373, "layer_delta": 1.5}
+            "delta": 0.4373, "layer_delta": 1.5, "layer_delta_released": 2.75}
     inputs = pl.DataFrame({"src_node_id": ["1.attn.act_in:2"], "tgt_node_id": ["1.attn.q:7"], "strength": [0.75], "weight": [None]},
                           schema_overrides={"weight": pl.Float64})
     snippets = pl.DataFrame({"frac": [0.5, 0.5, 0.5], "side": ["top"] * 3, "rank": [0, 0, 0], "pos": [0, 1, 2], "token_id": [5, 6, 7],
@@ -73,7 +73,7 @@ def test_node_detail_header_connections_snippets():
     view.draw(detail, {"1.attn.q:7": "<my pin>"})
     head = view.header.object
     assert '<h3 class="node-title">1.attn.q:7</h3>' in head and "head 1, head channel 3" in head
-    assert "<b>0.4373</b>" in head and "layer-half delta 1.5000" in head and "0.4400" in head and "agrees" in head
+    assert "<b>0.4373</b>" in head and "layer-half delta 1.5000 (released reading 2.7500)" in head and "0.4400" in head and "agrees" in head
     assert "&lt;my pin&gt;" in head and "<my pin>" not in head
     assert "1.attn.act_in:2" in view.inputs.object and "0.7500" in view.inputs.object
     assert view.outputs.object == "<i>none</i>"

@@ -30,7 +30,6 @@ from pipeline.derived import SNIPPET_RADIUS, SNIPPETS_SHOWN
 REQUIRED_TABLES = ("runs", "nodes")
 OPTIONAL_TABLES = ("edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve", "loss_at_k",
                    "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab", "ablations", "faithfulness")
-MARK_LAYER_DELTA = 0.3  # layer-halves above this delta are marked (released viewer)
 
 
 class TablesMissing(RuntimeError):

@@ -98,8 +98,10 @@ def header_html(node: dict, ablation: dict | None, pin_label: str | None) -> str
     if node.get("kind") in ("q", "k", "v"):
         head = f" · head {int(node['head'])}, head channel {int(node['head_channel'])}"
     where = WHERE.get(node.get("kind"))
-    layer_delta = node.get("layer_delta")
-    layer_part = f" · layer-half delta {layer_delta:.4f}" if layer_delta is not None and layer_delta == layer_delta else ""
+    layer_delta, released = node.get("layer_delta"), node.get("layer_delta_released")
+    layer_part = ""
+    if layer_delta is not None and layer_delta == layer_delta:  # corrected; the release's reading beside it when stored
+        layer_part = f" · layer-half delta {layer_delta:.4f}" + (f" (released reading {released:.4f})" if released is not None and released == released else "")
     parts = [f'<h3 class="node-title">{nid}</h3>',
              f"<div>{html.escape(node['location'])} · channel {int(node['channel'])}{head}</div>",
              *([f"<div><i>{html.escape(where)}</i></div>"] if where else []),

@@ -115,7 +115,9 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
-        pn.state.onload(lambda: self._view("Embeddings"))  # without a served page (tests, bench): now
+        # After the page has loaded, in a tick of its own: the URL written back on load goes out first.
+        # Without a served page (tests, bench) both run at once.
+        pn.state.onload(lambda: pn.state.execute(lambda: self._view("Embeddings"), schedule=True))
 
     def _view(self, tab):
         """The view of a tab built on first open."""

@@ -29,7 +29,8 @@ def loss_at_k_plot(data):
     span = pl.DataFrame({"n_nodes": [n.min(), n.max()] if len(n) and unpruned is not None else [],
                          "loss": [unpruned, unpruned] if len(n) and unpruned is not None else []}, schema={"n_nodes": pl.Float64, "loss": pl.Float64})
     dashed = span.hvplot.line(x="n_nodes", y="loss", line_color="#555555", line_dash="dashed", line_width=2, **opts)
-    return (line * points * current * dashed).opts(title="loss at k", default_tools=TOOLS)
+    # padding: the first and last points (the circled one often among them) clear of the frame's edges
+    return (line * points * current * dashed).opts(title="loss at k", default_tools=TOOLS, padding=0.1)
 
 
 def pruning_plot(data):

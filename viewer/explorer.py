@@ -88,7 +88,7 @@ class ExplorerApp:
 
         # Views. The Node tab is built with the page (figures empty), so a click only fills data into existing
         # models. The Embeddings tab (two figures: a third of the page's models and of the session's build time)
-        # is built right after the page has loaded (`pn.state.onload`), so that the page is drawn without it and
+        # and the Node tab's inner tabs are built right after the page has loaded (`_after_load`), so that the page is drawn without them and
         # its first open only fills data in (built on open it costs ~200 ms: adding models to a live document
         # makes Bokeh re-walk it). The other tabs (whole circuit, curves, compare, export) are built on first
         # open: each view built with the page costs the cold start of every session.
@@ -117,7 +117,13 @@ class ExplorerApp:
         self._show_notes()
         # After the page has loaded, in a tick of its own: the URL written back on load goes out first.
         # Without a served page (tests, bench) both run at once.
-        pn.state.onload(lambda: pn.state.execute(lambda: self._view("Embeddings"), schedule=True))
+        pn.state.onload(lambda: pn.state.execute(self._after_load, schedule=True))
+
+    def _after_load(self):
+        """The parts of the page its first paint does not need: the Embeddings view, the Node tab's inner tabs."""
+        with pn.io.hold():
+            self.detail.fill_tabs()
+            self._view("Embeddings")
 
     def _view(self, tab):
         """The view of a tab built on first open."""

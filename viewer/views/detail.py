@@ -142,10 +142,12 @@ class DetailView:
         self.head_plot = self.channel_plot = None  # built on the first q/k/v node shown (two figures less per page)
         self.attn_note = HtmlBox()
         self.attn_plots = pn.Row()
-        self.attn = pn.Column(self.doc, self.attn_note.panel, self.attn_plots, sizing_mode="stretch_width")
-        self.inner_tabs = pn.Tabs((INNER_TABS[0], self.snippets.panel),
-                                  (INNER_TABS[1], pn.Column(pn.Row(self.zero, self.task_page), self.task.panel, sizing_mode="stretch_width")),
-                                  (INNER_TABS[2], self.attn), sizing_mode="stretch_width", dynamic=False)
+        # The Task docs and Attention tabs are filled by `fill_tabs` (after the page has loaded, or when opened):
+        # their widgets' models are not needed for the page's first paint.
+        self.task_tab = pn.Column(sizing_mode="stretch_width")
+        self.attn = pn.Column(sizing_mode="stretch_width")
+        self.inner_tabs = pn.Tabs((INNER_TABS[0], self.snippets.panel), (INNER_TABS[1], self.task_tab), (INNER_TABS[2], self.attn),
+                                  sizing_mode="stretch_width", dynamic=False)
         self.stale = set()  # inner tabs whose content is out of date
         self.inner_tabs.param.watch(lambda e: self._refresh_inner(), "active")
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
@@ -175,8 +177,16 @@ class DetailView:
         self.stale = {INNER_TABS[1], INNER_TABS[2]}
         self._refresh_inner()
 
+    def fill_tabs(self):
+        """Put the Task docs and Attention tabs' widgets and boxes in place (once)."""
+        if not len(self.task_tab):
+            self.task_tab.extend([pn.Row(self.zero, self.task_page), self.task.panel])
+            self.attn.extend([self.doc, self.attn_note.panel, self.attn_plots])
+
     def _refresh_inner(self):
         tab = INNER_TABS[self.inner_tabs.active]
+        if tab != INNER_TABS[0]:
+            self.fill_tabs()
         if tab in self.stale:
             self.stale.discard(tab)
             (self.show_task if tab == INNER_TABS[1] else self.show_attention)(force=True)

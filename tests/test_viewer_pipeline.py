@@ -75,7 +75,7 @@ def test_pipeline_tabs_render(pipeline_data):
     app.detail_tabs.active = 2
     lak = read(pipeline_data, "loss_at_k")
     r = runs.iloc[0]
-    assert len(app.curves.k_source.data["k_label"]) == int(((lak["model"] == r["model"]) & (lak["task"] == r["task"])
+    assert len(app.curves.k_plot.data[0]["k_label"]) == int(((lak["model"] == r["model"]) & (lak["task"] == r["task"])
                                                           & (lak["sweep"] == r["sweep"])).sum())
     other = [x for x in runs["run_id"] if x != run_id][0]
     app.state.compare = other

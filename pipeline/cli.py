@@ -10,6 +10,8 @@ import functools
 import os
 import sys
 
+from inference import settings as env_settings
+
 
 def _errors_in_one_line(main):
     """The project's errors (ValueError / OSError subclasses naming the file and the problem) as
@@ -20,7 +22,7 @@ def _errors_in_one_line(main):
         try:
             return main(argv)
         except (ValueError, OSError) as e:
-            if os.environ.get("CIRCUITS_TRACEBACK"):
+            if env_settings.show_tracebacks():
                 raise
             command = next(iter(argv if argv is not None else sys.argv[1:]), "")
             print(f"circuits {command}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -103,7 +105,7 @@ def _dagster_dev(extra: list[str]) -> int:
     from pipeline.settings import data_dir
 
     env = dict(os.environ)
-    if not env.get("DAGSTER_HOME"):
+    if not env_settings.dagster_home():
         if "://" in data_dir():
             print("circuits dev: CIRCUITS_DATA is remote; set DAGSTER_HOME to a local directory", file=sys.stderr)
             return 2

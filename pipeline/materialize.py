@@ -30,6 +30,7 @@ from pathlib import Path
 import dagster as dg
 from tqdm import tqdm
 
+from inference import settings as env_settings
 from pipeline.assets.discovery import StoreWalkWarning, refresh_partitions, store_index
 from pipeline.assets.download import model_checkpoint, tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
@@ -91,7 +92,7 @@ def _create_instance_dir(home: Path) -> None:
 
 def pipeline_instance(data_url: str) -> dg.DagsterInstance:
     """The Dagster instance of a data dir (see the module doc), created or repaired as needed."""
-    if os.environ.get("DAGSTER_HOME"):
+    if env_settings.dagster_home():
         return dg.DagsterInstance.get()
     if is_remote(data_url):
         return dg.DagsterInstance.ephemeral(settings=_TELEMETRY_OFF)

@@ -1,37 +1,26 @@
-"""Where things live, from the CIRCUITS_* environment variables with their defaults.
+"""The pipeline's settings: where things live and what to fetch.
 
-The one home of these defaults: Dagster resources, the CLI and the viewer all ask here.
+The environment is read by `inference.settings` (the one module that reads it, with every
+variable's default); this module derives the pipeline's paths and the selection from those values.
 Imports nothing heavy, so the viewer can use it without torch.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass
 
-DEFAULT_DATA = "data"
-EMBEDDED_STORE_DIRNAME = "store"
+from inference.settings import SELECTION_ENV, data_dir, embedded_store_dir, store_env, store_url
+from inference.settings import selection as _selection_env
+
+__all__ = ["PUBLIC_STORE", "SELECTION_ENV", "Selection", "data_dir", "duckdb_path", "embedded_store_dir", "split_names",
+           "store_url", "uses_embedded_store"]  # fmt: skip
+
 PUBLIC_STORE = "https://openaipublic.blob.core.windows.net/circuit-sparsity"
 
 
-def data_dir() -> str:
-    """CIRCUITS_DATA: Parquet tables and circuits.duckdb (local path or fsspec URL); default `data/`."""
-    return os.environ.get("CIRCUITS_DATA") or DEFAULT_DATA
-
-
-def embedded_store_dir() -> str:
-    """Where the embedded demo store is built by default: `<CIRCUITS_DATA>/store`."""
-    return _join(data_dir(), EMBEDDED_STORE_DIRNAME)
-
-
-def store_url() -> str:
-    """CIRCUITS_STORE: the circuit store (released layout); default the embedded store."""
-    return os.environ.get("CIRCUITS_STORE") or embedded_store_dir()
-
-
 def uses_embedded_store() -> bool:
-    return not os.environ.get("CIRCUITS_STORE") or os.environ["CIRCUITS_STORE"] == embedded_store_dir()
+    return store_env() in (None, embedded_store_dir())
 
 
 def duckdb_path() -> str:
@@ -43,9 +32,6 @@ def _join(base: str, name: str) -> str:
 
 
 # ---- what to fetch: models, tasks, sweeps, k ---------------------------------------------------
-
-SELECTION_ENV = {"models": "CIRCUITS_MODELS", "tasks": "CIRCUITS_TASKS", "sweeps": "CIRCUITS_SWEEPS", "ks": "CIRCUITS_KS"}
-
 
 def split_names(values) -> tuple[str, ...]:
     """Names from a comma list, or a list of comma lists (`--task a,b --task c`); blanks dropped."""
@@ -75,7 +61,7 @@ class Selection:
     @classmethod
     def from_env(cls, **overrides) -> Selection:
         """CIRCUITS_MODELS / _TASKS / _SWEEPS / _KS (comma lists); a field given here (not None) wins."""
-        fields = {f: split_names(overrides[f]) if overrides.get(f) is not None else split_names(os.environ.get(var)) for f, var in SELECTION_ENV.items()}
+        fields = {f: split_names(overrides[f]) if overrides.get(f) is not None else split_names(_selection_env(f)) for f in SELECTION_ENV}
         return cls(**fields, text=overrides.get("text") or None)
 
     @property

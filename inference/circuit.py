@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import re
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -469,7 +469,9 @@ class _LinearStage:
             w_rows = w[self.rows]
         else:  # the same rows and the same W[rows] (bit for bit), from the nonzeros only
             out_idx, in_idx, vals = entries
-            self.rows = torch.unique(out_idx[torch.isin(in_idx, in_circuit)]) if len(in_circuit) else torch.zeros(0, dtype=torch.long)
+            self.rows = (
+                torch.unique(out_idx[torch.isin(in_idx, in_circuit)]) if len(in_circuit) else torch.zeros(0, dtype=torch.long)
+            )
             sel = torch.isin(out_idx, self.rows)
             w_rows = vals.new_zeros(len(self.rows), linear.in_features)
             w_rows[torch.searchsorted(self.rows, out_idx[sel]), in_idx[sel]] = vals[sel]
@@ -836,7 +838,9 @@ class CircuitModel:
         return self._final_logits(self.final_state)[0].view(self.B, self.T, -1)
 
     @torch.no_grad()
-    def ablation_losses(self, mode: str = "mean", batch: int = 32, log=None) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
+    def ablation_losses(
+        self, mode: str = "mean", batch: int = 32, log=None
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
         """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
         and the nodes whose result hit an AbsTopK tie in a row that reaches an answer (their value
         here is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""

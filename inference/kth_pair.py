@@ -122,7 +122,14 @@ def kth_pair(changing: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor
     """(k-th, (k+1)-th) largest, shapes (..., rows, 1), of rows made of |changing| (..., rows, m)
     (signed values: their absolute values are taken here) and the constants of `window`
     (rows, m + 2); None when the compiled kernel does not apply."""
-    if not ENABLED or changing.shape[-1] == 0 or changing.numel() == 0 or changing.dtype != torch.float32 or window.dtype != torch.float32 or changing.device.type != "cpu":
+    if (
+        not ENABLED
+        or changing.shape[-1] == 0
+        or changing.numel() == 0
+        or changing.dtype != torch.float32
+        or window.dtype != torch.float32
+        or changing.device.type != "cpu"
+    ):
         return None
     k = kernel()
     if k is None:

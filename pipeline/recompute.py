@@ -230,8 +230,14 @@ def recompute(
     n_docs = all_docs.shape[0]
     if n_docs % 2:
         raise ValueError(f"task docs must come in pairs, got {n_docs} docs")
-    ctx = int(viz.doc_lengths().max()) if all_docs.numel() else 0
-    ctx = max(ctx, 2)  # positions after the longest doc only hold padding
+    lengths = torch.from_numpy(viz.doc_lengths()) if all_docs.numel() else torch.zeros(n_docs, dtype=torch.long)
+    ctx = max(int(lengths.max()) if n_docs else 0, 2)  # the task-docs means (no snippets) run at the longest doc's width
+
+    def chunk_docs_of(idx: torch.Tensor) -> torch.Tensor:
+        # Positions after a chunk's longest doc only hold padding, and the model is causal: cut
+        # them (every pass, the ablations most, then scales with the chunk's real tokens).
+        width = max(int(lengths[idx].max()) if len(idx) else 0, 2)
+        return all_docs[idx, :width].to(device)
     # Locations the model has no hook point for cannot be recomputed (skipped_locations).
     circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items() if C.is_known_location(loc)}
     locations = C.circuit_locations(model.config, circuit)  # the means needed, final_resid's included
@@ -267,7 +273,7 @@ def recompute(
     frozen_by_chunk = []
     full_pattern = "|".join(p for p in (pattern, C._RSTD) if p)
     for idx in chunks:
-        docs = all_docs[idx, :ctx].to(device)
+        docs = chunk_docs_of(idx)
         got: dict = {}
         with record(full_pattern, into=recorder(got)):
             logits = model(docs)
@@ -321,7 +327,7 @@ def recompute(
     ablated_pairs = 0
     for n_chunk, (idx, frozen) in enumerate(zip(chunks, frozen_by_chunk, strict=True)):
         t = time.perf_counter()
-        docs = all_docs[idx, :ctx].to(device)
+        docs = chunk_docs_of(idx)
         got = {}
         with record(pattern, into=recorder(got)) if pattern else contextlib.nullcontext():
             logits = C.masked_forward(model, docs, masks, means, frozen)

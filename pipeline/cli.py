@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="torch device of the recompute forward passes (default: $CIRCUITS_DEVICE or cpu)")
     p.add_argument("--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's own log lines")
+    p.add_argument("--executor", choices=["in_process", "dask"], default=None,
+                   help="where the model and run partitions execute (default: $CIRCUITS_EXECUTOR or in_process)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="an existing Dask scheduler, e.g. tcp://host:8786 (default: $CIRCUITS_DASK_SCHEDULER, else a local cluster)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes of the local Dask cluster (default: $CIRCUITS_DASK_WORKERS or 2)")
 
     p = sub.add_parser("ls", help="what the store holds (models, circuits, sizes), listed without fetching anything")
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")

@@ -36,6 +36,7 @@ from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
 from pipeline.definitions import MODEL_ASSETS, PIPELINE_ASSETS, RUN_ASSETS
 from pipeline.resources import CircuitsResource
+from pipeline import settings
 from pipeline.tables import is_remote
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -89,13 +90,14 @@ def _create_instance_dir(home: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pipeline_instance(data_url: str) -> dg.DagsterInstance:
-    """The Dagster instance of a data dir (see the module doc), created or repaired as needed."""
+def pipeline_instance(data_url: str, local_dir: str | None = None) -> dg.DagsterInstance:
+    """The Dagster instance of a data dir (see the module doc), created or repaired as needed.
+
+    It lives in the data's local dir (`settings.local_dir`: the data dir itself, or for object-store
+    data a local directory), so it is persistent, as Dask workers need to record their steps."""
     if os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.get()
-    if is_remote(data_url):
-        return dg.DagsterInstance.ephemeral(settings=_TELEMETRY_OFF)
-    home = Path(data_url) / INSTANCE_DIR
+    home = Path(local_dir or settings.local_dir(data_url)) / INSTANCE_DIR
     home.parent.mkdir(parents=True, exist_ok=True)
     for leftover in home.parent.glob(f"{INSTANCE_DIR}.new-*"):  # from a creation that was killed
         if time.time() - leftover.stat().st_mtime > 3600:
@@ -132,13 +134,11 @@ def pipeline_instance(data_url: str) -> dg.DagsterInstance:
 
 
 @contextlib.contextmanager
-def data_dir_lock(data_url: str, progress: bool = True):
-    """Hold `<data>/.dagster.lock` (an flock, released when the process dies): one materialize per
-    data dir at a time; a second one waits. Object-store data dirs are not locked."""
-    if is_remote(data_url):
-        yield
-        return
-    path = Path(data_url) / LOCK_FILE
+def data_dir_lock(data_url: str, progress: bool = True, local_dir: str | None = None):
+    """Hold `<local dir>/.dagster.lock` (an flock, released when the process dies): one materialize per
+    data dir at a time; a second one waits. For object-store data the lock is in the local dir, so
+    it guards against a second run on this machine only."""
+    path = Path(local_dir or settings.local_dir(data_url)) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -195,18 +195,32 @@ def materialize_store(
     tasks=None,
     sweeps=None,
     ks=None,
+    executor: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> MaterializeSummary:
     """Materialize every asset for every selected partition of the store; never raises on a bad partition.
 
     The selection: `models`, `tasks`, `sweeps`, `ks` (names, patterns or comma lists; None: from
     CIRCUITS_MODELS etc.) and `select` (run ids containing this text). Only the selected circuits
-    and their models are fetched."""
+    and their models are fetched.
+
+    `executor`: "in_process" (one partition at a time here) or "dask" (the model and run partitions
+    as Dagster runs on a Dask cluster, `pipeline.on_dask`: the scheduler at `scheduler`, else a
+    local cluster of `workers` processes); None: CIRCUITS_EXECUTOR."""
     chosen = dict(models=models, tasks=tasks, sweeps=sweeps, ks=ks)
     resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache, **chosen)
     data_url = resource.data_url()
     resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device, cache=cache, **chosen)
-    with data_dir_lock(data_url, progress):
-        return _materialize(resource, data_url, select, progress, recompute, instance or pipeline_instance(data_url), verbose)
+    if executor is None:
+        executor = settings.executor()
+    if executor not in settings.EXECUTORS:
+        raise ValueError(f"executor {executor!r}: expected one of {', '.join(settings.EXECUTORS)}")
+    dask = {"scheduler": scheduler, "workers": workers} if executor == "dask" else None
+    local = resource.local_dir()
+    with data_dir_lock(data_url, progress, local):
+        instance = instance or pipeline_instance(data_url, local)
+        return _materialize(resource, data_url, select, progress, recompute, instance, verbose, dask)
 
 
 def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
@@ -221,7 +235,7 @@ def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
                 tmp.unlink()
 
 
-def _materialize(resource, data_url, select, progress, recompute, instance, verbose) -> MaterializeSummary:
+def _materialize(resource, data_url, select, progress, recompute, instance, verbose, dask=None) -> MaterializeSummary:
     _remove_stale_temp_files(data_url)
     resources = {"circuits": resource}
     run_config = None if verbose else QUIET
@@ -263,8 +277,18 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
     steps += [(f"model {m}", model_assets, m) for m in summary.models]
     steps += [(f"run {r}", run_assets, r) for r in summary.runs]
     steps += [("circuits.duckdb", [circuits_duckdb], None)]
-    bar = tqdm(steps, desc="materialize", unit="step", disable=not progress)
-    for label, assets, partition in bar:
+    bar = tqdm(total=len(steps), desc="materialize", unit="step", disable=not progress)
+
+    def done(label: str, problem: str) -> None:
+        if problem:
+            summary.failed[label] = problem
+            if progress:
+                tqdm.write(f"FAILED {label}: {problem}")
+        else:
+            summary.ok.append(label)
+        bar.update()
+
+    def in_process(label: str, assets: list, partition: str | None) -> None:
         bar.set_postfix_str(label)
         try:
             result = dg.materialize(
@@ -278,19 +302,34 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
                 tags={"circuits/step": label[:63]},
             )
         except Exception as e:  # noqa: BLE001 - the instance itself failed (disk full, locked database)
-            summary.failed[label] = f"Dagster instance error ({instance.root_directory or 'in memory'}): {type(e).__name__}: {e}"
+            done(label, f"Dagster instance error ({instance.root_directory or 'in memory'}): {type(e).__name__}: {e}")
         else:
-            problem = failure_message(result) if not result.success else failed_checks(result)
-            if problem:
-                summary.failed[label] = problem
-            else:
-                summary.ok.append(label)
-        if label in summary.failed:
-            if progress:
-                tqdm.write(f"FAILED {label}: {summary.failed[label]}")
+            done(label, judge(result))
+
+    if dask is None:
+        for step in steps:
+            in_process(*step)
+    else:  # the partitions on the cluster (pipeline.on_dask); the store index before, the views after, here
+        from pipeline import on_dask
+
+        in_process(*steps[0])
+        with on_dask.cluster(dask.get("scheduler"), dask.get("workers")) as address:
+            slots = on_dask.worker_threads(address)
+            config = on_dask.run_config(address, resource, run_config)
+            for job, kind in ((on_dask.MODEL_JOB, "model "), (on_dask.RUN_JOB, "run ")):
+                parts = [(label, p, [k for a in assets for k in a.keys]) for label, assets, p in steps[1:-1] if label.startswith(kind)]
+                bar.set_postfix_str(f"{len(parts)} {kind}partitions on {slots} Dask worker threads ({address})")
+                on_dask.run_partitions(job, parts, instance, config, slots, judge, done)
+        in_process(*steps[-1])
+    bar.close()
     if "circuits.duckdb" in summary.ok:
-        summary.duckdb = data_url.rstrip("/") + "/circuits.duckdb"
+        summary.duckdb = os.path.join(resource.local_dir(), "circuits.duckdb")
     return summary
+
+
+def judge(result: dg.ExecutionResult) -> str:
+    """A run's problem: its failed steps, else its failed ERROR checks; '' when it succeeded."""
+    return failure_message(result) if not result.success else failed_checks(result)
 
 
 def materialize_cli(args) -> int:
@@ -306,6 +345,10 @@ def materialize_cli(args) -> int:
             recompute=not getattr(args, "no_recompute", False),
             device=getattr(args, "device", None),
             verbose=getattr(args, "verbose", False),
+            # --scheduler or --workers alone mean Dask
+            executor=getattr(args, "executor", None) or ("dask" if getattr(args, "scheduler", None) or getattr(args, "workers", None) else None),
+            scheduler=getattr(args, "scheduler", None),
+            workers=getattr(args, "workers", None),
         )
     except FileNotFoundError as e:
         print(f"circuits materialize: {e}")

@@ -35,7 +35,61 @@ def uses_embedded_store() -> bool:
 
 
 def duckdb_path() -> str:
-    return _join(data_dir(), "circuits.duckdb")
+    """Where `circuits.duckdb` is: in the local dir of the data (`local_dir`)."""
+    return os.path.join(local_dir(), "circuits.duckdb")
+
+
+def is_url(location: str) -> bool:
+    """An object-store (fsspec) URL such as `az://c/p` or `s3://b/p`; `file://` and plain paths are local."""
+    return "://" in location and not location.startswith("file://")
+
+
+def local_dir(data: str | None = None, explicit: str | None = None) -> str:
+    """`explicit`, else CIRCUITS_DB_DIR: the local directory of `circuits.duckdb` and Dagster's instance (`.dagster`).
+
+    A database file is not an object, so it stays on a local disk even when the tables are in object
+    storage. Default: the data dir itself when it is local; for an object-store URL
+    `<CIRCUITS_CACHE or ~/.cache/circuits>/data/<scheme>/<bucket>/<prefix>`, one dir per URL."""
+    chosen = explicit or os.environ.get("CIRCUITS_DB_DIR")
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
+    data = data or data_dir()
+    if not is_url(data):
+        return os.path.abspath(data.removeprefix("file://"))
+    scheme, _, rest = data.partition("://")
+    cache = os.path.expanduser(os.environ.get("CIRCUITS_CACHE") or "~/.cache/circuits")
+    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
+    return os.path.abspath(os.path.join(cache, "data", scheme, *parts))
+
+
+# ---- where the run partitions execute --------------------------------------------------------
+
+EXECUTORS = ("in_process", "dask")
+
+
+def executor() -> str:
+    """CIRCUITS_EXECUTOR: `in_process` (default: one partition at a time in this process) or `dask`."""
+    value = os.environ.get("CIRCUITS_EXECUTOR") or "in_process"
+    if value not in EXECUTORS:
+        raise ValueError(f"environment variable CIRCUITS_EXECUTOR={value!r}: expected one of {', '.join(EXECUTORS)}")
+    return value
+
+
+def dask_scheduler() -> str | None:
+    """CIRCUITS_DASK_SCHEDULER: address of an existing Dask scheduler (`tcp://host:8786`); unset: a local cluster."""
+    return os.environ.get("CIRCUITS_DASK_SCHEDULER") or None
+
+
+def dask_workers() -> int:
+    """CIRCUITS_DASK_WORKERS: worker processes of the local Dask cluster started when no scheduler is given (default 2)."""
+    raw = os.environ.get("CIRCUITS_DASK_WORKERS") or "2"
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"environment variable CIRCUITS_DASK_WORKERS={raw!r}: expected a whole number >= 1")
+    return n
 
 
 def _join(base: str, name: str) -> str:

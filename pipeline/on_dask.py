@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import dagster as dg
 
@@ -39,21 +39,128 @@ def cluster_config(scheduler: str | None = None, workers: int | None = None) -> 
     address = scheduler or settings.dask_scheduler()
     if address:
         return {"cluster": {"existing": {"address": address}}}
-    return {"cluster": {"local": {"n_workers": workers or settings.dask_workers(), "threads_per_worker": 1}}}
+    # dashboard on a free port: the default 8787 may be taken by another cluster on the host
+    return {"cluster": {"local": {"n_workers": workers or settings.dask_workers(), "threads_per_worker": 1, "dashboard_address": ":0"}}}
+
+
+# ---- dagster-dask's executor, made safe for partitioned runs ----------------------------------------
+#
+# `dagster_dask.DaskExecutor.execute` (dagster-dask 0.29) has two problems for this pipeline, both fixed
+# here by overriding that one method; the config schema, the cluster kinds, the per-step worker function
+# (`query_on_dask_worker`) and the resource-requirement tags are dagster-dask's own:
+# 1. It passes the DagsterRun to `client.submit` as a plain argument. Dask (>= 2024.12, the task spec)
+#    walks tuple arguments looking for futures, and a run of a dynamic partition holds a
+#    `KeyRangesPartitionsSubset`, a Dagster `@record` that forbids iteration: every partitioned run
+#    failed before its first step ("Iteration is not allowed on `@record` KeyRangesPartitionsSubset").
+#    The arguments now travel in an opaque holder (`_Carried`); only the upstream futures stay visible
+#    to Dask, which orders the steps by them.
+# 2. It names each Dask task `<job>.<step>`, so two runs of the same job at once (two partitions)
+#    share task keys and Dask hands the second run the first one's results without executing it
+#    (dagster-io/dagster#21418). Keys now include the run id.
+
+
+class _Carried:
+    """Arguments Dask must ship to the worker but not look into (see above). Not a tuple, list or dict,
+    so `dask._task_spec.parse_input` leaves it whole; pickled by Dask like any argument."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args) -> None:
+        self.args = args
+
+    def __reduce__(self):
+        return (_Carried, self.args)
+
+
+def _step_on_worker(dependencies: list, carried: _Carried) -> _Carried:
+    """One step on a Dask worker: dagster-dask's own worker function. `dependencies` (the upstream
+    steps' results) are only there so that Dask runs this task after them. The step's events go back
+    carried too (Dask's `sizeof` cannot measure a list of Dagster records and warns on each)."""
+    from dagster_dask.executor import query_on_dask_worker
+
+    return _Carried(*query_on_dask_worker(dependencies, *carried.args))
+
+
+# The cluster kinds of dagster-dask's config schema: the class each one starts (as dagster-dask does).
+_CLUSTER_CLASSES = {
+    "local": ("dask.distributed", "LocalCluster"), "ssh": ("dask.distributed", "SSHCluster"),
+    "yarn": ("dask_yarn", "YarnCluster"), "pbs": ("dask_jobqueue", "PBSCluster"), "moab": ("dask_jobqueue", "MoabCluster"),
+    "sge": ("dask_jobqueue", "SGECluster"), "lsf": ("dask_jobqueue", "LSFCluster"), "slurm": ("dask_jobqueue", "SLURMCluster"),
+    "oar": ("dask_jobqueue", "OARCluster"), "kube": ("dask_kubernetes", "KubeCluster"),
+}  # fmt: skip
+
+
+def _executor_class():
+    import importlib
+
+    import dask.distributed
+    from dagster import _check as check
+    from dagster._core.errors import raise_execution_interrupts
+    from dagster._core.events import DagsterEvent
+    from dagster._utils import iterate_with_context
+    from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements
+
+    class PartitionSafeDaskExecutor(DaskExecutor):
+        """dagster-dask's `DaskExecutor` with the two fixes above; otherwise the same execution."""
+
+        def execute(self, plan_context, execution_plan):
+            check.invariant(plan_context.instance.is_persistent, "Dask execution requires a persistent DagsterInstance")
+            job_name, run = plan_context.job_name, plan_context.dagster_run
+            if self.cluster_type == "existing":
+                cluster, started = self.cluster_configuration["address"], None
+            elif self.cluster_type in _CLUSTER_CLASSES:
+                module, name = _CLUSTER_CLASSES[self.cluster_type]
+                cluster = started = getattr(importlib.import_module(module), name)(**self.build_dict(job_name))
+            else:
+                raise ValueError(f"Dask cluster kind {self.cluster_type!r}: expected existing or one of {', '.join(_CLUSTER_CLASSES)}")
+            try:
+                with dask.distributed.Client(cluster) as client:
+                    futures: dict[str, object] = {}
+                    for level in execution_plan.get_steps_to_execute_by_level():
+                        for step in level:
+                            upstream = [futures[k] for step_input in step.step_inputs for k in step_input.dependency_keys]
+                            carried = _Carried(plan_context.reconstructable_job, run, plan_context.run_config, [step.key],
+                                               plan_context.instance.get_ref(), execution_plan.known_state)  # fmt: skip
+                            futures[step.key] = client.submit(
+                                _step_on_worker, upstream, carried,
+                                key=f"{job_name}.{run.run_id}.{step.key}",  # unique per run (fix 2)
+                                resources=get_dask_resource_requirements(step.tags),
+                            )  # fmt: skip
+                    done = dask.distributed.as_completed(list(futures.values()), with_results=True)
+                    for _future, events in iterate_with_context(raise_execution_interrupts, done):
+                        for event in events.args:
+                            yield check.inst(event, DagsterEvent)
+            finally:
+                if started is not None:
+                    started.close()
+
+    return PartitionSafeDaskExecutor
+
+
+def _make_executor(init_context):
+    ((kind, config),) = init_context.executor_config["cluster"].items()
+    return _executor_class()(kind, config)
+
+
+def base_executor() -> dg.ExecutorDefinition:
+    """The Dask executor: dagster-dask's name, config schema and requirements, with the fixed `execute`."""
+    from dagster_dask import dask_executor as upstream
+
+    return dg.ExecutorDefinition(
+        name="dask", config_schema=upstream.config_schema, executor_creation_fn=_make_executor,
+        requirements=dg.multiple_process_executor_requirements(), description="dagster-dask's Dask executor (pipeline.on_dask: safe for partitioned runs)",
+    )  # fmt: skip
 
 
 def dask_executor(scheduler: str | None = None, workers: int | None = None) -> dg.ExecutorDefinition:
-    """dagster-dask's executor with `cluster_config` as its configured default (editable in the launchpad)."""
-    from dagster_dask import dask_executor as executor
-
-    return executor.configured(cluster_config(scheduler, workers), name="dask")
+    """The Dask executor with `cluster_config` as its configured default (editable in the launchpad)."""
+    return base_executor().configured(cluster_config(scheduler, workers), name="dask")
 
 
 def dask_jobs() -> list:
     """The two partition jobs on the Dask executor; their executor config in the launchpad defaults to
     `cluster_config()` (the environment's scheduler, or a local cluster)."""
-    from dagster_dask import dask_executor as executor
-
+    executor = base_executor()
     config = {"execution": {"config": cluster_config()}}
     return [
         dg.define_asset_job(RUN_JOB, selection=dg.AssetSelection.assets(*RUN_ASSET_KEYS), partitions_def=RUNS,
@@ -77,7 +184,7 @@ def cluster(scheduler: str | None = None, workers: int | None = None) -> Iterato
 
     # processes, not threads: Dagster's step execution is not thread-safe, and torch holds the GIL.
     with LocalCluster(n_workers=workers or settings.dask_workers(), threads_per_worker=1, processes=True,
-                      dashboard_address=None) as local:  # fmt: skip
+                      dashboard_address=":0") as local:  # fmt: skip
         yield local.scheduler_address
 
 
@@ -101,6 +208,22 @@ def run_config(address: str, resource, extra: dict | None = None) -> dict:
     }
 
 
+def _run_one(job: str, label: str, key: str, assets: list[str], instance_ref, config: dict, judge) -> str:
+    """One partition as one run of `job` on the cluster (in a process of the driver's pool); its problem."""
+    from pipeline import definitions
+
+    recon = dg.reconstructable(definitions.dask_run_job if job == RUN_JOB else definitions.dask_model_job)
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        with dg.execute_job(
+            recon,
+            instance,
+            run_config=config,
+            tags={"dagster/partition": key, "circuits/step": label[:63]},
+            asset_selection=[dg.AssetKey.from_user_string(a) for a in assets],
+        ) as result:
+            return judge(result)
+
+
 def run_partitions(
     job: str,
     partitions: list[tuple[str, str, list[dg.AssetKey]]],
@@ -112,24 +235,25 @@ def run_partitions(
 ) -> None:
     """Execute `partitions` ((label, partition key, asset keys) each) as runs of `job`, `slots` at a time.
 
-    `judge(result)` gives a run's problem ('' if none); `done(label, problem)` is called in this
-    thread as each run ends. An error of one run (of the instance, the cluster) is that run's problem."""
-    from pipeline import definitions
+    Each run is orchestrated by a process of a pool here (it submits the run's steps to the cluster and
+    records their events), not by a thread: Dagster sets up every run's logging with
+    `logging.config.dictConfig`, which closes the handlers other threads are writing through, and
+    two runs in threads of one process deadlocked on the logging locks (and with them the local
+    cluster's scheduler, whose event loop logs too). `judge(result)` gives a run's problem ('' if none;
+    a module-level function: it is sent to the pool); `done(label, problem)` is called in this thread
+    as each run ends. An error of one run (of the instance, the cluster, its process) is its problem only."""
+    import multiprocessing
 
-    recon = dg.reconstructable(definitions.dask_run_job if job == RUN_JOB else definitions.dask_model_job)
-
-    def one(label: str, key: str, assets: list[dg.AssetKey]) -> str:
-        result = dg.execute_job(
-            recon,
-            instance,
-            run_config=config,
-            tags={"dagster/partition": key, "circuits/step": label[:63]},
-            asset_selection=list(assets),
-        )
-        return judge(result)
-
-    with ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="circuits-dask") as pool:
-        futures = {pool.submit(one, *p): p[0] for p in partitions}
+    if not instance.is_persistent:
+        raise ValueError("the Dask executor needs a persistent Dagster instance (the workers record their steps in it)")
+    ref = instance.get_ref()
+    # spawn: a fresh interpreter, not a fork of this one with its threads (the cluster's event loop)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, min(slots, len(partitions))), mp_context=context) as pool:
+        futures = {
+            pool.submit(_run_one, job, label, key, [a.to_user_string() for a in assets], ref, config, judge): label
+            for label, key, assets in partitions
+        }
         for future in as_completed(futures):
             label = futures[future]
             try:

@@ -316,10 +316,12 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
         with on_dask.cluster(dask.get("scheduler"), dask.get("workers")) as address:
             slots = on_dask.worker_threads(address)
             config = on_dask.run_config(address, resource, run_config)
-            for job, kind in ((on_dask.MODEL_JOB, "model "), (on_dask.RUN_JOB, "run ")):
-                parts = [(label, p, [k for a in assets for k in a.keys]) for label, assets, p in steps[1:-1] if label.startswith(kind)]
-                bar.set_postfix_str(f"{len(parts)} {kind}partitions on {slots} Dask worker threads ({address})")
-                on_dask.run_partitions(job, parts, instance, config, slots, judge, done)
+            with on_dask.PartitionRunner(instance, config, slots) as runner:
+                # the models first: a run's recompute reads its model's checkpoint
+                for job, kind in ((on_dask.MODEL_JOB, "model "), (on_dask.RUN_JOB, "run ")):
+                    parts = [(label, p, [k for a in assets for k in a.keys]) for label, assets, p in steps[1:-1] if label.startswith(kind)]
+                    bar.set_postfix_str(f"{len(parts)} {kind}partitions on {slots} Dask worker threads ({address})")
+                    runner.run(job, parts, judge, done)
         in_process(*steps[-1])
     bar.close()
     if "circuits.duckdb" in summary.ok:

@@ -21,13 +21,14 @@ every asset writes its own Parquet files and returns metadata only.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import dagster as dg
 
 from pipeline import settings
-from pipeline.assets.discovery import MODEL_ASSET_KEYS, MODELS, RUN_ASSET_KEYS, RUNS
+from pipeline.assets.discovery import MODEL_ASSET_KEYS, RUN_ASSET_KEYS
 
 RUN_JOB = "run_partitions_dask"
 MODEL_JOB = "model_partitions_dask"
@@ -163,10 +164,10 @@ def dask_jobs() -> list:
     executor = base_executor()
     config = {"execution": {"config": cluster_config()}}
     return [
-        dg.define_asset_job(RUN_JOB, selection=dg.AssetSelection.assets(*RUN_ASSET_KEYS), partitions_def=RUNS,
+        dg.define_asset_job(RUN_JOB, selection=dg.AssetSelection.assets(*RUN_ASSET_KEYS),
                             executor_def=executor, config=config,
                             description="One circuit run's assets, each step a task on a Dask cluster"),
-        dg.define_asset_job(MODEL_JOB, selection=dg.AssetSelection.assets(*MODEL_ASSET_KEYS), partitions_def=MODELS,
+        dg.define_asset_job(MODEL_JOB, selection=dg.AssetSelection.assets(*MODEL_ASSET_KEYS),
                             executor_def=executor, config=config,
                             description="One model's assets, each step a task on a Dask cluster"),
     ]  # fmt: skip
@@ -188,13 +189,54 @@ def cluster(scheduler: str | None = None, workers: int | None = None) -> Iterato
         yield local.scheduler_address
 
 
+def code_fingerprint() -> str:
+    """A digest of this project's Python sources (`pipeline`, `inference`) as imported here: equal on
+    the driver and the workers when they run the same version of the code."""
+    import hashlib
+    import importlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for package in ("pipeline", "inference"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _worker_code() -> str:
+    """On a worker: the fingerprint of the project it imports (an ImportError if it cannot)."""
+    return code_fingerprint()
+
+
 def worker_threads(address: str, timeout: float = 60) -> int:
-    """How many tasks the cluster runs at once (its workers' threads); waits for a first worker."""
+    """How many tasks the cluster runs at once (its workers' threads), after checking the workers: they
+    must import this project, the same version as here (else their tables would come from other code),
+    and should run one thread each. Waits up to `timeout` s for a first worker."""
     from dask.distributed import Client
 
-    with Client(address, timeout=timeout) as client:
-        client.wait_for_workers(1, timeout=timeout)
-        return sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    try:
+        client = Client(address, timeout=timeout)
+    except OSError as e:
+        raise OSError(f"Dask scheduler {address}: cannot connect ({type(e).__name__}: {e})") from e
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError as e:
+            raise OSError(f"Dask scheduler {address}: no worker joined within {timeout:g} s") from e
+        try:
+            theirs = client.run(_worker_code)
+        except ImportError as e:
+            raise ImportError(f"Dask workers of {address} cannot import the project ({e}): install it on the workers, or set PYTHONPATH in their environment") from e
+        mine = code_fingerprint()
+        stale = sorted(w for w, fp in theirs.items() if fp != mine)
+        if stale:
+            raise RuntimeError(f"Dask workers {', '.join(stale)} of {address} run another version of the project's code (fingerprint {theirs[stale[0]]}, here {mine}): update them")
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        many = [w for w, info in workers.items() if info["nthreads"] > 1]
+        if many:
+            warnings.warn(f"Dask workers {', '.join(sorted(many))} run several threads; Dagster's step execution is not thread-safe: start them with `--nthreads 1`", stacklevel=2)
+        return sum(info["nthreads"] for info in workers.values())
 
 
 def run_config(address: str, resource, extra: dict | None = None) -> dict:
@@ -224,34 +266,45 @@ def _run_one(job: str, label: str, key: str, assets: list[str], instance_ref, co
             return judge(result)
 
 
-def run_partitions(
-    job: str,
-    partitions: list[tuple[str, str, list[dg.AssetKey]]],
-    instance: dg.DagsterInstance,
-    config: dict,
-    slots: int,
-    judge: Callable[[dg.ExecutionResult], str],
-    done: Callable[[str, str], None],
-) -> None:
-    """Execute `partitions` ((label, partition key, asset keys) each) as runs of `job`, `slots` at a time.
+class PartitionRunner:
+    """Runs partitions as Dagster runs of the Dask jobs, `slots` at a time (a context manager).
 
     Each run is orchestrated by a process of a pool here (it submits the run's steps to the cluster and
     records their events), not by a thread: Dagster sets up every run's logging with
     `logging.config.dictConfig`, which closes the handlers other threads are writing through, and
     two runs in threads of one process deadlocked on the logging locks (and with them the local
-    cluster's scheduler, whose event loop logs too). `judge(result)` gives a run's problem ('' if none;
-    a module-level function: it is sent to the pool); `done(label, problem)` is called in this thread
-    as each run ends. An error of one run (of the instance, the cluster, its process) is its problem only."""
-    import multiprocessing
+    cluster's scheduler, whose event loop logs too). The pool's processes are spawned (a fresh
+    interpreter, not a fork of this one and its threads) once, and serve every job."""
 
-    if not instance.is_persistent:
-        raise ValueError("the Dask executor needs a persistent Dagster instance (the workers record their steps in it)")
-    ref = instance.get_ref()
-    # spawn: a fresh interpreter, not a fork of this one with its threads (the cluster's event loop)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, min(slots, len(partitions))), mp_context=context) as pool:
+    def __init__(self, instance: dg.DagsterInstance, config: dict, slots: int) -> None:
+        if not instance.is_persistent:
+            raise ValueError("the Dask executor needs a persistent Dagster instance (the workers record their steps in it)")
+        self.ref, self.config, self.slots = instance.get_ref(), config, max(1, slots)
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> PartitionRunner:
+        import multiprocessing
+
+        self.pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(
+        self,
+        job: str,
+        partitions: list[tuple[str, str, list[dg.AssetKey]]],
+        judge: Callable[[dg.ExecutionResult], str],
+        done: Callable[[str, str], None],
+    ) -> None:
+        """Execute `partitions` ((label, partition key, asset keys) each) as runs of `job`; returns when all ended.
+
+        `judge(result)` gives a run's problem ('' if none; a module-level function: it is sent to the
+        pool); `done(label, problem)` is called in this thread as each run ends. An error of one run (of
+        the instance, the cluster, its process) is that run's problem only."""
         futures = {
-            pool.submit(_run_one, job, label, key, [a.to_user_string() for a in assets], ref, config, judge): label
+            self.pool.submit(_run_one, job, label, key, [a.to_user_string() for a in assets], self.ref, self.config, judge): label
             for label, key, assets in partitions
         }
         for future in as_completed(futures):

@@ -32,9 +32,15 @@ def filesystem(data_url: str) -> fsspec.AbstractFileSystem:
 
 
 def register_data_filesystem(con: duckdb.DuckDBPyConnection, data_url: str) -> None:
-    """Let DuckDB read `data_url`'s objects through fsspec (a no-op for a local data dir)."""
+    """Let DuckDB read `data_url`'s objects through fsspec (a no-op for a local data dir).
+
+    The filesystem's listings are dropped first: fsspec caches one instance per URL and options, with
+    its directory listings, so without this a long-lived process (the viewer) would keep globbing the
+    tables as they were when it first looked, missing the partitions written since."""
     if settings.is_url(data_url):
-        con.register_filesystem(filesystem(data_url))
+        fs = filesystem(data_url)
+        fs.invalidate_cache()
+        con.register_filesystem(fs)
 
 
 def record_source(con: duckdb.DuckDBPyConnection, data_url: str) -> None:

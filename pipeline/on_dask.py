@@ -4,18 +4,22 @@ Two jobs of the Definitions use the `dask` executor: `run_partitions_dask` (one 
 assets: viz_data download, the run tables, the recompute tables) and `model_partitions_dask` (one
 model's). Each Dagster run is one partition; its steps are Dask tasks, executed by whichever worker
 is free. `circuits materialize --executor dask` launches one such run per partition, as many at a
-time as the cluster has worker threads, from threads of this process (which only wait on the
-cluster and record events), and the store index, the tokenizer and `circuits.duckdb` in-process
-before and after. A partition that fails (on any worker) fails its own run only.
+time as the cluster has worker threads (`PartitionRunner`: each run orchestrated by a process of a
+small local pool, which only submits steps and records events), and the store index, the tokenizer
+and `circuits.duckdb` in-process before and after. A partition that fails (on any worker) fails its
+own run only. The executor is dagster-dask's, with two fixes for partitioned runs (see
+`PartitionSafeDaskExecutor` below).
 
-What the workers need: the project importable (same code, same Python packages), one thread each
+What the workers need: the project importable, the same version as the driver's (`worker_threads`
+checks a fingerprint of the sources and refuses other code; a `LocalCluster`'s workers are spawned
+with this interpreter's `sys.path`, remote ones need the project installed), one thread each
 (`dask worker --nthreads 1`; Dagster's step execution is not thread-safe), the store and the data
-dir reachable under the same URLs (object storage, or a shared filesystem), the credentials of those
-in their environment, and the Dagster instance: the driver passes its reference (`InstanceRef`) to
-every step, so a SQLite instance (the default, in the data's local dir) works for workers on the
-same host; workers on other hosts need an instance they can reach (`DAGSTER_HOME` with a
-`dagster.yaml` whose storage is Postgres). No values move between steps through an IO manager:
-every asset writes its own Parquet files and returns metadata only.
+dir reachable under the same URLs (object storage, or a shared filesystem), the credentials of
+those in their environment, and the Dagster instance: the driver passes its reference
+(`InstanceRef`) to every step, so a SQLite instance (the default, in the data's local dir) works
+for workers on the same host; workers on other hosts need an instance they can reach
+(`DAGSTER_HOME` with a `dagster.yaml` whose storage is Postgres). No values move between steps
+through an IO manager: every asset writes its own Parquet files and returns metadata only.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import fsspec
 
 from pipeline import settings
 from pipeline.assets.tables import VIZ_TABLES
-from pipeline.database import filesystem, record_source, register_data_filesystem
+from pipeline.database import record_source, register_data_filesystem
 from pipeline.resources import CircuitsResource
 from pipeline.tables import MODEL_TABLES, SCHEMAS, table_dir
 
@@ -61,12 +61,11 @@ def build_duckdb(data: str, db_dir: str | None = None) -> str:
     base.mkdir(parents=True, exist_ok=True)
     target = base / DB_NAME
     tmp = str(base / f".{DB_NAME}.{uuid.uuid4().hex[:8]}.tmp")
-    if settings.is_url(data):  # listings cached by an earlier look (workers wrote since): list afresh
-        filesystem(data).invalidate_cache()
     try:
         con = duckdb.connect(tmp)
         try:
-            register_data_filesystem(con, data)  # DuckDB binds the views' files now: let it reach them
+            # DuckDB binds the views' files now: let it reach them (with fresh listings: workers wrote since)
+            register_data_filesystem(con, data)
             for table in SCHEMAS:
                 con.execute(view_sql(con, data, table))
             record_source(con, data)

@@ -40,7 +40,11 @@ def register_data_filesystem(con: duckdb.DuckDBPyConnection, data_url: str) -> N
     if settings.is_url(data_url):
         fs = filesystem(data_url)
         fs.invalidate_cache()
-        con.register_filesystem(fs)
+        name = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]  # the name DuckDB registers it under
+        # Registrations belong to the database, shared by every connection to the same file in this process:
+        # a second connection finds it registered (and refuses a second registration).
+        if not con.filesystem_is_registered(name):
+            con.register_filesystem(fs)
 
 
 def record_source(con: duckdb.DuckDBPyConnection, data_url: str) -> None:
@@ -51,10 +55,10 @@ def record_source(con: duckdb.DuckDBPyConnection, data_url: str) -> None:
 def source_of(con: duckdb.DuckDBPyConnection) -> str | None:
     """The data location a database's views read (None for a database built before it was recorded)."""
     try:
-        row = con.execute(f"SELECT data_url FROM {SOURCE_TABLE}").fetchone()
+        rows = con.execute(f"SELECT data_url FROM {SOURCE_TABLE}").fetchall()  # all: no result left open on `con`
     except duckdb.CatalogException:
         return None
-    return row[0] if row else None
+    return rows[0][0] if rows else None
 
 
 def connect(path: str | None = None, read_only: bool = True) -> duckdb.DuckDBPyConnection:

@@ -10,7 +10,7 @@ Every value defaults from an environment variable (read when the definitions loa
 | `CIRCUITS_DEVICE` | `cpu` | torch device of the recompute assets |
 | `CIRCUITS_LOSS_FACTOR` | `0.5` | corrected loss = stored (raw) loss x factor |
 | `CIRCUITS_TOLERANCE` | `1e-3` | relative tolerance of recomputed vs stored numbers |
-| `CIRCUITS_DB_DIR` | the data dir if local, else under the cache | local dir of `circuits.duckdb` (`settings.local_dir`) |
+| `CIRCUITS_DB_DIR` | under the cache | object-store data only: local dir of `circuits.duckdb` and `.dagster` (`settings.local_dir`; local data holds them itself) |
 | `CIRCUITS_MODELS`, `CIRCUITS_TASKS`, `CIRCUITS_SWEEPS`, `CIRCUITS_KS` | all | the selection: comma lists of names or patterns (`pipeline.settings.Selection`) |
 
 In the Dagster UI the same fields can be overridden per run in the launchpad (resource config).
@@ -45,8 +45,8 @@ class CircuitsResource(ConfigurableResource):
     device: str = "cpu"
     loss_factor: float = 0.5
     tolerance: float = 1e-3
-    # The local dir of circuits.duckdb (and Dagster's instance) when not the default
-    # (`settings.local_dir`: the data dir if local, else one under the cache).
+    # For object-store data: the local dir of circuits.duckdb (and Dagster's instance) when not the
+    # default (`settings.local_dir`: one under the cache). Local data dirs hold them themselves.
     db_dir: str | None = None
     # The selection (see `pipeline.settings.Selection`): only these circuits and their models become
     # partitions, so only their files are fetched. Empty: everything.
@@ -64,7 +64,7 @@ class CircuitsResource(ConfigurableResource):
             device=os.environ.get("CIRCUITS_DEVICE") or "cpu",
             loss_factor=_env_float("CIRCUITS_LOSS_FACTOR", 0.5),
             tolerance=_env_float("CIRCUITS_TOLERANCE", 1e-3),
-            db_dir=os.environ.get("CIRCUITS_DB_DIR") or None,
+            db_dir=settings.db_dir(),
         )
         selection = settings.Selection.from_env(**{f: overrides.pop(f, None) for f in settings.SELECTION_ENV})
         values |= {f: list(getattr(selection, f)) for f in settings.SELECTION_ENV}

@@ -44,18 +44,26 @@ def is_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
-def local_dir(data: str | None = None, explicit: str | None = None) -> str:
-    """`explicit`, else CIRCUITS_DB_DIR: the local directory of `circuits.duckdb` and Dagster's instance (`.dagster`).
+def db_dir() -> str | None:
+    """CIRCUITS_DB_DIR: the local directory of `circuits.duckdb` (and `.dagster`) for object-store data; unset: `local_dir`'s default."""
+    return os.environ.get("CIRCUITS_DB_DIR") or None
 
-    A database file is not an object, so it stays on a local disk even when the tables are in object
-    storage. Default: the data dir itself when it is local; for an object-store URL
-    `<CIRCUITS_CACHE or ~/.cache/circuits>/data/<scheme>/<bucket>/<prefix>`, one dir per URL."""
-    chosen = explicit or os.environ.get("CIRCUITS_DB_DIR")
-    if chosen:
-        return os.path.abspath(os.path.expanduser(chosen))
+
+def local_dir(data: str | None = None, explicit: str | None = None) -> str:
+    """The local directory of `circuits.duckdb`, Dagster's instance (`.dagster`) and the lock file for the
+    data location `data` (default CIRCUITS_DATA).
+
+    A local data dir holds them itself. Object-store data (`az://`, `s3://`) cannot (a database file
+    is not an object): `explicit`, else CIRCUITS_DB_DIR, else
+    `<CIRCUITS_CACHE or ~/.cache/circuits>/data/<scheme>/<bucket>/<prefix>`, one dir per URL.
+    CIRCUITS_DB_DIR applies to object-store data only, so that it can never make two local data dirs
+    share (and overwrite) one database."""
     data = data or data_dir()
     if not is_url(data):
         return os.path.abspath(data.removeprefix("file://"))
+    chosen = explicit or db_dir()
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
     scheme, _, rest = data.partition("://")
     cache = os.path.expanduser(os.environ.get("CIRCUITS_CACHE") or "~/.cache/circuits")
     parts = [p for p in rest.split("/") if p not in ("", ".", "..")]

@@ -16,13 +16,12 @@ import tempfile
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
 from pipeline.database import connect
 from pipeline.materialize import materialize_store
-from pipeline.tables import SCHEMAS, partition_file_name, read_partition, write_partition
+from pipeline.tables import SCHEMAS, make_table, partition_file_name, read_partition, write_partition
 
 REPO = Path(__file__).resolve().parents[1]
 SELECT = "bracket_counting/prune_demo"  # two circuits of the tiny store
@@ -66,13 +65,13 @@ def test_materialize_to_azure_then_query_through_the_local_database(az_env, tiny
     # circuits.duckdb is a local file in CIRCUITS_DB_DIR whose views name the remote objects.
     assert remote.duckdb == str(tmp_path / "db" / "circuits.duckdb") and Path(remote.duckdb).is_file()
     with connect(remote.duckdb) as con, connect(local.duckdb) as con_local:
-        sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'nodes'").fetchone()[0]
+        sql = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'nodes'").fetchall()[0][0]
         assert f"{url}/tables/nodes/*.parquet" in sql
         for table in SCHEMAS:
             assert_frame_equal(_rows(con, table), _rows(con_local, table), check_exact=True)
-        assert con.execute("SELECT count(DISTINCT run_id) FROM nodes").fetchone()[0] == 2
+        assert con.execute("SELECT count(DISTINCT run_id) FROM nodes").fetchall() == [(2,)]
         # a cursor (what the viewer queries through, one per thread) reads the remote tables too
-        assert con.cursor().execute("SELECT count(*) FROM edges").fetchone() == con_local.execute("SELECT count(*) FROM edges").fetchone()
+        assert con.cursor().execute("SELECT count(*) FROM edges").fetchall() == con_local.execute("SELECT count(*) FROM edges").fetchall()
 
 
 def test_the_viewer_reads_remote_tables_without_torch(az_env, tiny_store, tmp_path):
@@ -90,12 +89,12 @@ def test_the_viewer_reads_remote_tables_without_torch(az_env, tiny_store, tmp_pa
     assert out.returncode == 0, out.stderr
     runs, nodes, torch_loaded = out.stdout.split()
     with connect(s.duckdb) as con:
-        assert int(nodes) == con.execute("SELECT count(*) FROM nodes").fetchone()[0] > 0
+        assert int(nodes) == con.execute("SELECT count(*) FROM nodes").fetchall()[0][0] > 0
     assert runs == "1" and torch_loaded == "False"
 
 
-def _nodes(n: int, run_id: str) -> pa.Table:
-    return pa.table({"run_id": [run_id] * n, "node_id": [f"n{i}" for i in range(n)], "channel": list(range(n))})
+def _nodes(n: int, run_id: str):
+    return make_table("nodes", {"run_id": [run_id] * n, "node_id": [f"n{i:05d}" for i in range(n)], "channel": list(range(n))})
 
 
 def test_each_object_is_one_upload_and_a_broken_upload_leaves_the_old_one(az_env, monkeypatch):
@@ -146,6 +145,10 @@ def test_each_object_is_one_upload_and_a_broken_upload_leaves_the_old_one(az_env
     with pytest.raises(Exception, match="connection lost mid-upload"):
         write_partition(url, "nodes", run_id, _nodes(5000, run_id))
     monkeypatch.setattr(BlobClient, "upload_blob", real_upload)
+    # the upload did break off mid-way: blocks of the new file were staged, never committed
+    blob = az_env.service().get_blob_client(CONTAINER, name)
+    committed, uncommitted = blob.get_block_list("all")
+    assert len(uncommitted) >= 2 and sum(b.size for b in uncommitted) > 0
     after = read_partition(url, "nodes", run_id)  # the old object, whole
     assert after.num_rows == 3000 and after.column("node_id").to_pylist() == old.column("node_id").to_pylist()
     assert _objects(url) == [f"tables/nodes/{partition_file_name(run_id)}"]  # no partial or temp object

@@ -56,7 +56,7 @@ def build_duckdb(data: str, db_dir: str | None = None) -> str:
     """(Re)build `<local dir>/circuits.duckdb` atomically over the tables of `data`; returns its path.
 
     The local dir is `settings.local_dir(data, db_dir)`: the data dir itself when local, else a
-    local directory (CIRCUITS_DB_DIR, or one under the cache): a database file is not an object."""
+    local directory (`db_dir`, CIRCUITS_DB_DIR, or one under the cache): a database file is not an object."""
     base = Path(settings.local_dir(data, db_dir))
     base.mkdir(parents=True, exist_ok=True)
     target = base / DB_NAME

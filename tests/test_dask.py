@@ -71,9 +71,13 @@ def test_definitions_offer_the_dask_jobs_and_the_env_selects_the_executor(monkey
     resource = CircuitsResource(store_url="/nowhere", data="/nowhere")
     on_env = build_definitions(resource)
     assert on_env.resolve_job_def("run_tables_job").executor_def.name == "dask"
-    # the launchpad's defaults are valid config of dagster-dask's executor schema
-    for job in (defs.resolve_job_def(on_dask.RUN_JOB), on_env.resolve_job_def("run_tables_job")):
-        assert dg.validate_run_config(job)["execution"]["config"]["cluster"]
+    # the launchpad's defaults (a partition's config; the configured executor) are valid for dagster-dask's schema
+    job = defs.resolve_job_def(on_dask.RUN_JOB)
+    config = job.partitioned_config.get_run_config_for_partition_key(BAD)
+    assert dg.validate_run_config(job, config)["execution"]["dask"]["cluster"]["local"]["threads_per_worker"] == 1
+    assert dg.validate_run_config(on_env.resolve_job_def("run_tables_job"))["execution"]["dask"]["cluster"] == {
+        "existing": {"address": "tcp://scheduler.example:8786"}
+    }
 
 
 def test_bad_executor_settings_name_the_variable(monkeypatch):

@@ -120,6 +120,10 @@ def test_partitions_on_two_workers_equal_in_process_and_a_bad_one_fails_alone(da
 
     with Client(dask_cluster) as client:
         worker_pids = set(client.run(os.getpid).values())
+        keys = client.run_on_scheduler(lambda dask_scheduler: {str(t[0]) for t in dask_scheduler.transition_log})
+    # every run's steps were tasks of their own: runs of one job share no task key (else Dask answers the
+    # second run with the first one's results, dagster-io/dagster#21418)
+    assert len({k for k in keys if k.startswith(f"{on_dask.RUN_JOB}.") and k.endswith(".viz_data_file")}) == 3
     instance = pipeline_instance(str(tmp_path / "dask"))
     try:
         runs = instance.get_runs(filters=dg.RunsFilter(job_name=on_dask.RUN_JOB))

@@ -10,7 +10,7 @@ long-lived cluster gives every later materialize). Printed: seconds per mode, sp
 in-process and over 1 worker, and the per-partition overhead of running a partition as a Dagster
 run on Dask, `(warm time on 1 worker - in-process time) / partitions` (one worker runs one step
 at a time, as in-process does, so the difference is the overhead). Every mode's tables are
-checked equal to the in-process ones. All modes run in this process, one after the other, so the
+checked equal to the in-process ones (all columns but the recompute's wall-clock `seconds_*`). All modes run in this process, one after the other, so the
 ratios compare like with like; on a shared machine the absolute seconds vary.
 
 Default store: $CIRCUITS_TEST_STORE (the tiny store), else `data/store` (the embedded demo store).
@@ -30,9 +30,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def tables(data: Path) -> dict:
+    """Every table file's contents, without the timing columns (`recompute_summary.seconds_*`: wall clock)."""
     import pyarrow.parquet as pq
 
-    return {p.relative_to(data).as_posix(): pq.read_table(p) for p in sorted((data / "tables").rglob("*.parquet"))}
+    out = {}
+    for p in sorted((data / "tables").rglob("*.parquet")):
+        t = pq.read_table(p)
+        out[p.relative_to(data).as_posix()] = t.drop_columns([c for c in t.column_names if c.startswith("seconds_")])
+    return out
+
+
+def differences(got: dict, reference: dict) -> list[str]:
+    diff = sorted(set(got) ^ set(reference))
+    for k in sorted(set(got) & set(reference)):
+        if not got[k].equals(reference[k]):
+            cols = [c for c in reference[k].column_names if c not in got[k].column_names or not got[k][c].equals(reference[k][c])]
+            diff.append(f"{k} ({', '.join(cols) or 'schema'})")
+    return diff
 
 
 def timed(label: str, work: Path, **kwargs) -> tuple[float, object]:
@@ -76,8 +90,9 @@ def main() -> int:
                 cold, _ = timed(f"dask {n} cold", work, executor="dask", scheduler=cluster.scheduler_address, **common)
                 warm, _ = timed(f"dask {n} warm", work, executor="dask", scheduler=cluster.scheduler_address, **common)
             for label in (f"dask_{n}_cold", f"dask_{n}_warm"):
-                got = tables(work / label)
-                assert got.keys() == reference.keys() and all(got[k].equals(reference[k]) for k in got), f"{label}: tables differ"
+                diff = differences(tables(work / label), reference)
+                if diff:
+                    raise SystemExit(f"{label}: tables differ from the in-process ones: {'; '.join(diff)}")
             results[n] = warm
             print(f"dask, {n} worker{'s' if n > 1 else ' '}:      {warm:6.1f} s warm, {cold:6.1f} s cold (+{startup:.1f} s cluster start-up); "
                   f"warm speed-up over in-process {t_in / warm:.2f}x" + (f", over 1 worker {results[1] / warm:.2f}x" if 1 in results and n != 1 else ""))  # fmt: skip

@@ -35,7 +35,7 @@ from fixtures_azurite import Azurite, _free_port, azurite_binary  # noqa: E402
 def start_azurite(workdir: Path) -> tuple[subprocess.Popen, Azurite]:
     binary = azurite_binary()
     if binary is None:
-        sys.exit("azurite not installed: npm install --no-save --no-package-lock --prefix .ci/node azurite@3")
+        sys.exit("azurite not installed: npm ci --prefix .ci/node")
     port = _free_port()
     proc = subprocess.Popen(
         [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir),

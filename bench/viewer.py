@@ -97,7 +97,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     from bokeh.document import Document
 
-    from viewer import queries
+    from viewer import models, queries
     from viewer.app import create_app
 
     print(f"imports (process start, not per session): {(time.perf_counter() - t0) * 1000:.0f} ms")
@@ -112,8 +112,8 @@ def main(argv=None):
     warm_sessions = [timed(new_session) for _ in range(3)]
     page = new_session()
     app, state = page.explorer, page.explorer.state
-    runs = queries.runs()["run_id"].tolist()
-    big = queries.runs().sort_values("n_nodes")["run_id"].iloc[-1]  # the biggest circuit (tables may hold one run only)
+    runs = models.run_ids()
+    big = queries.runs().sort("n_nodes")["run_id"][-1]  # the biggest circuit (tables may hold one run only)
     state.set_run(big)
     n_nodes = len(queries.nodes(big))
     print(f"cold start, first session (caches empty): {cold:.0f} ms (cpu {cold.cpu:.0f} ms); further sessions: "
@@ -131,7 +131,7 @@ def main(argv=None):
     results["pick run (first visit: run caches cleared)"] = samples
     state.set_run(big)
 
-    layers = queries.layer_halves(big)["layer_half"].tolist()
+    layers = models.layer_halves(big)["layer_half"].to_list()
     samples = []
     for i in range(min(args.reps, len(layers))):  # every layer-half once: first visits
         target = layers[(layers.index(state.layer) + 1 + i) % len(layers)] if i == 0 else layers[i]
@@ -161,7 +161,7 @@ def main(argv=None):
             samples.append(timed(lambda i=i: setattr(app.graph.nodes.selected, "indices", [i])))
     results["click node again (queries cached: rendering only)"] = samples
 
-    ids = queries.node_ids(big)
+    ids = models.node_ids(big)
     step = max(1, len(ids) // args.reps)
     samples = []
     for nid in ids[5::step][: min(args.reps, 15)]:  # node picker: the graph follows into the node's layer-half
@@ -184,7 +184,7 @@ def main(argv=None):
 
     # Embeddings: residual nodes only, so that every open shows a channel not shown before.
     resid = queries.nodes(big)
-    resid = resid[resid["kind"].isin(["act_in", "resid_delta"])]["node_id"].tolist()
+    resid = resid.filter(resid["kind"].is_in(["act_in", "resid_delta"]))["node_id"].to_list()
     samples = []
     for nid in resid[1 :: max(1, len(resid) // 15)][:15]:
         state.node = nid

@@ -10,12 +10,14 @@ only waits. Each session runs in a fresh browser context (no HTTP cache), like a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +186,21 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
         results["whole-circuit graph: threshold"] = whole
         report(results)
         await ctx.close()
+
+        # The server's share of concurrent first visits: `sessions` page requests at once without a browser (each
+        # makes the server build a session: the page's Python objects and Bokeh models; the document's JSON, sent
+        # when a browser connects, is not included).
+        def fetch():
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(base, timeout=600) as r:
+                r.read()
+            return (time.perf_counter() - t0) * 1000
+
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=sessions) as pool:  # all at once (the default pool has 6 threads here)
+            results[f"{sessions} concurrent page requests, no browser (server builds the sessions)"] = list(
+                await asyncio.gather(*(loop.run_in_executor(pool, fetch) for _ in range(sessions))))
+        report(results)
 
         # Concurrent sessions: `sessions` first visits at once, each timed to its drawn graph.
         async def one():

@@ -1,16 +1,28 @@
-"""inference: the released weight-sparse GPT, read bit-for-bit, with named hook points."""
+"""inference: the released weight-sparse GPT, read bit-for-bit, with named hook points.
 
-from inference.config import ConfigError, GPTConfig
-from inference.hooks import intervene, record
-from inference.model import GPT
+The names below are imported on first use (PEP 562), so `import inference.settings` or
+`inference.files` (the viewer's and the pipeline's light imports) does not load torch.
+"""
+
+import importlib
 
 __all__ = ["GPT", "GPTConfig", "ConfigError", "intervene", "record", "load_model"]
 
+_HOMES = {
+    "GPT": "inference.model",
+    "GPTConfig": "inference.config",
+    "ConfigError": "inference.config",
+    "intervene": "inference.hooks",
+    "record": "inference.hooks",
+    "load_model": "inference.loader",
+}
+
 
 def __getattr__(name: str):
-    # load_model pulls in fsspec; import it on first use so `import inference` stays light.
-    if name == "load_model":
-        from inference.loader import load_model
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'inference' has no attribute {name!r}")
 
-        return load_model
-    raise AttributeError(name)
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -61,11 +61,11 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from inference import settings
 from inference.files import TMP_SUFFIX, write_atomic
 
 __all__ = ["Store", "StoreError", "CheckpointError", "cache_dir", "azure_location", "read_tensor", "write_atomic"]
 
-DEFAULT_CACHE = "~/.cache/circuits"
 # Fields of `fs.info()` that change when a remote file changes (HTTP: ETag, Content-MD5, Digest,
 # Last-Modified; S3: ETag, LastModified; Azure: etag, last_modified; memory: created; local:
 # mtime). The cache key holds every one present, so a change to any of them is a new version.
@@ -91,17 +91,11 @@ class CheckpointError(ValueError):
 
 def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     """The download cache: the argument, else `CIRCUITS_CACHE`, else `~/.cache/circuits`."""
-    chosen = explicit if explicit is not None else os.environ.get("CIRCUITS_CACHE") or DEFAULT_CACHE
+    chosen = explicit if explicit is not None else settings.cache_dir()
     return Path(chosen).expanduser()
 
 
 # ---- Azure Blob URLs -> adlfs -------------------------------------------------------------------
-
-
-def _env_anon() -> bool:
-    """Anonymous unless AZURE_STORAGE_ANON says otherwise (adlfs's own variable and parsing)."""
-    raw = os.environ.get("AZURE_STORAGE_ANON")
-    return True if raw is None else raw.strip().lower() not in ("false", "0", "f", "")
 
 
 def _connection_account(conn: str) -> str | None:
@@ -121,9 +115,9 @@ def azure_location(url: str) -> tuple[dict[str, Any], str] | None:
 
     See the module doc for the URL forms and where the account and credentials come from."""
     parts = urlsplit(str(url))
-    env_conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or None
-    env_account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or None
-    anon = _env_anon()
+    env_conn = settings.azure_connection_string()
+    env_account = settings.azure_account_name()
+    anon = settings.azure_anonymous()
     if parts.scheme in AZURE_PROTOCOLS:
         path = (parts.netloc + parts.path).strip("/")
         if not path:

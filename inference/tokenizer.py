@@ -10,8 +10,7 @@ written in GPT-2's bytes-to-unicode alphabet. Where they are looked for, in orde
    whose `tinypython/` holds them;
 2. `CIRCUITS_TOKENIZER_DIR`;
 3. the store's `tinypython/`: `CIRCUITS_STORE`, else the embedded store
-   `$CIRCUITS_DATA/store` (`CIRCUITS_DATA` defaults to `data`). These two defaults mirror
-   `pipeline.settings`, which `inference` must not import (it sits below `pipeline`).
+   `$CIRCUITS_DATA/store` (`inference.settings`).
 
 Remote files go through the download cache of `inference.store`.
 """
@@ -25,6 +24,7 @@ from typing import Any
 
 import tiktoken
 
+from inference import settings
 from inference.store import Store
 
 ENCODING_NAME = "tinypython_2k"
@@ -115,11 +115,8 @@ def candidate_dirs(location: str | os.PathLike | None = None) -> list[str]:
     if location is not None:
         loc = str(location).rstrip("/")
         return [loc, f"{loc}/{STORE_SUBDIR}"]
-    out = []
-    if os.environ.get("CIRCUITS_TOKENIZER_DIR"):
-        out.append(os.environ["CIRCUITS_TOKENIZER_DIR"])
-    store = os.environ.get("CIRCUITS_STORE") or (os.environ.get("CIRCUITS_DATA") or "data").rstrip("/") + "/store"
-    out.append(f"{store.rstrip('/')}/{STORE_SUBDIR}")
+    out = [settings.tokenizer_dir()] if settings.tokenizer_dir() else []
+    out.append(f"{settings.store_url().rstrip('/')}/{STORE_SUBDIR}")
     return out
 
 

@@ -10,6 +10,8 @@ import functools
 import os
 import sys
 
+from inference import settings as env_settings
+
 
 def _errors_in_one_line(main):
     """The project's errors (ValueError / OSError subclasses naming the file and the problem) as
@@ -20,7 +22,7 @@ def _errors_in_one_line(main):
         try:
             return main(argv)
         except (ValueError, OSError) as e:
-            if os.environ.get("CIRCUITS_TRACEBACK"):
+            if env_settings.show_tracebacks():
                 raise
             command = next(iter(argv if argv is not None else sys.argv[1:]), "")
             print(f"circuits {command}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -109,7 +111,7 @@ def _dagster_dev(extra: list[str]) -> int:
     from pipeline.settings import data_dir, local_dir
 
     env = dict(os.environ)
-    if not env.get("DAGSTER_HOME"):
+    if not env_settings.dagster_home():
         from pipeline.materialize import INSTANCE_DIR, pipeline_instance
 
         # the data's local dir: the data dir, or CIRCUITS_DB_DIR for object-store data (as materialize uses)

@@ -77,8 +77,17 @@ def runs_table(viz: VizData, run: RunRef, loss_factor: float, sha256: str | None
     )
 
 
+# Every table's `delta` is corrected: (ablated - circuit) loss, both raw losses scaled by the factor.
+# `*_released` columns keep the released viewer's reading of a layer-half's delta, which scales only
+# the circuit's loss (raw ablated - raw circuit * factor), so a user can compare with its pages.
 def _layer_delta(viz: VizData, layer_half: str | None, loss_factor: float) -> float | None:
-    """The released viewer's reading of a layer-half's delta: raw - interv_loss_raw * factor."""
+    """A layer-half's ablation delta, corrected: (layer_interv_loss_raw - interv_loss_raw) * factor."""
+    raw = viz.layer_interv_losses.get(layer_half) if layer_half is not None else None
+    return None if raw is None else (raw - viz.interv_loss) * loss_factor
+
+
+def _layer_delta_released(viz: VizData, layer_half: str | None, loss_factor: float) -> float | None:
+    """The released viewer's reading of a layer-half's delta: layer_interv_loss_raw - interv_loss_raw * factor."""
     raw = viz.layer_interv_losses.get(layer_half) if layer_half is not None else None
     return None if raw is None else raw - viz.interv_loss * loss_factor
 
@@ -105,6 +114,7 @@ def nodes_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
             "ch_interv_loss": raw * loss_factor,
             "delta": (raw - viz.interv_loss) * loss_factor,
             "layer_delta": _layer_delta(viz, layer_half_key(loc), loss_factor),
+            "layer_delta_released": _layer_delta_released(viz, layer_half_key(loc), loss_factor),
         }
         for k, v in row.items():
             cols[k].append(v)
@@ -268,7 +278,7 @@ def layer_ablations_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.T
             "interv_loss_raw": viz.interv_loss,
             "layer_interv_loss_raw": raw,
             "delta": _layer_delta(viz, key, loss_factor),
-            "delta_corrected": (raw - viz.interv_loss) * loss_factor,
+            "delta_released": _layer_delta_released(viz, key, loss_factor),
             "n_nodes": counts.get(key, 0),
         }
         for k, v in row.items():

@@ -1,16 +1,19 @@
-"""`circuits materialize`: run the pipeline's assets in-process, headless, with progress.
+"""`circuits materialize`: run the pipeline's assets headless, with progress, in-process or on Dask.
 
 The same asset definitions as `dagster dev` (`pipeline.definitions`), executed with
 `dagster.materialize` one partition at a time: the tokenizer, each model's assets, each run's
 assets (tables, then the recompute forward passes), then `circuits.duckdb`. A failing partition
-(e.g. a corrupt viz_data) is reported with its message and the others still materialize.
+(e.g. a corrupt viz_data) is reported with its message and the others still materialize. With the
+Dask executor the model and run partitions run as Dagster runs on a Dask cluster instead
+(`pipeline.on_dask`), the rest here.
 
 Dagster's instance (run history, partitions) lives in `$DAGSTER_HOME` when that is set, else in
-`<data>/.dagster` (a temporary instance when the data dir is an object store URL). That directory
+`<local dir>/.dagster`: the data dir, or for object-store data `settings.local_dir` (CIRCUITS_DB_DIR,
+else a directory under the cache), so that it is persistent, as Dask needs. That directory
 is created whole or not at all (built beside it, then renamed), an instance that fails to open
 is migrated and, failing that, set aside and recreated (it holds only run history; the tables
 are the data). One `circuits materialize` at a time per data dir: a second one waits for the
-lock file `<data>/.dagster.lock`. An error of the instance itself (a full disk, say) fails the
+lock file `<local dir>/.dagster.lock`. An error of the instance itself (a full disk, say) fails the
 step it happened in, with its message, not the process.
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 import dagster as dg
 from tqdm import tqdm
 
+from inference import settings as env_settings
 from pipeline.assets.discovery import StoreWalkWarning, refresh_partitions, store_index
 from pipeline.assets.download import model_checkpoint, tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
@@ -95,7 +99,7 @@ def pipeline_instance(data_url: str, local_dir: str | None = None) -> dg.Dagster
 
     It lives in the data's local dir (`settings.local_dir`: the data dir itself, or for object-store
     data a local directory), so it is persistent, as Dask workers need to record their steps."""
-    if os.environ.get("DAGSTER_HOME"):
+    if env_settings.dagster_home():
         return dg.DagsterInstance.get()
     home = Path(local_dir or settings.local_dir(data_url)) / INSTANCE_DIR
     home.parent.mkdir(parents=True, exist_ok=True)

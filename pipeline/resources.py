@@ -1,39 +1,19 @@
 """Dagster resources: where the store and the output live, the device, the loss factor.
 
-Every value defaults from an environment variable (read when the definitions load):
-
-| variable | default | meaning |
-| --- | --- | --- |
-| `CIRCUITS_STORE` | `$CIRCUITS_DATA/store` (the embedded store) | store URL or path, released layout |
-| `CIRCUITS_DATA` | `data` | output: `tables/`, `circuits.duckdb` (local path or fsspec URL) |
-| `CIRCUITS_CACHE` | the store module's default | download cache of store files |
-| `CIRCUITS_DEVICE` | `cpu` | torch device of the recompute assets |
-| `CIRCUITS_LOSS_FACTOR` | `0.5` | corrected loss = stored (raw) loss x factor |
-| `CIRCUITS_TOLERANCE` | `1e-3` | relative tolerance of recomputed vs stored numbers |
-| `CIRCUITS_DB_DIR` | under the cache | object-store data only: local dir of `circuits.duckdb` and `.dagster` (`settings.local_dir`; local data holds them itself) |
-| `CIRCUITS_MODELS`, `CIRCUITS_TASKS`, `CIRCUITS_SWEEPS`, `CIRCUITS_KS` | all | the selection: comma lists of names or patterns (`pipeline.settings.Selection`) |
+Every value defaults from its environment variable (read when the definitions load; the
+variables, their defaults and parsing: `inference.settings`).
 
 In the Dagster UI the same fields can be overridden per run in the launchpad (resource config).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dagster import ConfigurableResource
 
+from inference import settings as env
 from pipeline import settings
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
 
 
 class CircuitsResource(ConfigurableResource):
@@ -60,11 +40,11 @@ class CircuitsResource(ConfigurableResource):
         values = dict(
             store_url=settings.store_url(),
             data=settings.data_dir(),
-            cache=os.environ.get("CIRCUITS_CACHE") or None,
-            device=os.environ.get("CIRCUITS_DEVICE") or "cpu",
-            loss_factor=_env_float("CIRCUITS_LOSS_FACTOR", 0.5),
-            tolerance=_env_float("CIRCUITS_TOLERANCE", 1e-3),
-            db_dir=settings.db_dir(),
+            cache=env.cache_env(),
+            device=env.device(),
+            loss_factor=env.loss_factor(),
+            tolerance=env.tolerance(),
+            db_dir=env.db_dir(),
         )
         selection = settings.Selection.from_env(**{f: overrides.pop(f, None) for f in settings.SELECTION_ENV})
         values |= {f: list(getattr(selection, f)) for f in settings.SELECTION_ENV}

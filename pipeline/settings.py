@@ -1,6 +1,7 @@
-"""Where things live, from the CIRCUITS_* environment variables with their defaults.
+"""The pipeline's settings: where things live and what to fetch.
 
-The one home of these defaults: Dagster resources, the CLI and the viewer all ask here.
+The environment is read by `inference.settings` (the one module that reads it, with every
+variable's default); this module derives the pipeline's paths and the selection from those values.
 Imports nothing heavy, so the viewer can use it without torch.
 """
 
@@ -10,28 +11,19 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-DEFAULT_DATA = "data"
-EMBEDDED_STORE_DIRNAME = "store"
+from inference.settings import (EXECUTORS, SELECTION_ENV, cache_dir, dask_scheduler, dask_workers, data_dir, db_dir,
+                                embedded_store_dir, executor, store_env, store_url)  # fmt: skip
+from inference.settings import selection as _selection_env
+
+__all__ = ["EXECUTORS", "PUBLIC_STORE", "SELECTION_ENV", "Selection", "dask_scheduler", "dask_workers", "data_dir", "db_dir",
+           "duckdb_path", "embedded_store_dir", "executor", "is_url", "local_dir", "split_names", "store_url",
+           "uses_embedded_store"]  # fmt: skip
+
 PUBLIC_STORE = "https://openaipublic.blob.core.windows.net/circuit-sparsity"
 
 
-def data_dir() -> str:
-    """CIRCUITS_DATA: Parquet tables and circuits.duckdb (local path or fsspec URL); default `data/`."""
-    return os.environ.get("CIRCUITS_DATA") or DEFAULT_DATA
-
-
-def embedded_store_dir() -> str:
-    """Where the embedded demo store is built by default: `<CIRCUITS_DATA>/store`."""
-    return _join(data_dir(), EMBEDDED_STORE_DIRNAME)
-
-
-def store_url() -> str:
-    """CIRCUITS_STORE: the circuit store (released layout); default the embedded store."""
-    return os.environ.get("CIRCUITS_STORE") or embedded_store_dir()
-
-
 def uses_embedded_store() -> bool:
-    return not os.environ.get("CIRCUITS_STORE") or os.environ["CIRCUITS_STORE"] == embedded_store_dir()
+    return store_env() in (None, embedded_store_dir())
 
 
 def duckdb_path() -> str:
@@ -42,11 +34,6 @@ def duckdb_path() -> str:
 def is_url(location: str) -> bool:
     """An object-store (fsspec) URL such as `az://c/p` or `s3://b/p`; `file://` and plain paths are local."""
     return "://" in location and not location.startswith("file://")
-
-
-def db_dir() -> str | None:
-    """CIRCUITS_DB_DIR: the local directory of `circuits.duckdb` (and `.dagster`) for object-store data; unset: `local_dir`'s default."""
-    return os.environ.get("CIRCUITS_DB_DIR") or None
 
 
 def local_dir(data: str | None = None, explicit: str | None = None) -> str:
@@ -65,39 +52,9 @@ def local_dir(data: str | None = None, explicit: str | None = None) -> str:
     if chosen:
         return os.path.abspath(os.path.expanduser(chosen))
     scheme, _, rest = data.partition("://")
-    cache = os.path.expanduser(os.environ.get("CIRCUITS_CACHE") or "~/.cache/circuits")
+    cache = os.path.expanduser(cache_dir())
     parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
     return os.path.abspath(os.path.join(cache, "data", scheme, *parts))
-
-
-# ---- where the run partitions execute --------------------------------------------------------
-
-EXECUTORS = ("in_process", "dask")
-
-
-def executor() -> str:
-    """CIRCUITS_EXECUTOR: `in_process` (default: one partition at a time in this process) or `dask`."""
-    value = os.environ.get("CIRCUITS_EXECUTOR") or "in_process"
-    if value not in EXECUTORS:
-        raise ValueError(f"environment variable CIRCUITS_EXECUTOR={value!r}: expected one of {', '.join(EXECUTORS)}")
-    return value
-
-
-def dask_scheduler() -> str | None:
-    """CIRCUITS_DASK_SCHEDULER: address of an existing Dask scheduler (`tcp://host:8786`); unset: a local cluster."""
-    return os.environ.get("CIRCUITS_DASK_SCHEDULER") or None
-
-
-def dask_workers() -> int:
-    """CIRCUITS_DASK_WORKERS: worker processes of the local Dask cluster started when no scheduler is given (default 2)."""
-    raw = os.environ.get("CIRCUITS_DASK_WORKERS") or "2"
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"environment variable CIRCUITS_DASK_WORKERS={raw!r}: expected a whole number >= 1")
-    return n
 
 
 def _join(base: str, name: str) -> str:
@@ -105,9 +62,6 @@ def _join(base: str, name: str) -> str:
 
 
 # ---- what to fetch: models, tasks, sweeps, k ---------------------------------------------------
-
-SELECTION_ENV = {"models": "CIRCUITS_MODELS", "tasks": "CIRCUITS_TASKS", "sweeps": "CIRCUITS_SWEEPS", "ks": "CIRCUITS_KS"}
-
 
 def split_names(values) -> tuple[str, ...]:
     """Names from a comma list, or a list of comma lists (`--task a,b --task c`); blanks dropped."""
@@ -137,7 +91,7 @@ class Selection:
     @classmethod
     def from_env(cls, **overrides) -> Selection:
         """CIRCUITS_MODELS / _TASKS / _SWEEPS / _KS (comma lists); a field given here (not None) wins."""
-        fields = {f: split_names(overrides[f]) if overrides.get(f) is not None else split_names(os.environ.get(var)) for f, var in SELECTION_ENV.items()}
+        fields = {f: split_names(overrides[f]) if overrides.get(f) is not None else split_names(_selection_env(f)) for f in SELECTION_ENV}
         return cls(**fields, text=overrides.get("text") or None)
 
     @property

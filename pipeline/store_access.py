@@ -29,10 +29,62 @@ def list_dir(store, rel: str) -> list[str]:
         return []
 
 
+# sha256 by (local path, size, mtime): the download asset and the conversion hash the same copy once.
+_HASHES: dict[tuple, str] = {}
+
+
 def local_sha256(store, rel: str) -> tuple[Path, str]:
-    """(local copy, sha256) of a store file: hashed from the cached copy, not read remotely twice."""
+    """(local copy, sha256) of a store file: hashed from the cached copy, once per version of it."""
     path = store.local(rel)
-    return path, sha256_file(path)
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        if len(_HASHES) > 256:
+            _HASHES.clear()
+        _HASHES[key] = sha256_file(path)
+    return path, _HASHES[key]
+
+
+class RunFile:
+    """One run's viz_data as the run partition's assets need it: the cached local copy, its sha256,
+    the parsed `VizData`, and the warnings parsing raised (unknown locations), to be logged by
+    each asset that uses it."""
+
+    def __init__(self, local: Path, source: str, sha256: str, viz, warnings: list[str]):
+        self.local, self.source, self.sha256, self.viz, self.warnings = local, source, sha256, viz, warnings
+
+
+# The last run file read, keyed by (local path, size, mtime): a run partition's conversion and
+# recompute assets run one after the other in the same process (`circuits materialize`), so the
+# file is listed, hashed and parsed once. A different key evicts it before parsing (one viz_data in
+# memory at a time; release files parse to about 1 GB). On a Dask cluster the two assets may run
+# on different workers, and each reads the file once.
+_RUN_FILE: dict[tuple, RunFile] = {}
+
+
+def read_run_file(store, rel: str) -> RunFile:
+    """`rel` (a run's viz_data) fetched, hashed and parsed once per process and version of the file.
+    Raises `pipeline.formats.VizDataError` naming the file."""
+    import warnings as _warnings
+
+    from pipeline.formats import UnknownLocationWarning, read_viz_data
+
+    local, sha = local_sha256(store, rel)
+    st = local.stat()
+    key = (str(local), st.st_size, st.st_mtime_ns)
+    if key not in _RUN_FILE:
+        _RUN_FILE.clear()
+        source = store.path(rel)
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always", UnknownLocationWarning)
+            viz = read_viz_data(local, source=source)
+        _RUN_FILE[key] = RunFile(local, source, sha, viz, [str(w.message) for w in caught])
+    return _RUN_FILE[key]
+
+
+def forget_run_file() -> None:
+    """Drop the parsed file (after the last asset of a run partition used it)."""
+    _RUN_FILE.clear()
 
 
 def load_model(store, model: str, device: str = "cpu"):
@@ -87,22 +139,12 @@ def read_tensor(store, model: str, key: str):
     return t
 
 
-_TOKENIZERS: dict[tuple, object] = {}
-
-
 def load_tokenizer(store):
-    """The store's `tinypython/` tokenizer (a tiktoken Encoding), its files fetched through the
-    pipeline's download cache (`inference.tokenizer.get_tokenizer` would use the default cache)."""
-    import tiktoken
+    """The store's `tinypython/` tokenizer (a tiktoken Encoding, cached per file version), its files
+    fetched through the pipeline's download cache."""
+    from inference.tokenizer import get_tokenizer
 
-    from inference import tokenizer as T
-
-    encoder_json, vocab_bpe = T.find_tokenizer_files(store.path(TOKENIZER_DIR), cache_dir=getattr(store, "_cache_dir", None))
-    key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in (encoder_json, vocab_bpe))
-    if key not in _TOKENIZERS:
-        ranks, special = T.mergeable_ranks(encoder_json, vocab_bpe)
-        _TOKENIZERS[key] = tiktoken.Encoding(T.ENCODING_NAME, pat_str=T.PAT_STR, mergeable_ranks=ranks, special_tokens=special)
-    return _TOKENIZERS[key]
+    return get_tokenizer(store.path(TOKENIZER_DIR), cache_dir=getattr(store, "_cache_dir", None))
 
 
 def token_bytes_list(enc) -> tuple[list[bytes], dict[int, str]]:

@@ -42,6 +42,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("run_id", S), ("node_id", S), ("location", S), ("layer", I32), ("half", S), ("kind", S),
         ("channel", I64), ("head", I32), ("head_channel", I32), ("node_order", I32),
         ("ch_interv_loss_raw", F64), ("ch_interv_loss", F64), ("delta", F64), ("layer_delta", F64),
+        ("layer_delta_released", F64),
     ),
     "edges": _schema(
         ("run_id", S), ("src_node_id", S), ("tgt_node_id", S), ("src_location", S), ("tgt_location", S),
@@ -61,7 +62,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
     "layer_ablations": _schema(
         ("run_id", S), ("layer_half", S), ("layer", I32), ("half", S), ("interv_loss_raw", F64),
-        ("delta", F64), ("delta_corrected", F64), ("n_nodes", I64), ("layer_interv_loss_raw", F64),
+        ("delta", F64), ("delta_released", F64), ("n_nodes", I64), ("layer_interv_loss_raw", F64),
     ),
     "pruning_curve": _schema(("run_id", S), ("step", I64), ("x", I64), ("loss_raw", F64), ("loss", F64)),
     "loss_at_k": _schema(

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 ACCOUNT = "devstoreaccount1"
 # Azurite's documented development key (public, fixed; not a secret).
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-INSTALL = "npm install --no-save --no-package-lock --prefix .ci/node azurite@3"
+INSTALL = "npm ci --prefix .ci/node"
 
 
 def azurite_binary() -> str | None:

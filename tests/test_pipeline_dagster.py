@@ -167,14 +167,28 @@ def test_materialize_from_a_remote_store_through_the_cache(viz_store, tmp_path):
         assert meta["viz_data_pt/size"].value == (viz_store / "viz" / run / "viz_data.pt").stat().st_size
 
 
-def test_recompute_on_the_embedded_store_uses_its_means_and_agrees(tiny_store, tmp_path):
+def test_recompute_on_the_embedded_store_uses_its_means_and_agrees(tiny_store, tmp_path, monkeypatch):
     """The embedded store ships the node means its circuits were pruned with
     (`models/<model>/node_means.pt`): the pipeline's recomputed circuit loss and per-node mean
-    ablations then equal the stored ones, on every node (an end-to-end check of builder and pipeline)."""
+    ablations then equal the stored ones, on every node (an end-to-end check of builder and pipeline).
+    Each run's viz_data is parsed and hashed once for its conversion and recompute assets."""
     import duckdb
 
+    from inference import files
+    from pipeline import formats, store_access
+
+    parsed, hashed = [], []
+    real_read, real_hash = formats.read_viz_data, store_access.sha256_file
+    monkeypatch.setattr(formats, "read_viz_data", lambda path, source=None: parsed.append(str(path)) or real_read(path, source))
+    monkeypatch.setattr(store_access, "sha256_file", lambda path: hashed.append(str(path)) or real_hash(path))
+    assert files.sha256_file is not store_access.sha256_file
+    store_access._HASHES.clear()  # files an earlier test of this process hashed and parsed
+    store_access.forget_run_file()
     s = materialize_store(store=str(tiny_store), data=str(tmp_path / "d"), progress=False, select="single_double_quote")
     assert not s.failed, s.failed
+    viz_files = [p for p in parsed if p.endswith(("viz_data.pt", "viz_data.pkl"))]
+    assert len(viz_files) == len(set(viz_files)) == len(s.runs) > 0
+    assert len([p for p in hashed if p in viz_files]) == len(s.runs)
     con = duckdb.connect(str(tmp_path / "d" / "circuits.duckdb"), read_only=True)
     rows = con.execute("select run_id, means_source, stored_interv_loss, recomputed_interv_loss, tolerance from recompute_summary").fetchall()
     assert rows and len(rows) == len(s.runs)

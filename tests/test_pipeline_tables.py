@@ -69,7 +69,8 @@ def test_run_tables_match_viz_data(viz_store, db, run_id):
         else:
             assert pd.isna(row["head"])
         half = ".".join(loc.split(".")[:2])
-        assert row.layer_delta == pytest.approx(imp["layer_interv_losses"][half] - imp["interv_loss"] / 2)
+        assert row.layer_delta == pytest.approx((imp["layer_interv_losses"][half] - imp["interv_loss"]) / 2)
+        assert row.layer_delta_released == pytest.approx(imp["layer_interv_losses"][half] - imp["interv_loss"] / 2)
 
     # edges: every nonzero entry of either measure, keyed by endpoints
     want = {}
@@ -111,11 +112,11 @@ def test_run_tables_match_viz_data(viz_store, db, run_id):
     samples = db.execute("select count(*), sum(is_center::int) from samples where run_id = ?", [run_id]).fetchone()
     assert samples == (n_tokens, n_snips)
 
-    la = db.execute("select layer_half, delta, delta_corrected from layer_ablations where run_id = ?", [run_id]).fetchall()
+    la = db.execute("select layer_half, delta, delta_released from layer_ablations where run_id = ?", [run_id]).fetchall()
     assert {k for k, _, _ in la} == set(imp["layer_interv_losses"])
-    for k, delta, corrected in la:
-        assert delta == pytest.approx(imp["layer_interv_losses"][k] - imp["interv_loss"] * FACTOR)
-        assert corrected == pytest.approx((imp["layer_interv_losses"][k] - imp["interv_loss"]) * FACTOR)
+    for k, delta, released in la:  # `delta` corrected in every table; `delta_released` the release's reading
+        assert delta == pytest.approx((imp["layer_interv_losses"][k] - imp["interv_loss"]) * FACTOR)
+        assert released == pytest.approx(imp["layer_interv_losses"][k] - imp["interv_loss"] * FACTOR)
 
     curve = db.execute("select step, x, loss from pruning_curve where run_id = ? order by step", [run_id]).fetchall()
     assert curve == [(s, (s + 1) * 8, pytest.approx(v / 2)) for s, v in raw["all_loss"]]

@@ -50,7 +50,7 @@ def test_runs_in_k_order_with_counts(viewer_data):
     from viewer import queries
 
     _, truth = viewer_data
-    runs = queries.runs()
+    runs = queries.runs().to_pandas()
     quotes = runs[runs["task"] == "quotes"]["k_label"].tolist()
     assert quotes == ["8", "16"]  # numeric order, not "16" < "8"
     for r in truth.runs:
@@ -60,20 +60,20 @@ def test_runs_in_k_order_with_counts(viewer_data):
 
 
 def test_layer_halves_deltas_counts_and_marks(viewer_data):
-    from viewer import queries
+    from viewer import models
 
     _, truth = viewer_data
-    got = queries.layer_halves(RUN).set_index("layer_half")
+    got = models.layer_halves(RUN).to_pandas().set_index("layer_half")
     la = table(truth, "layer_ablations")
     la = la[la["run_id"] == RUN].set_index("layer_half")
     for lh, row in la.iterrows():
         # delta: both terms corrected; delta_released: the released viewer's reading
-        assert got.loc[lh, "delta"] == pytest.approx(row["delta_corrected"])
-        assert got.loc[lh, "delta_released"] == pytest.approx(row["delta"])
+        assert got.loc[lh, "delta"] == pytest.approx(row["delta"])
+        assert got.loc[lh, "delta_released"] == pytest.approx(row["delta_released"])
         count = sum(1 for n in truth.nodes[RUN] if f"{n['layer']}.{n['half']}" == lh)
         assert got.loc[lh, "n_nodes"] == count
-        assert bool(got.loc[lh, "marked"]) == (row["delta_corrected"] > 0.3)
-    expected = sorted(lh for lh, row in la.iterrows() if row["delta_corrected"] > 0.3)
+        assert bool(got.loc[lh, "marked"]) == (row["delta"] > 0.3)
+    expected = sorted(lh for lh, row in la.iterrows() if row["delta"] > 0.3)
     assert sorted(got.index[got["marked"]]) == expected
     assert expected, "the fixture should mark at least one layer-half"
 
@@ -82,24 +82,24 @@ def test_nodes_and_edges_of_a_layer_half(viewer_data):
     from viewer import queries
 
     _, truth = viewer_data
-    got = queries.nodes(RUN, "1.attn")
+    got = queries.nodes(RUN, "1.attn").to_pandas()
     want = {n["node_id"] for n in truth.nodes[RUN] if n["layer"] == 1 and n["half"] == "attn"}
     assert set(got["node_id"]) == want
     edges = table(truth, "edges")
     want_e = edges[(edges["run_id"] == RUN) & edges["tgt_location"].str.startswith("1.attn.")]
-    got_e = queries.edges(RUN, "1.attn")
+    got_e = queries.edges(RUN, "1.attn").to_pandas()
     assert sorted(zip(got_e["src_node_id"], got_e["tgt_node_id"], strict=True)) == sorted(
         zip(want_e["src_node_id"], want_e["tgt_node_id"], strict=True))
 
 
 def test_connections_are_the_nodes_column_and_row(viewer_data):
-    from viewer import queries
+    from viewer import models
 
     _, truth = viewer_data
     edges = table(truth, "edges")
     edges = edges[edges["run_id"] == RUN]
     node_id = edges["tgt_node_id"].iloc[0]
-    inputs, outputs = queries.connections(RUN, node_id)
+    inputs, outputs = (df.to_pandas() for df in models.connections(RUN, node_id))
     assert set(inputs["src_node_id"]) == set(edges[edges["tgt_node_id"] == node_id]["src_node_id"])
     assert set(outputs["tgt_node_id"]) == set(edges[edges["src_node_id"] == node_id]["tgt_node_id"])
     strengths = inputs["strength"].abs().tolist()
@@ -107,11 +107,11 @@ def test_connections_are_the_nodes_column_and_row(viewer_data):
 
 
 def test_samples_first_five_and_fifty_either_side(viewer_data):
-    from viewer import queries
+    from viewer import models
 
     _, truth = viewer_data
     node_id = truth.nodes[RUN][5]["node_id"]
-    got = queries.samples(RUN, node_id)
+    got = models.snippets(RUN, node_id).to_pandas()
     s = table(truth, "samples")
     s = s[(s["run_id"] == RUN) & (s["node_id"] == node_id)]
     vocab = dict(zip(table(truth, "vocab")["token_id"], table(truth, "vocab")["text"], strict=True))
@@ -128,11 +128,11 @@ def test_samples_first_five_and_fifty_either_side(viewer_data):
 
 
 def test_activation_matrix_matches_the_table(viewer_data):
-    from viewer import queries
+    from viewer import models
 
     _, truth = viewer_data
     node_id = truth.nodes[RUN][2]["node_id"]
-    m = queries.activation_matrix(RUN, node_id)
+    m = models.activation_matrix(RUN, node_id)
     a = table(truth, "activations")
     a = a[(a["run_id"] == RUN) & (a["node_id"] == node_id)]
     docs = table(truth, "task_docs")
@@ -146,8 +146,7 @@ def test_activation_matrix_matches_the_table(viewer_data):
 
 def test_head_attention_pattern_independent(viewer_data):
     """The head pattern from the stored q/k channels, computed here with plain loops over the raw table."""
-    from viewer import queries
-    from viewer.views import attention
+    from viewer import models, queries
 
     _, truth = viewer_data
     q_nodes = [n for n in truth.nodes[RUN] if n["kind"] == "q"]
@@ -178,11 +177,11 @@ def test_head_attention_pattern_independent(viewer_data):
         scores = [sum(q[c][t] * k[c][s] for c in q if c in k) / math.sqrt(d_head) for s in range(t + 1)]
         z = sum(math.exp(x) for x in scores)
         want[t, : t + 1] = [math.exp(x) / z for x in scores]
-    qm, km = attention.qk_matrices(queries.head_qk(RUN, layer, head, doc), length)
-    got = attention.head_pattern(qm, km, queries.model_config(RUN)["d_head"], length)
+    qm, km = models.qk_matrices(queries.head_qk(RUN, layer, head, doc), length)
+    got = models.head_pattern(qm, km, models.model_config(RUN)["d_head"], length)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     c = found["head_channel"]
-    ch = attention.channel_pattern(qm[c], km[c], d_head)
+    ch = models.channel_pattern(qm[c], km[c], d_head)
     assert ch[length - 1, 0] == pytest.approx(math.exp(q[c][length - 1] * k[c][0] / 2))
     assert np.isnan(ch[0, 1])
 
@@ -194,11 +193,11 @@ def test_compare_and_residual_links(viewer_data):
     other = "toy/quotes/sweep1/16"
     a = {n["node_id"] for n in truth.nodes[RUN]}
     b = {n["node_id"] for n in truth.nodes[other]}
-    df = queries.compare(RUN, other)
+    df = queries.compare(RUN, other).to_pandas()
     assert set(df[df["status"] == "shared"]["node_id"]) == a & b
     assert set(df[df["status"] == "only A"]["node_id"]) == a - b
     assert set(df[df["status"] == "only B"]["node_id"]) == b - a
-    links = queries.residual_links(RUN)
+    links = queries.residual_links(RUN).to_pandas()
     order = {"attn": 0, "mlp": 1}
     want = {(w["node_id"], r["node_id"]) for w in truth.nodes[RUN] for r in truth.nodes[RUN]
             if w["kind"] == "resid_delta" and r["kind"] == "act_in" and w["channel"] == r["channel"]
@@ -217,27 +216,26 @@ def expected_wte(entries: pd.DataFrame, channel: int):
 
 def test_wte_extremes_and_histograms(viewer_data):
     """The derived tables (written by pipeline.derived from the dense wte) against the nonzero entries of `embeddings`."""
-    from viewer import queries
-    from viewer.views.embeddings import wpe_image
+    from viewer import models, queries
 
     _, truth = viewer_data
     e = table(truth, "embeddings")
     vocab = dict(zip(table(truth, "vocab")["token_id"], table(truth, "vocab")["text"], strict=True))
     for channel in (0, 1, 3):
         top, bottom, counts, edges = expected_wte(e, channel)
-        got = queries.wte_extremes("toy", channel)
+        got = models.wte_extremes("toy", channel).to_pandas()
         got_top, got_bottom = got[got["side"] == "top"], got[got["side"] == "bottom"]
         assert got_top["token_id"].tolist() == top["row"].tolist()
         assert got_bottom["token_id"].tolist() == bottom["row"].tolist()
         np.testing.assert_allclose(got_top["value"], top["value"], rtol=1e-6)
         assert got_top["text"].tolist() == [vocab[t] for t in top["row"]]
-        hist = queries.wte_histogram("toy", channel)
+        hist = queries.wte_histogram("toy", channel).to_pandas()
         np.testing.assert_array_equal(hist["count"], counts)
         if len(counts):
             np.testing.assert_allclose(hist["bin_left"], edges[:-1])
             np.testing.assert_allclose(hist["bin_right"], edges[1:])
-    assert queries.wte_histogram("toy", 1).empty and queries.wte_extremes("toy", 1).empty  # channel 1 is all zero
-    img, channels, _ = wpe_image(queries.embedding_matrix("toy", "wpe"))
+    assert queries.wte_histogram("toy", 1).is_empty() and queries.wte_extremes("toy", 1).is_empty()  # channel 1 is all zero
+    img, channels, _ = models.wpe_image(queries.embedding_matrix("toy", "wpe"))
     wpe = e[e["matrix"] == "wpe"]
     assert channels == sorted(wpe["channel"].unique().tolist()) and 1 not in channels  # channel 1 is all zero
     assert img.shape == (wpe["row"].max() + 1, len(channels))
@@ -262,21 +260,21 @@ def test_snippets_table_is_the_cut_of_samples(viewer_data):
 
 def test_replaced_database_is_reread(tmp_path, monkeypatch):
     """The pipeline replaces circuits.duckdb by rename: the viewer must not answer from the old file or cache."""
-    from viewer import queries
+    from viewer import models, queries
 
     monkeypatch.setattr(queries, "RECHECK_SECONDS", 0.0)  # re-read the file's identity on every query
     with data_dir(tmp_path):
         first = write_contract_tables(str(tmp_path), Scale(snippet_len=8, snippets_per_list=1), seed=1)
-        assert queries.run(RUN)["loss_raw"] == pytest.approx(next(r for r in first.runs if r["run_id"] == RUN)["loss_raw"])
+        assert models.run(RUN)["loss_raw"] == pytest.approx(next(r for r in first.runs if r["run_id"] == RUN)["loss_raw"])
         second = write_contract_tables(str(tmp_path), Scale(snippet_len=8, snippets_per_list=1), seed=2)
-        assert queries.run(RUN)["loss_raw"] == pytest.approx(next(r for r in second.runs if r["run_id"] == RUN)["loss_raw"])
+        assert models.run(RUN)["loss_raw"] == pytest.approx(next(r for r in second.runs if r["run_id"] == RUN)["loss_raw"])
 
 
 # --- the app, in-process ----------------------------------------------------------------------
 
 
 def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
-    from viewer import queries
+    from viewer import models
     from viewer.app import create_app
 
     _, truth = viewer_data
@@ -306,7 +304,7 @@ def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
     centre_text = html.escape(vocab[int(s[s["pos"] == centre]["token_id"].iloc[0])])
     assert re.search(f'<span class="(p[0-9]+ |n[0-9]+ | )c" title=[^>]*>{re.escape(centre_text)}</span>', app.detail.snippets.object)
     app.detail.inner_tabs.active = 2  # a q node: its head's attention pattern
-    node = queries.node(RUN, node_id)
+    node = models.node(RUN, node_id)
     assert f"layer 1 head {int(node['head'])}, doc 0" in app.detail.attn_note.object
     assert app.url_state.node == node_id and app.url_state.layer == "1.attn"
 
@@ -347,12 +345,12 @@ def test_pick_run_toggle_pins_export(viewer_data):
     app.pin.clicks += 1
     assert app.state.pins == {node_id: "quote detector"}
     assert "quote detector" in app.url_state.pins
-    from viewer.views.export import nodes_export
+    from viewer.models import nodes_export
 
     df = pd.read_parquet(to_bytes(nodes_export(app.state.run, app.state.pins), "parquet"))
     assert df.set_index("node_id").loc[node_id, "pin_label"] == "quote detector"
     assert len(df) == len(truth.nodes["toy/brackets/sweep1/8"])
-    csv = pd.read_csv(io.BytesIO(to_bytes(df, "csv").read()))
+    csv = pd.read_csv(io.BytesIO(to_bytes(nodes_export(app.state.run, app.state.pins), "csv").read()))
     assert len(csv) == len(df)
 
 
@@ -366,8 +364,9 @@ def test_other_tabs_render(viewer_data):
     assert app.embeddings.channel.value == node["channel"]
     assert len(app.embeddings.hist_source.data["top"]) == 30
     app.detail_tabs.active = 2
-    assert list(app.curves.k_source.data["k_label"]) == ["8", "16"]
-    assert app.curves.unpruned.data["loss"] == pytest.approx([next(r for r in truth.runs if r["run_id"] == RUN)["loss"]] * 2)
+    lak, shown_run, unpruned = app.curves.k_plot.data
+    assert lak["k_label"].to_list() == ["8", "16"] and shown_run == RUN
+    assert unpruned == pytest.approx(next(r for r in truth.runs if r["run_id"] == RUN)["loss"])
     app.detail_tabs.active = 3
     assert "shared" in app.compare.summary.object
     app.graph_tabs.active = 1
@@ -384,7 +383,7 @@ def test_hostile_url_values_fall_back_with_notes(viewer_data):
     page = create_app(url={"run": "x' OR 1=1; DROP VIEW runs; --", "layer": "9.attn'--", "node": "\"; SELECT 1",
                            "threshold": "1e999", "pins": '{"nope": "x"}', "compare": "'; --"})
     state = page.explorer.state
-    assert state.run == queries.runs()["run_id"].iloc[0]
+    assert state.run == queries.runs()["run_id"][0]
     assert state.node == "" and state.pins == {} and state.compare == "" and state.threshold == 0.1
     assert len(state.notes) == 6
     assert page.explorer.notes.div.visible and "Unknown run" in page.explorer.notes.object
@@ -408,11 +407,12 @@ def test_missing_tables_page(tmp_path):
 def test_layer_half_layout_rows_and_heads(viewer_data):
     """Rows per location; a head's q, k and v line up and heads do not overlap."""
     from viewer import queries
-    from viewer.views.graph import ROWS, layout_layer_half
+    from viewer.models import ROWS, layout_layer_half
 
     _, truth = viewer_data
     nodes = [n for n in truth.nodes[RUN] if n["layer"] == 1 and n["half"] == "attn"]
-    pos = layout_layer_half(queries.nodes(RUN, "1.attn"), None, "attn").set_index("node_id")
+    layout = layout_layer_half(queries.nodes(RUN, "1.attn"), None, "attn")
+    pos = pd.DataFrame(layout.nodes).set_index("node_id")
     for n in nodes:
         assert pos.loc[n["node_id"], "y"] == ROWS["attn"].index(n["kind"])
     for kind in ROWS["attn"]:

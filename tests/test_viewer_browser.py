@@ -207,7 +207,8 @@ def test_shared_link_restores_threshold_pins_node_and_its_layer(served, browser_
     sidebar_pins = page.get_by_text("📌", exact=False)
     assert sorted(t.strip() for t in sidebar_pins.first.inner_text().split("\n") if t.strip()) == sorted(f"📌 {k}: {v}" for k, v in pins.items())
     # The URL after loading still carries the link's state, as strings the app reads back.
-    _wait(lambda: "threshold" in page.evaluate("() => window.location.search"), "the URL written back")
+    # The link has no layer: it is in the URL once the app has written its state back.
+    _wait(lambda: "layer=" in page.evaluate("() => window.location.search"), "the URL written back")
     back = urllib.parse.parse_qs(page.evaluate("() => window.location.search")[1:])
     assert back["threshold"] == ["0.5"] and json.loads(back["pins"][0]) == pins and back["node"] == [node]
     assert back["layer"] == ["1.attn"]

@@ -96,12 +96,12 @@ def test_tables_with_duplicate_node_rows(tmp_path):
         app.detail_tabs.active = 3  # Compare: one row per node
         app.state.compare = "toy/quotes/sweep1/16"
         df = queries.compare(RUN, "toy/quotes/sweep1/16")
-        assert df["node_id"].is_unique
+        assert df["node_id"].n_unique() == len(df)
 
 
 def test_database_replaced_while_another_thread_queries(tmp_path, monkeypatch):
     """The reconnect after a rebuild must not close the connection a running query uses."""
-    from viewer import queries
+    from viewer import models, queries
 
     monkeypatch.setattr(queries, "RECHECK_SECONDS", 0.0)
     with data_dir(tmp_path):
@@ -122,7 +122,7 @@ def test_database_replaced_while_another_thread_queries(tmp_path, monkeypatch):
         started.wait(30)
         time.sleep(0.3)
         second = write_contract_tables(str(tmp_path), SMALL, seed=2)  # replaced by rename, as the pipeline does
-        got = queries.run(RUN)["loss_raw"]  # reconnects while the other thread's query runs
+        got = models.run(RUN)["loss_raw"]  # reconnects while the other thread's query runs
         worker.join(120)
         assert errors == []
         assert got == pytest.approx(next(r for r in second.runs if r["run_id"] == RUN)["loss_raw"])
@@ -130,7 +130,7 @@ def test_database_replaced_while_another_thread_queries(tmp_path, monkeypatch):
 
 def test_link_restores_threshold_pins_and_node_layer(small_data):
     """A link's query strings, as the browser sends them, restore the view (the browser test does it end to end)."""
-    from viewer import queries
+    from viewer import models
     from viewer.app import create_app
     from viewer.state import request_args
 
@@ -149,4 +149,4 @@ def test_link_restores_threshold_pins_and_node_layer(small_data):
     assert node["node_id"] in set(app.graph.nodes.data["node_id"])
     back = app.state.to_url()  # and the state written back to the URL reads the same
     assert create_app(url=back).explorer.state.to_url() == back
-    assert queries.node(RUN, node["node_id"])["half"] == "attn"
+    assert models.node(RUN, node["node_id"])["half"] == "attn"

@@ -39,7 +39,7 @@ def test_every_run_opens_and_a_click_shows_its_node(pipeline_data):
         app = page.explorer
         assert app.state.notes == []
         mine = layers[layers["run_id"] == run_id].sort_values(["layer", "half"])
-        marked = mine[mine["delta_corrected"] > 0.3]
+        marked = mine[mine["delta"] > 0.3]
         assert app.state.layer == (marked if len(marked) else mine)["layer_half"].iloc[0]
         n_nodes = int((nodes["run_id"] == run_id).sum())
         assert f"<b>{n_nodes}</b> nodes" in app.summary.object
@@ -75,7 +75,7 @@ def test_pipeline_tabs_render(pipeline_data):
     app.detail_tabs.active = 2
     lak = read(pipeline_data, "loss_at_k")
     r = runs.iloc[0]
-    assert len(app.curves.k_source.data["k_label"]) == int(((lak["model"] == r["model"]) & (lak["task"] == r["task"])
+    assert len(app.curves.k_plot.data[0]["k_label"]) == int(((lak["model"] == r["model"]) & (lak["task"] == r["task"])
                                                           & (lak["sweep"] == r["sweep"])).sum())
     other = [x for x in runs["run_id"] if x != run_id][0]
     app.state.compare = other

@@ -200,19 +200,21 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         halves = [f"{i}.{h}" for i in range(s.n_layer) for h in ("attn", "mlp")]
         # raw layer-half losses, stored like every task loss (x2): corrected delta 0.5 for the marked ones
         layer_raw = {lh: interv_raw + (1.0 if lh in ("0.mlp", "1.attn") else 0.2) for lh in halves}
-        la = {"run_id": [], "layer_half": [], "layer": [], "half": [], "interv_loss_raw": [], "delta": [], "delta_corrected": [], "n_nodes": []}
+        la = {"run_id": [], "layer_half": [], "layer": [], "half": [], "interv_loss_raw": [], "delta": [], "delta_released": [], "n_nodes": []}
         for lh in halves:
             la["run_id"].append(run_id)
             la["layer_half"].append(lh)
             la["layer"].append(int(lh.split(".")[0]))
             la["half"].append(lh.split(".")[1])
             la["interv_loss_raw"].append(layer_raw[lh])
-            la["delta"].append(layer_raw[lh] - interv_raw * LOSS_FACTOR)
-            la["delta_corrected"].append(layer_raw[lh] * LOSS_FACTOR - interv_raw * LOSS_FACTOR)
+            la["delta"].append(layer_raw[lh] * LOSS_FACTOR - interv_raw * LOSS_FACTOR)  # corrected
+            la["delta_released"].append(layer_raw[lh] - interv_raw * LOSS_FACTOR)  # the release's reading
             la["n_nodes"].append(sum(1 for n in node_rows if n["location"].startswith(lh + ".")))
         layer_delta = dict(zip(la["layer_half"], la["delta"], strict=True))
+        layer_delta_released = dict(zip(la["layer_half"], la["delta_released"], strict=True))
         for n in node_rows:
             n["layer_delta"] = layer_delta[f"{n['layer']}.{n['half']}"]
+            n["layer_delta_released"] = layer_delta_released[f"{n['layer']}.{n['half']}"]
         truth.nodes[run_id] = node_rows
         if "nodes" not in skip:
             _write(root, "nodes", run_id, {k: [n[k] for n in node_rows] for k in node_rows[0]}, truth)

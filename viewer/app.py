@@ -1,6 +1,6 @@
 """The circuit explorer: `panel serve viewer/app.py --address 127.0.0.1 --port 5006` (from the project root).
 
-Template and layout only; widgets and wiring are in explorer.py, data access in queries.py.
+Page layout only; widgets and wiring are in explorer.py, view models in models.py, SQL in queries.py.
 Reads `$CIRCUITS_DATA/circuits.duckdb` (default `data/`), written by `circuits materialize`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 
 import panel as pn
+from bokeh.models import Div
 
 from viewer import queries
 from viewer.explorer import ExplorerApp
@@ -17,7 +18,36 @@ from viewer.views.markup import heading
 TITLE = "Circuit explorer"
 
 
-def missing_page(reason: str) -> pn.template.FastListTemplate:
+# The page's own frame (a header bar, a fixed-width sidebar and the main column) instead of a Panel template:
+# every template loads the Fast/Bootstrap components and, through its HTML busy indicator, the 1.8 MB MathJax
+# bundle (Panel adds bokeh-mathjax to a page holding any Panel HTML model), and builds ~40 models more per session.
+HEADER_STYLE = {"background": "#b2182b", "color": "#fff", "padding": "10px 18px", "font-size": "20px", "font-weight": "600",
+                "font-family": "sans-serif"}
+SIDEBAR_STYLE = {"border-right": "1px solid #ddd", "background": "#fafafa", "min-height": "100vh"}
+SIDEBAR_WIDTH = 330
+
+
+class Page(pn.Column):
+    """A page: header, sidebar and main column. `.sidebar` / `.main` list their items like a template's."""
+
+    def __init__(self, sidebar: list, main: list, main_max_width: str | None = None):
+        header = pn.pane.Bokeh(Div(text=html.escape(TITLE), disable_math=True, styles=HEADER_STYLE, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+        side = pn.Column(*sidebar, width=SIDEBAR_WIDTH, styles=SIDEBAR_STYLE, margin=0)
+        body = pn.Column(*main, sizing_mode="stretch_width", styles={"max-width": main_max_width} if main_max_width else {})
+        super().__init__(header, pn.Row(*([side] if sidebar else []), body, sizing_mode="stretch_width", margin=0),
+                         sizing_mode="stretch_width", margin=0)
+        self._page_sidebar, self._page_main = side, body
+
+    @property
+    def sidebar(self):
+        return self._page_sidebar.objects
+
+    @property
+    def main(self):
+        return self._page_main.objects
+
+
+def missing_page(reason: str) -> Page:
     """What to do when there are no tables yet: a page with the commands, not a traceback."""
     text = f"""
 ## No circuit tables yet
@@ -36,9 +66,8 @@ circuits materialize      # store -> Parquet tables + circuits.duckdb in $CIRCUI
 Or point `CIRCUITS_DATA` at a directory that already holds `circuits.duckdb` and `tables/`, and restart
 `panel serve viewer/app.py`.
 """
-    template = pn.template.FastListTemplate(title=TITLE, main=[pn.pane.Markdown(text, sizing_mode="stretch_width")])
-    template.main_max_width = "900px"
-    return template
+    # The one Markdown pane of the viewer (its text is ours, apart from the escaped reason): this page has no data.
+    return Page([], [pn.pane.Markdown(text, sizing_mode="stretch_width")], main_max_width="900px")
 
 
 def create_app(url: dict | None = None, sync_url: bool = False):
@@ -56,10 +85,13 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         heading("Pins"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel, sizing_mode="stretch_width",
     )
     main = pn.Column(app.notes.panel, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
-    template = pn.template.FastListTemplate(title=TITLE, sidebar=[sidebar], main=[main], sidebar_width=330, accent="#b2182b")
-    template.explorer = app  # tests and bench reach the app's state and views through the page
-    return template
+    page = Page([sidebar], [main])
+    page.explorer = app  # tests and bench reach the app's state and views through the page
+    return page
 
 
 if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`
+    # No extension named: the page loads the JavaScript of the models it uses only (without this call Panel
+    # adds every imported model's, e.g. Tabulator's 0.5 MB and Luxon).
+    pn.extension()
     create_app(sync_url=True).servable(title=TITLE)

@@ -10,14 +10,12 @@ from __future__ import annotations
 import html
 import urllib.parse
 
-import pandas as pd
 import panel as pn
 
-from viewer import queries
+from viewer import models
 from viewer.state import URL_KEYS, Explorer, UrlState, request_args
 from viewer.views import graph as graph_views
 from viewer.views.compare import CompareView
-from viewer.views.curves import CurvesView
 from viewer.views.detail import DetailView
 from viewer.views.embeddings import EmbeddingView
 from viewer.views.export import ExportView
@@ -29,39 +27,33 @@ GRAPH_TABS = ("Layer-half", "Whole circuit")
 NOTE_STYLE = {"background": "#fff3cd", "border": "1px solid #ffe69c", "border-radius": "4px", "padding": "6px 10px", "color": "#664d03"}
 
 
-def layer_label(row) -> str:
+def layer_label(row: dict) -> str:
     def fmt(x):
-        return "n/a" if x != x else f"{x:+.3f}"  # NaN check
+        return "n/a" if x is None or x != x else f"{x:+.3f}"  # null or NaN
 
-    mark = "★ " if row.marked else "   "
-    return f"{mark}{row.layer_half}  Δ {fmt(row.delta)} (released reading {fmt(row.delta_released)}) · {row.n_nodes} nodes"
-
-
-@queries.memo(512)
-def layer_layout(version, run: str, layer: str):
-    """(node positions, edges) of a layer-half, shared by every session (keyed by the tables' version)."""
-    edges = queries.edges(run, layer)
-    return graph_views.layout_layer_half(queries.nodes(run, layer), edges, layer.split(".", 1)[1]), edges
+    mark = "★ " if row["marked"] else "   "
+    return f"{mark}{row['layer_half']}  Δ {fmt(row['delta'])} (released reading {fmt(row['delta_released'])}) · {row['n_nodes']} nodes"
 
 
-@queries.memo(256)
-def run_choices(version, run: str) -> dict:
-    """The sidebar for a run: (options, value) of the model, task, sweep, k and layer pickers, and the summary."""
-    runs = queries.runs()
-    r = runs[runs["run_id"] == run].iloc[0].to_dict()
-    cols = {c: runs[c].to_numpy(object) for c in ("model", "task", "sweep", "k_label")}
-    m = cols["model"] == r["model"]
-    t = m & (cols["task"] == r["task"])
-    k = t & (cols["sweep"] == r["sweep"])
-    layers = queries.layer_halves(run)
-    pickers = [(sorted(set(cols["model"])), r["model"]), (sorted(set(cols["task"][m])), r["task"]), (sorted(set(cols["sweep"][t])), r["sweep"]),
-               (cols["k_label"][k].tolist(), r["k_label"]),  # runs are already in numeric k order
-               ({layer_label(row): row.layer_half for row in layers.itertuples()}, layers["layer_half"].iloc[0])]
-    summary = (f"<div><b>{int(r['n_nodes'])}</b> nodes in the circuit (of {int(r['num_total_nodes'])} prunable)</div>"
-               f"<div>task loss: unpruned <b>{r['loss']:.4f}</b> → circuit <b>{r['interv_loss']:.4f}</b></div>"
-               f"<div style='color:#666;font-size:11px'>losses corrected by the factor {r['loss_factor']:g} "
-               f"(raw {r['loss_raw']:.4f} → {r['interv_loss_raw']:.4f})</div>")
-    return {"pickers": pickers, "summary": summary}
+def summary_html(r: dict) -> str:
+    """The sidebar's summary of a run (its row of the runs table)."""
+    return (f"<div><b>{int(r['n_nodes'])}</b> nodes in the circuit (of {int(r['num_total_nodes'])} prunable)</div>"
+            f"<div>task loss: unpruned <b>{r['loss']:.4f}</b> → circuit <b>{r['interv_loss']:.4f}</b></div>"
+            f"<div style='color:#666;font-size:11px'>losses corrected by the factor {r['loss_factor']:g} "
+            f"(raw {r['loss_raw']:.4f} → {r['interv_loss_raw']:.4f})</div>")
+
+
+def layer_options(layers) -> dict:
+    """Label -> layer_half of the layer picker."""
+    return {layer_label(row): row["layer_half"] for row in layers.iter_rows(named=True)}
+
+
+def curves_view(state):
+    """The Curves tab, imported on first open: hvPlot and HoloViews take ~1 s to import, which the first page
+    a server shows would otherwise wait for."""
+    from viewer.views.curves import CurvesView
+
+    return CurvesView(state)
 
 
 class ExplorerApp:
@@ -94,23 +86,22 @@ class ExplorerApp:
         self.notes = HtmlBox(style=NOTE_STYLE)
         self.notes.div.visible = False
 
-        # Views. The Node and Embeddings tabs are built with the page (figures empty), so opening them only fills
-        # data into existing models: adding models to a live document (a view built later, or Panel's dynamic
-        # tabs) makes Bokeh re-walk all of it, 100-250 ms per tab at release scale. The other tabs (whole
-        # circuit, curves, compare, export) are built on first open: each view built with the page costs the
-        # cold start of every session (~100 models a figure, each themed and walked when the page is served).
+        # Views. The Node tab is built with the page (figures empty), so a click only fills data into existing
+        # models. The Embeddings tab (two figures: a third of the page's models and of the session's build time)
+        # and the Node tab's inner tabs are built right after the page has loaded (`_after_load`), so that the page is drawn without them and
+        # its first open only fills data in (built on open it costs ~200 ms: adding models to a live document
+        # makes Bokeh re-walk it). The other tabs (whole circuit, curves, compare, export) are built on first
+        # open: each view built with the page costs the cold start of every session.
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
         self.detail = DetailView(state)
-        self.embeddings = EmbeddingView(state)
         self._lazy = {}
-        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[2:])}
+        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[1:])}
         self.graph_tabs = pn.Tabs((GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
                                   (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]), sizing_mode="stretch_width")
-        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), (DETAIL_TABS[1], self.embeddings.panel),
-                                   *((t, self._holders[t]) for t in DETAIL_TABS[2:]), sizing_mode="stretch_width")
+        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]),
+                                   sizing_mode="stretch_width")
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
-        self._whole_edges = None
 
         # Widget -> state.
         for w in (self.model, self.task, self.sweep, self.k):
@@ -124,6 +115,15 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
+        # After the page has loaded, in a tick of its own: the URL written back on load goes out first.
+        # Without a served page (tests, bench) both run at once.
+        pn.state.onload(lambda: pn.state.execute(self._after_load, schedule=True))
+
+    def _after_load(self):
+        """The parts of the page its first paint does not need: the Embeddings view, the Node tab's inner tabs."""
+        with pn.io.hold():
+            self.detail.fill_tabs()
+            self._view("Embeddings")
 
     def _view(self, tab):
         """The view of a tab built on first open."""
@@ -131,13 +131,14 @@ class ExplorerApp:
             make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
                 self._select_node, height=640, node_size=7,
                 title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
-                    "Curves": lambda: CurvesView(self.state), "Compare": lambda: CompareView(self.state),
+                    "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: curves_view(self.state), "Compare": lambda: CompareView(self.state),
                     "Faithfulness": lambda: FaithfulnessView(self.state), "Export": lambda: ExportView(self.state)}[tab]
             view = self._lazy[tab] = make()
             self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)
         return self._lazy[tab]
 
     whole = property(lambda self: self._view(GRAPH_TABS[1]))
+    embeddings = property(lambda self: self._view("Embeddings"))
     curves = property(lambda self: self._view("Curves"))
     compare = property(lambda self: self._view("Compare"))
     faithfulness = property(lambda self: self._view("Faithfulness"))
@@ -152,22 +153,21 @@ class ExplorerApp:
     def _picked_run(self, event):
         if self._updating:
             return
-        runs = queries.runs()
         # Narrow by each picker down to the one changed; the pickers after it follow the first matching run.
-        sel = runs
+        choices = []
         for widget, column in ((self.model, "model"), (self.task, "task"), (self.sweep, "sweep"), (self.k, "k_label")):
-            sub = sel[sel[column] == widget.value]
-            sel = sub if len(sub) else sel
+            choices.append((column, widget.value))
             if widget is event.obj:
                 break
-        if len(sel):
-            self.state.set_run(sel["run_id"].iloc[0])
+        run = models.pick_run(choices)
+        if run is not None:
+            self.state.set_run(run)
 
     def _pick_node(self, node_id: str):
         """A node id typed in the picker: any node of the run (completions list the shown layer-half's)."""
         if self._updating or node_id == self.state.node:
             return
-        if node_id and queries.node(self.state.run, node_id) is None:
+        if node_id and models.node(self.state.run, node_id) is None:
             self.node.show(self.state.node)
             self._show_notes([f"No node {node_id!r} in this circuit."])
             return
@@ -196,7 +196,7 @@ class ExplorerApp:
         s = self.state
         if "run" in names:
             self._sync_run_widgets()
-            if self.notes.div.visible or queries.duplicate_nodes(s.run):
+            if self.notes.div.visible or models.duplicate_nodes(s.run):
                 self._show_notes()
             self.stale = {"whole", *DETAIL_TABS}
             self._show_graph()
@@ -204,10 +204,10 @@ class ExplorerApp:
             self._set_widget(self.layer, s.layer)
             self._show_graph()
         elif "threshold" in names:
-            self.graph.show_threshold(self._layer_edges(), s.threshold)
+            self.graph.show_threshold(s.threshold)
             self.stale.add("whole")
         if "node" in names and "run" not in names:
-            node = queries.node(s.run, s.node) if s.node else None
+            node = models.node(s.run, s.node) if s.node else None
             # Follow the node into its layer-half (nested update); final_resid and "other" nodes have none.
             if node is not None and node["half"] in ("attn", "mlp") and f"{int(node['layer'])}.{node['half']}" != s.layer:
                 s.layer = f"{int(node['layer'])}.{node['half']}"
@@ -254,7 +254,7 @@ class ExplorerApp:
             else:  # same circuit: only outlines and, when moved, the threshold
                 self.whole.mark(s.pins, s.node)
                 if self._whole_key[1] != s.threshold:
-                    self.whole.show_threshold(self._whole_edges, s.threshold)
+                    self.whole.show_threshold(s.threshold)
             self._whole_key = (s.run, s.threshold)
         tab = DETAIL_TABS[self.detail_tabs.active]
         if tab in self.stale:
@@ -266,7 +266,7 @@ class ExplorerApp:
         if tab == "Node":
             self.detail.show()
         elif tab == "Embeddings":
-            self.embeddings.follow_node(queries.node(s.run, s.node) if s.node else None)
+            self.embeddings.follow_node(models.node(s.run, s.node) if s.node else None)
             self.embeddings.show()
         elif tab == "Curves":
             self.curves.show()
@@ -286,45 +286,28 @@ class ExplorerApp:
 
     def _sync_run_widgets(self):
         s = self.state
-        c = run_choices(queries.connection()[0], s.run)
+        c = models.run_choices(s.run)
+        options = layer_options(c.layers)
         self._updating = True
         try:
-            for widget, (options, value) in zip((self.model, self.task, self.sweep, self.k, self.layer), c["pickers"], strict=True):
-                widget.param.update(options=options, value=value)
-            self.layer.value = s.layer
+            for widget, (opts, value) in zip((self.model, self.task, self.sweep, self.k), c.pickers, strict=True):
+                widget.param.update(options=opts, value=value)
+            self.layer.param.update(options=options, value=s.layer)
         finally:
             self._updating = False
-        self.summary.object = c["summary"]
+        self.summary.object = summary_html(c.run)
         self._show_pins()
-
-    def _layer_edges(self):
-        return layer_layout(queries.connection()[0], self.state.run, self.state.layer)[1]
-
-    def _scale(self):
-        d = queries.nodes(self.state.run)["delta"].abs()
-        return float(d.max()) if len(d) else 1.0
 
     def _show_graph(self):
         s = self.state
-        half = s.layer.split(".", 1)[1]
-        pos, edges = layer_layout(queries.connection()[0], s.run, s.layer)
+        layout = models.layer_layout(s.run, s.layer)
         self.graph.figure.title.text = plain(f"{s.run} · layer-half {s.layer} · colour = ablation delta (red: node matters)")
-        self.graph.show(pos, edges, s.threshold, self._scale(), s.pins, s.node, graph_views.layer_half_ticks(half))
-        self.node.show(s.node, pos.loc[~pos["is_bias"], "node_id"].tolist())  # completions: this layer-half's nodes
+        self.graph.show(layout, s.threshold, models.delta_scale(s.run), s.pins, s.node)
+        self.node.show(s.node, layout.nodes["node_id"][~layout.nodes["is_bias"]].tolist())  # completions: this layer-half's nodes
 
     def _show_whole(self):
         s = self.state
-        pos, ticks = graph_views.layout_whole(queries.nodes(s.run))
-        edges = queries.edges(s.run)
-        links = queries.residual_links(s.run)
-        links = links.assign(src_location="", tgt_location="", src_channel=links["channel"], tgt_channel=links["channel"], src_is_bias=False,
-                             strength=float("nan"), weight=float("nan"))
-        pair_edges = edges if edges is not None else links.iloc[:0]
-        strongest = pair_edges["strength"].abs().max() if len(pair_edges) else 1.0
-        # Residual links carry no strength: draw them at the strongest edge's strength so they pass the threshold.
-        links["strength"] = strongest if strongest == strongest else 1.0
-        self._whole_edges = pd.concat([pair_edges, links[pair_edges.columns]], ignore_index=True)
-        self.whole.show(pos, self._whole_edges, s.threshold, self._scale(), s.pins, s.node, ticks)
+        self.whole.show(models.whole_layout(s.run), s.threshold, models.delta_scale(s.run), s.pins, s.node)
 
     def _show_pins(self):
         pins = self.state.pins
@@ -336,7 +319,7 @@ class ExplorerApp:
     def _show_notes(self, extra=()):
         """The URL notes, data warnings about the run shown, and `extra` (each escaped: they quote untrusted text)."""
         notes = [*self.state.notes, *extra]
-        duplicates = queries.duplicate_nodes(self.state.run)
+        duplicates = models.duplicate_nodes(self.state.run)
         if duplicates:
             notes.append(f"The node table of {self.state.run!r} repeats {duplicates} node row(s): the first row of each node is shown.")
         self.notes.object = "".join(f"<div>{html.escape(n)}</div>" for n in notes)

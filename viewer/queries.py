@@ -6,7 +6,8 @@ which also registers the tables' object store when they are remote (`CIRCUITS_DA
 process is kept and reopened when the file's (mtime, size, inode) changes, because the
 pipeline replaces the file by rename; each thread queries through its own cursor. Results are
 memoized process-wide (`memo`), keyed by the database's version as well as the parameters, so a
-rebuilt database is never answered from a stale cache.
+rebuilt database is never answered from a stale cache. Results are Polars DataFrames (DuckDB ->
+Arrow -> Polars), returned as the query gives them: the reshaping for the views is in models.py.
 
 No SQL is ever assembled from user input: widget and URL values reach DuckDB only as `?`
 parameters. The only formatted SQL fragments are the table names below (constants).
@@ -17,14 +18,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import json
 import os
 import threading
 import time
 
 import duckdb
-import numpy as np
-import pandas as pd
+import polars as pl
 
 from pipeline import settings
 from pipeline.database import connect as connect_database
@@ -33,7 +32,6 @@ from pipeline.derived import SNIPPET_RADIUS, SNIPPETS_SHOWN
 REQUIRED_TABLES = ("runs", "nodes")
 OPTIONAL_TABLES = ("edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve", "loss_at_k",
                    "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab", "ablations", "faithfulness")
-MARK_LAYER_DELTA = 0.3  # layer-halves above this delta are marked (released viewer)
 
 
 class TablesMissing(RuntimeError):
@@ -104,19 +102,8 @@ def _cursor():
 
 
 def _run(version, sql, params):
-    return _frame(_cursor().sql(sql, params=list(params)).to_arrow_table())
-
-
-def _frame(table) -> pd.DataFrame:
-    """An Arrow result as a DataFrame of numpy columns (strings as Python objects, nulls as NaN/None).
-
-    Through Arrow is ~2x faster than DuckDB's `.df()` here, and plain numpy columns keep the views'
-    numpy code fast (pandas' Arrow-backed strings convert on every `.to_numpy()`)."""
-    cols = {}
-    for name, col in zip(table.column_names, table.columns, strict=True):
-        arr = col.to_numpy(zero_copy_only=False)
-        cols[name] = pd.Series(arr, dtype=object, copy=False) if arr.dtype == object else arr  # not pandas' inferred str
-    return pd.DataFrame(cols, columns=table.column_names)
+    # DuckDB -> Arrow -> Polars (zero-copy for numeric columns).
+    return _cursor().sql(sql, params=list(params)).pl()
 
 
 def memo(maxsize: int):
@@ -144,7 +131,7 @@ def _cached(version, sql, params):
     return _run(version, sql, params)
 
 
-def query(sql: str, params=()) -> pd.DataFrame:
+def query(sql: str, params=()) -> pl.DataFrame:
     """One parameterized statement, memoized per database version. Returns a DataFrame the caller must not mutate."""
     version, _ = connection()
     return _cached(version, sql, tuple(params))
@@ -168,7 +155,7 @@ def prefetch(*calls) -> None:
             f.result()
 
 
-def optional(sql: str, params=()) -> pd.DataFrame | None:
+def optional(sql: str, params=()) -> pl.DataFrame | None:
     """Like `query`, but a missing or unreadable optional table gives None."""
     try:
         return query(sql, params)
@@ -178,7 +165,7 @@ def optional(sql: str, params=()) -> pd.DataFrame | None:
 
 def tables() -> set[str]:
     df = query("SELECT table_name FROM information_schema.tables")
-    return set(df["table_name"])
+    return set(df["table_name"].to_list())
 
 
 def check_tables() -> None:
@@ -188,7 +175,7 @@ def check_tables() -> None:
     if missing:
         raise TablesMissing(f"{db_path()} has no table(s) {', '.join(missing)}")
     try:
-        n = query("SELECT count(*) AS n FROM runs")["n"].iloc[0]
+        n = query("SELECT count(*) AS n FROM runs")["n"][0]
     except duckdb.Error as err:
         raise TablesMissing(f"the runs table cannot be read: {err}") from err
     if n == 0:
@@ -197,59 +184,36 @@ def check_tables() -> None:
 
 # --- runs -----------------------------------------------------------------------------------
 
-def runs() -> pd.DataFrame:
+def runs() -> pl.DataFrame:
     """All circuits, ordered model, task, sweep, then k numerically (labels like 'k_optim' last)."""
     return query("""
         SELECT * FROM runs
         ORDER BY model, task, sweep, TRY_CAST(k_label AS BIGINT) NULLS LAST, k_label""")
 
 
-def run(run_id: str) -> dict | None:
-    """One run's row, from the (cached) runs table."""
-    return _run_row(connection()[0], run_id)
-
-
-@memo(256)
-def _run_row(version, run_id):
-    df = runs()
-    df = df[df["run_id"] == run_id]
-    return None if df.empty else df.iloc[0].to_dict()
-
-
-def model_config(run_id: str) -> dict:
-    """The run's model config with d_head filled in (d_model // n_head when absent)."""
-    r = run(run_id)
-    cfg = json.loads(r["model_config"]) if r and r.get("model_config") else {}
-    if not cfg.get("d_head") and cfg.get("d_model") and cfg.get("n_head"):
-        cfg["d_head"] = cfg["d_model"] // cfg["n_head"]
-    return cfg
-
-
 # --- layer-halves and nodes -----------------------------------------------------------------
 
-def layer_halves(run_id: str) -> pd.DataFrame:
-    """layer_half, layer, half, delta, delta_released, n_nodes, marked.
+def layer_halves(run_id: str) -> pl.DataFrame:
+    """layer_half, layer, half, delta, delta_released, n_nodes of a run's layer-halves.
 
     `delta` is the corrected reading (layer_interv_losses and interv_loss both times the loss
     factor, like every other stored loss); `delta_released` is the released viewer's reading
     (only interv_loss halved), kept beside it because which one the release meant is unknown.
-    Marks (> 0.3) follow `delta`. Without layer_ablations the deltas are NaN and nodes are counted.
+    Without layer_ablations the deltas are null and nodes are counted.
     """
     df = optional("""
-        SELECT layer_half, layer, half, delta_corrected AS delta, delta AS delta_released, n_nodes
+        SELECT layer_half, layer, half, delta, delta_released, n_nodes
         FROM layer_ablations WHERE run_id = ? ORDER BY layer, half""", [run_id])
-    if df is None or df.empty:
+    if df is None or df.is_empty():
         df = query("""
             SELECT layer || '.' || half AS layer_half, layer, half, NULL::DOUBLE AS delta,
                    NULL::DOUBLE AS delta_released, count(*) AS n_nodes
             FROM nodes WHERE run_id = ? AND half IN ('attn', 'mlp')  -- final_resid and "other": whole-circuit graph only
             GROUP BY layer, half ORDER BY layer, half""", [run_id])
-    df = df.copy()
-    df["marked"] = df["delta"].fillna(-np.inf) > MARK_LAYER_DELTA
     return df
 
 
-def nodes(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
+def nodes(run_id: str, layer_half: str | None = None) -> pl.DataFrame:
     """Circuit nodes of a run (or of one layer-half), in circuit_data order within each location."""
     if layer_half is None:
         # One row per node_id: a table holding a node twice (the pipeline refuses to write one, older or
@@ -264,34 +228,13 @@ def nodes(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
 @memo(512)
 def _layer_nodes(version, run_id, layer_half):
     """One layer-half's rows of the run's (cached) node table: no query per layer pick."""
-    df = nodes(run_id)
-    layer, half = _split_layer_half(layer_half)
-    return df[(df["layer"] == layer) & (df["half"] == half)].reset_index(drop=True)
+    layer, _, half = layer_half.partition(".")
+    return nodes(run_id).filter((pl.col("layer") == int(layer)) & (pl.col("half") == half))
 
 
 def duplicate_nodes(run_id: str) -> int:
     """How many rows of the run's node table repeat a node_id (ignored by `nodes`; the page says so)."""
-    return int(query("SELECT count(*) - count(DISTINCT node_id) AS n FROM nodes WHERE run_id = ?", [run_id])["n"].iloc[0])
-
-
-def node(run_id: str, node_id: str) -> dict | None:
-    """One node's row, looked up in the run's (cached) node table rather than by another query per click."""
-    df = _nodes_by_id(run_id)
-    return df.loc[node_id].to_dict() | {"node_id": node_id} if node_id in df.index else None
-
-
-def _nodes_by_id(run_id: str) -> pd.DataFrame:
-    version, _ = connection()
-    return _indexed(version, run_id)
-
-
-@memo(64)
-def _indexed(version, run_id):
-    return nodes(run_id).set_index("node_id", drop=False).rename_axis(None)
-
-
-def node_ids(run_id: str) -> list[str]:
-    return nodes(run_id)["node_id"].tolist()
+    return int(query("SELECT count(*) - count(DISTINCT node_id) AS n FROM nodes WHERE run_id = ?", [run_id])["n"][0])
 
 
 def split_node_id(node_id: str) -> tuple[str, int | None]:
@@ -304,44 +247,32 @@ def split_node_id(node_id: str) -> tuple[str, int | None]:
     return location, int(channel) if channel.isdigit() else None
 
 
-def _split_layer_half(layer_half: str):
-    layer, _, half = layer_half.partition(".")
-    return int(layer), half
-
-
 # --- edges ----------------------------------------------------------------------------------
 
 EDGE_COLUMNS = "src_node_id, tgt_node_id, src_location, tgt_location, src_channel, tgt_channel, src_is_bias, strength, weight"
 
 
-def edges(run_id: str, layer_half: str | None = None) -> pd.DataFrame:
+def edges(run_id: str, layer_half: str | None = None) -> pl.DataFrame | None:
     """Edges of a run, or those whose target lies in the layer-half (sources may be bias pseudo-nodes)."""
     if layer_half is None:
         return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?", [run_id])
     return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND starts_with(tgt_location, ?)", [run_id, layer_half + "."])
 
 
-def connections(run_id: str, node_id: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """(inputs, outputs) of a node: the nonzero entries of its column / row, strongest first.
+def node_edges(run_id: str, node_id: str) -> pl.DataFrame | None:
+    """Every edge into or out of a node, unordered (`models.connections` splits and sorts them).
 
     One query per node (the run's edges are one small file): no per-run index to build before the first click.
-    Filters on (location, channel) integers rather than the id strings (~3x faster); sorted here, not in SQL."""
+    Filters on (location, channel) integers rather than the id strings (~3x faster); sorted by the caller, not in SQL."""
     location, channel = split_node_id(node_id)
     if channel is None:  # a bias pseudo-node: a source only
-        df = optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND src_node_id = ?", [run_id, node_id])
-    else:
-        df = optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?
-                          AND ((tgt_location = ? AND tgt_channel = ?) OR (src_location = ? AND src_channel = ?))""",
-                      [run_id, location, channel, location, channel])
-    if df is None:
-        return None, None
-    strength = df["strength"].to_numpy(float, na_value=np.nan)
-    measure = np.abs(np.where(np.isnan(strength), df["weight"].to_numpy(float, na_value=np.nan), strength))
-    df = df.iloc[np.lexsort((df["tgt_node_id"].to_numpy(object), df["src_node_id"].to_numpy(object), -np.nan_to_num(measure, nan=-1)))]
-    return df[df["tgt_node_id"].to_numpy(object) == node_id], df[df["src_node_id"].to_numpy(object) == node_id]
+        return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND src_node_id = ?", [run_id, node_id])
+    return optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?
+                        AND ((tgt_location = ? AND tgt_channel = ?) OR (src_location = ? AND src_channel = ?))""",
+                    [run_id, location, channel, location, channel])
 
 
-def residual_links(run_id: str) -> pd.DataFrame:
+def residual_links(run_id: str) -> pl.DataFrame:
     """A residual write (resid_delta) linked to every later read of the same channel: an act_in of a
     later layer-half, or the final residual (final_resid, after every layer)."""
     return query("""
@@ -354,103 +285,56 @@ def residual_links(run_id: str) -> pd.DataFrame:
 
 # --- tokens ---------------------------------------------------------------------------------
 
-def vocab_model(model: str) -> str | None:
-    """The vocab partition for a model: its own, else the only one (vocab may be keyed by tokenizer name)."""
+def vocab_models() -> list[str]:
+    """The models (or tokenizer names) the vocab table holds; [] without a vocab table."""
     df = optional("SELECT DISTINCT model FROM vocab")
-    if df is None or df.empty:
-        return None
-    names = df["model"].tolist()
-    return model if model in names else names[0]
+    return [] if df is None else df["model"].to_list()
 
 
-def vocab_texts(model: str) -> np.ndarray | None:
-    """Token id -> text (object array) of a model's vocab; None without a vocab table. One query per model."""
-    vm = vocab_model(model)
-    if vm is None:
-        return None
-    version, _ = connection()
-    return _vocab_array(version, vm)
-
-
-@memo(8)
-def _vocab_array(version, vm):
-    df = optional("SELECT token_id, text FROM vocab WHERE model = ? ORDER BY token_id", [vm])
-    if df is None or df.empty:
-        return None
-    out = np.array(["#" + str(i) for i in range(int(df["token_id"].max()) + 1)], dtype=object)
-    out[df["token_id"].to_numpy()] = df["text"].to_numpy(object)
-    return out
-
-
-def token_texts(model: str, token_ids: np.ndarray) -> np.ndarray:
-    """Texts of token ids (the vocab's, or '#<id>' for ids it lacks / without a vocab)."""
-    ids = np.asarray(token_ids, np.int64)
-    texts = vocab_texts(model)
-    if texts is None:
-        return np.array(["#" + str(i) for i in ids.tolist()], dtype=object)
-    inside = (ids >= 0) & (ids < len(texts))
-    out = texts[np.where(inside, ids, 0)]
-    if not inside.all():
-        out = out.copy()
-        out[~inside] = ["#" + str(i) for i in ids[~inside].tolist()]
-    return out
+def vocab(vocab_model: str) -> pl.DataFrame | None:
+    """token_id, text of one vocab partition."""
+    return optional("SELECT token_id, text FROM vocab WHERE model = ? ORDER BY token_id", [vocab_model])
 
 
 SNIPPET_COLUMNS = "frac, side, rank, pos, token_id, value, is_center"
 
 
-def samples(run_id: str, node_id: str) -> pd.DataFrame | None:
-    """The snippets shown for a node: the first five per (frac, side), 50 tokens either side of the token of interest.
+def snippets(run_id: str, node_id: str) -> pl.DataFrame | None:
+    """The snippet tokens shown for a node, unordered: the first five per (frac, side), 50 tokens either side
+    of the token of interest (frac, side, rank, pos, token_id, value, is_center).
 
     Read from the pipeline's derived `snippets` table (pipeline/derived.py: already cut, small row groups);
-    tables from before it existed fall back to cutting `samples` here. Columns: frac, side, rank, pos,
-    token_id, value, is_center, text (vocab text, or '#<id>').
+    tables from before it existed fall back to cutting `samples` here.
     """
     location, channel = split_node_id(node_id)
     # (location, channel) identify the node; no string filter on node_id and no ORDER BY in SQL (each ~2x the query).
     df = optional(f"SELECT {SNIPPET_COLUMNS} FROM snippets WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel])
-    if df is None or (df.empty and not _has_rows("snippets", run_id)):
+    if df is None or (df.is_empty() and not _has_rows("snippets", run_id)):
         df = optional(f"""
             WITH s AS (SELECT * FROM samples WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ? AND rank < ?),
             c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
             SELECT {", ".join("s." + c for c in SNIPPET_COLUMNS.split(", "))} FROM s JOIN c USING (frac, side, rank)
             WHERE abs(s.pos - c.centre) <= ? ORDER BY s.frac, s.side, s.rank, s.pos""",
                       [run_id, location, channel, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
-    if df is None:
-        return None
-    df = df.iloc[np.lexsort((df["pos"].to_numpy(), df["rank"].to_numpy(), df["side"].to_numpy(object), df["frac"].to_numpy()))]
-    r = run(run_id)
-    return df.assign(text=pd.Series(token_texts(r["model"] if r else "", df["token_id"].to_numpy()), dtype=object, index=df.index)
-                     ).reset_index(drop=True)
+    return df
 
 
 def _has_rows(table: str, run_id: str) -> bool:
     df = optional(f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE run_id = ? LIMIT 1)", [run_id])
-    return df is not None and int(df["n"].iloc[0]) > 0
+    return df is not None and int(df["n"][0]) > 0
 
 
-def task_docs(run_id: str) -> pd.DataFrame | None:
+def task_docs(run_id: str) -> pl.DataFrame | None:
     return optional('SELECT doc, "class", pair, length, token_ids, tokens FROM task_docs WHERE run_id = ? ORDER BY doc', [run_id])
 
 
-def activations(run_id: str, node_id: str) -> pd.DataFrame | None:
+def activations(run_id: str, node_id: str) -> pl.DataFrame | None:
     """The node's stored activation at every (doc, pos) of the task docs (file order: by doc, pos)."""
     location, channel = split_node_id(node_id)
     return optional("SELECT doc, pos, value FROM activations WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel])
 
 
-def activation_matrix(run_id: str, node_id: str) -> np.ndarray | None:
-    """(n_docs, max length) float array of the node's activations, NaN where the doc has ended."""
-    acts = activations(run_id, node_id)
-    docs = task_docs(run_id)
-    if acts is None or docs is None or docs.empty:
-        return None
-    out = np.full((int(docs["doc"].max()) + 1, int(docs["length"].max())), np.nan, np.float32)
-    out[acts["doc"].to_numpy(), acts["pos"].to_numpy()] = acts["value"].to_numpy()
-    return out
-
-
-def head_qk(run_id: str, layer: int, head: int, doc: int) -> pd.DataFrame | None:
+def head_qk(run_id: str, layer: int, head: int, doc: int) -> pl.DataFrame | None:
     """Stored activations of the circuit's q and k channels of one head on one task doc (kind, head_channel, pos, value)."""
     return optional("""
         SELECT n.kind, n.head_channel, a.pos, a.value
@@ -462,19 +346,17 @@ def head_qk(run_id: str, layer: int, head: int, doc: int) -> pd.DataFrame | None
 
 # --- model-level ----------------------------------------------------------------------------
 
-def wte_extremes(model: str, channel: int) -> pd.DataFrame | None:
-    """The pipeline's top and bottom nonzero wte weights of a channel: side, rank, token_id, value, text."""
-    df = optional("""SELECT side, rank, token_id, value FROM wte_extremes WHERE model = ? AND channel = ?
-                     ORDER BY side DESC, rank""", [model, channel])
-    return None if df is None else df.assign(text=token_texts(model, df["token_id"].to_numpy()))
+def wte_extremes(model: str, channel: int) -> pl.DataFrame | None:
+    """The pipeline's top and bottom nonzero wte weights of a channel: side, rank, token_id, value."""
+    return optional("""SELECT side, rank, token_id, value FROM wte_extremes WHERE model = ? AND channel = ?
+                       ORDER BY side DESC, rank""", [model, channel])
 
 
-def unembed_extremes(model: str, channel: int) -> pd.DataFrame | None:
+def unembed_extremes(model: str, channel: int) -> pl.DataFrame | None:
     """The pipeline's tokens whose logits residual channel `channel` raises (side 'top') and lowers
-    ('bottom') most directly (lm_head x final-norm weight): side, rank, token_id, value, text."""
-    df = optional("""SELECT side, rank, token_id, value FROM unembed_extremes WHERE model = ? AND channel = ?
-                     ORDER BY side DESC, rank""", [model, channel])
-    return None if df is None else df.assign(text=token_texts(model, df["token_id"].to_numpy()))
+    ('bottom') most directly (lm_head x final-norm weight): side, rank, token_id, value."""
+    return optional("""SELECT side, rank, token_id, value FROM unembed_extremes WHERE model = ? AND channel = ?
+                       ORDER BY side DESC, rank""", [model, channel])
 
 
 def model_has_rows(table: str, model: str) -> bool:
@@ -482,41 +364,49 @@ def model_has_rows(table: str, model: str) -> bool:
     the model's checkpoint lacks, e.g. `unembed_extremes` without `transformer.ln_f.weight`)."""
     assert table in OPTIONAL_TABLES  # a constant table name, never user input
     df = optional(f"SELECT count(*) AS n FROM (SELECT 1 FROM {table} WHERE model = ? LIMIT 1)", [model])
-    return df is not None and int(df["n"].iloc[0]) > 0
+    return df is not None and int(df["n"][0]) > 0
 
 
-def wte_histogram(model: str, channel: int) -> pd.DataFrame | None:
+def wte_histogram(model: str, channel: int) -> pl.DataFrame | None:
     """The pipeline's histogram of a wte channel's nonzero weights: bin, bin_left, bin_right, count (no rows: all zero)."""
     return optional("SELECT bin, bin_left, bin_right, count FROM wte_histograms WHERE model = ? AND channel = ? ORDER BY bin", [model, channel])
 
 
-def embedding_matrix(model: str, matrix: str) -> pd.DataFrame | None:
+def embedding_matrix(model: str, matrix: str) -> pl.DataFrame | None:
     """All nonzero entries (row, channel, value) of wte or wpe."""
     return optional("SELECT row, channel, value FROM embeddings WHERE model = ? AND matrix = ?", [model, matrix])
 
 
-def train_curves(model: str) -> pd.DataFrame | None:
+def train_curves(model: str) -> pl.DataFrame | None:
     return optional("SELECT step, metric, value FROM train_curves WHERE model = ? ORDER BY metric, step", [model])
 
 
-# --- run-level curves -----------------------------------------------------------------------
+# --- run-level curves and checks ------------------------------------------------------------
 
-def pruning_curve(run_id: str) -> pd.DataFrame | None:
+def pruning_curve(run_id: str) -> pl.DataFrame | None:
     return optional("SELECT step, x, loss_raw, loss FROM pruning_curve WHERE run_id = ? ORDER BY step", [run_id])
 
 
-def loss_at_k(model: str, task: str, sweep: str) -> pd.DataFrame | None:
+def loss_at_k(model: str, task: str, sweep: str) -> pl.DataFrame | None:
     return optional("""SELECT k_label, run_id, n_nodes, final_loss, interv_loss, unpruned_loss FROM loss_at_k
                        WHERE model = ? AND task = ? AND sweep = ? ORDER BY n_nodes""", [model, task, sweep])
 
 
-def ablations(run_id: str, mode: str = "mean") -> pd.DataFrame | None:
+def ablations(run_id: str, mode: str = "mean") -> pl.DataFrame | None:
     """Pipeline-recomputed ablation deltas beside the stored ones (None when the pipeline did not recompute)."""
     return optional("""SELECT node_id, stored_delta, recomputed_delta, abs_diff, agrees FROM ablations
                        WHERE run_id = ? AND mode = ?""", [run_id, mode])
 
 
-def compare(run_a: str, run_b: str) -> pd.DataFrame:
+def faithfulness(run_id: str) -> pl.DataFrame | None:
+    """Faithfulness stress tests of a circuit (embedded demo store only), evaluation prompts first."""
+    return optional(
+        """SELECT prompt_set, ablation, variant, loss, loss_se, accuracy, n_prompts, flagged FROM faithfulness
+           WHERE run_id = ? ORDER BY CASE prompt_set WHEN 'evaluation' THEN 0 WHEN 'selection' THEN 1 ELSE 2 END, variant, ablation""",
+        [run_id])
+
+
+def compare(run_a: str, run_b: str) -> pl.DataFrame:
     """Nodes of two circuits side by side: node_id, location, delta_a, delta_b, status (shared / only A / only B)."""
     return query("""
         SELECT coalesce(a.node_id, b.node_id) AS node_id, coalesce(a.location, b.location) AS location,

@@ -13,7 +13,7 @@ import math
 
 import param
 
-from viewer import queries
+from viewer import models
 
 DEFAULT_THRESHOLD = 0.1  # fraction of the layer-half's strongest edge below which edges are hidden
 URL_KEYS = ("run", "layer", "node", "threshold", "pins", "compare")
@@ -61,28 +61,28 @@ class Explorer(param.Parameterized):
     def apply_url(self, raw: dict) -> None:
         """Set the state from untrusted strings (URL query values); unknown values -> defaults + a note."""
         notes = []
-        runs = queries.runs()["run_id"].tolist()
+        runs = models.run_ids()
         run = str(raw.get("run") or "")
         if run and run not in runs:
             notes.append(f"Unknown run {run!r}: showing {runs[0]!r} instead.")
             run = ""
         run = run or runs[0]
 
-        layers = queries.layer_halves(run)
+        layers = models.layer_halves(run)
         layer = str(raw.get("layer") or "")
-        if layer and layer not in set(layers["layer_half"]):
+        if layer and layer not in set(layers["layer_half"].to_list()):
             notes.append(f"Unknown layer {layer!r} for this run: showing the default layer instead.")
             layer = ""
 
         node = str(raw.get("node") or "")
-        known_nodes = set(queries.node_ids(run))
+        known_nodes = set(models.node_ids(run))
         if node and node not in known_nodes:
             notes.append(f"Unknown node {node!r} in this run: no node selected.")
             node = ""
         if node:  # the graph shows the selected node: its layer-half wins over the link's layer
-            row = queries.node(run, node)
+            row = models.node(run, node)
             layer = f"{row['layer']}.{row['half']}"
-        layer = layer or default_layer(layers)
+        layer = layer or models.default_layer(layers)
 
         threshold = DEFAULT_THRESHOLD
         if raw.get("threshold") not in (None, ""):
@@ -112,10 +112,10 @@ class Explorer(param.Parameterized):
         if run == self.run:
             return
         # The new circuit's tables, concurrently (DuckDB releases the GIL); the views below then hit the cache.
-        queries.prefetch((queries.layer_halves, run), (queries.nodes, run), (queries.edges, run, self.layer))
-        layers = queries.layer_halves(run)
-        layer = self.layer if self.layer in set(layers["layer_half"]) else default_layer(layers)
-        known = set(queries.node_ids(run))
+        models.prefetch_run(run, self.layer)
+        layers = models.layer_halves(run)
+        layer = self.layer if self.layer in set(layers["layer_half"].to_list()) else models.default_layer(layers)
+        known = set(models.node_ids(run))
         node = self.node if self.node in known else ""
         pins = {k: v for k, v in self.pins.items() if k in known}
         self.param.update(run=run, layer=layer, node=node, pins=pins, doc=0)
@@ -124,12 +124,6 @@ class Explorer(param.Parameterized):
         """The state as URL query strings (the inverse of `apply_url`): threshold as `%g`, pins as a JSON object."""
         return {"run": self.run, "layer": self.layer, "node": self.node, "threshold": f"{self.threshold:g}",
                 "pins": json.dumps(self.pins, sort_keys=True) if self.pins else "", "compare": self.compare}
-
-
-def default_layer(layers) -> str:
-    """The released viewer opens on the first layer-half marked (delta > 0.3), else the first one."""
-    marked = layers[layers["marked"]]
-    return (marked if len(marked) else layers)["layer_half"].iloc[0]
 
 
 def parse_pins(text: str, known_nodes: set) -> tuple[dict, list]:

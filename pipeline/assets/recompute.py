@@ -11,10 +11,10 @@ import dagster as dg
 from pipeline.assets.discovery import RUNS, run_ref
 from pipeline.assets.download import viz_data_file
 from pipeline.assets.tables import table_metadata
-from pipeline.formats import VizDataError, check_against_model, read_viz_data
+from pipeline.formats import VizDataError, check_against_model
 from pipeline.recompute import recompute, recompute_tables, within
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import load_model, load_node_means
+from pipeline.store_access import load_model, load_node_means, read_run_file
 from pipeline.tables import write_partition
 
 GROUP = "recompute"
@@ -54,7 +54,7 @@ def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     key = context.partition_key
     run = run_ref(store, key)
     try:
-        viz = read_viz_data(store.local(run.path), source=store.path(run.path))
+        viz = read_run_file(store, run.path).viz  # parsed once for this partition's assets
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
     try:

@@ -11,7 +11,6 @@ group) with one warning per file. A checkpoint that lacks a tensor one model-lev
 tensor and the file; the model's other tables materialize, and their metadata lists what was skipped.
 """
 
-import warnings
 
 import dagster as dg
 import fsspec
@@ -23,9 +22,9 @@ from pipeline import convert
 from pipeline.assets.discovery import MODELS, RUNS, run_ref
 from pipeline.assets.download import tokenizer_files, train_curve_file, viz_data_file
 from pipeline.derived import unembed_table, wte_tables
-from pipeline.formats import UnknownLocationWarning, VizDataError, read_viz_data
+from pipeline.formats import VizDataError
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import load_tokenizer, local_sha256, read_tensor, token_bytes_list
+from pipeline.store_access import load_tokenizer, read_run_file, read_tensor, token_bytes_list
 from pipeline.tables import RUN_TABLES, partition_path, write_partition
 
 GROUP = "tables"
@@ -77,16 +76,13 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     store = circuits.store()
     key = context.partition_key
     run = run_ref(store, key)
-    source = store.path(run.path)
-    local, sha = local_sha256(store, run.path)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UnknownLocationWarning)
-            viz = read_viz_data(local, source=source)
+        rf = read_run_file(store, run.path)  # shared with the recompute assets of this partition
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
-    for w in caught:
-        context.log.warning(str(w.message))
+    viz, source, sha = rf.viz, rf.source, rf.sha256
+    for w in rf.warnings:
+        context.log.warning(w)
     enc = load_tokenizer(store)
     try:
         tables = convert.run_tables(viz, run, circuits.loss_factor, lambda t: enc.decode([t]), sha256=sha)

@@ -121,13 +121,26 @@ def size_study(report: dict) -> tuple[list[dict], dict]:
 
 
 def markdown(report: dict) -> str:
+    """The README's embedded-store tables, one section per function below."""
+    by_task: dict[str, dict[str, dict]] = {}
+    for row in report["tasks"]:
+        by_task.setdefault(row["task"], {})[row["model"]] = row
+    models = sorted({row["model"] for row in report["tasks"]})
     out = [
         "All losses: per prompt, nats (the release stores raw = 2 x this). Every loss and accuracy below is on the",
         "evaluation prompts unless a column says otherwise.",
-        "",
-        "| model | params | weight density | held-out xent | unigram xent | steps | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    out += _models_section(report)
+    out += _prompt_sets_section(by_task)
+    out += _tasks_section(by_task, models)
+    out += _circuits_section(report)
+    out += _faithfulness_section(report)
+    out += _size_section(report, models)
+    return "\n".join(out) + "\n"
+
+
+def _models_section(report: dict) -> list[str]:
+    out = ["", "| model | params | weight density | held-out xent | unigram xent | steps | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in sorted(report["models"].items()):
         steps = m.get("steps")
         matched = f" (stopped at the sparse model's xent {m['matched_to_xent']:.3f})" if m.get("matched_to_xent") is not None else ""
@@ -135,21 +148,36 @@ def markdown(report: dict) -> str:
             f"| {name} | {m.get('num_params', 0):,} | {_fmt(m.get('weight_density'), '.4f')} | {_fmt(m.get('final_test_xent'))} "
             f"| {_fmt(m.get('unigram_xent'))} | {steps if steps is not None else '-'}{matched} | {_fmt(m.get('seconds'), '.0f')} |"
         )
-    by_task: dict[str, dict[str, dict]] = {}
-    for row in report["tasks"]:
-        by_task.setdefault(row["task"], {})[row["model"]] = row
-    models = sorted({row["model"] for row in report["tasks"]})
+    return out
 
-    out += ["", "Prompt sets (pairs; pruning = the pool fresh batches are drawn from; dropped = duplicates / equal to a pruning prompt / seen verbatim in pretraining):", ""]
+
+def _dropped(d: dict) -> str:
+    return f"{d['duplicates_dropped']} / {d.get('equal_to_pruning_dropped', 0)} / {d['seen_in_pretraining_dropped']}"
+
+
+def _prompt_sets_section(by_task: dict) -> list[str]:
+    out = ["", "Prompt sets (pairs; pruning = the pool fresh batches are drawn from; dropped = duplicates / equal to a pruning prompt / seen verbatim in pretraining):", ""]
     out += ["| task | pruning pool | selection | evaluation | selection dropped | evaluation dropped |", "|---|---:|---:|---:|---:|---:|"]
     for task, rows in sorted(by_task.items()):
         st = next((r.get("prompt_sets") for r in rows.values() if r.get("prompt_sets")), None)
-        if not st:
-            continue
-        drop = lambda d: f"{d['duplicates_dropped']} / {d.get('equal_to_pruning_dropped', 0)} / {d['seen_in_pretraining_dropped']}"  # noqa: E731
-        out.append(f"| {task} | {st['pruning']['pairs']} | {st['selection']['pairs']} | {st['evaluation']['pairs']} | {drop(st['selection'])} | {drop(st['evaluation'])} |")
+        if st:
+            out.append(
+                f"| {task} | {st['pruning']['pairs']} | {st['selection']['pairs']} | {st['evaluation']['pairs']} "
+                f"| {_dropped(st['selection'])} | {_dropped(st['evaluation'])} |"
+            )
+    return out
 
-    out += ["", "| model | task | accuracy (prompt / pair) | full loss | full loss (selection) | ablated loss (selection) | target | k_optim | k_optim calibrated loss (selection) | k_optim calibrated loss (evaluation) |"]
+
+def _target_cell(r: dict) -> str:
+    if r.get("target") is None:
+        return "-"
+    cell = f"{_fmt(r.get('target'))} (f = {r.get('target_fraction')})"
+    # a target a coin flip between the pair's two answers reaches is no evidence of a mechanism
+    return cell + (" **>= ln 2: chance reaches it**" if r["target"] >= math.log(2) else "")
+
+
+def _tasks_section(by_task: dict, models: list[str]) -> list[str]:
+    out = ["", "| model | task | accuracy (prompt / pair) | full loss | full loss (selection) | ablated loss (selection) | target | k_optim | k_optim calibrated loss (selection) | k_optim calibrated loss (evaluation) |"]
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for task, rows in sorted(by_task.items()):
         for m in models:
@@ -159,22 +187,25 @@ def markdown(report: dict) -> str:
             ov = r.get("overfit") or {}
             acc = f"{_fmt(r.get('accuracy'), '.0%')} / {_fmt(r.get('pair_accuracy'), '.0%')}" if "accuracy" in r else "-"
             k = "-" if "k_optim" not in r else f"{r['k_optim']}" + ("" if r.get("reached") else " (not reached)")
-            tgt = f"{_fmt(r.get('target'))} (f = {r.get('target_fraction')})" if r.get("target") is not None else "-"
-            if r.get("target") is not None and r["target"] >= math.log(2):
-                tgt += " **>= ln 2: chance reaches it**"
             ev = f"{_fmt(ov.get('evaluation_loss'))}" + (" **flagged**" if ov.get("flagged") else "") if ov else "-"
             out.append(
                 f"| {m} | {task} | {acc} | {_fmt(r.get('loss'))} | {_fmt(r.get('full_selection'))} | {_fmt(r.get('ablated_selection'))} "
-                f"| {tgt} | {k} | {_fmt(ov.get('selection_loss'))} | {ev} |"
+                f"| {_target_cell(r)} | {k} | {_fmt(ov.get('selection_loss'))} | {ev} |"
             )
+    return out
 
-    out += ["", "Every circuit (first pruning seed; edges = nonzero weights between retained nodes, `pair_data_connections`):", ""]
+
+def _circuits_section(report: dict) -> list[str]:
+    out = ["", "Every circuit (first pruning seed; edges = nonzero weights between retained nodes, `pair_data_connections`):", ""]
     out += ["| model | task | k | nodes | edges | full-model loss | circuit loss | calibrated circuit loss |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for c in report["circuits"]:
         cal = next((r["loss"] for r in c.get("faithfulness", []) if r["prompt_set"] == "evaluation" and r["variant"] == "circuit_calibrated"), None)
         out.append(f"| {c['model']} | {c['task']} | {c['k']} | {c['nodes']} | {c['edges']} | {c['loss']:.3f} | {c['circuit_loss']:.3f} | {_fmt(cal)} |")
+    return out
 
-    out += ["", "Faithfulness stress tests (loss ± standard error over prompts; evaluation set unless named):", ""]
+
+def _faithfulness_section(report: dict) -> list[str]:
+    out = ["", "Faithfulness stress tests (loss ± standard error over prompts; evaluation set unless named):", ""]
     out += [
         "| model | task | k | circuit alone (mean abl.) | circuit alone (zero abl.) | without circuit (mean abl.) | without circuit (zero abl.) "
         "| calibrated: pruning | selection | evaluation | flag |",
@@ -197,30 +228,34 @@ def markdown(report: dict) -> str:
             f"| {cell(('pruning', 'mean', 'circuit_calibrated'))} | {cell(('selection', 'mean', 'circuit_calibrated'))} "
             f"| {cell(('evaluation', 'mean', 'circuit_calibrated'))} | {'evaluation misses selection' if flagged else 'ok'} |"
         )
+    return out
 
+
+def _size_section(report: dict, models: list[str]) -> list[str]:
     rows, geo = size_study(report)
-    if rows:
-        out += ["", "Size at equal loss: k selected per pruning seed on the selection set at one target per task (full + f x |ablated - full|,", "the larger of the models' targets); edges, nodes and evaluation loss (calibrated) as mean ± sd over seeds:", ""]
-        out += ["| task | f | target | " + " | ".join(f"{m} edges | {m} nodes | {m} eval loss | {m} reached" for m in models) + " |"]
-        out.append("|---|---:|---:|" + "---:|---:|---:|---:|" * len(models))
-        for r in rows:
-            cells = []
-            for m in models:
-                rs = r["models"].get(m, [])
-                cells += [_pm([x["edges"] for x in rs]), _pm([x["k"] for x in rs]), _pm([x["evaluation_loss"] for x in rs], ".3f"), f"{sum(x['reached'] for x in rs)}/{len(rs)}"]
-            task = r["task"] if r["learned"] else f"{r['task']} (not learned: full loss >= ln 2)"
-            if r["learned"] and r["target"] >= math.log(2):
-                task += " (target >= ln 2: chance reaches it)"
-            out.append(f"| {task} | {r['fraction']} | {r['target']:.3f} | " + " | ".join(cells) + " |")
-        if len(models) == 2:
-            out.append("")
-            for f in sorted({r["fraction"] for r in rows}):
-                if f in geo:
-                    g, tasks = geo[f]
-                    out.append(f"- f = {f}: geometric mean over {len(tasks)} learned task(s) ({', '.join(tasks)}) of dense edges / sparse edges: **{g:.2f}**")
-                else:
-                    out.append(f"- f = {f}: no learned task where every seed of both models reached the target with nonempty circuits; no ratio")
-    return "\n".join(out) + "\n"
+    if not rows:
+        return []
+    out = ["", "Size at equal loss: k selected per pruning seed on the selection set at one target per task (full + f x |ablated - full|,", "the larger of the models' targets); edges, nodes and evaluation loss (calibrated) as mean ± sd over seeds:", ""]
+    out += ["| task | f | target | " + " | ".join(f"{m} edges | {m} nodes | {m} eval loss | {m} reached" for m in models) + " |"]
+    out.append("|---|---:|---:|" + "---:|---:|---:|---:|" * len(models))
+    for r in rows:
+        cells = []
+        for m in models:
+            rs = r["models"].get(m, [])
+            cells += [_pm([x["edges"] for x in rs]), _pm([x["k"] for x in rs]), _pm([x["evaluation_loss"] for x in rs], ".3f"), f"{sum(x['reached'] for x in rs)}/{len(rs)}"]
+        task = r["task"] if r["learned"] else f"{r['task']} (not learned: full loss >= ln 2)"
+        if r["learned"] and r["target"] >= math.log(2):
+            task += " (target >= ln 2: chance reaches it)"
+        out.append(f"| {task} | {r['fraction']} | {r['target']:.3f} | " + " | ".join(cells) + " |")
+    if len(models) == 2:
+        out.append("")
+        for f in sorted({r["fraction"] for r in rows}):
+            if f in geo:
+                g, tasks = geo[f]
+                out.append(f"- f = {f}: geometric mean over {len(tasks)} learned task(s) ({', '.join(tasks)}) of dense edges / sparse edges: **{g:.2f}**")
+            else:
+                out.append(f"- f = {f}: no learned task where every seed of both models reached the target with nonempty circuits; no ratio")
+    return out
 
 
 def store_report_cli(args) -> int:

@@ -209,6 +209,33 @@ class TrainResult:
     steps: int = 0  # optimizer steps taken (fewer than the profile's when stopped at a matched loss)
 
 
+def _optimizer(model: GPT, profile: Profile) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms' gains and biases)."""
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    no_decay = [p for p in model.parameters() if p.ndim != 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": profile.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=profile.lr,
+        betas=(profile.beta1, profile.beta2),
+        eps=profile.adam_eps,
+        foreach=False,
+    )
+
+
+def _eval_metrics(model: GPT, eval_w: torch.Tensor, step: int, on_eval: Callable[[int, GPT], dict] | None) -> dict:
+    """The progress.json metrics measured on the model (nonzeros, alive neurons, `on_eval`'s)."""
+    l0, l0_ne = nonzero_counts(model)
+    line = {"L0": l0, "L0_non_embed": l0_ne}
+    for i, n in enumerate(alive_neurons(model, eval_w)):
+        line[f"num_alive_neurons/c_fc/layer_{i}"] = n
+    if on_eval is not None:
+        model.eval()
+        with torch.no_grad():
+            line.update(on_eval(step, model))
+        model.train()
+    return line
+
+
 def train(
     profile: Profile,
     train_stream: torch.Tensor,
@@ -235,15 +262,7 @@ def train(
 
         params = dict(model.named_parameters())
         matrices = [params[n] for n in sparse_param_names(model)]
-        decay = [p for p in model.parameters() if p.ndim == 2]
-        no_decay = [p for p in model.parameters() if p.ndim != 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": profile.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=profile.lr,
-            betas=(profile.beta1, profile.beta2),
-            eps=profile.adam_eps,
-            foreach=False,
-        )
+        opt = _optimizer(model, profile)
         n_windows = len(train_stream) - cfg.block_size - 1
         if n_windows <= 0:
             raise ValueError(f"train stream of {len(train_stream)} tokens is shorter than block_size {cfg.block_size}")
@@ -275,26 +294,9 @@ def train(
                 stop_at_xent is not None and step % profile.match_every == 0 and evaluate(model, final_w) <= stop_at_xent
             )
             if step % profile.eval_every == 0 or step == profile.steps or matched:
-                l0, l0_ne = nonzero_counts(model)
-                line = {
-                    "step": step,
-                    "test_xent": evaluate(model, eval_w),
-                    "unigram_xent": unigram_eval,
-                    "train_loss": loss_v,
-                    "train_loss_ema": loss_ema,
-                    "lr": lr,
-                    "density": density,
-                    "L0": l0,
-                    "L0_non_embed": l0_ne,
-                }
-                for i, n in enumerate(alive_neurons(model, eval_w)):
-                    line[f"num_alive_neurons/c_fc/layer_{i}"] = n
-                if on_eval is not None:
-                    model.eval()
-                    with torch.no_grad():
-                        line.update(on_eval(step, model))
-                    model.train()
-                curve.append(line)
+                line = {"step": step, "test_xent": evaluate(model, eval_w), "unigram_xent": unigram_eval, "train_loss": loss_v,
+                        "train_loss_ema": loss_ema, "lr": lr, "density": density}  # fmt: skip
+                curve.append(line | _eval_metrics(model, eval_w, step, on_eval))
             if matched:
                 break
         final = evaluate(model, final_w)

@@ -1,48 +1,11 @@
-"""Attention patterns of a head on one task doc, from the circuit's stored q and k channels (spec: "What the viewer derives").
-
-head pattern:    softmax over causal s <= t of  sum_c q_c(t) k_c(s) / sqrt(d_head)
-channel pattern: exp(q_c(t) k_c(s) / sqrt(d_head)) for one channel c, causal
-Channels missing from the circuit are zero, so the sum runs over channels kept in both q and k.
-Cost: one doc, T x T with T <= ctx; computed on selection, not stored.
-"""
+"""The attention-pattern heatmaps of the Node tab (the patterns are computed in viewer/models.py: `models.attention`)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper
 from bokeh.palettes import Viridis256
 from bokeh.plotting import figure
-
-
-def qk_matrices(df: pd.DataFrame, length: int) -> tuple[dict, dict]:
-    """head_channel -> activation vector (length,) for q and for k."""
-    q, k = {}, {}
-    for (kind, hc), grp in df.groupby(["kind", "head_channel"]):
-        vec = np.zeros(length, np.float64)
-        pos = grp["pos"].to_numpy()
-        ok = pos < length
-        vec[pos[ok]] = grp["value"].to_numpy(float)[ok]
-        (q if kind == "q" else k)[int(hc)] = vec
-    return q, k
-
-
-def head_pattern(q: dict, k: dict, d_head: int, length: int) -> np.ndarray:
-    scores = np.zeros((length, length))
-    for c in set(q) & set(k):
-        scores += np.outer(q[c], k[c])
-    scores /= np.sqrt(d_head)
-    causal = np.tril(np.ones((length, length), bool))
-    scores = np.where(causal, scores, -np.inf)
-    scores -= scores.max(axis=1, keepdims=True)
-    p = np.exp(scores)
-    return np.where(causal, p / p.sum(axis=1, keepdims=True), np.nan)
-
-
-def channel_pattern(q: np.ndarray, k: np.ndarray, d_head: int) -> np.ndarray:
-    length = len(q)
-    out = np.exp(np.outer(q, k) / np.sqrt(d_head))
-    return np.where(np.tril(np.ones((length, length), bool)), out, np.nan)
 
 
 class PatternPlot:

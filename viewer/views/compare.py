@@ -6,17 +6,14 @@ import html
 
 import panel as pn
 
-from viewer import queries
+from viewer import models
 from viewer.views.markup import HtmlBox, heading, table_html
 
 
-def summary(df, run_a: str, run_b: str) -> str:
-    counts = df["status"].value_counts()
-    shared, only_a, only_b = (int(counts.get(s, 0)) for s in ("shared", "only A", "only B"))
-    union = shared + only_a + only_b
-    jaccard = shared / union if union else 0.0
-    return (f"<div><b>A</b> = {html.escape(run_a)} · <b>B</b> = {html.escape(run_b)}</div>"
-            f"<div>shared <b>{shared}</b> · only in A <b>{only_a}</b> · only in B <b>{only_b}</b> · Jaccard {jaccard:.3f}</div>")
+def summary(c: models.Comparison) -> str:
+    return (f"<div><b>A</b> = {html.escape(c.run_a)} · <b>B</b> = {html.escape(c.run_b)}</div>"
+            f"<div>shared <b>{len(c.shared)}</b> · only in A <b>{len(c.only_a)}</b> · only in B <b>{len(c.only_b)}</b> · "
+            f"Jaccard {c.jaccard:.3f}</div>")
 
 
 class CompareView:
@@ -39,16 +36,17 @@ class CompareView:
 
     def show(self, *_):
         s = self.state
-        runs = queries.runs()["run_id"].tolist()
-        self.pick.options = [""] + [r for r in runs if r != s.run]
+        self.pick.options = [""] + [r for r in models.run_ids() if r != s.run]
         if self.pick.value != s.compare:
             self.pick.value = s.compare if s.compare in self.pick.options else ""
         if not s.compare or s.compare == s.run:
             self.summary.object = "<i>Pick a second circuit to compare with this one.</i>"
             self.shared.object = self.only_a.object = self.only_b.object = ""
             return
-        df = queries.compare(s.run, s.compare)
-        self.summary.object = summary(df, s.run, s.compare)
-        self.shared.object = table_html(df[df["status"] == "shared"][["node_id", "delta_a", "delta_b"]])
-        self.only_a.object = table_html(df[df["status"] == "only A"][["node_id", "delta_a"]])
-        self.only_b.object = table_html(df[df["status"] == "only B"][["node_id", "delta_b"]])
+        self.draw(models.comparison(s.run, s.compare))
+
+    def draw(self, c: models.Comparison):
+        self.summary.object = summary(c)
+        self.shared.object = table_html(c.shared)
+        self.only_a.object = table_html(c.only_a)
+        self.only_b.object = table_html(c.only_b)

@@ -1,92 +1,99 @@
-"""Loss at k across the sweep (log-log, unpruned loss as a line), the pruning loss curve, the prune config, training metrics."""
+"""Loss at k across the sweep (log-log, unpruned loss as a line), the pruning loss curve, the prune config, training metrics.
+
+hvPlot figures in DynamicMaps (`PipePlot`): a new run sends its frames (`models.curves`) into the existing figures.
+"""
 
 from __future__ import annotations
 
-import json
-
 import panel as pn
-from bokeh.models import ColumnDataSource, HoverTool
-from bokeh.plotting import figure
+import polars as pl
 
-from viewer import queries
+from viewer import models
+from viewer.views.hvplots import PipePlot
 from viewer.views.markup import HtmlBox, heading, plain, table_html
+
+TOOLS = ["pan", "wheel_zoom", "reset", "save"]
+LAK_EMPTY = pl.DataFrame(schema={"n_nodes": pl.Int64, "final_loss": pl.Float64, "k_label": pl.String, "run_id": pl.String})
+
+
+def loss_at_k_plot(data):
+    """Loss at k over the sweep (line and points), this circuit circled, the unpruned loss dashed across the sweep
+    (a line glyph, not an hline: an hline would not widen the axis range to show it)."""
+    lak, run_id, unpruned = data
+    opts = {"logx": True, "logy": True, "xlabel": "circuit nodes", "ylabel": "task loss (corrected)", "responsive": True, "height": 300}
+    line = lak.hvplot.line(x="n_nodes", y="final_loss", line_width=2, **opts)
+    points = lak.hvplot.scatter(x="n_nodes", y="final_loss", hover_cols=["k_label"], size=50, **opts)
+    current = lak.filter(pl.col("run_id") == run_id).hvplot.scatter(x="n_nodes", y="final_loss", size=160, fill_color=None,
+                                                                    line_color="#d6604d", line_width=2, **opts)
+    n = lak["n_nodes"]
+    span = pl.DataFrame({"n_nodes": [n.min(), n.max()] if len(n) and unpruned is not None else [],
+                         "loss": [unpruned, unpruned] if len(n) and unpruned is not None else []}, schema={"n_nodes": pl.Float64, "loss": pl.Float64})
+    dashed = span.hvplot.line(x="n_nodes", y="loss", line_color="#555555", line_dash="dashed", line_width=2, **opts)
+    # padding: the first and last points (the circled one often among them) clear of the frame's edges
+    return (line * points * current * dashed).opts(title="loss at k", default_tools=TOOLS, padding=0.1)
+
+
+def pruning_plot(data):
+    return data.hvplot.line(x="x", y="loss", line_width=2, xlabel="(step + 1) * 8", ylabel="loss (corrected)", responsive=True,
+                            height=300).opts(title="pruning loss curve", default_tools=TOOLS)
+
+
+def metric_plot(data):
+    t, name = data
+    return t.hvplot.line(x="step", y="value", line_width=2, xlabel="step", responsive=True, height=260).opts(
+        title=plain(name or "training metric"), default_tools=TOOLS)
+
+
+PC_EMPTY = pl.DataFrame(schema={"x": pl.Float64, "loss": pl.Float64})
+T_EMPTY = pl.DataFrame(schema={"step": pl.Int64, "value": pl.Float64})
 
 
 class CurvesView:
     def __init__(self, state):
         self.state = state
-        self.k_source = ColumnDataSource({"n_nodes": [], "final_loss": [], "k_label": [], "run_id": []})
-        self.k_current = ColumnDataSource({"n_nodes": [], "final_loss": []})
-        kfig = figure(height=300, sizing_mode="stretch_width", x_axis_type="log", y_axis_type="log", title="loss at k",
-                      x_axis_label="circuit nodes", y_axis_label="task loss (corrected)", tools="pan,wheel_zoom,reset,save")
-        kfig.line("n_nodes", "final_loss", source=self.k_source, line_width=2)
-        kfig.scatter("n_nodes", "final_loss", source=self.k_source, size=7)
-        kfig.scatter("n_nodes", "final_loss", source=self.k_current, size=13, fill_color=None, line_color="#d6604d", line_width=2)
-        kfig.add_tools(HoverTool(tooltips=[("k", "@k_label"), ("nodes", "@n_nodes"), ("loss", "@final_loss{0.0000}")]))
-        # The unpruned loss as a dashed line glyph across the sweep (a Span would not widen the axis range to show it).
-        self.unpruned = ColumnDataSource({"n_nodes": [], "loss": []})
-        kfig.line("n_nodes", "loss", source=self.unpruned, line_color="#555555", line_dash="dashed", line_width=2)
-        self.kfig = kfig
-        self.p_source = ColumnDataSource({"x": [], "loss": []})
-        pfig = figure(height=300, sizing_mode="stretch_width", title="pruning loss curve", x_axis_label="(step + 1) * 8",
-                      y_axis_label="loss (corrected)", tools="pan,wheel_zoom,reset,save")
-        pfig.line("x", "loss", source=self.p_source, line_width=2)
-        self.pfig = pfig
+        self.k_plot = PipePlot(loss_at_k_plot, (LAK_EMPTY, "", None), sizing_mode="stretch_width")
+        self.p_plot = PipePlot(pruning_plot, PC_EMPTY, sizing_mode="stretch_width")
+        self.t_plot = PipePlot(metric_plot, (T_EMPTY, ""), sizing_mode="stretch_width")
         self.k_note = HtmlBox()
         self.config = pn.pane.JSON({}, depth=2, sizing_mode="stretch_width")
         self.metrics = HtmlBox()
         self.metric_pick = pn.widgets.Select(label="training metric", options=[], width=240)
-        self.t_source = ColumnDataSource({"step": [], "value": []})
-        tfig = figure(height=260, sizing_mode="stretch_width", title="training metric", x_axis_label="step", tools="pan,wheel_zoom,reset,save")
-        tfig.line("step", "value", source=self.t_source, line_width=2)
-        self.tfig = tfig
         self._train = None
         pn.bind(self._show_metric, self.metric_pick, watch=True)
         self.panel = pn.Column(
-            pn.Row(pn.Column(pn.pane.Bokeh(kfig, sizing_mode="stretch_width"), self.k_note.panel, sizing_mode="stretch_width"),
-                   pn.pane.Bokeh(pfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            pn.Row(pn.Column(self.k_plot.panel, self.k_note.panel, sizing_mode="stretch_width"), self.p_plot.panel, sizing_mode="stretch_width"),
             pn.Row(pn.Column(heading("Prune config"), self.config, sizing_mode="stretch_width"),
                    pn.Column(heading("Training metrics", "(last value of each)"), self.metrics.panel, self.metric_pick,
-                             pn.pane.Bokeh(tfig, sizing_mode="stretch_width"), sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+                             self.t_plot.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             sizing_mode="stretch_width")
 
     def show(self, *_):
-        r = queries.run(self.state.run)
-        if r is None:
+        self.draw(models.curves(self.state.run))
+
+    def draw(self, c: models.Curves | None):
+        if c is None:
             return
-        lak = queries.loss_at_k(r["model"], r["task"], r["sweep"])
-        if lak is not None and len(lak):
-            self.k_source.data = {c: lak[c].tolist() for c in ("n_nodes", "final_loss", "k_label", "run_id")}
-            cur = lak[lak["run_id"] == r["run_id"]]
-            self.k_current.data = {"n_nodes": cur["n_nodes"].tolist(), "final_loss": cur["final_loss"].tolist()}
-            unpruned = float(lak["unpruned_loss"].iloc[0])
-            self.unpruned.data = {"n_nodes": [float(lak["n_nodes"].min()), float(lak["n_nodes"].max())], "loss": [unpruned, unpruned]}
-            self.k_note.object = f"dashed line: unpruned model's loss {unpruned:.4f}; circled: this circuit"
+        if c.loss_at_k is not None:
+            self.k_plot.send((c.loss_at_k, c.run_id, c.unpruned))
+            self.k_note.object = f"dashed line: unpruned model's loss {c.unpruned:.4f}; circled: this circuit"
         else:
+            self.k_plot.send((LAK_EMPTY, c.run_id, None))
             self.k_note.object = "<i>No loss_at_k table.</i>"
-        pc = queries.pruning_curve(r["run_id"])
-        self.p_source.data = {"x": [], "loss": []} if pc is None else {"x": pc["x"].tolist(), "loss": pc["loss"].tolist()}
-        try:
-            self.config.object = json.loads(r["prune_config"]) if r.get("prune_config") else {}
-        except ValueError:
-            self.config.object = {"prune_config (not JSON)": str(r["prune_config"])}
-        train = queries.train_curves(r["model"])
-        self._train = train
-        if train is None or train.empty:
+        self.p_plot.send(PC_EMPTY if c.pruning is None else c.pruning)
+        self.config.object = c.config
+        self._train = c.train
+        if c.train is None:
             self.metrics.object = ""
             self.metric_pick.options = []
             return
-        self.metrics.object = table_html(train.groupby("metric", as_index=False).last()[["metric", "step", "value"]], digits=6)
-        names = sorted(train["metric"].unique())
-        self.metric_pick.options = names
-        if self.metric_pick.value not in names:
-            self.metric_pick.value = next((m for m in names if "loss" in m), names[0])
+        self.metrics.object = table_html(c.train_last, digits=6)
+        self.metric_pick.options = c.metrics
+        if self.metric_pick.value not in c.metrics:
+            self.metric_pick.value = models.default_metric(c.metrics)
         self._show_metric()
 
     def _show_metric(self, *_):
         t = self._train
         if t is None or not self.metric_pick.value:
             return
-        sub = t[t["metric"] == self.metric_pick.value]
-        self.t_source.data = {"step": sub["step"].tolist(), "value": sub["value"].tolist()}
-        self.tfig.title.text = plain(self.metric_pick.value or "")
+        self.t_plot.send((t.filter(pl.col("metric") == self.metric_pick.value).select("step", "value"), self.metric_pick.value))

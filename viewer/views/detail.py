@@ -5,18 +5,19 @@ from __future__ import annotations
 import html
 
 import panel as pn
+import polars as pl
 
-from viewer import queries
+from viewer import models
 from viewer.views import attention, tokens
-from viewer.views.markup import HtmlBox, heading, table_html
+from viewer.views.markup import HtmlBox, block, heading_div, table_html
 
 
 def connections_frame(df) -> dict | None:
     """The columns shown for a node's inputs or outputs (from, to, strength, weight)."""
-    if df is None or df.empty:
+    if df is None or df.is_empty():
         return None
-    return {"from": df["src_node_id"].to_numpy(object), "to": df["tgt_node_id"].to_numpy(object),
-            "strength": df["strength"].to_numpy(float), "weight": df["weight"].to_numpy(float)}
+    return {"from": models.objects(df, "src_node_id"), "to": models.objects(df, "tgt_node_id"),
+            "strength": models.floats(df, "strength"), "weight": models.floats(df, "weight")}
 
 
 LOGIT_TOKENS_SHOWN = 8  # per side, of the pipeline's 20
@@ -28,16 +29,16 @@ LOGIT_EFFECT_MISSING = ('<div class="logit-effect"><i>direct effect on the logit
 
 
 def logit_effect_html(extremes, available: bool = True) -> str:
-    """A residual channel's direct effect on the logits (`queries.unembed_extremes`): the tokens whose
+    """A residual channel's direct effect on the logits (`models.unembed_extremes`): the tokens whose
     logits a positive value in it raises and lowers most (a negative value does the reverse).
     `available=False`: the model has no such table (skipped by the pipeline): say so."""
     if not available:
         return LOGIT_EFFECT_MISSING
-    if extremes is None or extremes.empty:
+    if extremes is None or extremes.is_empty():
         return ""
     lines = []
     for side, verb in (("top", "raises"), ("bottom", "lowers")):
-        rows = extremes[extremes["side"] == side].head(LOGIT_TOKENS_SHOWN)
+        rows = extremes.filter(pl.col("side") == side).head(LOGIT_TOKENS_SHOWN)
         cells = " ".join(f"<code>{tokens.token_label(t)}</code>&nbsp;{v:+.3f}" for t, v in zip(rows["text"], rows["value"], strict=True))
         lines.append(f"<div>{verb}: {cells or '<i>none</i>'}</div>")
     return ('<div class="logit-effect"><i>direct effect on the logits, per unit of the normalized channel '
@@ -49,7 +50,7 @@ def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
     later circuit nodes that read its channel (`links`: `queries.residual_links` of the run); and for
     one that no later circuit node reads, what that means: in the circuit model every other reader is
     held at its mean, so the channel reaches the answer only through the final norm and the unembedding.
-    For every residual write, and for a final_resid node, `logit_effect` (`queries.unembed_extremes` of
+    For every residual write, and for a final_resid node, `logit_effect` (`models.unembed_extremes` of
     its channel, or that already rendered by `logit_effect_html`) adds the tokens its channel pushes up
     and down directly."""
     frame = connections_frame(outputs)
@@ -62,10 +63,10 @@ def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
     direct = logit_effect if isinstance(logit_effect, str) else logit_effect_html(logit_effect)
     if frame is not None:
         return table_html(frame) + direct
-    mine = links[links["src_node_id"] == node["node_id"]] if links is not None and len(links) else None
+    mine = links.filter(pl.col("src_node_id") == node["node_id"]) if links is not None and len(links) else None
     if mine is not None and len(mine):
         return ("<i>later reads of the same residual channel</i>"
-                + table_html({"from": mine["src_node_id"].to_numpy(object), "to": mine["tgt_node_id"].to_numpy(object)}) + direct)
+                + table_html({"from": models.objects(mine, "src_node_id"), "to": models.objects(mine, "tgt_node_id")}) + direct)
     return (f"<i>no later node of this circuit reads residual channel {int(node['channel'])}: "
             "it acts on the logits directly, through the final norm and the unembedding</i>" + direct)
 
@@ -76,33 +77,39 @@ def inputs_html(node: dict, inputs, links) -> str:
     frame = connections_frame(inputs)
     if frame is not None or node.get("kind") != "final_resid":
         return table_html(frame)
-    mine = links[links["tgt_node_id"] == node["node_id"]] if links is not None and len(links) else None
+    mine = links.filter(pl.col("tgt_node_id") == node["node_id"]) if links is not None and len(links) else None
     if mine is None or not len(mine):
         return f"<i>no residual write of this circuit into channel {int(node['channel'])}</i>"
     return ("<i>the circuit's writes into the same residual channel</i>"
-            + table_html({"from": mine["src_node_id"].to_numpy(object), "to": mine["tgt_node_id"].to_numpy(object)}))
+            + table_html({"from": models.objects(mine, "src_node_id"), "to": models.objects(mine, "tgt_node_id")}))
 
 
 WHERE = {"final_resid": "the residual stream after the last block, read by the final norm and the unembedding",
          "other": "a location this viewer does not know (kept as stored, in the 'other' group)"}
 
 
-def header_html(run_id: str, node: dict, ablation: dict | None, pin_label: str | None) -> str:
+def _num(x, fmt: str) -> str:
+    return "n/a" if x is None or x != x else format(x, fmt)
+
+
+def header_html(node: dict, ablation: dict | None, pin_label: str | None) -> str:
     nid = html.escape(node["node_id"])
     head = ""
     if node.get("kind") in ("q", "k", "v"):
         head = f" · head {int(node['head'])}, head channel {int(node['head_channel'])}"
     where = WHERE.get(node.get("kind"))
-    layer_delta = node.get("layer_delta")
-    layer_part = f" · layer-half delta {layer_delta:.4f}" if layer_delta is not None and layer_delta == layer_delta else ""
+    layer_delta, released = node.get("layer_delta"), node.get("layer_delta_released")
+    layer_part = ""
+    if layer_delta is not None and layer_delta == layer_delta:  # corrected; the release's reading beside it when stored
+        layer_part = f" · layer-half delta {layer_delta:.4f}" + (f" (released reading {released:.4f})" if released is not None and released == released else "")
     parts = [f'<h3 class="node-title">{nid}</h3>',
              f"<div>{html.escape(node['location'])} · channel {int(node['channel'])}{head}</div>",
              *([f"<div><i>{html.escape(where)}</i></div>"] if where else []),
-             f"<div>ablation delta (stored): <b>{node['delta']:.4f}</b>{layer_part}</div>"]
+             f"<div>ablation delta (stored): <b>{_num(node['delta'], '.4f')}</b>{layer_part}</div>"]
     if ablation is not None:
         flag = "agrees" if ablation["agrees"] else '<b style="color:#b2182b">DISAGREES</b>'
-        parts.append(f"<div>recomputed by the pipeline: {ablation['recomputed_delta']:.4f} "
-                     f"(|diff| {ablation['abs_diff']:.2g}, {flag})</div>")
+        parts.append(f"<div>recomputed by the pipeline: {_num(ablation['recomputed_delta'], '.4f')} "
+                     f"(|diff| {_num(ablation['abs_diff'], '.2g')}, {flag})</div>")
     if pin_label is not None:
         parts.append(f"<div>pinned: <i>{html.escape(pin_label) or '(no label)'}</i></div>")
     return "".join(parts)
@@ -128,60 +135,58 @@ class DetailView:
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         # Two buttons rather than a checkbox: the checkbox's label text is not part of its click target, so a
         # click on "zero-centred" changed nothing; each button is a target of its own and shows the mode.
-        self.zero = pn.widgets.RadioButtonGroup(options=dict(COLOUR_MODES), value=state.zero_centred, button_type="default", width=260)
+        self.zero = pn.widgets.RadioButtonGroup(options=dict(COLOUR_MODES), value=state.zero_centred, color="default", width=260)
         self.zero.param.watch(lambda e: setattr(state, "zero_centred", bool(e.new)), "value")
         state.param.watch(lambda e: setattr(self.zero, "value", e.new), "zero_centred")
         self.doc = pn.widgets.IntInput.from_param(state.param.doc, label="task doc for the attention pattern", width=200)
         self.head_plot = self.channel_plot = None  # built on the first q/k/v node shown (two figures less per page)
         self.attn_note = HtmlBox()
         self.attn_plots = pn.Row()
-        self.attn = pn.Column(self.doc, self.attn_note.panel, self.attn_plots, sizing_mode="stretch_width")
-        self.inner_tabs = pn.Tabs((INNER_TABS[0], self.snippets.panel),
-                                  (INNER_TABS[1], pn.Column(pn.Row(self.zero, self.task_page), self.task.panel, sizing_mode="stretch_width")),
-                                  (INNER_TABS[2], self.attn), sizing_mode="stretch_width", dynamic=False)
+        # The Task docs and Attention tabs are filled by `fill_tabs` (after the page has loaded, or when opened):
+        # their widgets' models are not needed for the page's first paint.
+        self.task_tab = pn.Column(sizing_mode="stretch_width")
+        self.attn = pn.Column(sizing_mode="stretch_width")
+        self.inner_tabs = pn.Tabs((INNER_TABS[0], self.snippets.panel), (INNER_TABS[1], self.task_tab), (INNER_TABS[2], self.attn),
+                                  sizing_mode="stretch_width", dynamic=False)
         self.stale = set()  # inner tabs whose content is out of date
         self.inner_tabs.param.watch(lambda e: self._refresh_inner(), "active")
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
-        self.panel = pn.Column(
-            self.header.panel,
-            pn.Row(pn.Column(heading("Inputs"), self.inputs.panel, sizing_mode="stretch_width"),
-                   pn.Column(heading("Outputs"), self.outputs.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
-            self.inner_tabs,
-            sizing_mode="stretch_width")
+        self.panel = pn.Column(block(self.header.div, [(heading_div("Inputs"), self.inputs.div), (heading_div("Outputs"), self.outputs.div)]),
+                               self.inner_tabs, sizing_mode="stretch_width")
 
     def show(self, *_):
         s = self.state
-        node = queries.node(s.run, s.node) if s.node else None
-        if node is None:
+        self.draw(models.node_detail(s.run, s.node) if s.node else None, s.pins)
+
+    def draw(self, detail: models.NodeDetail | None, pins: dict):
+        """The header, connections and snippets of a node (None: no node selected); the inner tabs follow."""
+        if detail is None:
             self.header.object = NO_NODE
             self.inputs.object = self.outputs.object = ""
             self.snippets.object = self.task.object = self.attn_note.object = ""
             self._no_pattern()
             return
-        queries.prefetch((queries.samples, s.run, s.node), (queries.connections, s.run, s.node))
-        ab = queries.ablations(s.run)
-        row = ab[ab["node_id"] == s.node] if ab is not None else None
-        ablation = row.iloc[0].to_dict() if row is not None and len(row) else None
-        self.header.object = header_html(s.run, node, ablation, s.pins.get(s.node))
-        inputs, outputs = queries.connections(s.run, s.node)
-        kind = node.get("kind")
-        links = logit = None
-        if (kind == "resid_delta" and (outputs is None or outputs.empty)) or (kind == "final_resid" and (inputs is None or inputs.empty)):
-            links = queries.residual_links(s.run)  # later readers / earlier writers, only when no stored edge says it
-        self.inputs.object = inputs_html(node, inputs, links)
-        if kind in ("resid_delta", "final_resid"):  # a residual channel: the tokens it pushes directly
-            run = queries.run(s.run)
-            if run is not None:
-                model = run["model"]
-                logit = (logit_effect_html(queries.unembed_extremes(model, int(node["channel"])))
-                         if queries.model_has_rows("unembed_extremes", model) else LOGIT_EFFECT_MISSING)
-        self.outputs.object = outputs_html(node, outputs, links, logit)
-        self.snippets.object = tokens.snippets_html(queries.samples(s.run, s.node))
+        node = detail.node
+        self.header.object = header_html(node, detail.ablation, pins.get(node["node_id"]))
+        self.inputs.object = inputs_html(node, detail.inputs, detail.links)
+        logit = None
+        if node.get("kind") in ("resid_delta", "final_resid"):
+            logit = logit_effect_html(detail.logit, detail.logit_available)
+        self.outputs.object = outputs_html(node, detail.outputs, detail.links, logit)
+        self.snippets.object = tokens.snippets_html(detail.snippets)
         self.stale = {INNER_TABS[1], INNER_TABS[2]}
         self._refresh_inner()
 
+    def fill_tabs(self):
+        """Put the Task docs and Attention tabs' widgets and boxes in place (once)."""
+        if not len(self.task_tab):
+            self.task_tab.extend([pn.Row(self.zero, self.task_page), self.task.panel])
+            self.attn.extend([self.doc, self.attn_note.panel, self.attn_plots])
+
     def _refresh_inner(self):
         tab = INNER_TABS[self.inner_tabs.active]
+        if tab != INNER_TABS[0]:
+            self.fill_tabs()
         if tab in self.stale:
             self.stale.discard(tab)
             (self.show_task if tab == INNER_TABS[1] else self.show_attention)(force=True)
@@ -196,14 +201,12 @@ class DetailView:
             return
         if not s.node:
             return
-        docs = queries.task_docs(s.run)
-        if docs is not None and len(docs):
-            n_pairs = int(docs["pair"].max()) + 1
-            pages = {f"pairs {p}-{min(p + PAIRS_PER_PAGE, n_pairs) - 1}": p for p in range(0, n_pairs, PAIRS_PER_PAGE)}
-            if self.task_page.options != pages:
-                self.task_page.options = pages
+        docs = models.task_docs(s.run)
+        pages = models.task_doc_pages(docs, PAIRS_PER_PAGE)
+        if pages and self.task_page.options != pages:
+            self.task_page.options = pages
         first = self.task_page.value or 0
-        self.task.object = tokens.task_docs_html(docs, queries.activation_matrix(s.run, s.node), s.zero_centred,
+        self.task.object = tokens.task_docs_html(docs, models.activation_matrix(s.run, s.node), s.zero_centred,
                                                  pairs_shown=range(first, first + PAIRS_PER_PAGE))
 
     def _no_pattern(self):
@@ -216,31 +219,17 @@ class DetailView:
         if not force and INNER_TABS[self.inner_tabs.active] != INNER_TABS[2]:
             self.stale.add(INNER_TABS[2])
             return
-        node = queries.node(s.run, s.node) if s.node else None
-        if node is None or node["kind"] not in ("q", "k", "v"):
-            self.attn_note.object = "<i>Attention patterns are shown for q, k and v nodes.</i>"
+        self.draw_attention(models.attention(s.run, s.node, s.doc))
+
+    def draw_attention(self, att: models.Attention | str):
+        if isinstance(att, str):  # no pattern: why
+            self.attn_note.object = f"<i>{html.escape(att)}</i>"
             self._no_pattern()
             return
-        if self.head_plot is None:
+        if self.head_plot is None:  # built on the first q/k/v node shown (two figures less per page)
             self.head_plot = attention.PatternPlot("head pattern")
             self.channel_plot = attention.PatternPlot("channel pattern")
             self.attn_plots.extend([pn.pane.Bokeh(self.head_plot.figure), pn.pane.Bokeh(self.channel_plot.figure)])
-        docs = queries.task_docs(s.run)
-        if docs is None or docs.empty:
-            self.attn_note.object = "<i>No task docs in the tables.</i>"
-            return
-        doc = min(max(int(s.doc), 0), int(docs["doc"].max()))
-        length = int(docs.loc[docs["doc"] == doc, "length"].iloc[0])
-        d_head = int(queries.model_config(s.run).get("d_head") or 1)
-        layer, head, hc = int(node["layer"]), int(node["head"]), int(node["head_channel"])
-        q, k = attention.qk_matrices(queries.head_qk(s.run, layer, head, doc), length)
-        shared = sorted(set(q) & set(k))
-        note = [f"layer {layer} head {head}, doc {doc} ({length} tokens): q·k over the circuit's channels kept in both q and k: "
-                f"{shared if shared else 'none'}"]
-        self.head_plot.show(attention.head_pattern(q, k, d_head, length) if shared else None, f"head {head} pattern")
-        if hc in q and hc in k:
-            self.channel_plot.show(attention.channel_pattern(q[hc], k[hc], d_head), f"channel {hc}: exp(q·k/√d)")
-        else:
-            self.channel_plot.show(None, f"channel {hc}: not in both q and k")
-            note.append(f"channel {hc} is not kept in both q and k of this head, so it has no pattern of its own")
-        self.attn_note.object = "<div>" + html.escape("; ".join(note)) + "</div>"
+        self.head_plot.show(att.head, att.head_title)
+        self.channel_plot.show(att.channel, att.channel_title)
+        self.attn_note.object = "<div>" + html.escape("; ".join(att.note)) + "</div>"

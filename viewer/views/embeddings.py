@@ -1,37 +1,21 @@
-"""Token and position embeddings of a residual channel: top/bottom tokens by wte weight, the column's histogram, wpe heatmap."""
+"""Token and position embeddings of a residual channel: top/bottom tokens by wte weight, the column's histogram, wpe heatmap.
+
+The data comes from `models.embedding` and `models.model_wpe_image`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import panel as pn
 from bokeh.models import ColorBar, ColumnDataSource, HoverTool, LinearColorMapper
 from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
-from viewer import queries
+from viewer import models
 from viewer.views.markup import HtmlBox, heading, table_html
 
 N_TOKENS = 20
-RESIDUAL_KINDS = ("act_in", "resid_delta")
-
-
-def symlog(values: np.ndarray, linthresh: float) -> np.ndarray:
-    """Symmetric log: linear within +-linthresh, logarithmic beyond (sign kept)."""
-    return np.sign(values) * np.log10(1 + np.abs(values) / linthresh)
-
-
-def wpe_image(entries: pd.DataFrame | None):
-    """(positions x nonzero channels) matrix in symlog units, the channel labels, and linthresh."""
-    if entries is None or entries.empty:
-        return None, [], 1.0
-    channels = np.sort(entries["channel"].unique())
-    rows = int(entries["row"].max()) + 1
-    dense = np.zeros((rows, len(channels)), np.float64)
-    dense[entries["row"].to_numpy(), np.searchsorted(channels, entries["channel"].to_numpy())] = entries["value"].to_numpy(float)
-    nz = np.abs(dense[dense != 0])
-    linthresh = float(np.percentile(nz, 10)) if nz.size else 1.0
-    return symlog(dense, linthresh), channels.tolist(), linthresh
+RESIDUAL_KINDS = models.RESIDUAL_KINDS
 
 
 class EmbeddingView:
@@ -41,6 +25,10 @@ class EmbeddingView:
         self.note = HtmlBox()
         self.top = HtmlBox()
         self.bottom = HtmlBox()
+        # Raw Bokeh, not hvPlot/HoloViews like the Curves tab: with both figures as HoloViews DynamicMaps fed by a
+        # Pipe, `python bench/viewer.py` (2026-12-06, load 4) measured "open Embeddings tab" at p95 61 ms (raw Bokeh:
+        # 28 ms; budget 50 ms) and the first open in a new session at p50 146 ms (16 ms): HoloViews re-runs its plot
+        # machinery per update, where a Bokeh source takes the new columns directly.
         self.hist_source = ColumnDataSource({"left": [], "right": [], "top": []})
         hist = figure(height=240, width=420, title="wte column histogram (nonzero entries)", tools="pan,wheel_zoom,reset,save")
         hist.quad(left="left", right="right", top="top", bottom=0, source=self.hist_source, fill_color="#4393c3", line_color="white")
@@ -67,36 +55,34 @@ class EmbeddingView:
             self.channel.value = int(node["channel"])  # triggers show()
 
     def show(self, *_):
-        r = queries.run(self.state.run)
+        r = models.run(self.state.run)
         if r is None:
             return
         model, ch = r["model"], int(self.channel.value)
-        if self._shown == (queries.connection()[0], model, ch):
+        key = (models.tables_version(), model, ch)
+        if self._shown == key:
             return  # already showing it (follow_node's channel change has just shown it)
-        self._shown = (queries.connection()[0], model, ch)
-        extremes, hist = queries.wte_extremes(model, ch), queries.wte_histogram(model, ch)
-        if extremes is None or hist is None:
-            self.note.object = "<i>No wte_extremes / wte_histograms tables: materialize them with the pipeline (circuits materialize).</i>"
-            return
-        columns = ["token_id", "text", "value"]
-        self.top.object = table_html(extremes[extremes["side"] == "top"][columns])
-        self.bottom.object = table_html(extremes[extremes["side"] == "bottom"][columns])
-        self.note.object = f"model {model}: wte column {ch} has {int(hist['count'].sum())} nonzero weights"
-        self.hist_source.data = {"left": hist["bin_left"].to_numpy(float), "right": hist["bin_right"].to_numpy(float), "top": hist["count"].to_numpy()}
+        self._shown = key
+        self.draw(models.embedding(model, ch))
         if self._wpe_model != model:  # the heatmap depends on the model only
             self._wpe_model = model
-            img, channels, linthresh = model_wpe_image(queries.connection()[0], model)
-            if img is None:
-                self.wpe_source.data = {"image": [], "dw": [], "dh": []}
-            else:
-                m = float(np.abs(img).max()) or 1.0
-                self.wpe_mapper.low, self.wpe_mapper.high = -m, m
-                self.wpe_source.data = {"image": [img], "dw": [img.shape[1]], "dh": [img.shape[0]]}
-                self.wpe.title.text = f"wpe: {img.shape[0]} positions x {len(channels)} nonzero channels (symlog, linthresh {linthresh:.3g})"
+            self.draw_wpe(*models.model_wpe_image(model))
 
+    def draw(self, e: models.Embedding):
+        if e.hist is None:
+            self.note.object = "<i>No wte_extremes / wte_histograms tables: materialize them with the pipeline (circuits materialize).</i>"
+            return
+        self.top.object = table_html(e.top)
+        self.bottom.object = table_html(e.bottom)
+        self.note.object = f"model {e.model}: wte column {e.channel} has {int(e.hist['count'].sum())} nonzero weights"
+        self.hist_source.data = {"left": models.floats(e.hist, "bin_left"), "right": models.floats(e.hist, "bin_right"),
+                                 "top": e.hist["count"].to_numpy()}
 
-@queries.memo(4)
-def model_wpe_image(version, model):
-    """The wpe heatmap of a model (float32 symlog image), shared by every session (keyed by the tables' version)."""
-    img, channels, linthresh = wpe_image(queries.embedding_matrix(model, "wpe"))
-    return (None if img is None else img.astype(np.float32)), channels, linthresh
+    def draw_wpe(self, img, channels, linthresh):
+        if img is None:
+            self.wpe_source.data = {"image": [], "dw": [], "dh": []}
+            return
+        m = float(np.abs(img).max()) or 1.0
+        self.wpe_mapper.low, self.wpe_mapper.high = -m, m
+        self.wpe_source.data = {"image": [img], "dw": [img.shape[1]], "dh": [img.shape[0]]}
+        self.wpe.title.text = f"wpe: {img.shape[0]} positions x {len(channels)} nonzero channels (symlog, linthresh {linthresh:.3g})"

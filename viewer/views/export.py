@@ -1,36 +1,22 @@
-"""Download the current circuit's nodes (with pin labels) and edges as CSV or Parquet."""
+"""Download the current circuit's nodes (with pin labels) and edges as CSV or Parquet (frames from `models`)."""
 
 from __future__ import annotations
 
 import io
 
-import pandas as pd
 import panel as pn
+import polars as pl
 
-from viewer import queries
+from viewer import models
 from viewer.views.markup import heading
 
 
-def nodes_export(run_id: str, pins: dict) -> pd.DataFrame:
-    df = queries.nodes(run_id).copy()
-    df["pin_label"] = df["node_id"].map(pins)
-    ab = queries.ablations(run_id)
-    if ab is not None and len(ab):
-        df = df.merge(ab[["node_id", "recomputed_delta", "agrees"]], on="node_id", how="left")
-    return df
-
-
-def edges_export(run_id: str) -> pd.DataFrame:
-    df = queries.edges(run_id)
-    return pd.DataFrame() if df is None else df.copy()
-
-
-def to_bytes(df: pd.DataFrame, fmt: str) -> io.BytesIO:
+def to_bytes(df: pl.DataFrame, fmt: str) -> io.BytesIO:
     buf = io.BytesIO()
     if fmt == "csv":
-        buf.write(df.to_csv(index=False).encode())
+        df.write_csv(buf)
     else:
-        df.to_parquet(buf, index=False)
+        df.write_parquet(buf)
     buf.seek(0)
     return buf
 
@@ -41,7 +27,7 @@ class ExportView:
 
         def button(what, fmt):
             def callback():
-                df = nodes_export(state.run, state.pins) if what == "nodes" else edges_export(state.run)
+                df = models.nodes_export(state.run, state.pins) if what == "nodes" else models.edges_export(state.run)
                 return to_bytes(df, fmt)
 
             return pn.widgets.FileDownload(callback=callback, filename=f"{what}.{fmt}", label=f"{what}.{fmt}", color="primary",

@@ -7,7 +7,7 @@ import html
 
 import panel as pn
 
-from viewer import queries
+from viewer import models
 from viewer.views.markup import HtmlBox, table_html
 
 EXPLAIN = (
@@ -18,18 +18,10 @@ EXPLAIN = (
 )
 
 
-def faithfulness(run_id: str):
-    return queries.optional(
-        """SELECT prompt_set, ablation, variant, loss, loss_se, accuracy, n_prompts, flagged FROM faithfulness
-           WHERE run_id = ? ORDER BY CASE prompt_set WHEN 'evaluation' THEN 0 WHEN 'selection' THEN 1 ELSE 2 END, variant, ablation""",
-        [run_id],
-    )
-
-
 def verdict(df) -> str:
     if df is None or len(df) == 0:
         return "<i>No faithfulness rows for this circuit (released circuits carry none; the embedded demo store's do).</i>"
-    if bool(df["flagged"].iloc[0]):
+    if bool(df["flagged"][0]):
         return "<div style='color:#b00'><b>Flagged:</b> the evaluation loss misses the selection loss by more than the standard error of the difference.</div>"
     return "<div>Evaluation loss within the spread of the selection loss.</div>"
 
@@ -42,6 +34,8 @@ class FaithfulnessView:
         self.panel = pn.Column(pn.pane.HTML(EXPLAIN, sizing_mode="stretch_width"), self.verdict.panel, self.table.panel, sizing_mode="stretch_width")
 
     def show(self, *_):
-        df = faithfulness(self.state.run)
-        self.verdict.object = f"<div><b>{html.escape(self.state.run or '')}</b></div>" + verdict(df)
-        self.table.object = "" if df is None or len(df) == 0 else table_html(df.drop(columns=["flagged"]), digits=3)
+        self.draw(self.state.run, models.faithfulness(self.state.run))
+
+    def draw(self, run_id: str, df):
+        self.verdict.object = f"<div><b>{html.escape(run_id or '')}</b></div>" + verdict(df)
+        self.table.object = "" if df is None or len(df) == 0 else table_html(df.drop("flagged"), digits=3)

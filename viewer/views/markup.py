@@ -7,12 +7,15 @@ Setting a Div's text is one string property and no re-scan.
 
 from __future__ import annotations
 
+import functools
 import html
 
 import numpy as np
-import pandas as pd
 import panel as pn
+import polars as pl
 from bokeh.models import AutocompleteInput, Div
+from bokeh.models import Column as BkColumn
+from bokeh.models import Row as BkRow
 
 TABLE_STYLE = """<style>
 table.df {border-collapse: collapse; font-size: 12px; font-family: sans-serif; width: 100%;}
@@ -35,11 +38,26 @@ def plain(text: str) -> str:
     return text
 
 
-def heading(text: str, note: str = ""):
-    """A bold label (a Bokeh Div, like HtmlBox): no Panel Markdown pane, whose HTML model makes every page
-    load the 1.8 MB MathJax bundle."""
+def heading_div(text: str, note: str = "") -> Div:
+    """A bold label as a Bokeh Div: no Panel Markdown pane, whose HTML model makes every page load the
+    1.8 MB MathJax bundle."""
     extra = f" {html.escape(note)}" if note else ""
-    return pn.pane.Bokeh(Div(text=f"<b>{html.escape(text)}</b>{extra}", disable_math=True))
+    return Div(text=f"<b>{html.escape(text)}</b>{extra}", disable_math=True)
+
+
+def heading(text: str, note: str = ""):
+    """`heading_div` as a Panel pane."""
+    return pn.pane.Bokeh(heading_div(text, note))
+
+
+def block(*rows) -> pn.pane.Bokeh:
+    """Bokeh models (Divs, or lists of them side by side: each list a column of a row) stacked in one Panel pane.
+
+    One pane and plain Bokeh layouts instead of a Panel Column/Row per box: each Panel layout object costs
+    a session ~4 ms to build and serve (the page's build time is most of a new visitor's wait)."""
+    children = [BkRow(children=[BkColumn(children=list(col), sizing_mode="stretch_width") for col in r], sizing_mode="stretch_width")
+                if isinstance(r, list | tuple) else r for r in rows]
+    return pn.pane.Bokeh(BkColumn(children=children, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
 
 class HtmlBox:
@@ -51,7 +69,11 @@ class HtmlBox:
         # $$...$$, \(...\) or \[...\] (common in code snippets: regexes) as TeX.
         self.div = Div(text=text, sizing_mode="stretch_width", styles={**({"overflow-y": "auto"} if max_height else {}), **(style or {})},
                        max_height=max_height, disable_math=True)
-        self.panel = pn.pane.Bokeh(self.div, sizing_mode="stretch_width")
+
+    @functools.cached_property
+    def panel(self) -> pn.pane.Bokeh:
+        """The box as a Panel pane, built when a layout asks for it (a box in a `block` needs none)."""
+        return pn.pane.Bokeh(self.div, sizing_mode="stretch_width")
 
     @property
     def object(self) -> str:
@@ -69,15 +91,15 @@ def _cells(values: np.ndarray, digits: int) -> list[str]:
     return ["" if v is None or v != v else html.escape(str(v)) for v in values.tolist()]
 
 
-def table_html(df: pd.DataFrame | dict | None, empty: str = "<i>none</i>", digits: int = 4) -> str:
-    """A DataFrame (or dict of equal-length columns) as a small HTML table, values escaped.
+def table_html(df: pl.DataFrame | dict | None, empty: str = "<i>none</i>", digits: int = 4) -> str:
+    """A Polars DataFrame (or dict of equal-length columns) as a small HTML table, values escaped.
 
-    Built from numpy columns: pandas' to_html costs ~4 ms per table."""
+    Built from numpy columns (a table's HTML writer costs ~4 ms per table)."""
     if df is None or len(df) == 0 or (isinstance(df, dict) and len(next(iter(df.values()))) == 0):
         return empty
-    names = list(df.columns) if isinstance(df, pd.DataFrame) else list(df)
+    names = list(df.columns) if isinstance(df, pl.DataFrame) else list(df)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in names)
-    columns = [_cells(np.asarray(df[c]), digits) for c in names]
+    columns = [_cells(df[c].to_numpy() if isinstance(df, pl.DataFrame) else np.asarray(df[c]), digits) for c in names]
     rows = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for row in zip(*columns, strict=True))
     return f'{TABLE_STYLE}<table class="df"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 

@@ -6,15 +6,18 @@ import functools
 import html
 
 import numpy as np
+import polars as pl
 
 POS_RGB = (214, 96, 77)  # positive activations: red
 NEG_RGB = (67, 147, 195)  # negative: blue
 # Every token is a <span>: tens of thousands per page of task docs, so each is kept short (the browser's
 # parsing and layout of this HTML was most of a click's time): the colour is a class (`p37` = red at 0.37,
 # `n5` = blue at 0.05) defined once per box, the boxed token has class `c`, the hover title is bare; a token
-# whose value is exactly 0 is plain text (no span).
+# whose value is exactly 0 is plain text (no span). `content-visibility: auto`: the browser styles, lays out and
+# paints only the lines on screen (a click rendered all ~4,000 snippet tokens; most are below the fold).
 STYLE = """<style>
-.toks {font-family: monospace; font-size: 12px; line-height: 1.9; white-space: pre-wrap; word-break: break-all; margin: 2px 0;}
+.toks {font-family: monospace; font-size: 12px; line-height: 1.9; white-space: pre-wrap; word-break: break-all; margin: 2px 0;
+       content-visibility: auto; contain-intrinsic-size: auto 90px;}
 .toks span {padding: 1px 0; margin-right: 1px; border-radius: 2px;}
 .toks span.c {outline: 2px solid #111; outline-offset: -1px;}
 .snipgroup {margin: 4px 0 10px 0;} .snipgroup h4 {margin: 6px 0 2px 0; font-size: 13px;}
@@ -102,16 +105,18 @@ def token_spans(texts, values, scale: float, boxed=(), lo: float | None = None) 
     return '<div class="toks">' + "".join(spans) + "</div>", used
 
 
-def snippets_html(df) -> str:
-    """Pretraining snippets: per frac, bottom then top lists; one colour scale across everything shown."""
-    if df is None or df.empty:
+def snippets_html(df: pl.DataFrame | None) -> str:
+    """Pretraining snippets (`models.snippets`: ordered by frac, side, rank, pos, with token texts): per frac,
+    bottom then top lists; one colour scale across everything shown."""
+    if df is None or df.is_empty():
         return STYLE + "<p><i>No pretraining snippets for this node.</i></p>"
-    scale = float(np.nanmax(np.abs(df["value"].to_numpy(float)))) or 1.0
+    values = df["value"].cast(pl.Float64).to_numpy()
+    scale = float(np.nanmax(np.abs(values))) or 1.0
     parts = [STYLE, f'<div class="scale">one colour scale for all snippets: |activation| {scale:.4g} = full colour; '
                     "the token of interest is boxed; hover a token for its activation (uncoloured plain text: exactly 0)</div>"]
-    # Rows arrive ordered by (frac, side, rank, pos): cut them into snippets with numpy (pandas groupby costs more).
+    # Rows arrive ordered by (frac, side, rank, pos): cut them into snippets with numpy (a group-by costs more).
     frac, side, rank = df["frac"].to_numpy(), df["side"].to_numpy(), df["rank"].to_numpy()
-    texts, values, centre = df["text"].to_numpy(), df["value"].to_numpy(float), df["is_center"].to_numpy(bool)
+    texts, centre = df["text"].to_numpy(), df["is_center"].fill_null(False).to_numpy()
     starts = np.r_[0, np.flatnonzero((frac[1:] != frac[:-1]) | (side[1:] != side[:-1]) | (rank[1:] != rank[:-1])) + 1, len(df)]
     spans, used = span_list(texts, values, scale, centre)  # every token at once: one colour scale, one pass
     last_frac = last_side = None
@@ -130,51 +135,70 @@ def snippets_html(df) -> str:
     return "".join(parts)
 
 
-def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool, pairs_shown=None) -> str:
-    """The task docs of both classes with the node's activation per token, paired (class 1, class 2, difference).
+NO_TASK_DOCS = STYLE + "<p><i>No task-doc activations for this node.</i></p>"
 
-    `acts` is (n_docs, max_len) with NaN past each doc's end. The max and min token of each doc are boxed.
-    `pairs_shown`: the pair indices to render (a page); the colour scales always span every doc.
-    """
-    if docs is None or docs.empty or acts is None:
-        return STYLE + "<p><i>No task-doc activations for this node.</i></p>"
+
+def colour_scale(acts: np.ndarray, zero_centred: bool) -> tuple[float, float | None, str] | None:
+    """(scale, lo, legend) of the task docs' colours over every finite activation; None if there is none.
+    Zero-centred: |activation| `scale` = full colour (lo None); else lo (clear) to lo + scale (full red)."""
     finite = acts[np.isfinite(acts)]
     if finite.size == 0:
-        return STYLE + "<p><i>No task-doc activations for this node.</i></p>"
+        return None
     if zero_centred:
-        scale, lo = float(np.abs(finite).max()) or 1.0, None
-        legend = f"zero-centred: red positive, blue negative, |activation| {scale:.4g} = full colour"
-    else:
-        lo, scale = float(finite.min()), float(finite.max() - finite.min()) or 1.0
-        legend = f"min {lo:.4g} (clear) to max {lo + scale:.4g} (full red)"
-    docs = docs.rename(columns={"class": "cls"})  # "class" cannot be a tuple field
-    by_doc = {int(r.doc): r for r in docs.itertuples()}
-    parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; plain text: exactly 0; '
-                    "difference = class 2 minus class 1, position by position, on its own zero-centred scale</div>"]
-    all_pairs = sorted({int(r.pair) for r in docs.itertuples()})
-    pairs = all_pairs if pairs_shown is None else [p for p in all_pairs if p in set(pairs_shown)]
+        scale = float(np.abs(finite).max()) or 1.0
+        return scale, None, f"zero-centred: red positive, blue negative, |activation| {scale:.4g} = full colour"
+    lo, scale = float(finite.min()), float(finite.max() - finite.min()) or 1.0
+    return scale, lo, f"min {lo:.4g} (clear) to max {lo + scale:.4g} (full red)"
+
+
+def pair_differences(docs, acts: np.ndarray) -> dict:
+    """pair -> class 2 minus class 1 activations, position by position over the shorter doc (pairs with both classes)."""
     diffs = {}
-    for p in all_pairs:
-        d1 = [r for r in by_doc.values() if r.pair == p and r.cls == 1]
-        d2 = [r for r in by_doc.values() if r.pair == p and r.cls == 2]
+    for p in sorted({d.pair for d in docs}):
+        d1 = [d for d in docs if d.pair == p and d.cls == 1]
+        d2 = [d for d in docs if d.pair == p and d.cls == 2]
         if d1 and d2:
             n = min(d1[0].length, d2[0].length)
             diffs[p] = acts[d2[0].doc, :n] - acts[d1[0].doc, :n]
-    used = set()
+    return diffs
+
+
+def doc_html(doc, acts: np.ndarray, scale: float, lo: float | None) -> tuple[str, set]:
+    """One task doc's label and tokens, its max and min token boxed; returns the HTML and the colour classes used."""
+    vals = acts[doc.doc, : doc.length]
+    boxed = [int(np.nanargmax(vals)), int(np.nanargmin(vals))] if np.isfinite(vals).any() else []
+    line, used = token_spans(list(doc.tokens), vals, scale, boxed=boxed, lo=lo)
+    return f'<div class="doclabel">doc {doc.doc} · class {doc.cls} · pair {doc.pair}</div>' + line, used
+
+
+def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool, pairs_shown=None) -> str:
+    """The task docs of both classes with the node's activation per token, paired (class 1, class 2, difference).
+
+    `docs`: `models.TaskDoc`s (doc order); `acts` is (n_docs, max_len) with NaN past each doc's end. The max
+    and min token of each doc are boxed. `pairs_shown`: the pair indices to render (a page); the colour
+    scales always span every doc.
+    """
+    scaled = colour_scale(acts, zero_centred) if docs and acts is not None else None
+    if scaled is None:
+        return NO_TASK_DOCS
+    scale, lo, legend = scaled
+    parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; plain text: exactly 0; '
+                    "difference = class 2 minus class 1, position by position, on its own zero-centred scale</div>"]
+    diffs = pair_differences(docs, acts)
     dscale = max([float(np.nanmax(np.abs(d))) for d in diffs.values() if d.size and np.isfinite(d).any()] or [1.0]) or 1.0
-    for p in pairs:
-        for r in sorted((r for r in by_doc.values() if r.pair == p), key=lambda r: r.cls):
-            vals = acts[r.doc, : r.length]
-            boxed = [int(np.nanargmax(vals)), int(np.nanargmin(vals))] if np.isfinite(vals).any() else []
-            parts.append(f'<div class="doclabel">doc {r.doc} · class {r.cls} · pair {p}</div>')
-            line, u = token_spans(list(r.tokens), vals, scale, boxed=boxed, lo=lo)
+    shown = None if pairs_shown is None else set(pairs_shown)
+    used = set()
+    for p in sorted({d.pair for d in docs}):
+        if shown is not None and p not in shown:
+            continue
+        for d in sorted((d for d in docs if d.pair == p), key=lambda d: d.cls):
+            line, u = doc_html(d, acts, scale, lo)
             parts.append(line)
             used |= u
         if p in diffs:
-            r2 = next(r for r in by_doc.values() if r.pair == p and r.cls == 2)
-            parts.append(f'<div class="doclabel">pair {p} · class 2 − class 1</div>')
-            line, u = token_spans(list(r2.tokens)[: len(diffs[p])], diffs[p], dscale)
-            parts.append(line)
+            d2 = next(d for d in docs if d.pair == p and d.cls == 2)
+            line, u = token_spans(list(d2.tokens)[: len(diffs[p])], diffs[p], dscale)
+            parts.append(f'<div class="doclabel">pair {p} · class 2 − class 1</div>' + line)
             used |= u
     parts.insert(1, colour_style(used))
     return "".join(parts)

@@ -82,7 +82,7 @@ def test_the_viewer_reads_remote_tables_without_torch(az_env, tiny_store, tmp_pa
     assert not s.failed
     code = (
         "import sys; from viewer import queries; queries.check_tables(); "
-        "print(len(queries.runs()), queries.query('SELECT count(*) AS n FROM nodes')['n'].iloc[0], 'torch' in sys.modules)"
+        "print(len(queries.runs()), queries.query('SELECT count(*) AS n FROM nodes')['n'][0], 'torch' in sys.modules)"
     )
     env = dict(os.environ, CIRCUITS_DATA=url, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

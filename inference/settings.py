@@ -15,6 +15,10 @@ that changes the environment sees the change.
 | `CIRCUITS_LOSS_FACTOR` | `0.5` | corrected loss = stored (raw) loss x factor |
 | `CIRCUITS_TOLERANCE` | `1e-3` | relative tolerance of recomputed vs stored numbers |
 | `CIRCUITS_MODELS`, `_TASKS`, `_SWEEPS`, `_KS` | all | what to fetch and convert (comma lists of names or patterns) |
+| `CIRCUITS_DB_DIR` | under the cache | object-store data only: local dir of `circuits.duckdb` and `.dagster` |
+| `CIRCUITS_EXECUTOR` | `in_process` | where `circuits materialize` runs the partitions: `in_process` or `dask` |
+| `CIRCUITS_DASK_SCHEDULER` | unset: a local cluster | address of an existing Dask scheduler (`tcp://host:8786`) |
+| `CIRCUITS_DASK_WORKERS` | `2` | worker processes of the local Dask cluster |
 | `CIRCUITS_TRACEBACK` | unset | set: the CLI shows Python tracebacks instead of one-line errors |
 | `DAGSTER_HOME` | unset | Dagster's own: an instance to use instead of the data dir's `.dagster/` |
 | `AZURE_STORAGE_*` | unset | adlfs's own credentials (`pipeline`/`inference.store` pass them to adlfs) |
@@ -106,6 +110,41 @@ SELECTION_ENV = {"models": "CIRCUITS_MODELS", "tasks": "CIRCUITS_TASKS", "sweeps
 def selection(field: str) -> str | None:
     """The raw comma list of one selection field (`models`, `tasks`, `sweeps`, `ks`), or None."""
     return _get(SELECTION_ENV[field])
+
+
+# ---- where the partitions run, and the local side of object-store data -------------------------
+
+EXECUTORS = ("in_process", "dask")
+
+
+def db_dir() -> str | None:
+    """CIRCUITS_DB_DIR: the local dir of `circuits.duckdb` (and `.dagster`) for object-store data, or None."""
+    return _get("CIRCUITS_DB_DIR")
+
+
+def executor() -> str:
+    """CIRCUITS_EXECUTOR: `in_process` (default: one partition at a time in this process) or `dask`."""
+    value = _get("CIRCUITS_EXECUTOR") or "in_process"
+    if value not in EXECUTORS:
+        raise ValueError(f"environment variable CIRCUITS_EXECUTOR={value!r}: expected one of {', '.join(EXECUTORS)}")
+    return value
+
+
+def dask_scheduler() -> str | None:
+    """CIRCUITS_DASK_SCHEDULER: address of an existing Dask scheduler (`tcp://host:8786`); None: a local cluster."""
+    return _get("CIRCUITS_DASK_SCHEDULER")
+
+
+def dask_workers() -> int:
+    """CIRCUITS_DASK_WORKERS: worker processes of the local Dask cluster started when no scheduler is given (default 2)."""
+    raw = _get("CIRCUITS_DASK_WORKERS") or "2"
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"environment variable CIRCUITS_DASK_WORKERS={raw!r}: expected a whole number >= 1")
+    return n
 
 
 # ---- the command line and the engines' own variables ---------------------------------------------

@@ -45,20 +45,26 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("store-report", help="the embedded store's models, task accuracy, k_optim and circuits as Markdown tables")
     p.add_argument("--store", default=None, help="store directory (default: $CIRCUITS_DATA/store)")
 
-    p = sub.add_parser("materialize", help="run the pipeline's assets in-process (store -> Parquet + DuckDB)")
+    p = sub.add_parser("materialize", help="run the pipeline's assets (store -> Parquet + DuckDB), in-process or on a Dask cluster")
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
     p.add_argument("--data", default=None, help="output directory (default: $CIRCUITS_DATA or data/)")
     _selection_flags(p)
     p.add_argument("--device", default=None, help="torch device of the recompute forward passes (default: $CIRCUITS_DEVICE or cpu)")
     p.add_argument("--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's own log lines")
+    p.add_argument("--executor", choices=["in_process", "dask"], default=None,
+                   help="where the model and run partitions execute (default: $CIRCUITS_EXECUTOR or in_process)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="an existing Dask scheduler, e.g. tcp://host:8786 (default: $CIRCUITS_DASK_SCHEDULER, else a local cluster)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes of the local Dask cluster (default: $CIRCUITS_DASK_WORKERS or 2)")
 
     p = sub.add_parser("ls", help="what the store holds (models, circuits, sizes), listed without fetching anything")
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
     _selection_flags(p)
     p.add_argument("--runs", action="store_true", help="also one line per circuit with its file size")
 
-    p = sub.add_parser("dev", help="`dagster dev` with Dagster's instance under $CIRCUITS_DATA/.dagster (unless DAGSTER_HOME is set)")
+    p = sub.add_parser("dev", help="`dagster dev` with Dagster's instance in the data's local dir (<dir>/.dagster, see CIRCUITS_DB_DIR) unless DAGSTER_HOME is set")
     p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed on to `dagster dev` (e.g. -p 3000)")
 
     args = parser.parse_args(argv)
@@ -102,17 +108,16 @@ def _dagster_dev(extra: list[str]) -> int:
     """
     import subprocess
 
-    from pipeline.settings import data_dir
+    from pipeline.settings import data_dir, local_dir
 
     env = dict(os.environ)
     if not env_settings.dagster_home():
-        if "://" in data_dir():
-            print("circuits dev: CIRCUITS_DATA is remote; set DAGSTER_HOME to a local directory", file=sys.stderr)
-            return 2
-        from pipeline.materialize import pipeline_instance
+        from pipeline.materialize import INSTANCE_DIR, pipeline_instance
 
-        pipeline_instance(os.path.abspath(data_dir())).dispose()  # created (or repaired) atomically, as materialize does
-        env["DAGSTER_HOME"] = os.path.abspath(os.path.join(data_dir(), ".dagster"))
+        # the data's local dir: the data dir, or CIRCUITS_DB_DIR for object-store data (as materialize uses)
+        data = data_dir() if "://" in data_dir() else os.path.abspath(data_dir())
+        pipeline_instance(data).dispose()  # created (or repaired) atomically, as materialize does
+        env["DAGSTER_HOME"] = os.path.join(local_dir(data), INSTANCE_DIR)
     os.makedirs(env["DAGSTER_HOME"], exist_ok=True)
     cmd = [sys.executable, "-m", "dagster", "dev", "-m", "pipeline.definitions", *extra]
     print(f"DAGSTER_HOME={env['DAGSTER_HOME']}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 `dagster dev` finds this module through `[tool.dagster] module_name` in pyproject.toml (run it from
 the project root). Settings come from the CIRCUITS_* variables (`pipeline.resources`).
-`circuits materialize` runs the same assets in-process (`pipeline.materialize`).
+`circuits materialize` runs the same assets in-process (`pipeline.materialize`), or on a Dask
+cluster (`--executor dask`, `pipeline.on_dask`) through the jobs `run_partitions_dask` and
+`model_partitions_dask`. With `CIRCUITS_EXECUTOR=dask` every job of these Definitions (the sensor's
+too) runs on Dask: the scheduler at `CIRCUITS_DASK_SCHEDULER`, else a local cluster per run.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pipeline.assets.download import download_assets, model_checkpoint, train_cu
 from pipeline.assets.duckdb_views import duckdb_assets
 from pipeline.assets.recompute import recompute_assets
 from pipeline.assets.tables import embeddings, run_tables, table_assets, train_curves, vocab
+from pipeline.on_dask import MODEL_JOB, RUN_JOB, dask_executor, dask_jobs
 from pipeline.resources import CircuitsResource
+from pipeline.settings import executor
 
 # Assets of one run partition, of one model partition, and the unpartitioned ones.
 RUN_ASSETS = [viz_data_file, run_tables, *recompute_assets]
@@ -27,10 +32,21 @@ def build_definitions(resource: CircuitsResource | None = None) -> dg.Definition
     return dg.Definitions(
         assets=[*PIPELINE_ASSETS, *demo_store_assets],
         asset_checks=[],
-        jobs=[run_tables_job, model_tables_job],
+        jobs=[run_tables_job, model_tables_job, *dask_jobs()],
         sensors=[discover_circuits],
         resources={"circuits": resource or CircuitsResource.from_env()},
+        executor=dask_executor() if executor() == "dask" else None,
     )
 
 
 defs = build_definitions()
+
+
+# Module-level functions returning the Dask jobs: what `dg.reconstructable` needs, so that each worker
+# rebuilds the job by importing this module.
+def dask_run_job() -> dg.JobDefinition:
+    return defs.resolve_job_def(RUN_JOB)
+
+
+def dask_model_job() -> dg.JobDefinition:
+    return defs.resolve_job_def(MODEL_JOB)

@@ -1,16 +1,19 @@
-"""`circuits materialize`: run the pipeline's assets in-process, headless, with progress.
+"""`circuits materialize`: run the pipeline's assets headless, with progress, in-process or on Dask.
 
 The same asset definitions as `dagster dev` (`pipeline.definitions`), executed with
 `dagster.materialize` one partition at a time: the tokenizer, each model's assets, each run's
 assets (tables, then the recompute forward passes), then `circuits.duckdb`. A failing partition
-(e.g. a corrupt viz_data) is reported with its message and the others still materialize.
+(e.g. a corrupt viz_data) is reported with its message and the others still materialize. With the
+Dask executor the model and run partitions run as Dagster runs on a Dask cluster instead
+(`pipeline.on_dask`), the rest here.
 
 Dagster's instance (run history, partitions) lives in `$DAGSTER_HOME` when that is set, else in
-`<data>/.dagster` (a temporary instance when the data dir is an object store URL). That directory
+`<local dir>/.dagster`: the data dir, or for object-store data `settings.local_dir` (CIRCUITS_DB_DIR,
+else a directory under the cache), so that it is persistent, as Dask needs. That directory
 is created whole or not at all (built beside it, then renamed), an instance that fails to open
 is migrated and, failing that, set aside and recreated (it holds only run history; the tables
 are the data). One `circuits materialize` at a time per data dir: a second one waits for the
-lock file `<data>/.dagster.lock`. An error of the instance itself (a full disk, say) fails the
+lock file `<local dir>/.dagster.lock`. An error of the instance itself (a full disk, say) fails the
 step it happened in, with its message, not the process.
 """
 
@@ -37,6 +40,7 @@ from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
 from pipeline.definitions import MODEL_ASSETS, PIPELINE_ASSETS, RUN_ASSETS
 from pipeline.resources import CircuitsResource
+from pipeline import settings
 from pipeline.tables import is_remote
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -90,13 +94,14 @@ def _create_instance_dir(home: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pipeline_instance(data_url: str) -> dg.DagsterInstance:
-    """The Dagster instance of a data dir (see the module doc), created or repaired as needed."""
+def pipeline_instance(data_url: str, local_dir: str | None = None) -> dg.DagsterInstance:
+    """The Dagster instance of a data dir (see the module doc), created or repaired as needed.
+
+    It lives in the data's local dir (`settings.local_dir`: the data dir itself, or for object-store
+    data a local directory), so it is persistent, as Dask workers need to record their steps."""
     if env_settings.dagster_home():
         return dg.DagsterInstance.get()
-    if is_remote(data_url):
-        return dg.DagsterInstance.ephemeral(settings=_TELEMETRY_OFF)
-    home = Path(data_url) / INSTANCE_DIR
+    home = Path(local_dir or settings.local_dir(data_url)) / INSTANCE_DIR
     home.parent.mkdir(parents=True, exist_ok=True)
     for leftover in home.parent.glob(f"{INSTANCE_DIR}.new-*"):  # from a creation that was killed
         if time.time() - leftover.stat().st_mtime > 3600:
@@ -133,13 +138,11 @@ def pipeline_instance(data_url: str) -> dg.DagsterInstance:
 
 
 @contextlib.contextmanager
-def data_dir_lock(data_url: str, progress: bool = True):
-    """Hold `<data>/.dagster.lock` (an flock, released when the process dies): one materialize per
-    data dir at a time; a second one waits. Object-store data dirs are not locked."""
-    if is_remote(data_url):
-        yield
-        return
-    path = Path(data_url) / LOCK_FILE
+def data_dir_lock(data_url: str, progress: bool = True, local_dir: str | None = None):
+    """Hold `<local dir>/.dagster.lock` (an flock, released when the process dies): one materialize per
+    data dir at a time; a second one waits. For object-store data the lock is in the local dir, so
+    it guards against a second run on this machine only."""
+    path = Path(local_dir or settings.local_dir(data_url)) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -196,18 +199,32 @@ def materialize_store(
     tasks=None,
     sweeps=None,
     ks=None,
+    executor: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> MaterializeSummary:
     """Materialize every asset for every selected partition of the store; never raises on a bad partition.
 
     The selection: `models`, `tasks`, `sweeps`, `ks` (names, patterns or comma lists; None: from
     CIRCUITS_MODELS etc.) and `select` (run ids containing this text). Only the selected circuits
-    and their models are fetched."""
+    and their models are fetched.
+
+    `executor`: "in_process" (one partition at a time here) or "dask" (the model and run partitions
+    as Dagster runs on a Dask cluster, `pipeline.on_dask`: the scheduler at `scheduler`, else a
+    local cluster of `workers` processes); None: CIRCUITS_EXECUTOR."""
     chosen = dict(models=models, tasks=tasks, sweeps=sweeps, ks=ks)
     resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache, **chosen)
     data_url = resource.data_url()
     resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device, cache=cache, **chosen)
-    with data_dir_lock(data_url, progress):
-        return _materialize(resource, data_url, select, progress, recompute, instance or pipeline_instance(data_url), verbose)
+    if executor is None:
+        executor = settings.executor()
+    if executor not in settings.EXECUTORS:
+        raise ValueError(f"executor {executor!r}: expected one of {', '.join(settings.EXECUTORS)}")
+    dask = {"scheduler": scheduler, "workers": workers} if executor == "dask" else None
+    local = resource.local_dir()
+    with data_dir_lock(data_url, progress, local):
+        instance = instance or pipeline_instance(data_url, local)
+        return _materialize(resource, data_url, select, progress, recompute, instance, verbose, dask)
 
 
 def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
@@ -222,7 +239,7 @@ def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
                 tmp.unlink()
 
 
-def _materialize(resource, data_url, select, progress, recompute, instance, verbose) -> MaterializeSummary:
+def _materialize(resource, data_url, select, progress, recompute, instance, verbose, dask=None) -> MaterializeSummary:
     _remove_stale_temp_files(data_url)
     resources = {"circuits": resource}
     run_config = None if verbose else QUIET
@@ -264,8 +281,18 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
     steps += [(f"model {m}", model_assets, m) for m in summary.models]
     steps += [(f"run {r}", run_assets, r) for r in summary.runs]
     steps += [("circuits.duckdb", [circuits_duckdb], None)]
-    bar = tqdm(steps, desc="materialize", unit="step", disable=not progress)
-    for label, assets, partition in bar:
+    bar = tqdm(total=len(steps), desc="materialize", unit="step", disable=not progress)
+
+    def done(label: str, problem: str) -> None:
+        if problem:
+            summary.failed[label] = problem
+            if progress:
+                tqdm.write(f"FAILED {label}: {problem}")
+        else:
+            summary.ok.append(label)
+        bar.update()
+
+    def in_process(label: str, assets: list, partition: str | None) -> None:
         bar.set_postfix_str(label)
         try:
             result = dg.materialize(
@@ -279,19 +306,36 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
                 tags={"circuits/step": label[:63]},
             )
         except Exception as e:  # noqa: BLE001 - the instance itself failed (disk full, locked database)
-            summary.failed[label] = f"Dagster instance error ({instance.root_directory or 'in memory'}): {type(e).__name__}: {e}"
+            done(label, f"Dagster instance error ({instance.root_directory or 'in memory'}): {type(e).__name__}: {e}")
         else:
-            problem = failure_message(result) if not result.success else failed_checks(result)
-            if problem:
-                summary.failed[label] = problem
-            else:
-                summary.ok.append(label)
-        if label in summary.failed:
-            if progress:
-                tqdm.write(f"FAILED {label}: {summary.failed[label]}")
+            done(label, judge(result))
+
+    if dask is None:
+        for step in steps:
+            in_process(*step)
+    else:  # the partitions on the cluster (pipeline.on_dask); the store index before, the views after, here
+        from pipeline import on_dask
+
+        in_process(*steps[0])
+        with on_dask.cluster(dask.get("scheduler"), dask.get("workers")) as address:
+            slots = on_dask.worker_threads(address)
+            config = on_dask.run_config(address, resource, run_config)
+            with on_dask.PartitionRunner(instance, config, slots) as runner:
+                # the models first: a run's recompute reads its model's checkpoint
+                for job, kind in ((on_dask.MODEL_JOB, "model "), (on_dask.RUN_JOB, "run ")):
+                    parts = [(label, p, [k for a in assets for k in a.keys]) for label, assets, p in steps[1:-1] if label.startswith(kind)]
+                    bar.set_postfix_str(f"{len(parts)} {kind}partitions on {slots} Dask worker threads ({address})")
+                    runner.run(job, parts, judge, done)
+        in_process(*steps[-1])
+    bar.close()
     if "circuits.duckdb" in summary.ok:
-        summary.duckdb = data_url.rstrip("/") + "/circuits.duckdb"
+        summary.duckdb = os.path.join(resource.local_dir(), "circuits.duckdb")
     return summary
+
+
+def judge(result: dg.ExecutionResult) -> str:
+    """A run's problem: its failed steps, else its failed ERROR checks; '' when it succeeded."""
+    return failure_message(result) if not result.success else failed_checks(result)
 
 
 def materialize_cli(args) -> int:
@@ -307,6 +351,10 @@ def materialize_cli(args) -> int:
             recompute=not getattr(args, "no_recompute", False),
             device=getattr(args, "device", None),
             verbose=getattr(args, "verbose", False),
+            # --scheduler or --workers alone mean Dask
+            executor=getattr(args, "executor", None) or ("dask" if getattr(args, "scheduler", None) or getattr(args, "workers", None) else None),
+            scheduler=getattr(args, "scheduler", None),
+            workers=getattr(args, "workers", None),
         )
     except FileNotFoundError as e:
         print(f"circuits materialize: {e}")

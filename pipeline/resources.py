@@ -25,6 +25,9 @@ class CircuitsResource(ConfigurableResource):
     device: str = "cpu"
     loss_factor: float = 0.5
     tolerance: float = 1e-3
+    # For object-store data: the local dir of circuits.duckdb (and Dagster's instance) when not the
+    # default (`settings.local_dir`: one under the cache). Local data dirs hold them themselves.
+    db_dir: str | None = None
     # The selection (see `pipeline.settings.Selection`): only these circuits and their models become
     # partitions, so only their files are fetched. Empty: everything.
     models: list[str] = []
@@ -41,6 +44,7 @@ class CircuitsResource(ConfigurableResource):
             device=env.device(),
             loss_factor=env.loss_factor(),
             tolerance=env.tolerance(),
+            db_dir=env.db_dir(),
         )
         selection = settings.Selection.from_env(**{f: overrides.pop(f, None) for f in settings.SELECTION_ENV})
         values |= {f: list(getattr(selection, f)) for f in settings.SELECTION_ENV}
@@ -56,6 +60,10 @@ class CircuitsResource(ConfigurableResource):
         from pipeline.store_access import open_store
 
         return open_store(self.store_url, self.cache)
+
+    def local_dir(self) -> str:
+        """Where circuits.duckdb and Dagster's instance live (local even for object-store data)."""
+        return settings.local_dir(self.data_url(), self.db_dir)
 
     def data_url(self) -> str:
         """The output location; a relative local path is made absolute (views hold absolute paths)."""

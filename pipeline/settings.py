@@ -8,13 +8,16 @@ Imports nothing heavy, so the viewer can use it without torch.
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass
 
-from inference.settings import SELECTION_ENV, data_dir, embedded_store_dir, store_env, store_url
+from inference.settings import (EXECUTORS, SELECTION_ENV, cache_dir, dask_scheduler, dask_workers, data_dir, db_dir,
+                                embedded_store_dir, executor, store_env, store_url)  # fmt: skip
 from inference.settings import selection as _selection_env
 
-__all__ = ["PUBLIC_STORE", "SELECTION_ENV", "Selection", "data_dir", "duckdb_path", "embedded_store_dir", "split_names",
-           "store_url", "uses_embedded_store"]  # fmt: skip
+__all__ = ["EXECUTORS", "PUBLIC_STORE", "SELECTION_ENV", "Selection", "dask_scheduler", "dask_workers", "data_dir", "db_dir",
+           "duckdb_path", "embedded_store_dir", "executor", "is_url", "local_dir", "split_names", "store_url",
+           "uses_embedded_store"]  # fmt: skip
 
 PUBLIC_STORE = "https://openaipublic.blob.core.windows.net/circuit-sparsity"
 
@@ -24,7 +27,34 @@ def uses_embedded_store() -> bool:
 
 
 def duckdb_path() -> str:
-    return _join(data_dir(), "circuits.duckdb")
+    """Where `circuits.duckdb` is: in the local dir of the data (`local_dir`)."""
+    return os.path.join(local_dir(), "circuits.duckdb")
+
+
+def is_url(location: str) -> bool:
+    """An object-store (fsspec) URL such as `az://c/p` or `s3://b/p`; `file://` and plain paths are local."""
+    return "://" in location and not location.startswith("file://")
+
+
+def local_dir(data: str | None = None, explicit: str | None = None) -> str:
+    """The local directory of `circuits.duckdb`, Dagster's instance (`.dagster`) and the lock file for the
+    data location `data` (default CIRCUITS_DATA).
+
+    A local data dir holds them itself. Object-store data (`az://`, `s3://`) cannot (a database file
+    is not an object): `explicit`, else CIRCUITS_DB_DIR, else
+    `<CIRCUITS_CACHE or ~/.cache/circuits>/data/<scheme>/<bucket>/<prefix>`, one dir per URL.
+    CIRCUITS_DB_DIR applies to object-store data only, so that it can never make two local data dirs
+    share (and overwrite) one database."""
+    data = data or data_dir()
+    if not is_url(data):
+        return os.path.abspath(data.removeprefix("file://"))
+    chosen = explicit or db_dir()
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
+    scheme, _, rest = data.partition("://")
+    cache = os.path.expanduser(cache_dir())
+    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
+    return os.path.abspath(os.path.join(cache, "data", scheme, *parts))
 
 
 def _join(base: str, name: str) -> str:

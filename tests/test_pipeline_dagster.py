@@ -112,8 +112,9 @@ def test_materialize_tiny_embedded_store(tiny_store, tmp_path):
         assert con.execute("select count(*) from nodes where run_id = ?", [run_id]).fetchone()[0] == n
 
 
-def test_object_store_data_dir_one_put_per_file(circuits_data):
-    """CIRCUITS_DATA on an fsspec object store (memory://): files appear whole, views are built."""
+def test_object_store_data_dir_one_put_per_file(circuits_data, tmp_path):
+    """CIRCUITS_DATA on an fsspec object store (memory://): files appear whole, views are built in a
+    local database (a database file is not an object), none is put in the store."""
     import fsspec
 
     from pipeline.assets.duckdb_views import build_duckdb
@@ -126,7 +127,8 @@ def test_object_store_data_dir_one_put_per_file(circuits_data):
     assert read_partition("memory://circuits-test", "nodes", run_id).equals(local)
     fs = fsspec.filesystem("memory")
     assert fs.ls("/circuits-test/tables/nodes", detail=False) == ["/circuits-test/tables/nodes/" + run_id.replace("/", "__") + ".parquet"]
-    assert build_duckdb("memory://circuits-test").endswith("/circuits.duckdb") and fs.exists("/circuits-test/circuits.duckdb")
+    assert build_duckdb("memory://circuits-test", str(tmp_path / "db")) == str(tmp_path / "db" / "circuits.duckdb")
+    assert (tmp_path / "db" / "circuits.duckdb").is_file() and not fs.exists("/circuits-test/circuits.duckdb")
 
 
 def test_cli_refuses_a_directory_that_is_not_a_store(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Every SQL statement of the viewer: parameterized, read-only, cached.
 
-Data access: the pipeline's `$CIRCUITS_DATA/circuits.duckdb` (one view per table over the
-Parquet files, see notes/tables-contract.md), opened `read_only=True`. One connection per
+Data access: the pipeline's `circuits.duckdb` (`settings.duckdb_path()`: one view per table over the
+Parquet files, see notes/tables-contract.md), opened `read_only=True` by `pipeline.database.connect`,
+which also registers the tables' object store when they are remote (`CIRCUITS_DATA=az://...`). One connection per
 process is kept and reopened when the file's (mtime, size, inode) changes, because the
 pipeline replaces the file by rename; each thread queries through its own cursor. Results are
 memoized process-wide (`memo`), keyed by the database's version as well as the parameters, so a
@@ -25,6 +26,7 @@ import duckdb
 import polars as pl
 
 from pipeline import settings
+from pipeline.database import connect as connect_database
 from pipeline.derived import SNIPPET_RADIUS, SNIPPETS_SHOWN
 
 REQUIRED_TABLES = ("runs", "nodes")
@@ -72,7 +74,8 @@ def connection():
             # cursors, and closing it then fails ("connection is busy with another call"). Each cursor keeps
             # the old database open until its thread moves to the new one (`_cursor`), then it is freed.
             try:
-                con = duckdb.connect(path, read_only=True)
+                # through pipeline.database: it registers the tables' object store when they are remote
+                con = connect_database(path, read_only=True)
                 # Footers parsed once, not per query. GLOBAL: cursors are connections of their own and do not
                 # inherit a plain SET (without it every cursor query re-read the footers: ~2x per node query).
                 con.execute("SET GLOBAL parquet_metadata_cache = true")

@@ -1,0 +1,158 @@
+"""Dagster on Dask (issue 17): the run partitions execute on a `dask.distributed` cluster through the
+Dask executor (`pipeline.on_dask`), selected by configuration; on a `LocalCluster` of 2 worker
+processes the tables equal those of the in-process run, and a partition that fails fails alone.
+
+Kept small: the tiny store without recompute, the three `prune_demo/8` circuits (one corrupted).
+The workers are spawned with this interpreter's `sys.path`, so they import the code under test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from pipeline import on_dask, settings
+from pipeline.materialize import materialize_store, pipeline_instance
+
+SELECT = "prune_demo/8"
+BAD = "tiny_sparse/var_swap/prune_demo/8"
+GOOD = ["tiny_sparse/bracket_counting/prune_demo/8", "tiny_sparse/single_double_quote/prune_demo/8"]
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    from dask.distributed import LocalCluster
+
+    # One thread per worker (Dagster's step execution is not thread-safe); no fixed dashboard port.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def store_with_a_bad_run(tiny_store, tmp_path_factory) -> Path:
+    """A copy of the tiny store whose `BAD` circuit's viz_data is truncated (not loadable)."""
+    store = tmp_path_factory.mktemp("dask_store") / "store"
+    shutil.copytree(tiny_store, store, ignore=shutil.ignore_patterns(".build.lock"))
+    bad = store / "viz" / BAD / "viz_data.pt"
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size // 3)
+    return store
+
+
+def _frames(data: Path) -> dict[str, pl.DataFrame]:
+    return {p.relative_to(data / "tables").as_posix(): pl.read_parquet(p) for p in sorted((data / "tables").rglob("*.parquet"))}
+
+
+def test_definitions_offer_the_dask_jobs_and_the_env_selects_the_executor(monkeypatch):
+    """What `dagster dev` loads: the two partition jobs on the Dask executor, with a launchpad default
+    (a local cluster of CIRCUITS_DASK_WORKERS, or the scheduler at CIRCUITS_DASK_SCHEDULER); and with
+    CIRCUITS_EXECUTOR=dask every job of the Definitions runs on Dask."""
+    from pipeline.definitions import build_definitions, defs
+    from pipeline.resources import CircuitsResource
+
+    for name in (on_dask.RUN_JOB, on_dask.MODEL_JOB):
+        job = defs.resolve_job_def(name)
+        assert job.executor_def.name == "dask"
+        assert job.partitions_def is not None  # a partition per run (model), as the UI's backfills need
+    assert "viz_data_file" in {k.to_user_string() for k in defs.resolve_job_def(on_dask.RUN_JOB).asset_layer.executable_asset_keys}
+    assert defs.resolve_job_def("run_tables_job").executor_def.name != "dask"  # default: in-process
+
+    monkeypatch.setenv("CIRCUITS_DASK_WORKERS", "3")
+    assert on_dask.cluster_config()["cluster"]["local"]["n_workers"] == 3
+    monkeypatch.setenv("CIRCUITS_DASK_SCHEDULER", "tcp://scheduler.example:8786")
+    assert on_dask.cluster_config() == {"cluster": {"existing": {"address": "tcp://scheduler.example:8786"}}}
+    monkeypatch.setenv("CIRCUITS_EXECUTOR", "dask")
+    resource = CircuitsResource(store_url="/nowhere", data="/nowhere")
+    on_env = build_definitions(resource)
+    assert on_env.resolve_job_def("run_tables_job").executor_def.name == "dask"
+    # the launchpad's defaults (a partition's config; the configured executor) are valid for dagster-dask's schema
+    job = defs.resolve_job_def(on_dask.RUN_JOB)
+    config = job.partitioned_config.get_run_config_for_partition_key(BAD)
+    assert dg.validate_run_config(job, config)["execution"]["dask"]["cluster"]["local"]["threads_per_worker"] == 1
+    assert dg.validate_run_config(on_env.resolve_job_def("run_tables_job"))["execution"]["dask"]["cluster"] == {
+        "existing": {"address": "tcp://scheduler.example:8786"}
+    }
+
+
+def test_bad_executor_settings_name_the_variable(monkeypatch):
+    monkeypatch.setenv("CIRCUITS_EXECUTOR", "spark")
+    with pytest.raises(ValueError, match="CIRCUITS_EXECUTOR='spark'"):
+        settings.executor()
+    monkeypatch.setenv("CIRCUITS_DASK_WORKERS", "zero")
+    with pytest.raises(ValueError, match="CIRCUITS_DASK_WORKERS='zero'"):
+        settings.dask_workers()
+
+
+def test_partitions_on_two_workers_equal_in_process_and_a_bad_one_fails_alone(dask_cluster, store_with_a_bad_run, tmp_path, capsys):
+    from pipeline.cli import main
+
+    store = str(store_with_a_bad_run)
+    local = materialize_store(store=store, data=str(tmp_path / "in_process"), select=SELECT, recompute=False, progress=False, executor="in_process")
+    assert list(local.failed) == [f"run {BAD}"]
+
+    # The Dask run through the CLI, as a user would: --scheduler alone selects the Dask executor.
+    rc = main(["materialize", "--store", store, "--data", str(tmp_path / "dask"), "--select", SELECT, "--no-recompute",
+               "--scheduler", dask_cluster.scheduler_address])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "1 failed" in out and f"FAILED run {BAD}: " in out and f"viz/{BAD}/viz_data.pt" in out
+    assert all(f"FAILED run {r}" not in out for r in GOOD)
+
+    # Every table file of the in-process run, and nothing else, with equal frames.
+    expected, got = _frames(tmp_path / "in_process"), _frames(tmp_path / "dask")
+    assert sorted(got) == sorted(expected)
+    assert any(k.startswith("nodes/") for k in got) and any(k.startswith("embeddings/") for k in got)
+    for name, frame in expected.items():
+        assert_frame_equal(got[name], frame, check_exact=True)
+    # The bad partition wrote nothing; the good ones wrote their files.
+    nodes = {Path(k).stem for k in got if k.startswith("nodes/")}
+    assert nodes == {r.replace("/", "__") for r in GOOD}
+    assert (tmp_path / "dask" / "circuits.duckdb").is_file()
+
+    # The partitions ran as runs of the Dask jobs, their steps in the workers' processes.
+    from dask.distributed import Client
+
+    with Client(dask_cluster) as client:
+        worker_pids = set(client.run(os.getpid).values())
+        keys = client.run_on_scheduler(lambda dask_scheduler: {str(t[0]) for t in dask_scheduler.transition_log})
+    # every run's steps were tasks of their own: runs of one job share no task key (else Dask answers the
+    # second run with the first one's results, dagster-io/dagster#21418)
+    assert len({k for k in keys if k.startswith(f"{on_dask.RUN_JOB}.") and k.endswith(".viz_data_file")}) == 3
+    instance = pipeline_instance(str(tmp_path / "dask"))
+    try:
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name=on_dask.RUN_JOB))
+        status = {r.tags["dagster/partition"]: r.status for r in runs}
+        assert status == {BAD: dg.DagsterRunStatus.FAILURE, **{r: dg.DagsterRunStatus.SUCCESS for r in GOOD}}
+        assert [r.status for r in instance.get_runs(filters=dg.RunsFilter(job_name=on_dask.MODEL_JOB))] == [dg.DagsterRunStatus.SUCCESS]
+        step_pids = {
+            e.dagster_event.pid
+            for r in runs
+            for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_START)
+        }
+        assert step_pids and step_pids <= worker_pids and os.getpid() not in step_pids
+    finally:
+        instance.dispose()
+
+
+def test_workers_must_run_the_same_code(dask_cluster, monkeypatch):
+    """A cluster whose workers import another version of the project is refused, with the reason."""
+    assert on_dask.worker_threads(dask_cluster.scheduler_address) == 2
+    monkeypatch.setattr(on_dask, "code_fingerprint", lambda: "not-this-code")  # here only: the workers compute their own
+    with pytest.raises(RuntimeError, match="another version of the project"):
+        on_dask.worker_threads(dask_cluster.scheduler_address)
+
+
+def test_an_unreachable_scheduler_is_a_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    with pytest.raises(OSError, match=f"Dask scheduler tcp://127.0.0.1:{port}: cannot connect"):
+        on_dask.worker_threads(f"tcp://127.0.0.1:{port}", timeout=2)

@@ -2,6 +2,7 @@
 
     python bench/recompute.py [--store DIR] [--layers 2 --nodes 200 --docs 8 --ctx 512]
                               [--chunk-docs 8] [--budget 131072] [--compare-budget 16384]
+                              [--ablation-chunks N]
 
 Without `--store` a synthetic release-shaped store (`bench/synthetic.py`, csp_yolo2 widths) is
 written to /tmp/circuits-bench-recompute with the given size. Prints the input sizes, the seconds of
@@ -9,7 +10,8 @@ each stage of `pipeline.recompute.recompute` (full model, node means, circuit mo
 tokens per second of the task docs, each stage's ratio to the full-model pass, and the process's
 peak RSS (ru_maxrss). `--compare-budget N` reruns with a node-means budget of N tokens and prints
 how far the deltas move against the first run (the estimator's effect on the deltas), beside the
-standard errors of the means.
+standard errors of the means. `--ablation-chunks N` ablates on the first N chunks only and
+extrapolates the ablations' time to every chunk (at release scale the full ablations take hours).
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_now() -> str:
+    """The process's resident size now, split into anonymous memory and mapped files (/proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+    except OSError:
+        return "n/a"
+    return f"{kb['VmRSS'] / 1e3:.0f} MB, anon {kb['RssAnon'] / 1e3:.0f} MB, mapped files {kb['RssFile'] / 1e3:.0f} MB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, default=None)
@@ -43,12 +55,13 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="node-means token budget (default: MEANS_TOKEN_BUDGET)")
     ap.add_argument("--compare-budget", type=int, default=None)
     ap.add_argument("--modes", default="mean,zero")
+    ap.add_argument("--ablation-chunks", type=int, default=None, help="ablate on the first N chunks only (time extrapolated)")
     args = ap.parse_args()
 
     import torch
 
     from pipeline.formats import read_viz_data
-    from pipeline.recompute import CHUNK_DOCS, MEANS_TOKEN_BUDGET, recompute
+    from pipeline.recompute import CHUNK_DOCS, MEANS_TOKEN_BUDGET, pair_chunks, recompute
     from pipeline.store_access import load_model, open_store
 
     store_dir = args.store
@@ -77,8 +90,16 @@ def main() -> None:
     args.chunk_docs = args.chunk_docs or CHUNK_DOCS
     modes = tuple(args.modes.split(","))
     t = time.perf_counter()
-    r = recompute(model, viz, modes=modes, chunk_docs=args.chunk_docs, means_budget=budget, log=lambda m: print("  " + m))
+    r = recompute(model, viz, modes=modes, chunk_docs=args.chunk_docs, means_budget=budget, log=lambda m: print("  " + m, flush=True),
+                  ablation_chunks=args.ablation_chunks)  # fmt: skip
     total = time.perf_counter() - t
+    n_chunks = len(pair_chunks(n_docs, args.chunk_docs))
+    if args.ablation_chunks is not None and args.ablation_chunks < n_chunks:
+        factor = n_chunks / max(1, args.ablation_chunks)
+        print(f"ablations on {args.ablation_chunks} of {n_chunks} chunks: {r.timings['ablations']:.1f} s, "
+              f"x{factor:.0f} = {r.timings['ablations'] * factor / 60:.0f} min for every chunk (extrapolated)")  # fmt: skip
+        total += r.timings["ablations"] * (factor - 1)
+        r.timings["ablations"] *= factor
     tokens = n_docs * ctx
     full = r.timings["full_model"]
     print(
@@ -89,7 +110,7 @@ def main() -> None:
     ses = np.concatenate(list((r.means_se or {}).values())) if r.means_se else np.zeros(0)
     if ses.size:
         print(f"  means' standard errors: median {np.median(ses):.2e}, max {ses.max():.2e}")
-    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    print(f"peak RSS: {peak_rss_mb():.0f} MB (now: {rss_now()})")
 
     if args.compare_budget:
         r2 = recompute(model, viz, modes=("mean",), chunk_docs=args.chunk_docs, means_budget=args.compare_budget)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from inference.config import GPTConfig
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.hooks import intervene, record
+from inference.kth_pair import kth_pair
+from inference.memory import trim_heap
 
 ATTN_KINDS = ("act_in", "q", "k", "v", "resid_delta")
 MLP_KINDS = ("act_in", "post_act", "resid_delta")
@@ -414,7 +417,8 @@ class _TopkStage:
         vals[..., self.c_const_pos] = self.c_const
         if self.window is None:
             return vals
-        kth, kth1 = _kth_largest_pair(changing.abs(), self.window)
+        got = kth_pair(changing, self.window)  # compiled (inference.kth_pair), or None: the torch code
+        kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
             # (every other channel is replaced by its fill either way).
@@ -436,13 +440,42 @@ def _rows_reading(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(weight[:, columns].ne(0).any(dim=1)).flatten()
 
 
+def _weight_entries(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(output row, input column, value) of every nonzero weight of an accelerated sparse linear,
+    from its compressed copy (`inference.fast.SparseLinear`), or None (dense, or not accelerated).
+    Reading these rather than the dense weight keeps a memory-mapped checkpoint's pages untouched
+    (`inference.memory`: at release scale the dense weights are 1.7 GB of mostly zeros)."""
+    get = getattr(linear, "_compressed_weight_t", None)
+    wt = get() if get is not None else None  # W.T (in, out) in CSC: a column per output row
+    if wt is None:
+        return None
+    cached = linear.__dict__.get("_entries")
+    if cached is not None and cached[0] is wt:
+        return cached[1]
+    ccol = wt.ccol_indices()
+    entries = (torch.repeat_interleave(torch.arange(len(ccol) - 1), ccol.diff()), wt.row_indices(), wt.values())
+    linear.__dict__["_entries"] = (wt, entries)
+    return entries
+
+
 class _LinearStage:
     """out[rows] = x[circuit] @ W[rows, circuit].T + K for the rows that read the circuit channels."""
 
-    def __init__(self, linear: nn.Linear, x_full: torch.Tensor, in_circuit: torch.Tensor, out_rows: torch.Tensor | None = None):
-        w = linear.weight.detach()
-        self.rows = _rows_reading(w, in_circuit) if out_rows is None else out_rows
-        w_t = w[self.rows][:, in_circuit].t().contiguous()
+    def __init__(self, linear: nn.Linear, x_full: torch.Tensor, in_circuit: torch.Tensor):
+        entries = _weight_entries(linear)
+        if entries is None:
+            w = linear.weight.detach()
+            self.rows = _rows_reading(w, in_circuit)
+            w_rows = w[self.rows]
+        else:  # the same rows and the same W[rows] (bit for bit), from the nonzeros only
+            out_idx, in_idx, vals = entries
+            self.rows = (
+                torch.unique(out_idx[torch.isin(in_idx, in_circuit)]) if len(in_circuit) else torch.zeros(0, dtype=torch.long)
+            )
+            sel = torch.isin(out_idx, self.rows)
+            w_rows = vals.new_zeros(len(self.rows), linear.in_features)
+            w_rows[torch.searchsorted(self.rows, out_idx[sel]), in_idx[sel]] = vals[sel]
+        w_t = w_rows[:, in_circuit].t().contiguous()
         if w_t.numel() and w_t.count_nonzero() <= SPARSE_MAX_DENSITY * w_t.numel():
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSC tensor support is in beta")
@@ -450,7 +483,7 @@ class _LinearStage:
         self.w_t = w_t
         x_const = x_full.clone()
         x_const[:, in_circuit] = 0
-        self.k = F.linear(x_const, w[self.rows], None if linear.bias is None else linear.bias.detach()[self.rows])
+        self.k = F.linear(x_const, w_rows, None if linear.bias is None else linear.bias.detach()[self.rows])
 
     def take_rows(self, rows: torch.Tensor) -> _LinearStage:
         """This stage on a subset of the rows (tokens)."""
@@ -805,7 +838,9 @@ class CircuitModel:
         return self._final_logits(self.final_state)[0].view(self.B, self.T, -1)
 
     @torch.no_grad()
-    def ablation_losses(self, mode: str = "mean", batch: int = 32) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
+    def ablation_losses(
+        self, mode: str = "mean", batch: int = 32, log=None
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
         """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
         and the nodes whose result hit an AbsTopK tie in a row that reaches an answer (their value
         here is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""
@@ -828,6 +863,8 @@ class CircuitModel:
         tied: list[tuple[str, int]] = []
         # One location at a time, so a pass shares everything upstream of its nodes (size 1).
         for loc in self.locations:
+            trim_heap()  # the passes' freed intermediates back to the system (inference.memory)
+            t_loc = time.perf_counter()
             i = parse_location(loc)[0]
             loc_nodes = [nd for nd in nodes if nd[0] == loc]
             for start in range(0, len(loc_nodes), batch):
@@ -855,6 +892,8 @@ class CircuitModel:
                     losses[(loc, c)] = loss[a].item()
                     if ties[0][a]:
                         tied.append((loc, c))
+            if log:
+                log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
         out = {loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
         return out, tied
 
@@ -882,6 +921,7 @@ def fast_ablation_losses(
     mode: str = "mean",
     batch: int = 32,
     circuit_model: CircuitModel | None = None,
+    log=None,
 ) -> dict[str, torch.Tensor]:
     """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
     only the circuit's nodes are recomputed, many ablations per pass. Ablations whose result
@@ -898,7 +938,7 @@ def fast_ablation_losses(
             cm = CircuitModel(model, docs, circuit_data, means)
         except NotImplementedError:
             return ablation_losses(model, docs, circuit_data, means, mode)
-    per_channel, tied = cm.ablation_losses(mode, batch)
+    per_channel, tied = cm.ablation_losses(mode, batch, log)
     if tied:
         masks = circuit_masks(model.config, circuit_data)
         for loc, c in tied:

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from inference.hooks import hook, hooks_active, interventions_active, recorded
+from inference.memory import release_mapped_pages
 from inference.model import GPT, Block, CausalSelfAttention, abs_topk
 from inference.topk_select import select_rows
 
@@ -87,6 +88,9 @@ class SparseLinear(nn.Linear):
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSC tensor support is in beta")
                 wt = w.detach().t().to_sparse_csc()
+            # The forward reads only the compressed copy now: a memory-mapped checkpoint's pages
+            # of this weight leave the resident set (inference.memory; a no-op for other memory).
+            release_mapped_pages([w.detach()], whole_mappings=False)
         self.__dict__["_sparse_cache"] = (key, wt)  # a plain attribute: never part of state_dict()
         return wt
 

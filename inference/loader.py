@@ -21,6 +21,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from inference.config import ConfigError, GPTConfig
+from inference.memory import release_mapped_pages
 from inference.model import GPT
 from inference.safe_load import UnsafeFileError, check_torch_zip, explain_torch_error
 from inference.store import CheckpointError, Store, open_checkpoint_zip, write_atomic
@@ -106,6 +107,9 @@ def load_model(
         model.lm_head.weight = model.transformer.wte.weight
     del state
     model.to(device=device, dtype=dtype or model.transformer.wte.weight.dtype)
+    # The finiteness check read every page of the mapping: give them back (values unchanged;
+    # `inference.memory`). At release scale that is ~1.7 GB of RSS, mostly zeros.
+    release_mapped_pages(model.parameters())
     return model.eval()
 
 

@@ -39,6 +39,7 @@ import torch
 from inference import circuit as C
 from inference.fast import accelerate, is_accelerated
 from inference.hooks import record
+from inference.memory import release_mapped_pages, trim_heap
 from pipeline.convert import RunRef, _unpadded_index, node_id
 from pipeline.formats import VizData
 from pipeline.tables import make_table
@@ -67,7 +68,10 @@ MEANS_TOKEN_BUDGET = 32_768
 CHUNK_DOCS = 2
 # Ablations per batched pass of the circuit-only model, times the chunk's tokens: its (A, rows,
 # channels) tensors scale with the product, so the batch shrinks as the chunk grows.
-ABLATION_ROWS = 65_536  # 32 ablations per pass at 2 docs of 1,024 tokens (passes' overhead: fewer is slower)
+# 8 ablations per pass at 2 docs of 1,024 tokens: at release scale each pass holds ~70 MB per
+# ablation (32 took the process from 1.8 to 3.9 GB); the passes' fixed overhead is small next to
+# their arithmetic there (bench/README.md).
+ABLATION_ROWS = 16_384
 
 
 def sample_sequences(seqs: list[torch.Tensor], budget: int = MEANS_TOKEN_BUDGET, seed: int = 0) -> list[torch.Tensor]:
@@ -124,6 +128,7 @@ def means_over_sequences(
 
             with record(pattern, into=take):
                 model(idx)
+            trim_heap()
             n_tokens += idx.numel()
             w2_total += idx.shape[0] * length * length
     means = {loc: (v / n_tokens) for loc, v in total.items()}
@@ -203,14 +208,17 @@ def pair_chunks(n_docs: int, chunk_docs: int = CHUNK_DOCS) -> list[torch.Tensor]
 @torch.no_grad()
 def recompute(
     model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None, store_means: tuple[dict, int, str] | None = None,
-    chunk_docs: int = CHUNK_DOCS, means_budget: int = MEANS_TOKEN_BUDGET,
+    chunk_docs: int = CHUNK_DOCS, means_budget: int = MEANS_TOKEN_BUDGET, ablation_chunks: int | None = None,
 ) -> Recomputed:
     """`store_means`: (means by location, tokens, source) that the store holds for the model (the
     embedded store writes the ones its circuits were found with); used instead of the snippets.
 
     Docs run in chunks of `chunk_docs` (whole pairs); every per-doc quantity (activations, norm
     scales, task loss per pair, ablation losses) is computed per chunk and combined, equal to one
-    pass over all docs within float rounding (tested)."""
+    pass over all docs within float rounding (tested).
+
+    `ablation_chunks` (benchmarks only): ablate on the first that many chunks only, so the
+    ablation losses are means over those chunks' pairs (bench/recompute.py extrapolates)."""
     import time
 
     timings: dict[str, float] = {}
@@ -222,8 +230,14 @@ def recompute(
     n_docs = all_docs.shape[0]
     if n_docs % 2:
         raise ValueError(f"task docs must come in pairs, got {n_docs} docs")
-    ctx = int(viz.doc_lengths().max()) if all_docs.numel() else 0
-    ctx = max(ctx, 2)  # positions after the longest doc only hold padding
+    lengths = torch.from_numpy(viz.doc_lengths()) if all_docs.numel() else torch.zeros(n_docs, dtype=torch.long)
+    ctx = max(int(lengths.max()) if n_docs else 0, 2)  # the task-docs means (no snippets) run at the longest doc's width
+
+    def chunk_docs_of(idx: torch.Tensor) -> torch.Tensor:
+        # Positions after a chunk's longest doc only hold padding, and the model is causal: cut
+        # them (every pass, the ablations most, then scales with the chunk's real tokens).
+        width = max(int(lengths[idx].max()) if len(idx) else 0, 2)
+        return all_docs[idx, :width].to(device)
     # Locations the model has no hook point for cannot be recomputed (skipped_locations).
     circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items() if C.is_known_location(loc)}
     locations = C.circuit_locations(model.config, circuit)  # the means needed, final_resid's included
@@ -259,7 +273,7 @@ def recompute(
     frozen_by_chunk = []
     full_pattern = "|".join(p for p in (pattern, C._RSTD) if p)
     for idx in chunks:
-        docs = all_docs[idx, :ctx].to(device)
+        docs = chunk_docs_of(idx)
         got: dict = {}
         with record(full_pattern, into=recorder(got)):
             logits = model(docs)
@@ -267,8 +281,13 @@ def recompute(
         del logits
         frozen_by_chunk.append({k: v for k, v in got.items() if k.endswith(".rstd")})
         spill(full_acts, idx, got)
+        if len(pair_losses) == 1:  # the linears' compressed copies are built: the dense pages are not read again
+            release_mapped_pages(model.parameters())
+        trim_heap()  # freed intermediates back to the system (inference.memory: else RSS creeps up chunk by chunk)
     loss = torch.cat(pair_losses).mean().item()
     timings["full_model"] = time.perf_counter() - t0
+    if log:
+        log(f"full model: {n_docs} docs in {timings['full_model']:.0f} s")
 
     # 2. node means
     t = time.perf_counter()
@@ -305,16 +324,20 @@ def recompute(
     interv = []
     ablation_sums = {mode: {} for mode in modes}
     timings["circuit_model"] = timings["ablations"] = 0.0
-    for idx, frozen in zip(chunks, frozen_by_chunk, strict=True):
+    ablated_pairs = 0
+    for n_chunk, (idx, frozen) in enumerate(zip(chunks, frozen_by_chunk, strict=True)):
         t = time.perf_counter()
-        docs = all_docs[idx, :ctx].to(device)
+        docs = chunk_docs_of(idx)
         got = {}
         with record(pattern, into=recorder(got)) if pattern else contextlib.nullcontext():
             logits = C.masked_forward(model, docs, masks, means, frozen)
         interv.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
         del logits
         spill(circuit_acts, idx, got)
+        trim_heap()
         timings["circuit_model"] += time.perf_counter() - t
+        if ablation_chunks is not None and n_chunk >= ablation_chunks:
+            continue
         t = time.perf_counter()
         circuit_model = None  # built once per chunk, shared by the modes; CPU only
         if device.type == "cpu":
@@ -323,22 +346,26 @@ def recompute(
             except NotImplementedError:  # AbsTopK on the residual stream: the reference loop below
                 pass
         n_pairs = len(idx) // 2
+        ablated_pairs += n_pairs
+        if log and n_chunk == 0:
+            log(f"circuit-only model of the first chunk built in {time.perf_counter() - t:.0f} s")
         for mode in modes:
             if circuit_model is not None:
                 batch = max(1, ABLATION_ROWS // docs.numel())
-                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model)
+                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model,
+                                             log=log if n_chunk == 0 else None)  # per location, first chunk only
             else:
                 out = C.ablation_losses(model, docs, circuit, means, mode=mode)
             for loc, v in out.items():  # chunk means over its pairs, weighted by its pairs
                 v = np.asarray(v, dtype=np.float64) * n_pairs
                 ablation_sums[mode][loc] = ablation_sums[mode][loc] + v if loc in ablation_sums[mode] else v
         del circuit_model
+        trim_heap()
         timings["ablations"] += time.perf_counter() - t
         if log:
             log(f"chunk of {len(idx)} docs done ({len(interv)}/{len(chunks)})")
     interv_loss = torch.cat(interv).mean().item()
-    half = n_docs // 2
-    ablation = {mode: {loc: v / half for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
+    ablation = {mode: {loc: v / ablated_pairs for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
 
     def aligned(d):  # per location, the circuit's channels in circuit_data order
         return {loc: d[loc].detach().double().cpu().numpy()[chans[loc].numpy()] for loc in locs if loc in d}

@@ -7,6 +7,8 @@ from test_fast import sparsify
 from test_model import BASE, VARIANTS, tiny_model
 
 from inference import circuit as C
+from inference import kth_pair as KP
+from inference.kth_pair import kth_pair
 
 SUPPORTED = {
     name: v for name, v in VARIANTS.items() if name not in ("afrac_resid_post_attn", "afrac_resid_post_mlp", "afrac_all")
@@ -47,7 +49,9 @@ def test_circuit_model_logits_equal_masked_forward(variant):
     "variant", ["layernorm_gelu_tied", "rmsnorm_nobias_relu_untied", "release_like", "residual_relu", "cat_pos_emb_learned"]
 )
 @pytest.mark.parametrize("mode", ["mean", "zero"])
-def test_fast_ablation_losses_equal_reference(variant, mode):
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_fast_ablation_losses_equal_reference(variant, mode, compiled, monkeypatch):
+    monkeypatch.setattr(KP, "ENABLED", compiled)
     model, docs, circuit, means = make_case(variant, node_frac=0.2)
     want = C.ablation_losses(model, docs, circuit, means, mode)
     got = C.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
@@ -127,6 +131,9 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         assert torch.equal(window, full[:, k - m + m : k + 2 + m]), (n, m, k)  # ranks k-m .. k+1 (index rank + m)
         changed = (changing.unsqueeze(0) + torch.rand(3, rows, m, generator=gen) * (trial % 3)).round(decimals=1)
         kth, kth1 = C._kth_largest_pair(changed, window)
+        compiled = kth_pair(changed, window)  # the numba kernel (None without numba)
+        if compiled is not None:
+            assert torch.equal(compiled[0], kth) and torch.equal(compiled[1], kth1), (n, m, k)
         union = torch.cat([changed, const.expand(3, -1, -1)], -1)
         assert torch.equal(kth, _brute_kth(union, k)) and torch.equal(kth1, _brute_kth(union, k + 1)), (n, m, k)
         # the general path alone, on every row (also those the fast path answers without it)
@@ -153,3 +160,27 @@ def test_ablations_that_reach_nothing_leave_the_loss(mode):
     assert len(inert) > 1 and torch.allclose(inert, inert[0].expand_as(inert))  # all equal: they reach nothing
     others = torch.cat([v for loc, v in want.items() if loc != f"{last}.attn.act_in"])
     assert (others - inert[0]).abs().max() > 3e-4  # while other ablations do change it
+
+
+def test_linear_stage_from_compressed_weights_equals_dense():
+    """An accelerated model's `_LinearStage` reads the nonzeros of the compressed copy instead of
+    the dense (memory-mapped) weight: the same rows, weights and constants, bit for bit."""
+    from inference.fast import accelerate
+
+    model, docs, circuit, means = make_case("release_like", density=0.1)
+    lin = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(5, lin.in_features)
+    cols = torch.tensor([1, 3, 4, 9])
+    plain = C._LinearStage(lin, x, cols)
+    assert C._weight_entries(lin) is None
+    accelerate(model, max_density=1.0)
+    assert C._weight_entries(lin) is not None
+    fast = C._LinearStage(lin, x, cols)
+    assert len(plain.rows) > 0 and torch.equal(plain.rows, fast.rows)
+    dense = lambda w: w.to_dense() if w.layout != torch.strided else w  # noqa: E731
+    assert torch.equal(dense(plain.w_t), dense(fast.w_t))
+    assert torch.equal(plain.k, fast.k)
+    with torch.no_grad():
+        want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
+        got = C.CircuitModel(model, docs, circuit, means).logits()
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import build_release_model, released_forward  # noqa: E402
 
 from inference import circuit as C  # noqa: E402
+from inference import circuit_model as CM  # noqa: E402
 from inference.fast import accelerate  # noqa: E402
 
 
@@ -112,9 +113,9 @@ def main() -> None:
         clock = _Clock()
         frozen = C.frozen_norm_scales(model, docs)  # the full model's norm scales: one forward
         t_frozen, _ = clock.lap()
-        cm = C.CircuitModel(model, docs, circuit, means, frozen)
+        cm = CM.CircuitModel(model, docs, circuit, means, frozen)
         t_build, _ = clock.lap()
-        fast = C.fast_ablation_losses(model, docs, circuit, means, "mean", args.batch, circuit_model=cm)
+        fast = CM.fast_ablation_losses(model, docs, circuit, means, "mean", args.batch, circuit_model=cm)
         t_passes, _ = clock.lap()
         t_total, cpu_total = clock.total()
         print(f"fast ablation of {args.nodes} nodes: {t_total:.2f} s (norm scales {t_frozen:.2f} s, circuit-only model "

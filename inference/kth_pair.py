@@ -1,6 +1,6 @@
 """The circuit model's AbsTopK threshold in one compiled pass (numba), with a pure-torch fallback.
 
-`inference.circuit._kth_largest_pair` finds, for each row of a batch of ablations, the k-th and
+`inference.circuit_model._kth_largest_pair` finds, for each row of a batch of ablations, the k-th and
 (k+1)-th largest |value| of a row made of m changing values and constants whose ranks k - m ..
 k + 1 are kept (the row's "window"). In torch that is ~10 passes over an (A, rows, m) tensor
 (compare, count, gather, a topk over the rows with values inside the window's range, minimum,

@@ -34,13 +34,13 @@ import dagster as dg
 from tqdm import tqdm
 
 from inference import settings as env_settings
+from pipeline import settings
 from pipeline.assets.discovery import StoreWalkWarning, refresh_partitions, store_index
 from pipeline.assets.download import model_checkpoint, tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
 from pipeline.definitions import MODEL_ASSETS, PIPELINE_ASSETS, RUN_ASSETS
 from pipeline.resources import CircuitsResource
-from pipeline import settings
 from pipeline.tables import is_remote
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

@@ -5,7 +5,7 @@ Given the store's model and a circuit's viz_data:
 - the circuit model (non-circuit nodes mean-ablated, norms frozen; `inference.circuit`): task loss
   (vs stored `interv_loss`) and the circuit nodes' activations;
 - per circuit node, the task loss with that node also ablated, by its mean and by zero
-  (vs stored `ch_interv_losses`), with the circuit-only model (`inference.circuit.CircuitModel`:
+  (vs stored `ch_interv_losses`), with the circuit-only model (`inference.circuit_model.CircuitModel`:
   every ablation recomputes only the circuit's nodes; equal to the per-node loop of full-size
   forwards within float rounding, tested).
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from inference import circuit as C
+from inference import circuit_model as CM
 from inference.fast import accelerate, is_accelerated
 from inference.hooks import record
 from inference.memory import release_mapped_pages, trim_heap
@@ -342,7 +343,7 @@ def recompute(
         circuit_model = None  # built once per chunk, shared by the modes; CPU only
         if device.type == "cpu":
             try:
-                circuit_model = C.CircuitModel(model, docs, circuit, means, frozen)
+                circuit_model = CM.CircuitModel(model, docs, circuit, means, frozen)
             except NotImplementedError:  # AbsTopK on the residual stream: the reference loop below
                 pass
         n_pairs = len(idx) // 2
@@ -352,7 +353,7 @@ def recompute(
         for mode in modes:
             if circuit_model is not None:
                 batch = max(1, ABLATION_ROWS // docs.numel())
-                out = C.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model,
+                out = CM.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model,
                                              log=log if n_chunk == 0 else None)  # per location, first chunk only
             else:
                 out = C.ablation_losses(model, docs, circuit, means, mode=mode)

@@ -11,8 +11,19 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-from inference.settings import (EXECUTORS, SELECTION_ENV, cache_dir, dask_scheduler, dask_workers, data_dir, db_dir,
-                                embedded_store_dir, executor, store_env, store_url)  # fmt: skip
+from inference.settings import (
+    EXECUTORS,
+    SELECTION_ENV,
+    cache_dir,
+    dask_scheduler,
+    dask_workers,
+    data_dir,
+    db_dir,
+    embedded_store_dir,  # fmt: skip
+    executor,
+    store_env,
+    store_url,
+)
 from inference.settings import selection as _selection_env
 
 __all__ = ["EXECUTORS", "PUBLIC_STORE", "SELECTION_ENV", "Selection", "dask_scheduler", "dask_workers", "data_dir", "db_dir",

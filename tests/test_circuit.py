@@ -7,6 +7,7 @@ from test_fast import sparsify
 from test_model import BASE, VARIANTS, tiny_model
 
 from inference import circuit as C
+from inference import circuit_model as CM
 from inference import kth_pair as KP
 from inference.kth_pair import kth_pair
 
@@ -37,7 +38,7 @@ def make_case(variant: str, density: float = 0.5, node_frac: float = 0.3, seed: 
 def test_circuit_model_logits_equal_masked_forward(variant):
     model, docs, circuit, means = make_case(variant)
     want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
-    cm = C.CircuitModel(model, docs, circuit, means)
+    cm = CM.CircuitModel(model, docs, circuit, means)
     got = cm.logits()
     scale = max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= 1e-4 * scale
@@ -54,7 +55,7 @@ def test_fast_ablation_losses_equal_reference(variant, mode, compiled, monkeypat
     monkeypatch.setattr(KP, "ENABLED", compiled)
     model, docs, circuit, means = make_case(variant, node_frac=0.2)
     want = C.ablation_losses(model, docs, circuit, means, mode)
-    got = C.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
+    got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
     assert set(got) == set(want)
     for loc in want:
         assert got[loc].shape == want[loc].shape
@@ -90,7 +91,7 @@ def test_position_channels_crossing_the_threshold():
                 crossing += int((pos <= last[doc]).sum())
     assert crossing > 0  # the case exercises it
     want = C.ablation_losses(model, docs, circuit, means)
-    got = C.fast_ablation_losses(model, docs, circuit, means)
+    got = CM.fast_ablation_losses(model, docs, circuit, means)
     for loc in want:
         assert torch.allclose(got[loc], want[loc], atol=1e-4, rtol=1e-4), loc
 
@@ -98,9 +99,9 @@ def test_position_channels_crossing_the_threshold():
 def test_unsupported_variant_falls_back_to_reference():
     model, docs, circuit, means = make_case("afrac_resid_post_attn", node_frac=0.1)
     with pytest.raises(NotImplementedError):
-        C.CircuitModel(model, docs, circuit, means)
+        CM.CircuitModel(model, docs, circuit, means)
     want = C.ablation_losses(model, docs, circuit, means)
-    got = C.fast_ablation_losses(model, docs, circuit, means)
+    got = CM.fast_ablation_losses(model, docs, circuit, means)
     assert all(torch.allclose(got[loc], want[loc]) for loc in want)
 
 
@@ -119,7 +120,7 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         if trial % 2:
             vals = torch.round(vals * 2) / 2  # ties
         const, changing = vals[:, m:], vals[:, :m]
-        window = C._rank_window(const, k, m)
+        window = CM._rank_window(const, k, m)
         full = torch.cat(
             [
                 torch.full((rows, m + 1), float("inf")),
@@ -130,7 +131,7 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         )
         assert torch.equal(window, full[:, k - m + m : k + 2 + m]), (n, m, k)  # ranks k-m .. k+1 (index rank + m)
         changed = (changing.unsqueeze(0) + torch.rand(3, rows, m, generator=gen) * (trial % 3)).round(decimals=1)
-        kth, kth1 = C._kth_largest_pair(changed, window)
+        kth, kth1 = CM._kth_largest_pair(changed, window)
         compiled = kth_pair(changed, window)  # the numba kernel (None without numba)
         if compiled is not None:
             assert torch.equal(compiled[0], kth) and torch.equal(compiled[1], kth1), (n, m, k)
@@ -138,7 +139,7 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         assert torch.equal(kth, _brute_kth(union, k)) and torch.equal(kth1, _brute_kth(union, k + 1)), (n, m, k)
         # the general path alone, on every row (also those the fast path answers without it)
         flat, win = changed.reshape(3 * rows, m), window.expand(3, -1, -1).reshape(3 * rows, m + 2)
-        kth, kth1 = C._kth_largest_pair_sorted(flat, win, (flat > win[:, :1]).sum(-1, keepdim=True))
+        kth, kth1 = CM._kth_largest_pair_sorted(flat, win, (flat > win[:, :1]).sum(-1, keepdim=True))
         assert torch.equal(kth.view(3, rows, 1), _brute_kth(union, k)), (n, m, k)
         assert torch.equal(kth1.view(3, rows, 1), _brute_kth(union, k + 1)), (n, m, k)
 
@@ -153,7 +154,7 @@ def test_ablations_that_reach_nothing_leave_the_loss(mode):
         if loc.startswith(f"{last}.") and loc != f"{last}.attn.act_in":
             circuit[loc] = torch.zeros(0, dtype=torch.long)
     want = C.ablation_losses(model, docs, circuit, means, mode)
-    got = C.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
+    got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
     for loc in want:
         assert torch.allclose(got[loc], want[loc], atol=1e-4, rtol=1e-4), loc
     inert = want[f"{last}.attn.act_in"]
@@ -171,16 +172,16 @@ def test_linear_stage_from_compressed_weights_equals_dense():
     lin = model.transformer.h[0].mlp.c_fc
     x = torch.randn(5, lin.in_features)
     cols = torch.tensor([1, 3, 4, 9])
-    plain = C._LinearStage(lin, x, cols)
-    assert C._weight_entries(lin) is None
+    plain = CM._LinearStage(lin, x, cols)
+    assert CM._weight_entries(lin) is None
     accelerate(model, max_density=1.0)
-    assert C._weight_entries(lin) is not None
-    fast = C._LinearStage(lin, x, cols)
+    assert CM._weight_entries(lin) is not None
+    fast = CM._LinearStage(lin, x, cols)
     assert len(plain.rows) > 0 and torch.equal(plain.rows, fast.rows)
     dense = lambda w: w.to_dense() if w.layout != torch.strided else w  # noqa: E731
     assert torch.equal(dense(plain.w_t), dense(fast.w_t))
     assert torch.equal(plain.k, fast.k)
     with torch.no_grad():
         want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
-        got = C.CircuitModel(model, docs, circuit, means).logits()
+        got = CM.CircuitModel(model, docs, circuit, means).logits()
     assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())

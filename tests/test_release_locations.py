@@ -23,6 +23,7 @@ from fixtures_viz import (
 )
 
 from inference import circuit as C
+from inference import circuit_model as CM
 
 # ---- the location model and the final_resid ablation, against plain torch ----------------------
 
@@ -66,13 +67,13 @@ def test_final_resid_ablations_match_plain_torch(rms):
     assert C.circuit_loss(model, docs, circuit, means) == pytest.approx(interv, abs=1e-5)
     # The final_resid mask matters: without it the circuit's loss is another number.
     assert abs(C.circuit_loss(model, docs, per_layer, means) - interv) > 1e-4
-    cm = C.CircuitModel(model, docs, circuit, means)
+    cm = CM.CircuitModel(model, docs, circuit, means)
     ref_logits = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
     torch.testing.assert_close(cm.logits(), ref_logits, atol=1e-5, rtol=1e-5)
     moved = 0
     for mode in ("mean", "zero"):
         ref = C.ablation_losses(model, docs, circuit, means, mode=mode)
-        fast = C.fast_ablation_losses(model, docs, circuit, means, mode=mode)
+        fast = CM.fast_ablation_losses(model, docs, circuit, means, mode=mode)
         for loc, chans in circuit.items():
             for i, c in enumerate(chans.tolist()):
                 plain = plain_final_resid_losses(model, docs, per_layer, final, means, (loc, c), mode)[0]
@@ -229,21 +230,26 @@ def viewer_on(monkeypatch):
 
 
 def test_whole_graph_places_final_resid_after_the_last_layer(release_data, viewer_on):
-    from viewer import queries
-    from viewer.views.graph import layout_whole
+    import math
+
+    from viewer import models, queries
 
     viewer_on(release_data[0])
-    pos, ticks = layout_whole(queries.nodes("fixture_r/quotes/prune_v4/k_optim"))
-    assert len(pos) == len(queries.nodes("fixture_r/quotes/prune_v4/k_optim"))  # every node placed
-    y = pos.set_index("node_id")["y"]
-    layered = pos[pos["half"].isin(["attn", "mlp"])]
-    final = pos[pos["location"] == "final_resid"]
-    other = pos[pos["location"] == UNKNOWN_LOCATION]
+    run = "fixture_r/quotes/prune_v4/k_optim"
+    nodes = queries.nodes(run)
+    layout = models.layout_whole(nodes)
+    assert len(layout.node_ids) == len(nodes)  # every node placed
+    y = dict(zip(layout.nodes["node_id"].tolist(), layout.nodes["y"].tolist(), strict=True))
+    info = {r["node_id"]: r for r in nodes.select("node_id", "half", "location").to_dicts()}
+    layered = [y[n] for n in y if info[n]["half"] in ("attn", "mlp")]
+    final = [y[n] for n in y if info[n]["location"] == "final_resid"]
+    other = [y[n] for n in y if info[n]["location"] == UNKNOWN_LOCATION]
     assert len(final) == 2 and len(other) == 2
-    assert final["y"].min() > layered["y"].max() and other["y"].min() > final["y"].max()
-    assert ticks[final["y"].iloc[0]] == "final_resid" and ticks[other["y"].iloc[0]] == f"{UNKNOWN_LOCATION} (other)"
+    assert min(final) > max(layered) and min(other) > max(final)
+    ticks = layout.ticks
+    assert ticks[final[0]] == "final_resid" and ticks[other[0]] == f"{UNKNOWN_LOCATION} (other)"
     assert "1.mlp" in ticks.values() and "1.0.mlp" not in ticks.values()
-    assert not y.isna().any()
+    assert not any(math.isnan(v) for v in y.values())
     # the layer-half picker offers layer-halves only
     assert set(queries.layer_halves("fixture_r/quotes/prune_v4/k_optim")["half"]) <= {"attn", "mlp"}
 

@@ -4,7 +4,7 @@ Every number is measured by forward passes of the model (`inference.circuit`):
 
 - `loss`: raw task loss of the full model on the stored task docs; `interv_loss`: the circuit
   model (non-circuit nodes mean-ablated, norms frozen); `ch_interv_losses[loc][i]`: the circuit
-  with node `circuit_data[loc][i]` also mean-ablated (`inference.circuit.fast_ablation_losses`); `layer_interv_losses["{i}.attn"|"{i}.mlp"]`:
+  with node `circuit_data[loc][i]` also mean-ablated (`inference.circuit_model.fast_ablation_losses`); `layer_interv_losses["{i}.attn"|"{i}.mlp"]`:
   the circuit with every circuit node of that layer-half mean-ablated. All raw (x2 convention).
 - `pair_data_connections`: for each location pair, the matrix (n_src x n_tgt) of the linear
   weights between retained nodes, entry [s, t] =
@@ -35,13 +35,13 @@ import torch
 from inference.circuit import (
     circuit_masks,
     docs_lengths,
-    fast_ablation_losses,
     frozen_norm_scales,
     masked_forward,
     node_locations,
     parse_location,
     task_loss,
 )
+from inference.circuit_model import fast_ablation_losses
 from inference.hooks import record
 
 FRACS = (0.001, 0.01, 0.1, 0.5)

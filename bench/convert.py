@@ -77,7 +77,14 @@ def run_convert(path: str, out: str) -> dict:
         t0 = time.perf_counter()
         rows[name] = write_partition(out, name, run.run_id, parts)["rows"]
         per_table[name] = round(time.perf_counter() - t0, 2)
-    return {"seconds": time.perf_counter() - t, "read_seconds": t_read, "peak_rss": _peak_rss_bytes(), "rss_after_imports": rss0, "rows": rows, "table_seconds": per_table}
+    return {
+        "seconds": time.perf_counter() - t,
+        "read_seconds": t_read,
+        "peak_rss": _peak_rss_bytes(),
+        "rss_after_imports": rss0,
+        "rows": rows,
+        "table_seconds": per_table,
+    }
 
 
 def _child(mode: str, path: str, out: str) -> dict:
@@ -113,14 +120,18 @@ def main() -> None:
     conv = _child("convert", str(path), str(tmp / "data"))
     for label, r in (("baseline (read the file): ", base), ("convert (read + 9 tables):", conv)):
         grown = r["peak_rss"] - r["rss_after_imports"]
-        print(f"{label} {r['seconds']:7.1f} s   peak RSS {r['peak_rss'] / 1e6:7.0f} MB ({grown / 1e6:.0f} MB above the RSS after imports)")
+        print(
+            f"{label} {r['seconds']:7.1f} s   peak RSS {r['peak_rss'] / 1e6:7.0f} MB ({grown / 1e6:.0f} MB above the RSS after imports)"
+        )
     print(f"  convert: read + validate {conv['read_seconds']:.1f} s")
     print(f"  per table seconds: {conv['table_seconds']}")
     print(f"  rows: {conv['rows']}")
     print(f"ratio time convert/baseline: {conv['seconds'] / base['seconds']:.2f}")
     print(f"ratio peak RSS convert/baseline: {conv['peak_rss'] / base['peak_rss']:.2f}")
-    print(f"ratio peak RSS convert/file size: {conv['peak_rss'] / size:.2f} total, "
-          f"{(conv['peak_rss'] - conv['rss_after_imports']) / size:.2f} above imports   (target < 2)")
+    print(
+        f"ratio peak RSS convert/file size: {conv['peak_rss'] / size:.2f} total, "
+        f"{(conv['peak_rss'] - conv['rss_after_imports']) / size:.2f} above imports   (target < 2)"
+    )
     if not args.keep:
         import shutil
 

@@ -50,8 +50,9 @@ def width(location: str, config: dict = CSP_YOLO2) -> int:
     return config["d_model"]  # act_in, resid_delta, final_resid
 
 
-def synthetic_viz_data(n_nodes: int = 2000, n_docs: int = 64, ctx: int = 1024, snippets: int = 5, seed: int = 0,
-                       config: dict = CSP_YOLO2) -> dict:
+def synthetic_viz_data(
+    n_nodes: int = 2000, n_docs: int = 64, ctx: int = 1024, snippets: int = 5, seed: int = 0, config: dict = CSP_YOLO2
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     locs = [f"{i}.{k}" for i in range(config["n_layer"]) for k in KINDS] + ["final_resid"]
     per_loc = n_nodes // len(locs)
@@ -65,8 +66,10 @@ def synthetic_viz_data(n_nodes: int = 2000, n_docs: int = 64, ctx: int = 1024, s
             by_frac = {}
             for frac in (0.001, 0.01, 0.1, 0.5):
                 by_frac[frac] = tuple(  # (bottom, top): a tuple in the released files
-                    [(torch.randint(0, config["vocab_size"], (101,), generator=g).float(), torch.randn(101, generator=g), 50)
-                     for _ in range(snippets)]
+                    [
+                        (torch.randint(0, config["vocab_size"], (101,), generator=g).float(), torch.randn(101, generator=g), 50)
+                        for _ in range(snippets)
+                    ]
                     for _side in range(2)
                 )
             samples[loc][c] = by_frac
@@ -120,8 +123,9 @@ def synthetic_checkpoint(config: dict, density: float = 1e-3, seed: int = 0) -> 
     return model.state_dict()
 
 
-def write_store(root: Path, n_nodes: int = 2000, n_docs: int = 64, ctx: int = 1024, config: dict = CSP_YOLO2,
-                density: float = 1e-3, log=print) -> Path:
+def write_store(
+    root: Path, n_nodes: int = 2000, n_docs: int = 64, ctx: int = 1024, config: dict = CSP_YOLO2, density: float = 1e-3, log=print
+) -> Path:
     """A store in the released layout (module doc) under `root`; every file written atomically."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from fixtures_viz import write_tokenizer  # the synthetic 2048-id data-gym BPE of the test fixtures
@@ -138,14 +142,18 @@ def write_store(root: Path, n_nodes: int = 2000, n_docs: int = 64, ctx: int = 10
     n_params = sum(v.numel() for v in sd.values())
     write_atomic(mdir / "final_model.pt", lambda f: torch.save(sd, f))
     sd = None  # ~1.7 GB at csp_yolo2 scale: freed before the circuit is built
-    log(f"{mdir / 'final_model.pt'}: {n_params / 1e6:.0f}M parameters, "
-        f"{(mdir / 'final_model.pt').stat().st_size / 1e9:.2f} GB ({time.perf_counter() - t:.0f} s)")
+    log(
+        f"{mdir / 'final_model.pt'}: {n_params / 1e6:.0f}M parameters, "
+        f"{(mdir / 'final_model.pt').stat().st_size / 1e9:.2f} GB ({time.perf_counter() - t:.0f} s)"
+    )
     viz = synthetic_viz_data(n_nodes, n_docs, ctx, config=config)
     vdir = root / "viz" / MODEL / TASK / SWEEP / str(sum(len(c) for c in viz["circuit_data"].values()))
     vdir.mkdir(parents=True, exist_ok=True)
     write_atomic(vdir / "viz_data.pt", lambda f: torch.save(viz, f))
-    log(f"{vdir / 'viz_data.pt'}: {(vdir / 'viz_data.pt').stat().st_size / 1e6:.0f} MB "
-        f"({len(viz['circuit_data']['final_resid'])} final_resid nodes) ({time.perf_counter() - t:.0f} s)")
+    log(
+        f"{vdir / 'viz_data.pt'}: {(vdir / 'viz_data.pt').stat().st_size / 1e6:.0f} MB "
+        f"({len(viz['circuit_data']['final_resid'])} final_resid nodes) ({time.perf_counter() - t:.0f} s)"
+    )
     return root
 
 
@@ -156,7 +164,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=2000)
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=CSP_YOLO2["n_layer"], help="n_layer of the store's model (default: csp_yolo2's 8)")
+    ap.add_argument(
+        "--layers", type=int, default=CSP_YOLO2["n_layer"], help="n_layer of the store's model (default: csp_yolo2's 8)"
+    )
     args = ap.parse_args()
     if args.store is not None:
         write_store(args.store, args.nodes, args.docs, args.ctx, {**CSP_YOLO2, "n_layer": args.layers})

@@ -25,7 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # This file is named like the `viewer` package: drop its own directory from the path, add the project and tests/
 # (the contract-table generator shared with the viewer's tests).
-sys.path[:] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path[:] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent
+]
 
 MODEL, TASK, SWEEP = "csp_yolo2_synth", "bracket_counting", "sweep"
 
@@ -33,10 +35,23 @@ MODEL, TASK, SWEEP = "csp_yolo2_synth", "bracket_counting", "sweep"
 def build(data: Path):
     from viewer_tables import Scale, write_contract_tables
 
-    scale = Scale(n_layer=8, d_model=2048, n_head=128, d_head=16, d_mlp=8192, vocab=2048, n_docs=64, ctx=1024,
-                  snippets_per_list=10, snippet_len=128, act_zero_frac=0.75)
+    scale = Scale(
+        n_layer=8,
+        d_model=2048,
+        n_head=128,
+        d_head=16,
+        d_mlp=8192,
+        vocab=2048,
+        n_docs=64,
+        ctx=1024,
+        snippets_per_list=10,
+        snippet_len=128,
+        act_zero_frac=0.75,
+    )
     t = time.perf_counter()
-    write_contract_tables(str(data), scale, runs=[(MODEL, TASK, SWEEP, "2000", 31), (MODEL, TASK, SWEEP, "1000", 16)], keep_big=False)
+    write_contract_tables(
+        str(data), scale, runs=[(MODEL, TASK, SWEEP, "2000", 31), (MODEL, TASK, SWEEP, "1000", 16)], keep_big=False
+    )
     print(f"built release-scale tables in {time.perf_counter() - t:.0f} s")
 
 
@@ -45,7 +60,18 @@ def sizes(data: Path):
 
     con = duckdb.connect(str(data / "circuits.duckdb"), read_only=True)
     out = []
-    for t in ("runs", "nodes", "edges", "task_docs", "activations", "samples", "snippets", "embeddings", "wte_extremes", "wte_histograms"):
+    for t in (
+        "runs",
+        "nodes",
+        "edges",
+        "task_docs",
+        "activations",
+        "samples",
+        "snippets",
+        "embeddings",
+        "wte_extremes",
+        "wte_histograms",
+    ):
         rows = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
         mb = sum(f.stat().st_size for f in (data / "tables" / t).glob("*.parquet")) / 1e6
         out.append(f"{t} {rows:,} rows / {mb:.1f} MB")
@@ -77,12 +103,17 @@ def main(argv=None):
     ap.add_argument("--data", default="/tmp/circuits-viewer-bench")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--reps", type=int, default=40)
-    ap.add_argument("--browser", action="store_true", help="time click-to-paint in headless Chromium (bench/viewer_browser.py) "
-                    "instead of the server side in-process")
+    ap.add_argument(
+        "--browser",
+        action="store_true",
+        help="time click-to-paint in headless Chromium (bench/viewer_browser.py) instead of the server side in-process",
+    )
     ap.add_argument("--sessions", type=int, default=20, help="--browser: concurrent new sessions")
     ap.add_argument("--clicks", type=int, default=6, help="--browser: node clicks per layer-half")
     ap.add_argument("--layers", type=int, default=4, help="--browser: layer-halves visited")
-    ap.add_argument("--code", default=str(ROOT), help="--browser: serve the viewer of this checkout (e.g. an older commit as a baseline)")
+    ap.add_argument(
+        "--code", default=str(ROOT), help="--browser: serve the viewer of this checkout (e.g. an older commit as a baseline)"
+    )
     args = ap.parse_args(argv)
     data = Path(args.data)
     if args.rebuild or not (data / "circuits.duckdb").exists():
@@ -107,7 +138,9 @@ def main(argv=None):
         page.server_doc(Document())  # what `panel serve` does for a new session: build the Bokeh models
         return page
 
-    print(f"load average (1, 5, 15 min) before the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(
+        f"load average (1, 5, 15 min) before the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
+    )
     cold = timed(new_session)
     warm_sessions = [timed(new_session) for _ in range(3)]
     page = new_session()
@@ -116,8 +149,10 @@ def main(argv=None):
     big = queries.runs().sort("n_nodes")["run_id"][-1]  # the biggest circuit (tables may hold one run only)
     state.set_run(big)
     n_nodes = len(queries.nodes(big))
-    print(f"cold start, first session (caches empty): {cold:.0f} ms (cpu {cold.cpu:.0f} ms); further sessions: "
-          f"{statistics.median(warm_sessions):.0f} ms median; circuit {big}: {n_nodes} nodes")
+    print(
+        f"cold start, first session (caches empty): {cold:.0f} ms (cpu {cold.cpu:.0f} ms); further sessions: "
+        f"{statistics.median(warm_sessions):.0f} ms median; circuit {big}: {n_nodes} nodes"
+    )
 
     results = {}
     # pick run: alternate the two circuits with every cache cleared but the runs table's (read by every session),
@@ -155,7 +190,9 @@ def main(argv=None):
     for lh in layers[:4]:
         app.layer.value = lh
         ids_here = app.graph.nodes.data["node_id"]
-        for i in [i for i, n in enumerate(ids_here) if not n.endswith(":bias")][:: max(1, len(ids_here) // per_layer)][:per_layer]:
+        for i in [i for i, n in enumerate(ids_here) if not n.endswith(":bias")][:: max(1, len(ids_here) // per_layer)][
+            :per_layer
+        ]:
             app.graph.nodes.selected.indices = [i]
             state.node = ""
             samples.append(timed(lambda i=i: setattr(app.graph.nodes.selected, "indices", [i])))
@@ -178,9 +215,10 @@ def main(argv=None):
 
     samples = []
     for i in range(args.reps):
-        samples.append(timed(lambda v=round(0.05 + 0.9 * ((i * 7) % args.reps) / args.reps, 3): setattr(app.threshold, "value", v)))
+        samples.append(
+            timed(lambda v=round(0.05 + 0.9 * ((i * 7) % args.reps) / args.reps, 3): setattr(app.threshold, "value", v))
+        )
     results["threshold slider"] = samples
-
 
     # Embeddings: residual nodes only, so that every open shows a channel not shown before.
     resid = queries.nodes(big)
@@ -209,15 +247,21 @@ def main(argv=None):
 
     # Wall-clock is what a user waits; on a shared machine it is inflated by other processes, so the
     # process CPU time of the same calls (all threads) is printed beside it.
-    print(f"load average (1, 5, 15 min) after the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(
+        f"load average (1, 5, 15 min) after the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
+    )
     print(f"{'interaction':66s} {'n':>3s} {'p50 ms':>8s} {'p95 ms':>8s} {'cpu p95':>8s}  target p95 50 ms (wall)")
     for name, xs in results.items():
         p95 = pct(xs, 0.95)
         cpu95 = pct([x.cpu for x in xs], 0.95)
-        print(f"{name:66s} {len(xs):3d} {pct(xs, 0.5):8.1f} {p95:8.1f} {cpu95:8.1f}  {'ok' if p95 <= 50 else 'OVER'} ({p95 / 50:.2f}x target)")
+        print(
+            f"{name:66s} {len(xs):3d} {pct(xs, 0.5):8.1f} {p95:8.1f} {cpu95:8.1f}  {'ok' if p95 <= 50 else 'OVER'} ({p95 / 50:.2f}x target)"
+        )
     print(f"first open of Embeddings after every cache was cleared (the model's wpe heatmap built): {cold_embeddings:.0f} ms")
-    print(f"cold start {cold:.0f} ms: {'ok' if cold <= 2000 else 'OVER'} ({cold / 2000:.2f}x the 2 s target); "
-          f"released Streamlit viewer for comparison: ~1100 ms per click, > 20000 ms to open")
+    print(
+        f"cold start {cold:.0f} ms: {'ok' if cold <= 2000 else 'OVER'} ({cold / 2000:.2f}x the 2 s target); "
+        f"released Streamlit viewer for comparison: ~1100 ms per click, > 20000 ms to open"
+    )
 
 
 if __name__ == "__main__":

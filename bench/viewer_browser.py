@@ -80,8 +80,24 @@ def serve(data: Path, port: int, log_path: Path, code: Path = ROOT):
     """`panel serve viewer/app.py` of the checkout `code` (another one serves as a baseline) on the tables in `data`."""
     env = {**os.environ, "CIRCUITS_DATA": str(data), "PYTHONPATH": str(code)}
     log = open(log_path, "w")  # noqa: SIM115 (closed by the caller through the process)
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "viewer/app.py", "--address", "127.0.0.1", "--port", str(port),
-                             f"--allow-websocket-origin=127.0.0.1:{port}"], cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "panel",
+            "serve",
+            "viewer/app.py",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            f"--allow-websocket-origin=127.0.0.1:{port}",
+        ],
+        cwd=code,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while True:  # the server answers HTTP before any session exists: this starts no session
         try:
@@ -123,14 +139,23 @@ async def click_node(page, node_id, extra_done="true", before_js="null"):
     """A tap on the node, as Bokeh's TapTool reports it: the node's index set as the source's selection (a
     mouse click at its canvas position hit a neighbour now and then: nodes 6 px apart overlap)."""
     tap = "(id) => { const s = window.__bench.graph().model.data_source; s.selected.indices = [Array.from(s.data.node_id).indexOf(id)]; }"
-    return await timed(page, lambda: page.evaluate(tap, node_id), f"(id) => window.__bench.header_shows(id) && ({extra_done})", node_id,
-                       before_js)
+    return await timed(
+        page,
+        lambda: page.evaluate(tap, node_id),
+        f"(id) => window.__bench.header_shows(id) && ({extra_done})",
+        node_id,
+        before_js,
+    )
 
 
 async def pick_layer(page, layer):
     await page.locator("select[size]").select_option(layer)
-    await page.wait_for_function("(l) => { const g = window.__bench.graph(); return g && g.parent.model.title.text.includes('layer-half ' + l + ' '); }",
-                                 arg=layer, polling="raf", timeout=120000)
+    await page.wait_for_function(
+        "(l) => { const g = window.__bench.graph(); return g && g.parent.model.title.text.includes('layer-half ' + l + ' '); }",
+        arg=layer,
+        polling="raf",
+        timeout=120000,
+    )
     await asyncio.sleep(1.0)  # the plot re-ranges to the new nodes when it renders: positions are read after that
 
 
@@ -166,8 +191,11 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
                 await page.get_by_text("Task docs", exact=True).click()
                 await asyncio.sleep(1.0)
                 for node_id in ids[1::2][:: max(1, len(ids) // 2 // clicks_per_layer)][:clicks_per_layer]:
-                    clicks_task.append(await click_node(page, node_id, "window.__bench.task_text() !== window.__before",
-                                                        "window.__bench.task_text()"))
+                    clicks_task.append(
+                        await click_node(
+                            page, node_id, "window.__bench.task_text() !== window.__before", "window.__bench.task_text()"
+                        )
+                    )
                 await page.get_by_text("Pretraining snippets", exact=True).click()
                 await asyncio.sleep(1.0)
         results["click node (header, connections, snippets)"] = clicks
@@ -176,13 +204,23 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
 
         # Whole circuit: open the tab, then move the threshold (set on the slider's model, as a drag ends).
         whole = []
-        t_open = await timed(page, lambda: page.get_by_text("Whole circuit", exact=True).click(), "() => window.__bench.whole_edges() > 0")
+        t_open = await timed(
+            page, lambda: page.get_by_text("Whole circuit", exact=True).click(), "() => window.__bench.whole_edges() > 0"
+        )
         results["open whole-circuit graph"] = [t_open]
         for thr in (0.3, 0.05, 0.5, 0.02, 0.2):
-            whole.append(await timed(
-                page, lambda t=thr: page.evaluate("(t) => { const s = window.__bench.models().find(m => m.type === 'Slider' && "
-                                                   "String(m.title).includes('edge threshold')); s.value = t; }", t),
-                "() => window.__bench.whole_edges() !== window.__before", before_js="window.__bench.whole_edges()"))
+            whole.append(
+                await timed(
+                    page,
+                    lambda t=thr: page.evaluate(
+                        "(t) => { const s = window.__bench.models().find(m => m.type === 'Slider' && "
+                        "String(m.title).includes('edge threshold')); s.value = t; }",
+                        t,
+                    ),
+                    "() => window.__bench.whole_edges() !== window.__before",
+                    before_js="window.__bench.whole_edges()",
+                )
+            )
         results["whole-circuit graph: threshold"] = whole
         report(results)
         await ctx.close()
@@ -197,9 +235,12 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
             return (time.perf_counter() - t0) * 1000
 
         loop = asyncio.get_running_loop()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=sessions) as pool:  # all at once (the default pool has 6 threads here)
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=sessions
+        ) as pool:  # all at once (the default pool has 6 threads here)
             results[f"{sessions} concurrent page requests, no browser (server builds the sessions)"] = list(
-                await asyncio.gather(*(loop.run_in_executor(pool, fetch) for _ in range(sessions))))
+                await asyncio.gather(*(loop.run_in_executor(pool, fetch) for _ in range(sessions)))
+            )
         report(results)
 
         # Concurrent sessions: `sessions` first visits at once, each timed to its drawn graph.
@@ -225,13 +266,21 @@ def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code
     import duckdb
 
     con = duckdb.connect(str(data / "circuits.duckdb"), read_only=True)
-    run_id, n_nodes = con.execute("SELECT run_id, n_nodes FROM runs ORDER BY n_nodes DESC LIMIT 1").fetchone()  # the biggest circuit
-    layers = [r[0] for r in con.execute("SELECT DISTINCT layer || '.' || half AS lh, layer, half FROM nodes WHERE run_id = ? "
-                                        "ORDER BY layer, half", [run_id]).fetchall()][:max_layers]
+    run_id, n_nodes = con.execute(
+        "SELECT run_id, n_nodes FROM runs ORDER BY n_nodes DESC LIMIT 1"
+    ).fetchone()  # the biggest circuit
+    layers = [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT layer || '.' || half AS lh, layer, half FROM nodes WHERE run_id = ? ORDER BY layer, half", [run_id]
+        ).fetchall()
+    ][:max_layers]
     con.close()
     port = free_port()
     log_path = data / "bench-serve.log"
-    print(f"browser bench of the viewer in {code}: {CHROMIUM}, circuit {run_id} ({n_nodes} nodes), layer-halves {layers}; server log {log_path}")
+    print(
+        f"browser bench of the viewer in {code}: {CHROMIUM}, circuit {run_id} ({n_nodes} nodes), layer-halves {layers}; server log {log_path}"
+    )
     print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     proc, log = serve(data, port, log_path, code)
     try:

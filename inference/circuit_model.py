@@ -587,7 +587,11 @@ class CircuitModel:
         return self._residual(L, "mlp", state, delta)
 
     def _final_logits(
-        self, state: torch.Tensor, rows: torch.Tensor | None = None, tokens: torch.Tensor | None = None, at_rows: bool = False,
+        self,
+        state: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        at_rows: bool = False,
         ablations=None,
     ):
         """Logits at `rows` (all when None) of the flattened docs, for `tokens` (rows, j) or all;

@@ -129,7 +129,12 @@ class GPTConfig:
                 raise ConfigError(
                     f"{source}: config key {key!r} should be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
                 )
-            if isinstance(value, int) and not isinstance(value, bool) and _accepts(hints[key], float) and not _accepts(hints[key], int):
+            if (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and _accepts(hints[key], float)
+                and not _accepts(hints[key], int)
+            ):
                 d[key] = float(value)
         try:
             return cls(**d, extra=extra)

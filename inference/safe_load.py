@@ -54,7 +54,11 @@ STORAGE_DTYPES = {
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }  # fmt: skip
-_REBUILD_TENSOR = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v3")}
+_REBUILD_TENSOR = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+}
 _PASS_THROUGH = {("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
 # Globals a checkpoint or viz_data file may name besides tensors: containers, numbers, numpy arrays.
 _INERT = {
@@ -149,7 +153,12 @@ class _NdStub(_Inert):
 
 
 def _rebuild_ref(storage: Any, offset: Any = 0, size: Any = (), stride: Any = (), *_rest: Any) -> TensorRef:
-    return TensorRef(storage, offset, tuple(size) if isinstance(size, (tuple, list)) else size, tuple(stride) if isinstance(stride, (tuple, list)) else stride)
+    return TensorRef(
+        storage,
+        offset,
+        tuple(size) if isinstance(size, (tuple, list)) else size,
+        tuple(stride) if isinstance(stride, (tuple, list)) else stride,
+    )
 
 
 class ScanUnpickler(pickle.Unpickler):
@@ -208,7 +217,9 @@ def check_view(source: str, key: str, size: Any, stride: Any, offset: Any, stora
         return
     extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
     if extent > storage_numel:
-        raise UnsafeFileError(f"{where}: shape {size} stride {stride} offset {offset} reaches element {extent - 1}, but its storage holds {storage_numel}")
+        raise UnsafeFileError(
+            f"{where}: shape {size} stride {stride} offset {offset} reaches element {extent - 1}, but its storage holds {storage_numel}"
+        )
     if numel > storage_numel:
         raise UnsafeFileError(
             f"{where}: shape {size} (stride {stride}) has {numel:,} elements over a storage of {storage_numel:,}: "
@@ -258,7 +269,9 @@ def check_torch_zip(path: str | os.PathLike, source: str) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-            tops = [i.filename[: -len("/data.pkl")] for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
+            tops = [
+                i.filename[: -len("/data.pkl")] for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1
+            ]
             if len(tops) != 1:
                 raise UnsafeFileError(f"{source}: expected one <folder>/data.pkl in the zip, found {len(tops)}")
             top = tops[0]
@@ -270,7 +283,9 @@ def check_torch_zip(path: str | os.PathLike, source: str) -> None:
                         "torch.save never compresses, and inflating it could allocate far more than the file holds"
                     )
                 if i.file_size > size:
-                    raise UnsafeFileError(f"{source}: zip entry {i.filename} claims {i.file_size:,} bytes in a {size:,}-byte file")
+                    raise UnsafeFileError(
+                        f"{source}: zip entry {i.filename} claims {i.file_size:,} bytes in a {size:,}-byte file"
+                    )
                 records[i.filename] = i.file_size
             scan = ScanUnpickler(io.BytesIO(zf.read(f"{top}/data.pkl")), source)
             try:
@@ -287,7 +302,9 @@ def check_torch_zip(path: str | os.PathLike, source: str) -> None:
         if rec is None:
             raise UnsafeFileError(f"{source}: storage {key} has no record {top}/data/{key} in the zip")
         if st.numel * st.itemsize > rec:
-            raise UnsafeFileError(f"{source}: storage {key} declares {st.numel:,} x {st.itemsize} bytes, its record holds {rec:,}")
+            raise UnsafeFileError(
+                f"{source}: storage {key} declares {st.numel:,} x {st.itemsize} bytes, its record holds {rec:,}"
+            )
         numel[key] = st.numel
     _check_refs(obj, source, numel)
 
@@ -308,7 +325,9 @@ def check_legacy_torch(f: BinaryIO, source: str) -> None:
     f.seek(start)
     try:
         if pickle.load(f) != _LEGACY_MAGIC:  # plain ints: safe with any unpickler, but use the scanner anyway
-            raise UnsafeFileError(f"{source}: cannot be loaded safely (neither a torch zip archive nor a legacy torch.save stream; truncated?)")
+            raise UnsafeFileError(
+                f"{source}: cannot be loaded safely (neither a torch zip archive nor a legacy torch.save stream; truncated?)"
+            )
         for _ in range(2):
             ScanUnpickler(f, source).load()
         scan = ScanUnpickler(f, source)
@@ -318,7 +337,9 @@ def check_legacy_torch(f: BinaryIO, source: str) -> None:
         raise
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UnsafeFileError(f"{source}: cannot be loaded safely (not a torch zip archive, nor a readable legacy torch.save stream: {type(e).__name__}: {first})") from None
+        raise UnsafeFileError(
+            f"{source}: cannot be loaded safely (not a torch zip archive, nor a readable legacy torch.save stream: {type(e).__name__}: {first})"
+        ) from None
     if not isinstance(keys, list) or set(map(str, keys)) != set(scan.storages):
         raise UnsafeFileError(f"{source}: the storage list does not match the storages the pickle uses")
     numel = {}

@@ -69,7 +69,18 @@ __all__ = ["Store", "StoreError", "CheckpointError", "cache_dir", "azure_locatio
 # Fields of `fs.info()` that change when a remote file changes (HTTP: ETag, Content-MD5, Digest,
 # Last-Modified; S3: ETag, LastModified; Azure: etag, last_modified; memory: created; local:
 # mtime). The cache key holds every one present, so a change to any of them is a new version.
-_VERSION_FIELDS = ("ETag", "etag", "Content-MD5", "Digest", "Last-Modified", "LastModified", "last_modified", "mtime", "modified", "created")
+_VERSION_FIELDS = (
+    "ETag",
+    "etag",
+    "Content-MD5",
+    "Digest",
+    "Last-Modified",
+    "LastModified",
+    "last_modified",
+    "mtime",
+    "modified",
+    "created",
+)
 _COPY_CHUNK = 1 << 22
 # A `.part` file older than this whose lock nobody holds belongs to a killed download. (The age
 # guards the instant between a download creating its temp file and locking it.)
@@ -130,7 +141,9 @@ def azure_location(url: str) -> tuple[dict[str, Any], str] | None:
         return None
     account, path = m["account"], parts.path.strip("/")
     if not path:
-        raise ValueError(f"{url}: an Azure Blob store URL names a container: https://<account>.blob.core.windows.net/<container>[/<prefix>]")
+        raise ValueError(
+            f"{url}: an Azure Blob store URL names a container: https://<account>.blob.core.windows.net/<container>[/<prefix>]"
+        )
     env_names = _connection_account(env_conn) if env_conn else env_account
     if env_names not in (None, account):  # the environment's credentials are another account's
         return {"connection_string": f"BlobEndpoint={parts.scheme}://{parts.netloc};", "anon": True}, path
@@ -384,7 +397,9 @@ class Store:
             if size is not None and got != size:
                 raise StoreError(f"{self.path(rel)}: download stopped after {got} of {size} bytes; not cached")
             if md5 is not None and digest.hexdigest() != md5:
-                raise StoreError(f"{self.path(rel)}: downloaded bytes have MD5 {digest.hexdigest()}, the store lists {md5}; not cached")
+                raise StoreError(
+                    f"{self.path(rel)}: downloaded bytes have MD5 {digest.hexdigest()}, the store lists {md5}; not cached"
+                )
 
         write_atomic(target, copy)
 

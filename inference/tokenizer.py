@@ -93,7 +93,9 @@ def mergeable_ranks(encoder_json: Path, vocab_bpe: Path) -> tuple[dict[bytes, in
         raise TokenizerError(f"{encoder_json}: not valid JSON ({e})") from None
     if not isinstance(encoder, dict):
         raise TokenizerError(f"{encoder_json}: expected a JSON object token -> id")
-    bad = next(((k, v) for k, v in encoder.items() if not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool)), None)
+    bad = next(
+        ((k, v) for k, v in encoder.items() if not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool)), None
+    )
     if bad is not None:
         raise TokenizerError(f"{encoder_json}: entry {bad[0]!r}: {bad[1]!r} is not token -> integer id")
     special = {ENDOFTEXT: encoder.pop(ENDOFTEXT, len(ranks))}

@@ -44,7 +44,9 @@ def select_rows(x: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
         if kernel is not None:
             return kernel(x, out, k)
         if METHOD == "radix":
-            raise RuntimeError("METHOD = 'radix' needs the numba kernel, which is unavailable here (numba not installed or unable to compile)")
+            raise RuntimeError(
+                "METHOD = 'radix' needs the numba kernel, which is unavailable here (numba not installed or unable to compile)"
+            )
     return _select_rows_numpy(x, out, k)
 
 

@@ -45,26 +45,48 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("store-report", help="the embedded store's models, task accuracy, k_optim and circuits as Markdown tables")
     p.add_argument("--store", default=None, help="store directory (default: $CIRCUITS_DATA/store)")
 
-    p = sub.add_parser("materialize", help="run the pipeline's assets (store -> Parquet + DuckDB), in-process or on a Dask cluster")
+    p = sub.add_parser(
+        "materialize", help="run the pipeline's assets (store -> Parquet + DuckDB), in-process or on a Dask cluster"
+    )
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
     p.add_argument("--data", default=None, help="output directory (default: $CIRCUITS_DATA or data/)")
     _selection_flags(p)
-    p.add_argument("--device", default=None, help="torch device of the recompute forward passes (default: $CIRCUITS_DEVICE or cpu)")
-    p.add_argument("--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)")
+    p.add_argument(
+        "--device", default=None, help="torch device of the recompute forward passes (default: $CIRCUITS_DEVICE or cpu)"
+    )
+    p.add_argument(
+        "--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)"
+    )
     p.add_argument("--verbose", action="store_true", help="show Dagster's own log lines")
-    p.add_argument("--executor", choices=["in_process", "dask"], default=None,
-                   help="where the model and run partitions execute (default: $CIRCUITS_EXECUTOR or in_process)")
-    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="an existing Dask scheduler, e.g. tcp://host:8786 (default: $CIRCUITS_DASK_SCHEDULER, else a local cluster)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes of the local Dask cluster (default: $CIRCUITS_DASK_WORKERS or 2)")
+    p.add_argument(
+        "--executor",
+        choices=["in_process", "dask"],
+        default=None,
+        help="where the model and run partitions execute (default: $CIRCUITS_EXECUTOR or in_process)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="an existing Dask scheduler, e.g. tcp://host:8786 (default: $CIRCUITS_DASK_SCHEDULER, else a local cluster)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes of the local Dask cluster (default: $CIRCUITS_DASK_WORKERS or 2)",
+    )
 
     p = sub.add_parser("ls", help="what the store holds (models, circuits, sizes), listed without fetching anything")
     p.add_argument("--store", default=None, help="store URL or path (default: $CIRCUITS_STORE or the embedded store)")
     _selection_flags(p)
     p.add_argument("--runs", action="store_true", help="also one line per circuit with its file size")
 
-    p = sub.add_parser("dev", help="`dagster dev` with Dagster's instance in the data's local dir (<dir>/.dagster, see CIRCUITS_DB_DIR) unless DAGSTER_HOME is set")
+    p = sub.add_parser(
+        "dev",
+        help="`dagster dev` with Dagster's instance in the data's local dir (<dir>/.dagster, see CIRCUITS_DB_DIR) unless DAGSTER_HOME is set",
+    )
     p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed on to `dagster dev` (e.g. -p 3000)")
 
     args = parser.parse_args(argv)
@@ -96,7 +118,9 @@ def _selection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=None, metavar="NAME", help=f"only these models ({what.format('MODELS')})")
     p.add_argument("--task", action="append", default=None, metavar="NAME", help=f"only these tasks ({what.format('TASKS')})")
     p.add_argument("--sweep", action="append", default=None, metavar="NAME", help=f"only these sweeps ({what.format('SWEEPS')})")
-    p.add_argument("--k", action="append", default=None, metavar="K", help=f"only these node budgets, e.g. 64,k_optim ({what.format('KS')})")
+    p.add_argument(
+        "--k", action="append", default=None, metavar="K", help=f"only these node budgets, e.g. 64,k_optim ({what.format('KS')})"
+    )
     p.add_argument("--select", default=None, help="only runs whose id <model>/<task>/<sweep>/<k> contains this text")
 
 

@@ -338,7 +338,9 @@ def faithfulness_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Tabl
     return make_table("faithfulness", cols)
 
 
-def run_tables(viz: VizData, run: RunRef, loss_factor: float, decode_token: Callable[[int], str], sha256: str | None = None) -> dict:
+def run_tables(
+    viz: VizData, run: RunRef, loss_factor: float, decode_token: Callable[[int], str], sha256: str | None = None
+) -> dict:
     """Every run-level table of one circuit: name -> table, or iterator of pieces (activations, samples, snippets)."""
     return {
         "runs": runs_table(viz, run, loss_factor, sha256),

@@ -44,7 +44,10 @@ def snippet_window(samples: pa.Table) -> pa.Table:
         pl.from_arrow(samples)
         .filter(pl.col("rank") < SNIPPETS_SHOWN)
         .with_columns(centre=pl.col("pos").filter(pl.col("is_center")).min().over(_SNIPPET_KEYS))
-        .filter(pl.col("centre").is_not_null() & ((pl.col("pos").cast(pl.Int64) - pl.col("centre").cast(pl.Int64)).abs() <= SNIPPET_RADIUS))
+        .filter(
+            pl.col("centre").is_not_null()
+            & ((pl.col("pos").cast(pl.Int64) - pl.col("centre").cast(pl.Int64)).abs() <= SNIPPET_RADIUS)
+        )
         .select(SCHEMAS["snippets"].names)
     )
     return sort_table("snippets", window.to_arrow().cast(SCHEMAS["snippets"]))
@@ -95,7 +98,10 @@ def wte_tables(model: str, wte: np.ndarray) -> dict[str, pa.Table]:
     """`wte_extremes` and `wte_histograms` of a (vocab, d_model) token embedding."""
     ext, hist = _extreme_columns(), {k: [] for k in ("channel", "bin", "bin_left", "bin_right", "count")}
     _column_extremes(np.asarray(wte, np.float32), ext, hist)
-    return {"wte_extremes": _model_table("wte_extremes", model, ext), "wte_histograms": _model_table("wte_histograms", model, hist)}
+    return {
+        "wte_extremes": _model_table("wte_extremes", model, ext),
+        "wte_histograms": _model_table("wte_histograms", model, hist),
+    }
 
 
 def unembed_table(model: str, lm_head: np.ndarray, ln_f_weight: np.ndarray) -> pa.Table:

@@ -175,7 +175,11 @@ def _build_tensors(x: Any, path: str, source: str, memo: dict[int, Any] | None =
     elif isinstance(x, dict):
         out = type(x)() if type(x) in (dict, OrderedDict) else {}
         for k, v in x.items():
-            where = k if not path and isinstance(k, str) else f"{path}[{'<tensor>' if isinstance(k, _PendingTensor) else repr(k)[:80]}]"
+            where = (
+                k
+                if not path and isinstance(k, str)
+                else f"{path}[{'<tensor>' if isinstance(k, _PendingTensor) else repr(k)[:80]}]"
+            )
             out[_build_tensors(k, where + " (key)", source, memo)] = _build_tensors(v, where, source, memo)
     elif isinstance(x, (list, tuple)):
         items = [_build_tensors(v, f"{path}[{i}]", source, memo) for i, v in enumerate(x)]
@@ -280,7 +284,9 @@ class VizData:
             return None
         a = _to_numpy(t, f"task_samples acts[{location!r}][{channel}]", self.source).astype(np.float32, copy=False)
         if a.shape != self.docs.shape:
-            raise VizDataError(f"{self.source}: task_samples acts[{location!r}][{channel}] has shape {a.shape}, docs have {self.docs.shape}")
+            raise VizDataError(
+                f"{self.source}: task_samples acts[{location!r}][{channel}] has shape {a.shape}, docs have {self.docs.shape}"
+            )
         return a
 
     def snippets(self, location: str, channel: int) -> Iterator[Snippet]:
@@ -298,7 +304,9 @@ class VizData:
                     tokens = _to_numpy(item[0], f"{what} {side}[{rank}] tokens", self.source).reshape(-1)
                     acts = _to_numpy(item[1], f"{what} {side}[{rank}] acts", self.source).reshape(-1).astype(np.float32)
                     if tokens.shape != acts.shape:
-                        raise VizDataError(f"{self.source}: {what} {side}[{rank}]: {tokens.size} tokens but {acts.size} activations")
+                        raise VizDataError(
+                            f"{self.source}: {what} {side}[{rank}]: {tokens.size} tokens but {acts.size} activations"
+                        )
                     yield Snippet(location, channel, frac, side, rank, np.rint(tokens).astype(np.int64), acts, _to_int(item[2]))
 
 
@@ -366,6 +374,7 @@ def _edge_blocks(raw: Any, key: str, source: str, unknown: set[str] | None = Non
     if not isinstance(raw, (list, tuple)):
         raise VizDataError(f"{source}: importances[{key!r}] should be a list, got {type(raw).__name__}")
     entries = list(raw)
+
     # One release version nests pair_data one level deeper (a list per worker; a worker's list may be empty).
     def per_worker(e: Any) -> bool:
         return isinstance(e, (list, tuple)) and (not e or isinstance(e[0], (list, tuple)))
@@ -417,7 +426,9 @@ def _check_snippets(pair: Any, what: str, source: str) -> None:
         for rank, item in enumerate(items):
             if not isinstance(item, (list, tuple)) or len(item) != 3:
                 raise VizDataError(f"{source}: {what} {side}[{rank}] should be (tokens, acts, pos)")
-            n_tok, n_act = (int(np.prod(getattr(x, "shape", (len(x),) if isinstance(x, (list, tuple)) else (-1,)))) for x in item[:2])
+            n_tok, n_act = (
+                int(np.prod(getattr(x, "shape", (len(x),) if isinstance(x, (list, tuple)) else (-1,)))) for x in item[:2]
+            )
             if n_tok != n_act or n_tok < 0:
                 raise VizDataError(f"{source}: {what} {side}[{rank}]: tokens and activations should be 1-D of equal length")
 
@@ -486,10 +497,14 @@ def check_against_model(viz: VizData, config, against: str = "the model") -> Non
             check_channels(b.tgt_location, b.tgt_names, f"importances[{key!r}][{n}] target names")
     ctx = viz.docs.shape[1]
     if ctx > config.block_size:
-        raise VizDataError(f"{src}: task_samples docs have {ctx} positions, more than the block size {config.block_size} of {against}")
+        raise VizDataError(
+            f"{src}: task_samples docs have {ctx} positions, more than the block size {config.block_size} of {against}"
+        )
     if viz.docs.size and (viz.docs.min() < 0 or viz.docs.max() >= config.vocab_size):
         bad = int(viz.docs.max() if viz.docs.max() >= config.vocab_size else viz.docs.min())
-        raise VizDataError(f"{src}: task_samples docs hold token id {bad}, outside the vocabulary [0, {config.vocab_size}) of {against}")
+        raise VizDataError(
+            f"{src}: task_samples docs hold token id {bad}, outside the vocabulary [0, {config.vocab_size}) of {against}"
+        )
 
 
 def _parse_viz_data(raw: Any, source: str) -> VizData:
@@ -519,7 +534,8 @@ def _parse_viz_data(raw: Any, source: str) -> VizData:
     if unknown:  # one warning per file, not per node
         warnings.warn(
             f"{source}: node locations this code does not know, kept in the 'other' group: {sorted(unknown)}",
-            UnknownLocationWarning, stacklevel=2,
+            UnknownLocationWarning,
+            stacklevel=2,
         )
     return VizData(
         source=source,
@@ -557,12 +573,16 @@ def _parse_circuit(circuit_raw: dict, source: str, unknown: set[str]) -> dict[st
             raise VizDataError(f"{source}: circuit_data[{loc!r}] has the negative channel id {int(a.min())}")
         uniq, counts = np.unique(a, return_counts=True)
         if (counts > 1).any():
-            raise VizDataError(f"{source}: circuit_data[{loc!r}] lists channel(s) {uniq[counts > 1][:10].tolist()} more than once")
+            raise VizDataError(
+                f"{source}: circuit_data[{loc!r}] lists channel(s) {uniq[counts > 1][:10].tolist()} more than once"
+            )
         circuit[loc] = a
     return circuit
 
 
-def _parse_interv_losses(imp: dict, circuit: dict[str, np.ndarray], source: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def _parse_interv_losses(
+    imp: dict, circuit: dict[str, np.ndarray], source: str
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """(`ch_interv_losses`: one value per circuit node, `layer_interv_losses`: one per layer-half)."""
     ch_raw = _require(imp, "ch_interv_losses", dict, "importances.", source)
     ch_interv: dict[str, np.ndarray] = {}

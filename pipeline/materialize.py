@@ -265,7 +265,9 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
         return summary
     if not runs and not models:
         if selection:
-            raise FileNotFoundError(f"{resource.store_url}: nothing matches the selection ({selection.describe()}); `circuits ls` shows what the store holds")
+            raise FileNotFoundError(
+                f"{resource.store_url}: nothing matches the selection ({selection.describe()}); `circuits ls` shows what the store holds"
+            )
         raise FileNotFoundError(
             f"{resource.store_url}: no models/ or viz/ found: not a circuit store "
             "(set CIRCUITS_STORE or --store, or build the embedded store with `circuits build-store`)"
@@ -323,7 +325,11 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
             with on_dask.PartitionRunner(instance, config, slots) as runner:
                 # the models first: a run's recompute reads its model's checkpoint
                 for job, kind in ((on_dask.MODEL_JOB, "model "), (on_dask.RUN_JOB, "run ")):
-                    parts = [(label, p, [k for a in assets for k in a.keys]) for label, assets, p in steps[1:-1] if label.startswith(kind)]
+                    parts = [
+                        (label, p, [k for a in assets for k in a.keys])
+                        for label, assets, p in steps[1:-1]
+                        if label.startswith(kind)
+                    ]
                     bar.set_postfix_str(f"{len(parts)} {kind}partitions on {slots} Dask worker threads ({address})")
                     runner.run(job, parts, judge, done)
         in_process(*steps[-1])
@@ -352,7 +358,8 @@ def materialize_cli(args) -> int:
             device=getattr(args, "device", None),
             verbose=getattr(args, "verbose", False),
             # --scheduler or --workers alone mean Dask
-            executor=getattr(args, "executor", None) or ("dask" if getattr(args, "scheduler", None) or getattr(args, "workers", None) else None),
+            executor=getattr(args, "executor", None)
+            or ("dask" if getattr(args, "scheduler", None) or getattr(args, "workers", None) else None),
             scheduler=getattr(args, "scheduler", None),
             workers=getattr(args, "workers", None),
         )
@@ -366,7 +373,9 @@ def materialize_cli(args) -> int:
     for msg in s.skipped:
         print(f"  SKIPPED {msg}")
     if getattr(args, "no_recompute", False):
-        print("recompute skipped (--no-recompute): no ablations, recomputed_activations, recompute_summary written; checkpoints not downloaded (model tables read their tensors by ranged reads)")
+        print(
+            "recompute skipped (--no-recompute): no ablations, recomputed_activations, recompute_summary written; checkpoints not downloaded (model tables read their tensors by ranged reads)"
+        )
     for label, msg in s.failed.items():
         print(f"  FAILED {label}: {msg}")
     if s.duckdb:

@@ -45,7 +45,11 @@ def cluster_config(scheduler: str | None = None, workers: int | None = None) -> 
     if address:
         return {"cluster": {"existing": {"address": address}}}
     # dashboard on a free port: the default 8787 may be taken by another cluster on the host
-    return {"cluster": {"local": {"n_workers": workers or settings.dask_workers(), "threads_per_worker": 1, "dashboard_address": ":0"}}}
+    return {
+        "cluster": {
+            "local": {"n_workers": workers or settings.dask_workers(), "threads_per_worker": 1, "dashboard_address": ":0"}
+        }
+    }
 
 
 # ---- dagster-dask's executor, made safe for partitioned runs ----------------------------------------
@@ -117,7 +121,9 @@ def _executor_class():
                 module, name = _CLUSTER_CLASSES[self.cluster_type]
                 cluster = started = getattr(importlib.import_module(module), name)(**self.build_dict(job_name))
             else:
-                raise ValueError(f"Dask cluster kind {self.cluster_type!r}: expected existing or one of {', '.join(_CLUSTER_CLASSES)}")
+                raise ValueError(
+                    f"Dask cluster kind {self.cluster_type!r}: expected existing or one of {', '.join(_CLUSTER_CLASSES)}"
+                )
             try:
                 with dask.distributed.Client(cluster) as client:
                     futures: dict[str, object] = {}
@@ -231,15 +237,22 @@ def worker_threads(address: str, timeout: float = 60) -> int:
         try:
             theirs = client.run(_worker_code)
         except ImportError as e:
-            raise ImportError(f"Dask workers of {address} cannot import the project ({e}): install it on the workers, or set PYTHONPATH in their environment") from e
+            raise ImportError(
+                f"Dask workers of {address} cannot import the project ({e}): install it on the workers, or set PYTHONPATH in their environment"
+            ) from e
         mine = code_fingerprint()
         stale = sorted(w for w, fp in theirs.items() if fp != mine)
         if stale:
-            raise RuntimeError(f"Dask workers {', '.join(stale)} of {address} run another version of the project's code (fingerprint {theirs[stale[0]]}, here {mine}): update them")
+            raise RuntimeError(
+                f"Dask workers {', '.join(stale)} of {address} run another version of the project's code (fingerprint {theirs[stale[0]]}, here {mine}): update them"
+            )
         workers = client.scheduler_info(n_workers=-1)["workers"]
         many = [w for w, info in workers.items() if info["nthreads"] > 1]
         if many:
-            warnings.warn(f"Dask workers {', '.join(sorted(many))} run several threads; Dagster's step execution is not thread-safe: start them with `--nthreads 1`", stacklevel=2)
+            warnings.warn(
+                f"Dask workers {', '.join(sorted(many))} run several threads; Dagster's step execution is not thread-safe: start them with `--nthreads 1`",
+                stacklevel=2,
+            )
         return sum(info["nthreads"] for info in workers.values())
 
 

@@ -203,13 +203,21 @@ def pair_chunks(n_docs: int, chunk_docs: int = CHUNK_DOCS) -> list[torch.Tensor]
     loss is a mean over its own pairs and the chunks' losses combine by pair counts."""
     half = n_docs // 2
     per = max(1, chunk_docs // 2)
-    return [torch.cat([torch.arange(a, min(a + per, half)), torch.arange(a, min(a + per, half)) + half]) for a in range(0, half, per)]
+    return [
+        torch.cat([torch.arange(a, min(a + per, half)), torch.arange(a, min(a + per, half)) + half]) for a in range(0, half, per)
+    ]
 
 
 @torch.no_grad()
 def recompute(
-    model, viz: VizData, modes: tuple[str, ...] = ("mean", "zero"), log=None, store_means: tuple[dict, int, str] | None = None,
-    chunk_docs: int = CHUNK_DOCS, means_budget: int = MEANS_TOKEN_BUDGET, ablation_chunks: int | None = None,
+    model,
+    viz: VizData,
+    modes: tuple[str, ...] = ("mean", "zero"),
+    log=None,
+    store_means: tuple[dict, int, str] | None = None,
+    chunk_docs: int = CHUNK_DOCS,
+    means_budget: int = MEANS_TOKEN_BUDGET,
+    ablation_chunks: int | None = None,
 ) -> Recomputed:
     """`store_means`: (means by location, tokens, source) that the store holds for the model (the
     embedded store writes the ones its circuits were found with); used instead of the snippets.
@@ -239,6 +247,7 @@ def recompute(
         # them (every pass, the ablations most, then scales with the chunk's real tokens).
         width = max(int(lengths[idx].max()) if len(idx) else 0, 2)
         return all_docs[idx, :width].to(device)
+
     # Locations the model has no hook point for cannot be recomputed (skipped_locations).
     circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items() if C.is_known_location(loc)}
     locations = C.circuit_locations(model.config, circuit)  # the means needed, final_resid's included
@@ -353,8 +362,16 @@ def recompute(
         for mode in modes:
             if circuit_model is not None:
                 batch = max(1, ABLATION_ROWS // docs.numel())
-                out = CM.fast_ablation_losses(model, docs, circuit, means, mode=mode, batch=batch, circuit_model=circuit_model,
-                                             log=log if n_chunk == 0 else None)  # per location, first chunk only
+                out = CM.fast_ablation_losses(
+                    model,
+                    docs,
+                    circuit,
+                    means,
+                    mode=mode,
+                    batch=batch,
+                    circuit_model=circuit_model,
+                    log=log if n_chunk == 0 else None,
+                )  # per location, first chunk only
             else:
                 out = C.ablation_losses(model, docs, circuit, means, mode=mode)
             for loc, v in out.items():  # chunk means over its pairs, weighted by its pairs
@@ -458,8 +475,12 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             "means_se_max": [float(max(v.max() for v in ses)) if ses else None],
             "means_se_median": [float(np.median(np.concatenate(ses))) if ses else None],
             **{f"seconds_{k}": [(r.timings or {}).get(k)] for k in ("full_model", "means", "circuit_model", "ablations")},
-            "skipped": [None if not skipped else f"{sum(skipped.values())} nodes at locations the model has no hook point for "
-                        f"(not recomputed): {', '.join(f'{loc} ({n})' for loc, n in skipped.items())}"],
+            "skipped": [
+                None
+                if not skipped
+                else f"{sum(skipped.values())} nodes at locations the model has no hook point for "
+                f"(not recomputed): {', '.join(f'{loc} ({n})' for loc, n in skipped.items())}"
+            ],
         },
     )
     return {"ablations": make_table("ablations", ab), "recomputed_activations": act_pieces(), "recompute_summary": summary}

@@ -74,6 +74,7 @@ def _join(base: str, name: str) -> str:
 
 # ---- what to fetch: models, tasks, sweeps, k ---------------------------------------------------
 
+
 def split_names(values) -> tuple[str, ...]:
     """Names from a comma list, or a list of comma lists (`--task a,b --task c`); blanks dropped."""
     if values is None:
@@ -102,7 +103,10 @@ class Selection:
     @classmethod
     def from_env(cls, **overrides) -> Selection:
         """CIRCUITS_MODELS / _TASKS / _SWEEPS / _KS (comma lists); a field given here (not None) wins."""
-        fields = {f: split_names(overrides[f]) if overrides.get(f) is not None else split_names(_selection_env(f)) for f in SELECTION_ENV}
+        fields = {
+            f: split_names(overrides[f]) if overrides.get(f) is not None else split_names(_selection_env(f))
+            for f in SELECTION_ENV
+        }
         return cls(**fields, text=overrides.get("text") or None)
 
     @property
@@ -126,7 +130,11 @@ class Selection:
         )
 
     def describe(self) -> str:
-        parts = [f"{name}={','.join(v)}" for name, v in (("model", self.models), ("task", self.tasks), ("sweep", self.sweeps), ("k", self.ks)) if v]
+        parts = [
+            f"{name}={','.join(v)}"
+            for name, v in (("model", self.models), ("task", self.tasks), ("sweep", self.sweeps), ("k", self.ks))
+            if v
+        ]
         return " ".join(parts + ([f"select={self.text}"] if self.text else [])) or "everything"
 
 

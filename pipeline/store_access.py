@@ -135,7 +135,9 @@ def read_tensor(store, model: str, key: str):
 
     t = _read(store.path(f"models/{model}"), key, cache_dir=getattr(store, "_cache_dir", None))
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # else NaN tables, or numpy errors naming nothing
-        raise ValueError(f"{store.path(f'models/{model}/final_model.pt')}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} NaN or infinite values")
+        raise ValueError(
+            f"{store.path(f'models/{model}/final_model.pt')}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} NaN or infinite values"
+        )
     return t
 
 

@@ -135,7 +135,13 @@ SORT_KEYS: dict[str, tuple[str, ...]] = {
 ROW_GROUP_ROWS = 1 << 20
 # Tables read one node (or channel) at a time by the viewer: small row groups, so that a lookup
 # decompresses a few nodes' rows rather than a million (~20 nodes' activations at release widths).
-SMALL_ROW_GROUPS = {"activations": 1 << 16, "snippets": 1 << 15, "wte_extremes": 1 << 13, "wte_histograms": 1 << 13, "unembed_extremes": 1 << 13}
+SMALL_ROW_GROUPS = {
+    "activations": 1 << 16,
+    "snippets": 1 << 15,
+    "wte_extremes": 1 << 13,
+    "wte_histograms": 1 << 13,
+    "unembed_extremes": 1 << 13,
+}
 
 
 def row_group_rows(table: str) -> int:

@@ -31,7 +31,11 @@ INSTALL = "npm ci --prefix .ci/node"
 
 
 def azurite_binary() -> str | None:
-    for cand in (os.environ.get("AZURITE_BIN"), str(REPO / ".ci/node/node_modules/.bin/azurite-blob"), shutil.which("azurite-blob")):
+    for cand in (
+        os.environ.get("AZURITE_BIN"),
+        str(REPO / ".ci/node/node_modules/.bin/azurite-blob"),
+        shutil.which("azurite-blob"),
+    ):
         if cand and os.path.exists(cand):
             return cand
     return None
@@ -55,10 +59,7 @@ class Azurite:
 
     @property
     def connection_string(self) -> str:
-        return (
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-            f"BlobEndpoint={self.blob_endpoint};"
-        )
+        return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={self.blob_endpoint};"
 
     def service(self):
         from azure.storage.blob import BlobServiceClient
@@ -101,9 +102,20 @@ def azurite():
     port = _free_port()
     log = open(workdir / "azurite.log", "wb")
     proc = subprocess.Popen(
-        [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir),
-         "--skipApiVersionCheck", "--loose", "--silent"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            binary,
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(port),
+            "--location",
+            str(workdir),
+            "--skipApiVersionCheck",
+            "--loose",
+            "--silent",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 60

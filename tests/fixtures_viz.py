@@ -32,8 +32,22 @@ import numpy as np
 import pytest
 import torch
 
-__all__ = ["viz_store", "circuits_data", "tables_dir", "build_viz_store", "FIXTURE_RUNS", "FIXTURE_MODEL", "FIXTURE_CONFIG",
-           "release_store", "release_data", "build_release_store", "RELEASE_RUNS", "RELEASE_MODEL", "PARTIAL_MODEL", "UNKNOWN_LOCATION"]
+__all__ = [
+    "viz_store",
+    "circuits_data",
+    "tables_dir",
+    "build_viz_store",
+    "FIXTURE_RUNS",
+    "FIXTURE_MODEL",
+    "FIXTURE_CONFIG",
+    "release_store",
+    "release_data",
+    "build_release_store",
+    "RELEASE_RUNS",
+    "RELEASE_MODEL",
+    "PARTIAL_MODEL",
+    "UNKNOWN_LOCATION",
+]
 
 FIXTURE_MODEL = "fixture_a"
 FIXTURE_CONFIG = dict(
@@ -43,7 +57,9 @@ FIXTURE_CONFIG = dict(
 FIXTURE_RUNS = {
     "fixture_a/quotes/prune_v4/4": dict(file="viz_data.pt", stored_acts="circuit", seed=1, n_nodes=10),
     # A larger k of the same task: its circuit contains the k=4 one (shared nodes, as in the release).
-    "fixture_a/quotes/prune_v4/k_optim": dict(file="viz_data.pkl", stored_acts="full", seed=2, n_nodes=14, base="fixture_a/quotes/prune_v4/4"),
+    "fixture_a/quotes/prune_v4/k_optim": dict(
+        file="viz_data.pkl", stored_acts="full", seed=2, n_nodes=14, base="fixture_a/quotes/prune_v4/4"
+    ),
     "fixture_a/brackets/prune_v4/6": dict(file="viz_data.pt", stored_acts="circuit", seed=3, n_nodes=8, numpy_pairs=True),
 }
 FRACS = (0.001, 0.01, 0.1, 0.5)
@@ -302,8 +318,18 @@ def plain_final_resid_losses(model, docs, per_layer: dict, final_channels, means
 
 
 def make_viz_data(
-    model, enc, task: str, seed: int, n_nodes: int, stored_acts: str, pkl: bool, numpy_pairs: bool = False, base: dict | None = None,
-    final_resid: list[int] | None = None, unknown: dict[str, list[int]] | None = None, pair=list,
+    model,
+    enc,
+    task: str,
+    seed: int,
+    n_nodes: int,
+    stored_acts: str,
+    pkl: bool,
+    numpy_pairs: bool = False,
+    base: dict | None = None,
+    final_resid: list[int] | None = None,
+    unknown: dict[str, list[int]] | None = None,
+    pair=list,
 ) -> dict:
     """`final_resid`: channels of the final residual in the circuit (its stored numbers computed by
     `plain_final_resid_losses`, independently of `inference.circuit`); `unknown`: extra locations
@@ -341,10 +367,12 @@ def make_viz_data(
         if final_resid is not None:  # every node's loss from the plain computation (final mask included)
             interv_loss = plain_final_resid_losses(model, docs, per_layer, final_resid, means)[0]
             for loc, chans in per_layer.items():
-                ch_losses[loc] = torch.tensor([plain_final_resid_losses(model, docs, per_layer, final_resid, means, (loc, c))[0]
-                                               for c in chans.tolist()])
-            ch_losses[C.FINAL_RESID] = torch.tensor([plain_final_resid_losses(model, docs, per_layer, final_resid, means, (C.FINAL_RESID, c))[0]
-                                                     for c in final_resid])
+                ch_losses[loc] = torch.tensor(
+                    [plain_final_resid_losses(model, docs, per_layer, final_resid, means, (loc, c))[0] for c in chans.tolist()]
+                )
+            ch_losses[C.FINAL_RESID] = torch.tensor(
+                [plain_final_resid_losses(model, docs, per_layer, final_resid, means, (C.FINAL_RESID, c))[0] for c in final_resid]
+            )
         layer_losses = {}
         frozen = C.frozen_norm_scales(model, docs)
         for i in range(cfg.n_layer):
@@ -358,7 +386,9 @@ def make_viz_data(
                     m[loc][circuit[loc]] = 0.0
                 layer_losses[f"{i}.{half}"] = C.task_loss(C.masked_forward(model, docs, m, means, frozen), docs).item()
     rec = circ_rec if stored_acts == "circuit" else full_rec
-    acts = {loc: {(torch.tensor(c) if pkl else c): rec[loc][..., c].clone() for c in chans.tolist()} for loc, chans in circuit.items()}
+    acts = {
+        loc: {(torch.tensor(c) if pkl else c): rec[loc][..., c].clone() for c in chans.tolist()} for loc, chans in circuit.items()
+    }
     pair_s, pair_w = _pairs(model, circuit, seed, numpy_pairs or pkl, nested=pkl)
     writes = [loc for loc in circuit if loc.endswith("resid_delta")]
     if final_resid is not None and writes and not pkl:  # an edge across layers: a residual write read by final_resid
@@ -368,7 +398,9 @@ def make_viz_data(
     for loc, chans in (unknown or {}).items():  # a location the code does not know: made-up numbers
         circuit[loc] = torch.tensor(chans, dtype=torch.long)
         ch_losses[loc] = torch.tensor([interv_loss + 0.01 * (i + 1) for i in range(len(chans))])
-        acts[loc] = {(torch.tensor(c) if pkl else c): torch.rand(docs.shape, generator=torch.Generator().manual_seed(c)) for c in chans}
+        acts[loc] = {
+            (torch.tensor(c) if pkl else c): torch.rand(docs.shape, generator=torch.Generator().manual_seed(c)) for c in chans
+        }
     all_loss = [(s, interv_loss * (1 + 2.0 / (s + 1))) for s in range(0, 50, 7)]
     return {
         "circuit_data": circuit,
@@ -408,7 +440,9 @@ def build_viz_store(root: Path) -> Path:
         model_name, task, sweep, k = run_id.split("/")
         pkl = f["file"].endswith(".pkl")
         base = made[f["base"]]["circuit_data"] if "base" in f else None
-        viz = made[run_id] = make_viz_data(model, enc, task, f["seed"], f["n_nodes"], f["stored_acts"], pkl, f.get("numpy_pairs", False), base)
+        viz = made[run_id] = make_viz_data(
+            model, enc, task, f["seed"], f["n_nodes"], f["stored_acts"], pkl, f.get("numpy_pairs", False), base
+        )
         d = root / "viz" / model_name / task / sweep / k
         d.mkdir(parents=True, exist_ok=True)
         if pkl:
@@ -426,8 +460,9 @@ RELEASE_MODEL, PARTIAL_MODEL = "fixture_r", "fixture_p"
 UNKNOWN_LOCATION = "1.resid_post"  # not a location this code knows; its name says layer 1
 RELEASE_RUNS = {
     "fixture_r/quotes/prune_v4/6": dict(file="viz_data.pt", seed=11, n_nodes=6, final_resid=[3, 12, 7], pair=tuple),
-    "fixture_r/quotes/prune_v4/k_optim": dict(file="viz_data.pkl", seed=12, n_nodes=9, final_resid=[5, 3],
-                                              unknown={UNKNOWN_LOCATION: [2, 6]}, pair=list),
+    "fixture_r/quotes/prune_v4/k_optim": dict(
+        file="viz_data.pkl", seed=12, n_nodes=9, final_resid=[5, 3], unknown={UNKNOWN_LOCATION: [2, 6]}, pair=list
+    ),
 }
 
 
@@ -448,8 +483,19 @@ def build_release_store(root: Path) -> Path:
     for run_id, f in RELEASE_RUNS.items():
         model_name, task, sweep, k = run_id.split("/")
         pkl = f["file"].endswith(".pkl")
-        viz = make_viz_data(model, enc, task, f["seed"], f["n_nodes"], "circuit", pkl, base=None,
-                            final_resid=f["final_resid"], unknown=f.get("unknown"), pair=f["pair"])
+        viz = make_viz_data(
+            model,
+            enc,
+            task,
+            f["seed"],
+            f["n_nodes"],
+            "circuit",
+            pkl,
+            base=None,
+            final_resid=f["final_resid"],
+            unknown=f.get("unknown"),
+            pair=f["pair"],
+        )
         d = root / "viz" / model_name / task / sweep / k
         d.mkdir(parents=True, exist_ok=True)
         if pkl:

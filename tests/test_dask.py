@@ -60,7 +60,9 @@ def test_definitions_offer_the_dask_jobs_and_the_env_selects_the_executor(monkey
         job = defs.resolve_job_def(name)
         assert job.executor_def.name == "dask"
         assert job.partitions_def is not None  # a partition per run (model), as the UI's backfills need
-    assert "viz_data_file" in {k.to_user_string() for k in defs.resolve_job_def(on_dask.RUN_JOB).asset_layer.executable_asset_keys}
+    assert "viz_data_file" in {
+        k.to_user_string() for k in defs.resolve_job_def(on_dask.RUN_JOB).asset_layer.executable_asset_keys
+    }
     assert defs.resolve_job_def("run_tables_job").executor_def.name != "dask"  # default: in-process
 
     monkeypatch.setenv("CIRCUITS_DASK_WORKERS", "3")
@@ -89,11 +91,15 @@ def test_bad_executor_settings_name_the_variable(monkeypatch):
         settings.dask_workers()
 
 
-def test_partitions_on_two_workers_equal_in_process_and_a_bad_one_fails_alone(dask_cluster, store_with_a_bad_run, tmp_path, capsys):
+def test_partitions_on_two_workers_equal_in_process_and_a_bad_one_fails_alone(
+    dask_cluster, store_with_a_bad_run, tmp_path, capsys
+):
     from pipeline.cli import main
 
     store = str(store_with_a_bad_run)
-    local = materialize_store(store=store, data=str(tmp_path / "in_process"), select=SELECT, recompute=False, progress=False, executor="in_process")
+    local = materialize_store(
+        store=store, data=str(tmp_path / "in_process"), select=SELECT, recompute=False, progress=False, executor="in_process"
+    )
     assert list(local.failed) == [f"run {BAD}"]
 
     # The Dask run through the CLI, as a user would: --scheduler alone selects the Dask executor.
@@ -129,11 +135,11 @@ def test_partitions_on_two_workers_equal_in_process_and_a_bad_one_fails_alone(da
         runs = instance.get_runs(filters=dg.RunsFilter(job_name=on_dask.RUN_JOB))
         status = {r.tags["dagster/partition"]: r.status for r in runs}
         assert status == {BAD: dg.DagsterRunStatus.FAILURE, **{r: dg.DagsterRunStatus.SUCCESS for r in GOOD}}
-        assert [r.status for r in instance.get_runs(filters=dg.RunsFilter(job_name=on_dask.MODEL_JOB))] == [dg.DagsterRunStatus.SUCCESS]
+        assert [r.status for r in instance.get_runs(filters=dg.RunsFilter(job_name=on_dask.MODEL_JOB))] == [
+            dg.DagsterRunStatus.SUCCESS
+        ]
         step_pids = {
-            e.dagster_event.pid
-            for r in runs
-            for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_START)
+            e.dagster_event.pid for r in runs for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_START)
         }
         assert step_pids and step_pids <= worker_pids and os.getpid() not in step_pids
     finally:

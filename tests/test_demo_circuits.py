@@ -53,7 +53,12 @@ def _means(model, viz):
     enc = get_tokenizer(_means.store / "tinypython")
     stream = token_stream([f.text for f in corpus_for_profile(prof).split("train")], enc, enc.eot_token)
     windows = pretraining_windows(stream, model.config.block_size, cfg["mean_windows"])
-    locs = [f"{i}.{h}.{k}" for i in range(model.config.n_layer) for h, ks in (("attn", ("act_in", "q", "k", "v", "resid_delta")), ("mlp", ("act_in", "post_act", "resid_delta"))) for k in ks]
+    locs = [
+        f"{i}.{h}.{k}"
+        for i in range(model.config.n_layer)
+        for h, ks in (("attn", ("act_in", "q", "k", "v", "resid_delta")), ("mlp", ("act_in", "post_act", "resid_delta")))
+        for k in ks
+    ]
     with torch.no_grad(), record("|".join(re.escape(x) for x in locs)) as rec:
         model(windows)
     return {loc: rec[loc].double().mean((0, 1)).float() for loc in locs}
@@ -220,7 +225,9 @@ def _per_prompt(logits, docs, scale=1.0, shift=0.0):
         length = int((docs[j] != 0).nonzero().max()) + 1
         partner = j + n if j < n else j - n
         plen = int((docs[partner] != 0).nonzero().max()) + 1
-        first, second = (docs[j, length - 1], docs[partner, plen - 1]) if j < n else (docs[partner, plen - 1], docs[j, length - 1])
+        first, second = (
+            (docs[j, length - 1], docs[partner, plen - 1]) if j < n else (docs[partner, plen - 1], docs[j, length - 1])
+        )
         z = scale * (logits[j, length - 2, first].double() - logits[j, length - 2, second].double()) + shift
         want_first = j < n
         losses.append(float(F.softplus(-z if want_first else z)))
@@ -240,7 +247,10 @@ def test_faithfulness_rows_match_plain_torch(tiny_store, one_circuit):
     without = {loc: [c for c in range(width[loc]) if c not in set(keep.get(loc, []))] for loc in means}
     rows = pc["faithfulness"]
     assert {(r["prompt_set"], r["ablation"], r["variant"]) for r in rows} >= {
-        (s, a, v) for s in ("pruning", "selection", "evaluation") for a in ("mean", "zero") for v in ("circuit", "without_circuit")
+        (s, a, v)
+        for s in ("pruning", "selection", "evaluation")
+        for a in ("mean", "zero")
+        for v in ("circuit", "without_circuit")
     }
     cal = pc["calibration"]
     for r in rows:

@@ -65,7 +65,11 @@ def test_report_prints_targets_faithfulness_and_the_size_study(tiny_store):
     assert "per prompt" in text  # the loss scale is stated
     for f in sorted((tiny_store / "viz").rglob("viz_data.pt")):
         pc = torch.load(f, weights_only=True)["prune_config"]
-        ev = next(r for r in pc["faithfulness"] if (r["prompt_set"], r["ablation"], r["variant"]) == ("evaluation", "zero", "without_circuit"))
+        ev = next(
+            r
+            for r in pc["faithfulness"]
+            if (r["prompt_set"], r["ablation"], r["variant"]) == ("evaluation", "zero", "without_circuit")
+        )
         assert f"{ev['loss']:.3f} ± {ev['loss_se']:.3f}" in text
         if f.parts[-2] == "k_optim":
             assert f"{pc['target_loss']:.3f} (f = {pc['target_fraction']})" in text

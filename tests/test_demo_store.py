@@ -101,7 +101,11 @@ def test_tokenizer_round_trips_every_test_file_and_matches_naive_bpe(tiny_store)
         assert enc.decode_bytes(ids) == f.text.encode("utf-8"), f.relpath
     # tiktoken's encoding equals a naive BPE (merge the lowest-ranked adjacent pair) over the files.
     u2b = {u: b for b, u in gpt2_bytes_to_unicode().items()}
-    ranks = {bytes(u2b[c] for c in tok): i for tok, i in json.loads((tiny_store / "tinypython/encoder.json").read_text("utf-8")).items() if tok != "<|endoftext|>"}
+    ranks = {
+        bytes(u2b[c] for c in tok): i
+        for tok, i in json.loads((tiny_store / "tinypython/encoder.json").read_text("utf-8")).items()
+        if tok != "<|endoftext|>"
+    }
     pat = regex.compile(r"""[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
     for f in test_files[:3]:
         text = f.text[:3000]

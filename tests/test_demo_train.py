@@ -62,7 +62,9 @@ def test_dense_baseline_stops_at_the_matched_loss():
 
     from pipeline.demo.train import eval_windows, evaluate, train
 
-    p = dataclasses.replace(get_profile("tiny"), steps=60, eval_every=30, match_every=20, vocab_size=64, final_eval_windows=8, eval_windows=4)
+    p = dataclasses.replace(
+        get_profile("tiny"), steps=60, eval_every=30, match_every=20, vocab_size=64, final_eval_windows=8, eval_windows=4
+    )
     g = torch.Generator().manual_seed(0)
     train_stream, test_stream = torch.randint(1, 63, (4000,), generator=g), torch.randint(1, 63, (2000,), generator=g)
     never = train(p, train_stream, test_stream, sparse=False, stop_at_xent=0.0)

@@ -63,12 +63,19 @@ def test_zero_stride_activations_are_refused_naming_the_key(viz_store, tmp_path)
     acts[loc][ch] = torch.zeros(1).as_strided(raw["importances"]["task_samples"][0].shape, (0, 0))
     path = tmp_path / "viz_data.pt"
     torch.save(raw, path)
-    with pytest.raises(VizDataError, match=r"viz_data\.pt: tensor importances\['task_samples'\]\[1\]\['" + loc.replace(".", r"\.") + rf"'\]\[{ch}\].*over a storage of 1"):
+    with pytest.raises(
+        VizDataError,
+        match=r"viz_data\.pt: tensor importances\['task_samples'\]\[1\]\['"
+        + loc.replace(".", r"\.")
+        + rf"'\]\[{ch}\].*over a storage of 1",
+    ):
         read_viz_data(path)
 
     huge = {"x": torch.zeros(4).as_strided((4, 100_000_000_000), (1, 0))}  # 1.6 TB as float32, 16 bytes stored
     torch.save(huge, tmp_path / "huge.pt")
-    with pytest.raises(VizDataError, match=r"huge\.pt: tensor x: shape \(4, 100000000000\).*400,000,000,000 elements over a storage of 4"):
+    with pytest.raises(
+        VizDataError, match=r"huge\.pt: tensor x: shape \(4, 100000000000\).*400,000,000,000 elements over a storage of 4"
+    ):
         read_viz_data(tmp_path / "huge.pt")
 
 
@@ -84,6 +91,7 @@ def test_zero_stride_in_a_pickle_is_refused_naming_the_key(viz_store, tmp_path):
 
 def test_legacy_storage_declaring_more_than_its_bytes():
     from inference.safe_load import UnsafeFileError, check_legacy_torch
+
     b = io.BytesIO()
     torch.save({"w": torch.arange(1000.0)}, b, _use_new_zipfile_serialization=False)
     check_legacy_torch(io.BytesIO(b.getvalue()), "ok")
@@ -175,7 +183,9 @@ def test_negative_and_duplicate_channels_are_refused(viz_store, tmp_path):
     with pytest.raises(VizDataError, match=rf"viz_data\.pt: circuit_data\['{loc}'\] has the negative channel id -1"):
         read_viz_data(_write(raw, tmp_path))
     raw["circuit_data"][loc] = torch.cat([chans[:-1], chans[:1]])
-    with pytest.raises(VizDataError, match=rf"viz_data\.pt: circuit_data\['{loc}'\] lists channel\(s\) \[{int(chans[0])}\] more than once"):
+    with pytest.raises(
+        VizDataError, match=rf"viz_data\.pt: circuit_data\['{loc}'\] lists channel\(s\) \[{int(chans[0])}\] more than once"
+    ):
         read_viz_data(_write(raw, tmp_path))
 
 
@@ -197,7 +207,10 @@ def test_channel_beyond_the_width_names_the_file(viz_store, tmp_path):
     loc = next(iter(raw["circuit_data"]))
     raw["circuit_data"][loc] = torch.cat([raw["circuit_data"][loc][:-1], torch.tensor([10_000])])
     path = _write(raw, tmp_path)
-    with pytest.raises(VizDataError, match=rf"viz_data\.pt: circuit_data\['{loc}'\] has channel id 10000 outside \[0, \d+\) of the file's beeg_model_config"):
+    with pytest.raises(
+        VizDataError,
+        match=rf"viz_data\.pt: circuit_data\['{loc}'\] has channel id 10000 outside \[0, \d+\) of the file's beeg_model_config",
+    ):
         read_viz_data(path)
     del raw["importances"]["beeg_model_config"]  # then the store's model is the judge (recompute asset)
     viz = read_viz_data(_write(raw, tmp_path))
@@ -212,7 +225,9 @@ def test_context_longer_than_the_block_and_token_ids_beyond_the_vocab(viz_store,
         read_viz_data(_write(raw, tmp_path))
     raw = _raw(viz_store, PT_RUN)
     raw["importances"]["task_samples"][0][0, 0] = 5000
-    with pytest.raises(VizDataError, match=r"viz_data\.pt: task_samples docs hold token id 5000, outside the vocabulary \[0, 2048\)"):
+    with pytest.raises(
+        VizDataError, match=r"viz_data\.pt: task_samples docs hold token id 5000, outside the vocabulary \[0, 2048\)"
+    ):
         read_viz_data(_write(raw, tmp_path))
 
 
@@ -250,7 +265,10 @@ class _UninitialisedArray:
 
 def test_uninitialised_numpy_array_is_refused_before_allocating(tmp_path):
     torch.save({"circuit_data": {}, "x": _UninitialisedArray()}, tmp_path / "viz_data.pt")
-    with pytest.raises(VizDataError, match=r"viz_data\.pt: numpy array x is created with shape \(1000000000,\) \(1,000,000,000 uninitialised bytes\)"):
+    with pytest.raises(
+        VizDataError,
+        match=r"viz_data\.pt: numpy array x is created with shape \(1000000000,\) \(1,000,000,000 uninitialised bytes\)",
+    ):
         read_viz_data(tmp_path / "viz_data.pt")
     (tmp_path / "viz_data.pkl").write_bytes(pickle.dumps({"x": _UninitialisedArray()}, protocol=2))
     with pytest.raises(VizDataError, match=r"viz_data\.pkl: numpy array #1 .* is created with shape \(1000000000,\)"):

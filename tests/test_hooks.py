@@ -165,7 +165,10 @@ def test_record_into_callback_keeps_what_the_caller_selects():
     for m in (model, accelerate(tiny_model(d_model=12, n_head=3, d_head=2, d_mlp=20))):
         m.load_state_dict(model.state_dict())
         kept = {}
-        with record(r"\d+\.mlp\.post_act", into=lambda name, t, kept=kept: kept.setdefault(name, t[..., [3, 7]].clone())) as rec, torch.no_grad():
+        with (
+            record(r"\d+\.mlp\.post_act", into=lambda name, t, kept=kept: kept.setdefault(name, t[..., [3, 7]].clone())) as rec,
+            torch.no_grad(),
+        ):
             m(idx)
         assert rec == {}
         assert sorted(kept) == sorted(full)

@@ -71,14 +71,19 @@ def test_materialize_to_azure_then_query_through_the_local_database(az_env, tiny
             assert_frame_equal(_rows(con, table), _rows(con_local, table), check_exact=True)
         assert con.execute("SELECT count(DISTINCT run_id) FROM nodes").fetchall() == [(2,)]
         # a cursor (what the viewer queries through, one per thread) reads the remote tables too
-        assert con.cursor().execute("SELECT count(*) FROM edges").fetchall() == con_local.execute("SELECT count(*) FROM edges").fetchall()
+        assert (
+            con.cursor().execute("SELECT count(*) FROM edges").fetchall()
+            == con_local.execute("SELECT count(*) FROM edges").fetchall()
+        )
 
 
 def test_the_viewer_reads_remote_tables_without_torch(az_env, tiny_store, tmp_path):
     """The viewer's data layer, in a fresh process with CIRCUITS_DATA=az://...: finds the local database
     by itself, answers from the remote tables, and never imports torch."""
     url = f"az://{CONTAINER}/viewer"
-    s = materialize_store(store=str(tiny_store), data=url, select="bracket_counting/prune_demo/8", recompute=False, progress=False)
+    s = materialize_store(
+        store=str(tiny_store), data=url, select="bracket_counting/prune_demo/8", recompute=False, progress=False
+    )
     assert not s.failed
     code = (
         "import sys; from viewer import queries; queries.check_tables(); "

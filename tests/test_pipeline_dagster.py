@@ -58,7 +58,9 @@ def test_sensor_adds_partitions_and_requests_runs(viz_store):
     from pipeline.resources import CircuitsResource
 
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources={"circuits": CircuitsResource.from_env(store_url=str(viz_store), data="unused")})
+        ctx = dg.build_sensor_context(
+            instance=instance, resources={"circuits": CircuitsResource.from_env(store_url=str(viz_store), data="unused")}
+        )
         result = discover_circuits(ctx)
         keys = sorted(r.partition_key for r in result.run_requests)
         assert keys == sorted([*FIXTURE_RUNS, "fixture_a"])
@@ -126,7 +128,9 @@ def test_object_store_data_dir_one_put_per_file(circuits_data, tmp_path):
     assert meta["path"] == "memory://circuits-test/tables/nodes/" + run_id.replace("/", "__") + ".parquet"
     assert read_partition("memory://circuits-test", "nodes", run_id).equals(local)
     fs = fsspec.filesystem("memory")
-    assert fs.ls("/circuits-test/tables/nodes", detail=False) == ["/circuits-test/tables/nodes/" + run_id.replace("/", "__") + ".parquet"]
+    assert fs.ls("/circuits-test/tables/nodes", detail=False) == [
+        "/circuits-test/tables/nodes/" + run_id.replace("/", "__") + ".parquet"
+    ]
     assert build_duckdb("memory://circuits-test", str(tmp_path / "db")) == str(tmp_path / "db" / "circuits.duckdb")
     assert (tmp_path / "db" / "circuits.duckdb").is_file() and not fs.exists("/circuits-test/circuits.duckdb")
 
@@ -190,12 +194,16 @@ def test_recompute_on_the_embedded_store_uses_its_means_and_agrees(tiny_store, t
     assert len(viz_files) == len(set(viz_files)) == len(s.runs) > 0
     assert len([p for p in hashed if p in viz_files]) == len(s.runs)
     con = duckdb.connect(str(tmp_path / "d" / "circuits.duckdb"), read_only=True)
-    rows = con.execute("select run_id, means_source, stored_interv_loss, recomputed_interv_loss, tolerance from recompute_summary").fetchall()
+    rows = con.execute(
+        "select run_id, means_source, stored_interv_loss, recomputed_interv_loss, tolerance from recompute_summary"
+    ).fetchall()
     assert rows and len(rows) == len(s.runs)
     for run_id, source, stored, recomputed, tol in rows:
         assert source == "store", run_id
         assert abs(stored - recomputed) <= tol * max(1.0, abs(stored)), run_id
-    n, agree, worst = con.execute("select count(*), count(*) filter (where agrees), max(abs_diff) from ablations where mode = 'mean'").fetchone()
+    n, agree, worst = con.execute(
+        "select count(*), count(*) filter (where agrees), max(abs_diff) from ablations where mode = 'mean'"
+    ).fetchone()
     n_nodes = con.execute("select count(*) from nodes").fetchone()[0]
     assert n == n_nodes > 0 and agree == n, (agree, n, worst)
 

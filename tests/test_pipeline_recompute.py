@@ -40,7 +40,9 @@ def test_recomputed_ablations_with_abs_topk_equal_the_reference_loop(viz_store):
     run_id = "fixture_a/quotes/prune_v4/k_optim"
     viz = _viz(viz_store, run_id)
     fixture = load_model(viz_store / "models" / FIXTURE_MODEL)
-    cfg = dataclasses.replace(fixture.config, afrac=0.5, afrac_loctypes="attn_in,attn_out,mlp_in,mlp_out,mlp_neuron,attn_q,attn_k,attn_v")
+    cfg = dataclasses.replace(
+        fixture.config, afrac=0.5, afrac_loctypes="attn_in,attn_out,mlp_in,mlp_out,mlp_neuron,attn_q,attn_k,attn_v"
+    )
 
     def topk_model():
         m = GPT(cfg).eval()

@@ -130,10 +130,16 @@ def test_recompute_matches_stored_and_names_the_model(db, viz_store, run_id):
     assert s.recomputed_interv_loss == pytest.approx(imp["interv_loss"] / 2, rel=1e-4)
     assert s.stored_acts_match == FIXTURE_RUNS[run_id]["stored_acts"]
     assert s.means_source == "samples"
-    ab = db.execute("select mode, count(*), bool_and(agrees), max(abs_diff) from ablations where run_id = ? group by mode order by mode", [run_id]).fetchall()
+    ab = db.execute(
+        "select mode, count(*), bool_and(agrees), max(abs_diff) from ablations where run_id = ? group by mode order by mode",
+        [run_id],
+    ).fetchall()
     n = FIXTURE_RUNS[run_id]["n_nodes"]
     assert ab[0][:3] == ("mean", n, True) and ab[1][:3] == ("zero", n, None)
-    ra = db.execute("select max(abs(stored - full_model)), max(abs(stored - circuit_model)) from recomputed_activations where run_id = ?", [run_id]).fetchone()
+    ra = db.execute(
+        "select max(abs(stored - full_model)), max(abs(stored - circuit_model)) from recomputed_activations where run_id = ?",
+        [run_id],
+    ).fetchone()
     matching = ra[0] if FIXTURE_RUNS[run_id]["stored_acts"] == "full" else ra[1]
     assert matching < 1e-4 < max(ra)
 
@@ -142,7 +148,9 @@ def test_model_tables(db, viz_store):
     sd = torch.load(viz_store / "models" / FIXTURE_MODEL / "final_model.pt", weights_only=True)
     for m in ("wte", "wpe"):
         w = sd[f"transformer.{m}.weight"]
-        n, total = db.execute("select count(*), sum(value) from embeddings where model = ? and matrix = ?", [FIXTURE_MODEL, m]).fetchone()
+        n, total = db.execute(
+            "select count(*), sum(value) from embeddings where model = ? and matrix = ?", [FIXTURE_MODEL, m]
+        ).fetchone()
         assert n == int((w != 0).sum()) and total == pytest.approx(float(w.sum()), rel=1e-4)
     assert db.execute("select count(*), sum(is_special::int) from vocab").fetchone() == (2048, 1)
     assert db.execute("select text from vocab where token_id = 2047").fetchone()[0] == "<|endoftext|>"
@@ -179,7 +187,9 @@ def test_duckdb_views_answer_from_another_cwd_while_a_writer_runs(circuits_data,
             con.close()
         print(sorted(counts))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", reader], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", reader], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     run_id = next(iter(FIXTURE_RUNS))
     table = read_partition(data, "activations", run_id)
     for _ in range(5):

@@ -57,11 +57,17 @@ def test_final_resid_ablations_match_plain_torch(rms):
     model = _model(rms)
     g = torch.Generator().manual_seed(0)
     docs = torch.randint(1, 2000, (4, 12), generator=g)
-    per_layer = {"0.attn.v": torch.tensor([1, 5]), "1.mlp.post_act": torch.tensor([3, 7, 2]),
-                 "1.mlp.resid_delta": torch.tensor([0, 4]), "0.mlp.act_in": torch.tensor([2, 9])}
+    per_layer = {
+        "0.attn.v": torch.tensor([1, 5]),
+        "1.mlp.post_act": torch.tensor([3, 7, 2]),
+        "1.mlp.resid_delta": torch.tensor([0, 4]),
+        "0.mlp.act_in": torch.tensor([2, 9]),
+    }
     final = [4, 9, 11, 0]
     circuit = {**per_layer, "final_resid": torch.tensor(final)}
-    means = C.node_means(model, torch.randint(1, 2000, (6, 12), generator=g), locations=C.circuit_locations(model.config, circuit))
+    means = C.node_means(
+        model, torch.randint(1, 2000, (6, 12), generator=g), locations=C.circuit_locations(model.config, circuit)
+    )
 
     interv = plain_final_resid_losses(model, docs, per_layer, final, means)[0]
     assert C.circuit_loss(model, docs, circuit, means) == pytest.approx(interv, abs=1e-5)
@@ -131,7 +137,9 @@ def test_release_store_converts_every_node(release_store, release_data):
         for loc, chans in circuit.items():
             for i, c in enumerate(chans):
                 row = nodes.loc[f"{loc}:{c}"]
-                assert row["delta"] == pytest.approx((float(imp["ch_interv_losses"][loc][i]) - imp["interv_loss"]) * 0.5, abs=1e-9)
+                assert row["delta"] == pytest.approx(
+                    (float(imp["ch_interv_losses"][loc][i]) - imp["interv_loss"]) * 0.5, abs=1e-9
+                )
                 if loc == "final_resid":
                     assert pd.isna(row["layer"]) and (row["half"], row["kind"]) == ("final", "final_resid")
                 elif loc == UNKNOWN_LOCATION:
@@ -175,7 +183,11 @@ def test_release_store_converts_every_node(release_store, release_data):
         ra = _table(data, "recomputed_activations", run_id)
         for c in circuit["final_resid"]:
             r = ra[ra["node_id"] == f"final_resid:{c}"]
-            np.testing.assert_allclose(r["full_model"].to_numpy(), x[torch.from_numpy(r["doc"].to_numpy().copy()), torch.from_numpy(r["pos"].to_numpy().copy()), c].numpy(), atol=1e-5)
+            np.testing.assert_allclose(
+                r["full_model"].to_numpy(),
+                x[torch.from_numpy(r["doc"].to_numpy().copy()), torch.from_numpy(r["pos"].to_numpy().copy()), c].numpy(),
+                atol=1e-5,
+            )
 
     # a pair across layers, into final_resid, is an edge like any other
     edges = _table(data, "edges", "fixture_r/quotes/prune_v4/6")
@@ -203,7 +215,9 @@ def test_partial_checkpoint_skips_only_the_table_it_cannot_build(release_store, 
     # The asset metadata says what was skipped, naming the tensor and the file.
     instance = pipeline_instance(str(data))
     event = instance.get_latest_materialization_event(dg.AssetKey("wte_extremes"))
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("wte_extremes"), asset_partitions=[PARTIAL_MODEL]), limit=1)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("wte_extremes"), asset_partitions=[PARTIAL_MODEL]), limit=1
+    )
     meta = records.records[0].asset_materialization.metadata
     skipped = meta["skipped_tables"].value
     assert set(skipped) == {"unembed_extremes"}
@@ -369,8 +383,12 @@ def test_skipped_table_replaces_a_stale_file(release_store, release_data, tmp_pa
     shutil.copy(release_data[0] / "tables" / "unembed_extremes" / f"{RELEASE_MODEL}.parquet", stale)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(MODELS.name, [PARTIAL_MODEL])
-        result = dg.materialize([embeddings], partition_key=PARTIAL_MODEL, instance=instance,
-                                resources={"circuits": CircuitsResource.from_env(store_url=str(release_store), data=str(data))})
+        result = dg.materialize(
+            [embeddings],
+            partition_key=PARTIAL_MODEL,
+            instance=instance,
+            resources={"circuits": CircuitsResource.from_env(store_url=str(release_store), data=str(data))},
+        )
     assert result.success
     assert not stale.exists()
     assert (data / "tables" / "wte_extremes" / f"{PARTIAL_MODEL}.parquet").exists()

@@ -18,7 +18,13 @@ def _environment_reads(path: Path) -> list[int]:
         if isinstance(node, ast.Attribute) and node.attr == "getenv" and getattr(node.value, "id", None) == "os":
             lines.append(node.lineno)
         if isinstance(node, (ast.Call, ast.Subscript, ast.Compare)):
-            target = node.func if isinstance(node, ast.Call) else node.value if isinstance(node, ast.Subscript) else node.comparators[0]
+            target = (
+                node.func
+                if isinstance(node, ast.Call)
+                else node.value
+                if isinstance(node, ast.Subscript)
+                else node.comparators[0]
+            )
             if isinstance(node, ast.Call):
                 target = target.value if isinstance(target, ast.Attribute) and target.attr in ("get", "__getitem__") else None
             if isinstance(target, ast.Attribute) and target.attr == "environ" and getattr(target.value, "id", None) == "os":

@@ -89,7 +89,8 @@ def test_nodes_and_edges_of_a_layer_half(viewer_data):
     want_e = edges[(edges["run_id"] == RUN) & edges["tgt_location"].str.startswith("1.attn.")]
     got_e = queries.edges(RUN, "1.attn").to_pandas()
     assert sorted(zip(got_e["src_node_id"], got_e["tgt_node_id"], strict=True)) == sorted(
-        zip(want_e["src_node_id"], want_e["tgt_node_id"], strict=True))
+        zip(want_e["src_node_id"], want_e["tgt_node_id"], strict=True)
+    )
 
 
 def test_connections_are_the_nodes_column_and_row(viewer_data):
@@ -141,7 +142,7 @@ def test_activation_matrix_matches_the_table(viewer_data):
     for row in a.itertuples():
         assert m[row.doc, row.pos] == pytest.approx(row.value)
     for d in docs.itertuples():
-        assert np.isnan(m[d.doc, d.length:]).all()
+        assert np.isnan(m[d.doc, d.length :]).all()
 
 
 def test_head_attention_pattern_independent(viewer_data):
@@ -199,9 +200,15 @@ def test_compare_and_residual_links(viewer_data):
     assert set(df[df["status"] == "only B"]["node_id"]) == b - a
     links = queries.residual_links(RUN).to_pandas()
     order = {"attn": 0, "mlp": 1}
-    want = {(w["node_id"], r["node_id"]) for w in truth.nodes[RUN] for r in truth.nodes[RUN]
-            if w["kind"] == "resid_delta" and r["kind"] == "act_in" and w["channel"] == r["channel"]
-            and (r["layer"], order[r["half"]]) > (w["layer"], order[w["half"]])}
+    want = {
+        (w["node_id"], r["node_id"])
+        for w in truth.nodes[RUN]
+        for r in truth.nodes[RUN]
+        if w["kind"] == "resid_delta"
+        and r["kind"] == "act_in"
+        and w["channel"] == r["channel"]
+        and (r["layer"], order[r["half"]]) > (w["layer"], order[w["half"]])
+    }
     assert set(zip(links["src_node_id"], links["tgt_node_id"], strict=True)) == want
 
 
@@ -302,7 +309,9 @@ def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
     import html
 
     centre_text = html.escape(vocab[int(s[s["pos"] == centre]["token_id"].iloc[0])])
-    assert re.search(f'<span class="(p[0-9]+ |n[0-9]+ | )c" title=[^>]*>{re.escape(centre_text)}</span>', app.detail.snippets.object)
+    assert re.search(
+        f'<span class="(p[0-9]+ |n[0-9]+ | )c" title=[^>]*>{re.escape(centre_text)}</span>', app.detail.snippets.object
+    )
     app.detail.inner_tabs.active = 2  # a q node: its head's attention pattern
     node = models.node(RUN, node_id)
     assert f"layer 1 head {int(node['head'])}, doc 0" in app.detail.attn_note.object
@@ -371,8 +380,10 @@ def test_other_tabs_render(viewer_data):
     assert "shared" in app.compare.summary.object
     app.graph_tabs.active = 1
     assert len(app.whole.nodes.data["node_id"]) == len(truth.nodes[RUN])
-    assert any(".resid_delta:" in s and ".act_in:" in t for s, t in zip(app.whole.edges.data["src"], app.whole.edges.data["tgt"],
-                                                                           strict=True))
+    assert any(
+        ".resid_delta:" in s and ".act_in:" in t
+        for s, t in zip(app.whole.edges.data["src"], app.whole.edges.data["tgt"], strict=True)
+    )
 
 
 def test_hostile_url_values_fall_back_with_notes(viewer_data):
@@ -380,8 +391,16 @@ def test_hostile_url_values_fall_back_with_notes(viewer_data):
     from viewer.app import create_app
 
     n_runs = len(queries.runs())
-    page = create_app(url={"run": "x' OR 1=1; DROP VIEW runs; --", "layer": "9.attn'--", "node": "\"; SELECT 1",
-                           "threshold": "1e999", "pins": '{"nope": "x"}', "compare": "'; --"})
+    page = create_app(
+        url={
+            "run": "x' OR 1=1; DROP VIEW runs; --",
+            "layer": "9.attn'--",
+            "node": '"; SELECT 1',
+            "threshold": "1e999",
+            "pins": '{"nope": "x"}',
+            "compare": "'; --",
+        }
+    )
     state = page.explorer.state
     assert state.run == queries.runs()["run_id"][0]
     assert state.node == "" and state.pins == {} and state.compare == "" and state.threshold == 0.1
@@ -443,15 +462,39 @@ def test_derived_tables_edges_of_the_cut():
 
     from pipeline.derived import snippet_window, wte_tables
 
-    rows = {k: [] for k in ("run_id", "node_id", "location", "channel", "frac", "side", "rank", "pos", "token_id", "value", "is_center")}
+    rows = {
+        k: []
+        for k in ("run_id", "node_id", "location", "channel", "frac", "side", "rank", "pos", "token_id", "value", "is_center")
+    }
     for rank, centre in ((0, 60), (5, 60), (1, None)):  # rank 5 is not shown; rank 1 has no centre
         for pos in range(130):
-            for k, v in (("run_id", "r"), ("node_id", "0.mlp.post_act:3"), ("location", "0.mlp.post_act"), ("channel", 3), ("frac", 0.1),
-                         ("side", "top"), ("rank", rank), ("pos", pos), ("token_id", pos), ("value", float(pos)), ("is_center", pos == centre)):
+            for k, v in (
+                ("run_id", "r"),
+                ("node_id", "0.mlp.post_act:3"),
+                ("location", "0.mlp.post_act"),
+                ("channel", 3),
+                ("frac", 0.1),
+                ("side", "top"),
+                ("rank", rank),
+                ("pos", pos),
+                ("token_id", pos),
+                ("value", float(pos)),
+                ("is_center", pos == centre),
+            ):
                 rows[k].append(v)
-    piece = pa.table(rows).cast(pa.schema([pa.field(n, t) for n, t in zip(rows, [pa.string()] * 3 + [pa.int64(), pa.float64(), pa.string(),
-                                                                                    pa.int32(), pa.int32(), pa.int32(), pa.float32(), pa.bool_()],
-                                                                          strict=True)]))
+    piece = pa.table(rows).cast(
+        pa.schema(
+            [
+                pa.field(n, t)
+                for n, t in zip(
+                    rows,
+                    [pa.string()] * 3
+                    + [pa.int64(), pa.float64(), pa.string(), pa.int32(), pa.int32(), pa.int32(), pa.float32(), pa.bool_()],
+                    strict=True,
+                )
+            ]
+        )
+    )
     got = snippet_window(piece).to_pandas()
     assert set(got["rank"]) == {0}
     assert got["pos"].tolist() == list(range(10, 111))  # 60 - 50 .. 60 + 50
@@ -470,8 +513,13 @@ def test_outputs_of_a_residual_write_that_no_later_node_reads(viewer_data):
     order = {"attn": 0, "mlp": 1}
 
     def readers(w):
-        return [r for r in nodes if r["kind"] == "act_in" and r["channel"] == w["channel"]
-                and (r["layer"], order[r["half"]]) > (w["layer"], order[w["half"]])]
+        return [
+            r
+            for r in nodes
+            if r["kind"] == "act_in"
+            and r["channel"] == w["channel"]
+            and (r["layer"], order[r["half"]]) > (w["layer"], order[w["half"]])
+        ]
 
     writes = [n for n in nodes if n["kind"] == "resid_delta"]
     unread = next(w for w in writes if not readers(w))

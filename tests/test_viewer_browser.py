@@ -21,8 +21,14 @@ import pytest
 from viewer_tables import write_contract_tables
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "") if p and
-                 os.path.exists(p)), None)
+CHROMIUM = next(
+    (
+        p
+        for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
+        if p and os.path.exists(p)
+    ),
+    None,
+)
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 
 # Screen position of a node of the layer-half graph, from BokehJS's own scales (the canvas has no DOM per node).
@@ -57,8 +63,24 @@ def served(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "CIRCUITS_DATA": str(data)}
     log = open(data / "serve.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", "viewer/app.py", "--address", "127.0.0.1", "--port", str(port),
-                             f"--allow-websocket-origin=127.0.0.1:{port}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "panel",
+            "serve",
+            "viewer/app.py",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            f"--allow-websocket-origin=127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/app"
     deadline = time.time() + 60
     while True:
@@ -111,15 +133,22 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
             import pyarrow as pa
 
             s = pa.concat_tables(truth.tables["samples"]).to_pandas()
-            s = s[(s["run_id"] == run) & (s["node_id"] == target) & (s["frac"] == 0.001) & (s["side"] == "bottom") & (s["rank"] == 0)]
+            s = s[
+                (s["run_id"] == run)
+                & (s["node_id"] == target)
+                & (s["frac"] == 0.001)
+                & (s["side"] == "bottom")
+                & (s["rank"] == 0)
+            ]
             vocab = pa.concat_tables(truth.tables["vocab"]).to_pandas().set_index("token_id")["text"]
             centre_text = vocab[int(s[s["is_center"]]["token_id"].iloc[0])]
             first_centre = page.locator(".toks span.c").first
             first_centre.wait_for(timeout=30000)
             assert first_centre.inner_text() == centre_text
             assert page.locator(".toks span").count() >= 8 * 5 * 50  # 4 fracs x 2 sides x 5 snippets, >= 50 tokens each
-            page.wait_for_function("(id) => new URLSearchParams(window.location.search).get('node') === id", arg=target,
-                                   timeout=60000)  # the URL carries the selection
+            page.wait_for_function(
+                "(id) => new URLSearchParams(window.location.search).get('node') === id", arg=target, timeout=60000
+            )  # the URL carries the selection
             page.screenshot(path=str(tmp_path / "viewer_node.png"), full_page=True)
             first_centre.scroll_into_view_if_needed()  # the template's main area scrolls by itself
             page.screenshot(path=str(tmp_path / "viewer_snippets.png"))
@@ -192,7 +221,9 @@ def test_shared_link_restores_threshold_pins_node_and_its_layer(served, browser_
 
     url, truth = served
     run = "toy/quotes/sweep1/8"
-    node = next(n["node_id"] for n in truth.nodes[run] if n["node_id"].startswith("1.attn.k:"))  # not the default layer-half (0.mlp)
+    node = next(
+        n["node_id"] for n in truth.nodes[run] if n["node_id"].startswith("1.attn.k:")
+    )  # not the default layer-half (0.mlp)
     other = truth.nodes[run][0]["node_id"]
     pins = {node: "a k channel", other: "0.5"}
     query = {"run": run, "threshold": "0.5", "pins": json.dumps(pins), "node": node}
@@ -205,7 +236,9 @@ def test_shared_link_restores_threshold_pins_node_and_its_layer(served, browser_
     assert page.evaluate(BOKEH_MODEL_VALUE, ["Slider", "edge threshold"]) == 0.5
     assert page.locator("select[size]").input_value() == "1.attn"
     sidebar_pins = page.get_by_text("📌", exact=False)
-    assert sorted(t.strip() for t in sidebar_pins.first.inner_text().split("\n") if t.strip()) == sorted(f"📌 {k}: {v}" for k, v in pins.items())
+    assert sorted(t.strip() for t in sidebar_pins.first.inner_text().split("\n") if t.strip()) == sorted(
+        f"📌 {k}: {v}" for k, v in pins.items()
+    )
     # The URL after loading still carries the link's state, as strings the app reads back.
     # The link has no layer: it is in the URL once the app has written its state back.
     _wait(lambda: "layer=" in page.evaluate("() => window.location.search"), "the URL written back")

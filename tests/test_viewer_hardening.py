@@ -58,8 +58,21 @@ def test_no_markdown_or_math_typesetting_of_data(small_data):
     page.server_doc(doc)
     divs = [m for m in doc.models if isinstance(m, Div)]
     assert len(divs) >= 10 and all(d.disable_math for d in divs)
-    mine = [box.div for box in (app.notes, app.summary, app.pins, app.detail.header, app.detail.snippets, app.detail.task,
-                                app.detail.inputs, app.detail.outputs, app.embeddings.top, app.compare.summary)]
+    mine = [
+        box.div
+        for box in (
+            app.notes,
+            app.summary,
+            app.pins,
+            app.detail.header,
+            app.detail.snippets,
+            app.detail.task,
+            app.detail.inputs,
+            app.detail.outputs,
+            app.embeddings.top,
+            app.compare.summary,
+        )
+    ]
     assert all(d.disable_math for d in mine)
     # No Markdown pane at all (raw HTML passes through Markdown; its model also loads MathJax on every page).
     assert list(pn.Column(*page.sidebar, *page.main).select(pn.pane.Markdown)) == []

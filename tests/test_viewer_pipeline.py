@@ -45,7 +45,9 @@ def test_every_run_opens_and_a_click_shows_its_node(pipeline_data):
         assert f"<b>{n_nodes}</b> nodes" in app.summary.object
         # Click the node with the most snippets in the shown layer-half.
         shown = [n for n in app.graph.nodes.data["node_id"] if not n.endswith(":bias")]
-        want = set(nodes[(nodes["run_id"] == run_id) & (nodes["layer"].astype(str) + "." + nodes["half"] == app.state.layer)]["node_id"])
+        want = set(
+            nodes[(nodes["run_id"] == run_id) & (nodes["layer"].astype(str) + "." + nodes["half"] == app.state.layer)]["node_id"]
+        )
         assert set(shown) == want
         node_id = shown[0]
         app.graph.nodes.selected.indices = [list(app.graph.nodes.data["node_id"]).index(node_id)]
@@ -70,13 +72,16 @@ def test_pipeline_tabs_render(pipeline_data):
     app.detail_tabs.active = 1
     assert app.embeddings.channel.value == int(resid["channel"].iloc[0])
     emb = read(pipeline_data, "embeddings")
-    col = emb[(emb["matrix"] == "wte") & (emb["channel"] == int(resid["channel"].iloc[0])) & (emb["model"] == runs["model"].iloc[0])]
+    col = emb[
+        (emb["matrix"] == "wte") & (emb["channel"] == int(resid["channel"].iloc[0])) & (emb["model"] == runs["model"].iloc[0])
+    ]
     assert int(sum(app.embeddings.hist_source.data["top"])) == len(col)
     app.detail_tabs.active = 2
     lak = read(pipeline_data, "loss_at_k")
     r = runs.iloc[0]
-    assert len(app.curves.k_plot.data[0]["k_label"]) == int(((lak["model"] == r["model"]) & (lak["task"] == r["task"])
-                                                          & (lak["sweep"] == r["sweep"])).sum())
+    assert len(app.curves.k_plot.data[0]["k_label"]) == int(
+        ((lak["model"] == r["model"]) & (lak["task"] == r["task"]) & (lak["sweep"] == r["sweep"])).sum()
+    )
     other = [x for x in runs["run_id"] if x != run_id][0]
     app.state.compare = other
     app.detail_tabs.active = 3
@@ -103,7 +108,9 @@ def test_pipeline_derived_tables(pipeline_data):
     keys = ["run_id", "node_id", "frac", "side", "rank"]
     centres = s[s["is_center"]].groupby(keys)["pos"].min().rename("centre").reset_index()
     want = s.merge(centres, on=keys)
-    want = want[(want["pos"] - want["centre"]).abs() <= 50].drop(columns="centre").sort_values([*keys, "pos"]).reset_index(drop=True)
+    want = (
+        want[(want["pos"] - want["centre"]).abs() <= 50].drop(columns="centre").sort_values([*keys, "pos"]).reset_index(drop=True)
+    )
     got = read(pipeline_data, "snippets").sort_values([*keys, "pos"]).reset_index(drop=True)
     assert len(want) > 0
     pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)

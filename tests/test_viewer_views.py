@@ -36,8 +36,14 @@ def test_graph_draws_the_layout_and_its_threshold():
     from viewer.views.graph import CircuitGraph
 
     ids = np.array(["0.attn.q:1", "0.attn.k:2", "0.attn.v:3"], dtype=object)
-    nodes = {"node_id": ids, "x": np.array([0.0, 1.0, 2.0]), "y": np.array([1.0, 2.0, 3.0]), "delta": np.array([0.5, -0.25, np.nan]),
-             "label": np.array(["a", "b", "c"], dtype=object), "is_bias": np.zeros(3, bool)}
+    nodes = {
+        "node_id": ids,
+        "x": np.array([0.0, 1.0, 2.0]),
+        "y": np.array([1.0, 2.0, 3.0]),
+        "delta": np.array([0.5, -0.25, np.nan]),
+        "label": np.array(["a", "b", "c"], dtype=object),
+        "is_bias": np.zeros(3, bool),
+    }
     measure = np.array([1.0, -0.4, 0.05])
     layout = GraphLayout(nodes, {1.0: "q", 2.0: "k"}, top=2.0, src=np.array([0, 1, 2]), tgt=np.array([1, 2, 0]), measure=measure)
     g = CircuitGraph(lambda _: None)
@@ -61,19 +67,50 @@ def test_node_detail_header_connections_snippets():
     from viewer import models
     from viewer.views.detail import DetailView
 
-    node = {"node_id": "1.attn.q:7", "location": "1.attn.q", "channel": 7, "kind": "q", "head": 1, "head_channel": 3,
-            "delta": 0.4373, "layer_delta": 1.5, "layer_delta_released": 2.75}
-    inputs = pl.DataFrame({"src_node_id": ["1.attn.act_in:2"], "tgt_node_id": ["1.attn.q:7"], "strength": [0.75], "weight": [None]},
-                          schema_overrides={"weight": pl.Float64})
-    snippets = pl.DataFrame({"frac": [0.5, 0.5, 0.5], "side": ["top"] * 3, "rank": [0, 0, 0], "pos": [0, 1, 2], "token_id": [5, 6, 7],
-                             "value": [0.0, 2.0, -1.0], "is_center": [False, True, False], "text": ["a<b", "$$x$$", "c"]})
-    detail = models.NodeDetail(node, ablation={"recomputed_delta": 0.44, "abs_diff": 0.0027, "agrees": True}, inputs=inputs,
-                               outputs=inputs.clear(), snippets=snippets)
+    node = {
+        "node_id": "1.attn.q:7",
+        "location": "1.attn.q",
+        "channel": 7,
+        "kind": "q",
+        "head": 1,
+        "head_channel": 3,
+        "delta": 0.4373,
+        "layer_delta": 1.5,
+        "layer_delta_released": 2.75,
+    }
+    inputs = pl.DataFrame(
+        {"src_node_id": ["1.attn.act_in:2"], "tgt_node_id": ["1.attn.q:7"], "strength": [0.75], "weight": [None]},
+        schema_overrides={"weight": pl.Float64},
+    )
+    snippets = pl.DataFrame(
+        {
+            "frac": [0.5, 0.5, 0.5],
+            "side": ["top"] * 3,
+            "rank": [0, 0, 0],
+            "pos": [0, 1, 2],
+            "token_id": [5, 6, 7],
+            "value": [0.0, 2.0, -1.0],
+            "is_center": [False, True, False],
+            "text": ["a<b", "$$x$$", "c"],
+        }
+    )
+    detail = models.NodeDetail(
+        node,
+        ablation={"recomputed_delta": 0.44, "abs_diff": 0.0027, "agrees": True},
+        inputs=inputs,
+        outputs=inputs.clear(),
+        snippets=snippets,
+    )
     view = DetailView(state())
     view.draw(detail, {"1.attn.q:7": "<my pin>"})
     head = view.header.object
     assert '<h3 class="node-title">1.attn.q:7</h3>' in head and "head 1, head channel 3" in head
-    assert "<b>0.4373</b>" in head and "layer-half delta 1.5000 (released reading 2.7500)" in head and "0.4400" in head and "agrees" in head
+    assert (
+        "<b>0.4373</b>" in head
+        and "layer-half delta 1.5000 (released reading 2.7500)" in head
+        and "0.4400" in head
+        and "agrees" in head
+    )
     assert "&lt;my pin&gt;" in head and "<my pin>" not in head
     assert "1.attn.act_in:2" in view.inputs.object and "0.7500" in view.inputs.object
     assert view.outputs.object == "<i>none</i>"
@@ -90,10 +127,22 @@ def test_residual_write_outputs_and_logit_effect():
     from viewer.views.detail import DetailView
 
     node = {"node_id": "0.mlp.resid_delta:4", "location": "0.mlp.resid_delta", "channel": 4, "kind": "resid_delta", "delta": 0.1}
-    links = pl.DataFrame({"src_node_id": ["0.mlp.resid_delta:4", "0.mlp.resid_delta:9"], "tgt_node_id": ["1.attn.act_in:4", "2.attn.act_in:9"],
-                          "channel": [4, 9]})
-    logit = pl.DataFrame({"side": ["top", "top", "bottom"], "rank": [0, 1, 0], "token_id": [1, 2, 3], "value": [0.5, 0.25, -0.125],
-                          "text": [" in", "<", "x"]})
+    links = pl.DataFrame(
+        {
+            "src_node_id": ["0.mlp.resid_delta:4", "0.mlp.resid_delta:9"],
+            "tgt_node_id": ["1.attn.act_in:4", "2.attn.act_in:9"],
+            "channel": [4, 9],
+        }
+    )
+    logit = pl.DataFrame(
+        {
+            "side": ["top", "top", "bottom"],
+            "rank": [0, 1, 0],
+            "token_id": [1, 2, 3],
+            "value": [0.5, 0.25, -0.125],
+            "text": [" in", "<", "x"],
+        }
+    )
     view = DetailView(state())
     view.draw(models.NodeDetail(node, links=links, logit=logit), {})
     out = view.outputs.object
@@ -109,8 +158,12 @@ def test_task_docs_pairs_scales_and_differences():
     from viewer.models import TaskDoc, task_doc_pages
     from viewer.views.tokens import task_docs_html
 
-    docs = [TaskDoc(0, 1, 0, 3, ["a", "b", "c"]), TaskDoc(1, 2, 0, 2, ["d", "e"]), TaskDoc(2, 1, 1, 2, ["f", "g"]),
-            TaskDoc(3, 2, 1, 2, ["h", "i"])]
+    docs = [
+        TaskDoc(0, 1, 0, 3, ["a", "b", "c"]),
+        TaskDoc(1, 2, 0, 2, ["d", "e"]),
+        TaskDoc(2, 1, 1, 2, ["f", "g"]),
+        TaskDoc(3, 2, 1, 2, ["h", "i"]),
+    ]
     acts = np.array([[1.0, -2.0, 0.0], [4.0, 0.0, np.nan], [0.5, 0.5, np.nan], [0.0, 1.0, np.nan]], np.float32)
     out = task_docs_html(docs, acts, zero_centred=True, pairs_shown=[0])
     assert "|activation| 4 = full colour" in out
@@ -136,8 +189,13 @@ def test_attention_plots_and_messages():
     view.draw_attention("Attention patterns are shown for q, k and v nodes.")
     assert "shown for q, k and v" in view.attn_note.object and view.head_plot is None
     q, k = {3: np.array([1.0, 2.0])}, {3: np.array([0.5, -1.0])}
-    att = models.Attention(["layer 1 head 2, doc 0 (2 tokens)"], head=models.head_pattern(q, k, 4, 2), head_title="head 2 pattern",
-                           channel=models.channel_pattern(q[3], k[3], 4), channel_title="channel 3")
+    att = models.Attention(
+        ["layer 1 head 2, doc 0 (2 tokens)"],
+        head=models.head_pattern(q, k, 4, 2),
+        head_title="head 2 pattern",
+        channel=models.channel_pattern(q[3], k[3], 4),
+        channel_title="channel 3",
+    )
     view.draw_attention(att)
     img = view.head_plot.source.data["image"][0]
     # softmax over s <= t of q(t) k(s) / sqrt(4): row 1 = softmax([2 * 0.5, 2 * -1] / 2)
@@ -165,9 +223,16 @@ def test_embeddings_curves_compare_faithfulness_draw_their_data():
 
     lak = pl.DataFrame({"n_nodes": [10, 20], "final_loss": [2.0, 1.0], "k_label": ["8", "16"], "run_id": ["r/a", "r/b"]})
     train = pl.DataFrame({"step": [0, 1, 0], "metric": ["loss", "loss", "lr"], "value": [3.0, 2.5, 0.1]})
-    c = models.Curves("r/a", loss_at_k=lak, unpruned=0.75, pruning=pl.DataFrame({"x": [8, 16], "loss": [1.5, 1.2]}), config={"k": 8},
-                      train=train, train_last=pl.DataFrame({"metric": ["loss", "lr"], "step": [1, 0], "value": [2.5, 0.1]}),
-                      metrics=["loss", "lr"])
+    c = models.Curves(
+        "r/a",
+        loss_at_k=lak,
+        unpruned=0.75,
+        pruning=pl.DataFrame({"x": [8, 16], "loss": [1.5, 1.2]}),
+        config={"k": 8},
+        train=train,
+        train_last=pl.DataFrame({"metric": ["loss", "lr"], "step": [1, 0], "value": [2.5, 0.1]}),
+        metrics=["loss", "lr"],
+    )
     curves = CurvesView(state())
     curves.draw(c)
     drawn, run_id, unpruned = curves.k_plot.data
@@ -177,15 +242,30 @@ def test_embeddings_curves_compare_faithfulness_draw_their_data():
     assert curves.metric_pick.value == "loss" and curves.t_plot.data[0]["value"].to_list() == [3.0, 2.5]
     assert "2.500000" in curves.metrics.object
 
-    cmp = models.Comparison("r/a", "r/<b>", pl.DataFrame({"node_id": ["n1"], "delta_a": [0.5], "delta_b": [0.25]}),
-                            pl.DataFrame({"node_id": ["n2", "n3"], "delta_a": [0.1, 0.2]}), pl.DataFrame({"node_id": [], "delta_b": []}))
+    cmp = models.Comparison(
+        "r/a",
+        "r/<b>",
+        pl.DataFrame({"node_id": ["n1"], "delta_a": [0.5], "delta_b": [0.25]}),
+        pl.DataFrame({"node_id": ["n2", "n3"], "delta_a": [0.1, 0.2]}),
+        pl.DataFrame({"node_id": [], "delta_b": []}),
+    )
     view = CompareView(state())
     view.draw(cmp)
     assert "shared <b>1</b> · only in A <b>2</b> · only in B <b>0</b> · Jaccard 0.333" in view.summary.object
     assert html.escape("r/<b>") in view.summary.object and "n3" in view.only_a.object and view.only_b.object == "<i>none</i>"
 
-    f = pl.DataFrame({"prompt_set": ["evaluation"], "ablation": ["mean"], "variant": ["circuit"], "loss": [1.25], "loss_se": [0.5],
-                      "accuracy": [0.5], "n_prompts": [10], "flagged": [True]})
+    f = pl.DataFrame(
+        {
+            "prompt_set": ["evaluation"],
+            "ablation": ["mean"],
+            "variant": ["circuit"],
+            "loss": [1.25],
+            "loss_se": [0.5],
+            "accuracy": [0.5],
+            "n_prompts": [10],
+            "flagged": [True],
+        }
+    )
     fv = FaithfulnessView(state())
     fv.draw("r/a", f)
     assert "Flagged" in fv.verdict.object and "1.250" in fv.table.object and "flagged" not in fv.table.object
@@ -194,7 +274,17 @@ def test_embeddings_curves_compare_faithfulness_draw_their_data():
 def test_sidebar_labels():
     from viewer.explorer import layer_label, summary_html
 
-    assert layer_label({"marked": True, "layer_half": "0.mlp", "delta": 0.5, "delta_released": None, "n_nodes": 9}) == \
-        "★ 0.mlp  Δ +0.500 (released reading n/a) · 9 nodes"
-    r = {"n_nodes": 48, "num_total_nodes": 240, "loss": 0.25, "interv_loss": 1.0, "loss_factor": 0.5, "loss_raw": 0.5, "interv_loss_raw": 2.0}
+    assert (
+        layer_label({"marked": True, "layer_half": "0.mlp", "delta": 0.5, "delta_released": None, "n_nodes": 9})
+        == "★ 0.mlp  Δ +0.500 (released reading n/a) · 9 nodes"
+    )
+    r = {
+        "n_nodes": 48,
+        "num_total_nodes": 240,
+        "loss": 0.25,
+        "interv_loss": 1.0,
+        "loss_factor": 0.5,
+        "loss_raw": 0.5,
+        "interv_loss_raw": 2.0,
+    }
     assert "<b>48</b> nodes in the circuit (of 240 prunable)" in summary_html(r) and "raw 0.5000 → 2.0000" in summary_html(r)

@@ -51,12 +51,22 @@ class Truth:
 
 
 def _locations(layer):
-    return [f"{layer}.attn.act_in", f"{layer}.attn.q", f"{layer}.attn.k", f"{layer}.attn.v", f"{layer}.attn.resid_delta",
-            f"{layer}.mlp.act_in", f"{layer}.mlp.post_act", f"{layer}.mlp.resid_delta"]
+    return [
+        f"{layer}.attn.act_in",
+        f"{layer}.attn.q",
+        f"{layer}.attn.k",
+        f"{layer}.attn.v",
+        f"{layer}.attn.resid_delta",
+        f"{layer}.mlp.act_in",
+        f"{layer}.mlp.post_act",
+        f"{layer}.mlp.resid_delta",
+    ]
 
 
 def _width(kind, s: Scale):
-    return {"q": s.n_head * s.d_head, "k": s.n_head * s.d_head, "v": s.n_head * s.d_head, "post_act": s.d_mlp}.get(kind, s.d_model)
+    return {"q": s.n_head * s.d_head, "k": s.n_head * s.d_head, "v": s.n_head * s.d_head, "post_act": s.d_mlp}.get(
+        kind, s.d_model
+    )
 
 
 def _write(root, table, partition, data, truth: Truth, sort_by=None):
@@ -137,21 +147,42 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
     """Write every contract table for `runs` (list of (model, task, sweep, k_label, nodes_per_location))."""
     s = scale or Scale()
     rng = np.random.default_rng(seed)
-    runs = runs or [("toy", "quotes", "sweep1", "8", s.nodes_per_location), ("toy", "quotes", "sweep1", "16", s.nodes_per_location + 1),
-                    ("toy", "brackets", "sweep1", "8", s.nodes_per_location)]
+    runs = runs or [
+        ("toy", "quotes", "sweep1", "8", s.nodes_per_location),
+        ("toy", "quotes", "sweep1", "16", s.nodes_per_location + 1),
+        ("toy", "brackets", "sweep1", "8", s.nodes_per_location),
+    ]
     truth = Truth()
     truth.row_group = s.row_group
     truth.keep_big = keep_big
-    model_config = {"n_layer": s.n_layer, "d_model": s.d_model, "n_head": s.n_head, "d_head": s.d_head, "d_mlp": s.d_mlp,
-                    "vocab_size": s.vocab, "block_size": s.ctx}
+    model_config = {
+        "n_layer": s.n_layer,
+        "d_model": s.d_model,
+        "n_head": s.n_head,
+        "d_head": s.d_head,
+        "d_mlp": s.d_mlp,
+        "vocab_size": s.vocab,
+        "block_size": s.ctx,
+    }
     models = sorted({r[0] for r in runs})
 
     # Model-level tables: vocab, embeddings, train curves.
     for model in models:
         ids = np.arange(s.vocab)
         texts = vocab_texts(s.vocab)
-        _write(root, "vocab", model, {"model": [model] * s.vocab, "token_id": ids.astype(np.int32), "text": texts,
-                                      "bytes_hex": [t.encode().hex() for t in texts], "is_special": ids == 0}, truth)
+        _write(
+            root,
+            "vocab",
+            model,
+            {
+                "model": [model] * s.vocab,
+                "token_id": ids.astype(np.int32),
+                "text": texts,
+                "bytes_hex": [t.encode().hex() for t in texts],
+                "is_special": ids == 0,
+            },
+            truth,
+        )
         rows = {"model": [], "matrix": [], "row": [], "channel": [], "value": []}
         dense_of = {}
         for matrix, n_rows in (("wte", s.vocab), ("wpe", s.ctx)):
@@ -175,9 +206,18 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         truth.unembed[model] = (lm_head, ln_f)
         _write(root, "unembed_extremes", model, unembed_table(model, lm_head, ln_f), truth)
         steps = np.arange(0, 100, 10)
-        _write(root, "train_curves", model, {"model": [model] * 2 * len(steps), "step": np.concatenate([steps, steps]),
-                                             "metric": ["train_loss"] * len(steps) + ["lr"] * len(steps),
-                                             "value": np.concatenate([3 / (1 + steps / 10), np.full(len(steps), 1e-3)])}, truth)
+        _write(
+            root,
+            "train_curves",
+            model,
+            {
+                "model": [model] * 2 * len(steps),
+                "step": np.concatenate([steps, steps]),
+                "metric": ["train_loss"] * len(steps) + ["lr"] * len(steps),
+                "value": np.concatenate([3 / (1 + steps / 10), np.full(len(steps), 1e-3)]),
+            },
+            truth,
+        )
 
     for model, task, sweep, k_label, per_loc in runs:
         run_id = f"{model}/{task}/{sweep}/{k_label}"
@@ -191,16 +231,37 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
                 for order, ch in enumerate(chans):
                     ch_raw = interv_raw + rng.normal() * 0.6
                     is_qkv = kind in ("q", "k", "v")
-                    node_rows.append(dict(run_id=run_id, node_id=f"{loc}:{int(ch)}", location=loc, layer=layer, half=half, kind=kind,
-                                          channel=int(ch), head=int(ch) // s.d_head if is_qkv else None,
-                                          head_channel=int(ch) % s.d_head if is_qkv else None, node_order=order,
-                                          ch_interv_loss_raw=ch_raw, ch_interv_loss=ch_raw * LOSS_FACTOR,
-                                          delta=(ch_raw - interv_raw) * LOSS_FACTOR))
+                    node_rows.append(
+                        dict(
+                            run_id=run_id,
+                            node_id=f"{loc}:{int(ch)}",
+                            location=loc,
+                            layer=layer,
+                            half=half,
+                            kind=kind,
+                            channel=int(ch),
+                            head=int(ch) // s.d_head if is_qkv else None,
+                            head_channel=int(ch) % s.d_head if is_qkv else None,
+                            node_order=order,
+                            ch_interv_loss_raw=ch_raw,
+                            ch_interv_loss=ch_raw * LOSS_FACTOR,
+                            delta=(ch_raw - interv_raw) * LOSS_FACTOR,
+                        )
+                    )
         # Layer-halves: the second half of layer 0 and layer 1 attention above 0.3.
         halves = [f"{i}.{h}" for i in range(s.n_layer) for h in ("attn", "mlp")]
         # raw layer-half losses, stored like every task loss (x2): corrected delta 0.5 for the marked ones
         layer_raw = {lh: interv_raw + (1.0 if lh in ("0.mlp", "1.attn") else 0.2) for lh in halves}
-        la = {"run_id": [], "layer_half": [], "layer": [], "half": [], "interv_loss_raw": [], "delta": [], "delta_released": [], "n_nodes": []}
+        la = {
+            "run_id": [],
+            "layer_half": [],
+            "layer": [],
+            "half": [],
+            "interv_loss_raw": [],
+            "delta": [],
+            "delta_released": [],
+            "n_nodes": [],
+        }
         for lh in halves:
             la["run_id"].append(run_id)
             la["layer_half"].append(lh)
@@ -224,11 +285,31 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         by_loc = {}
         for n in node_rows:
             by_loc.setdefault(n["location"], []).append(n)
-        e = {k: [] for k in ("run_id", "src_node_id", "tgt_node_id", "src_location", "tgt_location", "src_channel", "tgt_channel",
-                             "src_is_bias", "strength", "weight", "abs_weight")}
+        e = {
+            k: []
+            for k in (
+                "run_id",
+                "src_node_id",
+                "tgt_node_id",
+                "src_location",
+                "tgt_location",
+                "src_channel",
+                "tgt_channel",
+                "src_is_bias",
+                "strength",
+                "weight",
+                "abs_weight",
+            )
+        }
         for layer in range(s.n_layer):
-            pairs = [("attn.act_in", "attn.q"), ("attn.act_in", "attn.k"), ("attn.act_in", "attn.v"), ("attn.v", "attn.resid_delta"),
-                     ("mlp.act_in", "mlp.post_act"), ("mlp.post_act", "mlp.resid_delta")]
+            pairs = [
+                ("attn.act_in", "attn.q"),
+                ("attn.act_in", "attn.k"),
+                ("attn.act_in", "attn.v"),
+                ("attn.v", "attn.resid_delta"),
+                ("mlp.act_in", "mlp.post_act"),
+                ("mlp.post_act", "mlp.resid_delta"),
+            ]
             for src_l, tgt_l in pairs:
                 src_loc, tgt_loc = f"{layer}.{src_l}", f"{layer}.{tgt_l}"
                 srcs = by_loc.get(src_loc, []) + ([None] if tgt_l == "mlp.post_act" else [])
@@ -256,11 +337,21 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         docs = [rng.integers(1, s.vocab, size=int(n)).astype(np.int32) for n in lengths]
         vocab_text = vocab_texts(s.vocab)
         half_n = s.n_docs // 2
-        _write(root, "task_docs", run_id, {
-            "run_id": [run_id] * s.n_docs, "doc": np.arange(s.n_docs, dtype=np.int32),
-            "class": [1 if d < half_n else 2 for d in range(s.n_docs)], "pair": [d % half_n for d in range(s.n_docs)],
-            "length": lengths.astype(np.int32), "token_ids": [d.tolist() for d in docs],
-            "tokens": [[vocab_text[t] for t in d] for d in docs]}, truth)
+        _write(
+            root,
+            "task_docs",
+            run_id,
+            {
+                "run_id": [run_id] * s.n_docs,
+                "doc": np.arange(s.n_docs, dtype=np.int32),
+                "class": [1 if d < half_n else 2 for d in range(s.n_docs)],
+                "pair": [d % half_n for d in range(s.n_docs)],
+                "length": lengths.astype(np.int32),
+                "token_ids": [d.tolist() for d in docs],
+                "tokens": [[vocab_text[t] for t in d] for d in docs],
+            },
+            truth,
+        )
         doc_col = np.concatenate([np.full(n, d, np.int32) for d, n in enumerate(lengths)])
         pos_col = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
         # Streamed in the pipeline's sort order (location, channel, ...), a group of nodes per row group.
@@ -271,9 +362,13 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
             for i in range(0, len(ordered), chunk):
                 group = ordered[i : i + chunk]
                 n = len(group) * rows_per_node
-                yield {"run_id": pa.array([run_id] * n), "node_id": pa.array(np.repeat([g["node_id"] for g in group], rows_per_node)),
-                       "location": pa.array(np.repeat([g["location"] for g in group], rows_per_node)),
-                       "channel": np.repeat(np.array([g["channel"] for g in group], np.int64), rows_per_node), **columns(len(group), n)}
+                yield {
+                    "run_id": pa.array([run_id] * n),
+                    "node_id": pa.array(np.repeat([g["node_id"] for g in group], rows_per_node)),
+                    "location": pa.array(np.repeat([g["location"] for g in group], rows_per_node)),
+                    "channel": np.repeat(np.array([g["channel"] for g in group], np.int64), rows_per_node),
+                    **columns(len(group), n),
+                }
 
         def act_columns(n_group, n):
             value = rng.normal(size=n).astype(np.float32)
@@ -296,23 +391,59 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         per_node = len(cols["side"])
 
         def sample_columns(n_group, n):
-            return {"frac": np.tile(np.concatenate(cols["frac"]), n_group), "side": pa.array(cols["side"] * n_group),
-                    "rank": np.tile(np.concatenate(cols["rank"]), n_group), "pos": np.tile(np.concatenate(cols["pos"]), n_group),
-                    "token_id": rng.integers(0, s.vocab, size=n).astype(np.int32), "value": rng.normal(size=n).astype(np.float32),
-                    "is_center": np.tile(np.concatenate(cols["is_center"]), n_group)}
+            return {
+                "frac": np.tile(np.concatenate(cols["frac"]), n_group),
+                "side": pa.array(cols["side"] * n_group),
+                "rank": np.tile(np.concatenate(cols["rank"]), n_group),
+                "pos": np.tile(np.concatenate(cols["pos"]), n_group),
+                "token_id": rng.integers(0, s.vocab, size=n).astype(np.int32),
+                "value": rng.normal(size=n).astype(np.float32),
+                "is_center": np.tile(np.concatenate(cols["is_center"]), n_group),
+            }
 
-        _write_streamed(root, "samples", run_id, per_node_batches(per_node, sample_columns), truth, derived=("snippets", snippet_window))
+        _write_streamed(
+            root, "samples", run_id, per_node_batches(per_node, sample_columns), truth, derived=("snippets", snippet_window)
+        )
         n_nodes = len(node_rows)
 
         # Run-level curves and summaries.
         steps = np.arange(20)
         curve_raw = interv_raw + 2.0 * np.exp(-steps / 5)
-        _write(root, "pruning_curve", run_id, {"run_id": [run_id] * len(steps), "step": steps, "x": (steps + 1) * 8,
-                                               "loss_raw": curve_raw, "loss": curve_raw * LOSS_FACTOR}, truth)
-        _write(root, "loss_at_k", run_id, {"model": [model], "task": [task], "sweep": [sweep], "k_label": [k_label], "run_id": [run_id],
-                                           "n_nodes": [n_nodes], "final_loss_raw": [curve_raw[-1]], "final_loss": [curve_raw[-1] * LOSS_FACTOR],
-                                           "interv_loss": [interv_raw * LOSS_FACTOR], "unpruned_loss": [loss_raw * LOSS_FACTOR]}, truth)
-        ab = {k: [] for k in ("run_id", "node_id", "mode", "stored_delta", "recomputed_loss", "recomputed_delta", "abs_diff", "agrees")}
+        _write(
+            root,
+            "pruning_curve",
+            run_id,
+            {
+                "run_id": [run_id] * len(steps),
+                "step": steps,
+                "x": (steps + 1) * 8,
+                "loss_raw": curve_raw,
+                "loss": curve_raw * LOSS_FACTOR,
+            },
+            truth,
+        )
+        _write(
+            root,
+            "loss_at_k",
+            run_id,
+            {
+                "model": [model],
+                "task": [task],
+                "sweep": [sweep],
+                "k_label": [k_label],
+                "run_id": [run_id],
+                "n_nodes": [n_nodes],
+                "final_loss_raw": [curve_raw[-1]],
+                "final_loss": [curve_raw[-1] * LOSS_FACTOR],
+                "interv_loss": [interv_raw * LOSS_FACTOR],
+                "unpruned_loss": [loss_raw * LOSS_FACTOR],
+            },
+            truth,
+        )
+        ab = {
+            k: []
+            for k in ("run_id", "node_id", "mode", "stored_delta", "recomputed_loss", "recomputed_delta", "abs_diff", "agrees")
+        }
         for i, n in enumerate(node_rows):
             recomputed = n["delta"] + (0.5 if i % 5 == 0 else 1e-4)  # every fifth node disagrees
             ab["run_id"].append(run_id)
@@ -324,15 +455,52 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
             ab["abs_diff"].append(abs(recomputed - n["delta"]))
             ab["agrees"].append(i % 5 != 0)
         _write(root, "ablations", run_id, ab, truth)
-        truth.runs.append(dict(run_id=run_id, model=model, task=task, sweep=sweep, k_label=k_label, n_nodes=n_nodes,
-                               num_total_nodes=s.n_layer * (4 * s.d_model + 3 * s.n_head * s.d_head + s.d_mlp), loss_factor=LOSS_FACTOR,
-                               loss_raw=loss_raw, loss=loss_raw * LOSS_FACTOR, interv_loss_raw=interv_raw, interv_loss=interv_raw * LOSS_FACTOR,
-                               n_docs=s.n_docs, ctx=s.ctx, prune_config=json.dumps({"k": k_label, "lr": 0.01, "steps": 20}),
-                               model_config=json.dumps(model_config), source_path=f"viz/{run_id}/viz_data.pt", source_sha256="0" * 64))
+        truth.runs.append(
+            dict(
+                run_id=run_id,
+                model=model,
+                task=task,
+                sweep=sweep,
+                k_label=k_label,
+                n_nodes=n_nodes,
+                num_total_nodes=s.n_layer * (4 * s.d_model + 3 * s.n_head * s.d_head + s.d_mlp),
+                loss_factor=LOSS_FACTOR,
+                loss_raw=loss_raw,
+                loss=loss_raw * LOSS_FACTOR,
+                interv_loss_raw=interv_raw,
+                interv_loss=interv_raw * LOSS_FACTOR,
+                n_docs=s.n_docs,
+                ctx=s.ctx,
+                prune_config=json.dumps({"k": k_label, "lr": 0.01, "steps": 20}),
+                model_config=json.dumps(model_config),
+                source_path=f"viz/{run_id}/viz_data.pt",
+                source_sha256="0" * 64,
+            )
+        )
         if "runs" not in skip:
             _write(root, "runs", run_id, {k: [v] for k, v in truth.runs[-1].items()}, truth)
-    tables = [t for t in ("runs", "nodes", "edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve",
-                          "loss_at_k", "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab",
-                          "ablations") if t not in skip]
+    tables = [
+        t
+        for t in (
+            "runs",
+            "nodes",
+            "edges",
+            "task_docs",
+            "activations",
+            "samples",
+            "snippets",
+            "layer_ablations",
+            "pruning_curve",
+            "loss_at_k",
+            "train_curves",
+            "embeddings",
+            "wte_extremes",
+            "wte_histograms",
+            "unembed_extremes",
+            "vocab",
+            "ablations",
+        )
+        if t not in skip
+    ]
     write_views(root, tables)
     return truth

@@ -21,8 +21,14 @@ TITLE = "Circuit explorer"
 # The page's own frame (a header bar, a fixed-width sidebar and the main column) instead of a Panel template:
 # every template loads the Fast/Bootstrap components and, through its HTML busy indicator, the 1.8 MB MathJax
 # bundle (Panel adds bokeh-mathjax to a page holding any Panel HTML model), and builds ~40 models more per session.
-HEADER_STYLE = {"background": "#b2182b", "color": "#fff", "padding": "10px 18px", "font-size": "20px", "font-weight": "600",
-                "font-family": "sans-serif"}
+HEADER_STYLE = {
+    "background": "#b2182b",
+    "color": "#fff",
+    "padding": "10px 18px",
+    "font-size": "20px",
+    "font-weight": "600",
+    "font-family": "sans-serif",
+}
 SIDEBAR_STYLE = {"border-right": "1px solid #ddd", "background": "#fafafa", "min-height": "100vh"}
 SIDEBAR_WIDTH = 330
 
@@ -31,11 +37,18 @@ class Page(pn.Column):
     """A page: header, sidebar and main column. `.sidebar` / `.main` list their items like a template's."""
 
     def __init__(self, sidebar: list, main: list, main_max_width: str | None = None):
-        header = pn.pane.Bokeh(Div(text=html.escape(TITLE), disable_math=True, styles=HEADER_STYLE, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+        header = pn.pane.Bokeh(
+            Div(text=html.escape(TITLE), disable_math=True, styles=HEADER_STYLE, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
         side = pn.Column(*sidebar, width=SIDEBAR_WIDTH, styles=SIDEBAR_STYLE, margin=0)
         body = pn.Column(*main, sizing_mode="stretch_width", styles={"max-width": main_max_width} if main_max_width else {})
-        super().__init__(header, pn.Row(*([side] if sidebar else []), body, sizing_mode="stretch_width", margin=0),
-                         sizing_mode="stretch_width", margin=0)
+        super().__init__(
+            header,
+            pn.Row(*([side] if sidebar else []), body, sizing_mode="stretch_width", margin=0),
+            sizing_mode="stretch_width",
+            margin=0,
+        )
         self._page_sidebar, self._page_main = side, body
 
     @property
@@ -80,9 +93,19 @@ def create_app(url: dict | None = None, sync_url: bool = False):
     # One root per template area: the template adds each item as a document root, and each new root
     # makes Bokeh re-walk every model added so far (a dozen sidebar roots cost ~1 s of the cold start).
     sidebar = pn.Column(
-        app.model, app.task, app.sweep, app.k, app.summary.panel,
-        app.layer, app.threshold, app.node.panel,
-        heading("Pins"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel, sizing_mode="stretch_width",
+        app.model,
+        app.task,
+        app.sweep,
+        app.k,
+        app.summary.panel,
+        app.layer,
+        app.threshold,
+        app.node.panel,
+        heading("Pins"),
+        app.pin_label,
+        pn.Row(app.pin, app.unpin),
+        app.pins.panel,
+        sizing_mode="stretch_width",
     )
     main = pn.Column(app.notes.panel, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
     page = Page([sidebar], [main])

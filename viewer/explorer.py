@@ -24,7 +24,13 @@ from viewer.views.markup import HtmlBox, NodePicker, plain
 
 DETAIL_TABS = ("Node", "Embeddings", "Curves", "Compare", "Faithfulness", "Export")
 GRAPH_TABS = ("Layer-half", "Whole circuit")
-NOTE_STYLE = {"background": "#fff3cd", "border": "1px solid #ffe69c", "border-radius": "4px", "padding": "6px 10px", "color": "#664d03"}
+NOTE_STYLE = {
+    "background": "#fff3cd",
+    "border": "1px solid #ffe69c",
+    "border-radius": "4px",
+    "padding": "6px 10px",
+    "color": "#664d03",
+}
 
 
 def layer_label(row: dict) -> str:
@@ -37,10 +43,12 @@ def layer_label(row: dict) -> str:
 
 def summary_html(r: dict) -> str:
     """The sidebar's summary of a run (its row of the runs table)."""
-    return (f"<div><b>{int(r['n_nodes'])}</b> nodes in the circuit (of {int(r['num_total_nodes'])} prunable)</div>"
-            f"<div>task loss: unpruned <b>{r['loss']:.4f}</b> → circuit <b>{r['interv_loss']:.4f}</b></div>"
-            f"<div style='color:#666;font-size:11px'>losses corrected by the factor {r['loss_factor']:g} "
-            f"(raw {r['loss_raw']:.4f} → {r['interv_loss_raw']:.4f})</div>")
+    return (
+        f"<div><b>{int(r['n_nodes'])}</b> nodes in the circuit (of {int(r['num_total_nodes'])} prunable)</div>"
+        f"<div>task loss: unpruned <b>{r['loss']:.4f}</b> → circuit <b>{r['interv_loss']:.4f}</b></div>"
+        f"<div style='color:#666;font-size:11px'>losses corrected by the factor {r['loss_factor']:g} "
+        f"(raw {r['loss_raw']:.4f} → {r['interv_loss_raw']:.4f})</div>"
+    )
 
 
 def layer_options(layers) -> dict:
@@ -76,7 +84,9 @@ class ExplorerApp:
         self.k = pn.widgets.Select(label="k")
         self.summary = HtmlBox()
         self.layer = pn.widgets.Select(label="layer-half (★ = delta > 0.3)", size=10, sizing_mode="stretch_width")
-        self.threshold = pn.widgets.FloatSlider.from_param(state.param.threshold, label="edge threshold (fraction of strongest)", step=0.01)
+        self.threshold = pn.widgets.FloatSlider.from_param(
+            state.param.threshold, label="edge threshold (fraction of strongest)", step=0.01
+        )
         self.node = NodePicker(self._pick_node)
         self.pin_label = pn.widgets.TextInput(label="pin label", placeholder="label for the selected node")
         self.pin = pn.widgets.Button(label="pin / update label", color="default")
@@ -96,10 +106,14 @@ class ExplorerApp:
         self.detail = DetailView(state)
         self._lazy = {}
         self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[1:])}
-        self.graph_tabs = pn.Tabs((GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
-                                  (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]), sizing_mode="stretch_width")
-        self.detail_tabs = pn.Tabs((DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]),
-                                   sizing_mode="stretch_width")
+        self.graph_tabs = pn.Tabs(
+            (GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
+            (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]),
+            sizing_mode="stretch_width",
+        )
+        self.detail_tabs = pn.Tabs(
+            (DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]), sizing_mode="stretch_width"
+        )
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
 
@@ -128,13 +142,23 @@ class ExplorerApp:
     def _view(self, tab):
         """The view of a tab built on first open."""
         if tab not in self._lazy:
-            make = {GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
-                self._select_node, height=640, node_size=7,
-                title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel"),
-                    "Embeddings": lambda: EmbeddingView(self.state), "Curves": lambda: curves_view(self.state), "Compare": lambda: CompareView(self.state),
-                    "Faithfulness": lambda: FaithfulnessView(self.state), "Export": lambda: ExportView(self.state)}[tab]
+            make = {
+                GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
+                    self._select_node,
+                    height=640,
+                    node_size=7,
+                    title="whole circuit: rows per location in bands per layer-half; residual writes linked to later reads of the channel",
+                ),
+                "Embeddings": lambda: EmbeddingView(self.state),
+                "Curves": lambda: curves_view(self.state),
+                "Compare": lambda: CompareView(self.state),
+                "Faithfulness": lambda: FaithfulnessView(self.state),
+                "Export": lambda: ExportView(self.state),
+            }[tab]
             view = self._lazy[tab] = make()
-            self._holders[tab].append(pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel)
+            self._holders[tab].append(
+                pn.pane.Bokeh(view.figure, sizing_mode="stretch_width") if tab == GRAPH_TABS[1] else view.panel
+            )
         return self._lazy[tab]
 
     whole = property(lambda self: self._view(GRAPH_TABS[1]))
@@ -321,6 +345,8 @@ class ExplorerApp:
         notes = [*self.state.notes, *extra]
         duplicates = models.duplicate_nodes(self.state.run)
         if duplicates:
-            notes.append(f"The node table of {self.state.run!r} repeats {duplicates} node row(s): the first row of each node is shown.")
+            notes.append(
+                f"The node table of {self.state.run!r} repeats {duplicates} node row(s): the first row of each node is shown."
+            )
         self.notes.object = "".join(f"<div>{html.escape(n)}</div>" for n in notes)
         self.notes.div.visible = bool(notes)

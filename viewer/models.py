@@ -42,6 +42,7 @@ def objects(df: pl.DataFrame, name: str) -> np.ndarray:
 
 # --- runs -----------------------------------------------------------------------------------
 
+
 def run_ids() -> list[str]:
     return _run_ids(_version())
 
@@ -107,12 +108,17 @@ def _run_choices(version, run_id):
     m = cols["model"] == r["model"]
     t = m & (cols["task"] == r["task"])
     k = t & (cols["sweep"] == r["sweep"])
-    pickers = [(sorted(set(cols["model"])), r["model"]), (sorted(set(cols["task"][m])), r["task"]), (sorted(set(cols["sweep"][t])), r["sweep"]),
-               (cols["k_label"][k].tolist(), r["k_label"])]  # runs are already in numeric k order
+    pickers = [
+        (sorted(set(cols["model"])), r["model"]),
+        (sorted(set(cols["task"][m])), r["task"]),
+        (sorted(set(cols["sweep"][t])), r["sweep"]),
+        (cols["k_label"][k].tolist(), r["k_label"]),
+    ]  # runs are already in numeric k order
     return RunChoices(pickers, layer_halves(run_id), r)
 
 
 # --- layer-halves and nodes -----------------------------------------------------------------
+
 
 def layer_halves(run_id: str) -> pl.DataFrame:
     """The run's layer-halves (queries.layer_halves) with `marked`: delta > 0.3 (NaN and null deltas unmarked)."""
@@ -164,6 +170,7 @@ def _delta_scale(version, run_id):
 
 
 # --- graphs ---------------------------------------------------------------------------------
+
 
 def _rank_within(groups: np.ndarray) -> np.ndarray:
     """0, 1, 2, ... within each run of equal values of an already grouped (sorted) array."""
@@ -268,10 +275,17 @@ def layout_layer_half(nodes: pl.DataFrame, edges: pl.DataFrame | None, half: str
                 at = np.flatnonzero(bias_locs == loc)
                 bx[at] = (in_row.max() if len(in_row) else 0) + 1.5 + np.arange(len(at))
             n = len(bias_ids)
-            extra = {"node_id": bias_ids.astype(object), "location": bias_locs,
-                     "kind": np.array([loc.rsplit(".", 1)[-1] for loc in bias_locs], object),
-                     "channel": np.full(n, np.nan), "head": np.full(n, np.nan), "head_channel": np.full(n, np.nan),
-                     "delta": np.full(n, np.nan), "x": bx, "is_bias": np.ones(n, bool)}
+            extra = {
+                "node_id": bias_ids.astype(object),
+                "location": bias_locs,
+                "kind": np.array([loc.rsplit(".", 1)[-1] for loc in bias_locs], object),
+                "channel": np.full(n, np.nan),
+                "head": np.full(n, np.nan),
+                "head_channel": np.full(n, np.nan),
+                "delta": np.full(n, np.nan),
+                "x": bx,
+                "is_bias": np.ones(n, bool),
+            }
             cols = {k: np.concatenate([v, extra[k]]) for k, v in cols.items()}
     cols["y"] = np.array([rows.get(k, np.nan) for k in cols["kind"]], float)
     cols["label"] = node_labels(cols["kind"], cols["channel"], cols["head"], cols["head_channel"], cols["is_bias"])
@@ -300,7 +314,9 @@ def layout_whole(nodes: pl.DataFrame, edges: pl.DataFrame | None = None, links: 
     x, y = np.zeros(n), np.full(n, np.nan)
     order, ticks, base = [], {}, 0
     layer = floats(nodes, "layer")
-    for h_layer, h in sorted({(int(a), b) for a, b in zip(layer[np.isin(half, list(ROWS))], half[np.isin(half, list(ROWS))], strict=True)}):
+    for h_layer, h in sorted(
+        {(int(a), b) for a, b in zip(layer[np.isin(half, list(ROWS))], half[np.isin(half, list(ROWS))], strict=True)}
+    ):
         idx = np.flatnonzero((layer == h_layer) & (half == h))
         rows = ROWS[h]
         y[idx] = base + np.array([rows.index(k) if k in rows else np.nan for k in all_cols["kind"][idx]], float)
@@ -318,7 +334,9 @@ def layout_whole(nodes: pl.DataFrame, edges: pl.DataFrame | None = None, links: 
         base += len(locations) + 1
     keep = np.concatenate(order) if order else np.zeros(0, np.int64)
     for idx in order:  # x within each band's rows, as in a layer-half
-        x[idx] = row_positions(all_cols["kind"][idx], all_cols["location"][idx], all_cols["head"][idx], all_cols["head_channel"][idx])
+        x[idx] = row_positions(
+            all_cols["kind"][idx], all_cols["location"][idx], all_cols["head"][idx], all_cols["head_channel"][idx]
+        )
     cols = {k: v[keep] for k, v in all_cols.items()}
     cols.update(x=x[keep], y=y[keep], is_bias=np.zeros(len(keep), bool))
     cols["label"] = node_labels(cols["kind"], cols["channel"], cols["head"], cols["head_channel"], cols["is_bias"])
@@ -329,8 +347,12 @@ def _whole_edges(edges: pl.DataFrame | None, links: pl.DataFrame | None) -> pl.D
     if links is None or links.is_empty():
         return edges
     strongest = edges["strength"].cast(pl.Float64).fill_nan(None).abs().max() if edges is not None and len(edges) else None
-    links = links.select("src_node_id", "tgt_node_id", strength=pl.lit(float(strongest) if strongest is not None else 1.0),
-                         weight=pl.lit(float("nan")))
+    links = links.select(
+        "src_node_id",
+        "tgt_node_id",
+        strength=pl.lit(float(strongest) if strongest is not None else 1.0),
+        weight=pl.lit(float("nan")),
+    )
     return links if edges is None else pl.concat([edges.select(links.columns).cast(links.schema), links])
 
 
@@ -345,6 +367,7 @@ def _whole_layout(version, run_id):
 
 
 # --- tokens ---------------------------------------------------------------------------------
+
 
 def vocab_texts(model: str) -> np.ndarray | None:
     """Token id -> text (object array) of a model's vocab (its own partition, else the only one: vocab may
@@ -408,13 +431,16 @@ def unembed_extremes(model: str, channel: int) -> pl.DataFrame | None:
 
 # --- the selected node ----------------------------------------------------------------------
 
+
 def connections(run_id: str, node_id: str) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """(inputs, outputs) of a node: the nonzero entries of its column / row, strongest |strength| first
     (|weight| where there is no strength; neither: last), ties by source then target id."""
     df = queries.node_edges(run_id, node_id)
     if df is None:
         return None, None
-    measure = pl.when(pl.col("strength").is_null() | pl.col("strength").is_nan()).then(pl.col("weight")).otherwise(pl.col("strength"))
+    measure = (
+        pl.when(pl.col("strength").is_null() | pl.col("strength").is_nan()).then(pl.col("weight")).otherwise(pl.col("strength"))
+    )
     df = df.sort([measure.abs().fill_nan(-1).fill_null(-1), "src_node_id", "tgt_node_id"], descending=[True, False, False])
     return df.filter(pl.col("tgt_node_id") == node_id), df.filter(pl.col("src_node_id") == node_id)
 
@@ -448,7 +474,8 @@ def node_detail(run_id: str, node_id: str) -> NodeDetail | None:
     detail.inputs, detail.outputs = connections(run_id, node_id)
     kind = n.get("kind")
     if (kind == "resid_delta" and (detail.outputs is None or detail.outputs.is_empty())) or (
-            kind == "final_resid" and (detail.inputs is None or detail.inputs.is_empty())):
+        kind == "final_resid" and (detail.inputs is None or detail.inputs.is_empty())
+    ):
         detail.links = queries.residual_links(run_id)  # later readers / earlier writers, only when no stored edge says it
     if kind in ("resid_delta", "final_resid"):  # a residual channel: the tokens it pushes directly
         r = run(run_id)
@@ -489,7 +516,10 @@ def _task_docs(version, run_id):
     df = queries.task_docs(run_id)
     if df is None:
         return []
-    return [TaskDoc(int(r["doc"]), int(r["class"]), int(r["pair"]), int(r["length"]), list(r["tokens"])) for r in df.iter_rows(named=True)]
+    return [
+        TaskDoc(int(r["doc"]), int(r["class"]), int(r["pair"]), int(r["length"]), list(r["tokens"]))
+        for r in df.iter_rows(named=True)
+    ]
 
 
 def task_doc_pages(docs: list[TaskDoc], per_page: int) -> dict:
@@ -506,6 +536,7 @@ def task_doc_pages(docs: list[TaskDoc], per_page: int) -> dict:
 #   channel pattern: exp(q_c(t) k_c(s) / sqrt(d_head)) for one channel c, causal
 # Channels missing from the circuit are zero, so the sum runs over channels kept in both q and k.
 # Cost: one doc, T x T with T <= ctx; computed on selection, not stored.
+
 
 def qk_matrices(df: pl.DataFrame, length: int) -> tuple[dict, dict]:
     """head_channel -> activation vector (length,) for q and for k."""
@@ -563,8 +594,12 @@ def attention(run_id: str, node_id: str, doc: int) -> Attention | str:
     qk = queries.head_qk(run_id, layer, head, doc)
     q, k = qk_matrices(qk, length) if qk is not None else ({}, {})
     shared = sorted(set(q) & set(k))
-    out = Attention([f"layer {layer} head {head}, doc {doc} ({length} tokens): q·k over the circuit's channels kept in both q and k: "
-                     f"{shared if shared else 'none'}"])
+    out = Attention(
+        [
+            f"layer {layer} head {head}, doc {doc} ({length} tokens): q·k over the circuit's channels kept in both q and k: "
+            f"{shared if shared else 'none'}"
+        ]
+    )
     out.head, out.head_title = (head_pattern(q, k, d_head, length) if shared else None), f"head {head} pattern"
     if hc in q and hc in k:
         out.channel, out.channel_title = channel_pattern(q[hc], k[hc], d_head), f"channel {hc}: exp(q·k/√d)"
@@ -575,6 +610,7 @@ def attention(run_id: str, node_id: str, doc: int) -> Attention | str:
 
 
 # --- embeddings -----------------------------------------------------------------------------
+
 
 def symlog(values: np.ndarray, linthresh: float) -> np.ndarray:
     """Symmetric log: linear within +-linthresh, logarithmic beyond (sign kept)."""
@@ -623,11 +659,17 @@ def embedding(model: str, channel: int) -> Embedding:
     if extremes is None or hist is None:
         return Embedding(model, channel)
     columns = ["token_id", "text", "value"]
-    return Embedding(model, channel, extremes.filter(pl.col("side") == "top").select(columns),
-                     extremes.filter(pl.col("side") == "bottom").select(columns), hist)
+    return Embedding(
+        model,
+        channel,
+        extremes.filter(pl.col("side") == "top").select(columns),
+        extremes.filter(pl.col("side") == "bottom").select(columns),
+        hist,
+    )
 
 
 # --- curves, comparison, checks, export -----------------------------------------------------
+
 
 @dataclass
 class Curves:
@@ -688,9 +730,13 @@ class Comparison:
 
 def comparison(run_a: str, run_b: str) -> Comparison:
     df = queries.compare(run_a, run_b)
-    return Comparison(run_a, run_b, df.filter(pl.col("status") == "shared").select("node_id", "delta_a", "delta_b"),
-                      df.filter(pl.col("status") == "only A").select("node_id", "delta_a"),
-                      df.filter(pl.col("status") == "only B").select("node_id", "delta_b"))
+    return Comparison(
+        run_a,
+        run_b,
+        df.filter(pl.col("status") == "shared").select("node_id", "delta_a", "delta_b"),
+        df.filter(pl.col("status") == "only A").select("node_id", "delta_a"),
+        df.filter(pl.col("status") == "only B").select("node_id", "delta_b"),
+    )
 
 
 def faithfulness(run_id: str) -> pl.DataFrame | None:

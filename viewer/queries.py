@@ -30,8 +30,24 @@ from pipeline.database import connect as connect_database
 from pipeline.derived import SNIPPET_RADIUS, SNIPPETS_SHOWN
 
 REQUIRED_TABLES = ("runs", "nodes")
-OPTIONAL_TABLES = ("edges", "task_docs", "activations", "samples", "snippets", "layer_ablations", "pruning_curve", "loss_at_k",
-                   "train_curves", "embeddings", "wte_extremes", "wte_histograms", "unembed_extremes", "vocab", "ablations", "faithfulness")
+OPTIONAL_TABLES = (
+    "edges",
+    "task_docs",
+    "activations",
+    "samples",
+    "snippets",
+    "layer_ablations",
+    "pruning_curve",
+    "loss_at_k",
+    "train_curves",
+    "embeddings",
+    "wte_extremes",
+    "wte_histograms",
+    "unembed_extremes",
+    "vocab",
+    "ablations",
+    "faithfulness",
+)
 
 
 class TablesMissing(RuntimeError):
@@ -111,10 +127,12 @@ def memo(maxsize: int):
 
     functools.lru_cache rather than pn.cache: a hit costs a tuple hash (~0.2 us) instead of pn.cache's
     argument hashing (~150 us), and an interaction makes tens of lookups. `clear_caches()` empties them all."""
+
     def wrap(fn):
         cached = functools.lru_cache(maxsize=maxsize)(fn)
         _memos.append(cached)
         return cached
+
     return wrap
 
 
@@ -184,6 +202,7 @@ def check_tables() -> None:
 
 # --- runs -----------------------------------------------------------------------------------
 
+
 def runs() -> pl.DataFrame:
     """All circuits, ordered model, task, sweep, then k numerically (labels like 'k_optim' last)."""
     return query("""
@@ -193,6 +212,7 @@ def runs() -> pl.DataFrame:
 
 # --- layer-halves and nodes -----------------------------------------------------------------
 
+
 def layer_halves(run_id: str) -> pl.DataFrame:
     """layer_half, layer, half, delta, delta_released, n_nodes of a run's layer-halves.
 
@@ -201,15 +221,21 @@ def layer_halves(run_id: str) -> pl.DataFrame:
     (only interv_loss halved), kept beside it because which one the release meant is unknown.
     Without layer_ablations the deltas are null and nodes are counted.
     """
-    df = optional("""
+    df = optional(
+        """
         SELECT layer_half, layer, half, delta, delta_released, n_nodes
-        FROM layer_ablations WHERE run_id = ? ORDER BY layer, half""", [run_id])
+        FROM layer_ablations WHERE run_id = ? ORDER BY layer, half""",
+        [run_id],
+    )
     if df is None or df.is_empty():
-        df = query("""
+        df = query(
+            """
             SELECT layer || '.' || half AS layer_half, layer, half, NULL::DOUBLE AS delta,
                    NULL::DOUBLE AS delta_released, count(*) AS n_nodes
             FROM nodes WHERE run_id = ? AND half IN ('attn', 'mlp')  -- final_resid and "other": whole-circuit graph only
-            GROUP BY layer, half ORDER BY layer, half""", [run_id])
+            GROUP BY layer, half ORDER BY layer, half""",
+            [run_id],
+        )
     return df
 
 
@@ -218,9 +244,12 @@ def nodes(run_id: str, layer_half: str | None = None) -> pl.DataFrame:
     if layer_half is None:
         # One row per node_id: a table holding a node twice (the pipeline refuses to write one, older or
         # hand-made tables may) would otherwise give lookups a frame instead of a row. The first row is kept.
-        return query("""SELECT * FROM nodes WHERE run_id = ?
+        return query(
+            """SELECT * FROM nodes WHERE run_id = ?
                         QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY layer, half, location, node_order) = 1
-                        ORDER BY layer, half, location, node_order""", [run_id])
+                        ORDER BY layer, half, location, node_order""",
+            [run_id],
+        )
     version, _ = connection()
     return _layer_nodes(version, run_id, layer_half)
 
@@ -256,7 +285,9 @@ def edges(run_id: str, layer_half: str | None = None) -> pl.DataFrame | None:
     """Edges of a run, or those whose target lies in the layer-half (sources may be bias pseudo-nodes)."""
     if layer_half is None:
         return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?", [run_id])
-    return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND starts_with(tgt_location, ?)", [run_id, layer_half + "."])
+    return optional(
+        f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND starts_with(tgt_location, ?)", [run_id, layer_half + "."]
+    )
 
 
 def node_edges(run_id: str, node_id: str) -> pl.DataFrame | None:
@@ -267,23 +298,29 @@ def node_edges(run_id: str, node_id: str) -> pl.DataFrame | None:
     location, channel = split_node_id(node_id)
     if channel is None:  # a bias pseudo-node: a source only
         return optional(f"SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ? AND src_node_id = ?", [run_id, node_id])
-    return optional(f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?
+    return optional(
+        f"""SELECT {EDGE_COLUMNS} FROM edges WHERE run_id = ?
                         AND ((tgt_location = ? AND tgt_channel = ?) OR (src_location = ? AND src_channel = ?))""",
-                    [run_id, location, channel, location, channel])
+        [run_id, location, channel, location, channel],
+    )
 
 
 def residual_links(run_id: str) -> pl.DataFrame:
     """A residual write (resid_delta) linked to every later read of the same channel: an act_in of a
     later layer-half, or the final residual (final_resid, after every layer)."""
-    return query("""
+    return query(
+        """
         SELECT DISTINCT w.node_id AS src_node_id, r.node_id AS tgt_node_id, w.channel
         FROM nodes w JOIN nodes r ON r.run_id = w.run_id AND r.channel = w.channel
         WHERE w.run_id = ? AND w.kind = 'resid_delta'
           AND ((r.kind = 'act_in' AND (r.layer > w.layer OR (r.layer = w.layer AND w.half = 'attn' AND r.half = 'mlp')))
-               OR r.kind = 'final_resid')""", [run_id])
+               OR r.kind = 'final_resid')""",
+        [run_id],
+    )
 
 
 # --- tokens ---------------------------------------------------------------------------------
+
 
 def vocab_models() -> list[str]:
     """The models (or tokenizer names) the vocab table holds; [] without a vocab table."""
@@ -308,14 +345,18 @@ def snippets(run_id: str, node_id: str) -> pl.DataFrame | None:
     """
     location, channel = split_node_id(node_id)
     # (location, channel) identify the node; no string filter on node_id and no ORDER BY in SQL (each ~2x the query).
-    df = optional(f"SELECT {SNIPPET_COLUMNS} FROM snippets WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel])
+    df = optional(
+        f"SELECT {SNIPPET_COLUMNS} FROM snippets WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel]
+    )
     if df is None or (df.is_empty() and not _has_rows("snippets", run_id)):
-        df = optional(f"""
+        df = optional(
+            f"""
             WITH s AS (SELECT * FROM samples WHERE run_id = ? AND location = ? AND channel = ? AND node_id = ? AND rank < ?),
             c AS (SELECT frac, side, rank, min(pos) AS centre FROM s WHERE is_center GROUP BY ALL)
             SELECT {", ".join("s." + c for c in SNIPPET_COLUMNS.split(", "))} FROM s JOIN c USING (frac, side, rank)
             WHERE abs(s.pos - c.centre) <= ? ORDER BY s.frac, s.side, s.rank, s.pos""",
-                      [run_id, location, channel, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS])
+            [run_id, location, channel, node_id, SNIPPETS_SHOWN, SNIPPET_RADIUS],
+        )
     return df
 
 
@@ -331,32 +372,44 @@ def task_docs(run_id: str) -> pl.DataFrame | None:
 def activations(run_id: str, node_id: str) -> pl.DataFrame | None:
     """The node's stored activation at every (doc, pos) of the task docs (file order: by doc, pos)."""
     location, channel = split_node_id(node_id)
-    return optional("SELECT doc, pos, value FROM activations WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel])
+    return optional(
+        "SELECT doc, pos, value FROM activations WHERE run_id = ? AND location = ? AND channel = ?", [run_id, location, channel]
+    )
 
 
 def head_qk(run_id: str, layer: int, head: int, doc: int) -> pl.DataFrame | None:
     """Stored activations of the circuit's q and k channels of one head on one task doc (kind, head_channel, pos, value)."""
-    return optional("""
+    return optional(
+        """
         SELECT n.kind, n.head_channel, a.pos, a.value
         FROM nodes n JOIN activations a ON a.run_id = n.run_id AND a.location = n.location AND a.channel = n.channel
         WHERE n.run_id = ? AND n.layer = ? AND n.half = 'attn' AND n.head = ? AND n.kind IN ('q', 'k')
           AND a.run_id = ? AND a.location IN (?, ?) AND a.doc = ?
-        ORDER BY n.kind, n.head_channel, a.pos""", [run_id, layer, head, run_id, f"{layer}.attn.q", f"{layer}.attn.k", doc])
+        ORDER BY n.kind, n.head_channel, a.pos""",
+        [run_id, layer, head, run_id, f"{layer}.attn.q", f"{layer}.attn.k", doc],
+    )
 
 
 # --- model-level ----------------------------------------------------------------------------
 
+
 def wte_extremes(model: str, channel: int) -> pl.DataFrame | None:
     """The pipeline's top and bottom nonzero wte weights of a channel: side, rank, token_id, value."""
-    return optional("""SELECT side, rank, token_id, value FROM wte_extremes WHERE model = ? AND channel = ?
-                       ORDER BY side DESC, rank""", [model, channel])
+    return optional(
+        """SELECT side, rank, token_id, value FROM wte_extremes WHERE model = ? AND channel = ?
+                       ORDER BY side DESC, rank""",
+        [model, channel],
+    )
 
 
 def unembed_extremes(model: str, channel: int) -> pl.DataFrame | None:
     """The pipeline's tokens whose logits residual channel `channel` raises (side 'top') and lowers
     ('bottom') most directly (lm_head x final-norm weight): side, rank, token_id, value."""
-    return optional("""SELECT side, rank, token_id, value FROM unembed_extremes WHERE model = ? AND channel = ?
-                       ORDER BY side DESC, rank""", [model, channel])
+    return optional(
+        """SELECT side, rank, token_id, value FROM unembed_extremes WHERE model = ? AND channel = ?
+                       ORDER BY side DESC, rank""",
+        [model, channel],
+    )
 
 
 def model_has_rows(table: str, model: str) -> bool:
@@ -369,7 +422,10 @@ def model_has_rows(table: str, model: str) -> bool:
 
 def wte_histogram(model: str, channel: int) -> pl.DataFrame | None:
     """The pipeline's histogram of a wte channel's nonzero weights: bin, bin_left, bin_right, count (no rows: all zero)."""
-    return optional("SELECT bin, bin_left, bin_right, count FROM wte_histograms WHERE model = ? AND channel = ? ORDER BY bin", [model, channel])
+    return optional(
+        "SELECT bin, bin_left, bin_right, count FROM wte_histograms WHERE model = ? AND channel = ? ORDER BY bin",
+        [model, channel],
+    )
 
 
 def embedding_matrix(model: str, matrix: str) -> pl.DataFrame | None:
@@ -383,19 +439,26 @@ def train_curves(model: str) -> pl.DataFrame | None:
 
 # --- run-level curves and checks ------------------------------------------------------------
 
+
 def pruning_curve(run_id: str) -> pl.DataFrame | None:
     return optional("SELECT step, x, loss_raw, loss FROM pruning_curve WHERE run_id = ? ORDER BY step", [run_id])
 
 
 def loss_at_k(model: str, task: str, sweep: str) -> pl.DataFrame | None:
-    return optional("""SELECT k_label, run_id, n_nodes, final_loss, interv_loss, unpruned_loss FROM loss_at_k
-                       WHERE model = ? AND task = ? AND sweep = ? ORDER BY n_nodes""", [model, task, sweep])
+    return optional(
+        """SELECT k_label, run_id, n_nodes, final_loss, interv_loss, unpruned_loss FROM loss_at_k
+                       WHERE model = ? AND task = ? AND sweep = ? ORDER BY n_nodes""",
+        [model, task, sweep],
+    )
 
 
 def ablations(run_id: str, mode: str = "mean") -> pl.DataFrame | None:
     """Pipeline-recomputed ablation deltas beside the stored ones (None when the pipeline did not recompute)."""
-    return optional("""SELECT node_id, stored_delta, recomputed_delta, abs_diff, agrees FROM ablations
-                       WHERE run_id = ? AND mode = ?""", [run_id, mode])
+    return optional(
+        """SELECT node_id, stored_delta, recomputed_delta, abs_diff, agrees FROM ablations
+                       WHERE run_id = ? AND mode = ?""",
+        [run_id, mode],
+    )
 
 
 def faithfulness(run_id: str) -> pl.DataFrame | None:
@@ -403,16 +466,20 @@ def faithfulness(run_id: str) -> pl.DataFrame | None:
     return optional(
         """SELECT prompt_set, ablation, variant, loss, loss_se, accuracy, n_prompts, flagged FROM faithfulness
            WHERE run_id = ? ORDER BY CASE prompt_set WHEN 'evaluation' THEN 0 WHEN 'selection' THEN 1 ELSE 2 END, variant, ablation""",
-        [run_id])
+        [run_id],
+    )
 
 
 def compare(run_a: str, run_b: str) -> pl.DataFrame:
     """Nodes of two circuits side by side: node_id, location, delta_a, delta_b, status (shared / only A / only B)."""
-    return query("""
+    return query(
+        """
         SELECT coalesce(a.node_id, b.node_id) AS node_id, coalesce(a.location, b.location) AS location,
                coalesce(a.layer, b.layer) AS layer, a.delta AS delta_a, b.delta AS delta_b,
                CASE WHEN a.node_id IS NULL THEN 'only B' WHEN b.node_id IS NULL THEN 'only A' ELSE 'shared' END AS status
         FROM (SELECT * FROM nodes WHERE run_id = ? QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY node_order) = 1) a
         FULL OUTER JOIN (SELECT * FROM nodes WHERE run_id = ? QUALIFY row_number() OVER (PARTITION BY node_id ORDER BY node_order) = 1) b
         USING (node_id)
-        ORDER BY layer, location, node_id""", [run_a, run_b])
+        ORDER BY layer, location, node_id""",
+        [run_a, run_b],
+    )

@@ -122,8 +122,14 @@ class Explorer(param.Parameterized):
 
     def to_url(self) -> dict:
         """The state as URL query strings (the inverse of `apply_url`): threshold as `%g`, pins as a JSON object."""
-        return {"run": self.run, "layer": self.layer, "node": self.node, "threshold": f"{self.threshold:g}",
-                "pins": json.dumps(self.pins, sort_keys=True) if self.pins else "", "compare": self.compare}
+        return {
+            "run": self.run,
+            "layer": self.layer,
+            "node": self.node,
+            "threshold": f"{self.threshold:g}",
+            "pins": json.dumps(self.pins, sort_keys=True) if self.pins else "",
+            "compare": self.compare,
+        }
 
 
 def parse_pins(text: str, known_nodes: set) -> tuple[dict, list]:

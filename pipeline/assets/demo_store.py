@@ -47,7 +47,9 @@ def _files_metadata(builder: StoreBuilder, entry: dict) -> dict:
 def corpus(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> dg.MaterializeResult:
     b = _builder(context, config)
     info = b.build_corpus()["info"]
-    return dg.MaterializeResult(metadata={k: v for k, v in info.items() if k != "root"} | {"stdlib": dg.MetadataValue.path(info["root"])})
+    return dg.MaterializeResult(
+        metadata={k: v for k, v in info.items() if k != "root"} | {"stdlib": dg.MetadataValue.path(info["root"])}
+    )
 
 
 @dg.asset(
@@ -84,7 +86,12 @@ def sparse_model(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> 
     return _model_result(b, b.build_model("sparse"))
 
 
-@dg.asset(key_prefix=PREFIX, group_name=GROUP, deps=[sparse_model], description="The dense baseline (same shape; stops at the sparse model's held-out loss)")
+@dg.asset(
+    key_prefix=PREFIX,
+    group_name=GROUP,
+    deps=[sparse_model],
+    description="The dense baseline (same shape; stops at the sparse model's held-out loss)",
+)
 def dense_model(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> dg.MaterializeResult:
     b = _builder(context, config)
     if not b.profile.train_dense:
@@ -102,7 +109,9 @@ def _prompt_sets_disjoint(out: Path) -> dg.AssetCheckResult:
         rows = [tuple(r[r != 0].tolist()) for name in ("pool", "selection", "evaluation") for r in sets[name]]
         if len(set(rows)) != len(rows):
             bad.append(f.relative_to(out).as_posix())
-    return dg.AssetCheckResult(check_name="prompt_sets_disjoint", passed=not bad, metadata={"repeated_prompts_in": ", ".join(bad) or "none"})
+    return dg.AssetCheckResult(
+        check_name="prompt_sets_disjoint", passed=not bad, metadata={"repeated_prompts_in": ", ".join(bad) or "none"}
+    )
 
 
 def _targets_above_full(out: Path) -> dg.AssetCheckResult:
@@ -113,7 +122,9 @@ def _targets_above_full(out: Path) -> dg.AssetCheckResult:
         pc = torch.load(f, map_location="cpu", weights_only=True).get("prune_config", {})
         if "target_loss" in pc and "full_loss_selection" in pc and not pc["target_loss"] > pc["full_loss_selection"]:
             bad.append(f.relative_to(out).as_posix())
-    return dg.AssetCheckResult(check_name="targets_above_full_loss", passed=not bad, metadata={"violations": ", ".join(bad) or "none"})
+    return dg.AssetCheckResult(
+        check_name="targets_above_full_loss", passed=not bad, metadata={"violations": ", ".join(bad) or "none"}
+    )
 
 
 @dg.asset(
@@ -122,8 +133,16 @@ def _targets_above_full(out: Path) -> dg.AssetCheckResult:
     deps=[sparse_model, dense_model],
     description="viz/<model>/<task>/<sweep>/<k>/viz_data.pt: circuits found by pruning (pipeline.demo.circuits)",
     check_specs=[
-        dg.AssetCheckSpec("prompt_sets_disjoint", asset=dg.AssetKey([*PREFIX, "circuits"]), description="No prompt repeats within or across the pruning, selection and evaluation sets"),
-        dg.AssetCheckSpec("targets_above_full_loss", asset=dg.AssetKey([*PREFIX, "circuits"]), description="Every k_optim target lies above the full model's selection loss"),
+        dg.AssetCheckSpec(
+            "prompt_sets_disjoint",
+            asset=dg.AssetKey([*PREFIX, "circuits"]),
+            description="No prompt repeats within or across the pruning, selection and evaluation sets",
+        ),
+        dg.AssetCheckSpec(
+            "targets_above_full_loss",
+            asset=dg.AssetKey([*PREFIX, "circuits"]),
+            description="Every k_optim target lies above the full model's selection loss",
+        ),
     ],
 )
 def circuits(context: dg.AssetExecutionContext, config: DemoStoreConfig) -> dg.MaterializeResult:

@@ -162,7 +162,9 @@ def discover_runs(store, selection: Selection | None = None, files=None) -> list
     it cannot read are skipped with a warning. Lists only: no file is fetched. `files`: a flat
     listing of the store (relative names) to use instead of listing it again."""
     sel = selection or Selection()
-    return sorted((r for r in _all_runs(store, files) if sel.wants_run(r.model, r.task, r.sweep, r.k_label)), key=lambda r: r.run_id)
+    return sorted(
+        (r for r in _all_runs(store, files) if sel.wants_run(r.model, r.task, r.sweep, r.k_label)), key=lambda r: r.run_id
+    )
 
 
 def discover_models(store, selection: Selection | None = None, runs: list[RunRef] | None = None, files=None) -> list[str]:
@@ -171,7 +173,11 @@ def discover_models(store, selection: Selection | None = None, runs: list[RunRef
     (the selected circuits; discovered here when not given)."""
     sel = selection or Selection()
     if files is not None or not getattr(store, "is_local", True):
-        names = {rel.split("/")[1] for rel in (files if files is not None else store.find("models")) if rel.startswith("models/") and rel.count("/") == 2 and rel.endswith("/beeg_config.json")}
+        names = {
+            rel.split("/")[1]
+            for rel in (files if files is not None else store.find("models"))
+            if rel.startswith("models/") and rel.count("/") == 2 and rel.endswith("/beeg_config.json")
+        }
         models = sorted(names)
     else:
         walk = _Walk(store)

@@ -4,7 +4,6 @@ Each records the file's store path, size and sha256 in its materialization metad
 file in the store shows up as a changed sha256 in the asset's history.
 """
 
-
 import dagster as dg
 
 from pipeline.assets.discovery import MODELS, RUNS, run_ref

@@ -12,7 +12,6 @@ recorded in the database: `pipeline.database.connect` registers the fsspec files
 connection, so the same queries read the remote tables.
 """
 
-
 import os
 import uuid
 from pathlib import Path
@@ -90,7 +89,13 @@ def circuits_duckdb(context: dg.AssetExecutionContext, circuits: CircuitsResourc
     path = build_duckdb(data, circuits.db_dir)
     present = [t for t in SCHEMAS if _has_files(data, t)]
     context.log.info(f"{path}: views over {len(present)} of {len(SCHEMAS)} tables with files")
-    return dg.MaterializeResult(metadata={"path": path, "tables_with_files": ", ".join(present), "empty_views": ", ".join(t for t in SCHEMAS if t not in present)})
+    return dg.MaterializeResult(
+        metadata={
+            "path": path,
+            "tables_with_files": ", ".join(present),
+            "empty_views": ", ".join(t for t in SCHEMAS if t not in present),
+        }
+    )
 
 
 duckdb_assets = [circuits_duckdb]

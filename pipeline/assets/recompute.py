@@ -5,7 +5,6 @@ Writes `ablations`, `recomputed_activations` and `recompute_summary` (docs/table
 a pipeline failure): recomputed task losses and activations within tolerance of the stored ones.
 """
 
-
 import dagster as dg
 
 from pipeline.assets.discovery import RUNS, run_ref
@@ -39,8 +38,16 @@ _DESCRIPTIONS = {
     "recompute_summary": "Per run: stored vs recomputed losses, and which model the stored activations match",
 }
 CHECKS = [
-    dg.AssetCheckSpec("loss_matches_stored", asset="recompute_summary", description="Recomputed full-model and circuit task losses within tolerance of the stored ones"),
-    dg.AssetCheckSpec("activations_match_stored", asset="recompute_summary", description="Stored activations match the full or the circuit model within tolerance"),
+    dg.AssetCheckSpec(
+        "loss_matches_stored",
+        asset="recompute_summary",
+        description="Recomputed full-model and circuit task losses within tolerance of the stored ones",
+    ),
+    dg.AssetCheckSpec(
+        "activations_match_stored",
+        asset="recompute_summary",
+        description="Stored activations match the full or the circuit model within tolerance",
+    ),
 ]
 
 

@@ -11,7 +11,6 @@ group) with one warning per file. A checkpoint that lacks a tensor one model-lev
 tensor and the file; the model's other tables materialize, and their metadata lists what was skipped.
 """
 
-
 import dagster as dg
 import fsspec
 import numpy as np
@@ -59,7 +58,11 @@ def _no_nan(t: pa.Table, cols: list[str]) -> list[str]:
 
 
 CHECKS = [
-    dg.AssetCheckSpec("edge_endpoints_are_nodes", asset="edges", description="Every edge's target, and its source unless a bias, is a node of its run"),
+    dg.AssetCheckSpec(
+        "edge_endpoints_are_nodes",
+        asset="edges",
+        description="Every edge's target, and its source unless a bias, is a node of its run",
+    ),
     dg.AssetCheckSpec("one_row_per_node", asset="nodes", description="node_id is unique within the run and rows = n_nodes"),
     dg.AssetCheckSpec("no_nan_nodes", asset="nodes", description="No NaN/null in ch_interv_loss, delta"),
     dg.AssetCheckSpec("no_nan_runs", asset="runs", description="No NaN/null in loss, interv_loss"),
@@ -68,7 +71,9 @@ CHECKS = [
 
 
 @dg.multi_asset(
-    specs=[dg.AssetSpec(t, group_name=GROUP, deps=[viz_data_file, tokenizer_files], description=_DESCRIPTIONS[t]) for t in VIZ_TABLES],
+    specs=[
+        dg.AssetSpec(t, group_name=GROUP, deps=[viz_data_file, tokenizer_files], description=_DESCRIPTIONS[t]) for t in VIZ_TABLES
+    ],
     partitions_def=RUNS,
     check_specs=CHECKS,
 )
@@ -94,8 +99,17 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     nodes, edges, runs = tables["nodes"], tables["edges"], tables["runs"]
     node_ids = set(nodes.column("node_id").to_pylist())
     tgt_ok = all(t in node_ids for t in edges.column("tgt_node_id").to_pylist())
-    src_ok = all(s in node_ids or b for s, b in zip(edges.column("src_node_id").to_pylist(), edges.column("src_is_bias").to_pylist(), strict=True))
-    missing = sorted({s for s in edges.column("src_node_id").to_pylist() + edges.column("tgt_node_id").to_pylist() if s not in node_ids and not s.endswith(":bias")})
+    src_ok = all(
+        s in node_ids or b
+        for s, b in zip(edges.column("src_node_id").to_pylist(), edges.column("src_is_bias").to_pylist(), strict=True)
+    )
+    missing = sorted(
+        {
+            s
+            for s in edges.column("src_node_id").to_pylist() + edges.column("tgt_node_id").to_pylist()
+            if s not in node_ids and not s.endswith(":bias")
+        }
+    )
     checks = [
         dg.AssetCheckResult(check_name="edge_endpoints_are_nodes", asset_key="edges", passed=tgt_ok and src_ok, metadata={"missing": str(missing[:20])}),
         dg.AssetCheckResult(
@@ -123,7 +137,12 @@ def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     yield from checks
 
 
-@dg.asset(group_name=GROUP, partitions_def=MODELS, deps=[train_curve_file], description="progress.json in long format (model, step, metric, value)")
+@dg.asset(
+    group_name=GROUP,
+    partitions_def=MODELS,
+    deps=[train_curve_file],
+    description="progress.json in long format (model, step, metric, value)",
+)
 def train_curves(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
     store = circuits.store()
     model = context.partition_key
@@ -148,14 +167,30 @@ MODEL_TABLE_TENSORS = (
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("embeddings", group_name=GROUP, skippable=True,
-                     description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt"),
-        dg.AssetSpec("wte_extremes", group_name=GROUP, skippable=True,
-                     description="Derived: per wte channel, the 20 largest and smallest nonzero weights"),
-        dg.AssetSpec("wte_histograms", group_name=GROUP, skippable=True,
-                     description="Derived: per wte channel, a 30-bin histogram of its nonzero weights"),
-        dg.AssetSpec("unembed_extremes", group_name=GROUP, skippable=True,
-                     description="Derived: per residual channel, the 20 tokens whose logits it raises / lowers most directly (lm_head x ln_f weight)"),
+        dg.AssetSpec(
+            "embeddings",
+            group_name=GROUP,
+            skippable=True,
+            description="Nonzero entries of wte and wpe, read one tensor at a time from final_model.pt",
+        ),
+        dg.AssetSpec(
+            "wte_extremes",
+            group_name=GROUP,
+            skippable=True,
+            description="Derived: per wte channel, the 20 largest and smallest nonzero weights",
+        ),
+        dg.AssetSpec(
+            "wte_histograms",
+            group_name=GROUP,
+            skippable=True,
+            description="Derived: per wte channel, a 30-bin histogram of its nonzero weights",
+        ),
+        dg.AssetSpec(
+            "unembed_extremes",
+            group_name=GROUP,
+            skippable=True,
+            description="Derived: per residual channel, the 20 tokens whose logits it raises / lowers most directly (lm_head x ln_f weight)",
+        ),
     ],
     partitions_def=MODELS,
 )
@@ -212,12 +247,19 @@ def embeddings(context: dg.AssetExecutionContext, circuits: CircuitsResource):
         yield dg.MaterializeResult(asset_key=name, metadata=meta | note)
 
 
-@dg.asset(group_name=GROUP, partitions_def=MODELS, deps=[tokenizer_files], description="The model's tokenizer: id, printable text, bytes, special flag")
+@dg.asset(
+    group_name=GROUP,
+    partitions_def=MODELS,
+    deps=[tokenizer_files],
+    description="The model's tokenizer: id, printable text, bytes, special flag",
+)
 def vocab(context: dg.AssetExecutionContext, circuits: CircuitsResource) -> dg.MaterializeResult:
     store = circuits.store()
     token_bytes, special = token_bytes_list(load_tokenizer(store))
     table = convert.vocab_table(context.partition_key, token_bytes, special)
-    return dg.MaterializeResult(metadata=table_metadata(write_partition(circuits.data_url(), "vocab", context.partition_key, table)))
+    return dg.MaterializeResult(
+        metadata=table_metadata(write_partition(circuits.data_url(), "vocab", context.partition_key, table))
+    )
 
 
 table_assets = [run_tables, train_curves, embeddings, vocab]

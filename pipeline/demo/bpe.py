@@ -77,7 +77,9 @@ def train_bpe_merges(texts: Iterable[str], vocab_size: int = 2048) -> list[tuple
         merges.append(pair)
         if len(merges) == n_merges:
             return merges
-    raise ValueError(f"the BPE corpus is too small: only {len(merges)} distinct merges, {n_merges} needed for vocab_size {vocab_size}")
+    raise ValueError(
+        f"the BPE corpus is too small: only {len(merges)} distinct merges, {n_merges} needed for vocab_size {vocab_size}"
+    )
 
 
 def data_gym_files(merges: list[tuple[bytes, bytes]]) -> tuple[str, str]:
@@ -94,5 +96,3 @@ def data_gym_files(merges: list[tuple[bytes, bytes]]) -> tuple[str, str]:
         lines.append(f"{to_str(a)} {to_str(b)}")
     encoder[ENDOFTEXT] = len(encoder)
     return json.dumps(encoder, ensure_ascii=False) + "\n", "\n".join(lines) + "\n"
-
-

@@ -235,7 +235,9 @@ class StoreBuilder:
     def build_corpus(self) -> dict[str, Any]:
         def run():
             summary = self.corpus.summary()
-            self.log(f"corpus: {summary['train_files']} train files ({summary['train_bytes']:,} bytes), {summary['test_files']} test files ({summary['test_bytes']:,} bytes)")
+            self.log(
+                f"corpus: {summary['train_files']} train files ({summary['train_bytes']:,} bytes), {summary['test_files']} test files ({summary['test_bytes']:,} bytes)"
+            )
             return [], summary
 
         return self._run_stage("corpus", self._downstream("corpus"), run)
@@ -255,7 +257,9 @@ class StoreBuilder:
             enc = self.encoding()
             info = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token, **self._stream_sizes()}
             if enc.n_vocab != self.profile.vocab_size or enc.eot_token != self.profile.vocab_size - 1:
-                raise StoreBuildError(f"{target}: the written tokenizer has {enc.n_vocab} tokens (eot {enc.eot_token}), expected {self.profile.vocab_size}")
+                raise StoreBuildError(
+                    f"{target}: the written tokenizer has {enc.n_vocab} tokens (eot {enc.eot_token}), expected {self.profile.vocab_size}"
+                )
             self.log(f"tokenizer: {info['train_tokens']:,} train tokens, {info['test_tokens']:,} test tokens")
             return [target / "encoder.json", target / "vocab.bpe"], info
 
@@ -272,7 +276,9 @@ class StoreBuilder:
             from pipeline.demo.train import token_stream
 
             enc = self.encoding()
-            self._streams = tuple(token_stream((f.text for f in self.corpus.split(s)), enc, enc.eot_token) for s in ("train", "test"))
+            self._streams = tuple(
+                token_stream((f.text for f in self.corpus.split(s)), enc, enc.eot_token) for s in ("train", "test")
+            )
         return self._streams
 
     def _stream_sizes(self) -> dict[str, int]:
@@ -305,7 +311,15 @@ class StoreBuilder:
             self.log(f"{name}: training {self.profile.steps} steps ({kind})")
             t0 = time.perf_counter()
             with self._bar(name) as on_step:
-                result = train(self.profile, train_stream, test_stream, sparse=(kind == "sparse"), on_step=on_step, on_eval=on_eval, stop_at_xent=stop_at)
+                result = train(
+                    self.profile,
+                    train_stream,
+                    test_stream,
+                    sparse=(kind == "sparse"),
+                    on_step=on_step,
+                    on_eval=on_eval,
+                    stop_at_xent=stop_at,
+                )
             seconds = time.perf_counter() - t0
             want = expected_nonzeros(result.model, self.profile, sparse=(kind == "sparse"))
             if result.nonzero_weights != want:

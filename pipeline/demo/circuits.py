@@ -116,10 +116,26 @@ def faithfulness_rows(model, circuit, set_docs: dict[str, torch.Tensor], means, 
     zeros = {loc: torch.zeros_like(m) for loc, m in means.items()}
     rows = []
     for set_name, docs in set_docs.items():
-        rows.append({"prompt_set": set_name, "ablation": "none", "variant": "full_model", **set_measure(model, docs, None, means)})
+        rows.append(
+            {"prompt_set": set_name, "ablation": "none", "variant": "full_model", **set_measure(model, docs, None, means)}
+        )
         for mode, fill in (("mean", means), ("zero", zeros)):
-            rows.append({"prompt_set": set_name, "ablation": mode, "variant": "circuit", **set_measure(model, docs, circuit_masks(model.config, circuit), fill)})
-            rows.append({"prompt_set": set_name, "ablation": mode, "variant": "without_circuit", **set_measure(model, docs, complement_masks(model.config, circuit), fill)})
+            rows.append(
+                {
+                    "prompt_set": set_name,
+                    "ablation": mode,
+                    "variant": "circuit",
+                    **set_measure(model, docs, circuit_masks(model.config, circuit), fill),
+                }
+            )
+            rows.append(
+                {
+                    "prompt_set": set_name,
+                    "ablation": mode,
+                    "variant": "without_circuit",
+                    **set_measure(model, docs, complement_masks(model.config, circuit), fill),
+                }
+            )
         rows.append(
             {"prompt_set": set_name, "ablation": "mean", "variant": "circuit_calibrated", **set_measure(model, docs, circuit_masks(model.config, circuit), means, *calibration)}
         )  # fmt: skip
@@ -134,7 +150,13 @@ def overfit_flag(rows: list[dict]) -> dict:
     sel, ev = pick["selection"], pick["evaluation"]
     spread = math.sqrt(sel["loss_se"] ** 2 + ev["loss_se"] ** 2)
     gap = ev["loss"] - sel["loss"]
-    return {"selection_loss": sel["loss"], "evaluation_loss": ev["loss"], "gap": gap, "spread": spread, "flagged": bool(gap > spread)}
+    return {
+        "selection_loss": sel["loss"],
+        "evaluation_loss": ev["loss"],
+        "gap": gap,
+        "spread": spread,
+        "flagged": bool(gap > spread),
+    }
 
 
 # ---- the stage ---------------------------------------------------------------------------------
@@ -172,7 +194,9 @@ def build_circuits(store_dir, profile, progress=None) -> list[Path]:
     for name, model in models.items():
         pre_acts = pretraining_acts(model, windows_of[name])
         for task, s in sets.items():
-            written += _prune_task(store_dir, name, model, task, s, means_of[name], windows_of[name], pre_acts, baselines, targets, cfg, log)
+            written += _prune_task(
+                store_dir, name, model, task, s, means_of[name], windows_of[name], pre_acts, baselines, targets, cfg, log
+            )
     return written
 
 
@@ -193,7 +217,11 @@ def _task_prompt_sets(cfg, corpus, enc, index, log) -> dict[str, dict]:
         calib_rows = torch.cat([torch.arange(min(cfg.batch_pairs, n_pool)), n_pool + torch.arange(min(cfg.batch_pairs, n_pool))])
         sets[task] = {
             "pool": pool,
-            "docs": {"pruning": pool[calib_rows], "selection": ps.docs("selection", cfg.ctx), "evaluation": ps.docs("evaluation", cfg.ctx)},
+            "docs": {
+                "pruning": pool[calib_rows],
+                "selection": ps.docs("selection", cfg.ctx),
+                "evaluation": ps.docs("evaluation", cfg.ctx),
+            },
             "stats": ps.stats,
         }
     return sets
@@ -249,10 +277,19 @@ def _size_study(model, s, means, targets_f: dict, cfg, log, name: str, task: str
         if first is None:
             first = result
         for f, target in sorted(targets_f.items()):
-            k, reached = find_k_optim(model, docs["selection"], result.order, means, cfg, target=target, calib_docs=docs["pruning"])
+            k, reached = find_k_optim(
+                model, docs["selection"], result.order, means, cfg, target=target, calib_docs=docs["pruning"]
+            )
             circuit = circuit_from_order(result.order, k, locs)
             calib = calibrate(circuit_z(model, docs["pruning"], circuit, means))
-            row = {"seed": seed, "target_fraction": f, "target": target, "k": k, "reached": reached, "edges": count_edges(model, circuit)}
+            row = {
+                "seed": seed,
+                "target_fraction": f,
+                "target": target,
+                "k": k,
+                "reached": reached,
+                "edges": count_edges(model, circuit),
+            }
             for set_name in ("selection", "evaluation"):
                 m = set_measure(model, docs[set_name], circuit_masks(model.config, circuit), means, *calib)
                 row[f"{set_name}_loss"], row[f"{set_name}_loss_se"] = m["loss"], m["loss_se"]
@@ -283,7 +320,9 @@ def _prune_task(store_dir, name, model, task, s, means, windows, pre_acts, basel
         extra = {"k": k, "calibration": {"scale": calib[0], "shift": calib[1]}, "faithfulness": rows, "overfit": flag}
         if label == "k_optim":
             extra.update(study=study, prompt_sets=s["stats"])
-        viz = build_viz_data(model, docs["evaluation"], circuit, means, pre_acts, windows, curve, total, {**prune_config, **extra}, cfg)
+        viz = build_viz_data(
+            model, docs["evaluation"], circuit, means, pre_acts, windows, curve, total, {**prune_config, **extra}, cfg
+        )
         path = store_dir / "viz" / name / task / SWEEP / label / "viz_data.pt"
         save_atomic(viz, path)
         written.append(path)

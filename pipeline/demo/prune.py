@@ -89,15 +89,36 @@ class PruneConfig:
 # Per-profile overrides (the tiny store must build in about a minute on 2 shared cores).
 PROFILE_DEFAULTS: dict[str, dict] = {
     "tiny": dict(
-        steps=40, lr=0.1, train_pairs=16, test_pairs=8, ctx=32, ks=(8,), mean_windows=16, k_optim_max=48, curve_every=4,
-        batch_pairs=16, pool_pairs=64, selection_pairs=8, eval_pairs=8, prune_seeds=(0, 1), target_sweep=(0.2, 0.5),
+        steps=40,
+        lr=0.1,
+        train_pairs=16,
+        test_pairs=8,
+        ctx=32,
+        ks=(8,),
+        mean_windows=16,
+        k_optim_max=48,
+        curve_every=4,
+        batch_pairs=16,
+        pool_pairs=64,
+        selection_pairs=8,
+        eval_pairs=8,
+        prune_seeds=(0, 1),
+        target_sweep=(0.2, 0.5),
         tasks=("single_double_quote", "bracket_counting", "var_swap", "for_while"),
     ),
     # var_swap is left out of the demo: neither model learns it (0% of pairs at 5000 steps).
     # 32 fresh pairs per step: a gate step on 64 pairs costs ~2.5 training steps (measured under
     # load), and 3 seeds x 3 tasks x 2 models x 150 steps of that would not fit the 20-minute build.
     "demo": dict(
-        steps=150, lr=0.05, train_pairs=64, test_pairs=64, ctx=32, ks=(16, 64), mean_windows=64, k_optim_max=2048, batch_pairs=32,
+        steps=150,
+        lr=0.05,
+        train_pairs=64,
+        test_pairs=64,
+        ctx=32,
+        ks=(16, 64),
+        mean_windows=64,
+        k_optim_max=2048,
+        batch_pairs=32,
         tasks=("single_double_quote", "bracket_counting", "for_while"),
     ),
 }
@@ -152,7 +173,9 @@ def batch_rows(n_pairs: int, batch_pairs: int, gen: torch.Generator) -> torch.Te
     return torch.cat([idx, idx + n_pairs])
 
 
-def train_gates(model, docs: torch.Tensor, means: dict[str, torch.Tensor], cfg: PruneConfig, progress=None, seed: int | None = None) -> PruneResult:
+def train_gates(
+    model, docs: torch.Tensor, means: dict[str, torch.Tensor], cfg: PruneConfig, progress=None, seed: int | None = None
+) -> PruneResult:
     """Run the gate optimisation on a pool of task docs (fresh batches of `cfg.batch_pairs`
     pairs per step); returns the node ranking and the curve."""
     config = model.config
@@ -275,7 +298,9 @@ def _newton(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, iters: int, ridg
 def circuit_z(model, docs, circuit, means) -> torch.Tensor:
     from inference.circuit import circuit_masks
 
-    return answer_logit_diff(masked_forward(model, docs, circuit_masks(model.config, circuit), means, frozen_norm_scales(model, docs)), docs)
+    return answer_logit_diff(
+        masked_forward(model, docs, circuit_masks(model.config, circuit), means, frozen_norm_scales(model, docs)), docs
+    )
 
 
 def calibrated_loss(model, docs, circuit, means, calib_docs=None) -> float:
@@ -285,7 +310,9 @@ def calibrated_loss(model, docs, circuit, means, calib_docs=None) -> float:
 
 
 @torch.no_grad()
-def find_k_optim(model, docs, order, means, cfg: PruneConfig, target: float | None = None, calib_docs: torch.Tensor | None = None) -> tuple[int, bool]:
+def find_k_optim(
+    model, docs, order, means, cfg: PruneConfig, target: float | None = None, calib_docs: torch.Tensor | None = None
+) -> tuple[int, bool]:
     """Smallest k (grid + bisection) whose top-k circuit reaches `target` (per prompt; default
     `cfg.target_loss`) on `docs`, and True; with `calib_docs`, each circuit's logits are first
     calibrated (scale + shift fitted on calib_docs).

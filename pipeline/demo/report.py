@@ -70,7 +70,9 @@ def collect(store_dir: str | Path) -> dict:
                     docs = imp["task_samples"][0]
                     with torch.no_grad():
                         m = task_metrics(model(docs), docs)
-                    task_row.update(accuracy=m["accuracy"], pair_accuracy=m["pair_accuracy"], loss=imp["loss"] / 2, prompts=docs.shape[0])
+                    task_row.update(
+                        accuracy=m["accuracy"], pair_accuracy=m["pair_accuracy"], loss=imp["loss"] / 2, prompts=docs.shape[0]
+                    )
             tasks.append(task_row)
     return {"models": models, "tasks": tasks, "circuits": circuits, "timings": manifest.get("timings", {})}
 
@@ -140,10 +142,16 @@ def markdown(report: dict) -> str:
 
 
 def _models_section(report: dict) -> list[str]:
-    out = ["", "| model | params | weight density | held-out xent | unigram xent | steps | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "",
+        "| model | params | weight density | held-out xent | unigram xent | steps | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in sorted(report["models"].items()):
         steps = m.get("steps")
-        matched = f" (stopped at the sparse model's xent {m['matched_to_xent']:.3f})" if m.get("matched_to_xent") is not None else ""
+        matched = (
+            f" (stopped at the sparse model's xent {m['matched_to_xent']:.3f})" if m.get("matched_to_xent") is not None else ""
+        )
         out.append(
             f"| {name} | {m.get('num_params', 0):,} | {_fmt(m.get('weight_density'), '.4f')} | {_fmt(m.get('final_test_xent'))} "
             f"| {_fmt(m.get('unigram_xent'))} | {steps if steps is not None else '-'}{matched} | {_fmt(m.get('seconds'), '.0f')} |"
@@ -156,8 +164,15 @@ def _dropped(d: dict) -> str:
 
 
 def _prompt_sets_section(by_task: dict) -> list[str]:
-    out = ["", "Prompt sets (pairs; pruning = the pool fresh batches are drawn from; dropped = duplicates / equal to a pruning prompt / seen verbatim in pretraining):", ""]
-    out += ["| task | pruning pool | selection | evaluation | selection dropped | evaluation dropped |", "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "",
+        "Prompt sets (pairs; pruning = the pool fresh batches are drawn from; dropped = duplicates / equal to a pruning prompt / seen verbatim in pretraining):",
+        "",
+    ]
+    out += [
+        "| task | pruning pool | selection | evaluation | selection dropped | evaluation dropped |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for task, rows in sorted(by_task.items()):
         st = next((r.get("prompt_sets") for r in rows.values() if r.get("prompt_sets")), None)
         if st:
@@ -177,7 +192,10 @@ def _target_cell(r: dict) -> str:
 
 
 def _tasks_section(by_task: dict, models: list[str]) -> list[str]:
-    out = ["", "| model | task | accuracy (prompt / pair) | full loss | full loss (selection) | ablated loss (selection) | target | k_optim | k_optim calibrated loss (selection) | k_optim calibrated loss (evaluation) |"]
+    out = [
+        "",
+        "| model | task | accuracy (prompt / pair) | full loss | full loss (selection) | ablated loss (selection) | target | k_optim | k_optim calibrated loss (selection) | k_optim calibrated loss (evaluation) |",
+    ]
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for task, rows in sorted(by_task.items()):
         for m in models:
@@ -197,10 +215,22 @@ def _tasks_section(by_task: dict, models: list[str]) -> list[str]:
 
 def _circuits_section(report: dict) -> list[str]:
     out = ["", "Every circuit (first pruning seed; edges = nonzero weights between retained nodes, `pair_data_connections`):", ""]
-    out += ["| model | task | k | nodes | edges | full-model loss | circuit loss | calibrated circuit loss |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    out += [
+        "| model | task | k | nodes | edges | full-model loss | circuit loss | calibrated circuit loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for c in report["circuits"]:
-        cal = next((r["loss"] for r in c.get("faithfulness", []) if r["prompt_set"] == "evaluation" and r["variant"] == "circuit_calibrated"), None)
-        out.append(f"| {c['model']} | {c['task']} | {c['k']} | {c['nodes']} | {c['edges']} | {c['loss']:.3f} | {c['circuit_loss']:.3f} | {_fmt(cal)} |")
+        cal = next(
+            (
+                r["loss"]
+                for r in c.get("faithfulness", [])
+                if r["prompt_set"] == "evaluation" and r["variant"] == "circuit_calibrated"
+            ),
+            None,
+        )
+        out.append(
+            f"| {c['model']} | {c['task']} | {c['k']} | {c['nodes']} | {c['edges']} | {c['loss']:.3f} | {c['circuit_loss']:.3f} | {_fmt(cal)} |"
+        )
     return out
 
 
@@ -235,14 +265,24 @@ def _size_section(report: dict, models: list[str]) -> list[str]:
     rows, geo = size_study(report)
     if not rows:
         return []
-    out = ["", "Size at equal loss: k selected per pruning seed on the selection set at one target per task (full + f x |ablated - full|,", "the larger of the models' targets); edges, nodes and evaluation loss (calibrated) as mean ± sd over seeds:", ""]
+    out = [
+        "",
+        "Size at equal loss: k selected per pruning seed on the selection set at one target per task (full + f x |ablated - full|,",
+        "the larger of the models' targets); edges, nodes and evaluation loss (calibrated) as mean ± sd over seeds:",
+        "",
+    ]
     out += ["| task | f | target | " + " | ".join(f"{m} edges | {m} nodes | {m} eval loss | {m} reached" for m in models) + " |"]
     out.append("|---|---:|---:|" + "---:|---:|---:|---:|" * len(models))
     for r in rows:
         cells = []
         for m in models:
             rs = r["models"].get(m, [])
-            cells += [_pm([x["edges"] for x in rs]), _pm([x["k"] for x in rs]), _pm([x["evaluation_loss"] for x in rs], ".3f"), f"{sum(x['reached'] for x in rs)}/{len(rs)}"]
+            cells += [
+                _pm([x["edges"] for x in rs]),
+                _pm([x["k"] for x in rs]),
+                _pm([x["evaluation_loss"] for x in rs], ".3f"),
+                f"{sum(x['reached'] for x in rs)}/{len(rs)}",
+            ]
         task = r["task"] if r["learned"] else f"{r['task']} (not learned: full loss >= ln 2)"
         if r["learned"] and r["target"] >= math.log(2):
             task += " (target >= ln 2: chance reaches it)"
@@ -252,9 +292,13 @@ def _size_section(report: dict, models: list[str]) -> list[str]:
         for f in sorted({r["fraction"] for r in rows}):
             if f in geo:
                 g, tasks = geo[f]
-                out.append(f"- f = {f}: geometric mean over {len(tasks)} learned task(s) ({', '.join(tasks)}) of dense edges / sparse edges: **{g:.2f}**")
+                out.append(
+                    f"- f = {f}: geometric mean over {len(tasks)} learned task(s) ({', '.join(tasks)}) of dense edges / sparse edges: **{g:.2f}**"
+                )
             else:
-                out.append(f"- f = {f}: no learned task where every seed of both models reached the target with nonempty circuits; no ratio")
+                out.append(
+                    f"- f = {f}: no learned task where every seed of both models reached the target with nonempty circuits; no ratio"
+                )
     return out
 
 

@@ -240,7 +240,6 @@ def task_metrics(logits: torch.Tensor, docs: torch.Tensor) -> dict[str, float]:
     }
 
 
-
 # ---- three disjoint prompt sets -------------------------------------------------------------
 #
 # Circuits are pruned on one set of prompts, their size k is chosen on a second, and every

@@ -191,7 +191,9 @@ def expected_nonzeros(model: GPT, profile: Profile, sparse: bool) -> int:
     params = dict(model.named_parameters())
     if not sparse:
         return sum(params[n].numel() for n in sparse_param_names(model))
-    return sum(kept_count(tuple(params[n].shape), profile.target_density, profile.min_nonzero_per_row) for n in sparse_param_names(model))
+    return sum(
+        kept_count(tuple(params[n].shape), profile.target_density, profile.min_nonzero_per_row) for n in sparse_param_names(model)
+    )
 
 
 # ---- training --------------------------------------------------------------------------
@@ -290,9 +292,7 @@ def train(
             loss_ema = loss_v if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_v
             if on_step is not None:
                 on_step(step, loss_ema)
-            matched = (
-                stop_at_xent is not None and step % profile.match_every == 0 and evaluate(model, final_w) <= stop_at_xent
-            )
+            matched = stop_at_xent is not None and step % profile.match_every == 0 and evaluate(model, final_w) <= stop_at_xent
             if step % profile.eval_every == 0 or step == profile.steps or matched:
                 line = {"step": step, "test_xent": evaluate(model, eval_w), "unigram_xent": unigram_eval, "train_loss": loss_v,
                         "train_loss_ema": loss_ema, "lr": lr, "density": density}  # fmt: skip

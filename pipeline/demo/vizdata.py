@@ -202,4 +202,3 @@ def build_viz_data(model, docs, circuit, means, pre_acts, windows, all_loss, num
         "num_total_nodes": int(num_total),
         "prune_config": prune_config,
     }
-

@@ -14,8 +14,15 @@ class PatternPlot:
     def __init__(self, title):
         self.source = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []})
         self.mapper = LinearColorMapper(palette=Viridis256, nan_color="#ffffff")
-        fig = figure(height=320, width=360, title=title, tools="pan,wheel_zoom,reset,save", match_aspect=True,
-                     x_axis_label="key position s", y_axis_label="query position t")
+        fig = figure(
+            height=320,
+            width=360,
+            title=title,
+            tools="pan,wheel_zoom,reset,save",
+            match_aspect=True,
+            x_axis_label="key position s",
+            y_axis_label="query position t",
+        )
         fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source, color_mapper=self.mapper)
         fig.y_range.flipped = True
         fig.add_layout(ColorBar(color_mapper=self.mapper, width=8), "right")

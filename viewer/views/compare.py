@@ -11,9 +11,11 @@ from viewer.views.markup import HtmlBox, heading, table_html
 
 
 def summary(c: models.Comparison) -> str:
-    return (f"<div><b>A</b> = {html.escape(c.run_a)} · <b>B</b> = {html.escape(c.run_b)}</div>"
-            f"<div>shared <b>{len(c.shared)}</b> · only in A <b>{len(c.only_a)}</b> · only in B <b>{len(c.only_b)}</b> · "
-            f"Jaccard {c.jaccard:.3f}</div>")
+    return (
+        f"<div><b>A</b> = {html.escape(c.run_a)} · <b>B</b> = {html.escape(c.run_b)}</div>"
+        f"<div>shared <b>{len(c.shared)}</b> · only in A <b>{len(c.only_a)}</b> · only in B <b>{len(c.only_b)}</b> · "
+        f"Jaccard {c.jaccard:.3f}</div>"
+    )
 
 
 class CompareView:
@@ -25,11 +27,17 @@ class CompareView:
         self.only_a = HtmlBox(max_height=500)
         self.only_b = HtmlBox(max_height=500)
         pn.bind(self._picked, self.pick, watch=True)
-        self.panel = pn.Column(self.pick, self.summary.panel,
-                               pn.Row(pn.Column(heading("Shared", "(delta in A and B)"), self.shared.panel, sizing_mode="stretch_width"),
-                                      pn.Column(heading("Only in A"), self.only_a.panel, sizing_mode="stretch_width"),
-                                      pn.Column(heading("Only in B"), self.only_b.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
-                               sizing_mode="stretch_width")
+        self.panel = pn.Column(
+            self.pick,
+            self.summary.panel,
+            pn.Row(
+                pn.Column(heading("Shared", "(delta in A and B)"), self.shared.panel, sizing_mode="stretch_width"),
+                pn.Column(heading("Only in A"), self.only_a.panel, sizing_mode="stretch_width"),
+                pn.Column(heading("Only in B"), self.only_b.panel, sizing_mode="stretch_width"),
+                sizing_mode="stretch_width",
+            ),
+            sizing_mode="stretch_width",
+        )
 
     def _picked(self, run_id):
         self.state.compare = run_id or ""

@@ -20,28 +20,43 @@ def loss_at_k_plot(data):
     """Loss at k over the sweep (line and points), this circuit circled, the unpruned loss dashed across the sweep
     (a line glyph, not an hline: an hline would not widen the axis range to show it)."""
     lak, run_id, unpruned = data
-    opts = {"logx": True, "logy": True, "xlabel": "circuit nodes", "ylabel": "task loss (corrected)", "responsive": True, "height": 300}
+    opts = {
+        "logx": True,
+        "logy": True,
+        "xlabel": "circuit nodes",
+        "ylabel": "task loss (corrected)",
+        "responsive": True,
+        "height": 300,
+    }
     line = lak.hvplot.line(x="n_nodes", y="final_loss", line_width=2, **opts)
     points = lak.hvplot.scatter(x="n_nodes", y="final_loss", hover_cols=["k_label"], size=50, **opts)
-    current = lak.filter(pl.col("run_id") == run_id).hvplot.scatter(x="n_nodes", y="final_loss", size=160, fill_color=None,
-                                                                    line_color="#d6604d", line_width=2, **opts)
+    current = lak.filter(pl.col("run_id") == run_id).hvplot.scatter(
+        x="n_nodes", y="final_loss", size=160, fill_color=None, line_color="#d6604d", line_width=2, **opts
+    )
     n = lak["n_nodes"]
-    span = pl.DataFrame({"n_nodes": [n.min(), n.max()] if len(n) and unpruned is not None else [],
-                         "loss": [unpruned, unpruned] if len(n) and unpruned is not None else []}, schema={"n_nodes": pl.Float64, "loss": pl.Float64})
+    span = pl.DataFrame(
+        {
+            "n_nodes": [n.min(), n.max()] if len(n) and unpruned is not None else [],
+            "loss": [unpruned, unpruned] if len(n) and unpruned is not None else [],
+        },
+        schema={"n_nodes": pl.Float64, "loss": pl.Float64},
+    )
     dashed = span.hvplot.line(x="n_nodes", y="loss", line_color="#555555", line_dash="dashed", line_width=2, **opts)
     # padding: the first and last points (the circled one often among them) clear of the frame's edges
     return (line * points * current * dashed).opts(title="loss at k", default_tools=TOOLS, padding=0.1)
 
 
 def pruning_plot(data):
-    return data.hvplot.line(x="x", y="loss", line_width=2, xlabel="(step + 1) * 8", ylabel="loss (corrected)", responsive=True,
-                            height=300).opts(title="pruning loss curve", default_tools=TOOLS)
+    return data.hvplot.line(
+        x="x", y="loss", line_width=2, xlabel="(step + 1) * 8", ylabel="loss (corrected)", responsive=True, height=300
+    ).opts(title="pruning loss curve", default_tools=TOOLS)
 
 
 def metric_plot(data):
     t, name = data
     return t.hvplot.line(x="step", y="value", line_width=2, xlabel="step", responsive=True, height=260).opts(
-        title=plain(name or "training metric"), default_tools=TOOLS)
+        title=plain(name or "training metric"), default_tools=TOOLS
+    )
 
 
 PC_EMPTY = pl.DataFrame(schema={"x": pl.Float64, "loss": pl.Float64})
@@ -61,11 +76,24 @@ class CurvesView:
         self._train = None
         pn.bind(self._show_metric, self.metric_pick, watch=True)
         self.panel = pn.Column(
-            pn.Row(pn.Column(self.k_plot.panel, self.k_note.panel, sizing_mode="stretch_width"), self.p_plot.panel, sizing_mode="stretch_width"),
-            pn.Row(pn.Column(heading("Prune config"), self.config, sizing_mode="stretch_width"),
-                   pn.Column(heading("Training metrics", "(last value of each)"), self.metrics.panel, self.metric_pick,
-                             self.t_plot.panel, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
-            sizing_mode="stretch_width")
+            pn.Row(
+                pn.Column(self.k_plot.panel, self.k_note.panel, sizing_mode="stretch_width"),
+                self.p_plot.panel,
+                sizing_mode="stretch_width",
+            ),
+            pn.Row(
+                pn.Column(heading("Prune config"), self.config, sizing_mode="stretch_width"),
+                pn.Column(
+                    heading("Training metrics", "(last value of each)"),
+                    self.metrics.panel,
+                    self.metric_pick,
+                    self.t_plot.panel,
+                    sizing_mode="stretch_width",
+                ),
+                sizing_mode="stretch_width",
+            ),
+            sizing_mode="stretch_width",
+        )
 
     def show(self, *_):
         self.draw(models.curves(self.state.run))

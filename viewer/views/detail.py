@@ -16,16 +16,22 @@ def connections_frame(df) -> dict | None:
     """The columns shown for a node's inputs or outputs (from, to, strength, weight)."""
     if df is None or df.is_empty():
         return None
-    return {"from": models.objects(df, "src_node_id"), "to": models.objects(df, "tgt_node_id"),
-            "strength": models.floats(df, "strength"), "weight": models.floats(df, "weight")}
+    return {
+        "from": models.objects(df, "src_node_id"),
+        "to": models.objects(df, "tgt_node_id"),
+        "strength": models.floats(df, "strength"),
+        "weight": models.floats(df, "weight"),
+    }
 
 
 LOGIT_TOKENS_SHOWN = 8  # per side, of the pipeline's 20
 
 
-LOGIT_EFFECT_MISSING = ('<div class="logit-effect"><i>direct effect on the logits: not available (the tables hold no '
-                        "unembed_extremes for this model: its checkpoint lacks the unembedding or final-norm weight; "
-                        "see the pipeline's warning)</i></div>")
+LOGIT_EFFECT_MISSING = (
+    '<div class="logit-effect"><i>direct effect on the logits: not available (the tables hold no '
+    "unembed_extremes for this model: its checkpoint lacks the unembedding or final-norm weight; "
+    "see the pipeline's warning)</i></div>"
+)
 
 
 def logit_effect_html(extremes, available: bool = True) -> str:
@@ -39,10 +45,14 @@ def logit_effect_html(extremes, available: bool = True) -> str:
     lines = []
     for side, verb in (("top", "raises"), ("bottom", "lowers")):
         rows = extremes.filter(pl.col("side") == side).head(LOGIT_TOKENS_SHOWN)
-        cells = " ".join(f"<code>{tokens.token_label(t)}</code>&nbsp;{v:+.3f}" for t, v in zip(rows["text"], rows["value"], strict=True))
+        cells = " ".join(
+            f"<code>{tokens.token_label(t)}</code>&nbsp;{v:+.3f}" for t, v in zip(rows["text"], rows["value"], strict=True)
+        )
         lines.append(f"<div>{verb}: {cells or '<i>none</i>'}</div>")
-    return ('<div class="logit-effect"><i>direct effect on the logits, per unit of the normalized channel '
-            "(unembedding × final-norm weight); a positive value</i>" + "".join(lines) + "</div>")
+    return (
+        '<div class="logit-effect"><i>direct effect on the logits, per unit of the normalized channel '
+        "(unembedding × final-norm weight); a positive value</i>" + "".join(lines) + "</div>"
+    )
 
 
 def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
@@ -55,9 +65,11 @@ def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
     and down directly."""
     frame = connections_frame(outputs)
     if node.get("kind") == "final_resid":
-        return ((table_html(frame) if frame is not None else "")
-                + f"<i>the final residual: channel {int(node['channel'])} is read by the final norm and the unembedding only</i>"
-                + (logit_effect if isinstance(logit_effect, str) else logit_effect_html(logit_effect)))
+        return (
+            (table_html(frame) if frame is not None else "")
+            + f"<i>the final residual: channel {int(node['channel'])} is read by the final norm and the unembedding only</i>"
+            + (logit_effect if isinstance(logit_effect, str) else logit_effect_html(logit_effect))
+        )
     if node.get("kind") != "resid_delta":
         return table_html(frame) if frame is not None else "<i>none</i>"
     direct = logit_effect if isinstance(logit_effect, str) else logit_effect_html(logit_effect)
@@ -65,10 +77,15 @@ def outputs_html(node: dict, outputs, links, logit_effect=None) -> str:
         return table_html(frame) + direct
     mine = links.filter(pl.col("src_node_id") == node["node_id"]) if links is not None and len(links) else None
     if mine is not None and len(mine):
-        return ("<i>later reads of the same residual channel</i>"
-                + table_html({"from": models.objects(mine, "src_node_id"), "to": models.objects(mine, "tgt_node_id")}) + direct)
-    return (f"<i>no later node of this circuit reads residual channel {int(node['channel'])}: "
-            "it acts on the logits directly, through the final norm and the unembedding</i>" + direct)
+        return (
+            "<i>later reads of the same residual channel</i>"
+            + table_html({"from": models.objects(mine, "src_node_id"), "to": models.objects(mine, "tgt_node_id")})
+            + direct
+        )
+    return (
+        f"<i>no later node of this circuit reads residual channel {int(node['channel'])}: "
+        "it acts on the logits directly, through the final norm and the unembedding</i>" + direct
+    )
 
 
 def inputs_html(node: dict, inputs, links) -> str:
@@ -80,12 +97,15 @@ def inputs_html(node: dict, inputs, links) -> str:
     mine = links.filter(pl.col("tgt_node_id") == node["node_id"]) if links is not None and len(links) else None
     if mine is None or not len(mine):
         return f"<i>no residual write of this circuit into channel {int(node['channel'])}</i>"
-    return ("<i>the circuit's writes into the same residual channel</i>"
-            + table_html({"from": models.objects(mine, "src_node_id"), "to": models.objects(mine, "tgt_node_id")}))
+    return "<i>the circuit's writes into the same residual channel</i>" + table_html(
+        {"from": models.objects(mine, "src_node_id"), "to": models.objects(mine, "tgt_node_id")}
+    )
 
 
-WHERE = {"final_resid": "the residual stream after the last block, read by the final norm and the unembedding",
-         "other": "a location this viewer does not know (kept as stored, in the 'other' group)"}
+WHERE = {
+    "final_resid": "the residual stream after the last block, read by the final norm and the unembedding",
+    "other": "a location this viewer does not know (kept as stored, in the 'other' group)",
+}
 
 
 def _num(x, fmt: str) -> str:
@@ -101,15 +121,21 @@ def header_html(node: dict, ablation: dict | None, pin_label: str | None) -> str
     layer_delta, released = node.get("layer_delta"), node.get("layer_delta_released")
     layer_part = ""
     if layer_delta is not None and layer_delta == layer_delta:  # corrected; the release's reading beside it when stored
-        layer_part = f" · layer-half delta {layer_delta:.4f}" + (f" (released reading {released:.4f})" if released is not None and released == released else "")
-    parts = [f'<h3 class="node-title">{nid}</h3>',
-             f"<div>{html.escape(node['location'])} · channel {int(node['channel'])}{head}</div>",
-             *([f"<div><i>{html.escape(where)}</i></div>"] if where else []),
-             f"<div>ablation delta (stored): <b>{_num(node['delta'], '.4f')}</b>{layer_part}</div>"]
+        layer_part = f" · layer-half delta {layer_delta:.4f}" + (
+            f" (released reading {released:.4f})" if released is not None and released == released else ""
+        )
+    parts = [
+        f'<h3 class="node-title">{nid}</h3>',
+        f"<div>{html.escape(node['location'])} · channel {int(node['channel'])}{head}</div>",
+        *([f"<div><i>{html.escape(where)}</i></div>"] if where else []),
+        f"<div>ablation delta (stored): <b>{_num(node['delta'], '.4f')}</b>{layer_part}</div>",
+    ]
     if ablation is not None:
         flag = "agrees" if ablation["agrees"] else '<b style="color:#b2182b">DISAGREES</b>'
-        parts.append(f"<div>recomputed by the pipeline: {_num(ablation['recomputed_delta'], '.4f')} "
-                     f"(|diff| {_num(ablation['abs_diff'], '.2g')}, {flag})</div>")
+        parts.append(
+            f"<div>recomputed by the pipeline: {_num(ablation['recomputed_delta'], '.4f')} "
+            f"(|diff| {_num(ablation['abs_diff'], '.2g')}, {flag})</div>"
+        )
     if pin_label is not None:
         parts.append(f"<div>pinned: <i>{html.escape(pin_label) or '(no label)'}</i></div>")
     return "".join(parts)
@@ -146,13 +172,21 @@ class DetailView:
         # their widgets' models are not needed for the page's first paint.
         self.task_tab = pn.Column(sizing_mode="stretch_width")
         self.attn = pn.Column(sizing_mode="stretch_width")
-        self.inner_tabs = pn.Tabs((INNER_TABS[0], self.snippets.panel), (INNER_TABS[1], self.task_tab), (INNER_TABS[2], self.attn),
-                                  sizing_mode="stretch_width", dynamic=False)
+        self.inner_tabs = pn.Tabs(
+            (INNER_TABS[0], self.snippets.panel),
+            (INNER_TABS[1], self.task_tab),
+            (INNER_TABS[2], self.attn),
+            sizing_mode="stretch_width",
+            dynamic=False,
+        )
         self.stale = set()  # inner tabs whose content is out of date
         self.inner_tabs.param.watch(lambda e: self._refresh_inner(), "active")
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
-        self.panel = pn.Column(block(self.header.div, [(heading_div("Inputs"), self.inputs.div), (heading_div("Outputs"), self.outputs.div)]),
-                               self.inner_tabs, sizing_mode="stretch_width")
+        self.panel = pn.Column(
+            block(self.header.div, [(heading_div("Inputs"), self.inputs.div), (heading_div("Outputs"), self.outputs.div)]),
+            self.inner_tabs,
+            sizing_mode="stretch_width",
+        )
 
     def show(self, *_):
         s = self.state
@@ -206,8 +240,9 @@ class DetailView:
         if pages and self.task_page.options != pages:
             self.task_page.options = pages
         first = self.task_page.value or 0
-        self.task.object = tokens.task_docs_html(docs, models.activation_matrix(s.run, s.node), s.zero_centred,
-                                                 pairs_shown=range(first, first + PAIRS_PER_PAGE))
+        self.task.object = tokens.task_docs_html(
+            docs, models.activation_matrix(s.run, s.node), s.zero_centred, pairs_shown=range(first, first + PAIRS_PER_PAGE)
+        )
 
     def _no_pattern(self):
         if self.head_plot is not None:

@@ -30,11 +30,14 @@ class ExportView:
                 df = models.nodes_export(state.run, state.pins) if what == "nodes" else models.edges_export(state.run)
                 return to_bytes(df, fmt)
 
-            return pn.widgets.FileDownload(callback=callback, filename=f"{what}.{fmt}", label=f"{what}.{fmt}", color="primary",
-                                           width=160)
+            return pn.widgets.FileDownload(
+                callback=callback, filename=f"{what}.{fmt}", label=f"{what}.{fmt}", color="primary", width=160
+            )
 
         self.buttons = {(w, f): button(w, f) for w in ("nodes", "edges") for f in ("csv", "parquet")}
-        self.panel = pn.Column(heading("Download the current circuit", "(nodes carry their pin labels):"), pn.Row(*self.buttons.values()))
+        self.panel = pn.Column(
+            heading("Download the current circuit", "(nodes carry their pin labels):"), pn.Row(*self.buttons.values())
+        )
 
     def show(self, *_):
         stem = self.state.run.replace("/", "_")

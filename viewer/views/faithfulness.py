@@ -31,7 +31,9 @@ class FaithfulnessView:
         self.state = state
         self.verdict = HtmlBox()
         self.table = HtmlBox(max_height=520)
-        self.panel = pn.Column(pn.pane.HTML(EXPLAIN, sizing_mode="stretch_width"), self.verdict.panel, self.table.panel, sizing_mode="stretch_width")
+        self.panel = pn.Column(
+            pn.pane.HTML(EXPLAIN, sizing_mode="stretch_width"), self.verdict.panel, self.table.panel, sizing_mode="stretch_width"
+        )
 
     def show(self, *_):
         self.draw(self.state.run, models.faithfulness(self.state.run))

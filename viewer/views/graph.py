@@ -39,16 +39,28 @@ def edge_segments(layout: GraphLayout, threshold: float) -> dict:
     keep = np.flatnonzero(mag >= threshold * layout.top)
     n = layout.nodes
     si, ti, rel, measure = layout.src[keep], layout.tgt[keep], mag[keep] / layout.top, layout.measure[keep]
-    cols.update(x0=n["x"][si], y0=n["y"][si], x1=n["x"][ti], y1=n["y"][ti], color=np.where(measure >= 0, "#d6604d", "#4393c3").astype(object),
-                alpha=0.15 + 0.85 * rel, width=0.5 + 3.5 * rel, src=n["node_id"][si], tgt=n["node_id"][ti], strength=measure)
+    cols.update(
+        x0=n["x"][si],
+        y0=n["y"][si],
+        x1=n["x"][ti],
+        y1=n["y"][ti],
+        color=np.where(measure >= 0, "#d6604d", "#4393c3").astype(object),
+        alpha=0.15 + 0.85 * rel,
+        width=0.5 + 3.5 * rel,
+        src=n["node_id"][si],
+        tgt=n["node_id"][ti],
+        strength=measure,
+    )
     return as_arrays(cols)
 
 
 def as_arrays(cols: dict) -> dict:
     """Column data as numpy arrays: Bokeh walks Python lists element by element whenever it re-scans the
     document's models (an array is one value), and serializes arrays in binary."""
-    return {k: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object if v and isinstance(v[0], str) else None)
-            for k, v in cols.items()}
+    return {
+        k: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object if v and isinstance(v[0], str) else None)
+        for k, v in cols.items()
+    }
 
 
 def outlines(node_ids, pins: dict, selected: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,8 +77,17 @@ def outlines(node_ids, pins: dict, selected: str) -> tuple[np.ndarray, np.ndarra
 def _node_data(layout: GraphLayout, scale: float, pins: dict, selected: str) -> dict:
     n = layout.nodes
     colour, width, label = outlines(n["node_id"], pins, selected)
-    return {"x": n["x"], "y": n["y"], "node_id": n["node_id"], "label": n["label"], "delta": n["delta"],
-            "color": np.asarray(delta_colours(n["delta"], scale), dtype=object), "outline": colour, "lw": width, "pin": label}
+    return {
+        "x": n["x"],
+        "y": n["y"],
+        "node_id": n["node_id"],
+        "label": n["label"],
+        "delta": n["delta"],
+        "color": np.asarray(delta_colours(n["delta"], scale), dtype=object),
+        "outline": colour,
+        "lw": width,
+        "pin": label,
+    }
 
 
 class CircuitGraph:
@@ -75,14 +96,38 @@ class CircuitGraph:
     def __init__(self, on_select, height=420, title="", node_size=14):
         self.on_select = on_select
         self.nodes = ColumnDataSource({k: [] for k in ("x", "y", "node_id", "label", "delta", "color", "outline", "lw", "pin")})
-        self.edges = ColumnDataSource({k: [] for k in ("x0", "y0", "x1", "y1", "color", "alpha", "width", "src", "tgt", "strength")})
-        fig = figure(height=height, sizing_mode="stretch_width", tools="pan,wheel_zoom,box_zoom,reset,save",
-                     active_scroll="wheel_zoom", title=title, toolbar_location="above")
-        fig.add_glyph(self.edges, Segment(x0="x0", y0="y0", x1="x1", y1="y1", line_color="color", line_alpha="alpha", line_width="width"))
-        renderer = fig.scatter("x", "y", source=self.nodes, size=node_size, fill_color="color", line_color="outline", line_width="lw",
-                               marker="circle", nonselection_fill_alpha=1.0, selection_fill_alpha=1.0)
-        fig.add_tools(HoverTool(renderers=[renderer], tooltips=[("node", "@node_id"), ("", "@label"), ("delta", "@delta{0.0000}"),
-                                                                ("pin", "@pin")]))
+        self.edges = ColumnDataSource(
+            {k: [] for k in ("x0", "y0", "x1", "y1", "color", "alpha", "width", "src", "tgt", "strength")}
+        )
+        fig = figure(
+            height=height,
+            sizing_mode="stretch_width",
+            tools="pan,wheel_zoom,box_zoom,reset,save",
+            active_scroll="wheel_zoom",
+            title=title,
+            toolbar_location="above",
+        )
+        fig.add_glyph(
+            self.edges, Segment(x0="x0", y0="y0", x1="x1", y1="y1", line_color="color", line_alpha="alpha", line_width="width")
+        )
+        renderer = fig.scatter(
+            "x",
+            "y",
+            source=self.nodes,
+            size=node_size,
+            fill_color="color",
+            line_color="outline",
+            line_width="lw",
+            marker="circle",
+            nonselection_fill_alpha=1.0,
+            selection_fill_alpha=1.0,
+        )
+        fig.add_tools(
+            HoverTool(
+                renderers=[renderer],
+                tooltips=[("node", "@node_id"), ("", "@label"), ("delta", "@delta{0.0000}"), ("pin", "@pin")],
+            )
+        )
         fig.add_tools(TapTool(renderers=[renderer]))
         fig.xaxis.visible = False
         fig.xgrid.visible = False

@@ -55,8 +55,12 @@ def block(*rows) -> pn.pane.Bokeh:
 
     One pane and plain Bokeh layouts instead of a Panel Column/Row per box: each Panel layout object costs
     a session ~4 ms to build and serve (the page's build time is most of a new visitor's wait)."""
-    children = [BkRow(children=[BkColumn(children=list(col), sizing_mode="stretch_width") for col in r], sizing_mode="stretch_width")
-                if isinstance(r, list | tuple) else r for r in rows]
+    children = [
+        BkRow(children=[BkColumn(children=list(col), sizing_mode="stretch_width") for col in r], sizing_mode="stretch_width")
+        if isinstance(r, list | tuple)
+        else r
+        for r in rows
+    ]
     return pn.pane.Bokeh(BkColumn(children=children, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
 
@@ -67,8 +71,13 @@ class HtmlBox:
         self.max_height = max_height
         # disable_math: token texts and ids are data, and Bokeh would otherwise typeset anything between
         # $$...$$, \(...\) or \[...\] (common in code snippets: regexes) as TeX.
-        self.div = Div(text=text, sizing_mode="stretch_width", styles={**({"overflow-y": "auto"} if max_height else {}), **(style or {})},
-                       max_height=max_height, disable_math=True)
+        self.div = Div(
+            text=text,
+            sizing_mode="stretch_width",
+            styles={**({"overflow-y": "auto"} if max_height else {}), **(style or {})},
+            max_height=max_height,
+            disable_math=True,
+        )
 
     @functools.cached_property
     def panel(self) -> pn.pane.Bokeh:
@@ -116,8 +125,16 @@ class NodePicker:
         self.on_pick = on_pick
         # restrict=False: any node id of the circuit may be typed; completions list the shown layer-half's nodes
         # (a list of every node, ~2,000 strings, cost ~13 ms of Bokeh validation per run switch).
-        self.input = AutocompleteInput(title=title, completions=[], restrict=False, case_sensitive=False, search_strategy="includes",
-                                       min_characters=1, placeholder="node id, e.g. 3.attn.q:37", sizing_mode="stretch_width")
+        self.input = AutocompleteInput(
+            title=title,
+            completions=[],
+            restrict=False,
+            case_sensitive=False,
+            search_strategy="includes",
+            min_characters=1,
+            placeholder="node id, e.g. 3.attn.q:37",
+            sizing_mode="stretch_width",
+        )
         self.panel = pn.pane.Bokeh(self.input, sizing_mode="stretch_width")
         self._quiet = False
         self.input.on_change("value", self._changed)

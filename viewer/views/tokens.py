@@ -40,8 +40,9 @@ def token_label(text: str) -> str:
 
 ALPHA_STEPS = 100  # background opacity is quantized to 1/100: a class per step, a lookup table instead of a format per token
 # Class per step; step 0 of either sign (no colour) has none. The last entry is for tokens without a value.
-_CLASS = np.array([""] + [f"p{i}" for i in range(1, ALPHA_STEPS + 1)] + [""] + [f"n{i}" for i in range(1, ALPHA_STEPS + 1)] + [""],
-                  dtype=object)
+_CLASS = np.array(
+    [""] + [f"p{i}" for i in range(1, ALPHA_STEPS + 1)] + [""] + [f"n{i}" for i in range(1, ALPHA_STEPS + 1)] + [""], dtype=object
+)
 
 
 def _rule(c: str) -> str:
@@ -92,7 +93,10 @@ def span_list(texts, values, scale: float, boxed: np.ndarray | None = None, lo: 
     bare = (values == 0) & (colour == "")  # uncoloured zeros (not on a min-to-max scale)
     if boxed is not None:
         bare &= ~np.asarray(boxed, bool)
-    spans = [printable(x) if b else f"{h}{t}{printable(x)}</span>" for h, t, x, b in zip(heads, titles, texts, bare.tolist(), strict=True)]
+    spans = [
+        printable(x) if b else f"{h}{t}{printable(x)}</span>"
+        for h, t, x, b in zip(heads, titles, texts, bare.tolist(), strict=True)
+    ]
     return spans, {c.split(" ")[0] for c in classes.tolist()}
 
 
@@ -112,8 +116,11 @@ def snippets_html(df: pl.DataFrame | None) -> str:
         return STYLE + "<p><i>No pretraining snippets for this node.</i></p>"
     values = df["value"].cast(pl.Float64).to_numpy()
     scale = float(np.nanmax(np.abs(values))) or 1.0
-    parts = [STYLE, f'<div class="scale">one colour scale for all snippets: |activation| {scale:.4g} = full colour; '
-                    "the token of interest is boxed; hover a token for its activation (uncoloured plain text: exactly 0)</div>"]
+    parts = [
+        STYLE,
+        f'<div class="scale">one colour scale for all snippets: |activation| {scale:.4g} = full colour; '
+        "the token of interest is boxed; hover a token for its activation (uncoloured plain text: exactly 0)</div>",
+    ]
     # Rows arrive ordered by (frac, side, rank, pos): cut them into snippets with numpy (a group-by costs more).
     frac, side, rank = df["frac"].to_numpy(), df["side"].to_numpy(), df["rank"].to_numpy()
     texts, centre = df["text"].to_numpy(), df["is_center"].fill_null(False).to_numpy()
@@ -182,8 +189,11 @@ def task_docs_html(docs, acts: np.ndarray | None, zero_centred: bool, pairs_show
     if scaled is None:
         return NO_TASK_DOCS
     scale, lo, legend = scaled
-    parts = [STYLE, f'<div class="scale">{legend}; max and min token of each doc boxed; plain text: exactly 0; '
-                    "difference = class 2 minus class 1, position by position, on its own zero-centred scale</div>"]
+    parts = [
+        STYLE,
+        f'<div class="scale">{legend}; max and min token of each doc boxed; plain text: exactly 0; '
+        "difference = class 2 minus class 1, position by position, on its own zero-centred scale</div>",
+    ]
     diffs = pair_differences(docs, acts)
     dscale = max([float(np.nanmax(np.abs(d))) for d in diffs.values() if d.size and np.isfinite(d).any()] or [1.0]) or 1.0
     shown = None if pairs_shown is None else set(pairs_shown)

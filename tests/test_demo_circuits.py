@@ -310,12 +310,14 @@ def test_viewer_faithfulness_tab_shows_the_table(one_circuit, monkeypatch):
 
     path, viz, _ = one_circuit
     run = type("Run", (), {"run_id": "tiny_sparse/t/prune_demo/k_optim"})()
-    df = faithfulness_table(read_viz_data(path), run, 0.5).to_pandas()
+    import polars as pl
+
+    df = pl.from_arrow(faithfulness_table(read_viz_data(path), run, 0.5))
     seen = {}
 
-    def optional(sql, params=()):
+    def optional(sql, params=()):  # the viewer's queries return Polars frames
         seen["params"] = params
-        return df.drop(columns=["run_id", "loss_raw"])
+        return df.drop("run_id", "loss_raw")
 
     monkeypatch.setattr(queries, "optional", optional)
     state = type("S", (), {"run": run.run_id})()

@@ -429,6 +429,16 @@ def within(a: float, b: float, tol: float) -> bool:
 
 def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float, device: str) -> dict:
     """The `ablations`, `recomputed_activations` (an iterator of per-node pieces) and `recompute_summary` tables of one run."""
+    nodes = sorted((loc, ch) for loc, ch, _ in viz.nodes() if (loc, ch) in r.full_acts)
+    doc, pos = _unpadded_index(viz)
+    return {
+        "ablations": _ablations_table(viz, run, r, loss_factor, tolerance),
+        "recomputed_activations": _activation_pieces(viz, run, r, nodes, doc, pos),
+        "recompute_summary": _summary_table(viz, run, r, nodes, doc, pos, loss_factor, tolerance, device),
+    }
+
+
+def _ablations_table(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float):
     # ablations: per node and mode; deltas corrected and relative to the recomputed circuit loss.
     ab: dict[str, list] = {k: [] for k in ("run_id", "node_id", "location", "channel", "mode", "stored_delta",
                                            "recomputed_loss", "recomputed_delta", "abs_diff", "agrees",
@@ -451,10 +461,26 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             ):  # fmt: skip
                 ab[k].append(v)
 
-    # activations: stored vs full model vs circuit model, unpadded positions of the task docs.
-    doc, pos = _unpadded_index(viz)
+    return make_table("ablations", ab)
+
+
+def _activation_pieces(viz: VizData, run: RunRef, r: Recomputed, nodes, doc, pos):
+    """Stored vs full model vs circuit model at the unpadded positions of the task docs: one piece
+    per node, streamed to the writer (release scale: ~1e8 rows)."""
     n = doc.size
-    nodes = sorted((loc, ch) for loc, ch, _ in viz.nodes() if (loc, ch) in r.full_acts)
+    for loc, ch in nodes:
+        stored = viz.node_acts(loc, ch)
+        yield make_table(
+            "recomputed_activations",
+            {"run_id": [run.run_id] * n, "node_id": [node_id(loc, ch)] * n, "location": [loc] * n, "channel": [ch] * n,
+             "doc": doc, "pos": pos, "stored": stored[doc, pos] if stored is not None else [None] * n,
+             "full_model": r.full_acts[(loc, ch)][doc, pos], "circuit_model": r.circuit_acts[(loc, ch)][doc, pos]},
+        )  # fmt: skip
+
+
+def _summary_table(viz: VizData, run: RunRef, r: Recomputed, nodes, doc, pos, loss_factor, tolerance, device):
+    """One row: stored vs recomputed losses, which model the stored activations match, the means' estimate."""
+    n = doc.size
     skipped = skipped_locations(viz)
     max_full = max_circ = scale = 0.0
     for loc, ch in nodes:
@@ -465,16 +491,6 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             max_circ = max(max_circ, float(np.abs(s - r.circuit_acts[(loc, ch)][doc, pos]).max()))
             scale = max(scale, float(np.abs(s).max()))
 
-    def act_pieces():  # one piece per node, streamed to the writer (release scale: ~1e8 rows)
-        for loc, ch in nodes:
-            stored = viz.node_acts(loc, ch)
-            yield make_table(
-                "recomputed_activations",
-                {"run_id": [run.run_id] * n, "node_id": [node_id(loc, ch)] * n, "location": [loc] * n, "channel": [ch] * n,
-                 "doc": doc, "pos": pos, "stored": stored[doc, pos] if stored is not None else [None] * n,
-                 "full_model": r.full_acts[(loc, ch)][doc, pos], "circuit_model": r.circuit_acts[(loc, ch)][doc, pos]},
-            )  # fmt: skip
-
     ses = [v for v in (r.means_se or {}).values() if v.size]
     has_stored = any(viz.node_acts(loc, ch) is not None for loc, ch in nodes)
     limit = tolerance * max(1.0, scale)
@@ -484,7 +500,7 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
         match = "full" if max_full <= max_circ else "circuit"
     else:
         match = "neither"
-    summary = make_table(
+    return make_table(
         "recompute_summary",
         {
             "run_id": [run.run_id],
@@ -511,4 +527,3 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             ],
         },
     )
-    return {"ablations": make_table("ablations", ab), "recomputed_activations": act_pieces(), "recompute_summary": summary}

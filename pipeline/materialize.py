@@ -239,18 +239,16 @@ def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
                 tmp.unlink()
 
 
-def _materialize(resource, data_url, select, progress, recompute, instance, verbose, dask=None) -> MaterializeSummary:
-    _remove_stale_temp_files(data_url)
-    resources = {"circuits": resource}
-    run_config = None if verbose else QUIET
-    summary = MaterializeSummary()
-
-    store_obj = resource.store()
+def _discover(resource, instance, select, summary: MaterializeSummary, progress: bool):
+    """(runs, models) of the selection, added as partitions to the instance; None (the problem in
+    `summary.failed`) when the store or the instance cannot be read. A store with nothing selected
+    is a FileNotFoundError naming it."""
     selection = resource.selection(select)
+    store = resource.store()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StoreWalkWarning)
-            runs, models = refresh_partitions(instance, store_obj, selection)
+            runs, models = refresh_partitions(instance, store, selection)
         for w in caught:
             if issubclass(w.category, StoreWalkWarning):
                 summary.skipped.append(str(w.message))
@@ -262,7 +260,7 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
         raise
     except Exception as e:  # noqa: BLE001 - an unreadable store or a failing instance: report, don't crash
         summary.failed["store index"] = f"{type(e).__name__}: {e}"
-        return summary
+        return None
     if not runs and not models:
         if selection:
             raise FileNotFoundError(
@@ -272,10 +270,12 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
             f"{resource.store_url}: no models/ or viz/ found: not a circuit store "
             "(set CIRCUITS_STORE or --store, or build the embedded store with `circuits build-store`)"
         )
-    summary.runs = [r.run_id for r in runs]
-    summary.models = list(models)
-    run_assets = RUN_ASSETS if recompute else [a for a in RUN_ASSETS if a not in recompute_assets]
+    return runs, models
 
+
+def _steps(summary: MaterializeSummary, recompute: bool) -> list[tuple[str, list, str | None]]:
+    """(label, assets, partition) in order: the store index, each model, each run, the views."""
+    run_assets = RUN_ASSETS if recompute else [a for a in RUN_ASSETS if a not in recompute_assets]
     steps: list[tuple[str, list, str | None]] = [("store index and tokenizer", [store_index, tokenizer_files], None)]
     # Without recompute nothing needs the whole checkpoint: the model tables read their few tensors
     # by ranged reads (`read_tensor`), so the checkpoint download (~1.9 GB for csp_yolo2) is skipped.
@@ -283,6 +283,21 @@ def _materialize(resource, data_url, select, progress, recompute, instance, verb
     steps += [(f"model {m}", model_assets, m) for m in summary.models]
     steps += [(f"run {r}", run_assets, r) for r in summary.runs]
     steps += [("circuits.duckdb", [circuits_duckdb], None)]
+    return steps
+
+
+def _materialize(resource, data_url, select, progress, recompute, instance, verbose, dask=None) -> MaterializeSummary:
+    _remove_stale_temp_files(data_url)
+    resources = {"circuits": resource}
+    run_config = None if verbose else QUIET
+    summary = MaterializeSummary()
+
+    found = _discover(resource, instance, select, summary, progress)
+    if found is None:
+        return summary
+    summary.runs = [r.run_id for r in found[0]]
+    summary.models = list(found[1])
+    steps = _steps(summary, recompute)
     bar = tqdm(total=len(steps), desc="materialize", unit="step", disable=not progress)
 
     def done(label: str, problem: str) -> None:

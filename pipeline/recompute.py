@@ -31,6 +31,7 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,6 +209,178 @@ def pair_chunks(n_docs: int, chunk_docs: int = CHUNK_DOCS) -> list[torch.Tensor]
     ]
 
 
+class _Run:
+    """One run's recompute inputs, shared by its stages: the task docs in chunks of whole pairs, the
+    circuit's channels per location, what to record, and the spills of the recorded activations."""
+
+    def __init__(self, model, viz: VizData, chunk_docs: int, log):
+        self.model, self.log = model, log
+        self.device = next(model.parameters()).device
+        self.all_docs = torch.from_numpy(viz.docs)
+        self.n_docs = n_docs = self.all_docs.shape[0]
+        if n_docs % 2:
+            raise ValueError(f"task docs must come in pairs, got {n_docs} docs")
+        self.lengths = torch.from_numpy(viz.doc_lengths()) if self.all_docs.numel() else torch.zeros(n_docs, dtype=torch.long)
+        # the task-docs means (no snippets) run at the longest doc's width
+        self.ctx = max(int(self.lengths.max()) if n_docs else 0, 2)
+        # Locations the model has no hook point for cannot be recomputed (skipped_locations).
+        self.circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items() if C.is_known_location(loc)}
+        self.locations = C.circuit_locations(model.config, self.circuit)  # the means needed, final_resid's included
+        self.locs = sorted(self.circuit)
+        if log and len(self.circuit) < len(viz.circuit):
+            log(f"not recomputed (no hook point in the model): {skipped_locations(viz)}")
+        self.pattern = "|".join(re.escape(loc) for loc in self.locs)
+        nodes = [(loc, int(ch)) for loc, ch, _ in viz.nodes() if loc in self.circuit]
+        self.chans = {loc: torch.as_tensor(self.circuit[loc]).long() for loc in self.locs}
+        self.full_acts = Spill(nodes, n_docs, viz.docs.shape[1])
+        self.circuit_acts = Spill(nodes, n_docs, viz.docs.shape[1])
+        self.chunks = pair_chunks(n_docs, chunk_docs)
+
+    def docs_of(self, idx: torch.Tensor) -> torch.Tensor:
+        # Positions after a chunk's longest doc only hold padding, and the model is causal: cut
+        # them (every pass, the ablations most, then scales with the chunk's real tokens).
+        width = max(int(self.lengths[idx].max()) if len(idx) else 0, 2)
+        return self.all_docs[idx, :width].to(self.device)
+
+    def recorder(self, into: dict):
+        """A `record(into=...)` callback keeping only the circuit's channels of each hook tensor."""
+
+        def take(name, t):
+            if name in self.chans:
+                into[name] = t[..., self.chans[name].to(t.device)].float().cpu()
+            else:  # a norm's inverse scale (B, T, 1): small
+                into[name] = t.clone()
+
+        return take
+
+    def spill(self, target: Spill, docs_idx: torch.Tensor, got: dict) -> None:
+        # a chunk is two runs of consecutive docs (its first halves and their partners)
+        half = len(docs_idx) // 2
+        for part in (slice(0, half), slice(half, len(docs_idx))):
+            d0 = int(docs_idx[part][0])
+            target.write(d0, {(loc, int(c)): got[loc][part, :, j].numpy() for loc in self.locs if loc in got
+                              for j, c in enumerate(self.chans[loc].tolist())})  # fmt: skip
+
+    def aligned(self, d: dict) -> dict:
+        """Per location, the circuit's channels in circuit_data order."""
+        return {loc: d[loc].detach().double().cpu().numpy()[self.chans[loc].numpy()] for loc in self.locs if loc in d}
+
+
+def _full_model_stage(run: _Run) -> tuple[float, list[dict]]:
+    """Stage 1, the full model: task loss, the circuit's channels (spilled) and the norm scales per chunk."""
+    pair_losses, frozen_by_chunk = [], []
+    full_pattern = "|".join(p for p in (run.pattern, C._RSTD) if p)
+    for idx in run.chunks:
+        docs = run.docs_of(idx)
+        got: dict = {}
+        with record(full_pattern, into=run.recorder(got)):
+            logits = run.model(docs)
+        pair_losses.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
+        del logits
+        frozen_by_chunk.append({k: v for k, v in got.items() if k.endswith(".rstd")})
+        run.spill(run.full_acts, idx, got)
+        if len(pair_losses) == 1:  # the linears' compressed copies are built: the dense pages are not read again
+            release_mapped_pages(run.model.parameters())
+        trim_heap()  # freed intermediates back to the system (inference.memory: else RSS creeps up chunk by chunk)
+    return torch.cat(pair_losses).mean().item(), frozen_by_chunk
+
+
+def _means_stage(run: _Run, viz: VizData, store_means, means_budget: int):
+    """Stage 2, the node means: the store's (and, for locations it lacks, an estimate), else the
+    estimate over a budget of snippet tokens, else over the task docs. (means, tokens, source, se)."""
+    model, device, locations = run.model, run.device, run.locations
+    se = None
+    if store_means is not None:
+        means, n_tokens, source = store_means
+        means = {loc: m.to(device) for loc, m in means.items()}
+        lacking = [loc for loc in locations if loc not in means]  # e.g. final_resid: not in the store's file
+        if lacking:
+            seqs = sample_sequences(snippet_sequences(viz), means_budget)
+            if seqs:
+                extra, _, se = means_over_sequences(model, seqs, lacking, with_se=True)
+            else:
+                extra = C.node_means(model, run.all_docs[:, : run.ctx].to(device), locations=lacking)
+            means = {**means, **extra}
+            source = f"{source} ({', '.join(lacking)}: {'samples' if seqs else 'task_docs'})"
+    else:
+        seqs = sample_sequences(snippet_sequences(viz), means_budget)
+        if seqs:
+            means, n_tokens, se = means_over_sequences(model, seqs, locations, with_se=True)
+            source = "samples"
+        else:
+            means, n_tokens = (
+                C.node_means(model, run.all_docs[:, : run.ctx].to(device), locations=locations),
+                run.n_docs * run.ctx,
+            )
+            source = "task_docs"
+    return {loc: m.to(device) for loc, m in means.items()}, n_tokens, source, se
+
+
+def _chunk_ablations(run: _Run, docs, means, frozen, modes, first: bool) -> dict:
+    """Every node's ablation loss on one chunk, per mode and location (means over the chunk's pairs)."""
+    circuit_model = None  # built once per chunk, shared by the modes; CPU only
+    t = time.perf_counter()
+    if run.device.type == "cpu":
+        try:
+            circuit_model = CM.CircuitModel(run.model, docs, run.circuit, means, frozen)
+        except NotImplementedError:  # AbsTopK on the residual stream: the reference loop below
+            pass
+    if run.log and first:
+        run.log(f"circuit-only model of the first chunk built in {time.perf_counter() - t:.0f} s")
+    out = {}
+    for mode in modes:
+        if circuit_model is not None:
+            out[mode] = CM.fast_ablation_losses(
+                run.model,
+                docs,
+                run.circuit,
+                means,
+                mode=mode,
+                batch=max(1, ABLATION_ROWS // docs.numel()),
+                circuit_model=circuit_model,
+                log=run.log if first else None,
+            )  # fmt: skip  (log: per location, first chunk only)
+        else:
+            out[mode] = C.ablation_losses(run.model, docs, run.circuit, means, mode=mode)
+    return out
+
+
+def _circuit_stage(run: _Run, means, frozen_by_chunk, modes, ablation_chunks, timings) -> tuple[float, dict]:
+    """Stage 3, per chunk: the circuit model's task loss and channels (spilled), then every node's
+    ablations. (circuit loss, mode -> location -> ablation losses averaged over the ablated pairs)."""
+    masks = {k: v.to(run.device) for k, v in C.circuit_masks(run.model.config, run.circuit).items()}
+    interv = []
+    ablation_sums = {mode: {} for mode in modes}
+    timings["circuit_model"] = timings["ablations"] = 0.0
+    ablated_pairs = 0
+    for n_chunk, (idx, frozen) in enumerate(zip(run.chunks, frozen_by_chunk, strict=True)):
+        t = time.perf_counter()
+        docs = run.docs_of(idx)
+        got = {}
+        with record(run.pattern, into=run.recorder(got)) if run.pattern else contextlib.nullcontext():
+            logits = C.masked_forward(run.model, docs, masks, means, frozen)
+        interv.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
+        del logits
+        run.spill(run.circuit_acts, idx, got)
+        trim_heap()
+        timings["circuit_model"] += time.perf_counter() - t
+        if ablation_chunks is not None and n_chunk >= ablation_chunks:
+            continue
+        t = time.perf_counter()
+        n_pairs = len(idx) // 2
+        ablated_pairs += n_pairs
+        for mode, by_loc in _chunk_ablations(run, docs, means, frozen, modes, first=n_chunk == 0).items():
+            for loc, v in by_loc.items():  # chunk means over its pairs, weighted by its pairs
+                v = np.asarray(v, dtype=np.float64) * n_pairs
+                ablation_sums[mode][loc] = ablation_sums[mode][loc] + v if loc in ablation_sums[mode] else v
+        trim_heap()
+        timings["ablations"] += time.perf_counter() - t
+        if run.log:
+            run.log(f"chunk of {len(idx)} docs done ({len(interv)}/{len(run.chunks)})")
+    ablation = {mode: {loc: v / ablated_pairs for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
+    return torch.cat(interv).mean().item(), ablation
+
+
 @torch.no_grad()
 def recompute(
     model,
@@ -228,169 +401,24 @@ def recompute(
 
     `ablation_chunks` (benchmarks only): ablate on the first that many chunks only, so the
     ablation losses are means over those chunks' pairs (bench/recompute.py extrapolates)."""
-    import time
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if not is_accelerated(model):
         accelerate(model)
-    device = next(model.parameters()).device
-    all_docs = torch.from_numpy(viz.docs)
-    n_docs = all_docs.shape[0]
-    if n_docs % 2:
-        raise ValueError(f"task docs must come in pairs, got {n_docs} docs")
-    lengths = torch.from_numpy(viz.doc_lengths()) if all_docs.numel() else torch.zeros(n_docs, dtype=torch.long)
-    ctx = max(int(lengths.max()) if n_docs else 0, 2)  # the task-docs means (no snippets) run at the longest doc's width
-
-    def chunk_docs_of(idx: torch.Tensor) -> torch.Tensor:
-        # Positions after a chunk's longest doc only hold padding, and the model is causal: cut
-        # them (every pass, the ablations most, then scales with the chunk's real tokens).
-        width = max(int(lengths[idx].max()) if len(idx) else 0, 2)
-        return all_docs[idx, :width].to(device)
-
-    # Locations the model has no hook point for cannot be recomputed (skipped_locations).
-    circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items() if C.is_known_location(loc)}
-    locations = C.circuit_locations(model.config, circuit)  # the means needed, final_resid's included
-    locs = sorted(circuit)
-    if log and len(circuit) < len(viz.circuit):
-        log(f"not recomputed (no hook point in the model): {skipped_locations(viz)}")
-    pattern = "|".join(re.escape(loc) for loc in locs)
-    nodes = [(loc, int(ch)) for loc, ch, _ in viz.nodes() if loc in circuit]
-    chans = {loc: torch.as_tensor(circuit[loc]).long() for loc in locs}
-    full_acts = Spill(nodes, n_docs, viz.docs.shape[1])
-    circuit_acts = Spill(nodes, n_docs, viz.docs.shape[1])
-    chunks = pair_chunks(n_docs, chunk_docs)
-
-    def recorder(into: dict):  # only the circuit's channels of each hook tensor are kept
-        def take(name, t):
-            if name in chans:
-                into[name] = t[..., chans[name].to(t.device)].float().cpu()
-            else:  # a norm's inverse scale (B, T, 1): small
-                into[name] = t.clone()
-
-        return take
-
-    def spill(target: Spill, docs_idx: torch.Tensor, got: dict) -> None:
-        # a chunk is two runs of consecutive docs (its first halves and their partners)
-        half = len(docs_idx) // 2
-        for part in (slice(0, half), slice(half, len(docs_idx))):
-            d0 = int(docs_idx[part][0])
-            target.write(d0, {(loc, int(c)): got[loc][part, :, j].numpy() for loc in locs if loc in got
-                              for j, c in enumerate(chans[loc].tolist())})  # fmt: skip
-
-    # 1. full model: task loss per pair, circuit channels, norm scales (kept per chunk for step 3)
-    pair_losses = []
-    frozen_by_chunk = []
-    full_pattern = "|".join(p for p in (pattern, C._RSTD) if p)
-    for idx in chunks:
-        docs = chunk_docs_of(idx)
-        got: dict = {}
-        with record(full_pattern, into=recorder(got)):
-            logits = model(docs)
-        pair_losses.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
-        del logits
-        frozen_by_chunk.append({k: v for k, v in got.items() if k.endswith(".rstd")})
-        spill(full_acts, idx, got)
-        if len(pair_losses) == 1:  # the linears' compressed copies are built: the dense pages are not read again
-            release_mapped_pages(model.parameters())
-        trim_heap()  # freed intermediates back to the system (inference.memory: else RSS creeps up chunk by chunk)
-    loss = torch.cat(pair_losses).mean().item()
+    run = _Run(model, viz, chunk_docs, log)
+    loss, frozen_by_chunk = _full_model_stage(run)
     timings["full_model"] = time.perf_counter() - t0
     if log:
-        log(f"full model: {n_docs} docs in {timings['full_model']:.0f} s")
-
-    # 2. node means
+        log(f"full model: {run.n_docs} docs in {timings['full_model']:.0f} s")
     t = time.perf_counter()
-    se = None
-    seqs = []
-    if store_means is not None:
-        means, n_tokens, source = store_means
-        means = {loc: m.to(device) for loc, m in means.items()}
-        lacking = [loc for loc in locations if loc not in means]  # e.g. final_resid: not in the store's file
-        if lacking:
-            seqs = sample_sequences(snippet_sequences(viz), means_budget)
-            if seqs:
-                extra, _, extra_se = means_over_sequences(model, seqs, lacking, with_se=True)
-                se = extra_se
-            else:
-                extra = C.node_means(model, all_docs[:, :ctx].to(device), locations=lacking)
-            means = {**means, **extra}
-            source = f"{source} ({', '.join(lacking)}: {'samples' if seqs else 'task_docs'})"
-    else:
-        seqs = sample_sequences(snippet_sequences(viz), means_budget)
-        if seqs:
-            means, n_tokens, se = means_over_sequences(model, seqs, locations, with_se=True)
-            source = "samples"
-        else:
-            means, n_tokens = C.node_means(model, all_docs[:, :ctx].to(device), locations=locations), n_docs * ctx
-            source = "task_docs"
-    means = {loc: m.to(device) for loc, m in means.items()}
+    means, n_tokens, source, se = _means_stage(run, viz, store_means, means_budget)
+    timings["means"] = time.perf_counter() - t
     if log:
         log(f"node means over {n_tokens} tokens of {source}")
-    timings["means"] = time.perf_counter() - t
-
-    # 3. circuit model per chunk: task loss, circuit channels, ablations
-    masks = {k: v.to(device) for k, v in C.circuit_masks(model.config, circuit).items()}
-    interv = []
-    ablation_sums = {mode: {} for mode in modes}
-    timings["circuit_model"] = timings["ablations"] = 0.0
-    ablated_pairs = 0
-    for n_chunk, (idx, frozen) in enumerate(zip(chunks, frozen_by_chunk, strict=True)):
-        t = time.perf_counter()
-        docs = chunk_docs_of(idx)
-        got = {}
-        with record(pattern, into=recorder(got)) if pattern else contextlib.nullcontext():
-            logits = C.masked_forward(model, docs, masks, means, frozen)
-        interv.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
-        del logits
-        spill(circuit_acts, idx, got)
-        trim_heap()
-        timings["circuit_model"] += time.perf_counter() - t
-        if ablation_chunks is not None and n_chunk >= ablation_chunks:
-            continue
-        t = time.perf_counter()
-        circuit_model = None  # built once per chunk, shared by the modes; CPU only
-        if device.type == "cpu":
-            try:
-                circuit_model = CM.CircuitModel(model, docs, circuit, means, frozen)
-            except NotImplementedError:  # AbsTopK on the residual stream: the reference loop below
-                pass
-        n_pairs = len(idx) // 2
-        ablated_pairs += n_pairs
-        if log and n_chunk == 0:
-            log(f"circuit-only model of the first chunk built in {time.perf_counter() - t:.0f} s")
-        for mode in modes:
-            if circuit_model is not None:
-                batch = max(1, ABLATION_ROWS // docs.numel())
-                out = CM.fast_ablation_losses(
-                    model,
-                    docs,
-                    circuit,
-                    means,
-                    mode=mode,
-                    batch=batch,
-                    circuit_model=circuit_model,
-                    log=log if n_chunk == 0 else None,
-                )  # per location, first chunk only
-            else:
-                out = C.ablation_losses(model, docs, circuit, means, mode=mode)
-            for loc, v in out.items():  # chunk means over its pairs, weighted by its pairs
-                v = np.asarray(v, dtype=np.float64) * n_pairs
-                ablation_sums[mode][loc] = ablation_sums[mode][loc] + v if loc in ablation_sums[mode] else v
-        del circuit_model
-        trim_heap()
-        timings["ablations"] += time.perf_counter() - t
-        if log:
-            log(f"chunk of {len(idx)} docs done ({len(interv)}/{len(chunks)})")
-    interv_loss = torch.cat(interv).mean().item()
-    ablation = {mode: {loc: v / ablated_pairs for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
-
-    def aligned(d):  # per location, the circuit's channels in circuit_data order
-        return {loc: d[loc].detach().double().cpu().numpy()[chans[loc].numpy()] for loc in locs if loc in d}
-
+    interv_loss, ablation = _circuit_stage(run, means, frozen_by_chunk, modes, ablation_chunks, timings)
     return Recomputed(
-        loss, interv_loss, full_acts, circuit_acts, ablation, source, n_tokens, aligned(means),
-        aligned(se) if se is not None else None, timings,
+        loss, interv_loss, run.full_acts, run.circuit_acts, ablation, source, n_tokens, run.aligned(means),
+        run.aligned(se) if se is not None else None, timings,
     )  # fmt: skip
 
 
@@ -401,6 +429,16 @@ def within(a: float, b: float, tol: float) -> bool:
 
 def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float, device: str) -> dict:
     """The `ablations`, `recomputed_activations` (an iterator of per-node pieces) and `recompute_summary` tables of one run."""
+    nodes = sorted((loc, ch) for loc, ch, _ in viz.nodes() if (loc, ch) in r.full_acts)
+    doc, pos = _unpadded_index(viz)
+    return {
+        "ablations": _ablations_table(viz, run, r, loss_factor, tolerance),
+        "recomputed_activations": _activation_pieces(viz, run, r, nodes, doc, pos),
+        "recompute_summary": _summary_table(viz, run, r, nodes, doc, pos, loss_factor, tolerance, device),
+    }
+
+
+def _ablations_table(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float):
     # ablations: per node and mode; deltas corrected and relative to the recomputed circuit loss.
     ab: dict[str, list] = {k: [] for k in ("run_id", "node_id", "location", "channel", "mode", "stored_delta",
                                            "recomputed_loss", "recomputed_delta", "abs_diff", "agrees",
@@ -423,10 +461,26 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             ):  # fmt: skip
                 ab[k].append(v)
 
-    # activations: stored vs full model vs circuit model, unpadded positions of the task docs.
-    doc, pos = _unpadded_index(viz)
+    return make_table("ablations", ab)
+
+
+def _activation_pieces(viz: VizData, run: RunRef, r: Recomputed, nodes, doc, pos):
+    """Stored vs full model vs circuit model at the unpadded positions of the task docs: one piece
+    per node, streamed to the writer (release scale: ~1e8 rows)."""
     n = doc.size
-    nodes = sorted((loc, ch) for loc, ch, _ in viz.nodes() if (loc, ch) in r.full_acts)
+    for loc, ch in nodes:
+        stored = viz.node_acts(loc, ch)
+        yield make_table(
+            "recomputed_activations",
+            {"run_id": [run.run_id] * n, "node_id": [node_id(loc, ch)] * n, "location": [loc] * n, "channel": [ch] * n,
+             "doc": doc, "pos": pos, "stored": stored[doc, pos] if stored is not None else [None] * n,
+             "full_model": r.full_acts[(loc, ch)][doc, pos], "circuit_model": r.circuit_acts[(loc, ch)][doc, pos]},
+        )  # fmt: skip
+
+
+def _summary_table(viz: VizData, run: RunRef, r: Recomputed, nodes, doc, pos, loss_factor, tolerance, device):
+    """One row: stored vs recomputed losses, which model the stored activations match, the means' estimate."""
+    n = doc.size
     skipped = skipped_locations(viz)
     max_full = max_circ = scale = 0.0
     for loc, ch in nodes:
@@ -437,16 +491,6 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             max_circ = max(max_circ, float(np.abs(s - r.circuit_acts[(loc, ch)][doc, pos]).max()))
             scale = max(scale, float(np.abs(s).max()))
 
-    def act_pieces():  # one piece per node, streamed to the writer (release scale: ~1e8 rows)
-        for loc, ch in nodes:
-            stored = viz.node_acts(loc, ch)
-            yield make_table(
-                "recomputed_activations",
-                {"run_id": [run.run_id] * n, "node_id": [node_id(loc, ch)] * n, "location": [loc] * n, "channel": [ch] * n,
-                 "doc": doc, "pos": pos, "stored": stored[doc, pos] if stored is not None else [None] * n,
-                 "full_model": r.full_acts[(loc, ch)][doc, pos], "circuit_model": r.circuit_acts[(loc, ch)][doc, pos]},
-            )  # fmt: skip
-
     ses = [v for v in (r.means_se or {}).values() if v.size]
     has_stored = any(viz.node_acts(loc, ch) is not None for loc, ch in nodes)
     limit = tolerance * max(1.0, scale)
@@ -456,7 +500,7 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
         match = "full" if max_full <= max_circ else "circuit"
     else:
         match = "neither"
-    summary = make_table(
+    return make_table(
         "recompute_summary",
         {
             "run_id": [run.run_id],
@@ -483,4 +527,3 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
             ],
         },
     )
-    return {"ablations": make_table("ablations", ab), "recomputed_activations": act_pieces(), "recompute_summary": summary}

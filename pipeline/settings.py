@@ -19,7 +19,7 @@ from inference.settings import (
     dask_workers,
     data_dir,
     db_dir,
-    embedded_store_dir,  # fmt: skip
+    embedded_store_dir,
     executor,
     store_env,
     store_url,
@@ -66,10 +66,6 @@ def local_dir(data: str | None = None, explicit: str | None = None) -> str:
     cache = os.path.expanduser(cache_dir())
     parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
     return os.path.abspath(os.path.join(cache, "data", scheme, *parts))
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
 
 
 # ---- what to fetch: models, tasks, sweeps, k ---------------------------------------------------

@@ -73,7 +73,7 @@ def store_url() -> str:
 
 def cache_dir() -> str:
     """CIRCUITS_CACHE: the download cache (not expanded); default `~/.cache/circuits`."""
-    return _get("CIRCUITS_CACHE") or DEFAULT_CACHE
+    return cache_env() or DEFAULT_CACHE
 
 
 def cache_env() -> str | None:

@@ -41,7 +41,7 @@ from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
 from pipeline.definitions import MODEL_ASSETS, PIPELINE_ASSETS, RUN_ASSETS
 from pipeline.resources import CircuitsResource
-from pipeline.tables import is_remote
+from pipeline.settings import is_url
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -230,7 +230,7 @@ def materialize_store(
 def _remove_stale_temp_files(data_url: str, min_age_s: float = 3600) -> None:
     """Temp files of writes a kill interrupted (`tables/<t>/.<name>.<hex>.tmp`; never read, since
     readers glob `*.parquet`): removed once old enough not to belong to a live writer."""
-    if is_remote(data_url):
+    if is_url(data_url):
         return
     now = time.time()
     for tmp in Path(data_url).glob("tables/*/.*.tmp"):

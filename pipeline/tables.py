@@ -23,6 +23,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.settings import is_url
+
 S, I32, I64, F32, F64, B = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.bool_()
 
 
@@ -186,10 +188,6 @@ def partition_path(data: str, table: str, partition_key: str) -> str:
     return table_dir(data, table) + "/" + partition_file_name(partition_key)
 
 
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def local_path(url: str) -> Path:
     return Path(url[len("file://") :] if url.startswith("file://") else url)
 
@@ -218,7 +216,7 @@ def write_partition(data: str, table: str, partition_key: str, parts: pa.Table |
     """
     schema = SCHEMAS[table]
     target = partition_path(data, table, partition_key)
-    remote = is_remote(data)
+    remote = is_url(data)
     if remote:
         tmp_dir = tempfile.mkdtemp(prefix="circuits-put-")
         tmp = os.path.join(tmp_dir, partition_file_name(partition_key))
@@ -273,7 +271,7 @@ def _remove_legacy_file(data: str, table: str, partition_key: str) -> None:
     if legacy == partition_file_name(partition_key):
         return
     stale = table_dir(data, table) + "/" + legacy
-    if is_remote(data):
+    if is_url(data):
         fs, path = fsspec.core.url_to_fs(stale)
         if fs.exists(path):
             fs.rm(path)

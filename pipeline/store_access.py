@@ -8,6 +8,7 @@ tokenizer's bytes per id).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from inference.files import sha256_file
@@ -33,11 +34,16 @@ def list_dir(store, rel: str) -> list[str]:
 _HASHES: dict[tuple, str] = {}
 
 
+def _version(path: Path) -> tuple:
+    """What identifies one version of a local file: (path, size, mtime in ns)."""
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
 def local_sha256(store, rel: str) -> tuple[Path, str]:
     """(local copy, sha256) of a store file: hashed from the cached copy, once per version of it."""
     path = store.local(rel)
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = _version(path)
     if key not in _HASHES:
         if len(_HASHES) > 256:
             _HASHES.clear()
@@ -45,13 +51,17 @@ def local_sha256(store, rel: str) -> tuple[Path, str]:
     return path, _HASHES[key]
 
 
+@dataclass(frozen=True)
 class RunFile:
     """One run's viz_data as the run partition's assets need it: the cached local copy, its sha256,
     the parsed `VizData`, and the warnings parsing raised (unknown locations), to be logged by
     each asset that uses it."""
 
-    def __init__(self, local: Path, source: str, sha256: str, viz, warnings: list[str]):
-        self.local, self.source, self.sha256, self.viz, self.warnings = local, source, sha256, viz, warnings
+    local: Path
+    source: str
+    sha256: str
+    viz: object
+    warnings: list[str]
 
 
 # The last run file read, keyed by (local path, size, mtime): a run partition's conversion and
@@ -70,8 +80,7 @@ def read_run_file(store, rel: str) -> RunFile:
     from pipeline.formats import UnknownLocationWarning, read_viz_data
 
     local, sha = local_sha256(store, rel)
-    st = local.stat()
-    key = (str(local), st.st_size, st.st_mtime_ns)
+    key = _version(local)
     if key not in _RUN_FILE:
         _RUN_FILE.clear()
         source = store.path(rel)
@@ -83,7 +92,7 @@ def read_run_file(store, rel: str) -> RunFile:
 
 
 def forget_run_file() -> None:
-    """Drop the parsed file (after the last asset of a run partition used it)."""
+    """Drop the parsed file now (tests; in a run, reading another file evicts it)."""
     _RUN_FILE.clear()
 
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from viewer_tables import write_contract_tables
 
-ROOT = Path(__file__).resolve().parents[1]
+from viewer import serve
+
 CHROMIUM = next(
     (
         p
@@ -47,12 +43,6 @@ NODE_XY = """(nodeId) => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     if CHROMIUM is None:
@@ -60,43 +50,10 @@ def served(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra: pip install -e '.[dev]'")
     data = tmp_path_factory.mktemp("browser_data")
     truth = write_contract_tables(str(data))
-    port = free_port()
-    env = {**os.environ, "CIRCUITS_DATA": str(data)}
-    log = open(data / "serve.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "panel",
-            "serve",
-            "viewer/app.py",
-            "--address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            f"--allow-websocket-origin=127.0.0.1:{port}",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/app"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                log.close()
-                pytest.fail(f"panel serve did not start: {(data / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url, truth
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    port = serve.free_port()
+    proc, log = serve.start(data, port, data / "serve.log", timeout=60)  # the README's command
+    yield f"http://127.0.0.1:{port}/app", truth
+    serve.stop(proc, log)
 
 
 def test_pick_layer_click_node_shows_detail(served, tmp_path):

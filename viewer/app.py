@@ -113,8 +113,28 @@ def create_app(url: dict | None = None, sync_url: bool = False):
     return page
 
 
+def serve_locally(doc) -> None:
+    """Settings of a served session (`panel serve`, see viewer/serve.py) made before its page is built.
+
+    - Panel's stylesheets from this server, not from cdn.holoviz.org: Panel points a model's stylesheets at
+      the server only when the session's page HTML is rendered (`dist_url`), and with `--reuse-sessions` a
+      visitor's session is built without that (its page came from another session): every stylesheet, the
+      theme's included, then came from the CDN (none at all on a machine without internet access).
+    - No bokeh-gl bundle (0.2 MB): Panel sends every Bokeh component's JavaScript but MathJax's, and no
+      figure here uses WebGL. (bokeh-tables stays: panel.min.js requires it when it loads.)
+    """
+    from bokeh.resources import Resources
+    from panel.io.resources import LOCAL_DIST
+
+    if doc is not None and "dist_url" not in doc.template_variables:
+        doc.template_variables["dist_url"] = f"{pn.state.rel_path}/{LOCAL_DIST}" if pn.state.rel_path else LOCAL_DIST
+    if "bokeh-gl" in Resources._default_components:  # the server's Resources() take these; no public setting
+        Resources._default_components = [c for c in Resources._default_components if c != "bokeh-gl"]
+
+
 if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`
     # No extension named: the page loads the JavaScript of the models it uses only (without this call Panel
     # adds every imported model's, e.g. Tabulator's 0.5 MB and Luxon).
     pn.extension()
+    serve_locally(pn.state.curdoc)
     create_app(sync_url=True).servable(title=TITLE)

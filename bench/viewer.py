@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -114,6 +115,11 @@ def main(argv=None):
     ap.add_argument(
         "--code", default=str(ROOT), help="--browser: serve the viewer of this checkout (e.g. an older commit as a baseline)"
     )
+    ap.add_argument(
+        "--serve-options",
+        default=None,
+        help="--browser: `panel serve` options instead of the checkout's own (viewer/serve.py OPTIONS), e.g. '' for none",
+    )
     args = ap.parse_args(argv)
     data = Path(args.data)
     if args.rebuild or not (data / "circuits.duckdb").exists():
@@ -123,7 +129,8 @@ def main(argv=None):
     if args.browser:
         from viewer_browser import main as browser_main
 
-        return browser_main(data, args.sessions, args.clicks, args.layers, Path(args.code))
+        options = None if args.serve_options is None else shlex.split(args.serve_options)
+        return browser_main(data, args.sessions, args.clicks, args.layers, Path(args.code), options)
 
     t0 = time.perf_counter()
     from bokeh.document import Document

@@ -10,15 +10,16 @@ only waits. Each session runs in a fresh browser context (no HTTP cache), like a
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import importlib.util
+import json
 import os
-import socket
+import re
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
+import uuid
 from pathlib import Path
+
+from viewer import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -70,45 +71,16 @@ window.__bench = {
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(data: Path, port: int, log_path: Path, code: Path = ROOT):
-    """`panel serve viewer/app.py` of the checkout `code` (another one serves as a baseline) on the tables in `data`."""
-    env = {**os.environ, "CIRCUITS_DATA": str(data), "PYTHONPATH": str(code)}
-    log = open(log_path, "w")  # noqa: SIM115 (closed by the caller through the process)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "panel",
-            "serve",
-            "viewer/app.py",
-            "--address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            f"--allow-websocket-origin=127.0.0.1:{port}",
-        ],
-        cwd=code,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.time() + 120
-    while True:  # the server answers HTTP before any session exists: this starts no session
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"panel serve did not start: {log_path.read_text()[-2000:]}") from None
-            time.sleep(0.3)
-    return proc, log
+def serve_options(code: Path) -> list[str]:
+    """The `panel serve` options the checkout `code` recommends (its viewer/serve.py), or none (checkouts from
+    before viewer/serve.py served the plain command)."""
+    path = code / "viewer" / "serve.py"
+    if not path.exists():
+        return []
+    spec = importlib.util.spec_from_file_location("_bench_serve_of_checkout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.OPTIONS)
 
 
 def pct(xs, q):
@@ -225,25 +197,32 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
         report(results)
         await ctx.close()
 
-        # The server's share of concurrent first visits: `sessions` page requests at once without a browser (each
-        # makes the server build a session: the page's Python objects and Bokeh models; the document's JSON, sent
-        # when a browser connects, is not included).
-        def fetch():
-            t0 = time.perf_counter()
-            with urllib.request.urlopen(base, timeout=600) as r:
-                r.read()
-            return (time.perf_counter() - t0) * 1000
-
-        loop = asyncio.get_running_loop()
-        with concurrent.futures.ThreadPoolExecutor(
-            max_workers=sessions
-        ) as pool:  # all at once (the default pool has 6 threads here)
-            results[f"{sessions} concurrent page requests, no browser (server builds the sessions)"] = list(
-                await asyncio.gather(*(loop.run_in_executor(pool, fetch) for _ in range(sessions)))
-            )
+        # Concurrent first visits, three ways (browser pages, light clients and the server all on these 2 cores):
+        # (a) the server's share: `sessions` light clients at once, each doing what a browser asks of the server
+        #     (the page HTML, then the document over the WebSocket, then "document ready", after which the
+        #     server builds the page's post-load parts) without any rendering;
+        # (b) one Chromium page while `sessions - 1` light clients load at once (the others' browsers are on
+        #     their own machines: what one visitor waits for among `sessions` arriving together);
+        # (c) `sessions` Chromium pages at once, each timed to its drawn graph (20 browsers rendering on the
+        #     server's 2 cores).
+        await settle()
+        light = await asyncio.gather(*(light_session(base) for _ in range(sessions)))
+        results[f"{sessions} concurrent light clients: page + document (the server's share)"] = [x[0] for x in light]
+        results[f"{sessions} concurrent light clients: ... + post-load parts"] = [x[1] for x in light]
         report(results)
 
-        # Concurrent sessions: `sessions` first visits at once, each timed to its drawn graph.
+        await settle()
+        mixed = []
+        for _ in range(3):
+            others = [asyncio.ensure_future(light_session(base)) for _ in range(sessions - 1)]
+            c, _, ms = await open_session(browser, base)
+            mixed.append(ms)
+            await asyncio.gather(*others)
+            await c.close()
+            await settle()
+        results[f"1 browser among {sessions} concurrent new sessions ({sessions - 1} light clients)"] = mixed
+        report(results)
+
         async def one():
             try:
                 c, _, ms = await open_session(browser, base)
@@ -254,7 +233,7 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
         t = time.perf_counter()
         out = await asyncio.gather(*(one() for _ in range(sessions)))
         wall = (time.perf_counter() - t) * 1000
-        results[f"{sessions} concurrent new sessions (each: navigation to a drawn graph)"] = [ms for _, ms in out]
+        results[f"{sessions} concurrent Chromium sessions (each: navigation to a drawn graph)"] = [ms for _, ms in out]
         for c, _ in out:
             if c is not None:
                 await c.close()
@@ -262,7 +241,66 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
     return results, wall
 
 
-def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code: Path = ROOT):
+async def settle(seconds: float = 5.0):
+    """A pause between phases: the server finishes the previous phase's post-load work and closes its sessions."""
+    await asyncio.sleep(seconds)
+
+
+async def light_session(url: str, timeout: float = 600) -> tuple[float, float]:
+    """A new visitor without a browser: what a browser asks of the server, nothing rendered. Returns ms from the
+    page request to (the document received over the WebSocket, the post-load parts received).
+
+    Bokeh's protocol: a message is a header, a metadata and a content frame (JSON), then two frames per binary
+    buffer; the server sends ACK on connect; the client asks for the document (PULL-DOC-REQ) and, once it has
+    drawn it, sends the `document_ready` event, on which the app builds its post-load parts (Embeddings, the
+    Node tab's inner tabs) and sends them (a PATCH-DOC setting `children`)."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    t0 = time.perf_counter()
+    page = (await AsyncHTTPClient().fetch(url, request_timeout=timeout)).body.decode()
+    token = re.search(r'"token":"([^"]+)"', page).group(1)
+    ws_url = url.replace("http://", "ws://", 1).replace("/app?", "/app/ws?", 1)
+    origin = "http://" + url.split("/")[2]
+    conn = await websocket_connect(
+        HTTPRequest(ws_url, headers={"Origin": origin}, request_timeout=timeout), subprotocols=["bokeh", token]
+    )
+
+    async def read():
+        header = json.loads(await conn.read_message())
+        await conn.read_message()  # metadata
+        content = await conn.read_message()
+        for _ in range(2 * header.get("num_buffers", 0)):
+            await conn.read_message()
+        return header["msgtype"], content
+
+    async def send(msgtype, content):
+        for frame in (json.dumps({"msgid": uuid.uuid4().hex, "msgtype": msgtype}), "{}", json.dumps(content)):
+            await conn.write_message(frame)
+
+    try:
+        while (await read())[0] != "ACK":
+            pass
+        await send("PULL-DOC-REQ", {})
+        while (await read())[0] != "PULL-DOC-REPLY":
+            pass
+        t_doc = (time.perf_counter() - t0) * 1000
+        ready = {
+            "kind": "MessageSent",
+            "msg_type": "bokeh_event",
+            "msg_data": {"type": "event", "name": "document_ready", "values": {"type": "map"}},
+        }
+        await send("PATCH-DOC", {"events": [ready]})
+        while True:
+            kind, content = await asyncio.wait_for(read(), timeout)
+            if kind == "PATCH-DOC" and '"attr":"children"' in content.replace(" ", ""):
+                break
+        return t_doc, (time.perf_counter() - t0) * 1000
+    finally:
+        conn.close()
+
+
+def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code: Path = ROOT, options: list[str] | None = None):
     import duckdb
 
     con = duckdb.connect(str(data / "circuits.duckdb"), read_only=True)
@@ -276,30 +314,30 @@ def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code
         ).fetchall()
     ][:max_layers]
     con.close()
-    port = free_port()
+    port = serve.free_port()
     log_path = data / "bench-serve.log"
+    options = serve_options(code) if options is None else options
     print(
         f"browser bench of the viewer in {code}: {CHROMIUM}, circuit {run_id} ({n_nodes} nodes), layer-halves {layers}; server log {log_path}"
     )
+    print("server:", " ".join(serve.command(port, options=options)[1:]))
     print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
-    proc, log = serve(data, port, log_path, code)
+    proc, log = serve.start(data, port, log_path, code, options=options)
     try:
         results, wall = asyncio.run(run(f"http://127.0.0.1:{port}/app", run_id, layers, sessions, clicks_per_layer))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        serve.stop(proc, log)
     print(f"load average (1, 5, 15 min) after: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     report(results)
-    print(f"{sessions} concurrent sessions: all drawn after {wall:.0f} ms (wall-clock, browser and server on the same 2 cores)")
+    print(
+        f"{sessions} concurrent Chromium sessions: all drawn after {wall:.0f} ms (wall-clock, browsers and server on the same 2 cores)"
+    )
 
 
 def report(results):
     """The table of results so far (printed after each phase: a later failure keeps the earlier numbers)."""
     targets = {"click node (header": ("median", 150), "cold start, a new": ("median", 1500), "concurrent": ("max", 5000)}
+    # The 5 s target is per session of 20 loading together; each concurrent line is judged by its slowest session.
     print(f"load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'in the browser (ms, action to painted frame)':72s} {'n':>3s} {'median':>8s} {'p95':>8s} {'max':>8s}  target")
     for name, xs in results.items():

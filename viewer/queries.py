@@ -80,8 +80,11 @@ def connection():
     path = db_path()
     now = time.monotonic()
     last = _checked.get(path)
-    if last is None or now - last[0] >= RECHECK_SECONDS:
-        _checked[path] = last = (now, (path, *_version(path)))
+    # The process id is part of the version: a DuckDB connection is not fork-safe, and `panel serve --num-procs N`
+    # forks after `--warm` has opened one; each child process opens its own.
+    pid = os.getpid()
+    if last is None or now - last[0] >= RECHECK_SECONDS or last[1][1] != pid:
+        _checked[path] = last = (now, (path, pid, *_version(path)))
     version = last[1]
     with _lock:
         cached = _conn.get(path)

@@ -15,6 +15,7 @@ session build before the browser can start loading anything.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,10 @@ def start(data: Path, port: int, log_path: Path, code: Path = ROOT, options: lis
     The caller stops the process (`stop`)."""
     env = {**os.environ, "CIRCUITS_DATA": str(data), "PYTHONPATH": str(code)}
     log = open(log_path, "w")  # noqa: SIM115 (closed by `stop`)
-    proc = subprocess.Popen(command(port, options=options), cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # A process group of its own: with `--num-procs N` the server forks, and `stop` must end the children too.
+    proc = subprocess.Popen(
+        command(port, options=options), cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.time() + timeout
     while True:
         try:
@@ -69,10 +73,15 @@ def start(data: Path, port: int, log_path: Path, code: Path = ROOT, options: lis
 
 
 def stop(proc, log, timeout: float = 30):
-    proc.terminate()
+    """End the server started by `start`: its whole process group (`--num-procs N` forks children)."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:  # whatever of the group is left (a forked child outliving the parent)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
     log.close()

@@ -63,11 +63,19 @@ window.__bench = {
     }
     return -1;
   },
+  phases() {  // a cold start's steps, ms from navigation start (the graph drawn is the bench's own wait)
+    const nav = performance.getEntriesByType('navigation')[0];
+    return [nav.responseEnd, nav.domContentLoadedEventEnd, window.__bench_doc || -1];
+  },
   header_shows(id) {
     const esc = id.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
     return this.models().some(m => m.type === 'Div' && typeof m.text === 'string' && m.text.includes('node-title">' + esc + '</h3>'));
   },
 };
+(function poll() {  // the first frame in which BokehJS holds the session's document (received and its models built)
+  if (window.Bokeh && Bokeh.documents && Bokeh.documents.length) window.__bench_doc = performance.now();
+  else requestAnimationFrame(poll);
+})();
 """
 
 
@@ -142,12 +150,15 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
         ctx, page, ms = await open_session(browser, base)
         results["cold start, first session of the server (navigation to a drawn graph)"] = [ms]
         await ctx.close()
-        starts = []
+        starts, phases = [], []
         for _ in range(3):
             ctx, page, ms = await open_session(browser, base)
             starts.append(ms)
+            phases.append(await page.evaluate("() => window.__bench.phases()"))
             await ctx.close()
         results["cold start, a new visitor (server warm, browser cache empty)"] = starts
+        for i, step in enumerate(("page HTML received", "JavaScript run (DOMContentLoaded)", "document received and built")):
+            results[f"   of which: {step}"] = [p[i] for p in phases]
 
         report(results)
         ctx, page, _ = await open_session(browser, base)

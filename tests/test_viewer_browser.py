@@ -65,6 +65,8 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            requested = []
+            page.on("request", lambda r: requested.append(r.url))
             page.goto(f"{url}?run={run}", timeout=60000)
             page.wait_for_selector("canvas", timeout=60000)
             layer_list = page.locator("select[size]")
@@ -109,6 +111,12 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
             page.screenshot(path=str(tmp_path / "viewer_node.png"), full_page=True)
             first_centre.scroll_into_view_if_needed()  # the template's main area scrolls by itself
             page.screenshot(path=str(tmp_path / "viewer_snippets.png"))
+            # Everything the page loads comes from the server (with `--reuse-sessions` a visitor's session once
+            # took Panel's stylesheets from cdn.holoviz.org: unstyled widgets without internet access).
+            server = url.split("/app")[0]
+            ours = (server, f"blob:{server}", "data:")
+            assert requested and [u for u in requested if not u.startswith(ours)] == []
+            assert not any("bokeh-gl" in u for u in requested)  # no figure uses WebGL: its bundle is not sent
         finally:
             browser.close()
 

@@ -8,9 +8,13 @@ costs the visible views only.
 from __future__ import annotations
 
 import html
+import itertools
+import time
 import urllib.parse
+from functools import partial
 
 import panel as pn
+from panel.io.state import set_curdoc
 
 from viewer import models
 from viewer.state import URL_KEYS, Explorer, UrlState, request_args
@@ -56,6 +60,21 @@ def layer_options(layers) -> dict:
     return {layer_label(row): row["layer_half"] for row in layers.iter_rows(named=True)}
 
 
+# Sessions of this server process that are being built or are loading in a browser: session number -> when
+# its build started; removed when the browser reports the page drawn (Panel's onload). While any other session
+# is loading, a drawn session's post-load parts (Embeddings view, the Node tab's inner tabs: ~40% of a session's
+# server CPU) wait: when many visitors arrive together, the server builds and sends their pages first.
+_loading: dict[int, float] = {}
+_session_numbers = itertools.count()
+LOADING_FORGET_SECONDS = 30.0  # a page requested and never loaded (no browser, a closed tab) stops counting then
+POST_LOAD_MAX_WAIT_SECONDS = 20.0  # and no post-load part waits longer than this
+POST_LOAD_POLL_MS = 250
+
+
+def others_loading(me: int, now: float) -> bool:
+    return any(k != me and now - t < LOADING_FORGET_SECONDS for k, t in list(_loading.items()))
+
+
 def curves_view(state):
     """The Curves tab, imported on first open: hvPlot and HoloViews take ~1 s to import, which the first page
     a server shows would otherwise wait for."""
@@ -72,7 +91,10 @@ class ExplorerApp:
         if url is None:
             url = request_args(pn.state.session_args) if sync_url else {}
         state.apply_url(url)
+        self._session = next(_session_numbers)
         if self._location is not None:
+            _loading[self._session] = time.monotonic()
+            pn.state.onload(lambda: _loading.pop(self._session, None))
             # Query changes made while the page is built do not reach the browser: push the checked state once loaded.
             pn.state.onload(self._write_url)
         self._updating = False
@@ -129,9 +151,27 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
-        # After the page has loaded, in a tick of its own: the URL written back on load goes out first.
-        # Without a served page (tests, bench) both run at once.
-        pn.state.onload(lambda: pn.state.execute(self._after_load, schedule=True))
+        # After the page has loaded, in a tick of its own: the URL written back on load goes out first; and once
+        # no other session is loading (`_loading`). Without a served page (tests, bench) both run at once.
+        pn.state.onload(lambda: pn.state.execute(self._after_load_when_quiet, schedule=True))
+
+    def _after_load_when_quiet(self, doc=None, since=None):
+        doc = doc if doc is not None else pn.state.curdoc
+        now = time.monotonic()
+        since = now if since is None else since
+        if (
+            doc is not None
+            and doc.session_context is not None
+            and now - since < POST_LOAD_MAX_WAIT_SECONDS
+            and others_loading(self._session, now)
+        ):
+            doc.add_timeout_callback(partial(self._after_load_when_quiet, doc, since), POST_LOAD_POLL_MS)
+            return
+        if doc is None:
+            self._after_load()
+            return
+        with set_curdoc(doc):
+            self._after_load()
 
     def _after_load(self):
         """The parts of the page its first paint does not need: the Embeddings view, the Node tab's inner tabs."""

@@ -5,6 +5,13 @@ Every time is measured in the page, from the browser's own clock: from just befo
 click on the node's canvas position, a tab click, a widget value set on its Bokeh model) to the first
 animation frame in which the page's Bokeh models hold the new content (the frame that paints it). Python
 only waits. Each session runs in a fresh browser context (no HTTP cache), like a first visit.
+
+Concurrent first visits are measured three ways, because on one 2-core machine N Chromium pages compete with
+the server for the cores, where real visitors render on their own machines: N light clients that ask of the
+server what a browser asks (`light_session`: the server's share), one Chromium page among N-1 light clients
+(what one visitor waits for when N arrive together), and N Chromium pages (everything on these 2 cores).
+The server is started as `viewer/serve.py` says (the README's command; `--code` checkouts without that file
+get the plain `panel serve viewer/app.py`).
 """
 
 from __future__ import annotations
@@ -223,15 +230,18 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
         report(results)
 
         await settle()
-        mixed = []
+        mixed, phases = [], []
         for _ in range(3):
             others = [asyncio.ensure_future(light_session(base)) for _ in range(sessions - 1)]
-            c, _, ms = await open_session(browser, base)
+            c, page, ms = await open_session(browser, base)
             mixed.append(ms)
+            phases.append(await page.evaluate("() => window.__bench.phases()"))
             await asyncio.gather(*others)
             await c.close()
             await settle()
         results[f"1 browser among {sessions} concurrent new sessions ({sessions - 1} light clients)"] = mixed
+        for i, step in enumerate(("page HTML received", "JavaScript run (DOMContentLoaded)", "document received and built")):
+            results[f"   of which (that browser): {step}"] = [p[i] for p in phases]
         report(results)
 
         async def one():

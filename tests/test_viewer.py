@@ -46,6 +46,22 @@ def table(truth, name) -> pd.DataFrame:
 # --- queries ----------------------------------------------------------------------------------
 
 
+def test_viewer_tables_are_the_tables_its_sql_reads():
+    """queries.VIEWER_TABLES (the one list; the contract tables build their views from it) names exactly the
+    tables the viewer's SQL reads, and each is a table the pipeline writes."""
+    import inspect
+
+    from pipeline.tables import SCHEMAS
+    from viewer import queries
+
+    src = inspect.getsource(queries)
+    read = set(re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_]\w*)", src))
+    read -= set(re.findall(r"\b(\w+)\s+AS\s+\(", src))  # the statements' own CTEs
+    read -= {"information_schema"}
+    assert read == set(queries.VIEWER_TABLES)
+    assert set(queries.VIEWER_TABLES) <= set(SCHEMAS)
+
+
 def test_runs_in_k_order_with_counts(viewer_data):
     from viewer import queries
 

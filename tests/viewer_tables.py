@@ -145,7 +145,9 @@ def vocab_texts(n: int) -> list[str]:
 
 
 def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, skip=(), keep_big=True) -> Truth:
-    """Write every contract table for `runs` (list of (model, task, sweep, k_label, nodes_per_location))."""
+    """Write every contract table for `runs` (list of (model, task, sweep, k_label, nodes_per_location)).
+
+    nodes_per_location: an int, or a dict layer-half ("1.attn") -> nodes at each of its locations."""
     s = scale or Scale()
     rng = np.random.default_rng(seed)
     runs = runs or [
@@ -228,7 +230,8 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
             for loc in _locations(layer):
                 kind = loc.split(".")[-1]
                 half = loc.split(".")[1]
-                chans = rng.choice(_width(kind, s), size=min(per_loc, _width(kind, s)), replace=False)
+                count = per_loc if isinstance(per_loc, int) else per_loc[f"{layer}.{half}"]
+                chans = rng.choice(_width(kind, s), size=min(count, _width(kind, s)), replace=False)
                 for order, ch in enumerate(chans):
                     ch_raw = interv_raw + rng.normal() * 0.6
                     is_qkv = kind in ("q", "k", "v")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,32 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
-from fixtures_azurite import Azurite, _free_port, azurite_binary  # noqa: E402
-
-
-def start_azurite(workdir: Path) -> tuple[subprocess.Popen, Azurite]:
-    binary = azurite_binary()
-    if binary is None:
-        sys.exit("azurite not installed: npm ci --prefix .ci/node")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir),
-         "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    import socket
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                sys.exit("azurite did not start")
-            time.sleep(0.2)
-    return proc, Azurite("127.0.0.1", port, workdir)
+from fixtures_azurite import AzuriteMissing, running_azurite  # noqa: E402
 
 
 def main() -> None:
@@ -62,58 +36,58 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=256, help="size of the test blob in MB (default 256)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="store-bench-"))
-    proc, az = start_azurite(work / "azurite")
     try:
-        src = work / "src" / "models" / "m" / "final_model.pt"
-        src.parent.mkdir(parents=True)
-        with open(src, "wb") as f:
-            for _ in range(args.mb):
-                f.write(os.urandom(1 << 20))
-        size = src.stat().st_size
-        t = time.perf_counter()
-        az.upload_dir(work / "src", "bench")
-        upload = time.perf_counter() - t
+        with running_azurite(work / "azurite") as az:
+            src = work / "src" / "models" / "m" / "final_model.pt"
+            src.parent.mkdir(parents=True)
+            with open(src, "wb") as f:
+                for _ in range(args.mb):
+                    f.write(os.urandom(1 << 20))
+            size = src.stat().st_size
+            t = time.perf_counter()
+            az.upload_dir(work / "src", "bench")
+            upload = time.perf_counter() - t
 
-        t = time.perf_counter()
-        shutil.copyfile(src, work / "copy.bin")
-        with open(work / "copy.bin", "rb+") as f:
-            os.fsync(f.fileno())
-        local = time.perf_counter() - t
+            t = time.perf_counter()
+            shutil.copyfile(src, work / "copy.bin")
+            with open(work / "copy.bin", "rb+") as f:
+                os.fsync(f.fileno())
+            local = time.perf_counter() - t
 
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = f"BlobEndpoint={az.blob_endpoint};"
-        from inference.store import Store
+            os.environ["AZURE_STORAGE_CONNECTION_STRING"] = f"BlobEndpoint={az.blob_endpoint};"
+            from inference.store import Store
 
-        store = Store("az://bench", cache_dir=work / "cache")
-        t = time.perf_counter()
-        got = store.local("models/m/final_model.pt")
-        download = time.perf_counter() - t
-        assert got.stat().st_size == size
-        t = time.perf_counter()
-        assert store.local("models/m/final_model.pt") == got
-        hit = time.perf_counter() - t
+            store = Store("az://bench", cache_dir=work / "cache")
+            t = time.perf_counter()
+            got = store.local("models/m/final_model.pt")
+            download = time.perf_counter() - t
+            assert got.stat().st_size == size
+            t = time.perf_counter()
+            assert store.local("models/m/final_model.pt") == got
+            hit = time.perf_counter() - t
 
-        from inference.store import _content_md5
+            from inference.store import _content_md5
 
-        md5 = (
-            "checked against content_md5"
-            if _content_md5(store.info("models/m/final_model.pt"))
-            else "no content_md5 listed: size check only"
-        )
-        gb = size / 1e9
-        print(f"blob: {size / 1e6:.0f} MB; azurite on 127.0.0.1 (a local emulator, not the network); {os.cpu_count()} cores")
-        print(f"  upload (azure-storage-blob, for reference): {upload:6.2f} s")
-        print(
-            f"  baseline local copy + fsync:                 {local:6.2f} s  {local / gb:6.1f} s/GB  {gb / local * 1000:7.0f} MB/s"
-        )
-        print(
-            f"  Store.local (adlfs, verify, cache write):    {download:6.2f} s  {download / gb:6.1f} s/GB  {gb / download * 1000:7.0f} MB/s"
-        )
-        print(f"    ({md5})")
-        print(f"  cache hit (one metadata request):            {hit * 1000:6.1f} ms")
-        print(f"  ratio download / local copy: {download / local:.1f}x")
+            md5 = (
+                "checked against content_md5"
+                if _content_md5(store.info("models/m/final_model.pt"))
+                else "no content_md5 listed: size check only"
+            )
+            gb = size / 1e9
+            print(f"blob: {size / 1e6:.0f} MB; azurite on 127.0.0.1 (a local emulator, not the network); {os.cpu_count()} cores")
+            print(f"  upload (azure-storage-blob, for reference): {upload:6.2f} s")
+            print(
+                f"  baseline local copy + fsync:                 {local:6.2f} s  {local / gb:6.1f} s/GB  {gb / local * 1000:7.0f} MB/s"
+            )
+            print(
+                f"  Store.local (adlfs, verify, cache write):    {download:6.2f} s  {download / gb:6.1f} s/GB  {gb / download * 1000:7.0f} MB/s"
+            )
+            print(f"    ({md5})")
+            print(f"  cache hit (one metadata request):            {hit * 1000:6.1f} ms")
+            print(f"  ratio download / local copy: {download / local:.1f}x")
+    except AzuriteMissing as err:
+        sys.exit(str(err))
     finally:
-        proc.terminate()
-        proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
 

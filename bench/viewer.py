@@ -61,18 +61,8 @@ def sizes(data: Path):
 
     con = duckdb.connect(str(data / "circuits.duckdb"), read_only=True)
     out = []
-    for t in (
-        "runs",
-        "nodes",
-        "edges",
-        "task_docs",
-        "activations",
-        "samples",
-        "snippets",
-        "embeddings",
-        "wte_extremes",
-        "wte_histograms",
-    ):
+    # every table of the database (the contract tables' views: the tables the viewer reads)
+    for (t,) in con.execute("SELECT table_name FROM information_schema.tables ORDER BY table_name").fetchall():
         rows = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
         mb = sum(f.stat().st_size for f in (data / "tables" / t).glob("*.parquet")) / 1e6
         out.append(f"{t} {rows:,} rows / {mb:.1f} MB")

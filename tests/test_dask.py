@@ -2,7 +2,8 @@
 Dask executor (`pipeline.on_dask`), selected by configuration; on a `LocalCluster` of 2 worker
 processes the tables equal those of the in-process run, and a partition that fails fails alone.
 
-Kept small: the tiny store without recompute, the three `prune_demo/8` circuits (one corrupted).
+Kept small: the tiny store without recompute, the three `prune_demo/8` circuits (one corrupted); and one
+partition run on a cluster the executor starts itself (the Dagster UI's default), 1 worker.
 The workers are spawned with this interpreter's `sys.path`, so they import the code under test.
 """
 
@@ -162,3 +163,85 @@ def test_an_unreachable_scheduler_is_a_clear_error():
         port = s.getsockname()[1]  # nothing listens there once closed
     with pytest.raises(OSError, match=f"Dask scheduler tcp://127.0.0.1:{port}: cannot connect"):
         on_dask.worker_threads(f"tcp://127.0.0.1:{port}", timeout=2)
+
+
+ONE = "tiny_sparse/single_double_quote/prune_demo/8"
+
+
+def _gone(pids: set[int], wait_s: float = 30) -> bool:
+    """Whether the processes have exited (waiting up to `wait_s` for them: a nanny stops its worker asynchronously)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while any(running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_cluster_started_by_the_executor_runs_a_partition_as_in_process(tiny_store, tmp_path):
+    """The Dagster UI's default (no scheduler): the Dask executor starts a LocalCluster of its own for the
+    run (here of 1 worker) and stops it after; one run partition's tables equal the in-process run's."""
+    from pipeline import definitions
+    from pipeline.assets.discovery import refresh_partitions
+    from pipeline.assets.tables import VIZ_TABLES
+    from pipeline.definitions import PIPELINE_ASSETS
+    from pipeline.materialize import judge
+    from pipeline.resources import CircuitsResource
+
+    assets = ["viz_data_file", *VIZ_TABLES]  # the run's assets but the recompute (as --no-recompute)
+
+    def resource(data: Path) -> CircuitsResource:
+        return CircuitsResource(store_url=str(tiny_store), data=str(data), cache=str(tmp_path / "cache"))
+
+    # In-process: the same assets of the same partition.
+    with dg.DagsterInstance.ephemeral() as instance:
+        refresh_partitions(instance, resource(tmp_path / "in_process").store(), resource(tmp_path / "in_process").selection(ONE))
+        result = dg.materialize(
+            PIPELINE_ASSETS,
+            selection=dg.AssetSelection.assets(*assets),
+            partition_key=ONE,
+            resources={"circuits": resource(tmp_path / "in_process")},
+            instance=instance,
+        )
+        assert result.success
+
+    # As in the UI: the store index registers the partitions, then one run of the Dask job is launched with the
+    # launchpad's default executor config, a local cluster (`cluster_config()` without a scheduler).
+    data = tmp_path / "dask"
+    config = {
+        "execution": {"config": on_dask.cluster_config(workers=1)},
+        "resources": {"circuits": {"config": resource(data).model_dump(exclude_none=True)}},
+    }
+    assert "local" in config["execution"]["config"]["cluster"]
+    instance = pipeline_instance(str(data))  # persistent, as the Dask executor requires
+    try:
+        refresh_partitions(instance, resource(data).store(), resource(data).selection(ONE))
+        with dg.execute_job(
+            dg.reconstructable(definitions.dask_run_job),
+            instance,
+            run_config=config,
+            tags={"dagster/partition": ONE},
+            asset_selection=[dg.AssetKey(a) for a in assets],
+        ) as result:
+            assert result.success, judge(result)
+            step_pids = {e.pid for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START}
+        assert step_pids and os.getpid() not in step_pids  # the steps ran in the cluster's worker process ...
+        assert _gone(step_pids), f"worker processes {step_pids} still running after the run"  # ... stopped with it
+    finally:
+        instance.dispose()
+
+    expected, got = _frames(tmp_path / "in_process"), _frames(data)
+    assert sorted(got) == sorted(expected) and len([k for k in got if k.startswith("nodes/")]) == 1
+    for name, frame in expected.items():
+        assert_frame_equal(got[name], frame, check_exact=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from fixtures_azurite import point_adlfs_at
 from polars.testing import assert_frame_equal
 
 from pipeline.database import connect
@@ -31,12 +32,9 @@ CONTAINER = "circuits-data"
 @pytest.fixture
 def az_env(azurite, monkeypatch, tmp_path):
     """adlfs (and so the pipeline) reaching azurite through the ordinary Azure variable; a private container."""
-    import fsspec
-
     azurite.create_container(CONTAINER, public=False)
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    point_adlfs_at(monkeypatch, azurite.connection_string)  # with the account key: a private container
     monkeypatch.setenv("CIRCUITS_DB_DIR", str(tmp_path / "db"))
-    fsspec.filesystem("az").clear_instance_cache()  # instances made under another environment
     return azurite
 
 

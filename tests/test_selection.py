@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from fixtures_azurite import point_adlfs_at
 from test_store_azure import released_copy
 
 from inference.store import Store
@@ -86,16 +87,13 @@ def two_model_store(tiny_store: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def selection_store(azurite, tiny_store, tmp_path_factory):
-    local = two_model_store(tiny_store, tmp_path_factory.mktemp("selection") / "store")
-    azurite.upload_dir(local, "selection")
-    return local, "az://selection", f"BlobEndpoint={azurite.blob_endpoint};"
+    return azurite.upload_store(two_model_store(tiny_store, tmp_path_factory.mktemp("selection") / "store"), "selection")
 
 
 @pytest.fixture
 def fetched(selection_store, monkeypatch):
     """The store files opened for reading (downloads and ranged reads), as full URLs."""
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", selection_store[2])
-    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
+    point_adlfs_at(monkeypatch, selection_store.connection_string)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     for var in ("CIRCUITS_MODELS", "CIRCUITS_TASKS", "CIRCUITS_SWEEPS", "CIRCUITS_KS"):
         monkeypatch.delenv(var, raising=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from adlfs import AzureBlobFileSystem
+from fixtures_azurite import point_adlfs_at
 
 from inference.store import Store, azure_location, read_tensor
 from pipeline.assets.discovery import discover_models, discover_runs
@@ -74,14 +75,12 @@ def released_copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def azure_store(azurite, tiny_store, tmp_path_factory):
     """(local released copy, az:// URL, connection string) of the tiny store uploaded to azurite."""
-    local = released_copy(tiny_store, tmp_path_factory.mktemp("released") / "store")
-    azurite.upload_dir(local, "circuit-sparsity")
-    return local, "az://circuit-sparsity", f"BlobEndpoint={azurite.blob_endpoint};"
+    return azurite.upload_store(released_copy(tiny_store, tmp_path_factory.mktemp("released") / "store"), "circuit-sparsity")
 
 
 @pytest.fixture
-def az_env(azure_store, no_azure_env):
-    no_azure_env.setenv("AZURE_STORAGE_CONNECTION_STRING", azure_store[2])
+def az_env(azure_store, monkeypatch):
+    point_adlfs_at(monkeypatch, azure_store.connection_string)
     return azure_store
 
 

@@ -46,6 +46,22 @@ def table(truth, name) -> pd.DataFrame:
 # --- queries ----------------------------------------------------------------------------------
 
 
+def test_viewer_tables_are_the_tables_its_sql_reads():
+    """queries.VIEWER_TABLES (the one list; the contract tables build their views from it) names exactly the
+    tables the viewer's SQL reads, and each is a table the pipeline writes."""
+    import inspect
+
+    from pipeline.tables import SCHEMAS
+    from viewer import queries
+
+    src = inspect.getsource(queries)
+    read = set(re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_]\w*)", src))
+    read -= set(re.findall(r"\b(\w+)\s+AS\s+\(", src))  # the statements' own CTEs
+    read -= {"information_schema"}
+    assert read == set(queries.VIEWER_TABLES)
+    assert set(queries.VIEWER_TABLES) <= set(SCHEMAS)
+
+
 def test_runs_in_k_order_with_counts(viewer_data):
     from viewer import queries
 
@@ -280,16 +296,60 @@ def test_replaced_database_is_reread(tmp_path, monkeypatch):
 # --- the app, in-process ----------------------------------------------------------------------
 
 
-def test_app_opens_on_first_marked_layer_and_click_shows_node(viewer_data):
+def most_nodes_layer_half(node_rows) -> str:
+    """The layer-half with the most nodes, ties to the earliest (layer, then attn before mlp), counted from the rows."""
+    counts: dict = {}
+    for n in sorted(node_rows, key=lambda n: (n["layer"], ("attn", "mlp").index(n["half"]))):
+        if n["half"] in ("attn", "mlp"):
+            counts[f"{n['layer']}.{n['half']}"] = counts.get(f"{n['layer']}.{n['half']}", 0) + 1
+    return max(counts, key=lambda lh: (counts[lh], -list(counts).index(lh)))
+
+
+def test_default_layer_is_the_layer_half_with_most_nodes():
+    import polars as pl
+
+    from viewer.models import default_layer
+
+    def layers(counts):
+        return pl.DataFrame({"layer_half": ["0.attn", "0.mlp", "1.attn", "1.mlp"], "n_nodes": counts})
+
+    # the quote circuit of the demo store: a few nodes in 0.attn, most of the circuit in 1.attn
+    assert default_layer(layers([3, 2, 15, 4])) == "1.attn"
+    assert default_layer(layers([3, 9, 9, 4])) == "0.mlp"  # a tie: the earliest
+    assert default_layer(layers([None, 1, None, 0])) == "0.mlp"  # no count (no layer_ablations row) counts as none
+
+
+def test_app_opens_where_most_of_the_circuit_is(tmp_path):
+    """A circuit of a few nodes in its first layer-halves and most in 1.attn (like the demo store's quote circuit)
+    opens on 1.attn: not the first layer-half (0.attn), nor the first marked one (0.mlp, delta > 0.3)."""
+    from viewer.app import create_app
+
+    per_half = {"0.attn": 1, "0.mlp": 1, "1.attn": 3, "1.mlp": 2}  # per location: 5, 3, 15 and 6 nodes
+    truth = write_contract_tables(
+        str(tmp_path), Scale(snippet_len=8, snippets_per_list=1), runs=[("toy", "skewed", "s", "8", per_half)]
+    )
+    run = "toy/skewed/s/8"
+    assert most_nodes_layer_half(truth.nodes[run]) == "1.attn"
+    with data_dir(tmp_path):
+        app = create_app(url={"run": run}).explorer
+        assert app.state.layer == "1.attn"
+        assert "★" in [k for k, v in app.layer.options.items() if v == "0.mlp"][0]
+        assert create_app(url={"run": run, "layer": "0.attn"}).explorer.state.layer == "0.attn"  # the URL's layer wins
+
+
+def test_app_opens_on_the_layer_half_with_most_nodes_and_click_shows_node(viewer_data):
     from viewer import models
     from viewer.app import create_app
 
     _, truth = viewer_data
+    for run in truth.nodes:
+        assert create_app(url={"run": run}).explorer.state.layer == most_nodes_layer_half(truth.nodes[run])
+    assert create_app(url={"run": RUN, "layer": "1.mlp"}).explorer.state.layer == "1.mlp"  # a layer the URL names wins
     page = create_app(url={"run": RUN})
     app = page.explorer
-    assert app.state.layer == "0.mlp"  # first layer-half with delta > 0.3
+    assert app.state.layer == "0.attn"  # 15 nodes, as 1.attn: the earliest; not the first marked one (0.mlp, delta > 0.3)
     assert "★" in [k for k, v in app.layer.options.items() if v == "0.mlp"][0]
-    want = {n["node_id"] for n in truth.nodes[RUN] if n["layer"] == 0 and n["half"] == "mlp"}
+    want = {n["node_id"] for n in truth.nodes[RUN] if n["layer"] == 0 and n["half"] == "attn"}
     shown = set(app.graph.nodes.data["node_id"])
     assert want <= shown and all(n.endswith(":bias") for n in shown - want)
     assert f"<b>{len(truth.nodes[RUN])}</b> nodes" in app.summary.object

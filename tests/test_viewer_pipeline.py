@@ -31,16 +31,17 @@ def test_every_run_opens_and_a_click_shows_its_node(pipeline_data):
 
     runs = read(pipeline_data, "runs")
     nodes = read(pipeline_data, "nodes")
-    layers = read(pipeline_data, "layer_ablations")
     samples = read(pipeline_data, "samples")
     assert sorted(queries.runs()["run_id"]) == sorted(runs["run_id"])
     for run_id in runs["run_id"]:
         page = create_app(url={"run": run_id})
         app = page.explorer
         assert app.state.notes == []
-        mine = layers[layers["run_id"] == run_id].sort_values(["layer", "half"])
-        marked = mine[mine["delta"] > 0.3]
-        assert app.state.layer == (marked if len(marked) else mine)["layer_half"].iloc[0]
+        # opens on the layer-half with the most nodes (counted from the nodes table), ties to the earliest
+        mine = nodes[(nodes["run_id"] == run_id) & nodes["half"].isin(["attn", "mlp"])]
+        counts = mine.groupby(["layer", "half"]).size().reset_index(name="n").sort_values(["layer", "half"], kind="stable")
+        top = counts[counts["n"] == counts["n"].max()].iloc[0]
+        assert app.state.layer == f"{int(top['layer'])}.{top['half']}"
         n_nodes = int((nodes["run_id"] == run_id).sum())
         assert f"<b>{n_nodes}</b> nodes" in app.summary.object
         # Click the node with the most snippets in the shown layer-half.

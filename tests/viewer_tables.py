@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.derived import snippet_window, unembed_table, wte_tables
 from pipeline.tables import row_group_rows
+from viewer.queries import VIEWER_TABLES
 
 FRACS = (0.001, 0.01, 0.1, 0.5)
 LOSS_FACTOR = 0.5
@@ -144,7 +145,9 @@ def vocab_texts(n: int) -> list[str]:
 
 
 def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, skip=(), keep_big=True) -> Truth:
-    """Write every contract table for `runs` (list of (model, task, sweep, k_label, nodes_per_location))."""
+    """Write every contract table for `runs` (list of (model, task, sweep, k_label, nodes_per_location)).
+
+    nodes_per_location: an int, or a dict layer-half ("1.attn") -> nodes at each of its locations."""
     s = scale or Scale()
     rng = np.random.default_rng(seed)
     runs = runs or [
@@ -227,7 +230,8 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
             for loc in _locations(layer):
                 kind = loc.split(".")[-1]
                 half = loc.split(".")[1]
-                chans = rng.choice(_width(kind, s), size=min(per_loc, _width(kind, s)), replace=False)
+                count = per_loc if isinstance(per_loc, int) else per_loc[f"{layer}.{half}"]
+                chans = rng.choice(_width(kind, s), size=min(count, _width(kind, s)), replace=False)
                 for order, ch in enumerate(chans):
                     ch_raw = interv_raw + rng.normal() * 0.6
                     is_qkv = kind in ("q", "k", "v")
@@ -479,28 +483,6 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         )
         if "runs" not in skip:
             _write(root, "runs", run_id, {k: [v] for k, v in truth.runs[-1].items()}, truth)
-    tables = [
-        t
-        for t in (
-            "runs",
-            "nodes",
-            "edges",
-            "task_docs",
-            "activations",
-            "samples",
-            "snippets",
-            "layer_ablations",
-            "pruning_curve",
-            "loss_at_k",
-            "train_curves",
-            "embeddings",
-            "wte_extremes",
-            "wte_histograms",
-            "unembed_extremes",
-            "vocab",
-            "ablations",
-        )
-        if t not in skip
-    ]
-    write_views(root, tables)
+    # the tables the viewer reads, as the pipeline would provide them (faithfulness: none, as for released runs)
+    write_views(root, [t for t in VIEWER_TABLES if t not in skip and os.path.isdir(os.path.join(root, "tables", t))])
     return truth

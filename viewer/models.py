@@ -132,9 +132,11 @@ def _layer_halves(version, run_id):
 
 
 def default_layer(layers: pl.DataFrame) -> str:
-    """The released viewer opens on the first layer-half marked (delta > 0.3), else the first one."""
-    marked = layers.filter(pl.col("marked"))
-    return (marked if len(marked) else layers)["layer_half"][0]
+    """Where the graph opens when the URL names no layer: the layer-half holding the most circuit nodes (ties: the
+    earliest), so a circuit living mostly in one layer-half opens there. (The released viewer opened on the first
+    marked one, delta > 0.3: often a layer-half of a few nodes beside the one holding most of the circuit.)"""
+    counts = layers["n_nodes"].fill_null(0).to_list()
+    return layers["layer_half"][counts.index(max(counts))]  # list.index: the first of the ties, rows in (layer, half) order
 
 
 def node(run_id: str, node_id: str) -> dict | None:

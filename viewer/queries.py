@@ -29,6 +29,9 @@ from pipeline import settings
 from pipeline.database import connect as connect_database
 from pipeline.derived import SNIPPET_RADIUS, SNIPPETS_SHOWN
 
+# The tables the viewer reads (names of `pipeline.tables.SCHEMAS`): the one list, also used by the tests' contract
+# tables (tests/viewer_tables.py). Without a required one the app shows how to build the tables; an optional one
+# missing or empty hides its panel.
 REQUIRED_TABLES = ("runs", "nodes")
 OPTIONAL_TABLES = (
     "edges",
@@ -48,6 +51,7 @@ OPTIONAL_TABLES = (
     "ablations",
     "faithfulness",
 )
+VIEWER_TABLES = REQUIRED_TABLES + OPTIONAL_TABLES
 
 
 class TablesMissing(RuntimeError):

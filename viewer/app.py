@@ -128,8 +128,10 @@ def serve_locally(doc) -> None:
 
     if doc is not None and "dist_url" not in doc.template_variables:
         doc.template_variables["dist_url"] = f"{pn.state.rel_path}/{LOCAL_DIST}" if pn.state.rel_path else LOCAL_DIST
-    if "bokeh-gl" in Resources._default_components:  # the server's Resources() take these; no public setting
-        Resources._default_components = [c for c in Resources._default_components if c != "bokeh-gl"]
+    # The server's Resources() take these; there is no public setting (if Bokeh renames it, the bundle stays).
+    default = getattr(Resources, "_default_components", None)
+    if isinstance(default, list) and "bokeh-gl" in default:
+        Resources._default_components = [c for c in default if c != "bokeh-gl"]
 
 
 if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`

@@ -620,3 +620,20 @@ def test_outputs_of_a_residual_write_list_the_tokens_it_pushes_directly(viewer_d
         assert f"{direct[raises[0]]:+.3f}" in up and f"{direct[lowers[0]]:+.3f}" in down
     app.state.node = next(n["node_id"] for n in truth.nodes[RUN] if n["kind"] == "q")
     assert "raises:" not in app.detail.outputs.object  # only residual writes have a direct path
+
+
+def test_post_load_parts_wait_while_other_sessions_load(monkeypatch):
+    """A drawn session's post-load parts wait while another session of the process is loading, not for one
+    that never loads (forgotten after LOADING_FORGET_SECONDS), and never beyond POST_LOAD_MAX_WAIT_SECONDS."""
+    from viewer import explorer
+
+    monkeypatch.setattr(explorer, "_loading", {})
+    now = 1000.0
+    assert not explorer.post_load_waits(1, since=now, now=now)  # nobody else loading
+    explorer._loading[1] = now - 5  # itself (not yet removed) does not count
+    assert not explorer.post_load_waits(1, since=now, now=now)
+    explorer._loading[2] = now - 1  # another session being built
+    assert explorer.post_load_waits(1, since=now, now=now)
+    assert not explorer.post_load_waits(1, since=now - explorer.POST_LOAD_MAX_WAIT_SECONDS, now=now)
+    explorer._loading[2] = now - explorer.LOADING_FORGET_SECONDS  # requested, never loaded
+    assert not explorer.post_load_waits(1, since=now, now=now)

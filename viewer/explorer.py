@@ -71,7 +71,10 @@ POST_LOAD_MAX_WAIT_SECONDS = 20.0  # and no post-load part waits longer than thi
 POST_LOAD_POLL_MS = 250
 
 
-def others_loading(me: int, now: float) -> bool:
+def post_load_waits(me: int, since: float, now: float) -> bool:
+    """Whether session `me`, drawn at `since`, still leaves the CPU to other sessions of the process that are loading."""
+    if now - since >= POST_LOAD_MAX_WAIT_SECONDS:
+        return False
     return any(k != me and now - t < LOADING_FORGET_SECONDS for k, t in list(_loading.items()))
 
 
@@ -159,12 +162,7 @@ class ExplorerApp:
         doc = doc if doc is not None else pn.state.curdoc
         now = time.monotonic()
         since = now if since is None else since
-        if (
-            doc is not None
-            and doc.session_context is not None
-            and now - since < POST_LOAD_MAX_WAIT_SECONDS
-            and others_loading(self._session, now)
-        ):
+        if doc is not None and doc.session_context is not None and post_load_waits(self._session, since, now):
             doc.add_timeout_callback(partial(self._after_load_when_quiet, doc, since), POST_LOAD_POLL_MS)
             return
         if doc is None:

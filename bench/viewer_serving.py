@@ -1,0 +1,126 @@
+"""Serving choices of the viewer, measured with the functions of bench/viewer_browser.py (run it from the project root):
+
+    python bench/viewer_serving.py cold [--code DIR] [--visits 8]
+        the cold start of a new visitor on this checkout and on DIR (e.g. a main checkout), both servers up at
+        once and the visits alternated between them, so that both see the same machine load
+    python bench/viewer_serving.py concurrent [--code DIR] [--sessions 20] [--serve-options '...']
+        N light clients at once (the server's share), then twice one Chromium page among N-1 light clients,
+        with that page's phases (HTML received, JavaScript run, document drawn)
+
+Uses the release-scale tables of `python bench/viewer.py` (built there, once, into /tmp/circuits-viewer-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import viewer_browser as vb  # noqa: E402 (after the path set-up)
+
+from viewer import serve  # noqa: E402
+
+RUN = "csp_yolo2_synth/bracket_counting/sweep/2000"  # the bench tables' biggest circuit
+
+
+def start(data: Path, code: Path, options: list[str] | None, name: str):
+    port = serve.free_port()
+    options = vb.serve_options(code) if options is None else options
+    proc, log = serve.start(data, port, data / f"bench-serving-{name}.log", code, options=options)
+    print(f"{name}: {code}, options {options}")
+    return proc, log, f"http://127.0.0.1:{port}/app?run={RUN}"
+
+
+async def cold(urls: dict, visits: int):
+    from playwright.async_api import async_playwright
+
+    out = {name: [] for name in urls}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=vb.CHROMIUM, args=vb.CHROME_ARGS)
+        for url in urls.values():  # each server's first session: not counted
+            c, _, _ = await vb.open_session(browser, url)
+            await c.close()
+        await vb.settle(3)
+        names = list(urls)
+        for i in range(visits):
+            for name in names if i % 2 == 0 else names[::-1]:
+                c, page, ms = await vb.open_session(browser, urls[name])
+                out[name].append([ms, *await page.evaluate("() => window.__bench.phases()")])
+                await c.close()
+                await vb.settle(2)
+        await browser.close()
+    for name, rows in out.items():
+        med = [statistics.median(r[j] for r in rows) for j in range(4)]
+        print(
+            f"{name}: cold start median {med[0]:.0f} ms (page HTML {med[1]:.0f}, JavaScript run {med[2]:.0f}, "
+            f"document drawn {med[3]:.0f}); each: {[round(r[0]) for r in rows]}"
+        )
+
+
+async def concurrent(url: str, sessions: int):
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=vb.CHROMIUM, args=vb.CHROME_ARGS)
+        c, _, _ = await vb.open_session(browser, url)
+        await c.close()
+        await vb.settle(3)
+        light = await asyncio.gather(*(vb.light_session(url) for _ in range(sessions)))
+        docs = [x[0] for x in light]
+        print(
+            f"{sessions} light clients: page + document max {max(docs):.0f} ms (median {statistics.median(docs):.0f}); "
+            f"+ post-load parts max {max(x[1] for x in light):.0f} ms"
+        )
+        for _ in range(2):
+            await vb.settle(5)
+            others = [asyncio.ensure_future(vb.light_session(url)) for _ in range(sessions - 1)]
+            c, page, ms = await vb.open_session(browser, url)
+            phases = await page.evaluate("() => window.__bench.phases()")
+            done = await asyncio.gather(*others)
+            print(
+                f"1 Chromium among {sessions - 1} light clients: {ms:.0f} ms (page HTML {phases[0]:.0f}, JavaScript run "
+                f"{phases[1]:.0f}, document drawn {phases[2]:.0f}); the light clients' documents max {max(x[0] for x in done):.0f} ms"
+            )
+            await c.close()
+        await browser.close()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["cold", "concurrent"])
+    ap.add_argument("--data", default="/tmp/circuits-viewer-bench")
+    ap.add_argument("--code", default=None, help="cold: the other checkout; concurrent: serve this checkout instead")
+    ap.add_argument("--serve-options", default=None, help="concurrent: `panel serve` options instead of the checkout's own")
+    ap.add_argument("--visits", type=int, default=8)
+    ap.add_argument("--sessions", type=int, default=20)
+    args = ap.parse_args(argv)
+    data = Path(args.data)
+    if not (data / "circuits.duckdb").exists():
+        sys.exit(f"{data}: no bench tables; build them with `python bench/viewer.py` first")
+    print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    servers = {}
+    try:
+        if args.what == "cold":
+            servers["this checkout"] = start(data, ROOT, None, "this")
+            if args.code:
+                servers["other"] = start(data, Path(args.code), None, "other")
+            asyncio.run(cold({name: s[2] for name, s in servers.items()}, args.visits))
+        else:
+            options = None if args.serve_options is None else shlex.split(args.serve_options)
+            servers["served"] = start(data, Path(args.code) if args.code else ROOT, options, "served")
+            asyncio.run(concurrent(servers["served"][2], args.sessions))
+    finally:
+        for proc, log, _ in servers.values():
+            serve.stop(proc, log)
+    print(f"load average (1, 5, 15 min) after: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,9 +10,12 @@ code, so pruning and attribution keep their exact gradients):
 - Linears whose weight is mostly exact zeros (density <= `SPARSE_MAX_DENSITY`, decided per
   matrix when it is first used and again whenever the weight is changed in place) multiply
   by a compressed copy of the weight: `x @ W.T` as dense-times-CSC (`torch.addmm` with
-  `W.T` in CSC layout, which measured fastest of torch's sparse layouts for these shapes; see
-  bench/README.md). At the release's density (~1/1000) that is 5-10x faster than the dense
-  matmul; denser matrices (embeddings, the unembedding, the dense baselines) stay dense.
+  `W.T` in CSC layout; see bench/README.md). At the release's density (~1/1000) that is 5-10x
+  faster than the dense matmul; denser matrices (embeddings, the unembedding, the dense
+  baselines) stay dense. Inside the fused block, the wide c_attn and c_fc are computed the other
+  way round, `W @ x.T` as sparse-CSR-times-dense (`SparseLinear.columns`): torch's
+  dense-times-CSC transposes both the input and the output inside, which costs more than the
+  multiply itself; the output in columns is turned into rows by the copy AbsTopK makes anyway.
 - Attention with a sink: the released algorithm (and `inference.model`) prepends a sink key
   and builds a (B, H, T, T+1) additive mask, which forces SDPA onto its slow "math" path
   (1.5 s per csp_yolo2 layer at 1024 tokens). Here: causal flash attention without the sink,

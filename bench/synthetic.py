@@ -5,10 +5,12 @@ d_mlp 8192. A circuit of ~2000 nodes spread over all 64 per-layer locations and 
 (the residual after the last block: released circuits have it), 64 task docs of 1024 tokens with
 an activation tensor per node, 5 top and 5 bottom pretraining snippets of 101 tokens per node and
 frac (each (bottom, top) pair a tuple, as released), pair_data between the viewer's location pairs
-(~10% nonzero, with bias rows), an all_loss curve. Values are random; only sizes and types matter.
+(~10% nonzero, with bias rows), an all_loss curve. Values are random; only sizes and types matter,
+and, in a store, the circuit's connectivity: its nodes are linked by nonzero weights planted into
+the checkpoint (`plant_circuit`), so ablations spread through the circuit as in a pruned one.
 
     python bench/synthetic.py out/viz_data.pt [--nodes 2000 --docs 64 --ctx 1024]
-    python bench/synthetic.py --store DIR [--nodes 2000 --docs 64 --ctx 1024] [--layers 8]
+    python bench/synthetic.py --store DIR [--nodes 2000 --docs 64 --ctx 1024] [--layers 8] [--doc-tokens N]
 
 `--store` writes a store in the released layout that `circuits materialize` reads: the tokenizer
 (`tinypython/`, a synthetic 2048-id BPE), `models/csp_yolo2/beeg_config.json` + `final_model.pt`
@@ -50,14 +52,77 @@ def width(location: str, config: dict = CSP_YOLO2) -> int:
     return config["d_model"]  # act_in, resid_delta, final_resid
 
 
-def synthetic_viz_data(
-    n_nodes: int = 2000, n_docs: int = 64, ctx: int = 1024, snippets: int = 5, seed: int = 0, config: dict = CSP_YOLO2
-) -> dict:
+def synthetic_circuit(n_nodes: int = 2000, seed: int = 0, config: dict = CSP_YOLO2) -> dict[str, torch.Tensor]:
+    """The circuit's channels per location (`circuit_data`): n_nodes spread evenly over every
+    per-layer location and `final_resid`. Residual-stream locations (act_in, resid_delta,
+    final_resid) draw from one pool of residual channels twice a location's size, so what a
+    resid_delta node writes, later act_in nodes read (as in a pruned circuit); q, k, v and MLP
+    neurons are random channels (about as many attention heads as a random pick touches)."""
     g = torch.Generator().manual_seed(seed)
     locs = [f"{i}.{k}" for i in range(config["n_layer"]) for k in KINDS] + ["final_resid"]
     per_loc = n_nodes // len(locs)
-    circuit = {loc: torch.randperm(width(loc, config), generator=g)[:per_loc] for loc in locs}
+    pool = torch.randperm(config["d_model"], generator=g)[: min(2 * per_loc, config["d_model"])]
+    circuit = {}
+    for loc in locs:
+        if loc.endswith(("act_in", "resid_delta", "final_resid")):
+            circuit[loc] = pool[torch.randperm(len(pool), generator=g)[:per_loc]]
+        else:
+            circuit[loc] = torch.randperm(width(loc, config), generator=g)[:per_loc]
+    return circuit
+
+
+# Circuit edges planted into the synthetic checkpoint: each circuit node of a linear layer's output
+# reads this many circuit nodes of its input (nonzero weights), so ablations propagate through the
+# circuit as they do in a pruned one. Without them, a random 1/1000-dense model connects a random
+# circuit's nodes almost nowhere and every ablation would die out at once (a flattering benchmark).
+PLANTED_FAN_IN = 4
+
+
+def plant_circuit(sd: dict, circuit: dict, config: dict, fan_in: int = PLANTED_FAN_IN, seed: int = 0) -> int:
+    """Give every circuit node at a linear layer's output `fan_in` nonzero weights from the circuit
+    nodes at its input (act_in -> q/k/v, v -> attn resid_delta, mlp act_in -> post_act ->
+    mlp resid_delta), drawn like the matrix's other nonzeros (same std). Returns edges planted."""
+    g = torch.Generator().manual_seed(seed + 1)
+    d = config["n_head"] * config["d_head"]
+    planted = 0
+    for i in range(config["n_layer"]):
+        c = {k: circuit[f"{i}.{k}"] for k in KINDS}
+        links = [  # (weight, rows of the targets, columns of the sources)
+            ("attn.c_attn", c["attn.q"], c["attn.act_in"]),
+            ("attn.c_attn", d + c["attn.k"], c["attn.act_in"]),
+            ("attn.c_attn", 2 * d + c["attn.v"], c["attn.act_in"]),
+            ("attn.c_proj", c["attn.resid_delta"], c["attn.v"]),
+            ("mlp.c_fc", c["mlp.post_act"], c["mlp.act_in"]),
+            ("mlp.c_proj", c["mlp.resid_delta"], c["mlp.post_act"]),
+        ]
+        for name, rows, cols in links:
+            w = sd[f"transformer.h.{i}.{name}.weight"]
+            nz = w[w != 0]
+            std = float(nz.std()) if nz.numel() > 1 else 1.0
+            for r in rows.tolist():
+                src = cols[torch.randperm(len(cols), generator=g)[: min(fan_in, len(cols))]]
+                w[r, src] = torch.randn(len(src), generator=g) * std
+                planted += len(src)
+    return planted
+
+
+def synthetic_viz_data(
+    n_nodes: int = 2000,
+    n_docs: int = 64,
+    ctx: int = 1024,
+    snippets: int = 5,
+    seed: int = 0,
+    config: dict = CSP_YOLO2,
+    doc_tokens: int | None = None,
+) -> dict:
+    """`doc_tokens`: each task doc's real tokens (the rest right-padded with 0, as released task docs
+    are); default: all `ctx`."""
+    g = torch.Generator().manual_seed(seed)
+    circuit = synthetic_circuit(n_nodes, seed, config)
+    locs = list(circuit)
     docs = torch.randint(1, config["vocab_size"] - 1, (n_docs, ctx), generator=g)
+    if doc_tokens is not None and doc_tokens < ctx:
+        docs[:, doc_tokens:] = 0
     acts = {loc: {int(c): torch.randn(n_docs, ctx, generator=g) for c in ch} for loc, ch in circuit.items()}
     samples = {}
     for loc, ch in circuit.items():
@@ -124,7 +189,14 @@ def synthetic_checkpoint(config: dict, density: float = 1e-3, seed: int = 0) -> 
 
 
 def write_store(
-    root: Path, n_nodes: int = 2000, n_docs: int = 64, ctx: int = 1024, config: dict = CSP_YOLO2, density: float = 1e-3, log=print
+    root: Path,
+    n_nodes: int = 2000,
+    n_docs: int = 64,
+    ctx: int = 1024,
+    config: dict = CSP_YOLO2,
+    density: float = 1e-3,
+    log=print,
+    doc_tokens: int | None = None,
 ) -> Path:
     """A store in the released layout (module doc) under `root`; every file written atomically."""
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -139,14 +211,15 @@ def write_store(
     beeg = {**config, "afrac_loctypes": AFRAC_LOCTYPES}
     write_atomic(mdir / "beeg_config.json", lambda f: f.write(json.dumps(beeg, indent=1).encode()))
     sd = synthetic_checkpoint(config, density)
+    planted = plant_circuit(sd, synthetic_circuit(n_nodes, config=config), config)
     n_params = sum(v.numel() for v in sd.values())
     write_atomic(mdir / "final_model.pt", lambda f: torch.save(sd, f))
     sd = None  # ~1.7 GB at csp_yolo2 scale: freed before the circuit is built
     log(
         f"{mdir / 'final_model.pt'}: {n_params / 1e6:.0f}M parameters, "
-        f"{(mdir / 'final_model.pt').stat().st_size / 1e9:.2f} GB ({time.perf_counter() - t:.0f} s)"
+        f"{(mdir / 'final_model.pt').stat().st_size / 1e9:.2f} GB, {planted} circuit edges planted ({time.perf_counter() - t:.0f} s)"
     )
-    viz = synthetic_viz_data(n_nodes, n_docs, ctx, config=config)
+    viz = synthetic_viz_data(n_nodes, n_docs, ctx, config=config, doc_tokens=doc_tokens)
     vdir = root / "viz" / MODEL / TASK / SWEEP / str(sum(len(c) for c in viz["circuit_data"].values()))
     vdir.mkdir(parents=True, exist_ok=True)
     write_atomic(vdir / "viz_data.pt", lambda f: torch.save(viz, f))
@@ -164,12 +237,15 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=2000)
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--doc-tokens", type=int, default=None, help="real tokens per task doc, the rest padding (default: ctx)")
     ap.add_argument(
         "--layers", type=int, default=CSP_YOLO2["n_layer"], help="n_layer of the store's model (default: csp_yolo2's 8)"
     )
     args = ap.parse_args()
     if args.store is not None:
-        write_store(args.store, args.nodes, args.docs, args.ctx, {**CSP_YOLO2, "n_layer": args.layers})
+        write_store(
+            args.store, args.nodes, args.docs, args.ctx, {**CSP_YOLO2, "n_layer": args.layers}, doc_tokens=args.doc_tokens
+        )
         return
     if args.out is None:
         ap.error("give a viz_data.pt path or --store DIR")

@@ -342,7 +342,7 @@ def test_bench_store_at_small_widths_materializes_with_recompute(tmp_path):
 
     from pipeline.formats import read_viz_data
     from pipeline.materialize import materialize_store
-    from pipeline.recompute import means_over_sequences, snippet_sequences
+    from pipeline.recompute import MEANS_TOKEN_BUDGET, means_over_sequences, sample_sequences, snippet_sequences
     from pipeline.store_access import load_model, open_store
 
     cfg = {**CSP_YOLO2, "n_layer": 2, "d_model": 32, "n_head": 4, "d_head": 8, "d_mlp": 64, "block_size": 32, "d_pos_emb": 8}
@@ -360,7 +360,8 @@ def test_bench_store_at_small_widths_materializes_with_recompute(tmp_path):
     viz = read_viz_data(viz_path)
     model = load_model(open_store(str(store)), MODEL)
     circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}
-    means = means_over_sequences(model, snippet_sequences(viz), C.circuit_locations(model.config, circuit))[0]
+    seqs = sample_sequences(snippet_sequences(viz), MEANS_TOKEN_BUDGET)  # the pipeline's estimator of the means
+    means = means_over_sequences(model, seqs, C.circuit_locations(model.config, circuit))[0]
     docs = torch.from_numpy(viz.docs)
     ref = C.ablation_losses(model, docs, {"final_resid": circuit["final_resid"], **circuit}, means)["final_resid"]
     ab = _table(data, "ablations", run)

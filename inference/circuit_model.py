@@ -129,6 +129,23 @@ def _rank_window_once(const: torch.Tensor, k: int, m: int, docs: int) -> torch.T
     return _rank_window(const, k, m)
 
 
+def _attention_at(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None, doc: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
+    """`sink_attention` of (B, H, T, d_head) tensors at a few query rows only (row r: doc `doc[r]`,
+    position `pos[r]`), as (H, rows, d_head): the last layer's answer positions need no other."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    keys, values = k[doc], v[doc]  # (rows, H, T, d)
+    scores = torch.einsum("rhd,rhtd->rht", q[doc, :, pos], keys) * scale
+    scores = scores.masked_fill(torch.arange(q.shape[2])[None, None, :] > pos[:, None, None], float("-inf"))
+    if sink is not None:  # an always-visible key with logit `sink` and value zero
+        scores = torch.cat([sink.to(scores.dtype).view(1, -1, 1).expand(scores.shape[0], -1, 1), scores], dim=-1)
+        weights = F.softmax(scores, dim=-1)[..., 1:]
+    else:
+        weights = F.softmax(scores, dim=-1)
+    return torch.einsum("rht,rhtd->hrd", weights, values)
+
+
 class _TopkStage:
     """One location's AbsTopK (or none) in the circuit model: which channels change, the constants,
     and the channels read out (the circuit's, and act_in's position channels)."""
@@ -154,6 +171,7 @@ class _TopkStage:
         self.c_from_changing = (torch.nonzero(c_changing).flatten(), where_in_changing[circuit[c_changing]])
         self.c_const_pos = torch.nonzero(~c_changing).flatten()
         self.c_const = z[:, circuit[~c_changing]]  # (rows, .): circuit channels that only the threshold can change
+        self.base = None  # (|changing|, k-th, (k+1)-th) of the un-ablated run, kept by `run`
         if full or self.k >= n:
             self.window = None
             return
@@ -164,6 +182,7 @@ class _TopkStage:
         out = copy.copy(self)
         out.c_const = self.c_const[rows]
         out.window = None if self.window is None else self.window[rows]
+        out.base = None if self.base is None else tuple(t[rows] for t in self.base)
         return out
 
     def run(self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
@@ -179,8 +198,11 @@ class _TopkStage:
         vals[..., self.c_const_pos] = self.c_const
         if self.window is None:
             return vals
-        got = kth_pair(changing, self.window)  # compiled (inference.kth_pair), or None: the torch code
+        # compiled (inference.kth_pair), or None: the torch code
+        got = kth_pair(changing, self.window, self.base if ties is not None else None)
         kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
+        if ties is None and A == 1:  # the un-ablated run (the last one wins): its rows and thresholds
+            self.base = (changing[0].abs(), kth[0, :, 0], kth1[0, :, 0])
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
             # (every other channel is replaced by its fill either way).
@@ -540,41 +562,100 @@ class CircuitModel:
             self._tail = (key, L)
         return self._tail[1]
 
+    def _full_heads(self, L, qkv: list[torch.Tensor], A: int) -> list[torch.Tensor]:
+        """q, k, v at every channel of the dynamic heads (A_kind, rows, |dyn|): the circuit's values
+        over the constants (fills for q and k, the base run's v where not circuit)."""
+        full = []
+        for kind, vals in zip("qk", qkv[:2], strict=True):
+            t = L[f"{kind}_fill_dyn"].expand(vals.shape[0], vals.shape[1], -1).clone()
+            t[..., L[f"pos_{kind}"]] = vals
+            full.append(t)
+        v = L["v_base_dyn"].expand(qkv[2].shape[0], -1, -1).clone()
+        v[..., L["v_dyn_pos"]] = qkv[2][..., L["v_dyn_src"]]
+        full.append(v)
+        return full
+
+    def _changed_heads(self, L, qkv: list[torch.Tensor], A: int) -> torch.Tensor:
+        """(A, dynamic heads): where an ablation's q, k or v values differ from the un-ablated run's
+        at any row. Elsewhere the head's output is the un-ablated one: same inputs, same output
+        (a false "changed", e.g. from rounding, only costs time)."""
+        nd, dh = len(L["dyn_heads"]), self.config.d_head
+        changed = torch.zeros(A, nd, dtype=torch.bool)
+        heads = {"q": L["pos_q"] // dh, "k": L["pos_k"] // dh, "v": L["v_dyn_pos"] // dh}
+        for kind, vals in zip("qkv", qkv, strict=True):
+            if kind == "v":
+                vals = vals[..., L["v_dyn_src"]]
+            if vals.shape[-1] == 0:
+                continue
+            diff = (vals != L[f"base_{kind}"]).any(dim=1)  # (A_kind, channels)
+            hit = torch.zeros(diff.shape[0], nd, dtype=torch.int32).index_add_(1, heads[kind], diff.int())
+            changed |= hit > 0
+        return changed
+
+    def _dynamic_heads(self, i: int, L, qkv: list[torch.Tensor], A: int, rows: torch.Tensor | None) -> torch.Tensor:
+        """Attention output at the dynamic heads' channels (A, rows or all, |dyn|).
+
+        The un-ablated run computes every head and keeps its output and inputs; an ablation pass
+        recomputes only the (ablation, head) pairs whose inputs changed, and with `rows` (the last
+        layer) only at those query rows."""
+        cfg, blk = self.config, self.model.transformer.h[i]
+        B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), cfg.d_head
+        sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
+        if "base_y_dyn" not in L:  # the un-ablated run (A = 1): every head, kept for the passes
+            q, k, v = (t.reshape(1 * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv, 1))
+            y = sink_attention(q, k, v, sink).transpose(1, 2).reshape(1, B * T, nd * dh)
+            L["base_y_dyn"] = y
+            for kind, vals in zip("qk", qkv[:2], strict=True):
+                L[f"base_{kind}"] = vals.clone()
+            L["base_v"] = qkv[2][..., L["v_dyn_src"]].clone()
+            return y if rows is None else y[:, rows]
+        base = L["base_y_dyn"] if rows is None else L["base_y_dyn"][:, rows]
+        changed = self._changed_heads(L, qkv, A)
+        pa, ph = torch.nonzero(changed, as_tuple=True)
+        if len(pa) == 0:
+            return base
+        if rows is None and len(pa) > changed.numel() // 2:  # most pairs changed: every head, no gathering
+            q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv, A))
+            return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
+        y = base.expand(A, -1, -1).clone()
+        # the changed pairs as heads of one batch: (B, P, T, dh), each with its head's sink
+        pairs = []
+        for t in self._full_heads(L, qkv, A):
+            t = t.view(t.shape[0], B, T, nd, dh)
+            pairs.append(t[pa if t.shape[0] > 1 else torch.zeros_like(pa), :, :, ph].transpose(0, 1))  # (B, P, T, dh)
+        sink_p = None if sink is None else sink[ph]
+        if rows is None:
+            out = sink_attention(*(t.contiguous() for t in pairs), sink_p)  # (B, P, T, dh)
+            y.view(A, B, T, nd, dh)[pa, :, :, ph] = out.transpose(0, 1)
+            return y
+        out = _attention_at(*pairs, sink_p, rows // T, rows % T)  # (P, rows, dh)
+        y.view(A, len(rows), nd, dh)[pa, :, ph] = out
+        return y
+
     def _run_layer(self, i: int, state: torch.Tensor, ablations, ties, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Layer i of the circuit-only run. With `rows`, everything after attention (which is
         row-local) is computed, and the state returned, at those rows only: in the last layer,
         only the answer positions reach the loss."""
-        cfg, blk, L = self.config, self.model.transformer.h[i], self.layers[i]
+        blk, L = self.model.transformer.h[i], self.layers[i]
         p = f"{i}.attn"
         h = self._norm_input(i, L, blk.ln_1, state, L["resid_in"], self.rstd[f"{i}.ln_1.rstd"], "x_in_full", "pos1")
         act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties), ablations)
         pre = L["qkv"].run(act_in)
         qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties), ablations) for kind in "qkv"]
-        y_parts = []
-        dyn = L["dyn"]
         A = max(t.shape[0] for t in qkv)
-        if len(dyn):
-            B, T, nd = self.B, self.T, len(L["dyn_heads"])
-            full = []
-            for kind, vals in zip("qk", qkv[:2], strict=True):
-                t = L[f"{kind}_fill_dyn"].expand(A, B * T, -1).clone()
-                t[..., L[f"pos_{kind}"]] = vals
-                full.append(t)
-            v = L["v_base_dyn"].expand(A, -1, -1).clone()
-            v[..., L["v_dyn_pos"]] = qkv[2][..., L["v_dyn_src"]]
-            full.append(v)
-            heads = lambda t: t.reshape(A * B, T, nd, cfg.d_head).transpose(1, 2)  # noqa: E731
-            sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
-            y = sink_attention(*(heads(t) for t in full), sink)
-            y_parts.append(y.transpose(1, 2).reshape(A, B * T, len(dyn)))
+        y_parts = []
+        if len(L["dyn"]):
+            y_parts.append(self._dynamic_heads(i, L, qkv, A, rows))
         if len(L["static_v"]):
             v = qkv[2][..., L["v_static_src"]]
             v = v.reshape(v.shape[0], self.B, self.T, -1)
-            y_parts.append((v.cumsum(dim=2) * L["static_weight"]).reshape(v.shape[0], self.B * self.T, -1))
+            y_static = (v.cumsum(dim=2) * L["static_weight"]).reshape(v.shape[0], self.B * self.T, -1)
+            y_parts.append(y_static if rows is None else y_static[:, rows])
         y_parts = [t.expand(A, -1, -1) for t in y_parts]
-        y = torch.cat(y_parts, dim=-1) if y_parts else state.new_zeros(1, state.shape[1], 0)
+        n_rows = state.shape[1] if rows is None else len(rows)
+        y = torch.cat(y_parts, dim=-1) if y_parts else state.new_zeros(1, n_rows, 0)
         if rows is not None:
-            L, y, state = self._after_attention_at(i, rows), y[:, rows], state[:, rows]
+            L, state = self._after_attention_at(i, rows), state[:, rows]
             ties = None if ties is None else (ties[0], None)  # every one of these rows reaches an answer
         delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties), ablations)
         state = self._residual(L, "attn", state, delta)

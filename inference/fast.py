@@ -10,9 +10,12 @@ code, so pruning and attribution keep their exact gradients):
 - Linears whose weight is mostly exact zeros (density <= `SPARSE_MAX_DENSITY`, decided per
   matrix when it is first used and again whenever the weight is changed in place) multiply
   by a compressed copy of the weight: `x @ W.T` as dense-times-CSC (`torch.addmm` with
-  `W.T` in CSC layout, which measured fastest of torch's sparse layouts for these shapes; see
-  bench/README.md). At the release's density (~1/1000) that is 5-10x faster than the dense
-  matmul; denser matrices (embeddings, the unembedding, the dense baselines) stay dense.
+  `W.T` in CSC layout; see bench/README.md). At the release's density (~1/1000) that is 5-10x
+  faster than the dense matmul; denser matrices (embeddings, the unembedding, the dense
+  baselines) stay dense. Inside the fused block, the wide c_attn and c_fc are computed the other
+  way round, `W @ x.T` as sparse-CSR-times-dense (`SparseLinear.columns`): torch's
+  dense-times-CSC transposes both the input and the output inside, which costs more than the
+  multiply itself; the output in columns is turned into rows by the copy AbsTopK makes anyway.
 - Attention with a sink: the released algorithm (and `inference.model`) prepends a sink key
   and builds a (B, H, T, T+1) additive mask, which forces SDPA onto its slow "math" path
   (1.5 s per csp_yolo2 layer at 1024 tokens). Here: causal flash attention without the sink,
@@ -70,6 +73,22 @@ class SparseLinear(nn.Linear):
         x2 = x.reshape(-1, self.in_features)
         y = torch.mm(x2, wt) if self.bias is None else torch.addmm(self.bias, x2, wt)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """`self(x).t()` for rows `x` (n, in_features): the output (out_features, n), one column per
+        row, which `.t()` turns back into rows (a view; `abs_topk_exact` copies it into rows).
+
+        With a compressed weight this is `W @ x.T` as sparse (CSR) times dense, which skips the two
+        transposes that dense-times-CSC (`forward`) pays inside torch: 2-4x faster for the
+        release's wide layers (bench/README.md, 2026-12-06). The fused block reads its linears
+        this way; its next op (AbsTopK) makes one copy into rows either way."""
+        if _grad_needed(x, self.weight) or x.dtype != self.weight.dtype or x.dim() != 2:
+            return self(x).t()
+        wt = self._compressed_weight_t()
+        if wt is None:
+            return F.linear(x, self.weight, self.bias).t()
+        w = wt.t()  # W in CSR: the same index buffers as W.T in CSC
+        return torch.mm(w, x.t()) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, x.t())
 
     def density(self) -> float:
         return self.weight.count_nonzero().item() / max(1, self.weight.numel())
@@ -268,9 +287,9 @@ class FastBlock(Block):
             if taps:
                 taps.put(f"{i}.ln_1.rstd", s, rstd)
                 taps.put(f"{i}.attn.act_in", s, h)
-            h = attn.c_attn(h)
+            h = attn.c_attn.columns(h)  # (3 d_attn, rows): q, k and v each a block of its rows
             for j, loc in enumerate(("attn_q", "attn_k", "attn_v")):
-                qkv[j, s] = abs_topk_exact(h[:, j * cfg.d_attn : (j + 1) * cfg.d_attn], cfg.sparsity_at(loc))
+                qkv[j, s] = abs_topk_exact(h[j * cfg.d_attn : (j + 1) * cfg.d_attn].t(), cfg.sparsity_at(loc))
 
         _run_chunks(attn_in_chunk, chunks)
         if taps:
@@ -295,8 +314,8 @@ class FastBlock(Block):
                 taps.put(f"{i}.resid_mid", s, xm)
                 taps.put(f"{i}.ln_2.rstd", s, rstd)
                 taps.put(f"{i}.mlp.act_in", s, h)
-            h = mlp.c_fc(h)
-            h = abs_topk_exact(F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h), cfg.sparsity_at("mlp_neuron"))
+            h = mlp.c_fc.columns(h)
+            h = abs_topk_exact((F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)).t(), cfg.sparsity_at("mlp_neuron"))
             delta = abs_topk_exact(mlp.c_proj(h), cfg.sparsity_at("mlp_out"))
             if taps:
                 taps.put(f"{i}.mlp.post_act", s, h)

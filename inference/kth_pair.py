@@ -27,12 +27,28 @@ _LOCK = threading.Lock()
 ENABLED = True  # tests switch the compiled kernel off to run the torch path on the same inputs
 
 
-def _kth_pair_rows(ch, window, kth, kth1, lo_i, hi_i):  # pragma: no cover (compiled by numba)
+def _kth_pair_rows(ch, window, kth, kth1, lo_i, hi_i, base, base_kth, base_kth1):  # pragma: no cover (numba)
     m = ch.shape[1]
     rows = window.shape[0]
+    has_base = base.shape[0] == rows
     buf = np.empty(2 * m + 2, ch.dtype)
     for i in range(lo_i, hi_i):
         r = i % rows
+        if has_base:
+            # The un-ablated row's k-th and (k+1)-th largest K >= K1 stand when every value that
+            # changed was and stays strictly above K, or was and stays strictly below K1: the counts
+            # of values above, at and below each of them are unchanged (an O(m) scan, no selection).
+            big, small = base_kth[r], base_kth1[r]
+            same = True
+            for j in range(m):
+                v, b = abs(ch[i, j]), base[r, j]
+                if v != b and not ((v > big and b > big) or (v < small and b < small)):
+                    same = False
+                    break
+            if same:
+                kth[i] = big
+                kth1[i] = small
+                continue
         hi = window[r, 0]  # A_{k-m}
         lo = window[r, m + 1]  # A_{k+1}
         above = 0
@@ -103,8 +119,8 @@ def kernel():
                         k = numba.njit(nogil=True, cache=True, boundscheck=False)(_kth_pair_rows)
                     except RuntimeError:  # no writable cache location
                         k = numba.njit(nogil=True, boundscheck=False)(_kth_pair_rows)
-                    ch = np.zeros((2, 1), np.float32)
-                    k(ch, np.zeros((1, 3), np.float32), np.empty(2, np.float32), np.empty(2, np.float32), 0, 2)
+                    ch, no_base, no_kth = np.zeros((2, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
+                    k(ch, np.zeros((1, 3), np.float32), *(np.empty(2, np.float32) for _ in "ab"), 0, 2, no_base, no_kth, no_kth)
                 except ImportError:
                     k = None
                 except Exception as e:  # noqa: BLE001 (the optional kernel falls back to torch)
@@ -118,10 +134,15 @@ def kernel():
 ROWS_PER_TASK = 4096
 
 
-def kth_pair(changing: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def kth_pair(
+    changing: torch.Tensor, window: torch.Tensor, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(k-th, (k+1)-th) largest, shapes (..., rows, 1), of rows made of |changing| (..., rows, m)
     (signed values: their absolute values are taken here) and the constants of `window`
-    (rows, m + 2); None when the compiled kernel does not apply."""
+    (rows, m + 2); None when the compiled kernel does not apply.
+
+    `base` = (|values| (rows, m), k-th (rows,), (k+1)-th (rows,)) of the un-ablated rows: a row
+    whose changed values all stay on their side of the base thresholds keeps them without a selection."""
     if (
         not ENABLED
         or changing.shape[-1] == 0
@@ -144,6 +165,11 @@ def kth_pair(changing: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor
     if n % win.shape[0]:
         raise ValueError(f"kth_pair: {n} rows are not a whole number of the window's {win.shape[0]} rows")
     kth, kth1 = np.empty(n, np.float32), np.empty(n, np.float32)
+    if base is not None and base[0].shape == (win.shape[0], m) and base[0].dtype == torch.float32:
+        b, bk, bk1 = (t.detach().contiguous().numpy() for t in base)
+    else:
+        b = np.zeros((0, m), np.float32)
+        bk = bk1 = np.zeros(0, np.float32)
     chunks = [slice(s, min(s + ROWS_PER_TASK, n)) for s in range(0, n, ROWS_PER_TASK)]
-    _run_chunks(lambda s: k(ch, win, kth, kth1, s.start, s.stop), chunks)
+    _run_chunks(lambda s: k(ch, win, kth, kth1, s.start, s.stop, b, bk, bk1), chunks)
     return torch.from_numpy(kth).view(*lead, 1), torch.from_numpy(kth1).view(*lead, 1)

@@ -136,6 +136,11 @@ def test_rank_window_and_kth_largest_pair_against_sorting():
         if compiled is not None:
             assert torch.equal(compiled[0], kth) and torch.equal(compiled[1], kth1), (n, m, k)
         union = torch.cat([changed, const.expand(3, -1, -1)], -1)
+        if compiled is not None:  # with the un-ablated rows' thresholds: rows answered without a selection
+            base_union = torch.cat([changing.round(decimals=1), const], -1).unsqueeze(0)
+            base = (changing.round(decimals=1).abs(), _brute_kth(base_union, k)[0, :, 0], _brute_kth(base_union, k + 1)[0, :, 0])
+            inc = kth_pair(changed, window, base)
+            assert torch.equal(inc[0], _brute_kth(union, k)) and torch.equal(inc[1], _brute_kth(union, k + 1)), (n, m, k)
         assert torch.equal(kth, _brute_kth(union, k)) and torch.equal(kth1, _brute_kth(union, k + 1)), (n, m, k)
         # the general path alone, on every row (also those the fast path answers without it)
         flat, win = changed.reshape(3 * rows, m), window.expand(3, -1, -1).reshape(3 * rows, m + 2)
@@ -185,3 +190,31 @@ def test_linear_stage_from_compressed_weights_equals_dense():
         want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
         got = CM.CircuitModel(model, docs, circuit, means).logits()
     assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "const, before, after, k",
+    [
+        ([5.0, 3.0, 1.0], 4.0, 6.0, 2),  # the base k-th value itself moves up: the k-th becomes 5
+        ([5.0, 3.0, 1.0], 3.0, 0.0, 2),  # a value tied with the (k+1)-th moves down: the (k+1)-th becomes 1
+        ([5.0, 3.0, 1.0], 0.5, 0.25, 2),  # stays below both thresholds: unchanged
+        ([5.0, 3.0, 1.0], 6.0, 7.0, 2),  # stays above both: unchanged
+    ],
+)
+def test_kth_pair_from_the_base_thresholds_at_their_edges(const, before, after, k):
+    """A changed value at (not strictly beyond) a base threshold must be selected again."""
+    if KP.kernel() is None:
+        pytest.skip("numba not available")
+    m = 1
+    window = CM._rank_window(torch.tensor([const]), k, m)
+    base_union = torch.tensor([[const + [before]]])
+    base = (torch.tensor([[before]]), _brute_kth(base_union, k)[0, :, 0], _brute_kth(base_union, k + 1)[0, :, 0])
+    got = kth_pair(torch.tensor([[[after]]]), window, base)
+    union = torch.tensor([[const + [after]]])
+    assert got[0].item() == _brute_kth(union, k).item() and got[1].item() == _brute_kth(union, k + 1).item()
+
+
+def test_kth_pair_kernel_compiles_where_numba_is_installed():
+    """The compiled kernel must not fall back to torch silently (the other tests pass either way)."""
+    pytest.importorskip("numba")
+    assert KP.kernel() is not None

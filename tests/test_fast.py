@@ -275,3 +275,25 @@ def test_radix_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch)
     monkeypatch.setattr(numba, "njit", broken)
     with pytest.warns(UserWarning, match="numba kernel unavailable.*no LLVM target"):
         assert topk_select._build_radix_kernel() is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("max_density", [1.0, 0.0])
+def test_sparse_linear_columns_equal_dense_linear(bias, max_density):
+    """`SparseLinear.columns(x)` (the fused block's way: sparse CSR W times x.T, or the dense matmul
+    when the weight is too dense) is x @ W.T + b laid out one column per row, as F.linear computes it."""
+    gen = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(40, 24, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(lin.weight.shape, generator=gen) < 0.1)
+        if bias:
+            lin.bias.normal_(generator=gen)
+    x = torch.randn(13, 40, generator=gen) * (torch.rand(13, 40, generator=gen) < 0.3)
+    want = torch.nn.functional.linear(x, lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+    model_like = torch.nn.Sequential(lin)
+    accelerate(model_like, max_density=max_density)
+    with torch.no_grad():
+        got = lin.columns(x)
+    assert got.shape == (24, 13)
+    assert torch.allclose(got.t(), want, atol=1e-6)
+    assert (lin.__dict__["_sparse_cache"][1] is not None) == (max_density == 1.0)

@@ -188,7 +188,7 @@ def test_shared_link_restores_threshold_pins_node_and_its_layer(served, browser_
     run = "toy/quotes/sweep1/8"
     node = next(
         n["node_id"] for n in truth.nodes[run] if n["node_id"].startswith("1.attn.k:")
-    )  # not the default layer-half (0.mlp)
+    )  # not the layer-half the page opens on (the one with the most nodes)
     other = truth.nodes[run][0]["node_id"]
     pins = {node: "a k channel", other: "0.5"}
     query = {"run": run, "threshold": "0.5", "pins": json.dumps(pins), "node": node}

@@ -346,6 +346,16 @@ class CircuitModel:
             state = self._run_layer(i, state, {}, None)
         self.final_state = state
 
+    def ablation_width(self) -> int:
+        """The widest per-ablation row of an ablation pass (its tensors are (ablations, rows, width)):
+        the dynamic heads' q, k and v, a linear stage's output rows, the residual's changing
+        channels (all of d_model under LayerNorm, whose mean couples them). Sizes the batches."""
+        widths = [self.config.d_model if self.full_norm else 0, len(self.final_resid)]
+        for L in self.layers:
+            widths += [3 * len(L["dyn"]), len(L["y"]), len(L["mlp_resid_out"])]
+            widths += [len(L[name].rows) for name in ("qkv", "proj", "fc", "mlp_proj")]
+        return max(1, *widths)
+
     # ---- the base run (full width) -------------------------------------------------------
     def _embed(self) -> torch.Tensor:
         tr, cfg = self.model.transformer, self.config

@@ -68,12 +68,19 @@ MEANS_TOKEN_BUDGET = 32_768
 # 1,024 tokens took the masked forward plus CircuitModel's ablation batches past 10 GB; 2 docs fit
 # in the 3 GB of issue 14).
 CHUNK_DOCS = 2
-# Ablations per batched pass of the circuit-only model, times the chunk's tokens: its (A, rows,
-# channels) tensors scale with the product, so the batch shrinks as the chunk grows.
-# 8 ablations per pass at 2 docs of 1,024 tokens: at release scale each pass holds ~70 MB per
-# ablation (32 took the process from 1.8 to 3.9 GB); the passes' fixed overhead is small next to
-# their arithmetic there (bench/README.md).
-ABLATION_ROWS = 16_384
+# Ablations per batched pass of the circuit-only model: a pass's widest tensors are (ablations,
+# rows, width), `width` the circuit-only model's widest per-ablation row
+# (`CircuitModel.ablation_width`: ~2,400 at release scale, the dynamic heads' q, k and v). This
+# many elements per such tensor (~160 MB of float32) gives 8 ablations per pass at release scale
+# (2 docs of 1,024 tokens; 32 took the process from 1.8 to 3.9 GB, bench/README.md) and lets small
+# circuits, whose passes are mostly fixed overhead, batch many more.
+ABLATION_ELEMENTS = 40_000_000
+MAX_ABLATION_BATCH = 128
+
+
+def ablation_batch(rows: int, width: int) -> int:
+    """Ablations per pass for a chunk of `rows` tokens and a circuit-only model `width` wide."""
+    return max(1, min(MAX_ABLATION_BATCH, ABLATION_ELEMENTS // max(1, rows * width)))
 
 
 def sample_sequences(seqs: list[torch.Tensor], budget: int = MEANS_TOKEN_BUDGET, seed: int = 0) -> list[torch.Tensor]:
@@ -336,7 +343,7 @@ def _chunk_ablations(run: _Run, docs, means, frozen, modes, first: bool) -> dict
                 run.circuit,
                 means,
                 mode=mode,
-                batch=max(1, ABLATION_ROWS // docs.numel()),
+                batch=ablation_batch(docs.numel(), circuit_model.ablation_width()),
                 circuit_model=circuit_model,
                 log=run.log if first else None,
             )  # fmt: skip  (log: per location, first chunk only)

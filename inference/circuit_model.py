@@ -572,7 +572,7 @@ class CircuitModel:
             self._tail = (key, L)
         return self._tail[1]
 
-    def _full_heads(self, L, qkv: list[torch.Tensor], A: int) -> list[torch.Tensor]:
+    def _full_heads(self, L, qkv: list[torch.Tensor]) -> list[torch.Tensor]:
         """q, k, v at every channel of the dynamic heads (A_kind, rows, |dyn|): the circuit's values
         over the constants (fills for q and k, the base run's v where not circuit)."""
         full = []
@@ -612,7 +612,7 @@ class CircuitModel:
         B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), cfg.d_head
         sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
         if "base_y_dyn" not in L:  # the un-ablated run (A = 1): every head, kept for the passes
-            q, k, v = (t.reshape(1 * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv, 1))
+            q, k, v = (t.reshape(1 * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
             y = sink_attention(q, k, v, sink).transpose(1, 2).reshape(1, B * T, nd * dh)
             L["base_y_dyn"] = y
             for kind, vals in zip("qk", qkv[:2], strict=True):
@@ -625,12 +625,12 @@ class CircuitModel:
         if len(pa) == 0:
             return base
         if rows is None and len(pa) > changed.numel() // 2:  # most pairs changed: every head, no gathering
-            q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv, A))
+            q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
             return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
         y = base.expand(A, -1, -1).clone()
         # the changed pairs as heads of one batch: (B, P, T, dh), each with its head's sink
         pairs = []
-        for t in self._full_heads(L, qkv, A):
+        for t in self._full_heads(L, qkv):
             t = t.view(t.shape[0], B, T, nd, dh)
             pairs.append(t[pa if t.shape[0] > 1 else torch.zeros_like(pa), :, :, ph].transpose(0, 1))  # (B, P, T, dh)
         sink_p = None if sink is None else sink[ph]

@@ -611,10 +611,13 @@ class CircuitModel:
         cfg, blk = self.config, self.model.transformer.h[i]
         B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), cfg.d_head
         sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
+
+        def every_head() -> torch.Tensor:  # (A, B * T, |dyn|)
+            q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
+            return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
+
         if "base_y_dyn" not in L:  # the un-ablated run (A = 1): every head, kept for the passes
-            q, k, v = (t.reshape(1 * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
-            y = sink_attention(q, k, v, sink).transpose(1, 2).reshape(1, B * T, nd * dh)
-            L["base_y_dyn"] = y
+            y = L["base_y_dyn"] = every_head()
             for kind, vals in zip("qk", qkv[:2], strict=True):
                 L[f"base_{kind}"] = vals.clone()
             L["base_v"] = qkv[2][..., L["v_dyn_src"]].clone()
@@ -625,8 +628,7 @@ class CircuitModel:
         if len(pa) == 0:
             return base
         if rows is None and len(pa) > changed.numel() // 2:  # most pairs changed: every head, no gathering
-            q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
-            return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
+            return every_head()
         y = base.expand(A, -1, -1).clone()
         # the changed pairs as heads of one batch: (B, P, T, dh), each with its head's sink
         pairs = []

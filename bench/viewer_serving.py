@@ -6,6 +6,10 @@
     python bench/viewer_serving.py concurrent [--code DIR] [--sessions 20] [--serve-options '...']
         N light clients at once (the server's share), then twice one Chromium page among N-1 light clients,
         with that page's phases (HTML received, JavaScript run, document drawn)
+    python bench/viewer_serving.py clicks [--code DIR] [--visits 4] [--clicks 6]
+        node clicks (action to painted frame, as `bench/viewer.py --browser` times them) on this checkout and on
+        DIR, both servers up and the sessions alternated between them (each session: 2 layer-halves x N clicks),
+        so that both see the same machine load
 
 Uses the release-scale tables of `python bench/viewer.py` (built there, once, into /tmp/circuits-viewer-bench).
 """
@@ -64,6 +68,34 @@ async def cold(urls: dict, visits: int):
         )
 
 
+async def clicks(urls: dict, visits: int, per_layer: int):
+    from playwright.async_api import async_playwright
+
+    out = {name: [] for name in urls}
+    loads = {name: [] for name in urls}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=vb.CHROMIUM, args=vb.CHROME_ARGS)
+        names = list(urls)
+        for i in range(visits):
+            for name in names if i % 2 == 0 else names[::-1]:
+                loads[name].append(os.getloadavg()[0])
+                c, page, _ = await vb.open_session(browser, urls[name])
+                await vb.settle(3)  # the post-load parts built and drawn
+                for layer in ("0.attn", "1.mlp"):
+                    await vb.pick_layer(page, layer)
+                    ids = [n for n in await page.evaluate("() => window.__bench.node_ids()") if not n.endswith(":bias")]
+                    for node_id in ids[i % 3 :: max(1, len(ids) // per_layer)][:per_layer]:
+                        out[name].append(await vb.click_node(page, node_id))
+                        await asyncio.sleep(0.3)
+                await c.close()
+        await browser.close()
+    for name, xs in out.items():
+        print(
+            f"{name}: click node median {statistics.median(xs):.0f} ms, p95 {vb.pct(xs, 0.95):.0f} ({len(xs)} clicks; "
+            f"load average at each session's start {', '.join(f'{x:.1f}' for x in loads[name])})"
+        )
+
+
 async def concurrent(url: str, sessions: int):
     from playwright.async_api import async_playwright
 
@@ -94,12 +126,13 @@ async def concurrent(url: str, sessions: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["cold", "concurrent"])
+    ap.add_argument("what", choices=["cold", "concurrent", "clicks"])
     ap.add_argument("--data", default="/tmp/circuits-viewer-bench")
-    ap.add_argument("--code", default=None, help="cold: the other checkout; concurrent: serve this checkout instead")
+    ap.add_argument("--code", default=None, help="cold, clicks: the other checkout; concurrent: serve this checkout instead")
     ap.add_argument("--serve-options", default=None, help="concurrent: `panel serve` options instead of the checkout's own")
     ap.add_argument("--visits", type=int, default=8)
     ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--clicks", type=int, default=6, help="clicks: per layer-half and session")
     args = ap.parse_args(argv)
     data = Path(args.data)
     if not (data / "circuits.duckdb").exists():
@@ -107,11 +140,12 @@ def main(argv=None):
     print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     servers = {}
     try:
-        if args.what == "cold":
+        if args.what in ("cold", "clicks"):
             servers["this checkout"] = start(data, ROOT, None, "this")
             if args.code:
                 servers["other"] = start(data, Path(args.code), None, "other")
-            asyncio.run(cold({name: s[2] for name, s in servers.items()}, args.visits))
+            urls = {name: s[2] for name, s in servers.items()}
+            asyncio.run(cold(urls, args.visits) if args.what == "cold" else clicks(urls, args.visits, args.clicks))
         else:
             options = None if args.serve_options is None else shlex.split(args.serve_options)
             servers["served"] = start(data, Path(args.code) if args.code else ROOT, options, "served")

@@ -361,6 +361,7 @@ def test_app_opens_on_the_layer_half_with_most_nodes_and_click_shows_node(viewer
     app.graph.nodes.selected.indices = [i]
     node_id = ids[i]
     assert app.state.node == node_id
+    assert list(app.graph.nodes.selected.indices) == [i]  # the graph outlines the tapped node (its selection)
     assert node_id in app.detail.header.object
     s = table(truth, "samples")
     s = s[(s["run_id"] == RUN) & (s["node_id"] == node_id) & (s["rank"] == 0) & (s["frac"] == 0.5) & (s["side"] == "top")]
@@ -404,6 +405,8 @@ def test_pick_run_toggle_pins_export(viewer_data):
     assert app.state.run == "toy/brackets/sweep1/8"
     node_id = truth.nodes["toy/brackets/sweep1/8"][0]["node_id"]
     app.node.value = node_id
+    # the graph follows the picked node into its layer-half and outlines it (selects it)
+    assert [app.graph.nodes.data["node_id"][i] for i in app.graph.nodes.selected.indices] == [node_id]
     assert app.detail.task.object == ""  # the task docs render only when their tab is open
     app.detail.inner_tabs.active = 1
     before = app.detail.task.object

@@ -41,6 +41,17 @@ NODE_XY = """(nodeId) => {
   }
   return null;
 }"""
+# The node ids the layer-half graph shows selected (drawn with the black outline of its selection glyph).
+GRAPH_SELECTED = """() => {
+  for (const v of Bokeh.index.all_views()) {
+    const data = v.model.data_source && v.model.data_source.data;
+    if (!data || !data.node_id || !v.parent || !v.parent.model || !v.parent.model.title) continue;
+    const title = v.parent.model.title.text;
+    if (!title.includes('layer-half') || title.startsWith('whole circuit')) continue;
+    return Array.from(v.model.data_source.selected.indices).map(i => data.node_id[i]);
+  }
+  return null;
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +99,7 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
                     break
                 time.sleep(0.25)
             assert title.inner_text().strip() == target
+            assert page.evaluate(GRAPH_SELECTED) == [target]  # outlined in the graph (and nothing else)
             # The snippet tokens of that node, from the tables: the boxed token of the first 0.1% bottom snippet.
             import pyarrow as pa
 
@@ -198,6 +210,7 @@ def test_shared_link_restores_threshold_pins_node_and_its_layer(served, browser_
     title.wait_for(timeout=60000)
     assert title.inner_text().strip() == node
     _wait(lambda: page.evaluate(NODE_XY, node) is not None, "the graph showing the node's layer-half")
+    _wait(lambda: page.evaluate(GRAPH_SELECTED) == [node], "the graph outlining the link's node")
     assert page.evaluate(BOKEH_MODEL_VALUE, ["Slider", "edge threshold"]) == 0.5
     assert page.locator("select[size]").input_value() == "1.attn"
     sidebar_pins = page.get_by_text("📌", exact=False)

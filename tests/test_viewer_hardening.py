@@ -64,11 +64,9 @@ def test_no_markdown_or_math_typesetting_of_data(small_data):
             app.notes,
             app.summary,
             app.pins,
-            app.detail.header,
+            app.detail.node_box,
             app.detail.snippets,
             app.detail.task,
-            app.detail.inputs,
-            app.detail.outputs,
             app.embeddings.top,
             app.compare.summary,
         )

@@ -53,7 +53,12 @@ def test_graph_draws_the_layout_and_its_threshold():
     assert list(g.edges.data["tgt"]) == ["0.attn.k:2", "0.attn.v:3"]
     assert list(g.edges.data["x0"]) == [0.0, 1.0] and list(g.edges.data["y1"]) == [2.0, 3.0]
     assert list(g.edges.data["color"]) == ["#d6604d", "#4393c3"]  # positive red, negative blue
-    assert list(g.nodes.data["outline"]) == ["#000000", "#ffb000", "#555555"]  # selected, pinned, other
+    # The selected node is the renderer's selection (drawn with a black outline); pinned nodes are amber.
+    assert list(g.nodes.selected.indices) == [0]
+    renderer = next(r for r in g.figure.renderers if r.data_source is g.nodes)
+    assert renderer.selection_glyph.line_color == "#000000" and renderer.selection_glyph.line_width == 3.0
+    assert renderer.nonselection_glyph.line_alpha == 1.0 and renderer.nonselection_glyph.fill_alpha == 1.0
+    assert list(g.nodes.data["outline"]) == ["#555555", "#ffb000", "#555555"]
     assert list(g.nodes.data["pin"]) == ["", "pinned", ""]
     assert g.nodes.data["color"][2] == "#bbbbbb"  # no delta: grey
     assert g.figure.yaxis.major_label_overrides == {1.0: "q", 2.0: "k"}
@@ -61,6 +66,39 @@ def test_graph_draws_the_layout_and_its_threshold():
     assert len(g.edges.data["src"]) == 3
     g.show_threshold(0.45)  # keeps |measure| >= 0.9
     assert list(g.edges.data["src"]) == ["0.attn.q:1"]
+
+
+def test_graph_selection_follows_taps_and_state():
+    """A tap calls back with the node's id and leaves the node selected (its outline is drawn in the browser by
+    that selection); a tap beside every node (empty selection) or on overlapping nodes restores one node."""
+    from viewer.models import GraphLayout
+    from viewer.views.graph import CircuitGraph
+
+    ids = np.array(["0.attn.q:1", "0.attn.k:2", "0.attn.v:3"], dtype=object)
+    nodes = {
+        "node_id": ids,
+        "x": np.array([0.0, 1.0, 2.0]),
+        "y": np.array([1.0, 2.0, 3.0]),
+        "delta": np.array([0.5, -0.25, 0.1]),
+        "label": np.array(["a", "b", "c"], dtype=object),
+        "is_bias": np.zeros(3, bool),
+    }
+    layout = GraphLayout(nodes, {}, top=1.0, src=np.array([0]), tgt=np.array([1]), measure=np.array([1.0]))
+    picked = []
+    g = CircuitGraph(picked.append)
+    g.show(layout, 0.1, 0.5, {}, "")
+    assert list(g.nodes.selected.indices) == []
+    g.nodes.selected.indices = [2]  # as the browser's TapTool reports a tap
+    assert picked == ["0.attn.v:3"] and list(g.nodes.selected.indices) == [2]
+    g.nodes.selected.indices = []  # a tap beside every node: the selected node stays outlined
+    assert list(g.nodes.selected.indices) == [2] and picked == ["0.attn.v:3"]
+    g.nodes.selected.indices = [1, 0]  # overlapping nodes: the first one
+    assert picked[-1] == "0.attn.k:2" and list(g.nodes.selected.indices) == [1]
+    g.mark({"0.attn.q:1": "x"}, "0.attn.q:1")  # selected elsewhere (node picker, URL) and pinned
+    assert list(g.nodes.selected.indices) == [0] and list(g.nodes.data["outline"]) == ["#ffb000", "#555555", "#555555"]
+    g.mark({}, "1.mlp.post_act:4")  # a node this graph does not show: nothing selected
+    assert list(g.nodes.selected.indices) == [] and list(g.nodes.data["pin"]) == ["", "", ""]
+    assert picked[-1] == "0.attn.k:2"  # selections made by the app call nothing back
 
 
 def test_node_detail_header_connections_snippets():

@@ -9,7 +9,7 @@ import polars as pl
 
 from viewer import models
 from viewer.views import attention, tokens
-from viewer.views.markup import HtmlBox, block, heading_div, table_html
+from viewer.views.markup import HtmlBox, HtmlPart, table_html
 
 
 def connections_frame(df) -> dict | None:
@@ -145,6 +145,25 @@ COLOUR_MODES = (("zero-centred colours", True), ("min to max", False))  # task-d
 PAIRS_PER_PAGE = 4  # task-doc pairs rendered at once (a release task has 32 pairs of up to 1024 tokens)
 INNER_TABS = ("Pretraining snippets", "Task docs", "Attention (q/k/v)")
 NO_NODE = "<i>Click a node in the graph to see its details.</i>"
+CONNECTIONS_MAX_HEIGHT = 260  # px; each column scrolls beyond
+NODE_STYLE = f"""<style>
+.conn {{display: flex; gap: 10px; width: 100%; font-family: sans-serif; font-size: 13px;}}
+.conn > div {{flex: 1 1 0; min-width: 0;}}
+.conn .scroll {{max-height: {CONNECTIONS_MAX_HEIGHT}px; overflow-y: auto;}}
+</style>"""
+
+
+def node_html(header: str, inputs: str, outputs: str) -> str:
+    """The Node tab's top: the header, then the Inputs and Outputs columns side by side (each scrolls).
+
+    One HTML box rather than a Bokeh layout of five (a header, two headings, two tables): in the browser each
+    Bokeh text box whose text changes re-lays out the whole page (BokehJS: a Div's `rerender` computes the
+    layout from the root, plots included), so a click cost that three times over."""
+    return (
+        f'{NODE_STYLE}<div class="node-head">{header}</div><div class="conn">'
+        f'<div><b>Inputs</b><div class="scroll">{inputs}</div></div>'
+        f'<div><b>Outputs</b><div class="scroll">{outputs}</div></div></div>'
+    )
 
 
 class DetailView:
@@ -153,9 +172,9 @@ class DetailView:
 
     def __init__(self, state):
         self.state = state
-        self.header = HtmlBox(NO_NODE)
-        self.inputs = HtmlBox(max_height=260)
-        self.outputs = HtmlBox(max_height=260)
+        # The header and the connections: parts of one box (`node_html`), drawn once per node.
+        self.header, self.inputs, self.outputs = HtmlPart(NO_NODE), HtmlPart(), HtmlPart()
+        self.node_box = HtmlBox(self._node_html())
         self.snippets = HtmlBox()
         self.task = HtmlBox()
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
@@ -183,7 +202,7 @@ class DetailView:
         self.inner_tabs.param.watch(lambda e: self._refresh_inner(), "active")
         pn.bind(self.show_task, self.task_page, watch=True)  # another page: render it (its tab is the one open)
         self.panel = pn.Column(
-            block(self.header.div, [(heading_div("Inputs"), self.inputs.div), (heading_div("Outputs"), self.outputs.div)]),
+            self.node_box.panel,
             self.inner_tabs,
             sizing_mode="stretch_width",
         )
@@ -197,6 +216,7 @@ class DetailView:
         if detail is None:
             self.header.object = NO_NODE
             self.inputs.object = self.outputs.object = ""
+            self.node_box.object = self._node_html()
             self.snippets.object = self.task.object = self.attn_note.object = ""
             self._no_pattern()
             return
@@ -207,9 +227,13 @@ class DetailView:
         if node.get("kind") in ("resid_delta", "final_resid"):
             logit = logit_effect_html(detail.logit, detail.logit_available)
         self.outputs.object = outputs_html(node, detail.outputs, detail.links, logit)
+        self.node_box.object = self._node_html()
         self.snippets.object = tokens.snippets_html(detail.snippets)
         self.stale = {INNER_TABS[1], INNER_TABS[2]}
         self._refresh_inner()
+
+    def _node_html(self) -> str:
+        return node_html(self.header.object, self.inputs.object, self.outputs.object)
 
     def fill_tabs(self):
         """Put the Task docs and Attention tabs' widgets and boxes in place (once)."""

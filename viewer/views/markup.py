@@ -14,8 +14,6 @@ import numpy as np
 import panel as pn
 import polars as pl
 from bokeh.models import AutocompleteInput, Div
-from bokeh.models import Column as BkColumn
-from bokeh.models import Row as BkRow
 
 TABLE_STYLE = """<style>
 table.df {border-collapse: collapse; font-size: 12px; font-family: sans-serif; width: 100%;}
@@ -50,18 +48,11 @@ def heading(text: str, note: str = ""):
     return pn.pane.Bokeh(heading_div(text, note))
 
 
-def block(*rows) -> pn.pane.Bokeh:
-    """Bokeh models (Divs, or lists of them side by side: each list a column of a row) stacked in one Panel pane.
+class HtmlPart:
+    """A part of the HTML of a box that shows several (`.object` as on an HtmlBox; the owner renders the box)."""
 
-    One pane and plain Bokeh layouts instead of a Panel Column/Row per box: each Panel layout object costs
-    a session ~4 ms to build and serve (the page's build time is most of a new visitor's wait)."""
-    children = [
-        BkRow(children=[BkColumn(children=list(col), sizing_mode="stretch_width") for col in r], sizing_mode="stretch_width")
-        if isinstance(r, list | tuple)
-        else r
-        for r in rows
-    ]
-    return pn.pane.Bokeh(BkColumn(children=children, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+    def __init__(self, text: str = ""):
+        self.object = text
 
 
 class HtmlBox:

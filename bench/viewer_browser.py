@@ -61,8 +61,11 @@ window.__bench = {
     return [r.left + v.parent.frame.x_scale.compute(data.x[i]), r.top + v.parent.frame.y_scale.compute(data.y[i])];
   },
   node_ids() { const v = this.graph(); return v ? Array.from(v.model.data_source.data.node_id) : []; },
-  div(marker) { return this.models().find(m => m.type === 'Div' && typeof m.text === 'string' && m.text.includes(marker)) || null; },
-  task_text() { const d = this.div('difference = class 2 minus class 1'); return d ? d.text : null; },
+  // An HTML box's text: a Bokeh Div's `text`, or the `html` of the viewer's LiveHtml boxes (a Panel JSComponent,
+  // whose properties live in a data model).
+  html(m) { return typeof m.text === 'string' ? m.text : (typeof m.html === 'string' ? m.html : null); },
+  div(marker) { return this.models().find(m => { const t = this.html(m); return t !== null && t.includes(marker); }) || null; },
+  task_text() { const d = this.div('difference = class 2 minus class 1'); return d ? this.html(d) : null; },
   whole_edges() {  // the whole-circuit graph's edge count, or -1 before it exists
     for (const m of this.models()) {
       if ((m.type !== 'Plot' && m.type !== 'Figure') || !m.title || !String(m.title.text).startsWith('whole circuit')) continue;
@@ -76,7 +79,7 @@ window.__bench = {
   },
   header_shows(id) {
     const esc = id.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
-    return this.models().some(m => m.type === 'Div' && typeof m.text === 'string' && m.text.includes('node-title">' + esc + '</h3>'));
+    return this.div('node-title">' + esc + '</h3>') !== null;
   },
 };
 (function poll() {  // the first frame in which BokehJS holds the session's document (received and its models built)

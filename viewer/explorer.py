@@ -100,6 +100,9 @@ class ExplorerApp:
             pn.state.onload(lambda: _loading.pop(self._session, None))
             # Query changes made while the page is built do not reach the browser: push the checked state once loaded.
             pn.state.onload(self._write_url)
+            # The browser reports its URL (the link as typed) when its Location view starts, and that may come after
+            # the page's onload has written the state (seen about once in four loads): answer such a report with the state.
+            self._location.param.watch(self._url_reported, "search")
         self._updating = False
 
         # Sidebar widgets.
@@ -291,15 +294,23 @@ class ExplorerApp:
             self.url_state.param.update(**s.to_url())
             self._write_url()
 
+    def _url_search(self) -> str:
+        """The state as the URL's query: the strings `apply_url` reads back (empty values left out)."""
+        query = {k: v for k, v in self.state.to_url().items() if v}
+        return "?" + urllib.parse.urlencode(query) if query else ""
+
     def _write_url(self):
-        """The state into the browser's URL, as the strings `apply_url` reads back (empty values left out).
+        """The state into the browser's URL.
 
         Not `location.update_query`: it re-parses the current query as JSON and writes a dict back as Python repr."""
         if self._location is not None:
-            query = {k: v for k, v in self.state.to_url().items() if v}
-            search = "?" + urllib.parse.urlencode(query) if query else ""
+            search = self._url_search()
             if self._location.search != search:
                 self._location.search = search
+
+    def _url_reported(self, event):
+        if event.new != self._url_search():  # not our own write: the browser's URL, behind the state
+            pn.state.execute(self._write_url, schedule=True)
 
     def _when_visible(self, tab, fn):
         if DETAIL_TABS[self.detail_tabs.active] == tab:

@@ -9,7 +9,7 @@ import polars as pl
 
 from viewer import models
 from viewer.views import attention, tokens
-from viewer.views.markup import HtmlBox, HtmlPart, table_html
+from viewer.views.markup import HtmlBox, HtmlPart, LiveHtmlBox, table_html
 
 
 def connections_frame(df) -> dict | None:
@@ -174,9 +174,9 @@ class DetailView:
         self.state = state
         # The header and the connections: parts of one box (`node_html`), drawn once per node.
         self.header, self.inputs, self.outputs = HtmlPart(NO_NODE), HtmlPart(), HtmlPart()
-        self.node_box = HtmlBox(self._node_html())
-        self.snippets = HtmlBox()
-        self.task = HtmlBox()
+        self.node_box = LiveHtmlBox(self._node_html())
+        self.snippets = LiveHtmlBox()
+        self.task = LiveHtmlBox()
         self.task_page = pn.widgets.Select(label="task-doc pairs shown", options={"pairs 0-3": 0}, width=220)
         # Two buttons rather than a checkbox: the checkbox's label text is not part of its click target, so a
         # click on "zero-centred" changed nothing; each button is a target of its own and shows the mode.

@@ -12,6 +12,7 @@ import html
 
 import numpy as np
 import panel as pn
+import param
 import polars as pl
 from bokeh.models import AutocompleteInput, Div
 
@@ -83,6 +84,47 @@ class HtmlBox:
     def object(self, text: str) -> None:
         if self.div.text != text:
             self.div.text = text
+
+
+class LiveHtml(pn.custom.JSComponent):
+    """HTML whose updates are one `innerHTML` in the browser (see `LiveHtmlBox`). Not named with a leading
+    underscore: Bokeh does not register such model classes, and the browser then cannot build the page."""
+
+    html = param.String(default="")
+    _esm = """
+export function render({ model, el }) {
+  const box = document.createElement("div")
+  box.innerHTML = model.html
+  model.on("html", () => { box.innerHTML = model.html })
+  return box
+}
+"""
+
+
+class LiveHtmlBox:
+    """An HtmlBox for the boxes a click refills (the node's header and connections, its snippets, task docs).
+
+    A Bokeh Div whose text changes is re-rendered by BokehJS and the layout of the whole page is then
+    recomputed from the root, plots included (~20 ms of a click each in headless Chromium, measured in
+    bench/README.md); here a change replaces the box's HTML and the browser lays out what changed. The text is
+    set as HTML and never typeset (no MathJax: token texts holding $$ or \\( stay as they are). Costs a session
+    ~3 ms more to build than an HtmlBox (two models instead of one), so the boxes that rarely change stay Divs."""
+
+    def __init__(self, text: str = "", style: dict | None = None):
+        self.view = LiveHtml(html=text, sizing_mode="stretch_width", margin=5, styles=style or {})  # a Div's margin
+
+    @property
+    def panel(self):
+        return self.view
+
+    @property
+    def object(self) -> str:
+        return self.view.html
+
+    @object.setter
+    def object(self, text: str) -> None:
+        if self.view.html != text:
+            self.view.html = text
 
 
 def _cells(values: np.ndarray, digits: int) -> list[str]:

@@ -126,6 +126,9 @@ class CircuitGraph:
             line_color="outline",
             line_width="lw",
             marker="circle",
+            # Drawn on the canvas's overlay layer: a click (a new selection) repaints the nodes alone, not the
+            # edges, axes and grid of the primary layer beneath.
+            level="overlay",
             # Unselected nodes look as with no selection; the selected one gets a black outline.
             nonselection_fill_alpha=1.0,
             nonselection_line_alpha=1.0,

@@ -715,11 +715,12 @@ class CircuitModel:
 
     @torch.no_grad()
     def ablation_losses(
-        self, mode: str = "mean", batch: int = 32, log=None
+        self, mode: str = "mean", batch: int = 32, log=None, per_pair: bool = False
     ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
-        """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
-        and the nodes whose result hit an AbsTopK tie in a row that reaches an answer (their value
-        here is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""
+        """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention;
+        with `per_pair`, (nodes, pairs) per location), and the nodes whose result hit an AbsTopK tie
+        in a row that reaches an answer (their value here is not to be trusted;
+        `fast_ablation_losses` recomputes them with the reference)."""
         if mode not in ("mean", "zero"):
             raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
         docs = self.docs
@@ -735,7 +736,7 @@ class CircuitModel:
         relevant = (torch.arange(self.T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)
 
         nodes = [(loc, pos, int(c)) for loc in self.locations for pos, c in enumerate(self.circuit[loc].tolist())]
-        losses: dict[tuple[str, int], float] = {}
+        losses: dict[tuple[str, int], torch.Tensor] = {}
         tied: list[tuple[str, int]] = []
         # One location at a time, so a pass shares everything upstream of its nodes (size 1).
         for loc in self.locations:
@@ -763,14 +764,20 @@ class CircuitModel:
                 lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
                 # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
                 # read by no q/k/v node of the circuit): every one of them leaves the loss as is.
-                loss = -(lp_first + lp_second).mean(dim=1).expand(A)
+                loss = -(lp_first + lp_second).double()  # (A or 1, pairs)
+                loss = (loss if per_pair else loss.mean(dim=1, keepdim=True)).expand(A, -1)
                 for a, (loc, _pos, c) in enumerate(group):
-                    losses[(loc, c)] = loss[a].item()
+                    losses[(loc, c)] = loss[a] if per_pair else loss[a, 0].item()
                     if ties[0][a]:
                         tied.append((loc, c))
             if log:
                 log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
-        out = {loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
+        def gather(values):
+            if not per_pair:
+                return torch.tensor(values)
+            return torch.stack(values) if values else torch.zeros(0, half, dtype=torch.float64)
+
+        out = {loc: gather([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
         return out, tied
 
 
@@ -798,6 +805,7 @@ def fast_ablation_losses(
     batch: int = 32,
     circuit_model: CircuitModel | None = None,
     log=None,
+    per_pair: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
     only the circuit's nodes are recomputed, many ablations per pass. Ablations whose result
@@ -813,11 +821,11 @@ def fast_ablation_losses(
         try:
             cm = CircuitModel(model, docs, circuit_data, means)
         except NotImplementedError:
-            return ablation_losses(model, docs, circuit_data, means, mode)
-    per_channel, tied = cm.ablation_losses(mode, batch, log)
+            return ablation_losses(model, docs, circuit_data, means, mode, per_pair)
+    per_channel, tied = cm.ablation_losses(mode, batch, log, per_pair)
     if tied:
         masks = circuit_masks(model.config, circuit_data)
         for loc, c in tied:
-            loss = one_ablation_loss(model, docs, masks, means, cm.frozen_scales, loc, c, mode)
+            loss = one_ablation_loss(model, docs, masks, means, cm.frozen_scales, loc, c, mode, per_pair)
             per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc])] = loss
     return _aligned(circuit_data, per_channel, cm.circuit)

@@ -772,6 +772,7 @@ class CircuitModel:
                         tied.append((loc, c))
             if log:
                 log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
+
         def gather(values):
             if not per_pair:
                 return torch.tensor(values)

@@ -494,8 +494,10 @@ def recompute(
         accelerate(model)
     run = _Run(model, viz, chunk_tokens, ablation_budget, log)
     if log and len(run.ablated) < run.n_pairs:
-        log(f"ablations on {len(run.ablated)} of {run.n_pairs} task pairs (a sample within the budget of "
-            f"{ablation_budget:,} node-tokens per mode; deltas carry standard errors)")
+        log(
+            f"ablations on {len(run.ablated)} of {run.n_pairs} task pairs (a sample within the budget of "
+            f"{ablation_budget:,} node-tokens per mode; deltas carry standard errors)"
+        )
     loss, frozen_by_chunk = _full_model_stage(run)
     timings["full_model"] = time.perf_counter() - t0
     if log:

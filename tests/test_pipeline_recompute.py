@@ -226,7 +226,9 @@ def test_paired_estimate_and_agreement_with_sampling_error():
     mean, se = paired_estimate(ablated, circuit, 60)  # 6 of 60 pairs
     d = ablated - circuit
     np.testing.assert_allclose(se, np.sqrt(d.var(axis=1, ddof=1) / 6 * (1 - 6 / 60)), atol=1e-12)
-    assert t_quantile_999(1) == 636.62 and t_quantile_999(11) == t_quantile_999(10) > t_quantile_999(12) > 3.29 == t_quantile_999(500)
+    assert t_quantile_999(1) == 636.62 and t_quantile_999(11) == t_quantile_999(10) > t_quantile_999(12) > 3.29 == t_quantile_999(
+        500
+    )
     # tolerance alone; then a sampled estimate: within t(k - 1) standard errors more
     assert within(1.0, 1.0005, 1e-3) and not within(1.0, 1.1, 1e-3)
     assert within(1.0, 1.1, 1e-3, se=0.1 / 5.0, pairs=9)  # t(8) = 5.04 > 5 SEs + tolerance

@@ -66,7 +66,7 @@ def main() -> None:
 
     import torch
 
-    from inference.settings import DEFAULT_ABLATION_BUDGET
+    from inference.settings import DEFAULT_ABLATION_BUDGET, tolerance
     from pipeline.formats import read_viz_data
     from pipeline.recompute import CHUNK_TOKENS, MEANS_TOKEN_BUDGET, recompute, t_quantile_999
     from pipeline.store_access import load_model, open_store
@@ -146,10 +146,15 @@ def main() -> None:
             est = np.concatenate([r.ablation[mode][loc] - r.interv_loss for loc in r.ablation[mode]])
             exact = np.concatenate([ex.ablation[mode][loc] - ex.interv_loss for loc in r.ablation[mode]])
             se = np.concatenate([r.ablation_se[mode][loc] for loc in r.ablation[mode]])
-            z = np.abs(est - exact) / np.maximum(se, 1e-12)
+            # differences below float noise count as none (nodes that change nothing: delta and SE both ~0)
+            z = np.where(np.abs(est - exact) > 1e-6, np.abs(est - exact) / np.maximum(se, 1e-12), 0.0)
             print(f"  {mode}: max |diff| {np.abs(est - exact).max():.2e}, median {np.median(np.abs(est - exact)):.2e} "
                   f"(median |delta| {np.median(np.abs(exact)):.2e}); |diff| beyond 1 / 2 / t(k-1)={tq:.1f} SEs: "
                   f"{(z > 1).mean():.1%} / {(z > 2).mean():.1%} / {(z > tq).mean():.2%} of {z.size} nodes")  # fmt: skip
+            big = np.abs(exact) > 1e-3
+            rule = np.abs(est - exact) > tolerance() * np.maximum(1.0, np.abs(exact)) + tq * se  # `agrees` false
+            print(f"    where |exact delta| > 1e-3 ({big.sum()} nodes): beyond t(k-1) SEs {(z[big] > tq).mean():.1%}; "
+                  f"outside the agreement rule (tolerance {tolerance():g} + t(k-1) SEs): {rule.sum()} of {z.size} nodes")  # fmt: skip
         for x in (ex.full_acts, ex.circuit_acts):
             x.close()
     for x in (r.full_acts, r.circuit_acts):

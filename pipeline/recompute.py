@@ -83,7 +83,8 @@ MAX_ABLATION_BATCH = 128
 MIN_ABLATION_PAIRS = 2  # a sample of pairs has at least this many: a standard error needs two
 # Two-sided 99.9% quantiles of Student's t by degrees of freedom (ablated pairs - 1). A sampled
 # delta agrees with the stored one when they differ by at most the tolerance plus this many
-# standard errors: sampling alone then flags about one node in 1,000. Between tabulated degrees of
+# standard errors (were the per-pair differences normal, sampling alone would flag about one node
+# in 1,000; effects concentrated in unsampled pairs escape any SE). Between tabulated degrees of
 # freedom the smaller one's (larger, conservative) value is used; past 120, the normal's.
 _T_999 = {1: 636.62, 2: 31.60, 3: 12.92, 4: 8.61, 5: 6.87, 6: 5.96, 7: 5.41, 8: 5.04, 9: 4.78, 10: 4.59,
           12: 4.32, 15: 4.07, 20: 3.85, 30: 3.65, 60: 3.46, 120: 3.37}  # fmt: skip

@@ -171,7 +171,7 @@ class _TopkStage:
         self.c_from_changing = (torch.nonzero(c_changing).flatten(), where_in_changing[circuit[c_changing]])
         self.c_const_pos = torch.nonzero(~c_changing).flatten()
         self.c_const = z[:, circuit[~c_changing]]  # (rows, .): circuit channels that only the threshold can change
-        self.base = None  # (|changing|, k-th, (k+1)-th) of the un-ablated run, kept by `run`
+        self.base = None  # (|changing|, k-th, (k+1)-th) of the un-ablated run: `run(..., keep_base=True)`
         if full or self.k >= n:
             self.window = None
             return
@@ -185,10 +185,14 @@ class _TopkStage:
         out.base = None if self.base is None else tuple(t[rows] for t in self.base)
         return out
 
-    def run(self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    def run(
+        self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None, keep_base: bool = False
+    ) -> torch.Tensor:
         """Values at the circuit channels (A, rows, |circuit|) after AbsTopK, given the changing
         channels' values (A, rows, m) (all n channels when `full`). `ties` = (flags (A,), rows or
-        None): flags the ablations with an AbsTopK tie at a nonzero value in those rows."""
+        None): flags the ablations with an AbsTopK tie at a nonzero value in those rows.
+        `keep_base`: this is the un-ablated run (A = 1); its values and thresholds are kept, and
+        the ablation passes' thresholds start from them (`kth_pair`'s base)."""
         if self.full:
             return abs_topk_exact(changing, self.frac)[..., self.circuit]
         A, rows = changing.shape[:2]
@@ -201,7 +205,8 @@ class _TopkStage:
         # compiled (inference.kth_pair), or None: the torch code
         got = kth_pair(changing, self.window, self.base if ties is not None else None)
         kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
-        if ties is None and A == 1:  # the un-ablated run (the last one wins): its rows and thresholds
+        if keep_base:
+            assert A == 1, "the un-ablated run has one row per token"
             self.base = (changing[0].abs(), kth[0, :, 0], kth1[0, :, 0])
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
@@ -343,7 +348,7 @@ class CircuitModel:
         state = x.new_zeros(1, x.shape[0], 0)
         for i in range(cfg.n_layer):
             self.start_states.append(state)
-            state = self._run_layer(i, state, {}, None)
+            state = self._run_layer(i, state, {}, None, keep_base=True)
         self.final_state = state
 
     def ablation_width(self) -> int:
@@ -602,10 +607,12 @@ class CircuitModel:
             changed |= hit > 0
         return changed
 
-    def _dynamic_heads(self, i: int, L, qkv: list[torch.Tensor], A: int, rows: torch.Tensor | None) -> torch.Tensor:
+    def _dynamic_heads(
+        self, i: int, L, qkv: list[torch.Tensor], A: int, rows: torch.Tensor | None, keep_base: bool = False
+    ) -> torch.Tensor:
         """Attention output at the dynamic heads' channels (A, rows or all, |dyn|).
 
-        The un-ablated run computes every head and keeps its output and inputs; an ablation pass
+        The un-ablated run (`keep_base`) computes every head and keeps its output and inputs; an ablation pass
         recomputes only the (ablation, head) pairs whose inputs changed, and with `rows` (the last
         layer) only at those query rows."""
         cfg, blk = self.config, self.model.transformer.h[i]
@@ -616,7 +623,7 @@ class CircuitModel:
             q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
             return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
 
-        if "base_y_dyn" not in L:  # the un-ablated run (A = 1): every head, kept for the passes
+        if keep_base:  # the un-ablated run (A = 1): every head, kept for the passes
             y = L["base_y_dyn"] = every_head()
             for kind, vals in zip("qk", qkv[:2], strict=True):
                 L[f"base_{kind}"] = vals.clone()
@@ -644,20 +651,24 @@ class CircuitModel:
         y.view(A, len(rows), nd, dh)[pa, :, ph] = out
         return y
 
-    def _run_layer(self, i: int, state: torch.Tensor, ablations, ties, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_layer(
+        self, i: int, state: torch.Tensor, ablations, ties, rows: torch.Tensor | None = None, keep_base: bool = False
+    ) -> torch.Tensor:
         """Layer i of the circuit-only run. With `rows`, everything after attention (which is
         row-local) is computed, and the state returned, at those rows only: in the last layer,
-        only the answer positions reach the loss."""
+        only the answer positions reach the loss. `keep_base`: the un-ablated run, whose values
+        the ablation passes compare against and start from."""
+        kb = keep_base
         blk, L = self.model.transformer.h[i], self.layers[i]
         p = f"{i}.attn"
         h = self._norm_input(i, L, blk.ln_1, state, L["resid_in"], self.rstd[f"{i}.ln_1.rstd"], "x_in_full", "pos1")
-        act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties), ablations)
+        act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties, kb), ablations)
         pre = L["qkv"].run(act_in)
-        qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties), ablations) for kind in "qkv"]
+        qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties, kb), ablations) for kind in "qkv"]
         A = max(t.shape[0] for t in qkv)
         y_parts = []
         if len(L["dyn"]):
-            y_parts.append(self._dynamic_heads(i, L, qkv, A, rows))
+            y_parts.append(self._dynamic_heads(i, L, qkv, A, rows, kb))
         if len(L["static_v"]):
             v = qkv[2][..., L["v_static_src"]]
             v = v.reshape(v.shape[0], self.B, self.T, -1)
@@ -669,14 +680,14 @@ class CircuitModel:
         if rows is not None:
             L, state = self._after_attention_at(i, rows), state[:, rows]
             ties = None if ties is None else (ties[0], None)  # every one of these rows reaches an answer
-        delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties), ablations)
+        delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties, kb), ablations)
         state = self._residual(L, "attn", state, delta)
 
         p = f"{i}.mlp"
         h = self._norm_input(i, L, blk.ln_2, state, L["attn_resid_out"], L["ln_2_rstd"], "x_mid_full", "pos2")
-        act_in = self._ablate(f"{p}.act_in", L["mlp_act_in"].run(h, ties), ablations)
-        post = self._ablate(f"{p}.post_act", L["mlp_post_act"].run(self._act(L["fc"].run(act_in)), ties), ablations)
-        delta = self._ablate(f"{p}.resid_delta", L["mlp_resid_delta"].run(L["mlp_proj"].run(post), ties), ablations)
+        act_in = self._ablate(f"{p}.act_in", L["mlp_act_in"].run(h, ties, kb), ablations)
+        post = self._ablate(f"{p}.post_act", L["mlp_post_act"].run(self._act(L["fc"].run(act_in)), ties, kb), ablations)
+        delta = self._ablate(f"{p}.resid_delta", L["mlp_resid_delta"].run(L["mlp_proj"].run(post), ties, kb), ablations)
         return self._residual(L, "mlp", state, delta)
 
     def _final_logits(

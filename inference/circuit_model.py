@@ -415,19 +415,33 @@ class CircuitModel:
         x, resid = self._build_mlp(i, C, L, x, resid)
         return L, x, resid
 
+    # A layer-half's input: its norm and position norm, AbsTopK location type, the stage's name in
+    # L (and the circuit's), and where the full-width stream and position channels are kept for
+    # `full_norm` (`_norm_input` reads them).
+    _INPUTS = {
+        "attn": ("ln_1", "ln_p1", "attn_in", "act_in", "x_in_full", "pos1"),
+        "mlp": ("ln_2", "ln_p2", "mlp_in", "mlp_act_in", "x_mid_full", "pos2"),
+    }
+
+    def _build_input(self, i: int, C: dict, L: dict, x: torch.Tensor, resid: torch.Tensor, half: str):
+        """A layer-half's input norm and AbsTopK, its stage kept in L: (the channels it reads, its
+        output at full width with the non-circuit channels at their fills)."""
+        cfg, blk = self.config, self.model.transformer.h[i]
+        ln, ln_p, loctype, stage, x_key, pos_key = self._INPUTS[half]
+        pos = self._pos(getattr(blk, ln_p), i) if cfg.d_pos_emb else None
+        h = self._norm(getattr(blk, ln), x, self.rstd[f"{i}.{ln}.rstd"])
+        if pos is not None:
+            h = torch.cat([h, pos], dim=-1)
+        L[x_key] = x if self.full_norm else None
+        L[pos_key] = pos if self.full_norm else None
+        read = self._read_channels(C[stage], loctype)
+        L[stage] = _TopkStage(h, resid, read, cfg.sparsity_at(loctype), self.B, self.full_norm)
+        return read, self._masked(f"{i}.{half}.act_in", abs_topk_exact(h, cfg.sparsity_at(loctype)))
+
     def _build_attn(self, i: int, C: dict, L: dict, x: torch.Tensor, resid: torch.Tensor):
         cfg, blk = self.config, self.model.transformer.h[i]
         d = cfg.d_attn
-        # attention input
-        pos1 = self._pos(blk.ln_p1, i) if cfg.d_pos_emb else None
-        h = self._norm(blk.ln_1, x, self.rstd[f"{i}.ln_1.rstd"])
-        if pos1 is not None:
-            h = torch.cat([h, pos1], dim=-1)
-        L["x_in_full"] = x if self.full_norm else None
-        L["pos1"] = pos1 if self.full_norm else None
-        read = self._read_channels(C["act_in"], "attn_in")
-        L["act_in"] = _TopkStage(h, resid, read, cfg.sparsity_at("attn_in"), self.B, self.full_norm)
-        act_in = self._masked(f"{i}.attn.act_in", abs_topk_exact(h, cfg.sparsity_at("attn_in")))
+        read, act_in = self._build_input(i, C, L, x, resid, "attn")
         # q, k, v
         qkv_lin = _LinearStage(blk.attn.c_attn, act_in, read)
         pre = blk.attn.c_attn(act_in)
@@ -490,17 +504,8 @@ class CircuitModel:
 
     def _build_mlp(self, i: int, C: dict, L: dict, x: torch.Tensor, resid: torch.Tensor):
         cfg, blk = self.config, self.model.transformer.h[i]
-        # MLP
-        pos2 = self._pos(blk.ln_p2, i) if cfg.d_pos_emb else None
-        L["ln_2_rstd"] = self.rstd[f"{i}.ln_2.rstd"]
-        h = self._norm(blk.ln_2, x, L["ln_2_rstd"])
-        if pos2 is not None:
-            h = torch.cat([h, pos2], dim=-1)
-        L["x_mid_full"] = x if self.full_norm else None
-        L["pos2"] = pos2 if self.full_norm else None
-        read = self._read_channels(C["mlp_act_in"], "mlp_in")
-        L["mlp_act_in"] = _TopkStage(h, resid, read, cfg.sparsity_at("mlp_in"), self.B, self.full_norm)
-        act_in = self._masked(f"{i}.mlp.act_in", abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
+        L["ln_2_rstd"] = self.rstd[f"{i}.ln_2.rstd"]  # taken at the answer rows in the last layer
+        read, act_in = self._build_input(i, C, L, x, resid, "mlp")
         fc = _LinearStage(blk.mlp.c_fc, act_in, read)
         z = self._act(blk.mlp.c_fc(act_in))
         L["fc"] = fc

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="N",
         help="node-tokens of ablation work per mode before the recompute ablates a sample of the task pairs "
-        "(deltas then carry standard errors); 0: every pair (default: $CIRCUITS_ABLATION_BUDGET or 8000000)",
+        "(deltas then carry standard errors); 0: every pair (default: $CIRCUITS_ABLATION_BUDGET or 12000000)",
     )
     p.add_argument(
         "--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)"

@@ -86,7 +86,7 @@ def main() -> None:
     viz_path = next((args.store / "viz").rglob("viz_data.pt"))
     model = load_model(args.store / "models" / viz_path.relative_to(args.store / "viz").parts[0], device="cpu").eval()
     viz = read_viz_data(viz_path)
-    run = R._Run(model, viz, R.CHUNK_DOCS, None)
+    run = R._Run(model, viz, R.CHUNK_TOKENS, 0, None)
     docs = run.docs_of(run.chunks[0])
     means = R.means_over_sequences(model, R.sample_sequences(R.snippet_sequences(viz), 8192), run.locations)[0]
     frozen = C.frozen_norm_scales(model, docs)

@@ -226,12 +226,15 @@ def circuit_loss(model, docs: torch.Tensor, circuit_data, means) -> float:
 
 
 @torch.no_grad()
-def ablation_losses(model, docs: torch.Tensor, circuit_data, means, mode: str = "mean") -> dict[str, torch.Tensor]:
+def ablation_losses(
+    model, docs: torch.Tensor, circuit_data, means, mode: str = "mean", per_pair: bool = False
+) -> dict[str, torch.Tensor]:
     """Raw task loss of the circuit model with each circuit node also ablated, one at a time.
 
     Returns {location: tensor aligned with circuit_data[location]} (the `ch_interv_losses`
     convention). `mode="mean"` sets the node to its mean, `"zero"` to 0. Reference
-    implementation: one full-size masked forward per node.
+    implementation: one full-size masked forward per node. `per_pair`: each node's loss per task
+    pair instead of their mean, (nodes, pairs) per location.
     """
     if mode not in ("mean", "zero"):
         raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
@@ -240,12 +243,14 @@ def ablation_losses(model, docs: torch.Tensor, circuit_data, means, mode: str = 
     out = {}
     for loc, channels in circuit_data.items():
         chans = torch.as_tensor(channels).long().tolist()
-        out[loc] = torch.tensor([one_ablation_loss(model, docs, masks, means, frozen, loc, c, mode) for c in chans])
+        losses = [one_ablation_loss(model, docs, masks, means, frozen, loc, c, mode, per_pair) for c in chans]
+        out[loc] = torch.stack(losses) if per_pair and losses else torch.tensor(losses)
     return out
 
 
-def one_ablation_loss(model, docs, masks, means, frozen, loc: str, c: int, mode: str) -> float:
-    """Task loss of one full-size masked forward with node (loc, c) also ablated."""
+def one_ablation_loss(model, docs, masks, means, frozen, loc: str, c: int, mode: str, per_pair: bool = False):
+    """Task loss of one full-size masked forward with node (loc, c) also ablated (a float; with
+    `per_pair`, a tensor of each pair's loss)."""
     m = dict(masks)
     m[loc] = masks[loc].clone()
     m[loc][c] = 0.0
@@ -254,4 +259,5 @@ def one_ablation_loss(model, docs, masks, means, frozen, loc: str, c: int, mode:
         fill = dict(means)
         fill[loc] = means[loc].clone()
         fill[loc][c] = 0.0
-    return task_loss(masked_forward(model, docs, m, fill, frozen), docs).item()
+    loss = task_loss(masked_forward(model, docs, m, fill, frozen), docs, per_pair=per_pair)
+    return loss.double().cpu() if per_pair else loss.item()

@@ -171,7 +171,7 @@ class _TopkStage:
         self.c_from_changing = (torch.nonzero(c_changing).flatten(), where_in_changing[circuit[c_changing]])
         self.c_const_pos = torch.nonzero(~c_changing).flatten()
         self.c_const = z[:, circuit[~c_changing]]  # (rows, .): circuit channels that only the threshold can change
-        self.base = None  # (|changing|, k-th, (k+1)-th) of the un-ablated run, kept by `run`
+        self.base = None  # (|changing|, k-th, (k+1)-th) of the un-ablated run: `run(..., keep_base=True)`
         if full or self.k >= n:
             self.window = None
             return
@@ -185,10 +185,14 @@ class _TopkStage:
         out.base = None if self.base is None else tuple(t[rows] for t in self.base)
         return out
 
-    def run(self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    def run(
+        self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None, keep_base: bool = False
+    ) -> torch.Tensor:
         """Values at the circuit channels (A, rows, |circuit|) after AbsTopK, given the changing
         channels' values (A, rows, m) (all n channels when `full`). `ties` = (flags (A,), rows or
-        None): flags the ablations with an AbsTopK tie at a nonzero value in those rows."""
+        None): flags the ablations with an AbsTopK tie at a nonzero value in those rows.
+        `keep_base`: this is the un-ablated run (A = 1); its values and thresholds are kept, and
+        the ablation passes' thresholds start from them (`kth_pair`'s base)."""
         if self.full:
             return abs_topk_exact(changing, self.frac)[..., self.circuit]
         A, rows = changing.shape[:2]
@@ -201,7 +205,8 @@ class _TopkStage:
         # compiled (inference.kth_pair), or None: the torch code
         got = kth_pair(changing, self.window, self.base if ties is not None else None)
         kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
-        if ties is None and A == 1:  # the un-ablated run (the last one wins): its rows and thresholds
+        if keep_base:
+            assert A == 1, "the un-ablated run has one row per token"
             self.base = (changing[0].abs(), kth[0, :, 0], kth1[0, :, 0])
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
@@ -343,7 +348,7 @@ class CircuitModel:
         state = x.new_zeros(1, x.shape[0], 0)
         for i in range(cfg.n_layer):
             self.start_states.append(state)
-            state = self._run_layer(i, state, {}, None)
+            state = self._run_layer(i, state, {}, None, keep_base=True)
         self.final_state = state
 
     def ablation_width(self) -> int:
@@ -410,19 +415,33 @@ class CircuitModel:
         x, resid = self._build_mlp(i, C, L, x, resid)
         return L, x, resid
 
+    # A layer-half's input: its norm and position norm, AbsTopK location type, the stage's name in
+    # L (and the circuit's), and where the full-width stream and position channels are kept for
+    # `full_norm` (`_norm_input` reads them).
+    _INPUTS = {
+        "attn": ("ln_1", "ln_p1", "attn_in", "act_in", "x_in_full", "pos1"),
+        "mlp": ("ln_2", "ln_p2", "mlp_in", "mlp_act_in", "x_mid_full", "pos2"),
+    }
+
+    def _build_input(self, i: int, C: dict, L: dict, x: torch.Tensor, resid: torch.Tensor, half: str):
+        """A layer-half's input norm and AbsTopK, its stage kept in L: (the channels it reads, its
+        output at full width with the non-circuit channels at their fills)."""
+        cfg, blk = self.config, self.model.transformer.h[i]
+        ln, ln_p, loctype, stage, x_key, pos_key = self._INPUTS[half]
+        pos = self._pos(getattr(blk, ln_p), i) if cfg.d_pos_emb else None
+        h = self._norm(getattr(blk, ln), x, self.rstd[f"{i}.{ln}.rstd"])
+        if pos is not None:
+            h = torch.cat([h, pos], dim=-1)
+        L[x_key] = x if self.full_norm else None
+        L[pos_key] = pos if self.full_norm else None
+        read = self._read_channels(C[stage], loctype)
+        L[stage] = _TopkStage(h, resid, read, cfg.sparsity_at(loctype), self.B, self.full_norm)
+        return read, self._masked(f"{i}.{half}.act_in", abs_topk_exact(h, cfg.sparsity_at(loctype)))
+
     def _build_attn(self, i: int, C: dict, L: dict, x: torch.Tensor, resid: torch.Tensor):
         cfg, blk = self.config, self.model.transformer.h[i]
         d = cfg.d_attn
-        # attention input
-        pos1 = self._pos(blk.ln_p1, i) if cfg.d_pos_emb else None
-        h = self._norm(blk.ln_1, x, self.rstd[f"{i}.ln_1.rstd"])
-        if pos1 is not None:
-            h = torch.cat([h, pos1], dim=-1)
-        L["x_in_full"] = x if self.full_norm else None
-        L["pos1"] = pos1 if self.full_norm else None
-        read = self._read_channels(C["act_in"], "attn_in")
-        L["act_in"] = _TopkStage(h, resid, read, cfg.sparsity_at("attn_in"), self.B, self.full_norm)
-        act_in = self._masked(f"{i}.attn.act_in", abs_topk_exact(h, cfg.sparsity_at("attn_in")))
+        read, act_in = self._build_input(i, C, L, x, resid, "attn")
         # q, k, v
         qkv_lin = _LinearStage(blk.attn.c_attn, act_in, read)
         pre = blk.attn.c_attn(act_in)
@@ -485,17 +504,8 @@ class CircuitModel:
 
     def _build_mlp(self, i: int, C: dict, L: dict, x: torch.Tensor, resid: torch.Tensor):
         cfg, blk = self.config, self.model.transformer.h[i]
-        # MLP
-        pos2 = self._pos(blk.ln_p2, i) if cfg.d_pos_emb else None
-        L["ln_2_rstd"] = self.rstd[f"{i}.ln_2.rstd"]
-        h = self._norm(blk.ln_2, x, L["ln_2_rstd"])
-        if pos2 is not None:
-            h = torch.cat([h, pos2], dim=-1)
-        L["x_mid_full"] = x if self.full_norm else None
-        L["pos2"] = pos2 if self.full_norm else None
-        read = self._read_channels(C["mlp_act_in"], "mlp_in")
-        L["mlp_act_in"] = _TopkStage(h, resid, read, cfg.sparsity_at("mlp_in"), self.B, self.full_norm)
-        act_in = self._masked(f"{i}.mlp.act_in", abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
+        L["ln_2_rstd"] = self.rstd[f"{i}.ln_2.rstd"]  # taken at the answer rows in the last layer
+        read, act_in = self._build_input(i, C, L, x, resid, "mlp")
         fc = _LinearStage(blk.mlp.c_fc, act_in, read)
         z = self._act(blk.mlp.c_fc(act_in))
         L["fc"] = fc
@@ -602,10 +612,12 @@ class CircuitModel:
             changed |= hit > 0
         return changed
 
-    def _dynamic_heads(self, i: int, L, qkv: list[torch.Tensor], A: int, rows: torch.Tensor | None) -> torch.Tensor:
+    def _dynamic_heads(
+        self, i: int, L, qkv: list[torch.Tensor], A: int, rows: torch.Tensor | None, keep_base: bool = False
+    ) -> torch.Tensor:
         """Attention output at the dynamic heads' channels (A, rows or all, |dyn|).
 
-        The un-ablated run computes every head and keeps its output and inputs; an ablation pass
+        The un-ablated run (`keep_base`) computes every head and keeps its output and inputs; an ablation pass
         recomputes only the (ablation, head) pairs whose inputs changed, and with `rows` (the last
         layer) only at those query rows."""
         cfg, blk = self.config, self.model.transformer.h[i]
@@ -616,7 +628,7 @@ class CircuitModel:
             q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
             return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
 
-        if "base_y_dyn" not in L:  # the un-ablated run (A = 1): every head, kept for the passes
+        if keep_base:  # the un-ablated run (A = 1): every head, kept for the passes
             y = L["base_y_dyn"] = every_head()
             for kind, vals in zip("qk", qkv[:2], strict=True):
                 L[f"base_{kind}"] = vals.clone()
@@ -644,20 +656,24 @@ class CircuitModel:
         y.view(A, len(rows), nd, dh)[pa, :, ph] = out
         return y
 
-    def _run_layer(self, i: int, state: torch.Tensor, ablations, ties, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_layer(
+        self, i: int, state: torch.Tensor, ablations, ties, rows: torch.Tensor | None = None, keep_base: bool = False
+    ) -> torch.Tensor:
         """Layer i of the circuit-only run. With `rows`, everything after attention (which is
         row-local) is computed, and the state returned, at those rows only: in the last layer,
-        only the answer positions reach the loss."""
+        only the answer positions reach the loss. `keep_base`: the un-ablated run, whose values
+        the ablation passes compare against and start from."""
+        kb = keep_base
         blk, L = self.model.transformer.h[i], self.layers[i]
         p = f"{i}.attn"
         h = self._norm_input(i, L, blk.ln_1, state, L["resid_in"], self.rstd[f"{i}.ln_1.rstd"], "x_in_full", "pos1")
-        act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties), ablations)
+        act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties, kb), ablations)
         pre = L["qkv"].run(act_in)
-        qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties), ablations) for kind in "qkv"]
+        qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties, kb), ablations) for kind in "qkv"]
         A = max(t.shape[0] for t in qkv)
         y_parts = []
         if len(L["dyn"]):
-            y_parts.append(self._dynamic_heads(i, L, qkv, A, rows))
+            y_parts.append(self._dynamic_heads(i, L, qkv, A, rows, kb))
         if len(L["static_v"]):
             v = qkv[2][..., L["v_static_src"]]
             v = v.reshape(v.shape[0], self.B, self.T, -1)
@@ -669,14 +685,14 @@ class CircuitModel:
         if rows is not None:
             L, state = self._after_attention_at(i, rows), state[:, rows]
             ties = None if ties is None else (ties[0], None)  # every one of these rows reaches an answer
-        delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties), ablations)
+        delta = self._ablate(f"{p}.resid_delta", L["resid_delta"].run(L["proj"].run(y), ties, kb), ablations)
         state = self._residual(L, "attn", state, delta)
 
         p = f"{i}.mlp"
         h = self._norm_input(i, L, blk.ln_2, state, L["attn_resid_out"], L["ln_2_rstd"], "x_mid_full", "pos2")
-        act_in = self._ablate(f"{p}.act_in", L["mlp_act_in"].run(h, ties), ablations)
-        post = self._ablate(f"{p}.post_act", L["mlp_post_act"].run(self._act(L["fc"].run(act_in)), ties), ablations)
-        delta = self._ablate(f"{p}.resid_delta", L["mlp_resid_delta"].run(L["mlp_proj"].run(post), ties), ablations)
+        act_in = self._ablate(f"{p}.act_in", L["mlp_act_in"].run(h, ties, kb), ablations)
+        post = self._ablate(f"{p}.post_act", L["mlp_post_act"].run(self._act(L["fc"].run(act_in)), ties, kb), ablations)
+        delta = self._ablate(f"{p}.resid_delta", L["mlp_resid_delta"].run(L["mlp_proj"].run(post), ties, kb), ablations)
         return self._residual(L, "mlp", state, delta)
 
     def _final_logits(
@@ -715,11 +731,12 @@ class CircuitModel:
 
     @torch.no_grad()
     def ablation_losses(
-        self, mode: str = "mean", batch: int = 32, log=None
+        self, mode: str = "mean", batch: int = 32, log=None, per_pair: bool = False
     ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
-        """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention),
-        and the nodes whose result hit an AbsTopK tie in a row that reaches an answer (their value
-        here is not to be trusted; `fast_ablation_losses` recomputes them with the reference)."""
+        """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention;
+        with `per_pair`, (nodes, pairs) per location), and the nodes whose result hit an AbsTopK tie
+        in a row that reaches an answer (their value here is not to be trusted;
+        `fast_ablation_losses` recomputes them with the reference)."""
         if mode not in ("mean", "zero"):
             raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
         docs = self.docs
@@ -735,7 +752,7 @@ class CircuitModel:
         relevant = (torch.arange(self.T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)
 
         nodes = [(loc, pos, int(c)) for loc in self.locations for pos, c in enumerate(self.circuit[loc].tolist())]
-        losses: dict[tuple[str, int], float] = {}
+        losses: dict[tuple[str, int], torch.Tensor] = {}
         tied: list[tuple[str, int]] = []
         # One location at a time, so a pass shares everything upstream of its nodes (size 1).
         for loc in self.locations:
@@ -763,14 +780,21 @@ class CircuitModel:
                 lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
                 # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
                 # read by no q/k/v node of the circuit): every one of them leaves the loss as is.
-                loss = -(lp_first + lp_second).mean(dim=1).expand(A)
+                loss = -(lp_first + lp_second).double()  # (A or 1, pairs)
+                loss = (loss if per_pair else loss.mean(dim=1, keepdim=True)).expand(A, -1)
                 for a, (loc, _pos, c) in enumerate(group):
-                    losses[(loc, c)] = loss[a].item()
+                    losses[(loc, c)] = loss[a] if per_pair else loss[a, 0].item()
                     if ties[0][a]:
                         tied.append((loc, c))
             if log:
                 log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
-        out = {loc: torch.tensor([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
+
+        def gather(values):
+            if not per_pair:
+                return torch.tensor(values)
+            return torch.stack(values) if values else torch.zeros(0, half, dtype=torch.float64)
+
+        out = {loc: gather([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
         return out, tied
 
 
@@ -798,6 +822,7 @@ def fast_ablation_losses(
     batch: int = 32,
     circuit_model: CircuitModel | None = None,
     log=None,
+    per_pair: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
     only the circuit's nodes are recomputed, many ablations per pass. Ablations whose result
@@ -813,11 +838,11 @@ def fast_ablation_losses(
         try:
             cm = CircuitModel(model, docs, circuit_data, means)
         except NotImplementedError:
-            return ablation_losses(model, docs, circuit_data, means, mode)
-    per_channel, tied = cm.ablation_losses(mode, batch, log)
+            return ablation_losses(model, docs, circuit_data, means, mode, per_pair)
+    per_channel, tied = cm.ablation_losses(mode, batch, log, per_pair)
     if tied:
         masks = circuit_masks(model.config, circuit_data)
         for loc, c in tied:
-            loss = one_ablation_loss(model, docs, masks, means, cm.frozen_scales, loc, c, mode)
+            loss = one_ablation_loss(model, docs, masks, means, cm.frozen_scales, loc, c, mode, per_pair)
             per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc])] = loss
     return _aligned(circuit_data, per_channel, cm.circuit)

@@ -14,6 +14,7 @@ that changes the environment sees the change.
 | `CIRCUITS_DEVICE` | `cpu` | torch device of the recompute forward passes |
 | `CIRCUITS_LOSS_FACTOR` | `0.5` | corrected loss = stored (raw) loss x factor |
 | `CIRCUITS_TOLERANCE` | `1e-3` | relative tolerance of recomputed vs stored numbers |
+| `CIRCUITS_ABLATION_BUDGET` | `12000000` | recompute: node-tokens of ablation work per mode before pairs are sampled (`0`: every pair) |
 | `CIRCUITS_MODELS`, `_TASKS`, `_SWEEPS`, `_KS` | all | what to fetch and convert (comma lists of names or patterns) |
 | `CIRCUITS_DB_DIR` | under the cache | object-store data only: local dir of `circuits.duckdb` and `.dagster` |
 | `CIRCUITS_EXECUTOR` | `in_process` | where `circuits materialize` runs the partitions: `in_process` or `dask` |
@@ -102,6 +103,29 @@ def loss_factor() -> float:
 def tolerance() -> float:
     """CIRCUITS_TOLERANCE: relative tolerance of recomputed vs stored numbers; default 1e-3."""
     return _float("CIRCUITS_TOLERANCE", 1e-3)
+
+
+# The recompute's ablation work per mode, in node-tokens (circuit nodes x task tokens of the ablated
+# pairs): within it every task pair is ablated and the deltas are exact; past it a fixed-seed sample
+# of pairs is (pipeline.recompute.ablation_pairs). 12 M: every pair of every embedded-store circuit
+# (~0.14 M) and of a 2,000-node circuit with 64 task docs of 64 tokens (8.3 M), two pairs of one
+# whose docs are 1,024 tokens (4.1 M per pair; exact would take ~16 hours on 2 cores).
+DEFAULT_ABLATION_BUDGET = 12_000_000
+
+
+def ablation_budget() -> int:
+    """CIRCUITS_ABLATION_BUDGET: node-tokens of ablation work per mode before the recompute samples
+    task pairs; 0 means every pair (exact deltas, however long). Default 12,000,000."""
+    raw = _get("CIRCUITS_ABLATION_BUDGET")
+    if raw is None:
+        return DEFAULT_ABLATION_BUDGET
+    try:
+        n = int(raw.replace("_", ""))
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"environment variable CIRCUITS_ABLATION_BUDGET={raw!r}: expected a whole number >= 0")
+    return n
 
 
 SELECTION_ENV = {"models": "CIRCUITS_MODELS", "tasks": "CIRCUITS_TASKS", "sweeps": "CIRCUITS_SWEEPS", "ks": "CIRCUITS_KS"}

@@ -13,6 +13,17 @@ import sys
 from inference import settings as env_settings
 
 
+def _whole_number(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        n = int(text.replace("_", ""))
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
+
+
 def _errors_in_one_line(main):
     """The project's errors (ValueError / OSError subclasses naming the file and the problem) as
     one line on stderr and exit status 2, not a traceback; `CIRCUITS_TRACEBACK=1` shows it."""
@@ -53,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     _selection_flags(p)
     p.add_argument(
         "--device", default=None, help="torch device of the recompute forward passes (default: $CIRCUITS_DEVICE or cpu)"
+    )
+    p.add_argument(
+        "--ablation-budget",
+        type=_whole_number,
+        default=None,
+        metavar="N",
+        help="node-tokens of ablation work per mode before the recompute ablates a sample of the task pairs "
+        "(deltas then carry standard errors); 0: every pair (default: $CIRCUITS_ABLATION_BUDGET or 12000000)",
     )
     p.add_argument(
         "--no-recompute", action="store_true", help="skip the recompute forward passes (ablations, recomputed activations)"

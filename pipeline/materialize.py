@@ -192,6 +192,7 @@ def materialize_store(
     progress: bool = True,
     recompute: bool = True,
     device: str | None = None,
+    ablation_budget: int | None = None,
     instance: dg.DagsterInstance | None = None,
     verbose: bool = False,
     cache: str | None = None,
@@ -211,8 +212,11 @@ def materialize_store(
 
     `executor`: "in_process" (one partition at a time here) or "dask" (the model and run partitions
     as Dagster runs on a Dask cluster, `pipeline.on_dask`: the scheduler at `scheduler`, else a
-    local cluster of `workers` processes); None: CIRCUITS_EXECUTOR."""
-    chosen = dict(models=models, tasks=tasks, sweeps=sweeps, ks=ks)
+    local cluster of `workers` processes); None: CIRCUITS_EXECUTOR.
+
+    `ablation_budget`: node-tokens of ablation work per mode before the recompute samples task
+    pairs (0: every pair); None: CIRCUITS_ABLATION_BUDGET."""
+    chosen = dict(models=models, tasks=tasks, sweeps=sweeps, ks=ks, ablation_budget=ablation_budget)
     resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache, **chosen)
     data_url = resource.data_url()
     resource = CircuitsResource.from_env(store_url=resource.store_url, data=data_url, device=device, cache=cache, **chosen)
@@ -371,6 +375,7 @@ def materialize_cli(args) -> int:
             ks=getattr(args, "k", None),
             recompute=not getattr(args, "no_recompute", False),
             device=getattr(args, "device", None),
+            ablation_budget=getattr(args, "ablation_budget", None),
             verbose=getattr(args, "verbose", False),
             # --scheduler or --workers alone mean Dask
             executor=getattr(args, "executor", None)

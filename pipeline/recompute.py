@@ -39,6 +39,7 @@ import torch
 
 from inference import circuit as C
 from inference import circuit_model as CM
+from inference import settings as env
 from inference.fast import accelerate, is_accelerated
 from inference.hooks import record
 from inference.memory import release_mapped_pages, trim_heap
@@ -63,11 +64,12 @@ def snippet_sequences(viz: VizData) -> list[torch.Tensor]:
 # are reported (`means_se_max`, `node_mean_se`), and bench/recompute.py measures the effect on the
 # deltas of another budget (bench/README.md). Small files (every fixture) use all their snippets.
 MEANS_TOKEN_BUDGET = 32_768
-# Docs per chunk of the forward passes (whole pairs: a doc and its partner n/2 later): bounds the
-# hook tensors and the circuit-only model's tables to a chunk's tokens (at release scale, 8 docs of
-# 1,024 tokens took the masked forward plus CircuitModel's ablation batches past 10 GB; 2 docs fit
-# in the 3 GB of issue 14).
-CHUNK_DOCS = 2
+# Tokens per chunk of the forward passes (docs x the chunk's longest doc, whole pairs): bounds the
+# hook tensors and the circuit-only model's tables (at release scale, 8 docs of 1,024 tokens took
+# the masked forward plus CircuitModel's ablation batches past 10 GB; 2 docs, 2,048 tokens, fit in
+# the 3 GB of issue 14). Short task docs share a chunk: the embedded store's ~17-token docs run
+# ~60 pairs per chunk, so each run builds its circuit-only model twice instead of 64 times.
+CHUNK_TOKENS = 2048
 # Ablations per batched pass of the circuit-only model: a pass's widest tensors are (ablations,
 # rows, width), `width` the circuit-only model's widest per-ablation row
 # (`CircuitModel.ablation_width`: ~2,400 at release scale, the dynamic heads' q, k and v). This
@@ -76,6 +78,25 @@ CHUNK_DOCS = 2
 # circuits, whose passes are mostly fixed overhead, batch many more.
 ABLATION_ELEMENTS = 40_000_000
 MAX_ABLATION_BATCH = 128
+
+
+MIN_ABLATION_PAIRS = 2  # a sample of pairs has at least this many: a standard error needs two
+# Two-sided 99.9% quantiles of Student's t by degrees of freedom (ablated pairs - 1). A sampled
+# delta agrees with the stored one when they differ by at most the tolerance plus this many
+# standard errors (were the per-pair differences normal, sampling alone would flag about one node
+# in 1,000; effects concentrated in unsampled pairs escape any SE). Between tabulated degrees of
+# freedom the smaller one's (larger, conservative) value is used; past 120, the normal's.
+_T_999 = {1: 636.62, 2: 31.60, 3: 12.92, 4: 8.61, 5: 6.87, 6: 5.96, 7: 5.41, 8: 5.04, 9: 4.78, 10: 4.59,
+          12: 4.32, 15: 4.07, 20: 3.85, 30: 3.65, 60: 3.46, 120: 3.37}  # fmt: skip
+
+
+def t_quantile_999(df: int) -> float:
+    """Student's t two-sided 99.9% quantile for `df` degrees of freedom (3.29 past 120)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df > 120:
+        return 3.29
+    return _T_999[max(d for d in _T_999 if d <= df)]
 
 
 def ablation_batch(rows: int, width: int) -> int:
@@ -166,13 +187,13 @@ class Spill:
         with open(self.path, "wb") as f:
             f.truncate(len(nodes) * n_docs * ctx * 4)
 
-    def write(self, d0: int, by_node: dict[tuple[str, int], np.ndarray]) -> None:
-        """Docs d0.. of each node: arrays (chunk_docs, width <= ctx); positions past width stay 0."""
+    def write(self, docs: list[int], by_node: dict[tuple[str, int], np.ndarray]) -> None:
+        """Rows `docs` of each node: arrays (len(docs), width <= ctx); positions past width stay 0."""
         with open(self.path, "r+b") as f:
             for node, a in by_node.items():
                 a = np.ascontiguousarray(a, dtype=np.float32)
-                for j in range(a.shape[0]):
-                    f.seek(((self.index[node] * self.n_docs + d0 + j) * self.ctx) * 4)
+                for j, d in enumerate(docs):
+                    f.seek(((self.index[node] * self.n_docs + d) * self.ctx) * 4)
                     f.write(a[j].tobytes())
 
     def __contains__(self, node) -> bool:
@@ -199,6 +220,9 @@ class Recomputed:
     means: dict[str, np.ndarray] | None = None  # loc -> the node means used, aligned with circuit[loc]
     means_se: dict[str, np.ndarray] | None = None  # their standard errors (NaN when exact, e.g. the store's)
     timings: dict[str, float] | None = None  # seconds per stage
+    ablation_se: dict[str, dict[str, np.ndarray]] | None = None  # mode -> loc -> standard errors (0: exact)
+    ablated_pairs: list[int] | None = None  # the task pairs the ablations ran on (pair j: docs j, j + n/2)
+    task_pairs: int | None = None  # all task pairs
 
 
 def skipped_locations(viz: VizData) -> dict[str, int]:
@@ -206,21 +230,69 @@ def skipped_locations(viz: VizData) -> dict[str, int]:
     return {loc: len(ch) for loc, ch in viz.circuit.items() if not C.is_known_location(loc)}
 
 
-def pair_chunks(n_docs: int, chunk_docs: int = CHUNK_DOCS) -> list[torch.Tensor]:
-    """Doc indices per chunk: whole pairs (doc j with its partner j + n/2), so each chunk's task
-    loss is a mean over its own pairs and the chunks' losses combine by pair counts."""
-    half = n_docs // 2
-    per = max(1, chunk_docs // 2)
-    return [
-        torch.cat([torch.arange(a, min(a + per, half)), torch.arange(a, min(a + per, half)) + half]) for a in range(0, half, per)
-    ]
+def pair_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """Per task pair (doc j and its partner j + n/2), the longer doc's length."""
+    half = len(lengths) // 2
+    return torch.maximum(lengths[:half], lengths[half:])
+
+
+def pair_chunks(lengths: torch.Tensor, pairs, chunk_tokens: int = CHUNK_TOKENS) -> list[torch.Tensor]:
+    """Doc indices per chunk for the given pairs: the pairs by length, grouped while the chunk's
+    docs x its longest doc stay within `chunk_tokens` (at least one pair per chunk). A chunk lists
+    its pairs' first docs, then their partners (the order `task_loss` reads), so each chunk's task
+    losses are its own pairs' and the chunks' combine pair by pair."""
+    half = len(lengths) // 2
+    plen = pair_lengths(lengths).tolist()
+    chunks, current, width = [], [], 0
+    for j in sorted(pairs, key=lambda j: (plen[j], j)):
+        w = max(width, plen[j], 2)
+        if current and 2 * (len(current) + 1) * w > chunk_tokens:
+            chunks.append(current)
+            current, w = [], max(plen[j], 2)
+        current.append(j)
+        width = w
+    if current:
+        chunks.append(current)
+    return [torch.cat([torch.tensor(c), torch.tensor(c) + half]) for c in chunks]
+
+
+def ablation_pairs(lengths: torch.Tensor, n_nodes: int, budget: int) -> list[int]:
+    """The task pairs the ablations run on: every pair when `n_nodes` x their tokens fits in
+    `budget` (node-tokens per mode; 0: every pair), else a fixed-seed random sample of whole pairs
+    within it, at least MIN_ABLATION_PAIRS. The recompute then reports each delta's standard error."""
+    half = len(lengths) // 2
+    tokens = (lengths[:half] + lengths[half:]).tolist()
+    if budget <= 0 or n_nodes * sum(tokens) <= budget or half <= MIN_ABLATION_PAIRS:
+        return list(range(half))
+    picked, used = [], 0
+    for j in torch.randperm(half, generator=torch.Generator().manual_seed(0)).tolist():
+        if len(picked) >= MIN_ABLATION_PAIRS and used + n_nodes * tokens[j] > budget:
+            break
+        picked.append(j)
+        used += n_nodes * tokens[j]
+    return sorted(picked)
+
+
+def paired_estimate(ablated: np.ndarray, circuit: np.ndarray, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error of the ablation's effect from a simple random sample of pairs.
+
+    `ablated` (nodes, k): each node's ablated task loss on the k sampled pairs; `circuit` (k,):
+    the circuit's loss on the same pairs; `n_pairs`: all pairs. The paired differences' mean is
+    unbiased for the mean over every pair; its standard error carries the finite-population
+    correction, so it is 0 when every pair was ablated (the delta is then exact)."""
+    d = ablated - circuit[None, :]
+    k = d.shape[1]
+    mean = d.mean(axis=1)
+    if k >= n_pairs:
+        return mean, np.zeros_like(mean)
+    return mean, d.std(axis=1, ddof=1) / np.sqrt(k) * np.sqrt(1.0 - k / n_pairs)
 
 
 class _Run:
     """One run's recompute inputs, shared by its stages: the task docs in chunks of whole pairs, the
     circuit's channels per location, what to record, and the spills of the recorded activations."""
 
-    def __init__(self, model, viz: VizData, chunk_docs: int, log):
+    def __init__(self, model, viz: VizData, chunk_tokens: int, ablation_budget: int, log):
         self.model, self.log = model, log
         self.device = next(model.parameters()).device
         self.all_docs = torch.from_numpy(viz.docs)
@@ -241,7 +313,13 @@ class _Run:
         self.chans = {loc: torch.as_tensor(self.circuit[loc]).long() for loc in self.locs}
         self.full_acts = Spill(nodes, n_docs, viz.docs.shape[1])
         self.circuit_acts = Spill(nodes, n_docs, viz.docs.shape[1])
-        self.chunks = pair_chunks(n_docs, chunk_docs)
+        # The ablated pairs' chunks first (the ablations run on those only), then the rest's.
+        self.n_pairs = n_docs // 2
+        self.ablated = ablation_pairs(self.lengths, len(nodes), ablation_budget)
+        rest = sorted(set(range(self.n_pairs)) - set(self.ablated))
+        ablated_chunks = pair_chunks(self.lengths, self.ablated, chunk_tokens)
+        self.n_ablation_chunks = len(ablated_chunks)
+        self.chunks = ablated_chunks + pair_chunks(self.lengths, rest, chunk_tokens)
 
     def docs_of(self, idx: torch.Tensor) -> torch.Tensor:
         # Positions after a chunk's longest doc only hold padding, and the model is causal: cut
@@ -261,12 +339,8 @@ class _Run:
         return take
 
     def spill(self, target: Spill, docs_idx: torch.Tensor, got: dict) -> None:
-        # a chunk is two runs of consecutive docs (its first halves and their partners)
-        half = len(docs_idx) // 2
-        for part in (slice(0, half), slice(half, len(docs_idx))):
-            d0 = int(docs_idx[part][0])
-            target.write(d0, {(loc, int(c)): got[loc][part, :, j].numpy() for loc in self.locs if loc in got
-                              for j, c in enumerate(self.chans[loc].tolist())})  # fmt: skip
+        target.write(docs_idx.tolist(), {(loc, int(c)): got[loc][:, :, j].numpy() for loc in self.locs if loc in got
+                                         for j, c in enumerate(self.chans[loc].tolist())})  # fmt: skip
 
     def aligned(self, d: dict) -> dict:
         """Per location, the circuit's channels in circuit_data order."""
@@ -324,7 +398,7 @@ def _means_stage(run: _Run, viz: VizData, store_means, means_budget: int):
 
 
 def _chunk_ablations(run: _Run, docs, means, frozen, modes, first: bool) -> dict:
-    """Every node's ablation loss on one chunk, per mode and location (means over the chunk's pairs)."""
+    """Every node's ablation loss on each pair of one chunk, per mode and location: (nodes, pairs)."""
     circuit_model = None  # built once per chunk, shared by the modes; CPU only
     t = time.perf_counter()
     if run.device.type == "cpu":
@@ -346,46 +420,51 @@ def _chunk_ablations(run: _Run, docs, means, frozen, modes, first: bool) -> dict
                 batch=ablation_batch(docs.numel(), circuit_model.ablation_width()),
                 circuit_model=circuit_model,
                 log=run.log if first else None,
+                per_pair=True,
             )  # fmt: skip  (log: per location, first chunk only)
         else:
-            out[mode] = C.ablation_losses(run.model, docs, run.circuit, means, mode=mode)
+            out[mode] = C.ablation_losses(run.model, docs, run.circuit, means, mode=mode, per_pair=True)
     return out
 
 
-def _circuit_stage(run: _Run, means, frozen_by_chunk, modes, ablation_chunks, timings) -> tuple[float, dict]:
-    """Stage 3, per chunk: the circuit model's task loss and channels (spilled), then every node's
-    ablations. (circuit loss, mode -> location -> ablation losses averaged over the ablated pairs)."""
+def _circuit_stage(run: _Run, means, frozen_by_chunk, modes, timings):
+    """Stage 3, per chunk: the circuit model's task loss and channels (spilled), then, on the
+    ablated pairs' chunks, every node's ablations. (circuit loss, mode -> location -> ablation
+    losses, mode -> location -> their standard errors)."""
     masks = {k: v.to(run.device) for k, v in C.circuit_masks(run.model.config, run.circuit).items()}
-    interv = []
-    ablation_sums = {mode: {} for mode in modes}
+    interv = np.full(run.n_pairs, np.nan)  # per pair
+    # mode -> location -> (nodes, n_pairs), NaN where not ablated
+    per_pair = {mode: {loc: np.full((len(run.circuit[loc]), run.n_pairs), np.nan) for loc in run.locs} for mode in modes}
     timings["circuit_model"] = timings["ablations"] = 0.0
-    ablated_pairs = 0
     for n_chunk, (idx, frozen) in enumerate(zip(run.chunks, frozen_by_chunk, strict=True)):
         t = time.perf_counter()
         docs = run.docs_of(idx)
+        pairs = idx[: len(idx) // 2].numpy()
         got = {}
         with record(run.pattern, into=run.recorder(got)) if run.pattern else contextlib.nullcontext():
             logits = C.masked_forward(run.model, docs, masks, means, frozen)
-        interv.append(C.task_loss(logits, docs, per_pair=True).double().cpu())
+        interv[pairs] = C.task_loss(logits, docs, per_pair=True).double().cpu().numpy()
         del logits
         run.spill(run.circuit_acts, idx, got)
         trim_heap()
         timings["circuit_model"] += time.perf_counter() - t
-        if ablation_chunks is not None and n_chunk >= ablation_chunks:
-            continue
-        t = time.perf_counter()
-        n_pairs = len(idx) // 2
-        ablated_pairs += n_pairs
-        for mode, by_loc in _chunk_ablations(run, docs, means, frozen, modes, first=n_chunk == 0).items():
-            for loc, v in by_loc.items():  # chunk means over its pairs, weighted by its pairs
-                v = np.asarray(v, dtype=np.float64) * n_pairs
-                ablation_sums[mode][loc] = ablation_sums[mode][loc] + v if loc in ablation_sums[mode] else v
-        trim_heap()
-        timings["ablations"] += time.perf_counter() - t
+        if n_chunk < run.n_ablation_chunks:
+            t = time.perf_counter()
+            for mode, by_loc in _chunk_ablations(run, docs, means, frozen, modes, first=n_chunk == 0).items():
+                for loc, v in by_loc.items():
+                    per_pair[mode][loc][:, pairs] = np.asarray(v, dtype=np.float64).reshape(len(v), len(pairs))
+            trim_heap()
+            timings["ablations"] += time.perf_counter() - t
         if run.log:
-            run.log(f"chunk of {len(idx)} docs done ({len(interv)}/{len(run.chunks)})")
-    ablation = {mode: {loc: v / ablated_pairs for loc, v in by_loc.items()} for mode, by_loc in ablation_sums.items()}
-    return torch.cat(interv).mean().item(), ablation
+            run.log(f"chunk of {len(idx)} docs done ({n_chunk + 1}/{len(run.chunks)})")
+    interv_loss = float(interv.mean())
+    ablation = {mode: {} for mode in modes}
+    ablation_se = {mode: {} for mode in modes}
+    for mode, by_loc in per_pair.items():
+        for loc, v in by_loc.items():
+            mean, se = paired_estimate(v[:, run.ablated], interv[run.ablated], run.n_pairs)
+            ablation[mode][loc], ablation_se[mode][loc] = interv_loss + mean, se
+    return interv_loss, ablation, ablation_se
 
 
 @torch.no_grad()
@@ -395,24 +474,31 @@ def recompute(
     modes: tuple[str, ...] = ("mean", "zero"),
     log=None,
     store_means: tuple[dict, int, str] | None = None,
-    chunk_docs: int = CHUNK_DOCS,
+    chunk_tokens: int = CHUNK_TOKENS,
     means_budget: int = MEANS_TOKEN_BUDGET,
-    ablation_chunks: int | None = None,
+    ablation_budget: int = env.DEFAULT_ABLATION_BUDGET,
 ) -> Recomputed:
     """`store_means`: (means by location, tokens, source) that the store holds for the model (the
     embedded store writes the ones its circuits were found with); used instead of the snippets.
 
-    Docs run in chunks of `chunk_docs` (whole pairs); every per-doc quantity (activations, norm
-    scales, task loss per pair, ablation losses) is computed per chunk and combined, equal to one
-    pass over all docs within float rounding (tested).
+    Docs run in chunks of at most `chunk_tokens` padded tokens (whole pairs); every per-doc
+    quantity (activations, norm scales, task loss per pair, ablation losses) is computed per chunk
+    and combined, equal to one pass over all docs within float rounding (tested).
 
-    `ablation_chunks` (benchmarks only): ablate on the first that many chunks only, so the
-    ablation losses are means over those chunks' pairs (bench/recompute.py extrapolates)."""
+    Ablations: on every pair when the circuit's nodes x the pairs' tokens fit in `ablation_budget`
+    (node-tokens per mode; 0: always every pair), else on a fixed-seed sample of pairs
+    (`ablation_pairs`); each node's ablated loss is then the circuit loss plus the mean paired
+    difference over the sample, with its standard error (`paired_estimate`)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if not is_accelerated(model):
         accelerate(model)
-    run = _Run(model, viz, chunk_docs, log)
+    run = _Run(model, viz, chunk_tokens, ablation_budget, log)
+    if log and len(run.ablated) < run.n_pairs:
+        log(
+            f"ablations on {len(run.ablated)} of {run.n_pairs} task pairs (a sample within the budget of "
+            f"{ablation_budget:,} node-tokens per mode; deltas carry standard errors)"
+        )
     loss, frozen_by_chunk = _full_model_stage(run)
     timings["full_model"] = time.perf_counter() - t0
     if log:
@@ -422,16 +508,18 @@ def recompute(
     timings["means"] = time.perf_counter() - t
     if log:
         log(f"node means over {n_tokens} tokens of {source}")
-    interv_loss, ablation = _circuit_stage(run, means, frozen_by_chunk, modes, ablation_chunks, timings)
+    interv_loss, ablation, ablation_se = _circuit_stage(run, means, frozen_by_chunk, modes, timings)
     return Recomputed(
         loss, interv_loss, run.full_acts, run.circuit_acts, ablation, source, n_tokens, run.aligned(means),
-        run.aligned(se) if se is not None else None, timings,
+        run.aligned(se) if se is not None else None, timings, ablation_se, run.ablated, run.n_pairs,
     )  # fmt: skip
 
 
-def within(a: float, b: float, tol: float) -> bool:
-    """|a - b| <= tol * max(1, |b|)."""
-    return abs(a - b) <= tol * max(1.0, abs(b))
+def within(a: float, b: float, tol: float, se: float = 0.0, pairs: int = 0) -> bool:
+    """|a - b| <= tol * max(1, |b|), plus t_quantile_999(pairs - 1) standard errors when `a` is
+    an estimate from a sample of `pairs` pairs with standard error `se`."""
+    slack = t_quantile_999(pairs - 1) * se if se > 0 else 0.0
+    return abs(a - b) <= tol * max(1.0, abs(b)) + slack
 
 
 def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float, device: str) -> dict:
@@ -448,20 +536,21 @@ def recompute_tables(viz: VizData, run: RunRef, r: Recomputed, loss_factor: floa
 def _ablations_table(viz: VizData, run: RunRef, r: Recomputed, loss_factor: float, tolerance: float):
     # ablations: per node and mode; deltas corrected and relative to the recomputed circuit loss.
     ab: dict[str, list] = {k: [] for k in ("run_id", "node_id", "location", "channel", "mode", "stored_delta",
-                                           "recomputed_loss", "recomputed_delta", "abs_diff", "agrees",
-                                           "node_mean", "node_mean_se")}  # fmt: skip
+                                           "recomputed_loss", "recomputed_delta", "recomputed_delta_se", "abs_diff",
+                                           "agrees", "node_mean", "node_mean_se")}  # fmt: skip
     for mode, by_loc in r.ablation.items():
         for loc, ch, order in viz.nodes():
             if loc not in by_loc:  # skipped (skipped_locations)
                 continue
             rec_loss = float(by_loc[loc][order])
             rec_delta = (rec_loss - r.interv_loss) * loss_factor
+            se = float(r.ablation_se[mode][loc][order]) * loss_factor if r.ablation_se else 0.0
             stored = (float(viz.ch_interv_losses[loc][order]) - viz.interv_loss) * loss_factor if mode == "mean" else None
             diff = None if stored is None else abs(rec_delta - stored)
             for k, v in zip(
                 ab,
-                (run.run_id, node_id(loc, ch), loc, ch, mode, stored, rec_loss, rec_delta, diff,
-                 None if stored is None else within(rec_delta, stored, tolerance),
+                (run.run_id, node_id(loc, ch), loc, ch, mode, stored, rec_loss, rec_delta, se, diff,
+                 None if stored is None else within(rec_delta, stored, tolerance, se, len(r.ablated_pairs or ())),
                  None if r.means is None or loc not in r.means else float(r.means[loc][order]),
                  None if r.means_se is None or loc not in r.means_se else float(r.means_se[loc][order])),
                 strict=True,
@@ -525,6 +614,8 @@ def _summary_table(viz: VizData, run: RunRef, r: Recomputed, nodes, doc, pos, lo
             "device": [device],
             "means_se_max": [float(max(v.max() for v in ses)) if ses else None],
             "means_se_median": [float(np.median(np.concatenate(ses))) if ses else None],
+            "ablation_pairs": [None if r.ablated_pairs is None else len(r.ablated_pairs)],
+            "task_pairs": [r.task_pairs],
             **{f"seconds_{k}": [(r.timings or {}).get(k)] for k in ("full_model", "means", "circuit_model", "ablations")},
             "skipped": [
                 None

@@ -25,6 +25,8 @@ class CircuitsResource(ConfigurableResource):
     device: str = "cpu"
     loss_factor: float = 0.5
     tolerance: float = 1e-3
+    # node-tokens of ablation work per mode before the recompute samples task pairs (0: every pair)
+    ablation_budget: int = env.DEFAULT_ABLATION_BUDGET
     # For object-store data: the local dir of circuits.duckdb (and Dagster's instance) when not the
     # default (`settings.local_dir`: one under the cache). Local data dirs hold them themselves.
     db_dir: str | None = None
@@ -44,6 +46,7 @@ class CircuitsResource(ConfigurableResource):
             device=env.device(),
             loss_factor=env.loss_factor(),
             tolerance=env.tolerance(),
+            ablation_budget=env.ablation_budget(),
             db_dir=env.db_dir(),
         )
         selection = settings.Selection.from_env(**{f: overrides.pop(f, None) for f in settings.SELECTION_ENV})

@@ -76,8 +76,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "vocab": _schema(("model", S), ("token_id", I32), ("text", S), ("bytes_hex", S), ("is_special", B)),
     "ablations": _schema(
         ("run_id", S), ("node_id", S), ("location", S), ("channel", I64), ("mode", S), ("stored_delta", F64),
-        ("recomputed_loss", F64), ("recomputed_delta", F64), ("abs_diff", F64), ("agrees", B),
-        ("node_mean", F64), ("node_mean_se", F64),
+        ("recomputed_loss", F64), ("recomputed_delta", F64), ("recomputed_delta_se", F64), ("abs_diff", F64),
+        ("agrees", B), ("node_mean", F64), ("node_mean_se", F64),
     ),
     "recomputed_activations": _schema(
         ("run_id", S), ("node_id", S), ("location", S), ("channel", I64), ("doc", I32), ("pos", I32),
@@ -95,6 +95,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("recomputed_interv_loss", F64), ("max_abs_act_diff_full", F64), ("max_abs_act_diff_circuit", F64),
         ("stored_acts_match", S), ("loss_factor", F64), ("means_source", S), ("means_tokens", I64),
         ("tolerance", F64), ("device", S), ("skipped", S), ("means_se_max", F64), ("means_se_median", F64),
+        ("ablation_pairs", I64), ("task_pairs", I64),
         ("seconds_full_model", F64), ("seconds_means", F64), ("seconds_circuit_model", F64), ("seconds_ablations", F64),
     ),
 }  # fmt: skip

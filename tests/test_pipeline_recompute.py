@@ -13,7 +13,17 @@ from inference import GPT, load_model
 from inference import circuit as C
 from inference.fast import is_accelerated
 from pipeline.formats import read_viz_data
-from pipeline.recompute import means_over_sequences, recompute, snippet_sequences
+from pipeline.recompute import (
+    MIN_ABLATION_PAIRS,
+    ablation_pairs,
+    means_over_sequences,
+    pair_chunks,
+    paired_estimate,
+    recompute,
+    snippet_sequences,
+    t_quantile_999,
+    within,
+)
 
 
 def _viz(viz_store, run_id):
@@ -77,8 +87,8 @@ def test_chunked_recompute_equals_one_pass_of_the_plain_model(viz_store, device)
     viz = _viz(viz_store, run_id)
     assert viz.docs.shape[0] >= 4  # at least two chunks of one pair
     plain = load_model(viz_store / "models" / FIXTURE_MODEL)
-    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_docs=2)
-    whole = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_docs=10_000)
+    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_tokens=64)
+    whole = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_tokens=10**9)
     ctx = int(viz.doc_lengths().max())
     docs = torch.from_numpy(viz.docs)[:, :ctx]
     circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}
@@ -133,3 +143,93 @@ def test_means_on_a_token_budget_with_standard_errors(viz_store):
     np.testing.assert_allclose(means[loc].numpy(), mu, atol=1e-6)
     np.testing.assert_allclose(se[loc].numpy(), want_se, atol=1e-6)
     assert se[loc].max() > 0
+
+
+def test_ablations_on_a_sample_of_pairs_with_standard_errors(viz_store):
+    """A budget below the circuit's work ablates a fixed-seed sample of pairs: each node's loss is
+    the circuit loss over every pair plus the mean paired difference over the sampled pairs, its
+    standard error that of a simple random sample without replacement, both checked against the
+    reference per-node loop of full-size forwards on every pair."""
+    run_id = "fixture_a/quotes/prune_v4/k_optim"
+    viz = _viz(viz_store, run_id)
+    n_pairs = viz.docs.shape[0] // 2
+    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL), viz, ablation_budget=1)
+    sample = r.ablated_pairs
+    assert len(sample) == MIN_ABLATION_PAIRS < n_pairs == r.task_pairs
+    again = recompute(load_model(viz_store / "models" / FIXTURE_MODEL), viz, ablation_budget=1, modes=("mean",))
+    assert again.ablated_pairs == sample  # fixed seed: the same pairs every run
+
+    plain = load_model(viz_store / "models" / FIXTURE_MODEL)
+    docs = torch.from_numpy(viz.docs)[:, : int(viz.doc_lengths().max())]
+    circuit = {loc: torch.from_numpy(ch) for loc, ch in viz.circuit.items()}
+    means, _ = means_over_sequences(plain, snippet_sequences(viz), C.circuit_locations(plain.config, circuit))
+    masks = C.circuit_masks(plain.config, circuit)
+    with torch.no_grad():
+        circ = C.task_loss(C.masked_forward(plain, docs, masks, means), docs, per_pair=True).double().numpy()
+    assert r.interv_loss == pytest.approx(circ.mean(), abs=1e-6)
+    k, fpc = len(sample), 1 - len(sample) / n_pairs
+    some_se = False
+    for mode in ("mean", "zero"):
+        ref = C.ablation_losses(plain, docs, circuit, means, mode=mode, per_pair=True)
+        for loc, per_pair in ref.items():
+            for i, row in enumerate(per_pair.numpy()):
+                d = [row[j] - circ[j] for j in sample]
+                mean = sum(d) / k
+                se = (sum((x - mean) ** 2 for x in d) / (k - 1) / k * fpc) ** 0.5
+                assert r.ablation[mode][loc][i] == pytest.approx(circ.mean() + mean, abs=1e-5), (mode, loc, i)
+                assert r.ablation_se[mode][loc][i] == pytest.approx(se, abs=1e-5), (mode, loc, i)
+                some_se |= se > 1e-4
+    assert some_se  # the pairs disagree somewhere (> the 1e-5 compared at): the standard errors are exercised
+    exact = recompute(load_model(viz_store / "models" / FIXTURE_MODEL), viz, modes=("mean",))
+    assert exact.ablated_pairs == list(range(n_pairs))
+    assert all((se == 0).all() for se in exact.ablation_se["mean"].values())
+    for x in (r, again, exact):
+        x.full_acts.close()
+        x.circuit_acts.close()
+
+
+def test_pair_sample_within_the_budget():
+    lengths = torch.tensor([10, 20, 30, 40, 50, 12, 22, 32, 42, 52])  # 5 pairs: (10, 12), (20, 22), ...
+    tokens = [22, 42, 62, 82, 102]
+    assert ablation_pairs(lengths, 3, 0) == [0, 1, 2, 3, 4]  # 0: every pair
+    assert ablation_pairs(lengths, 3, 3 * sum(tokens)) == [0, 1, 2, 3, 4]  # fits exactly
+    picked = ablation_pairs(lengths, 3, 3 * sum(tokens) - 1)
+    assert MIN_ABLATION_PAIRS <= len(picked) < 5 and 3 * sum(tokens[j] for j in picked) <= 3 * sum(tokens) - 1
+    assert picked == sorted(set(picked)) == ablation_pairs(lengths, 3, 3 * sum(tokens) - 1)
+    assert len(ablation_pairs(lengths, 3, 1)) == MIN_ABLATION_PAIRS  # the minimum, whatever the budget
+
+
+def test_pair_chunks_cover_each_pair_once_within_the_token_bound():
+    lengths = torch.tensor([5, 9, 3, 30, 7, 6, 8, 4, 31, 2])  # 5 pairs; pair j's longer doc
+    half = 5
+    for bound in (1, 20, 40, 64, 10**6):
+        chunks = pair_chunks(lengths, range(half), bound)
+        firsts = [int(j) for c in chunks for j in c[: len(c) // 2]]
+        assert sorted(firsts) == list(range(half))  # every pair once
+        for c in chunks:
+            n = len(c) // 2
+            assert (c[n:] == c[:n] + half).all()  # first docs, then their partners in the same order
+            width = int(lengths[c].max())
+            assert n == 1 or len(c) * width <= bound  # within the bound unless one pair alone exceeds it
+    assert len(pair_chunks(lengths, range(half), 10**6)) == 1
+    assert len(pair_chunks(lengths, range(half), 1)) == half
+    assert pair_chunks(lengths, [3, 1], 10**6)[0].tolist() == [1, 3, 6, 8]  # by length: pair 1 (9), pair 3 (30)
+
+
+def test_paired_estimate_and_agreement_with_sampling_error():
+    rng = np.random.default_rng(0)
+    circuit = rng.normal(1.0, 0.2, 6)
+    ablated = circuit[None, :] + rng.normal(0.3, 0.1, (4, 6))
+    mean, se = paired_estimate(ablated, circuit, 6)  # every pair: exact
+    np.testing.assert_allclose(mean, ablated.mean(axis=1) - circuit.mean(), atol=1e-12)
+    assert (se == 0).all()
+    mean, se = paired_estimate(ablated, circuit, 60)  # 6 of 60 pairs
+    d = ablated - circuit
+    np.testing.assert_allclose(se, np.sqrt(d.var(axis=1, ddof=1) / 6 * (1 - 6 / 60)), atol=1e-12)
+    assert t_quantile_999(1) == 636.62 and t_quantile_999(11) == t_quantile_999(10) > t_quantile_999(12) > 3.29 == t_quantile_999(
+        500
+    )
+    # tolerance alone; then a sampled estimate: within t(k - 1) standard errors more
+    assert within(1.0, 1.0005, 1e-3) and not within(1.0, 1.1, 1e-3)
+    assert within(1.0, 1.1, 1e-3, se=0.1 / 5.0, pairs=9)  # t(8) = 5.04 > 5 SEs + tolerance
+    assert not within(1.0, 1.1, 1e-3, se=0.1 / 6.0, pairs=9)  # 6 SEs

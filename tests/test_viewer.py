@@ -422,6 +422,8 @@ def test_pick_run_toggle_pins_export(viewer_data):
     df = pd.read_parquet(to_bytes(nodes_export(app.state.run, app.state.pins), "parquet"))
     assert df.set_index("node_id").loc[node_id, "pin_label"] == "quote detector"
     assert len(df) == len(truth.nodes["toy/brackets/sweep1/8"])
+    # the pipeline's recomputed deltas ride along, with their standard errors (0: every pair ablated)
+    assert {"recomputed_delta", "recomputed_delta_se", "agrees"} <= set(df.columns) and (df["recomputed_delta_se"] == 0).all()
     csv = pd.read_csv(io.BytesIO(to_bytes(nodes_export(app.state.run, app.state.pins), "csv").read()))
     assert len(csv) == len(df)
 

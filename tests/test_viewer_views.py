@@ -135,7 +135,7 @@ def test_node_detail_header_connections_snippets():
     )
     detail = models.NodeDetail(
         node,
-        ablation={"recomputed_delta": 0.44, "abs_diff": 0.0027, "agrees": True},
+        ablation={"recomputed_delta": 0.44, "recomputed_delta_se": 0.0123, "abs_diff": 0.0027, "agrees": True},
         inputs=inputs,
         outputs=inputs.clear(),
         snippets=snippets,
@@ -147,7 +147,7 @@ def test_node_detail_header_connections_snippets():
     assert (
         "<b>0.4373</b>" in head
         and "layer-half delta 1.5000 (released reading 2.7500)" in head
-        and "0.4400" in head
+        and "0.4400 ± 0.0123 (s.e., sampled pairs)" in head
         and "agrees" in head
     )
     assert "&lt;my pin&gt;" in head and "<my pin>" not in head

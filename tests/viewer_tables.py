@@ -446,7 +446,17 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
         )
         ab = {
             k: []
-            for k in ("run_id", "node_id", "mode", "stored_delta", "recomputed_loss", "recomputed_delta", "abs_diff", "agrees")
+            for k in (
+                "run_id",
+                "node_id",
+                "mode",
+                "stored_delta",
+                "recomputed_loss",
+                "recomputed_delta",
+                "recomputed_delta_se",
+                "abs_diff",
+                "agrees",
+            )
         }
         for i, n in enumerate(node_rows):
             recomputed = n["delta"] + (0.5 if i % 5 == 0 else 1e-4)  # every fifth node disagrees
@@ -456,6 +466,7 @@ def write_contract_tables(root, scale: Scale | None = None, runs=None, seed=0, s
             ab["stored_delta"].append(n["delta"])
             ab["recomputed_loss"].append(recomputed + interv_raw * LOSS_FACTOR)
             ab["recomputed_delta"].append(recomputed)
+            ab["recomputed_delta_se"].append(0.0)  # every pair ablated: exact
             ab["abs_diff"].append(abs(recomputed - n["delta"]))
             ab["agrees"].append(i % 5 != 0)
         _write(root, "ablations", run_id, ab, truth)

@@ -751,7 +751,8 @@ def nodes_export(run_id: str, pins: dict) -> pl.DataFrame:
     df = df.with_columns(pin_label=pl.Series([pins.get(n) for n in df["node_id"].to_list()], dtype=pl.String))
     ab = queries.ablations(run_id)
     if ab is not None and len(ab):
-        df = df.join(ab.select("node_id", "recomputed_delta", "agrees"), on="node_id", how="left", maintain_order="left")
+        cols = ("node_id", "recomputed_delta", "recomputed_delta_se", "agrees")
+        df = df.join(ab.select(*cols), on="node_id", how="left", maintain_order="left")
     return df
 
 

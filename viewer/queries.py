@@ -462,7 +462,7 @@ def loss_at_k(model: str, task: str, sweep: str) -> pl.DataFrame | None:
 def ablations(run_id: str, mode: str = "mean") -> pl.DataFrame | None:
     """Pipeline-recomputed ablation deltas beside the stored ones (None when the pipeline did not recompute)."""
     return optional(
-        """SELECT node_id, stored_delta, recomputed_delta, abs_diff, agrees FROM ablations
+        """SELECT node_id, stored_delta, recomputed_delta, recomputed_delta_se, abs_diff, agrees FROM ablations
                        WHERE run_id = ? AND mode = ?""",
         [run_id, mode],
     )

@@ -72,7 +72,7 @@ def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
         check_against_model(viz, model.config, f"the model {run.model}")
     except VizDataError as e:
         raise dg.Failure(description=str(e)) from None
-    r = recompute(model, viz, log=context.log.info, store_means=store_means)
+    r = recompute(model, viz, log=context.log.info, store_means=store_means, ablation_budget=circuits.ablation_budget)
     tables = recompute_tables(viz, run, r, circuits.loss_factor, circuits.tolerance, circuits.device)
     data = circuits.data_url()
     try:

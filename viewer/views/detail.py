@@ -132,8 +132,11 @@ def header_html(node: dict, ablation: dict | None, pin_label: str | None) -> str
     ]
     if ablation is not None:
         flag = "agrees" if ablation["agrees"] else '<b style="color:#b2182b">DISAGREES</b>'
+        se = ablation.get("recomputed_delta_se")
+        # a delta from a sample of task pairs carries its standard error (0: every pair, exact)
+        pm = f" ± {_num(se, '.4f')} (s.e., sampled pairs)" if se is not None and se == se and se > 0 else ""
         parts.append(
-            f"<div>recomputed by the pipeline: {_num(ablation['recomputed_delta'], '.4f')} "
+            f"<div>recomputed by the pipeline: {_num(ablation['recomputed_delta'], '.4f')}{pm} "
             f"(|diff| {_num(ablation['abs_diff'], '.2g')}, {flag})</div>"
         )
     if pin_label is not None:

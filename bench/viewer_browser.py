@@ -61,9 +61,12 @@ window.__bench = {
     return [r.left + v.parent.frame.x_scale.compute(data.x[i]), r.top + v.parent.frame.y_scale.compute(data.y[i])];
   },
   node_ids() { const v = this.graph(); return v ? Array.from(v.model.data_source.data.node_id) : []; },
-  // An HTML box's text: a Bokeh Div's `text`, or the `html` of the viewer's LiveHtml boxes (a Panel JSComponent,
-  // whose properties live in a data model).
-  html(m) { return typeof m.text === 'string' ? m.text : (typeof m.html === 'string' ? m.html : null); },
+  // An HTML box's text: a Bokeh Div's `text`, or the `html_text` of the viewer's LiveHtml boxes (a Panel
+  // ReactiveHTML, whose parameters live in a data model).
+  html(m) {
+    if (typeof m.text === 'string') return m.text;
+    return Array.isArray(m.html_text) && typeof m.html_text[0] === 'string' ? m.html_text[0] : null;
+  },
   div(marker) { return this.models().find(m => { const t = this.html(m); return t !== null && t.includes(marker); }) || null; },
   task_text() { const d = this.div('difference = class 2 minus class 1'); return d ? this.html(d) : null; },
   whole_edges() {  // the whole-circuit graph's edge count, or -1 before it exists

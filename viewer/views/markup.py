@@ -15,6 +15,7 @@ import panel as pn
 import param
 import polars as pl
 from bokeh.models import AutocompleteInput, Div
+from panel.reactive import ReactiveHTML
 
 TABLE_STYLE = """<style>
 table.df {border-collapse: collapse; font-size: 12px; font-family: sans-serif; width: 100%;}
@@ -86,19 +87,19 @@ class HtmlBox:
             self.div.text = text
 
 
-class LiveHtml(pn.custom.JSComponent):
+class LiveHtml(ReactiveHTML):
     """HTML whose updates are one `innerHTML` in the browser (see `LiveHtmlBox`). Not named with a leading
-    underscore: Bokeh does not register such model classes, and the browser then cannot build the page."""
+    underscore: Bokeh does not register such model classes, and the browser then cannot build the page.
 
-    html = param.String(default="")
-    _esm = """
-export function render({ model, el }) {
-  const box = document.createElement("div")
-  box.innerHTML = model.html
-  model.on("html", () => { box.innerHTML = model.html })
-  return box
-}
-"""
+    A ReactiveHTML with scripts rather than a JSComponent: a JSComponent's module is compiled in the browser
+    before the page's views are built, which put ~250 ms on every cold start (bench/README.md). The HTML is
+    held as a one-element list: ReactiveHTML passes every string parameter through an HTML sanitizer that
+    strips classes and <style> (the token colours); this HTML is the viewer's own, built from escaped values,
+    as a Bokeh Div's text is."""
+
+    html_text = param.List(default=[""])
+    _template = '<div id="box"></div>'
+    _scripts = {"render": "box.innerHTML = data.html_text[0]", "html_text": "box.innerHTML = data.html_text[0]"}
 
 
 class LiveHtmlBox:
@@ -107,11 +108,11 @@ class LiveHtmlBox:
     A Bokeh Div whose text changes is re-rendered by BokehJS and the layout of the whole page is then
     recomputed from the root, plots included (~20 ms of a click each in headless Chromium, measured in
     bench/README.md); here a change replaces the box's HTML and the browser lays out what changed. The text is
-    set as HTML and never typeset (no MathJax: token texts holding $$ or \\( stay as they are). Costs a session
-    ~3 ms more to build than an HtmlBox (two models instead of one), so the boxes that rarely change stay Divs."""
+    set as HTML and never typeset (no MathJax: token texts holding $$ or \\( stay as they are). Two models (the component and its
+    data) instead of a Div's one, so the boxes that rarely change stay Divs."""
 
     def __init__(self, text: str = "", style: dict | None = None):
-        self.view = LiveHtml(html=text, sizing_mode="stretch_width", margin=5, styles=style or {})  # a Div's margin
+        self.view = LiveHtml(html_text=[text], sizing_mode="stretch_width", margin=5, styles=style or {})  # a Div's margin
 
     @property
     def panel(self):
@@ -119,12 +120,12 @@ class LiveHtmlBox:
 
     @property
     def object(self) -> str:
-        return self.view.html
+        return self.view.html_text[0]
 
     @object.setter
     def object(self, text: str) -> None:
-        if self.view.html != text:
-            self.view.html = text
+        if self.view.html_text[0] != text:
+            self.view.html_text = [text]
 
 
 def _cells(values: np.ndarray, digits: int) -> list[str]:

@@ -9,7 +9,8 @@
     python bench/viewer_serving.py clicks [--code DIR] [--visits 4] [--clicks 6]
         node clicks (action to painted frame, as `bench/viewer.py --browser` times them) on this checkout and on
         DIR, both servers up and the sessions alternated between them (each session: 2 layer-halves x N clicks),
-        so that both see the same machine load
+        so that both see the same machine load; with each click's phases in the page (the tap sent, the
+        server's answer in: WebSocket messages hooked), the bytes it received and the Bokeh models it added
 
 Uses the release-scale tables of `python bench/viewer.py` (built there, once, into /tmp/circuits-viewer-bench).
 """
@@ -68,6 +69,24 @@ async def cold(urls: dict, visits: int):
         )
 
 
+# The page's WebSocket messages with their arrival time (page clock) and size; outgoing ones marked "out".
+WS_HOOK = """
+(() => {
+  const Native = window.WebSocket;
+  window.__ws = [];
+  window.WebSocket = function (...args) {
+    const ws = new Native(...args);
+    ws.addEventListener('message', (e) => window.__ws.push([performance.now(), typeof e.data === 'string' ? e.data.length : e.data.byteLength ?? e.data.size]));
+    const send = ws.send.bind(ws);
+    ws.send = (d) => { window.__ws.push([performance.now(), 'out']); return send(d); };
+    return ws;
+  };
+  window.WebSocket.prototype = Native.prototype;
+  Object.assign(window.WebSocket, Native);
+})();
+"""
+
+
 async def clicks(urls: dict, visits: int, per_layer: int):
     from playwright.async_api import async_playwright
 
@@ -79,20 +98,40 @@ async def clicks(urls: dict, visits: int, per_layer: int):
         for i in range(visits):
             for name in names if i % 2 == 0 else names[::-1]:
                 loads[name].append(os.getloadavg()[0])
-                c, page, _ = await vb.open_session(browser, urls[name])
+                c = await browser.new_context(viewport={"width": 1400, "height": 1400})
+                page = await c.new_page()
+                await page.add_init_script(WS_HOOK)
+                await page.add_init_script(vb.HELPERS)
+                await page.goto(urls[name], wait_until="commit", timeout=180000)
+                await page.wait_for_function("() => window.__bench.ready()", polling="raf", timeout=300000)
                 await vb.settle(3)  # the post-load parts built and drawn
                 for layer in ("0.attn", "1.mlp"):
                     await vb.pick_layer(page, layer)
                     ids = [n for n in await page.evaluate("() => window.__bench.node_ids()") if not n.endswith(":bias")]
                     for node_id in ids[i % 3 :: max(1, len(ids) // per_layer)][:per_layer]:
-                        out[name].append(await vb.click_node(page, node_id))
+                        t0, n0 = await page.evaluate(
+                            "() => { window.__ws = []; return [performance.now(), window.__bench.models().length]; }"
+                        )
+                        ms = await vb.click_node(page, node_id)
+                        await asyncio.sleep(0.3)  # messages after the measured frame (none expected) are counted too
+                        msgs, n1 = await page.evaluate("() => [window.__ws, window.__bench.models().length]")
+                        sent = [t for t, size in msgs if size == "out"]
+                        got = [(t, size) for t, size in msgs if size != "out"]
+                        answer = next((t for t, size in got if size > 1000), None)  # the patch (small ones: acks)
+                        out[name].append(
+                            (ms, sent[0] - t0 if sent else -1, answer - t0 if answer else -1, sum(x for _, x in got), n1 - n0)
+                        )
                         await asyncio.sleep(0.3)
                 await c.close()
         await browser.close()
-    for name, xs in out.items():
+    for name, rows in out.items():
+        xs = [r[0] for r in rows]
+        med = [statistics.median(r[j] for r in rows) for j in range(1, 5)]
         print(
             f"{name}: click node median {statistics.median(xs):.0f} ms, p95 {vb.pct(xs, 0.95):.0f} ({len(xs)} clicks; "
-            f"load average at each session's start {', '.join(f'{x:.1f}' for x in loads[name])})"
+            f"load average at each session's start {', '.join(f'{x:.1f}' for x in loads[name])}); medians: tap sent at "
+            f"{med[0]:.0f} ms, the server's answer in at {med[1]:.0f} ms, {med[2] / 1000:.0f} KB received, {med[3]:.0f} "
+            "Bokeh models added per click"
         )
 
 

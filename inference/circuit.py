@@ -244,7 +244,10 @@ def ablation_losses(
     for loc, channels in circuit_data.items():
         chans = torch.as_tensor(channels).long().tolist()
         losses = [one_ablation_loss(model, docs, masks, means, frozen, loc, c, mode, per_pair) for c in chans]
-        out[loc] = torch.stack(losses) if per_pair and losses else torch.tensor(losses)
+        if not per_pair:
+            out[loc] = torch.tensor(losses)
+        else:  # (nodes, pairs), also for a location without nodes (as CircuitModel's)
+            out[loc] = torch.stack(losses) if losses else torch.zeros(0, docs.shape[0] // 2, dtype=torch.float64)
     return out
 
 

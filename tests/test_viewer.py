@@ -642,3 +642,27 @@ def test_post_load_parts_wait_while_other_sessions_load(monkeypatch):
     assert not explorer.post_load_waits(1, since=now - explorer.POST_LOAD_MAX_WAIT_SECONDS, now=now)
     explorer._loading[2] = now - explorer.LOADING_FORGET_SECONDS  # requested, never loaded
     assert not explorer.post_load_waits(1, since=now, now=now)
+
+
+def test_ablations_written_before_standard_errors_still_show(tmp_path):
+    """Tables from before deltas carried standard errors (no `recomputed_delta_se` column in any
+    file) still give the recomputed deltas, with a null standard error, not nothing."""
+    import glob
+
+    import pyarrow.parquet as pq
+    from viewer_tables import write_views
+
+    from viewer import queries
+
+    truth = write_contract_tables(str(tmp_path))
+    for path in glob.glob(str(tmp_path / "tables" / "ablations" / "*.parquet")):
+        pq.write_table(pq.read_table(path).drop_columns(["recomputed_delta_se"]), path)
+    write_views(str(tmp_path), [t for t in queries.VIEWER_TABLES if (tmp_path / "tables" / t).is_dir()])
+    want = table(truth, "ablations")
+    want = want[(want["run_id"] == RUN) & (want["mode"] == "mean")]
+    with data_dir(tmp_path):
+        got = queries.ablations(RUN)
+    assert got is not None and got["recomputed_delta_se"].null_count() == len(got) == len(want) > 0
+    got = got.to_pandas().set_index("node_id").loc[want["node_id"]]
+    np.testing.assert_allclose(got["recomputed_delta"], want["recomputed_delta"])
+    assert list(got["agrees"]) == list(want["agrees"])

@@ -34,15 +34,18 @@ SIDEBAR_WIDTH = 330
 
 
 class Page(pn.Column):
-    """A page: header, sidebar and main column. `.sidebar` / `.main` list their items like a template's."""
+    """A page: header, sidebar and main column. `.sidebar` / `.main` list their items like a template's.
+    `main`: the items of the main column, or the column itself (the explorer's, which grows after load)."""
 
-    def __init__(self, sidebar: list, main: list, main_max_width: str | None = None):
+    def __init__(self, sidebar: list, main: list | pn.Column, main_max_width: str | None = None):
         header = pn.pane.Bokeh(
             Div(text=html.escape(TITLE), disable_math=True, styles=HEADER_STYLE, sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
         side = pn.Column(*sidebar, width=SIDEBAR_WIDTH, styles=SIDEBAR_STYLE, margin=0)
-        body = pn.Column(*main, sizing_mode="stretch_width", styles={"max-width": main_max_width} if main_max_width else {})
+        body = main if isinstance(main, pn.Column) else pn.Column(*main, sizing_mode="stretch_width")
+        if main_max_width:
+            body.styles = {**body.styles, "max-width": main_max_width}
         super().__init__(
             header,
             pn.Row(*([side] if sidebar else []), body, sizing_mode="stretch_width", margin=0),
@@ -90,9 +93,9 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         app = ExplorerApp(url=url, sync_url=sync_url)
     except queries.TablesMissing as err:
         return missing_page(str(err))
-    # One root per template area: the template adds each item as a document root, and each new root
-    # makes Bokeh re-walk every model added so far (a dozen sidebar roots cost ~1 s of the cold start).
-    sidebar = pn.Column(
+    # The sidebar's items go straight into the page's sidebar column and the explorer's main column is the page's:
+    # every layout level is a Panel object and a Bokeh model more to build and send per session.
+    sidebar = [
         app.model,
         app.task,
         app.sweep,
@@ -105,10 +108,8 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         app.pin_label,
         pn.Row(app.pin, app.unpin),
         app.pins.panel,
-        sizing_mode="stretch_width",
-    )
-    main = pn.Column(app.notes.panel, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
-    page = Page([sidebar], [main])
+    ]
+    page = Page(sidebar, app.main)
     page.explorer = app  # tests and bench reach the app's state and views through the page
     return page
 

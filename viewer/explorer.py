@@ -62,8 +62,8 @@ def layer_options(layers) -> dict:
 
 # Sessions of this server process that are being built or are loading in a browser: session number -> when
 # its build started; removed when the browser reports the page drawn (Panel's onload). While any other session
-# is loading, a drawn session's post-load parts (Embeddings view, the Node tab's inner tabs: ~40% of a session's
-# server CPU) wait: when many visitors arrive together, the server builds and sends their pages first.
+# is loading, a drawn session's post-load part (the detail tabs below the graph: a quarter of a session's build)
+# waits: when many visitors arrive together, the server builds and sends their first pages first.
 _loading: dict[int, float] = {}
 _session_numbers = itertools.count()
 LOADING_FORGET_SECONDS = 30.0  # a page requested and never loaded (no browser, a closed tab) stops counting then
@@ -124,24 +124,25 @@ class ExplorerApp:
         self.notes = HtmlBox(style=NOTE_STYLE)
         self.notes.div.visible = False
 
-        # Views. The Node tab is built with the page (figures empty), so a click only fills data into existing
-        # models. The Embeddings tab (two figures: a third of the page's models and of the session's build time)
-        # and the Node tab's inner tabs are built right after the page has loaded (`_after_load`), so that the page is drawn without them and
-        # its first open only fills data in (built on open it costs ~200 ms: adding models to a live document
-        # makes Bokeh re-walk it). The other tabs (whole circuit, curves, compare, export) are built on first
-        # open: each view built with the page costs the cold start of every session.
+        # Views. The page's first document holds the sidebar and the graph tabs; the detail tabs below them (the
+        # Node view with its figures empty, the other tabs' headers) are added right after the page has loaded
+        # (`_after_load`), so that the first paint does not wait for them (~25% of a session's build). Every other
+        # view is built when its tab is first opened: the Embeddings view (two figures), the Node tab's Task docs
+        # and Attention widgets, the whole-circuit graph, Curves, Compare, Faithfulness, Export. Built with every
+        # page they cost each session their models (the Embeddings view and the inner tabs were ~50% more server
+        # CPU per session on top of its build); built on open they cost the first open of that tab (measured in
+        # bench/README.md "Viewer: cheaper sessions").
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
-        self.detail = DetailView(state)
         self._lazy = {}
-        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[1:])}
+        self._holders = {GRAPH_TABS[1]: pn.Column(sizing_mode="stretch_width")}
         self.graph_tabs = pn.Tabs(
             (GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
             (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]),
             sizing_mode="stretch_width",
         )
-        self.detail_tabs = pn.Tabs(
-            (DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]), sizing_mode="stretch_width"
-        )
+        self.detail = self.detail_tabs = None  # `_build_detail`, after load
+        # The main column (app.py puts it beside the sidebar); the detail tabs join it after load.
+        self.main = pn.Column(self.notes.panel, self.graph_tabs, sizing_mode="stretch_width")
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
 
@@ -152,7 +153,6 @@ class ExplorerApp:
         self.pin.on_click(self._pin)
         self.unpin.on_click(self._unpin)
         self.graph_tabs.param.watch(lambda e: self._refresh_stale(), "active")
-        self.detail_tabs.param.watch(lambda e: self._refresh_stale(), "active")
         # State -> views and URL.
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
@@ -175,14 +175,31 @@ class ExplorerApp:
             self._after_load()
 
     def _after_load(self):
-        """The parts of the page its first paint does not need: the Embeddings view, the Node tab's inner tabs."""
+        """The part of the page its first paint does not need: the detail tabs below the graph."""
         with pn.io.hold():
-            self.detail.fill_tabs()
-            self._view("Embeddings")
+            self._build_detail()
+            if self.detail_tabs not in self.main.objects:
+                self.main.append(self.detail_tabs)
+            self._refresh_stale()  # the Node tab: the node of the link, if any
+
+    def _build_detail(self):
+        """The detail tabs (once): the Node view, the other tabs' holders (their views are built on first open)."""
+        if self.detail_tabs is None:
+            self.detail = DetailView(self.state)
+            self._holders.update({name: pn.Column(sizing_mode="stretch_width") for name in DETAIL_TABS[1:]})
+            self.detail_tabs = pn.Tabs(
+                (DETAIL_TABS[0], self.detail.panel),
+                *((t, self._holders[t]) for t in DETAIL_TABS[1:]),
+                sizing_mode="stretch_width",
+            )
+            self.detail_tabs.param.watch(lambda e: self._refresh_stale(), "active")
+        return self.detail_tabs
 
     def _view(self, tab):
         """The view of a tab built on first open."""
         if tab not in self._lazy:
+            if tab in DETAIL_TABS:
+                self._build_detail()
             make = {
                 GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
                     self._select_node,
@@ -313,7 +330,7 @@ class ExplorerApp:
             pn.state.execute(self._write_url, schedule=True)
 
     def _when_visible(self, tab, fn):
-        if DETAIL_TABS[self.detail_tabs.active] == tab:
+        if self.detail_tabs is not None and DETAIL_TABS[self.detail_tabs.active] == tab:
             fn()
         else:
             self.stale.add(tab)
@@ -329,6 +346,8 @@ class ExplorerApp:
                 if self._whole_key[1] != s.threshold:
                     self.whole.show_threshold(s.threshold)
             self._whole_key = (s.run, s.threshold)
+        if self.detail_tabs is None:  # not built yet (`_after_load`): its tabs stay stale until then
+            return
         tab = DETAIL_TABS[self.detail_tabs.active]
         if tab in self.stale:
             self.stale.discard(tab)

@@ -135,9 +135,20 @@ def serve_locally(doc) -> None:
         Resources._default_components = [c for c in default if c != "bokeh-gl"]
 
 
+def skip_document_validation() -> None:
+    """No Bokeh integrity check of every new session's document (Bokeh's `validate_doc` setting): it looks up
+    every model's `_check_*` methods by `dir()`, ~10% of a session's build at release scale, on the event loop
+    that builds the other visitors' sessions; it finds nothing on this page but empty placeholder columns (a
+    warning). The tests run the same check on a page with every view built (tests/test_viewer.py)."""
+    from bokeh.settings import settings
+
+    settings.perform_document_validation.set_value(False)
+
+
 if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`
     # No extension named: the page loads the JavaScript of the models it uses only (without this call Panel
     # adds every imported model's, e.g. Tabulator's 0.5 MB and Luxon).
     pn.extension()
+    skip_document_validation()
     serve_locally(pn.state.curdoc)
     create_app(sync_url=True).servable(title=TITLE)

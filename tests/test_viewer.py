@@ -645,9 +645,10 @@ def test_post_load_parts_wait_while_other_sessions_load(monkeypatch):
 
 
 def test_first_document_then_detail_tabs_after_load_and_views_on_first_open(viewer_data, monkeypatch):
-    """A served page's first document holds the sidebar and the graph; the detail tabs join it when the browser
-    reports the page loaded (Panel's onload), showing the link's node; the Embeddings view and the Node tab's
-    Task docs / Attention widgets are built when their tab is first opened, with the selected node's data."""
+    """A served page's first document holds the sidebar's pickers and the graph; the Pins group and the detail
+    tabs join it when the browser reports the page loaded (Panel's onload), showing the link's pins and node; the
+    Embeddings view and the Node tab's Task docs / Attention widgets are built when their tab is first opened,
+    with the selected node's data."""
     import panel as pn
     from bokeh.document import Document
     from panel.io.state import set_curdoc
@@ -662,19 +663,21 @@ def test_first_document_then_detail_tabs_after_load_and_views_on_first_open(view
     with set_curdoc(doc):
         # as in a served session: the callbacks wait for the browser (without one, Panel runs them at once)
         monkeypatch.setattr(pn.state, "onload", lambda cb, threaded=False: onload.append(cb))
-        page = create_app(url={"run": RUN, "node": node["node_id"]})
+        page = create_app(url={"run": RUN, "node": node["node_id"], "pins": '{"%s": "mine"}' % node["node_id"]})
         monkeypatch.undo()
         page.server_doc(doc)
         app = page.explorer
         assert app.detail_tabs is None and app.detail is None
         assert list(page.main) == [app.notes.panel, app.graph_tabs]
-        texts = [getattr(m, "text", "") for m in doc.models]
-        assert not any(node["node_id"] in str(t) for t in texts)  # no node box yet
+        assert app.node.panel in list(page.sidebar) and app.pins.panel not in list(page.sidebar)
+        texts = [str(getattr(m, "text", "")) for m in doc.models]
+        assert not any(node["node_id"] in t for t in texts)  # no node box, no pin list yet
         n_first = len(doc.models)
         for cb in onload:
             cb()
-        assert list(page.main)[-1] is app.detail_tabs
+        assert list(page.main)[-1] is app.detail_tabs and list(page.sidebar)[-1] is app.pins.panel
         assert f">{node['node_id']}</h3>" in app.detail.header.object  # the link's node, shown once the tabs exist
+        assert f"{node['node_id']}: mine" in app.pins.object
         assert len(doc.models) > n_first
         # not built until opened
         assert "Embeddings" not in app._lazy and len(app._holders["Embeddings"]) == 0

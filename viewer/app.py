@@ -34,33 +34,23 @@ SIDEBAR_WIDTH = 330
 
 
 class Page(pn.Column):
-    """A page: header, sidebar and main column. `.sidebar` / `.main` list their items like a template's.
-    `main`: the items of the main column, or the column itself (the explorer's, which grows after load)."""
+    """A page: header, sidebar and main column. `.sidebar` / `.main` are those columns (list-like, like a
+    template's areas; items appended after the page is served are sent to the browser)."""
 
-    def __init__(self, sidebar: list, main: list | pn.Column, main_max_width: str | None = None):
+    def __init__(self, sidebar: list, main: list, main_max_width: str | None = None):
         header = pn.pane.Bokeh(
             Div(text=html.escape(TITLE), disable_math=True, styles=HEADER_STYLE, sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
         side = pn.Column(*sidebar, width=SIDEBAR_WIDTH, styles=SIDEBAR_STYLE, margin=0)
-        body = main if isinstance(main, pn.Column) else pn.Column(*main, sizing_mode="stretch_width")
-        if main_max_width:
-            body.styles = {**body.styles, "max-width": main_max_width}
+        body = pn.Column(*main, sizing_mode="stretch_width", styles={"max-width": main_max_width} if main_max_width else {})
         super().__init__(
             header,
             pn.Row(*([side] if sidebar else []), body, sizing_mode="stretch_width", margin=0),
             sizing_mode="stretch_width",
             margin=0,
         )
-        self._page_sidebar, self._page_main = side, body
-
-    @property
-    def sidebar(self):
-        return self._page_sidebar.objects
-
-    @property
-    def main(self):
-        return self._page_main.objects
+        self.sidebar, self.main = side, body
 
 
 def missing_page(reason: str) -> Page:
@@ -93,23 +83,21 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         app = ExplorerApp(url=url, sync_url=sync_url)
     except queries.TablesMissing as err:
         return missing_page(str(err))
-    # The sidebar's items go straight into the page's sidebar column and the explorer's main column is the page's:
-    # every layout level is a Panel object and a Bokeh model more to build and send per session.
-    sidebar = [
-        app.model,
-        app.task,
-        app.sweep,
-        app.k,
-        app.summary.panel,
-        app.layer,
-        app.threshold,
-        app.node.panel,
-        heading("Pins"),
-        app.pin_label,
-        pn.Row(app.pin, app.unpin),
-        app.pins.panel,
-    ]
-    page = Page(sidebar, app.main)
+    # The first document holds what the first paint shows: the run, layer, threshold and node pickers, and the
+    # graph. The Pins group and the detail tabs below the graph follow once the browser has drawn it
+    # (`ExplorerApp.after_load`): every Panel object and Bokeh model of the page is built and sent by the server's
+    # one event loop, where visitors arriving together wait for each other's pages. No layout level is added
+    # that the page does not need (the sidebar's items go straight into its column) for the same reason.
+    page = Page(
+        [app.model, app.task, app.sweep, app.k, app.summary.panel, app.layer, app.threshold, app.node.panel],
+        [app.notes.panel, app.graph_tabs],
+    )
+
+    def place_the_rest():
+        page.sidebar.extend([heading("Pins"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel])
+        page.main.append(app.build_detail())
+
+    app.after_load(place_the_rest)
     page.explorer = app  # tests and bench reach the app's state and views through the page
     return page
 

@@ -124,14 +124,14 @@ class ExplorerApp:
         self.notes = HtmlBox(style=NOTE_STYLE)
         self.notes.div.visible = False
 
-        # Views. The page's first document holds the sidebar and the graph tabs; the detail tabs below them (the
-        # Node view with its figures empty, the other tabs' headers) are added right after the page has loaded
-        # (`_after_load`), so that the first paint does not wait for them (~25% of a session's build). Every other
+        # Views. The page's first document holds what its first paint shows (app.py: the sidebar's pickers and the
+        # graph tabs); the detail tabs below the graph (the Node view, the other tabs' headers) and the sidebar's Pins
+        # group are added right after the page has loaded (`after_load`: ~40% of a session's build). Every other
         # view is built when its tab is first opened: the Embeddings view (two figures), the Node tab's Task docs
         # and Attention widgets, the whole-circuit graph, Curves, Compare, Faithfulness, Export. Built with every
-        # page they cost each session their models (the Embeddings view and the inner tabs were ~50% more server
-        # CPU per session on top of its build); built on open they cost the first open of that tab (measured in
-        # bench/README.md "Viewer: cheaper sessions").
+        # page, the Embeddings view and the inner tabs' widgets had cost each session ~60% more server CPU after
+        # its build; built on open they cost the first open of that tab (bench/README.md "Viewer: cheaper
+        # sessions").
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
         self._lazy = {}
         self._holders = {GRAPH_TABS[1]: pn.Column(sizing_mode="stretch_width")}
@@ -140,9 +140,7 @@ class ExplorerApp:
             (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]),
             sizing_mode="stretch_width",
         )
-        self.detail = self.detail_tabs = None  # `_build_detail`, after load
-        # The main column (app.py puts it beside the sidebar); the detail tabs join it after load.
-        self.main = pn.Column(self.notes.panel, self.graph_tabs, sizing_mode="stretch_width")
+        self.detail = self.detail_tabs = None  # `build_detail`, after load
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
 
@@ -157,32 +155,32 @@ class ExplorerApp:
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
-        # After the page has loaded, in a tick of its own: the URL written back on load goes out first; and once
-        # no other session is loading (`_loading`). Without a served page (tests, bench) both run at once.
-        pn.state.onload(lambda: pn.state.execute(self._after_load_when_quiet, schedule=True))
 
-    def _after_load_when_quiet(self, doc=None, since=None):
+    def after_load(self, place) -> None:
+        """Call `place()` (it puts the parts of the page that its first paint does not need into the page) once the
+        page has loaded, in a tick of its own: the URL written back on load goes out first; and once no other
+        session of the process is loading (`_loading`). Without a served page (tests, bench) at once."""
+        pn.state.onload(lambda: pn.state.execute(partial(self._after_load_when_quiet, place), schedule=True))
+
+    def _after_load_when_quiet(self, place, doc=None, since=None):
         doc = doc if doc is not None else pn.state.curdoc
         now = time.monotonic()
         since = now if since is None else since
         if doc is not None and doc.session_context is not None and post_load_waits(self._session, since, now):
-            doc.add_timeout_callback(partial(self._after_load_when_quiet, doc, since), POST_LOAD_POLL_MS)
+            doc.add_timeout_callback(partial(self._after_load_when_quiet, place, doc, since), POST_LOAD_POLL_MS)
             return
         if doc is None:
-            self._after_load()
+            self._after_load(place)
             return
         with set_curdoc(doc):
-            self._after_load()
+            self._after_load(place)
 
-    def _after_load(self):
-        """The part of the page its first paint does not need: the detail tabs below the graph."""
+    def _after_load(self, place):
         with pn.io.hold():
-            self._build_detail()
-            if self.detail_tabs not in self.main.objects:
-                self.main.append(self.detail_tabs)
+            place()
             self._refresh_stale()  # the Node tab: the node of the link, if any
 
-    def _build_detail(self):
+    def build_detail(self):
         """The detail tabs (once): the Node view, the other tabs' holders (their views are built on first open)."""
         if self.detail_tabs is None:
             self.detail = DetailView(self.state)
@@ -199,7 +197,7 @@ class ExplorerApp:
         """The view of a tab built on first open."""
         if tab not in self._lazy:
             if tab in DETAIL_TABS:
-                self._build_detail()
+                self.build_detail()
             make = {
                 GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
                     self._select_node,
@@ -346,7 +344,7 @@ class ExplorerApp:
                 if self._whole_key[1] != s.threshold:
                     self.whole.show_threshold(s.threshold)
             self._whole_key = (s.run, s.threshold)
-        if self.detail_tabs is None:  # not built yet (`_after_load`): its tabs stay stale until then
+        if self.detail_tabs is None:  # not built yet (`build_detail`): its tabs stay stale until then
             return
         tab = DETAIL_TABS[self.detail_tabs.active]
         if tab in self.stale:

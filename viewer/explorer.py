@@ -62,12 +62,14 @@ def layer_options(layers) -> dict:
 
 # Sessions of this server process that are being built or are loading in a browser: session number -> when
 # its build started; removed when the browser reports the page drawn (Panel's onload). While any other session
-# is loading, a drawn session's post-load part (the detail tabs below the graph: a quarter of a session's build)
-# waits: when many visitors arrive together, the server builds and sends their first pages first.
+# is loading, a drawn session's post-load parts (the detail tabs, the Pins group: ~40% of a session's build) wait:
+# when many visitors arrive together, the server builds and sends their first pages first. At most a few seconds:
+# visitors arriving one after another keep some session loading all the time, and a drawn page waiting for its
+# detail tabs longer would be a page without them.
 _loading: dict[int, float] = {}
 _session_numbers = itertools.count()
 LOADING_FORGET_SECONDS = 30.0  # a page requested and never loaded (no browser, a closed tab) stops counting then
-POST_LOAD_MAX_WAIT_SECONDS = 20.0  # and no post-load part waits longer than this
+POST_LOAD_MAX_WAIT_SECONDS = 5.0  # and no post-load part waits longer than this
 POST_LOAD_POLL_MS = 250
 
 

@@ -239,7 +239,7 @@ def build(code: Path | None, visits: int, sessions: int, data: Path):
         first, post = [r["first document"] for r in rs], [r["post-load parts"] for r in rs]
         print(
             f"{name}: median of the processes' medians: first document {statistics.median(first):.0f} ms, "
-            f"post-load parts {statistics.median(post):.0f} ms, together {statistics.median([a + b for a, b in zip(first, post)]):.0f} ms"
+            f"post-load parts {statistics.median(post):.0f} ms, together {statistics.median([a + b for a, b in zip(first, post, strict=True)]):.0f} ms"
         )
 
 

@@ -50,6 +50,7 @@ from inference.circuit import (
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.kth_pair import kth_pair
 from inference.memory import trim_heap
+from inference.sparse_rows import csr_arrays, sparse_rows
 
 
 def _kth_largest_pair(changing: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,9 +266,11 @@ class _LinearStage:
             w_rows = vals.new_zeros(len(self.rows), linear.in_features)
             w_rows[torch.searchsorted(self.rows, out_idx[sel]), in_idx[sel]] = vals[sel]
         w_t = w_rows[:, in_circuit].t().contiguous()
+        self.csr = None  # W[rows, circuit] in CSR for the compiled pass (inference.sparse_rows)
         if w_t.numel() and w_t.count_nonzero() <= SPARSE_MAX_DENSITY * w_t.numel():
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSC tensor support is in beta")
+                warnings.filterwarnings("ignore", message="Sparse C.. tensor support is in beta")
+                self.csr = csr_arrays(w_t.t())
                 w_t = w_t.to_sparse_csc()  # x @ W.T as dense-times-CSC, as in inference.fast
         self.w_t = w_t
         x_const = x_full.clone()
@@ -281,6 +284,10 @@ class _LinearStage:
         return out
 
     def run(self, x_circuit: torch.Tensor) -> torch.Tensor:
+        if self.csr is not None:
+            out = sparse_rows(x_circuit, self.csr, self.k)  # compiled, or None: torch below
+            if out is not None:
+                return out
         lead = x_circuit.shape[:-1]
         out = torch.mm(x_circuit.reshape(math.prod(lead), x_circuit.shape[-1]), self.w_t).view(*lead, self.w_t.shape[1])
         return out + self.k

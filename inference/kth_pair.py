@@ -16,14 +16,11 @@ unable to compile, not float32, not on CPU); the caller then runs the torch code
 
 from __future__ import annotations
 
-import threading
-import warnings
-
 import numpy as np
 import torch
 
-_KERNEL: list = []
-_LOCK = threading.Lock()
+from inference.numba_kernels import compiled
+
 ENABLED = True  # tests switch the compiled kernel off to run the torch path on the same inputs
 
 
@@ -108,26 +105,12 @@ def _kth_pair_rows(ch, window, kth, kth1, lo_i, hi_i, base, base_kth, base_kth1)
 
 def kernel():
     """The compiled kernel, or None (numba missing or unable to compile: a warning, then torch)."""
-    if not _KERNEL:
-        with _LOCK:
-            if not _KERNEL:
-                k = None
-                try:
-                    import numba
+    return compiled(_kth_pair_rows, _warm_up, "inference.kth_pair")
 
-                    try:
-                        k = numba.njit(nogil=True, cache=True, boundscheck=False)(_kth_pair_rows)
-                    except RuntimeError:  # no writable cache location
-                        k = numba.njit(nogil=True, boundscheck=False)(_kth_pair_rows)
-                    ch, no_base, no_kth = np.zeros((2, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
-                    k(ch, np.zeros((1, 3), np.float32), *(np.empty(2, np.float32) for _ in "ab"), 0, 2, no_base, no_kth, no_kth)
-                except ImportError:
-                    k = None
-                except Exception as e:  # noqa: BLE001 (the optional kernel falls back to torch)
-                    warnings.warn(f"inference.kth_pair: numba kernel unavailable ({e!r}); using torch", stacklevel=2)
-                    k = None
-                _KERNEL.append(k)
-    return _KERNEL[0]
+
+def _warm_up(k) -> None:
+    ch, no_base, no_kth = np.zeros((2, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
+    k(ch, np.zeros((1, 3), np.float32), *(np.empty(2, np.float32) for _ in "ab"), 0, 2, no_base, no_kth, no_kth)
 
 
 # Rows per task of the worker threads (inference.fast's pool): enough work to hide the dispatch.

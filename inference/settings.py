@@ -113,17 +113,24 @@ def tolerance() -> float:
 DEFAULT_ABLATION_BUDGET = 12_000_000
 
 
+def whole_number(text: str, minimum: int = 0) -> int | None:
+    """`text` as an integer >= `minimum` (underscores allowed: 12_000_000), or None when it is not one.
+    The one parser of counts given as text: environment variables here, the CLI's options."""
+    try:
+        n = int(text.replace("_", ""))
+    except ValueError:
+        return None
+    return n if n >= minimum else None
+
+
 def ablation_budget() -> int:
     """CIRCUITS_ABLATION_BUDGET: node-tokens of ablation work per mode before the recompute samples
     task pairs; 0 means every pair (exact deltas, however long). Default 12,000,000."""
     raw = _get("CIRCUITS_ABLATION_BUDGET")
     if raw is None:
         return DEFAULT_ABLATION_BUDGET
-    try:
-        n = int(raw.replace("_", ""))
-    except ValueError:
-        n = -1
-    if n < 0:
+    n = whole_number(raw)
+    if n is None:
         raise ValueError(f"environment variable CIRCUITS_ABLATION_BUDGET={raw!r}: expected a whole number >= 0")
     return n
 
@@ -162,11 +169,8 @@ def dask_scheduler() -> str | None:
 def dask_workers() -> int:
     """CIRCUITS_DASK_WORKERS: worker processes of the local Dask cluster started when no scheduler is given (default 2)."""
     raw = _get("CIRCUITS_DASK_WORKERS") or "2"
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
+    n = whole_number(raw, minimum=1)
+    if n is None:
         raise ValueError(f"environment variable CIRCUITS_DASK_WORKERS={raw!r}: expected a whole number >= 1")
     return n
 

@@ -20,10 +20,9 @@ implementations, all exact, chosen per call:
 
 from __future__ import annotations
 
-import threading
-import warnings
-
 import numpy as np
+
+from inference.numba_kernels import compiled
 
 # numpy fallback: chunks with at least this share of exact zeros are sorted, the others
 # partitioned. At 40% zeros the two cost the same on 2048-wide rows; at 59% (q, k, v and the MLP
@@ -79,38 +78,16 @@ def _select_rows_numpy(x: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
 
 # ---- the compiled radix select (numba, compiled on first use, cached on disk) -------------------
 
-_KERNEL: list = []  # [function or None] once built
-_KERNEL_LOCK = threading.Lock()
-
 
 def radix_kernel():
-    """The compiled kernel, or None when numba is not installed (first call compiles, ~1-2 s,
-    or loads numba's on-disk cache)."""
-    if not _KERNEL:
-        with _KERNEL_LOCK:
-            if not _KERNEL:
-                _KERNEL.append(_build_radix_kernel())
-    return _KERNEL[0]
+    """The compiled kernel, or None when numba is not installed or cannot compile it here (numpy then
+    serves; the first call compiles, ~1-2 s, or loads numba's on-disk cache)."""
+    return compiled(_radix_select_rows, _warm_up, "inference.topk_select")
 
 
-def _build_radix_kernel():
-    """numba's compiled `_radix_select_rows` (cached on disk where numba can write its cache), or
-    None, with a warning, when numba is missing or cannot compile it here: numpy then serves."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    try:
-        try:
-            kernel = numba.njit(nogil=True, cache=True, boundscheck=False)(_radix_select_rows)
-        except RuntimeError:  # no writable cache location: compile per process instead
-            kernel = numba.njit(nogil=True, boundscheck=False)(_radix_select_rows)
-        x = np.arange(-8, 8, dtype=np.float32).reshape(2, 8)
-        kernel(x, np.empty_like(x), 2)  # compile (or load the cache) now, not mid-forward
-    except Exception as e:  # noqa: BLE001 (any failure of the optional kernel falls back to numpy)
-        warnings.warn(f"inference.topk_select: numba kernel unavailable ({e!r}); using numpy", stacklevel=2)
-        return None
-    return kernel
+def _warm_up(kernel) -> None:
+    x = np.arange(-8, 8, dtype=np.float32).reshape(2, 8)
+    kernel(x, np.empty_like(x), 2)
 
 
 def _radix_select_rows(x, out, k):  # pragma: no cover (run compiled by numba; tested through select_rows)

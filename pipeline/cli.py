@@ -14,12 +14,9 @@ from inference import settings as env_settings
 
 
 def _whole_number(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        n = int(text.replace("_", ""))
-    except ValueError:
-        n = -1
-    if n < 0:
+    """argparse type: an integer >= 0 (`inference.settings.whole_number`)."""
+    n = env_settings.whole_number(text)
+    if n is None:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return n
 

@@ -9,6 +9,7 @@ from test_model import BASE, VARIANTS, tiny_model
 from inference import circuit as C
 from inference import circuit_model as CM
 from inference import kth_pair as KP
+from inference import sparse_rows as SR
 from inference.kth_pair import kth_pair
 
 SUPPORTED = {
@@ -52,10 +53,18 @@ def test_circuit_model_logits_equal_masked_forward(variant):
 @pytest.mark.parametrize("mode", ["mean", "zero"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
 def test_fast_ablation_losses_equal_reference(variant, mode, compiled, monkeypatch):
+    """Compiled: the kernels (kth_pair, sparse_rows) with every linear stage taken as sparse, so the
+    compiled sparse product runs at each; torch: no kernel, the stages as their density decides."""
     monkeypatch.setattr(KP, "ENABLED", compiled)
+    monkeypatch.setattr(SR, "ENABLED", compiled)
+    if compiled:
+        monkeypatch.setattr(CM, "SPARSE_MAX_DENSITY", 1.0)
     model, docs, circuit, means = make_case(variant, node_frac=0.2)
     want = C.ablation_losses(model, docs, circuit, means, mode)
-    got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7)
+    cm = CM.CircuitModel(model, docs, circuit, means)
+    sparse = [L[n].csr is not None for L in cm.layers for n in ("qkv", "proj", "fc", "mlp_proj")]
+    assert all(sparse) if compiled else not any(sparse)
+    got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7, circuit_model=cm)
     assert set(got) == set(want)
     for loc in want:
         assert got[loc].shape == want[loc].shape
@@ -215,6 +224,34 @@ def test_kth_pair_from_the_base_thresholds_at_their_edges(const, before, after, 
 
 
 def test_kth_pair_kernel_compiles_where_numba_is_installed():
-    """The compiled kernel must not fall back to torch silently (the other tests pass either way)."""
+    """The compiled kernels must not fall back to torch silently (the other tests pass either way)."""
     pytest.importorskip("numba")
-    assert KP.kernel() is not None
+    assert KP.kernel() is not None and SR.kernel() is not None
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_sparse_linear_stage_equals_a_float64_product(compiled, monkeypatch):
+    """`_LinearStage.run` on a sparse W[rows, circuit] (compiled: `inference.sparse_rows`; torch:
+    dense-times-CSC) is x_circuit @ W[rows, circuit].T + (the rest of the row's input) @ W[rows].T + b,
+    computed here in float64 from the dense weight, over ablations x tokens rows."""
+    monkeypatch.setattr(SR, "ENABLED", compiled)
+    gen = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(300, 200)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(lin.weight.shape, generator=gen) < 0.01)
+    tokens, circuit = 7, torch.randperm(300, generator=gen)[:150]  # wide enough for W[rows, circuit] to stay sparse
+    x_full = torch.randn(tokens, 300, generator=gen)
+    stage = CM._LinearStage(lin, x_full, circuit)
+    assert stage.csr is not None and len(stage.rows) > 0  # sparse: the path under test
+    x_circuit = torch.randn(4, tokens, len(circuit), generator=gen)  # 4 ablations
+    got = stage.run(x_circuit)
+    if compiled:
+        assert SR.sparse_rows(x_circuit, stage.csr, stage.k) is not None  # the kernel answered
+    w, b = lin.weight.detach().double(), lin.bias.detach().double()
+    rest = x_full.double().clone()
+    rest[:, circuit] = 0
+    want = x_circuit.double() @ w[stage.rows][:, circuit].T + (rest @ w[stage.rows].T + b[stage.rows])
+    assert got.shape == (4, tokens, len(stage.rows)) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    reads = (w[:, circuit] != 0).any(1).nonzero().flatten()
+    assert torch.equal(stage.rows, reads)  # exactly the rows that read a circuit channel

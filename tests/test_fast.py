@@ -257,7 +257,7 @@ def test_select_rows_without_numba_falls_back_to_numpy(monkeypatch):
 
     x = torch.randn(6, 300, generator=torch.Generator().manual_seed(2)).numpy()
     want = np.empty_like(x)
-    monkeypatch.setattr(topk_select, "_KERNEL", [None])  # as if numba were not installed
+    monkeypatch.setattr(topk_select, "radix_kernel", lambda: None)  # as if numba were not installed
     assert not topk_select.select_rows(x, want, 75).any()
     assert torch.equal(torch.from_numpy(want), abs_topk(torch.from_numpy(x), 0.25))
     monkeypatch.setattr(topk_select, "METHOD", "radix")
@@ -265,16 +265,18 @@ def test_select_rows_without_numba_falls_back_to_numpy(monkeypatch):
         topk_select.select_rows(x, np.empty_like(x), 75)
 
 
-def test_radix_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
-    """numba present but unable to compile here: a warning naming the cause, then numpy serves."""
+def test_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
+    """numba present but unable to compile here: a warning naming the module and the cause, then the
+    fallback serves (`inference.numba_kernels`, the one place every kernel is compiled)."""
     numba = pytest.importorskip("numba")
+    from inference import numba_kernels
 
     def broken(*args, **kwargs):
         raise TypeError("no LLVM target for this machine")
 
     monkeypatch.setattr(numba, "njit", broken)
-    with pytest.warns(UserWarning, match="numba kernel unavailable.*no LLVM target"):
-        assert topk_select._build_radix_kernel() is None
+    with pytest.warns(UserWarning, match="inference.topk_select: numba kernel unavailable.*no LLVM target"):
+        assert numba_kernels._build(topk_select._radix_select_rows, topk_select._warm_up, "inference.topk_select") is None
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -62,3 +62,23 @@ def test_the_settings_the_pipeline_and_the_viewer_share_do_not_load_torch():
     code = "import sys, inference.settings, pipeline.settings, viewer.queries; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_counts_parse_one_way_in_the_environment_and_on_the_command_line(monkeypatch, capsys):
+    from inference import settings
+    from pipeline.cli import main
+
+    monkeypatch.setenv("CIRCUITS_ABLATION_BUDGET", "2_000_000")
+    assert settings.ablation_budget() == 2_000_000
+    monkeypatch.setenv("CIRCUITS_ABLATION_BUDGET", "0")
+    assert settings.ablation_budget() == 0  # every pair
+    for bad in ("-1", "2e6", "lots"):
+        monkeypatch.setenv("CIRCUITS_ABLATION_BUDGET", bad)
+        with pytest.raises(ValueError, match=f"CIRCUITS_ABLATION_BUDGET='{bad}'"):
+            settings.ablation_budget()
+        with pytest.raises(SystemExit):  # argparse refuses it before any work starts
+            main(["materialize", "--ablation-budget", bad])
+        assert f"expected a whole number >= 0, got '{bad}'" in capsys.readouterr().err
+    monkeypatch.setenv("CIRCUITS_DASK_WORKERS", "0")
+    with pytest.raises(ValueError, match="CIRCUITS_DASK_WORKERS='0'"):
+        settings.dask_workers()

@@ -649,6 +649,8 @@ def test_first_document_then_detail_tabs_after_load_and_views_on_first_open(view
     tabs join it when the browser reports the page loaded (Panel's onload), showing the link's pins and node; the
     Embeddings view and the Node tab's Task docs / Attention widgets are built when their tab is first opened,
     with the selected node's data."""
+    import json
+
     import panel as pn
     from bokeh.document import Document
     from panel.io.state import set_curdoc
@@ -663,7 +665,8 @@ def test_first_document_then_detail_tabs_after_load_and_views_on_first_open(view
     with set_curdoc(doc):
         # as in a served session: the callbacks wait for the browser (without one, Panel runs them at once)
         monkeypatch.setattr(pn.state, "onload", lambda cb, threaded=False: onload.append(cb))
-        page = create_app(url={"run": RUN, "node": node["node_id"], "pins": '{"%s": "mine"}' % node["node_id"]})
+        pins = json.dumps({node["node_id"]: "mine"})
+        page = create_app(url={"run": RUN, "node": node["node_id"], "pins": pins})
         monkeypatch.undo()
         page.server_doc(doc)
         app = page.explorer
@@ -714,3 +717,27 @@ def test_opened_page_passes_bokeh_integrity_checks(viewer_data):
         app.detail.inner_tabs.active = i
     assert {"Embeddings", "Curves", "Compare", "Faithfulness", "Export", "Whole circuit"} <= set(app._lazy)
     assert check_integrity(list(doc.models)).error == []
+
+
+def test_ablations_written_before_standard_errors_still_show(tmp_path):
+    """Tables from before deltas carried standard errors (no `recomputed_delta_se` column in any
+    file) still give the recomputed deltas, with a null standard error, not nothing."""
+    import glob
+
+    import pyarrow.parquet as pq
+    from viewer_tables import write_views
+
+    from viewer import queries
+
+    truth = write_contract_tables(str(tmp_path))
+    for path in glob.glob(str(tmp_path / "tables" / "ablations" / "*.parquet")):
+        pq.write_table(pq.read_table(path).drop_columns(["recomputed_delta_se"]), path)
+    write_views(str(tmp_path), [t for t in queries.VIEWER_TABLES if (tmp_path / "tables" / t).is_dir()])
+    want = table(truth, "ablations")
+    want = want[(want["run_id"] == RUN) & (want["mode"] == "mean")]
+    with data_dir(tmp_path):
+        got = queries.ablations(RUN)
+    assert got is not None and got["recomputed_delta_se"].null_count() == len(got) == len(want) > 0
+    got = got.to_pandas().set_index("node_id").loc[want["node_id"]]
+    np.testing.assert_allclose(got["recomputed_delta"], want["recomputed_delta"])
+    assert list(got["agrees"]) == list(want["agrees"])

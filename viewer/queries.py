@@ -460,12 +460,14 @@ def loss_at_k(model: str, task: str, sweep: str) -> pl.DataFrame | None:
 
 
 def ablations(run_id: str, mode: str = "mean") -> pl.DataFrame | None:
-    """Pipeline-recomputed ablation deltas beside the stored ones (None when the pipeline did not recompute)."""
-    return optional(
-        """SELECT node_id, stored_delta, recomputed_delta, recomputed_delta_se, abs_diff, agrees FROM ablations
-                       WHERE run_id = ? AND mode = ?""",
-        [run_id, mode],
-    )
+    """Pipeline-recomputed ablation deltas beside the stored ones (None when the pipeline did not recompute).
+    Tables written before deltas carried standard errors lack `recomputed_delta_se`: null there."""
+    df = optional("SELECT * FROM ablations WHERE run_id = ? AND mode = ?", [run_id, mode])
+    if df is None:
+        return None
+    if "recomputed_delta_se" not in df.columns:
+        df = df.with_columns(recomputed_delta_se=pl.lit(None, dtype=pl.Float64))
+    return df.select("node_id", "stored_delta", "recomputed_delta", "recomputed_delta_se", "abs_diff", "agrees")
 
 
 def faithfulness(run_id: str) -> pl.DataFrame | None:

@@ -279,8 +279,9 @@ async def light_session(url: str, timeout: float = 600) -> tuple[float, float]:
 
     Bokeh's protocol: a message is a header, a metadata and a content frame (JSON), then two frames per binary
     buffer; the server sends ACK on connect; the client asks for the document (PULL-DOC-REQ) and, once it has
-    drawn it, sends the `document_ready` event, on which the app builds its post-load parts (Embeddings, the
-    Node tab's inner tabs) and sends them (a PATCH-DOC setting `children`)."""
+    drawn it, sends the `document_ready` event, on which the app builds its post-load parts (the detail tabs and
+    the sidebar's Pins group; before that change, checkouts such as a `--code` baseline built the Embeddings view
+    and the Node tab's inner tabs there) and sends them (a PATCH-DOC setting `children`)."""
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
     from tornado.websocket import websocket_connect
 

@@ -11,6 +11,12 @@
         DIR, both servers up and the sessions alternated between them (each session: 2 layer-halves x N clicks),
         so that both see the same machine load; with each click's phases in the page (the tap sent, the
         server's answer in: WebSocket messages hooked), the bytes it received and the Bokeh models it added
+    python bench/viewer_serving.py build [--code DIR] [--visits 4] [--sessions 12]
+        a session's server CPU in-process, without a browser, as a served session spends it: its first document
+        (`create_app`, the Bokeh models, the document serialized as the WebSocket sends it) and then its post-load
+        parts (Panel's onload callbacks, deferred as in a served page, and the patch they send), for this
+        checkout and DIR, each in a fresh process, processes alternated (`--visits` each, `--sessions` timed per
+        process after 3 untimed)
 
 Uses the release-scale tables of `python bench/viewer.py` (built there, once, into /tmp/circuits-viewer-bench).
 """
@@ -163,14 +169,90 @@ async def concurrent(url: str, sessions: int):
         await browser.close()
 
 
+# One process's measure for `build`: run with the checkout's own `viewer` first on sys.path.
+BUILD_SNIPPET = r"""
+import json, os, statistics, sys, time
+import panel as pn
+from bokeh.document import Document
+from bokeh.protocol import Protocol
+from panel.io.state import set_curdoc
+from viewer.app import create_app
+
+pn.extension()
+res = {"first document": [], "post-load parts": [], "models in the first document": [], "models after load": []}
+for i in range(int(sys.argv[1]) + 3):
+    doc, onload = Document(), []
+    with set_curdoc(doc):
+        real = pn.state.onload
+        pn.state.onload = lambda cb, threaded=False: onload.append(cb)  # as in a served session: after the page is drawn
+        try:
+            c0 = time.process_time()
+            page = create_app(url={"run": sys.argv[2]})
+            page.server_doc(doc)
+        finally:
+            pn.state.onload = real
+        Protocol().create("PULL-DOC-REPLY", "req", doc)  # the document as the WebSocket sends it
+        c1 = time.process_time()
+        n = len(doc.models)
+        events = []
+        doc.on_change(lambda event: events.append(event))
+        for cb in onload:
+            cb()
+        if events:
+            Protocol().create("PATCH-DOC", events)
+        c2 = time.process_time()
+    if i >= 3:
+        for k, v in zip(res, ((c1 - c0) * 1000, (c2 - c1) * 1000, n, len(doc.models))):
+            res[k].append(v)
+print(json.dumps({k: statistics.median(v) for k, v in res.items()}))
+"""
+
+
+def build(code: Path | None, visits: int, sessions: int, data: Path):
+    import json
+    import subprocess
+
+    checkouts = {"this checkout": ROOT, **({"other": code} if code else {})}
+    for name, path in checkouts.items():
+        print(f"{name}: {path}")
+    got = {name: [] for name in checkouts}
+    for v in range(visits):
+        for name in checkouts if v % 2 == 0 else reversed(checkouts):
+            env = {**os.environ, "CIRCUITS_DATA": str(data), "PYTHONPATH": str(checkouts[name])}
+            load = os.getloadavg()[0]
+            out = subprocess.run(
+                [sys.executable, "-c", BUILD_SNIPPET, str(sessions), RUN],
+                cwd=checkouts[name],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            got[name].append(r)
+            print(
+                f"{name:14s} load {load:4.1f}: first document {r['first document']:6.1f} ms CPU, post-load parts "
+                f"{r['post-load parts']:6.1f} ms ({r['models in the first document']:.0f} models, {r['models after load']:.0f} after load)",
+                flush=True,
+            )
+    for name, rs in got.items():
+        first, post = [r["first document"] for r in rs], [r["post-load parts"] for r in rs]
+        print(
+            f"{name}: median of the processes' medians: first document {statistics.median(first):.0f} ms, "
+            f"post-load parts {statistics.median(post):.0f} ms, together {statistics.median([a + b for a, b in zip(first, post, strict=True)]):.0f} ms"
+        )
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["cold", "concurrent", "clicks"])
+    ap.add_argument("what", choices=["cold", "concurrent", "clicks", "build"])
     ap.add_argument("--data", default="/tmp/circuits-viewer-bench")
-    ap.add_argument("--code", default=None, help="cold, clicks: the other checkout; concurrent: serve this checkout instead")
+    ap.add_argument(
+        "--code", default=None, help="cold, clicks, build: the other checkout; concurrent: serve this checkout instead"
+    )
     ap.add_argument("--serve-options", default=None, help="concurrent: `panel serve` options instead of the checkout's own")
     ap.add_argument("--visits", type=int, default=8)
-    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--sessions", type=int, default=None, help="concurrent: light clients (20); build: sessions per process (12)")
     ap.add_argument("--clicks", type=int, default=6, help="clicks: per layer-half and session")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -179,7 +261,9 @@ def main(argv=None):
     print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     servers = {}
     try:
-        if args.what in ("cold", "clicks"):
+        if args.what == "build":
+            build(Path(args.code) if args.code else None, args.visits, args.sessions or 12, data)
+        elif args.what in ("cold", "clicks"):
             servers["this checkout"] = start(data, ROOT, None, "this")
             if args.code:
                 servers["other"] = start(data, Path(args.code), None, "other")
@@ -188,7 +272,7 @@ def main(argv=None):
         else:
             options = None if args.serve_options is None else shlex.split(args.serve_options)
             servers["served"] = start(data, Path(args.code) if args.code else ROOT, options, "served")
-            asyncio.run(concurrent(servers["served"][2], args.sessions))
+            asyncio.run(concurrent(servers["served"][2], args.sessions or 20))
     finally:
         for proc, log, _ in servers.values():
             serve.stop(proc, log)

@@ -644,6 +644,81 @@ def test_post_load_parts_wait_while_other_sessions_load(monkeypatch):
     assert not explorer.post_load_waits(1, since=now, now=now)
 
 
+def test_first_document_then_detail_tabs_after_load_and_views_on_first_open(viewer_data, monkeypatch):
+    """A served page's first document holds the sidebar's pickers and the graph; the Pins group and the detail
+    tabs join it when the browser reports the page loaded (Panel's onload), showing the link's pins and node; the
+    Embeddings view and the Node tab's Task docs / Attention widgets are built when their tab is first opened,
+    with the selected node's data."""
+    import json
+
+    import panel as pn
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    from viewer import models
+    from viewer.app import create_app
+
+    _, truth = viewer_data
+    node = next(n for n in truth.nodes[RUN] if n["kind"] == "resid_delta")
+    onload = []
+    doc = Document()
+    with set_curdoc(doc):
+        # as in a served session: the callbacks wait for the browser (without one, Panel runs them at once)
+        monkeypatch.setattr(pn.state, "onload", lambda cb, threaded=False: onload.append(cb))
+        pins = json.dumps({node["node_id"]: "mine"})
+        page = create_app(url={"run": RUN, "node": node["node_id"], "pins": pins})
+        monkeypatch.undo()
+        page.server_doc(doc)
+        app = page.explorer
+        assert app.detail_tabs is None and app.detail is None
+        assert list(page.main) == [app.notes.panel, app.graph_tabs]
+        assert app.node.panel in list(page.sidebar) and app.pins.panel not in list(page.sidebar)
+        texts = [str(getattr(m, "text", "")) for m in doc.models]
+        assert not any(node["node_id"] in t for t in texts)  # no node box, no pin list yet
+        n_first = len(doc.models)
+        for cb in onload:
+            cb()
+        assert list(page.main)[-1] is app.detail_tabs and list(page.sidebar)[-1] is app.pins.panel
+        assert f">{node['node_id']}</h3>" in app.detail.header.object  # the link's node, shown once the tabs exist
+        assert f"{node['node_id']}: mine" in app.pins.object
+        assert len(doc.models) > n_first
+        # not built until opened
+        assert "Embeddings" not in app._lazy and len(app._holders["Embeddings"]) == 0
+        assert len(app.detail.task_tab) == 0 and len(app.detail.attn) == 0
+        app.detail_tabs.active = 1  # Embeddings: the node's residual channel
+        assert len(app._holders["Embeddings"]) == 1
+        assert app.embeddings.channel.value == node["channel"]
+        e = table(truth, "embeddings")
+        model = models.run(RUN)["model"]
+        wte = e[(e["model"] == model) & (e["matrix"] == "wte") & (e["channel"] == node["channel"])]
+        nonzero = int((wte["value"] != 0).sum())
+        assert f"wte column {node['channel']} has {nonzero} nonzero weights" in app.embeddings.note.object
+        app.detail_tabs.active = 0
+        app.detail.inner_tabs.active = 1  # Task docs: the colour-mode buttons, the page picker, the docs
+        assert app.detail.zero in list(app.detail.task_tab[0]) and "doc 0 · class" in app.detail.task.object
+
+
+def test_opened_page_passes_bokeh_integrity_checks(viewer_data):
+    """The served app skips Bokeh's per-session document validation (`app.skip_document_validation`): the same
+    checks here, on a page with every view built, find no error."""
+    from bokeh.core.validation.check import check_integrity
+    from bokeh.document import Document
+
+    from viewer.app import create_app
+
+    doc = Document()
+    page = create_app(url={"run": RUN})
+    page.server_doc(doc)
+    app = page.explorer
+    app.graph_tabs.active = 1
+    for i in range(6):
+        app.detail_tabs.active = i
+    for i in range(3):
+        app.detail.inner_tabs.active = i
+    assert {"Embeddings", "Curves", "Compare", "Faithfulness", "Export", "Whole circuit"} <= set(app._lazy)
+    assert check_integrity(list(doc.models)).error == []
+
+
 def test_ablations_written_before_standard_errors_still_show(tmp_path):
     """Tables from before deltas carried standard errors (no `recomputed_delta_se` column in any
     file) still give the recomputed deltas, with a null standard error, not nothing."""

@@ -250,3 +250,37 @@ def test_token_text_is_not_typeset_and_zero_centred_toggle_redraws(served, brows
     page.locator(".scale", has_text="(clear) to max").first.wait_for(timeout=60000)
     assert first_doc.inner_html() != before
     page.screenshot(path=str(tmp_path / "task_docs.png"), full_page=True)
+
+
+def test_detail_tabs_after_load_and_embeddings_built_on_first_open(served, browser_page, tmp_path):
+    """The detail tabs arrive after the page's first document, and the Embeddings view is built when its tab is
+    first opened: it shows the linked residual node's channel, its top tokens and its two figures."""
+    import urllib.parse
+
+    import pyarrow as pa
+
+    url, truth = served
+    run = "toy/quotes/sweep1/8"
+    node = next(n for n in truth.nodes[run] if n["kind"] == "resid_delta")
+    page = browser_page
+    _open(page, f"{url}?{urllib.parse.urlencode({'run': run, 'node': node['node_id']})}")
+    page.locator("h3.node-title").wait_for(timeout=60000)  # the Node tab, added after load, shows the link's node
+    assert page.locator("h3.node-title").inner_text().strip() == node["node_id"]
+    figures = lambda: page.evaluate(  # noqa: E731 (the titles of the page's figures)
+        "() => Array.from(Bokeh.index.all_views()).filter(v => v.model.title && v.model.title.text !== undefined)"
+        ".map(v => String(v.model.title.text))"
+    )
+    assert not any("wte column histogram" in t for t in figures())  # not built before the tab is opened
+    page.get_by_text("Embeddings", exact=True).click()
+    page.get_by_text(f"wte column {node['channel']} has", exact=False).first.wait_for(timeout=60000)
+    _wait(lambda: any("wte column histogram" in t for t in figures()), "the Embeddings figures")
+    assert any(t.startswith("wpe: ") for t in figures())  # the heatmap, titled with its shape once drawn
+    # The first row of "Top tokens": the token with the largest weight in the channel's wte column (from the
+    # embeddings table itself).
+    e = pa.concat_tables(truth.tables["embeddings"]).to_pandas()
+    col = e[(e["matrix"] == "wte") & (e["channel"] == node["channel"])]
+    if len(col):
+        top = int(col.sort_values("value", ascending=False)["row"].iloc[0])
+        cells = page.locator("table.df:visible").first.locator("tbody tr").first.locator("td")  # "Top tokens"
+        assert cells.first.inner_text().strip() == str(top)
+    page.screenshot(path=str(tmp_path / "embeddings.png"), full_page=True)

@@ -57,7 +57,10 @@ def test_graph_draws_the_layout_and_its_threshold():
     assert list(g.nodes.selected.indices) == [0]
     renderer = next(r for r in g.figure.renderers if r.data_source is g.nodes)
     assert renderer.selection_glyph.line_color == "#000000" and renderer.selection_glyph.line_width == 3.0
-    assert renderer.nonselection_glyph.line_alpha == 1.0 and renderer.nonselection_glyph.fill_alpha == 1.0
+    # Unselected nodes as without a selection: no nonselection glyph, so BokehJS draws them with a copy of the
+    # glyph (its "auto" default would fade them).
+    assert renderer.nonselection_glyph is None
+    assert renderer.glyph.line_alpha == 1.0 and renderer.glyph.fill_alpha == 1.0
     assert renderer.level == "overlay"  # a new selection repaints the nodes' canvas layer only, not the edges'
     assert list(g.nodes.data["outline"]) == ["#555555", "#ffb000", "#555555"]
     assert list(g.nodes.data["pin"]) == ["", "pinned", ""]

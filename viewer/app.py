@@ -34,7 +34,8 @@ SIDEBAR_WIDTH = 330
 
 
 class Page(pn.Column):
-    """A page: header, sidebar and main column. `.sidebar` / `.main` list their items like a template's."""
+    """A page: header, sidebar and main column. `.sidebar` / `.main` are those columns (list-like, like a
+    template's areas; items appended after the page is served are sent to the browser)."""
 
     def __init__(self, sidebar: list, main: list, main_max_width: str | None = None):
         header = pn.pane.Bokeh(
@@ -49,15 +50,7 @@ class Page(pn.Column):
             sizing_mode="stretch_width",
             margin=0,
         )
-        self._page_sidebar, self._page_main = side, body
-
-    @property
-    def sidebar(self):
-        return self._page_sidebar.objects
-
-    @property
-    def main(self):
-        return self._page_main.objects
+        self.sidebar, self.main = side, body
 
 
 def missing_page(reason: str) -> Page:
@@ -90,25 +83,21 @@ def create_app(url: dict | None = None, sync_url: bool = False):
         app = ExplorerApp(url=url, sync_url=sync_url)
     except queries.TablesMissing as err:
         return missing_page(str(err))
-    # One root per template area: the template adds each item as a document root, and each new root
-    # makes Bokeh re-walk every model added so far (a dozen sidebar roots cost ~1 s of the cold start).
-    sidebar = pn.Column(
-        app.model,
-        app.task,
-        app.sweep,
-        app.k,
-        app.summary.panel,
-        app.layer,
-        app.threshold,
-        app.node.panel,
-        heading("Pins"),
-        app.pin_label,
-        pn.Row(app.pin, app.unpin),
-        app.pins.panel,
-        sizing_mode="stretch_width",
+    # The first document holds what the first paint shows: the run, layer, threshold and node pickers, and the
+    # graph. The Pins group and the detail tabs below the graph follow once the browser has drawn it
+    # (`ExplorerApp.after_load`): every Panel object and Bokeh model of the page is built and sent by the server's
+    # one event loop, where visitors arriving together wait for each other's pages. No layout level is added
+    # that the page does not need (the sidebar's items go straight into its column) for the same reason.
+    page = Page(
+        [app.model, app.task, app.sweep, app.k, app.summary.panel, app.layer, app.threshold, app.node.panel],
+        [app.notes.panel, app.graph_tabs],
     )
-    main = pn.Column(app.notes.panel, app.graph_tabs, app.detail_tabs, sizing_mode="stretch_width")
-    page = Page([sidebar], [main])
+
+    def place_the_rest():
+        page.sidebar.extend([heading("Pins"), app.pin_label, pn.Row(app.pin, app.unpin), app.pins.panel])
+        page.main.append(app.build_detail())
+
+    app.after_load(place_the_rest)
     page.explorer = app  # tests and bench reach the app's state and views through the page
     return page
 
@@ -134,9 +123,20 @@ def serve_locally(doc) -> None:
         Resources._default_components = [c for c in default if c != "bokeh-gl"]
 
 
+def skip_document_validation() -> None:
+    """No Bokeh integrity check of every new session's document (Bokeh's `validate_doc` setting): it looks up
+    every model's `_check_*` methods by `dir()`, ~10% of a session's build at release scale, on the event loop
+    that builds the other visitors' sessions; it finds nothing on this page but empty placeholder columns (a
+    warning). The tests run the same check on a page with every view built (tests/test_viewer.py)."""
+    from bokeh.settings import settings
+
+    settings.perform_document_validation.set_value(False)
+
+
 if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`
     # No extension named: the page loads the JavaScript of the models it uses only (without this call Panel
     # adds every imported model's, e.g. Tabulator's 0.5 MB and Luxon).
     pn.extension()
+    skip_document_validation()
     serve_locally(pn.state.curdoc)
     create_app(sync_url=True).servable(title=TITLE)

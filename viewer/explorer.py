@@ -62,12 +62,14 @@ def layer_options(layers) -> dict:
 
 # Sessions of this server process that are being built or are loading in a browser: session number -> when
 # its build started; removed when the browser reports the page drawn (Panel's onload). While any other session
-# is loading, a drawn session's post-load parts (Embeddings view, the Node tab's inner tabs: ~40% of a session's
-# server CPU) wait: when many visitors arrive together, the server builds and sends their pages first.
+# is loading, a drawn session's post-load parts (the detail tabs, the Pins group: ~40% of a session's build) wait:
+# when many visitors arrive together, the server builds and sends their first pages first. At most a few seconds:
+# visitors arriving one after another keep some session loading all the time, and a drawn page waiting for its
+# detail tabs longer would be a page without them.
 _loading: dict[int, float] = {}
 _session_numbers = itertools.count()
 LOADING_FORGET_SECONDS = 30.0  # a page requested and never loaded (no browser, a closed tab) stops counting then
-POST_LOAD_MAX_WAIT_SECONDS = 20.0  # and no post-load part waits longer than this
+POST_LOAD_MAX_WAIT_SECONDS = 5.0  # and no post-load part waits longer than this
 POST_LOAD_POLL_MS = 250
 
 
@@ -124,24 +126,23 @@ class ExplorerApp:
         self.notes = HtmlBox(style=NOTE_STYLE)
         self.notes.div.visible = False
 
-        # Views. The Node tab is built with the page (figures empty), so a click only fills data into existing
-        # models. The Embeddings tab (two figures: a third of the page's models and of the session's build time)
-        # and the Node tab's inner tabs are built right after the page has loaded (`_after_load`), so that the page is drawn without them and
-        # its first open only fills data in (built on open it costs ~200 ms: adding models to a live document
-        # makes Bokeh re-walk it). The other tabs (whole circuit, curves, compare, export) are built on first
-        # open: each view built with the page costs the cold start of every session.
+        # Views. The page's first document holds what its first paint shows (app.py: the sidebar's pickers and the
+        # graph tabs); the detail tabs below the graph (the Node view, the other tabs' headers) and the sidebar's Pins
+        # group are added right after the page has loaded (`after_load`: ~40% of a session's build). Every other
+        # view is built when its tab is first opened: the Embeddings view (two figures), the Node tab's Task docs
+        # and Attention widgets, the whole-circuit graph, Curves, Compare, Faithfulness, Export. Built with every
+        # page, the Embeddings view and the inner tabs' widgets had cost each session ~60% more server CPU after
+        # its build; built on open they cost the first open of that tab (bench/README.md "Viewer: cheaper
+        # sessions").
         self.graph = graph_views.CircuitGraph(self._select_node, title="layer-half")
-        self.detail = DetailView(state)
         self._lazy = {}
-        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in (GRAPH_TABS[1], *DETAIL_TABS[1:])}
+        self._holders = {GRAPH_TABS[1]: pn.Column(sizing_mode="stretch_width")}
         self.graph_tabs = pn.Tabs(
             (GRAPH_TABS[0], pn.pane.Bokeh(self.graph.figure, sizing_mode="stretch_width")),
             (GRAPH_TABS[1], self._holders[GRAPH_TABS[1]]),
             sizing_mode="stretch_width",
         )
-        self.detail_tabs = pn.Tabs(
-            (DETAIL_TABS[0], self.detail.panel), *((t, self._holders[t]) for t in DETAIL_TABS[1:]), sizing_mode="stretch_width"
-        )
+        self.detail = self.detail_tabs = None  # `build_detail`, after load
         self.stale: set[str] = set()
         self._whole_key = (None, None)  # (run, threshold) the whole-circuit graph shows
 
@@ -152,37 +153,53 @@ class ExplorerApp:
         self.pin.on_click(self._pin)
         self.unpin.on_click(self._unpin)
         self.graph_tabs.param.watch(lambda e: self._refresh_stale(), "active")
-        self.detail_tabs.param.watch(lambda e: self._refresh_stale(), "active")
         # State -> views and URL.
         state.param.watch(self._changed, ["run", "layer", "node", "threshold", "pins", "compare", "doc", "zero_centred"])
         self._update({"run"})
         self._show_notes()
-        # After the page has loaded, in a tick of its own: the URL written back on load goes out first; and once
-        # no other session is loading (`_loading`). Without a served page (tests, bench) both run at once.
-        pn.state.onload(lambda: pn.state.execute(self._after_load_when_quiet, schedule=True))
 
-    def _after_load_when_quiet(self, doc=None, since=None):
+    def after_load(self, place) -> None:
+        """Call `place()` (it puts the parts of the page that its first paint does not need into the page) once the
+        page has loaded, in a tick of its own: the URL written back on load goes out first; and once no other
+        session of the process is loading (`_loading`). Without a served page (tests, bench) at once."""
+        pn.state.onload(lambda: pn.state.execute(partial(self._after_load_when_quiet, place), schedule=True))
+
+    def _after_load_when_quiet(self, place, doc=None, since=None):
         doc = doc if doc is not None else pn.state.curdoc
         now = time.monotonic()
         since = now if since is None else since
         if doc is not None and doc.session_context is not None and post_load_waits(self._session, since, now):
-            doc.add_timeout_callback(partial(self._after_load_when_quiet, doc, since), POST_LOAD_POLL_MS)
+            doc.add_timeout_callback(partial(self._after_load_when_quiet, place, doc, since), POST_LOAD_POLL_MS)
             return
         if doc is None:
-            self._after_load()
+            self._after_load(place)
             return
         with set_curdoc(doc):
-            self._after_load()
+            self._after_load(place)
 
-    def _after_load(self):
-        """The parts of the page its first paint does not need: the Embeddings view, the Node tab's inner tabs."""
+    def _after_load(self, place):
         with pn.io.hold():
-            self.detail.fill_tabs()
-            self._view("Embeddings")
+            place()
+            self._refresh_stale()  # the Node tab: the node of the link, if any
+
+    def build_detail(self):
+        """The detail tabs (once): the Node view, the other tabs' holders (their views are built on first open)."""
+        if self.detail_tabs is None:
+            self.detail = DetailView(self.state)
+            self._holders.update({name: pn.Column(sizing_mode="stretch_width") for name in DETAIL_TABS[1:]})
+            self.detail_tabs = pn.Tabs(
+                (DETAIL_TABS[0], self.detail.panel),
+                *((t, self._holders[t]) for t in DETAIL_TABS[1:]),
+                sizing_mode="stretch_width",
+            )
+            self.detail_tabs.param.watch(lambda e: self._refresh_stale(), "active")
+        return self.detail_tabs
 
     def _view(self, tab):
         """The view of a tab built on first open."""
         if tab not in self._lazy:
+            if tab in DETAIL_TABS:
+                self.build_detail()
             make = {
                 GRAPH_TABS[1]: lambda: graph_views.CircuitGraph(
                     self._select_node,
@@ -313,7 +330,7 @@ class ExplorerApp:
             pn.state.execute(self._write_url, schedule=True)
 
     def _when_visible(self, tab, fn):
-        if DETAIL_TABS[self.detail_tabs.active] == tab:
+        if self.detail_tabs is not None and DETAIL_TABS[self.detail_tabs.active] == tab:
             fn()
         else:
             self.stale.add(tab)
@@ -329,6 +346,8 @@ class ExplorerApp:
                 if self._whole_key[1] != s.threshold:
                     self.whole.show_threshold(s.threshold)
             self._whole_key = (s.run, s.threshold)
+        if self.detail_tabs is None:  # not built yet (`build_detail`): its tabs stay stale until then
+            return
         tab = DETAIL_TABS[self.detail_tabs.active]
         if tab in self.stale:
             self.stale.discard(tab)

@@ -16,7 +16,7 @@ more per click. Pins change the outline columns, patched in place.
 from __future__ import annotations
 
 import numpy as np
-from bokeh.models import ColumnDataSource, FixedTicker, HoverTool, Segment, TapTool
+from bokeh.models import ColumnDataSource, FixedTicker, HoverTool, Scatter, Segment, TapTool
 from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
@@ -106,6 +106,8 @@ class CircuitGraph:
         self.edges = ColumnDataSource(
             {k: [] for k in ("x0", "y0", "x1", "y1", "color", "alpha", "width", "src", "tgt", "strength")}
         )
+        # No x axis or x grid (the x position is a row within a location, not a quantity): with x_axis_type=None
+        # the figure has neither model (hidden ones cost a session five models to build and send).
         fig = figure(
             height=height,
             sizing_mode="stretch_width",
@@ -113,29 +115,23 @@ class CircuitGraph:
             active_scroll="wheel_zoom",
             title=title,
             toolbar_location="above",
+            x_axis_type=None,
         )
         fig.add_glyph(
             self.edges, Segment(x0="x0", y0="y0", x1="x1", y1="y1", line_color="color", line_alpha="alpha", line_width="width")
         )
-        renderer = fig.scatter(
-            "x",
-            "y",
-            source=self.nodes,
-            size=node_size,
-            fill_color="color",
-            line_color="outline",
-            line_width="lw",
-            marker="circle",
+        glyph = dict(x="x", y="y", size=node_size, fill_color="color", line_color="outline", line_width="lw", marker="circle")
+        renderer = fig.add_glyph(
+            self.nodes,
+            Scatter(**glyph),
+            # The selected node gets a black outline.
+            selection_glyph=Scatter(**{**glyph, "line_color": SELECTED_OUTLINE, "line_width": SELECTED_WIDTH}),
+            # Unselected nodes look as with no selection: None makes BokehJS draw them with a copy of the glyph
+            # (no model sent; "auto" would fade them). Muting (no legend here) stays "auto", also made in the browser.
+            nonselection_glyph=None,
             # Drawn on the canvas's overlay layer: a click (a new selection) repaints the nodes alone, not the
             # edges, axes and grid of the primary layer beneath.
             level="overlay",
-            # Unselected nodes look as with no selection; the selected one gets a black outline.
-            nonselection_fill_alpha=1.0,
-            nonselection_line_alpha=1.0,
-            selection_fill_alpha=1.0,
-            selection_line_alpha=1.0,
-            selection_line_color=SELECTED_OUTLINE,
-            selection_line_width=SELECTED_WIDTH,
         )
         fig.add_tools(
             HoverTool(
@@ -144,8 +140,6 @@ class CircuitGraph:
             )
         )
         fig.add_tools(TapTool(renderers=[renderer]))
-        fig.xaxis.visible = False
-        fig.xgrid.visible = False
         fig.ygrid.grid_line_alpha = 0.3
         self.ticker = FixedTicker(ticks=[])
         fig.yaxis.ticker = self.ticker

@@ -11,6 +11,7 @@ in the parent, whose DuckDB connection and Polars thread pool the forked process
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import panel as pn
@@ -18,6 +19,18 @@ from bokeh.command.util import build_single_handler_applications
 from panel.command.serve import Serve
 
 APP = str(Path(__file__).with_name("app.py"))
+
+
+def forks_after_setup(argv: list[str]) -> bool:
+    """`--num-procs 0` (Bokeh: one process per core): Panel runs `--setup` in each process only for N > 1; for 0
+    it runs it before the fork, and the forked processes inherit this script's DuckDB connection and Polars
+    thread pool (measured: their sessions never loaded, the first Polars call after a fork hangs)."""
+    args = " ".join(argv).replace("=", " ").split()
+    return any(a == "--num-procs" and b == "0" for a, b in zip(args, args[1:], strict=False))
+
+
+if forks_after_setup(sys.argv):
+    sys.exit("viewer/warm.py: use --num-procs N, N the number of cores (`$(nproc)`), not 0: Panel runs --setup before forking")
 
 # Panel's own `--warm` step (it does not use its `self`), on this process's copy of the app.
 Serve.warm_applications(None, build_single_handler_applications([APP]), reuse_sessions=bool(pn.config.reuse_sessions))

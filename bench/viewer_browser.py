@@ -353,6 +353,7 @@ def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code
     proc, log = serve.start(data, port, log_path, code, options=options)
     try:
         results, wall = asyncio.run(run(f"http://127.0.0.1:{port}/app", run_id, layers, sessions, clicks_per_layer))
+        usage = server_usage(proc.pid)
     finally:
         serve.stop(proc, log)
     print(f"load average (1, 5, 15 min) after: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
@@ -360,6 +361,30 @@ def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code
     print(
         f"{sessions} concurrent Chromium sessions: all drawn after {wall:.0f} ms (wall-clock, browsers and server on the same 2 cores)"
     )
+    print(
+        "server processes (pid: peak RSS, CPU over the run): "
+        + "; ".join(f"{pid}: {hwm:.0f} MB, {cpu:.1f} s" for pid, hwm, cpu in usage)
+        + f"; peak RSS summed {sum(u[1] for u in usage):.0f} MB (pages shared after a fork counted in each)"
+    )
+
+
+def server_usage(group: int) -> list[tuple[int, float, float]]:
+    """(pid, peak RSS MB, CPU s) of every process of the server's process group (`--num-procs N`: the parent,
+    which only watches its children, and the N forked servers), from /proc (Linux), read before it stops."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(d.name)) != group:
+                continue
+            status = dict(line.split(":", 1) for line in (d / "status").read_text().splitlines() if ":" in line)
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):  # ended meanwhile
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        out.append((int(d.name), int(status["VmHWM"].split()[0]) / 1024, cpu))
+    return sorted(out)
 
 
 def report(results):

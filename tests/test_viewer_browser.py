@@ -67,6 +67,45 @@ def served(tmp_path_factory):
     serve.stop(proc, log)
 
 
+def test_several_server_processes_serve_the_app(tmp_path, browser_page):
+    """`viewer/serve.py multi_process_options`: every forked process answers with the app's own page (its root
+    elements and only the JavaScript it uses: viewer/warm.py ran in it; Panel's `--warm` before the fork gives an
+    empty page with Tabulator's bundle), and sessions load whichever process their WebSocket reaches; with
+    `--num-procs 0` warm.py refuses to start (its setup would run before the fork: the processes hung)."""
+    import urllib.request
+
+    if CHROMIUM is None:
+        pytest.skip("no Chromium found (install the system package: apt-get install -y chromium)")
+    truth = write_contract_tables(str(tmp_path))
+    port = serve.free_port()
+    proc, log = serve.start(tmp_path, port, tmp_path / "serve.log", options=serve.multi_process_options(2), timeout=60)
+    try:
+        url = f"http://127.0.0.1:{port}/app"
+        _wait(lambda: len([p for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == proc.pid]) == 3, "2 forked servers")
+        warmed = lambda: set(re.findall(r"the app ran in server process (\d+)", (tmp_path / "serve.log").read_text()))  # noqa: E731
+        _wait(lambda: len(warmed()) == 2, "viewer/warm.py in each forked process")
+        for _ in range(8):  # the kernel hands each connection to either process
+            page = urllib.request.urlopen(url, timeout=60).read().decode()
+            assert re.search(r'"roots":\{"p\d+"', page) and "tabulator" not in page
+        run = truth.runs[0]["run_id"]
+        for _ in range(3):
+            browser_page.goto(f"{url}?run={run}", timeout=60000)
+            browser_page.get_by_text("nodes in the circuit", exact=False).first.wait_for(timeout=60000)
+    finally:
+        serve.stop(proc, log)
+    with pytest.raises(RuntimeError, match="not 0"):
+        zero = ["--num-procs", "0", "--setup", "viewer/warm.py", "--reuse-sessions"]
+        proc, log = serve.start(tmp_path, serve.free_port(), tmp_path / "serve0.log", options=zero, timeout=60)
+        serve.stop(proc, log)
+
+
+def _pgid(pid):
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def test_pick_layer_click_node_shows_detail(served, tmp_path):
     from playwright.sync_api import sync_playwright
 

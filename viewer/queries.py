@@ -84,8 +84,9 @@ def connection():
     path = db_path()
     now = time.monotonic()
     last = _checked.get(path)
-    # The process id is part of the version: a DuckDB connection is not fork-safe, and `panel serve --num-procs N`
-    # forks after `--warm` has opened one; each child process opens its own.
+    # The process id is part of the version: a forked process does not query through its parent's connection. That
+    # is not enough to fork after a query (DuckDB and Polars do not survive a fork: a forked process hung on its first
+    # query), so `panel serve --num-procs N` opens nothing before the fork (viewer/warm.py).
     pid = os.getpid()
     if last is None or now - last[0] >= RECHECK_SECONDS or last[1][1] != pid:
         _checked[path] = last = (now, (path, pid, *_version(path)))

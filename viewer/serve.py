@@ -1,24 +1,27 @@
 """The `panel serve` command of the viewer, in one place: README and docs/viewer.md show it, the browser
 test and `bench/viewer_browser.py` start it (`start`).
 
-    panel serve viewer/app.py --address 127.0.0.1 --port 5006 --num-procs $(nproc) --setup viewer/warm.py --reuse-sessions
-
-`--num-procs N` forks N server processes sharing the port (one per core: N = `nproc`), each with its own
-event loop, so that visitors arriving together are built on every core instead of one after the other on
-one loop. `--setup viewer/warm.py` does in each forked process what `--warm` does in a single one (the app
-run once: imports, shared caches, the page kept for `--reuse-sessions`; nothing is opened before the fork,
-see viewer/warm.py). `--reuse-sessions` answers a new visitor's page request at once with the page of a
-session already built (the page HTML holds only the JavaScript bundle and empty root elements: our page
-has the same roots whatever the URL) and builds the visitor's own session, from the visitor's URL, when its
-WebSocket connects. Not `--reuse-sessions warm` here: it starts that build on the page request, and the
-WebSocket may reach another process, which then builds the session again.
-
-On one core, or to debug (one process: breakpoints and logs in one place), the single-process command:
-
     panel serve viewer/app.py --address 127.0.0.1 --port 5006 --warm --reuse-sessions warm
 
-`--warm` runs the app once when the server starts; `--reuse-sessions warm` starts building the visitor's
-session on the page request, while the browser loads the JavaScript (the WebSocket then finds it built).
+`--warm` runs the app once when the server starts (imports, the runs table, the first layout in the
+shared caches), so the first visitor does not pay for them. `--reuse-sessions warm` answers a new
+visitor's page request at once with the page of a session already built (the page HTML holds only the
+JavaScript bundle and empty root elements: our page has the same roots whatever the URL, so the HTML is
+the same for every visitor) and starts building the visitor's own session, from the visitor's URL, while
+the browser loads the JavaScript; the WebSocket then delivers it. Without it the page request waits for
+the whole session build before the browser can start loading anything.
+
+Several server processes (`multi_process_options`; docs/viewer.md "Serving"), for a machine whose cores
+are idle when visitors arrive:
+
+    panel serve viewer/app.py --address 127.0.0.1 --port 5006 --num-procs $(nproc) --setup viewer/warm.py --reuse-sessions
+
+`--num-procs N` forks N server processes sharing the port, each with its own event loop; `--setup
+viewer/warm.py` does in each forked process what `--warm` does in one (nothing is opened before the fork,
+see viewer/warm.py). Plain `--reuse-sessions`, not `warm`: that starts the build on the page request, and the
+WebSocket may reach another process, which then builds the session again. Not the default: on the 2
+shared cores it was measured on (clients on the same cores) it was not faster (bench/README.md "Viewer:
+several server processes").
 """
 
 from __future__ import annotations
@@ -40,13 +43,13 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def multi_process_options(n: int) -> list[str]:
-    """Options for N server processes (N >= 1, one process without a fork; not 0, Bokeh's "one per core", for
-    which Panel runs `--setup` before the fork: viewer/warm.py refuses it)."""
-    return ["--num-procs", str(n), "--setup", "viewer/warm.py", "--reuse-sessions"]
+def multi_process_options(n: int | None = None) -> list[str]:
+    """Options for N server processes (default: one per core; N = 1 is one process without a fork; not 0,
+    Bokeh's "one per core", for which Panel runs `--setup` before the fork: viewer/warm.py refuses it)."""
+    return ["--num-procs", str(n or cores()), "--setup", "viewer/warm.py", "--reuse-sessions"]
 
 
-OPTIONS = multi_process_options(cores())  # the README's command on this machine
+OPTIONS = SINGLE_PROCESS_OPTIONS  # the README's command
 
 
 def command(port: int = 5006, address: str = "127.0.0.1", options: list[str] | None = None) -> list[str]:

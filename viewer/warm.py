@@ -1,4 +1,5 @@
-"""`panel serve viewer/app.py --num-procs N --setup viewer/warm.py --reuse-sessions`: `--warm`, in each process.
+"""`panel serve viewer/app.py --num-procs N --setup viewer/warm.py --reuse-sessions`: `--warm`, in each process
+(viewer/serve.py `multi_process_options`).
 
 With `--num-procs N` (N > 1) Panel runs this script in every forked server process once its server has
 started. It does there what `--warm` does in a single process: runs the app once (the imports, the runs
@@ -11,6 +12,7 @@ in the parent, whose DuckDB connection and Polars thread pool the forked process
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,3 +36,4 @@ if forks_after_setup(sys.argv):
 
 # Panel's own `--warm` step (it does not use its `self`), on this process's copy of the app.
 Serve.warm_applications(None, build_single_handler_applications([APP]), reuse_sessions=bool(pn.config.reuse_sessions))
+print(f"viewer/warm.py: the app ran in server process {os.getpid()}", flush=True)  # in the server's log

@@ -258,19 +258,18 @@ def pair_chunks(lengths: torch.Tensor, pairs, chunk_tokens: int = CHUNK_TOKENS) 
 
 def ablation_pairs(lengths: torch.Tensor, n_nodes: int, budget: int) -> list[int]:
     """The task pairs the ablations run on: every pair when `n_nodes` x their tokens fits in
-    `budget` (node-tokens per mode; 0: every pair), else a fixed-seed random sample of whole pairs
-    within it, at least MIN_ABLATION_PAIRS. The recompute then reports each delta's standard error."""
+    `budget` (node-tokens per mode; 0: every pair), else a fixed-seed simple random sample of k
+    whole pairs, k = budget / (n_nodes x the mean tokens of a pair), at least MIN_ABLATION_PAIRS.
+    The sample's size depends only on the budget and the mean, and which pairs only on the seed:
+    a simple random sample whatever the pairs' lengths (a sample cut where the budget runs out
+    would favour short pairs), so the recompute's standard errors are those of one. Its work is
+    within the budget on average over the pairs, not exactly."""
     half = len(lengths) // 2
     tokens = (lengths[:half] + lengths[half:]).tolist()
     if budget <= 0 or n_nodes * sum(tokens) <= budget or half <= MIN_ABLATION_PAIRS:
         return list(range(half))
-    picked, used = [], 0
-    for j in torch.randperm(half, generator=torch.Generator().manual_seed(0)).tolist():
-        if len(picked) >= MIN_ABLATION_PAIRS and used + n_nodes * tokens[j] > budget:
-            break
-        picked.append(j)
-        used += n_nodes * tokens[j]
-    return sorted(picked)
+    k = max(MIN_ABLATION_PAIRS, min(half - 1, int(budget * half // (n_nodes * sum(tokens)))))
+    return sorted(torch.randperm(half, generator=torch.Generator().manual_seed(0))[:k].tolist())
 
 
 def paired_estimate(ablated: np.ndarray, circuit: np.ndarray, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -496,7 +495,7 @@ def recompute(
     run = _Run(model, viz, chunk_tokens, ablation_budget, log)
     if log and len(run.ablated) < run.n_pairs:
         log(
-            f"ablations on {len(run.ablated)} of {run.n_pairs} task pairs (a sample within the budget of "
+            f"ablations on {len(run.ablated)} of {run.n_pairs} task pairs (a random sample sized by the budget of "
             f"{ablation_budget:,} node-tokens per mode; deltas carry standard errors)"
         )
     loss, frozen_by_chunk = _full_model_stage(run)

@@ -255,3 +255,27 @@ def test_sparse_linear_stage_equals_a_float64_product(compiled, monkeypatch):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     reads = (w[:, circuit] != 0).any(1).nonzero().flatten()
     assert torch.equal(stage.rows, reads)  # exactly the rows that read a circuit channel
+
+
+def test_kth_pair_kernel_against_sorting_on_many_small_rows():
+    """The compiled selection (a binary search over the sorted window, then the values between two
+    of its entries) against a full sort of the union: many sizes, k below and above m (the window's
+    +inf padding), ties and runs of zeros."""
+    if KP.kernel() is None:
+        pytest.skip("numba not installed")
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n = int(torch.randint(3, 60, (1,), generator=gen))
+        m, k = int(torch.randint(1, n, (1,), generator=gen)), int(torch.randint(1, n, (1,), generator=gen))
+        vals = torch.randn(3, n, generator=gen)
+        if trial % 3 == 0:
+            vals = torch.round(vals * 2) / 2  # ties
+        if trial % 5 == 0:
+            vals[vals.abs() < 0.7] = 0  # runs of zeros, as after AbsTopK
+        const, changing = vals[:, m:].abs(), vals[:, :m]
+        changed = changing + (torch.randn(2, 3, m, generator=gen) * (trial % 4)).round(decimals=1)
+        kth, kth1 = kth_pair(changed, CM._rank_window(const, k, m))
+        union = torch.cat([changed.abs(), const.expand(2, -1, -1)], -1)
+        assert torch.equal(kth, _brute_kth(union, k)), (trial, n, m, k)
+        want1 = _brute_kth(union, k + 1) if k < n else torch.full_like(kth, float("-inf"))
+        assert torch.equal(kth1, want1), (trial, n, m, k)

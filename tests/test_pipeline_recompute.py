@@ -188,15 +188,25 @@ def test_ablations_on_a_sample_of_pairs_with_standard_errors(viz_store):
         x.circuit_acts.close()
 
 
-def test_pair_sample_within_the_budget():
+def test_pair_sample_is_a_simple_random_sample_sized_by_the_budget():
     lengths = torch.tensor([10, 20, 30, 40, 50, 12, 22, 32, 42, 52])  # 5 pairs: (10, 12), (20, 22), ...
-    tokens = [22, 42, 62, 82, 102]
+    tokens = [22, 42, 62, 82, 102]  # mean 62
     assert ablation_pairs(lengths, 3, 0) == [0, 1, 2, 3, 4]  # 0: every pair
     assert ablation_pairs(lengths, 3, 3 * sum(tokens)) == [0, 1, 2, 3, 4]  # fits exactly
     picked = ablation_pairs(lengths, 3, 3 * sum(tokens) - 1)
-    assert MIN_ABLATION_PAIRS <= len(picked) < 5 and 3 * sum(tokens[j] for j in picked) <= 3 * sum(tokens) - 1
-    assert picked == sorted(set(picked)) == ablation_pairs(lengths, 3, 3 * sum(tokens) - 1)
+    assert len(picked) == 4  # floor((3 x 310 - 1) / (3 x 62))
+    assert picked == sorted(set(picked)) == ablation_pairs(lengths, 3, 3 * sum(tokens) - 1)  # fixed seed
+    assert len(ablation_pairs(lengths, 3, 3 * 62 * 2)) == 2  # two pairs' worth of the mean
     assert len(ablation_pairs(lengths, 3, 1)) == MIN_ABLATION_PAIRS  # the minimum, whatever the budget
+    # Which pairs: the seed's, whatever their lengths (a cut where the budget runs out would skip the
+    # long ones): pairs of very unequal lengths with the same mean give the same sample.
+    other = torch.tensor([1, 1, 1, 1, 152, 1, 1, 1, 1, 150])  # tokens 2, 2, 2, 2, 302: mean 62
+    assert ablation_pairs(other, 3, 3 * sum(tokens) - 1) == picked
+    n = 50
+    many = torch.randint(5, 500, (2 * n,), generator=torch.Generator().manual_seed(1))
+    per_pair = (many[:n] + many[n:]).double()
+    sample = ablation_pairs(many, 10, int(10 * per_pair.sum() * 0.3))
+    assert len(sample) == 15  # 30% of the mean work: 15 of 50 pairs
 
 
 def test_pair_chunks_cover_each_pair_once_within_the_token_bound():

@@ -76,6 +76,7 @@ def _kth_pair_rows(ch, window, kth, kth1, lo_i, hi_i, base, base_kth, base_kth1)
         for t in range(2):
             want = m + 1 - above + t  # rank from the top: the k-th, then the (k+1)-th largest
             lo_j, hi_j = -1, m + 1  # the largest j with position <= want - 1 (-1: none; position -1)
+            pos = -1  # lo_j's position
             while lo_j < hi_j:
                 mid = (lo_j + hi_j + 1) // 2
                 x = window[r, mid]
@@ -84,18 +85,10 @@ def _kth_pair_rows(ch, window, kth, kth1, lo_i, hi_i, base, base_kth, base_kth1)
                     if buf[q] >= x:
                         c += 1
                 if mid + c <= want - 1:
-                    lo_j = mid
+                    lo_j, pos = mid, mid + c
                 else:
                     hi_j = mid - 1
             j = lo_j
-            pos = -1
-            if j >= 0:
-                x = window[r, j]
-                c = 0
-                for q in range(p):
-                    if buf[q] >= x:
-                        c += 1
-                pos = j + c
             if pos == want - 1:
                 value = window[r, j]
             else:

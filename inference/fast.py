@@ -226,6 +226,11 @@ _CHUNK_POOLS: dict[int, ThreadPoolExecutor] = {}  # by size; never shut down (ca
 _POOLS_LOCK = threading.Lock()
 
 
+def row_chunks(n: int, size: int) -> list[slice]:
+    """Rows 0..n in consecutive slices of `size` (the last shorter): the tasks `_run_chunks` spreads."""
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
 def _run_chunks(fn, chunks: list[slice]) -> None:
     """fn(chunk) for every chunk: on the calling thread when torch has one thread (or there is one
     chunk); else spread over as many worker threads as torch has, each running its ops on one
@@ -275,7 +280,7 @@ class FastBlock(Block):
         if pos_emb is not None:  # (these norms run once, at full size: their hooks are called as usual)
             pos1 = self.ln_p1(pos_emb, f"{i}.ln_p1").expand(B, T, -1).reshape(B * T, -1)
             pos2 = self.ln_p2(pos_emb, f"{i}.ln_p2").expand(B, T, -1).reshape(B * T, -1)
-        chunks = [slice(s, min(s + CHUNK_ROWS, B * T)) for s in range(0, B * T, CHUNK_ROWS)]
+        chunks = row_chunks(B * T, CHUNK_ROWS)
 
         qkv = x.new_empty(3, B * T, cfg.d_attn)
 

@@ -169,7 +169,7 @@ def kth_pair(
     k = kernel()
     if k is None:
         return None
-    from inference.fast import _run_chunks
+    from inference.fast import _run_chunks, row_chunks
 
     m = changing.shape[-1]
     lead = changing.shape[:-1]
@@ -184,6 +184,5 @@ def kth_pair(
     else:
         b = np.zeros((0, m), np.float32)
         bk = bk1 = np.zeros(0, np.float32)
-    chunks = [slice(s, min(s + ROWS_PER_TASK, n)) for s in range(0, n, ROWS_PER_TASK)]
-    _run_chunks(lambda s: k(ch, win, kth, kth1, s.start, s.stop, b, bk, bk1), chunks)
+    _run_chunks(lambda s: k(ch, win, kth, kth1, s.start, s.stop, b, bk, bk1), row_chunks(n, ROWS_PER_TASK))
     return torch.from_numpy(kth).view(*lead, 1), torch.from_numpy(kth1).view(*lead, 1)

@@ -67,7 +67,7 @@ def sparse_rows(x: torch.Tensor, csr: tuple[np.ndarray, np.ndarray, np.ndarray],
     kern = kernel()
     if kern is None:
         return None
-    from inference.fast import _run_chunks
+    from inference.fast import _run_chunks, row_chunks
 
     lead = x.shape[:-1]
     xs = x.detach().reshape(-1, x.shape[-1]).contiguous().numpy()
@@ -77,6 +77,5 @@ def sparse_rows(x: torch.Tensor, csr: tuple[np.ndarray, np.ndarray, np.ndarray],
         raise ValueError(f"sparse_rows: {n} rows are not a whole number of K's {ks.shape[0]} rows")
     out = np.empty((n, ks.shape[1]), np.float32)
     out_rows, columns, values = csr
-    chunks = [slice(s, min(s + ROWS_PER_TASK, n)) for s in range(0, n, ROWS_PER_TASK)]
-    _run_chunks(lambda s: kern(xs, out_rows, columns, values, ks, out, s.start, s.stop), chunks)
+    _run_chunks(lambda s: kern(xs, out_rows, columns, values, ks, out, s.start, s.stop), row_chunks(n, ROWS_PER_TASK))
     return torch.from_numpy(out).view(*lead, ks.shape[1])

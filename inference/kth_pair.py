@@ -31,23 +31,149 @@ def _kth_pair_rows(ch, window, kth, kth1, lo_i, hi_i, base, base_kth, base_kth1)
     has_base = base.shape[0] == rows
     buf = np.empty(m, ch.dtype)  # the values inside the window's range
     cand = np.empty(m, ch.dtype)  # those between two window entries
+    # the fast path from the base thresholds (below): float bits as int32
+    ABS = np.int32(0x7FFFFFFF)  # clears the sign bit
+    INF = np.int32(0x7F800000)  # +inf's bits; NaNs' are above
+    NONE_ABOVE = np.int32(0x7FFFFFFF)  # no value above P (as bits: beyond every NaN)
+    NONE_BELOW = np.int32(-1)  # none below P
+    NEAR = 4  # ranks this far from P's are found from the nearest values, further ones by the general path
+    bits = ch.view(np.int32)
+    base_bits = base_kth.view(np.int32)
+    near_a = np.empty(NEAR, ch.dtype)
+    near_b = np.empty(NEAR, ch.dtype)
+    one = np.zeros(1, np.int32)  # int32 bits -> float32
+    one_f = one.view(np.float32)
     for i in range(lo_i, hi_i):
         r = i % rows
-        if has_base:
-            # The un-ablated row's k-th and (k+1)-th largest K >= K1 stand when every value that
-            # changed was and stays strictly above K, or was and stays strictly below K1: the counts
-            # of values above, at and below each of them are unchanged (an O(m) scan, no selection).
-            big, small = base_kth[r], base_kth1[r]
-            same = True
+        if has_base and 0 <= base_bits[r] <= INF:
+            # From the un-ablated row's k-th largest P (a float >= +0.0, not NaN). The k-th and (k+1)-th largest
+            # of the whole row are the (m+1)-th and (m+2)-th largest of X = the row's m |values| and
+            # its window's m + 2 entries, padding included (k - m - 1 constants lie above the
+            # window, none of them below its top; the others below its bottom). One pass counts
+            # the values of X above P and at or above it, which places each wanted rank at P, or
+            # d-th nearest above or below it, and finds the nearest value on either side; d > 1 (the
+            # threshold moved by more than a rank) takes a short pass per further distinct value.
+            # The passes work on the float bits (|x| >= 0 orders like its bits as int32, NaNs
+            # above +inf): integer compares and min / max, which the compiler vectorises.
+            pb = base_bits[r]
+            gt = 0
+            ge = 0
+            nan = 0
+            a1 = NONE_ABOVE  # the nearest |value| above P, as bits
+            b1 = NONE_BELOW  # and below
             for j in range(m):
-                v, b = abs(ch[i, j]), base[r, j]
-                if v != b and not ((v > big and b > big) or (v < small and b < small)):
-                    same = False
-                    break
-            if same:
-                kth[i] = big
-                kth1[i] = small
-                continue
+                v = bits[i, j] & ABS
+                gt += v > pb
+                ge += v >= pb
+                nan += v > INF
+                a1 = min(a1, v if v > pb else NONE_ABOVE)
+                b1 = max(b1, v if v < pb else NONE_BELOW)
+            if nan == 0:
+                P = base_kth[r]
+                # the window is sorted (descending): entries 0..wa-1 are above P, wb..m+1 below
+                lo_w, hi_w = 0, m + 2
+                while lo_w < hi_w:
+                    mid = (lo_w + hi_w) // 2
+                    if window[r, mid] > P:
+                        lo_w = mid + 1
+                    else:
+                        hi_w = mid
+                wa = lo_w
+                hi_w = m + 2
+                while lo_w < hi_w:
+                    mid = (lo_w + hi_w) // 2
+                    if window[r, mid] >= P:
+                        lo_w = mid + 1
+                    else:
+                        hi_w = mid
+                wb = lo_w
+                G = gt + wa  # values of X above P
+                E = ge + wb  # values of X at or above P
+                # rank m + 1 + t is the (G - rank + 1)-th smallest above P when > 0, at P, or the
+                # (rank - E)-th largest below P
+                da = min(max(0, G - m), NEAR)
+                db = min(max(0, m + 2 - E), NEAR)
+                if max(0, G - m) <= NEAR and max(0, m + 2 - E) <= NEAR:
+                    # the da nearest values of X above P, ascending: the row's (each distinct value
+                    # with its count, one more pass each) merged with the window's wa - 1, wa - 2, ...
+                    na = 0
+                    cur = a1
+                    q = wa - 1
+                    while na < da:
+                        one[0] = cur
+                        fc = np.float32(np.inf) if cur == NONE_ABOVE else one_f[0]
+                        while na < da and q >= 0 and window[r, q] < fc:
+                            near_a[na] = window[r, q]
+                            na += 1
+                            q -= 1
+                        if na == da or (cur == NONE_ABOVE and q < 0):
+                            break
+                        if cur == NONE_ABOVE:  # window entries at +inf
+                            near_a[na] = window[r, q]
+                            na += 1
+                            q -= 1
+                            continue
+                        if na + 1 == da:  # one more: no need to count this value's copies
+                            near_a[na] = fc
+                            na += 1
+                            break
+                        cnt = 0
+                        nxt = NONE_ABOVE
+                        for j in range(m):
+                            v = bits[i, j] & ABS
+                            cnt += v == cur
+                            nxt = min(nxt, v if v > cur else NONE_ABOVE)
+                        while na < da and cnt > 0:
+                            near_a[na] = fc
+                            na += 1
+                            cnt -= 1
+                        cur = nxt
+                    # the db nearest below P, descending, likewise
+                    nb = 0
+                    cur = b1
+                    q = wb
+                    while nb < db:
+                        one[0] = cur
+                        fc = np.float32(-np.inf) if cur == NONE_BELOW else one_f[0]
+                        while nb < db and q <= m + 1 and window[r, q] > fc:
+                            near_b[nb] = window[r, q]
+                            nb += 1
+                            q += 1
+                        if nb == db or (cur == NONE_BELOW and q > m + 1):
+                            break
+                        if cur == NONE_BELOW:  # window entries at -inf
+                            near_b[nb] = window[r, q]
+                            nb += 1
+                            q += 1
+                            continue
+                        if nb + 1 == db:
+                            near_b[nb] = fc
+                            nb += 1
+                            break
+                        cnt = 0
+                        nxt = NONE_BELOW
+                        for j in range(m):
+                            v = bits[i, j] & ABS
+                            cnt += v == cur
+                            nxt = max(nxt, v if v < cur else NONE_BELOW)
+                        while nb < db and cnt > 0:
+                            near_b[nb] = fc
+                            nb += 1
+                            cnt -= 1
+                        cur = nxt
+                    for t in range(2):
+                        want = m + 1 + t
+                        if want <= G:
+                            value = near_a[G - want]
+                        elif want > E:
+                            value = near_b[want - E - 1]
+                        else:
+                            value = P
+                        if t == 0:
+                            kth[i] = value
+                        else:
+                            kth1[i] = value
+                    continue
         hi = window[r, 0]  # A_{k-m}
         lo = window[r, m + 1]  # A_{k+1}
         above = 0

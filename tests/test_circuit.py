@@ -279,3 +279,39 @@ def test_kth_pair_kernel_against_sorting_on_many_small_rows():
         assert torch.equal(kth, _brute_kth(union, k)), (trial, n, m, k)
         want1 = _brute_kth(union, k + 1) if k < n else torch.full_like(kth, float("-inf"))
         assert torch.equal(kth1, want1), (trial, n, m, k)
+
+
+def test_kth_pair_from_the_base_thresholds_against_sorting():
+    """The compiled path from the un-ablated rows' thresholds (counts around the base k-th value,
+    then the nearest values on one side, the general selection when the threshold moved further)
+    against a full sort of the union: changes of a few values (the threshold moves by a rank or
+    two) up to whole rows redrawn, ties with the base value, zeros, +inf padding (k < m)."""
+    if KP.kernel() is None:
+        pytest.skip("numba not installed")
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(300):
+        n = int(torch.randint(4, 80, (1,), generator=gen))
+        m, k = int(torch.randint(1, n, (1,), generator=gen)), int(torch.randint(1, n - 1, (1,), generator=gen))
+        vals = torch.randn(4, n, generator=gen)
+        if trial % 3 == 0:
+            vals = torch.round(vals * 2) / 2  # ties, also with the base thresholds
+        if trial % 4 == 0:
+            vals[vals.abs() < 0.5] = 0
+        const, before = vals[:, m:].abs(), vals[:, :m]
+        window = CM._rank_window(const, k, m)
+        base_union = torch.cat([before.abs(), const], -1).unsqueeze(0)
+        base = (before.abs(), _brute_kth(base_union, k)[0, :, 0], _brute_kth(base_union, k + 1)[0, :, 0])
+        # 5 ablations: 1, 2, 3 values moved (by little or much), a quarter of the row, all of it
+        after = before.expand(5, -1, -1).clone()
+        for a, moved in enumerate([1, 2, 3, max(1, m // 4), m]):
+            cols = torch.randperm(m, generator=gen)[:moved]
+            step = torch.randn(4, len(cols), generator=gen) * (0.05 if trial % 2 else 1.0)
+            after[a][:, cols] += step if trial % 3 else torch.round(step * 2) / 2
+        if trial % 7 == 0:
+            after[0, 0, 0] = -0.0
+        got = kth_pair(after, window, base)
+        union = torch.cat([after.abs(), const.expand(5, -1, -1)], -1)
+        assert torch.equal(got[0], _brute_kth(union, k)), (trial, n, m, k)
+        assert torch.equal(got[1], _brute_kth(union, k + 1)), (trial, n, m, k)
+        plain = kth_pair(after, window)  # the general path, bit for bit the same
+        assert torch.equal(plain[0], got[0]) and torch.equal(plain[1], got[1])

@@ -48,7 +48,7 @@ from inference.circuit import (
     parse_location,
 )
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
-from inference.kth_pair import kth_pair
+from inference.kth_pair import kth_pair, kth_pair_stage
 from inference.memory import trim_heap
 from inference.sparse_rows import csr_arrays, sparse_rows
 
@@ -197,14 +197,27 @@ class _TopkStage:
         if self.full:
             return abs_topk_exact(changing, self.frac)[..., self.circuit]
         A, rows = changing.shape[:2]
-        vals = changing.new_empty(A, rows, len(self.circuit))
         pos, src = self.c_from_changing
+        base = self.base if ties is not None else None
+        if self.window is not None:
+            # compiled (inference.kth_pair): thresholds, values and tie flags in one pass per row
+            stage = (src, pos, self.c_const, self.c_const_pos, len(self.circuit))
+            got = kth_pair_stage(changing, self.window, base, stage)
+            if got is not None:
+                kth, kth1, out, tied = got
+                if keep_base:
+                    assert A == 1, "the un-ablated run has one row per token"
+                    self.base = (changing[0].abs(), kth[0, :, 0], kth1[0, :, 0])
+                if ties is not None:
+                    self._flag(ties, tied)
+                return out
+        vals = changing.new_empty(A, rows, len(self.circuit))
         vals[..., pos] = changing[..., src]
         vals[..., self.c_const_pos] = self.c_const
         if self.window is None:
             return vals
-        # compiled (inference.kth_pair), or None: the torch code
-        got = kth_pair(changing, self.window, self.base if ties is not None else None)
+        # compiled thresholds only (a stage the kernel above declined), or None: the torch code
+        got = kth_pair(changing, self.window, base)
         kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
         if keep_base:
             assert A == 1, "the un-ablated run has one row per token"

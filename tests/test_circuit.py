@@ -315,3 +315,32 @@ def test_kth_pair_from_the_base_thresholds_against_sorting():
         assert torch.equal(got[1], _brute_kth(union, k + 1)), (trial, n, m, k)
         plain = kth_pair(after, window)  # the general path, bit for bit the same
         assert torch.equal(plain[0], got[0]) and torch.equal(plain[1], got[1])
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_topk_stage_kernel_equals_torch(with_base, monkeypatch):
+    """`_TopkStage.run` with the compiled stage (thresholds, circuit values, tie flags in one pass:
+    `kth_pair_stage`) against its torch code, bit for bit: values from the changing channels and
+    from constants, ties at the threshold (values rounded to halves), zeros, -0.0."""
+    if KP.kernel() is None:
+        pytest.skip("numba not installed")
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(40):
+        n, rows, A = int(torch.randint(8, 60, (1,), generator=gen)), 6, 5
+        z = torch.round(torch.randn(rows, n, generator=gen) * 2) / 2
+        changing = torch.randperm(n, generator=gen)[: int(torch.randint(1, n, (1,), generator=gen))].sort().values
+        circuit = torch.randperm(n, generator=gen)[: int(torch.randint(1, n, (1,), generator=gen))].sort().values
+        stage = CM._TopkStage(z, changing, circuit, float(torch.rand(1, generator=gen)) * 0.8 + 0.1)
+        if stage.window is None:
+            continue
+        stage.run(z[:, changing].unsqueeze(0), (torch.zeros(1, dtype=torch.bool), None), keep_base=with_base)
+        vals = z[:, changing].expand(A, -1, -1) + torch.round(torch.randn(A, rows, len(changing), generator=gen)) / 2
+        vals[0, 0, 0] = -0.0
+        got = {}
+        for compiled in (True, False):
+            monkeypatch.setattr(KP, "ENABLED", compiled)
+            flags = torch.zeros(A, dtype=torch.bool)
+            got[compiled] = (stage.run(vals, (flags, None)), flags)
+        assert torch.equal(got[True][0], got[False][0]), trial
+        assert torch.equal(got[True][0].signbit(), got[False][0].signbit()), trial
+        assert torch.equal(got[True][1], got[False][1]), trial

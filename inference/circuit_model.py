@@ -49,7 +49,7 @@ from inference.circuit import (
 )
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.kth_pair import kth_pair, kth_pair_stage
-from inference.memory import trim_heap
+from inference.memory import heap_kept, trim_heap
 from inference.sparse_rows import csr_arrays, sparse_rows
 
 
@@ -774,40 +774,42 @@ class CircuitModel:
         nodes = [(loc, pos, int(c)) for loc in self.locations for pos, c in enumerate(self.circuit[loc].tolist())]
         losses: dict[tuple[str, int], torch.Tensor] = {}
         tied: list[tuple[str, int]] = []
-        # One location at a time, so a pass shares everything upstream of its nodes (size 1).
-        for loc in self.locations:
-            trim_heap()  # the passes' freed intermediates back to the system (inference.memory)
-            t_loc = time.perf_counter()
-            i = parse_location(loc)[0]
-            loc_nodes = [nd for nd in nodes if nd[0] == loc]
-            for start in range(0, len(loc_nodes), batch):
-                group = loc_nodes[start : start + batch]
-                A = len(group)
-                value = torch.tensor([0.0 if mode == "zero" else float(self.fill[loc][c]) for _, _, c in group])
-                # final_resid is ablated in the full-width residual: its positions are the channels.
-                pos = [c if loc == FINAL_RESID else p for _, p, c in group]
-                ablations = {loc: (A, torch.arange(A), torch.tensor(pos), value)}
-                ties = (torch.zeros(A, dtype=torch.bool), relevant)
-                if loc == FINAL_RESID:  # after every layer: only the final norm and the unembedding run
-                    logits = self._final_logits(self.final_state, rows, tokens, ablations=ablations).float()
-                else:
-                    state = self.start_states[i]
-                    last = self.config.n_layer - 1
-                    for j in range(i, last + 1):
-                        state = self._run_layer(j, state, ablations, ties, rows if j == last else None)
-                    logits = self._final_logits(state, rows, tokens, at_rows=True).float()  # (A, n, 2)
-                lp_first = F.log_softmax(logits[:, :half], dim=-1)[..., 0]
-                lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
-                # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
-                # read by no q/k/v node of the circuit): every one of them leaves the loss as is.
-                loss = -(lp_first + lp_second).double()  # (A or 1, pairs)
-                loss = (loss if per_pair else loss.mean(dim=1, keepdim=True)).expand(A, -1)
-                for a, (loc, _pos, c) in enumerate(group):
-                    losses[(loc, c)] = loss[a] if per_pair else loss[a, 0].item()
-                    if ties[0][a]:
-                        tied.append((loc, c))
-            if log:
-                log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
+        # Freed pass intermediates stay mapped for the next ones (inference.memory.heap_kept).
+        with heap_kept():
+            # One location at a time, so a pass shares everything upstream of its nodes (size 1).
+            for loc in self.locations:
+                trim_heap()  # the passes' freed intermediates back to the system (inference.memory)
+                t_loc = time.perf_counter()
+                i = parse_location(loc)[0]
+                loc_nodes = [nd for nd in nodes if nd[0] == loc]
+                for start in range(0, len(loc_nodes), batch):
+                    group = loc_nodes[start : start + batch]
+                    A = len(group)
+                    value = torch.tensor([0.0 if mode == "zero" else float(self.fill[loc][c]) for _, _, c in group])
+                    # final_resid is ablated in the full-width residual: its positions are the channels.
+                    pos = [c if loc == FINAL_RESID else p for _, p, c in group]
+                    ablations = {loc: (A, torch.arange(A), torch.tensor(pos), value)}
+                    ties = (torch.zeros(A, dtype=torch.bool), relevant)
+                    if loc == FINAL_RESID:  # after every layer: only the final norm and the unembedding run
+                        logits = self._final_logits(self.final_state, rows, tokens, ablations=ablations).float()
+                    else:
+                        state = self.start_states[i]
+                        last = self.config.n_layer - 1
+                        for j in range(i, last + 1):
+                            state = self._run_layer(j, state, ablations, ties, rows if j == last else None)
+                        logits = self._final_logits(state, rows, tokens, at_rows=True).float()  # (A, n, 2)
+                    lp_first = F.log_softmax(logits[:, :half], dim=-1)[..., 0]
+                    lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
+                    # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
+                    # read by no q/k/v node of the circuit): every one of them leaves the loss as is.
+                    loss = -(lp_first + lp_second).double()  # (A or 1, pairs)
+                    loss = (loss if per_pair else loss.mean(dim=1, keepdim=True)).expand(A, -1)
+                    for a, (loc, _pos, c) in enumerate(group):
+                        losses[(loc, c)] = loss[a] if per_pair else loss[a, 0].item()
+                        if ties[0][a]:
+                            tied.append((loc, c))
+                if log:
+                    log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
 
         def gather(values):
             if not per_pair:

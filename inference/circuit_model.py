@@ -633,9 +633,18 @@ class CircuitModel:
         return changed
 
     def _dynamic_heads(
-        self, i: int, L, qkv: list[torch.Tensor], A: int, rows: torch.Tensor | None, keep_base: bool = False
+        self,
+        i: int,
+        L,
+        qkv: list[torch.Tensor],
+        A: int,
+        rows: torch.Tensor | None,
+        keep_base: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention output at the dynamic heads' channels (A, rows or all, |dyn|).
+        """Attention output at the dynamic heads' channels (A, rows or all, |dyn|); when every head
+        is computed, written into `out` (A, B * T, |dyn|, a view of the layer's attention output)
+        if given, and `out` returned (the caller copies any other result there).
 
         The un-ablated run (`keep_base`) computes every head and keeps its output and inputs; an ablation pass
         recomputes only the (ablation, head) pairs whose inputs changed, and with `rows` (the last
@@ -644,8 +653,11 @@ class CircuitModel:
         B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), cfg.d_head
         sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
 
-        def every_head() -> torch.Tensor:  # (A, B * T, |dyn|)
+        def every_head(out=None) -> torch.Tensor:  # (A, B * T, |dyn|)
             q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
+            if out is not None:  # straight into the layer's output (no copy into a concatenation)
+                sink_attention(q, k, v, sink, out=out.view(A * B, T, nd, dh).transpose(1, 2))
+                return out
             return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
 
         if keep_base:  # the un-ablated run (A = 1): every head, kept for the passes
@@ -660,7 +672,7 @@ class CircuitModel:
         if len(pa) == 0:
             return base
         if rows is None and len(pa) > changed.numel() // 2:  # most pairs changed: every head, no gathering
-            return every_head()
+            return every_head(out)
         y = base.expand(A, -1, -1).clone()
         # the changed pairs as heads of one batch: (B, P, T, dh), each with its head's sink
         pairs = []
@@ -691,17 +703,20 @@ class CircuitModel:
         pre = L["qkv"].run(act_in)
         qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties, kb), ablations) for kind in "qkv"]
         A = max(t.shape[0] for t in qkv)
-        y_parts = []
-        if len(L["dyn"]):
-            y_parts.append(self._dynamic_heads(i, L, qkv, A, rows, kb))
-        if len(L["static_v"]):
+        n_rows = state.shape[1] if rows is None else len(rows)
+        n_dyn, n_static = len(L["dyn"]), len(L["static_v"])
+        # the attention output (A, rows, dynamic heads' channels then static v's), each part
+        # written into its slice (a concatenation would copy the (A, rows, ~800) dynamic part again)
+        y = state.new_empty(A, n_rows, n_dyn + n_static) if n_dyn + n_static else state.new_zeros(1, n_rows, 0)
+        if n_dyn:
+            y_dyn = self._dynamic_heads(i, L, qkv, A, rows, kb, out=y[..., :n_dyn])
+            if y_dyn.data_ptr() != y.data_ptr():
+                y[..., :n_dyn] = y_dyn
+        if n_static:
             v = qkv[2][..., L["v_static_src"]]
             v = v.reshape(v.shape[0], self.B, self.T, -1)
             y_static = (v.cumsum(dim=2) * L["static_weight"]).reshape(v.shape[0], self.B * self.T, -1)
-            y_parts.append(y_static if rows is None else y_static[:, rows])
-        y_parts = [t.expand(A, -1, -1) for t in y_parts]
-        n_rows = state.shape[1] if rows is None else len(rows)
-        y = torch.cat(y_parts, dim=-1) if y_parts else state.new_zeros(1, n_rows, 0)
+            y[..., n_dyn:] = y_static if rows is None else y_static[:, rows]
         if rows is not None:
             L, state = self._after_attention_at(i, rows), state[:, rows]
             ties = None if ties is None else (ties[0], None)  # every one of these rows reaches an answer

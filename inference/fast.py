@@ -117,16 +117,20 @@ class SparseLinear(nn.Linear):
 _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logit: torch.Tensor | None) -> torch.Tensor:
+def sink_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logit: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal attention over (B, H, T, d_head) with scale 1/sqrt(d_head) and, when `sink_logit`
     (H,) is given, the release's sink: an always-visible extra key with that logit and value zero.
+    `out`: a (B, H, T, d_head) tensor (a view may be strided) to write the result into, and return.
 
     With the sink, the softmax denominator gains exp(s) and the output is the sinkless one times
     Z / (Z + exp(s)) = sigmoid(lse - s), where lse = log Z comes with causal flash attention.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     if sink_logit is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return y if out is None else out.copy_(y)
     if (
         _FLASH_WITH_LSE is not None
         and q.device.type == "cpu"
@@ -134,12 +138,14 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink_logit
         and not _grad_needed(q, k, v, sink_logit)
     ):
         y, lse = _FLASH_WITH_LSE(q, k, v, 0.0, True, scale=scale)[:2]  # lse: (B, H, T)
-        return y * torch.sigmoid(lse - sink_logit.to(lse.dtype).view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
+        gate = torch.sigmoid(lse - sink_logit.to(lse.dtype).view(1, -1, 1)).unsqueeze(-1).to(y.dtype)
+        return y * gate if out is None else torch.mul(y, gate, out=out)
     T = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * scale
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     sink = sink_logit.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-    return F.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:] @ v
+    y = F.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:] @ v
+    return y if out is None else out.copy_(y)
 
 
 class FastCausalSelfAttention(CausalSelfAttention):

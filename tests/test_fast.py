@@ -299,3 +299,26 @@ def test_sparse_linear_columns_equal_dense_linear(bias, max_density):
     assert got.shape == (24, 13)
     assert torch.allclose(got.t(), want, atol=1e-6)
     assert (lin.__dict__["_sparse_cache"][1] is not None) == (max_density == 1.0)
+
+
+@pytest.mark.parametrize("sink", [True, False])
+def test_sink_attention_into_a_strided_out_equals_its_result(sink):
+    """`sink_attention(..., out=)` writes into a strided view (the circuit model's slice of a wider
+    attention output) exactly what it returns without one, and checks against the plain softmax."""
+    from inference.fast import sink_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=gen) for _ in "qkv")
+    s = torch.randn(3, generator=gen) if sink else None
+    want = sink_attention(q, k, v, s)
+    wide = torch.full((2, 9, 3 * 4 + 5), 7.0)  # (B, T, H * d_head + 5 other channels)
+    got = sink_attention(q, k, v, s, out=wide[..., :12].view(2, 9, 3, 4).transpose(1, 2))
+    assert got.data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[..., :12].view(2, 9, 3, 4).transpose(1, 2), want)
+    assert torch.equal(wide[..., 12:], torch.full((2, 9, 5), 7.0))  # the rest untouched
+    scores = (q @ k.transpose(-2, -1)) / 2.0
+    scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    if sink:
+        scores = torch.cat([s.view(1, -1, 1, 1).expand(2, 3, 9, 1), scores], -1)
+    ref = torch.softmax(scores, -1)[..., 1:] @ v if sink else torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(want, ref, atol=1e-5, rtol=1e-5)

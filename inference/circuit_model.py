@@ -469,6 +469,10 @@ class CircuitModel:
         for j, kind in enumerate("qkv"):
             part = (qkv_lin.rows >= j * d) & (qkv_lin.rows < (j + 1) * d)
             L[f"{kind}_from"] = torch.nonzero(part).flatten()
+            # the rows are sorted, so each kind's are a range: a slice (a view) rather than a gather
+            lo = int(L[f"{kind}_from"][0]) if len(L[f"{kind}_from"]) else 0
+            assert torch.equal(L[f"{kind}_from"], torch.arange(lo, lo + len(L[f"{kind}_from"])))
+            L[f"{kind}_cols"] = slice(lo, lo + len(L[f"{kind}_from"]))
             z = pre[:, j * d : (j + 1) * d]
             L[kind] = _TopkStage(z, qkv_lin.rows[part] - j * d, C[kind], cfg.sparsity_at(f"attn_{kind}"), self.B)
             qkv.append(self._masked_by(f"{i}.attn.{kind}", L[kind], z))
@@ -701,7 +705,7 @@ class CircuitModel:
         h = self._norm_input(i, L, blk.ln_1, state, L["resid_in"], self.rstd[f"{i}.ln_1.rstd"], "x_in_full", "pos1")
         act_in = self._ablate(f"{p}.act_in", L["act_in"].run(h, ties, kb), ablations)
         pre = L["qkv"].run(act_in)
-        qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_from"]], ties, kb), ablations) for kind in "qkv"]
+        qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_cols"]], ties, kb), ablations) for kind in "qkv"]
         A = max(t.shape[0] for t in qkv)
         n_rows = state.shape[1] if rows is None else len(rows)
         n_dyn, n_static = len(L["dyn"]), len(L["static_v"])

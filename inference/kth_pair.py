@@ -11,8 +11,16 @@ then finds the answer among the window's entries or the few collected values bet
 the same values selected, so the result is equal bit for bit (tests compare both with a brute-force
 sort).
 
-`kth_pair(changing, window)` returns None when the kernel does not apply (numba missing or
-unable to compile, not float32, not on CPU); the caller then runs the torch code.
+In an ablation pass the un-ablated rows' thresholds (`base`) are known, and an ablation moves a
+row's threshold by a rank or two at most, mostly: one vectorised pass over the row's float bits
+counts the values above and at the base k-th value and finds the nearest value on either side,
+which answers the row (a further pass per distinct value when it moved by 2-4 ranks; further, the
+selection above). `kth_pair_stage` also writes, in the same pass over each row, the stage's output
+at the circuit channels (`inference.circuit_model._TopkStage.run`: values kept where they reach
+the threshold, else 0.0) and its tie flags, which torch did in ~6 more passes over the tensor.
+
+`kth_pair(changing, window)` and `kth_pair_stage` return None when the kernel does not apply (numba
+missing or unable to compile, not float32, not on CPU); the caller then runs the torch code.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from inference.numba_kernels import compiled
 ENABLED = True  # tests switch the compiled kernel off to run the torch path on the same inputs
 
 
-def _kth_pair_rows(ch, window, kth, kth1, lo_i, hi_i, base, base_kth, base_kth1, c_src, c_pos, cconst, cpos, out, tied):  # pragma: no cover (numba)
+def _kth_pair_rows(
+    ch, window, kth, kth1, lo_i, hi_i, base, base_kth, base_kth1, c_src, c_pos, cconst, cpos, out, tied
+):  # pragma: no cover (numba)
     m = ch.shape[1]
     rows = window.shape[0]
     has_base = base.shape[0] == rows

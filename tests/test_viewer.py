@@ -784,23 +784,30 @@ def test_cheaper_bokeh_sends_what_bokeh_sends(viewer_data, monkeypatch):
     serialized both ways is the same message."""
     from bokeh.core.has_props import HasProps
     from bokeh.core.property.bases import Property
+    from bokeh.core.property.descriptors import PropertyDescriptor
     from panel.io import server as panel_server
 
     from viewer import cheap
 
-    bokeh_own = (HasProps.query_properties_with_values, Property.themed_default)
+    patched = [
+        (HasProps, "query_properties_with_values"),
+        (Property, "themed_default"),
+        (PropertyDescriptor, "has_unstable_default"),
+        (panel_server, "server_html_page_for_session"),
+    ]
+    bokeh_own = [getattr(owner, name) for owner, name in patched]
     plain = _opened_page()
     want = _wire(plain)
-    monkeypatch.setattr(panel_server, "server_html_page_for_session", panel_server.server_html_page_for_session)
-    monkeypatch.setattr(HasProps, "query_properties_with_values", bokeh_own[0])
-    monkeypatch.setattr(Property, "themed_default", bokeh_own[1])
+    for owner, name in patched:  # restored after the test
+        monkeypatch.setattr(owner, name, getattr(owner, name))
     cheap.install()
     assert HasProps.query_properties_with_values is cheap._query_properties_with_values
     assert _wire(plain) == want  # Bokeh's document, serialized by the cheaper code
     cheaper = _opened_page()
     got = _wire(cheaper)
     assert len(got[0]) > 10_000 and got == want  # built and serialized by the cheaper code
-    HasProps.query_properties_with_values, Property.themed_default = bokeh_own
+    for (owner, name), own in zip(patched, bokeh_own, strict=True):
+        setattr(owner, name, own)
     assert _wire(cheaper) == want
 
 
@@ -816,7 +823,7 @@ def test_reused_page_rendered_once_with_each_visitors_token(monkeypatch):
 
     def render(session, resources, title, token=None, template=None, template_variables=None):
         renders.append(token)
-        return f"<html>{title} {session.id} {pn.config.theme} <script>{{\"token\":\"{token}\"}}</script></html>"
+        return f'<html>{title} {session.id} {pn.config.theme} <script>{{"token":"{token}"}}</script></html>'
 
     class Session:
         def __init__(self, id):

@@ -15,7 +15,8 @@ share of Bokeh and Panel": at release scale a session's first document was ~105 
 - `cache_immutable_defaults`: Bokeh computes a property's default (copy, then validation) every time an unset
   property is read, e.g. when a model is built and each property set (to compare with the old value). A default
   that is a plain immutable value (str, number, bool, None) of a class, not themed and not computed by a
-  function, is the same every time; it is kept per (property, class). ~7% of a session's build.
+  function, is the same every time; it is kept per (property, class). So is whether a property's default may
+  change (`has_unstable_default`, asked on every read of a default), which depends on the class only.
 - `cache_reused_page`: with `--reuse-sessions` every visitor's page HTML is rendered from the same reused
   session (Panel's `server_html_page_for_session`: the JavaScript bundle of its models, their stylesheets, the
   template), ~10 ms of CPU per visitor before the build of its session can start; only the visitor's token
@@ -29,12 +30,13 @@ import bokeh
 import panel as pn
 from bokeh.core.has_props import HasProps
 from bokeh.core.property.bases import Property
-from bokeh.core.property.descriptors import UnsetValueError
+from bokeh.core.property.descriptors import PropertyDescriptor, UnsetValueError
 from bokeh.core.property.singletons import Undefined
 from bokeh.core.property.wrappers import PropertyValueContainer
 
 _BOKEH_QUERY = HasProps.query_properties_with_values
 _BOKEH_THEMED_DEFAULT = Property.themed_default
+_BOKEH_HAS_UNSTABLE_DEFAULT = PropertyDescriptor.has_unstable_default
 IMMUTABLE = (str, int, float, bool, type(None))
 
 
@@ -87,12 +89,26 @@ def _themed_default(self, cls, name, theme_overrides, *, no_eval: bool = False):
     return value
 
 
+_unstable: dict[tuple[int, type], tuple[PropertyDescriptor, bool]] = {}
+
+
+def _has_unstable_default(self, obj) -> bool:
+    """Bokeh's `PropertyDescriptor.has_unstable_default`, kept per (property, class): it depends on the property's
+    type and default and on the class's overridden defaults only, and Bokeh asks it on every read of a default."""
+    key = (id(self), type(obj))
+    hit = _unstable.get(key)
+    if hit is None or hit[0] is not self:
+        hit = _unstable[key] = (self, _BOKEH_HAS_UNSTABLE_DEFAULT(self, obj))
+    return hit[1]
+
+
 def skip_unsent_defaults() -> None:
     HasProps.query_properties_with_values = _query_properties_with_values
 
 
 def cache_immutable_defaults() -> None:
     Property.themed_default = _themed_default
+    PropertyDescriptor.has_unstable_default = _has_unstable_default
 
 
 _pages: dict[str, tuple[str, tuple, str]] = {}  # reused session id -> (token it was rendered with, inputs, page)

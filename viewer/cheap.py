@@ -2,8 +2,9 @@
 
 Installed by the served app (`app.py`, `install()`); the tests check that what goes to the browser is what Bokeh
 and Panel would send without it (tests/test_viewer.py). Measured in bench/README.md "Viewer: the session's
-share of Bokeh and Panel": at release scale a session's first document was ~105 ms of server CPU (page HTML
-~10, build ~70, serialization ~25); 20 visitors arriving together wait for 20 of them on the one event loop.
+share of Bokeh and Panel, and fairness": at release scale a session's first document was ~105 ms of server CPU
+(page HTML ~10, build ~70, serialization ~25; ~80 with these); 20 visitors arriving together wait for 20 of them
+on the one event loop.
 
 - `skip_unsent_defaults`: Bokeh serializes a model (`HasProps.query_properties_with_values` with
   `include_defaults=False`, the document and every patch sent over the WebSocket) by computing the value of
@@ -144,13 +145,18 @@ def cache_reused_page() -> None:
             _pages[session.id] = (token, inputs, html)
         return html
 
+    page.viewer_cached = True
     panel_server.server_html_page_for_session = page
 
 
 def install() -> None:
-    """All three, for this server process (idempotent). Bokeh 3 only: on another major version nothing is changed."""
+    """All three, for this server process (the app runs it in every session: only the first call changes
+    anything). Bokeh 3 only: on another major version nothing is changed."""
+    from panel.io import server as panel_server
+
     if not bokeh.__version__.startswith("3."):
         return
     skip_unsent_defaults()
     cache_immutable_defaults()
-    cache_reused_page()
+    if not getattr(panel_server.server_html_page_for_session, "viewer_cached", False):
+        cache_reused_page()

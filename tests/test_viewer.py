@@ -800,7 +800,7 @@ def test_cheaper_bokeh_sends_what_bokeh_sends(viewer_data, monkeypatch):
     want = _wire(plain)
     for owner, name in patched:  # restored after the test
         monkeypatch.setattr(owner, name, getattr(owner, name))
-    cheap.install()
+    cheap.replace()  # whatever the installed versions: this comparison is what admits a release to cheap.TESTED
     assert HasProps.query_properties_with_values is cheap._query_properties_with_values
     assert _wire(plain) == want  # Bokeh's document, serialized by the cheaper code
     cheaper = _opened_page()
@@ -809,6 +809,14 @@ def test_cheaper_bokeh_sends_what_bokeh_sends(viewer_data, monkeypatch):
     for (owner, name), own in zip(patched, bokeh_own, strict=True):
         setattr(owner, name, own)
     assert _wire(cheaper) == want
+
+
+def test_cheaper_bokeh_only_on_the_tested_releases():
+    """`cheap.install` replaces nothing on a Bokeh or Panel release the wire-message test has not admitted."""
+    from viewer import cheap
+
+    assert cheap.tested("3.9.2", "1.9.4")
+    assert not cheap.tested("3.10.0", "1.9.4") and not cheap.tested("3.9.2", "1.10.0") and not cheap.tested("4.0.0", "1.9.4")
 
 
 def test_reused_page_rendered_once_with_each_visitors_token(monkeypatch):

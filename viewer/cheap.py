@@ -149,13 +149,29 @@ def cache_reused_page() -> None:
     panel_server.server_html_page_for_session = page
 
 
+# The Bokeh and Panel releases (major.minor) whose internals these replacements were checked against
+# (tests/test_viewer.py compares the wire messages). On any other release `install` changes nothing and
+# the app runs Bokeh's and Panel's own code, only slower; the test, which installs the replacements
+# whatever the version, then tells whether they still send what Bokeh sends, before this list grows.
+TESTED = {"bokeh": ("3.9",), "panel": ("1.9",)}
+
+
+def tested(bokeh_version: str = bokeh.__version__, panel_version: str = pn.__version__) -> bool:
+    minor = lambda v: ".".join(v.split(".")[:2])  # noqa: E731
+    return minor(bokeh_version) in TESTED["bokeh"] and minor(panel_version) in TESTED["panel"]
+
+
 def install() -> None:
     """All three, for this server process (the app runs it in every session: only the first call changes
-    anything). Bokeh 3 only: on another major version nothing is changed."""
+    anything), on the TESTED releases of Bokeh and Panel only."""
+    if tested():
+        replace()
+
+
+def replace() -> None:
+    """The three replacements, whatever the versions (`install` checks them)."""
     from panel.io import server as panel_server
 
-    if not bokeh.__version__.startswith("3."):
-        return
     skip_unsent_defaults()
     cache_immutable_defaults()
     if not getattr(panel_server.server_html_page_for_session, "viewer_cached", False):

@@ -152,7 +152,8 @@ async def pick_layer(page, layer):
     await asyncio.sleep(1.0)  # the plot re-ranges to the new nodes when it renders: positions are read after that
 
 
-async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_per_layer: int):
+async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_per_layer: int, server: int | None = None):
+    """`server`: the server's process group, for the CPU accounting of the concurrent phases (`CpuMeter`)."""
     from playwright.async_api import async_playwright
 
     results = {}
@@ -230,7 +231,9 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
         # (c) `sessions` Chromium pages at once, each timed to its drawn graph (20 browsers rendering on the
         #     server's 2 cores).
         await settle()
+        meter = CpuMeter(server)
         light = await asyncio.gather(*(light_session(base) for _ in range(sessions)))
+        print(f"(a) {meter.report()}", flush=True)
         results[f"{sessions} concurrent light clients: page + document (the server's share)"] = [x[0] for x in light]
         results[f"{sessions} concurrent light clients: ... + post-load parts"] = [x[1] for x in light]
         report(results)
@@ -238,11 +241,13 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
         await settle()
         mixed, phases = [], []
         for _ in range(3):
+            meter = CpuMeter(server)
             others = [asyncio.ensure_future(light_session(base)) for _ in range(sessions - 1)]
             c, page, ms = await open_session(browser, base)
             mixed.append(ms)
             phases.append(await page.evaluate("() => window.__bench.phases()"))
             await asyncio.gather(*others)
+            print(f"(b) {meter.report()}", flush=True)
             await c.close()
             await settle()
         results[f"1 browser among {sessions} concurrent new sessions ({sessions - 1} light clients)"] = mixed
@@ -258,8 +263,10 @@ async def run(url: str, run_id: str, layers: list[str], sessions: int, clicks_pe
                 return None, float("inf")
 
         t = time.perf_counter()
+        meter = CpuMeter(server)
         out = await asyncio.gather(*(one() for _ in range(sessions)))
         wall = (time.perf_counter() - t) * 1000
+        print(f"(c) {meter.report()}", flush=True)
         results[f"{sessions} concurrent Chromium sessions (each: navigation to a drawn graph)"] = [ms for _, ms in out]
         for c, _ in out:
             if c is not None:
@@ -352,7 +359,7 @@ def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code
     print(f"load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     proc, log = serve.start(data, port, log_path, code, options=options)
     try:
-        results, wall = asyncio.run(run(f"http://127.0.0.1:{port}/app", run_id, layers, sessions, clicks_per_layer))
+        results, wall = asyncio.run(run(f"http://127.0.0.1:{port}/app", run_id, layers, sessions, clicks_per_layer, proc.pid))
         usage = server_usage(proc.pid)
     finally:
         serve.stop(proc, log)
@@ -366,6 +373,65 @@ def main(data: Path, sessions: int, clicks_per_layer: int, max_layers: int, code
         + "; ".join(f"{pid}: {hwm:.0f} MB, {cpu:.1f} s" for pid, hwm, cpu in usage)
         + f"; peak RSS summed {sum(u[1] for u in usage):.0f} MB (pages shared after a fork counted in each)"
     )
+
+
+class CpuMeter:
+    """Where the machine's CPU went between its creation and `report()`: the server (its process group), this bench
+    process (the light clients run in it, with Playwright's client side), Chromium and Playwright's driver (this
+    process's other descendants; a process that ended and was reaped is counted in its parent's children time),
+    and everything else on the machine (the other jobs on the same cores), from /proc (Linux). The load generator
+    runs on the server's cores: its share says how much of a concurrent phase's time is the bench itself."""
+
+    def __init__(self, server_group: int | None):
+        self.server_group = server_group
+        self.t0, self.before = time.perf_counter(), self.sample()
+
+    def sample(self) -> dict[str, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        out = {"server": 0.0, "bench process": 0.0, "Chromium + Playwright driver": 0.0}
+        out["machine busy"] = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+        me, procs = os.getpid(), {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                # parent, process group, utime + stime, cutime + cstime (its children that ended and were reaped)
+                procs[int(d.name)] = (int(f[1]), int(f[2]), (int(f[11]) + int(f[12])) / tick, (int(f[13]) + int(f[14])) / tick)
+            except (OSError, ValueError, IndexError):  # ended meanwhile
+                continue
+
+        def descends(pid):
+            seen = set()
+            while pid in procs and pid not in seen:
+                seen.add(pid)
+                pid = procs[pid][0]
+                if pid == me:
+                    return True
+            return False
+
+        for pid, (_, group, own, reaped) in procs.items():
+            if group == self.server_group:
+                out["server"] += own + reaped
+            elif pid == me:
+                out["bench process"] += own
+            elif descends(pid):
+                out["Chromium + Playwright driver"] += own + reaped
+        return out
+
+    def report(self) -> str:
+        wall = time.perf_counter() - self.t0
+        after = self.sample()
+        d = {k: after[k] - self.before[k] for k in after}
+        own = d["server"] + d["bench process"] + d["Chromium + Playwright driver"]
+        d["other processes"] = max(0.0, d["machine busy"] - own)
+        return (
+            f"CPU over {wall:.1f} s (x {os.cpu_count()} cores = {wall * os.cpu_count():.1f} core-s): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in d.items())
+            + f"; load average {os.getloadavg()[0]:.1f}"
+        )
 
 
 def server_usage(group: int) -> list[tuple[int, float, float]]:

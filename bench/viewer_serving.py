@@ -141,7 +141,7 @@ async def clicks(urls: dict, visits: int, per_layer: int):
         )
 
 
-async def concurrent(url: str, sessions: int):
+async def concurrent(url: str, sessions: int, server: int | None = None):
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
@@ -149,21 +149,24 @@ async def concurrent(url: str, sessions: int):
         c, _, _ = await vb.open_session(browser, url)
         await c.close()
         await vb.settle(3)
+        meter = vb.CpuMeter(server)
         light = await asyncio.gather(*(vb.light_session(url) for _ in range(sessions)))
         docs = [x[0] for x in light]
         print(
             f"{sessions} light clients: page + document max {max(docs):.0f} ms (median {statistics.median(docs):.0f}); "
-            f"+ post-load parts max {max(x[1] for x in light):.0f} ms"
+            f"+ post-load parts max {max(x[1] for x in light):.0f} ms; {meter.report()}"
         )
         for _ in range(2):
             await vb.settle(5)
+            meter = vb.CpuMeter(server)
             others = [asyncio.ensure_future(vb.light_session(url)) for _ in range(sessions - 1)]
             c, page, ms = await vb.open_session(browser, url)
             phases = await page.evaluate("() => window.__bench.phases()")
             done = await asyncio.gather(*others)
             print(
                 f"1 Chromium among {sessions - 1} light clients: {ms:.0f} ms (page HTML {phases[0]:.0f}, JavaScript run "
-                f"{phases[1]:.0f}, document drawn {phases[2]:.0f}); the light clients' documents max {max(x[0] for x in done):.0f} ms"
+                f"{phases[1]:.0f}, document drawn {phases[2]:.0f}); the light clients' documents max {max(x[0] for x in done):.0f} ms; "
+                f"{meter.report()}"
             )
             await c.close()
         await browser.close()
@@ -179,6 +182,11 @@ from panel.io.state import set_curdoc
 from viewer.app import create_app
 
 pn.extension()
+try:  # what the served app of this checkout installs (viewer/cheap.py; absent in older checkouts)
+    from viewer import cheap
+    cheap.install()
+except ImportError:
+    pass
 res = {"first document": [], "post-load parts": [], "models in the first document": [], "models after load": []}
 for i in range(int(sys.argv[1]) + 3):
     doc, onload = Document(), []
@@ -272,7 +280,7 @@ def main(argv=None):
         else:
             options = None if args.serve_options is None else shlex.split(args.serve_options)
             servers["served"] = start(data, Path(args.code) if args.code else ROOT, options, "served")
-            asyncio.run(concurrent(servers["served"][2], args.sessions or 20))
+            asyncio.run(concurrent(servers["served"][2], args.sessions or 20, servers["served"][0].pid))
     finally:
         for proc, log, _ in servers.values():
             serve.stop(proc, log)

@@ -41,6 +41,9 @@ def _errors_in_one_line(main):
 
 @_errors_in_one_line
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.log_capture import restore_sigterm
+
+    restore_sigterm()  # before any Dagster or Dask child is started (see pipeline.log_capture)
     parser = argparse.ArgumentParser(prog="circuits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

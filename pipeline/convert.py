@@ -301,23 +301,16 @@ def pruning_curve_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Tab
     )
 
 
-def loss_at_k_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
-    final_raw = viz.all_loss[-1][1] if viz.all_loss else None
-    return make_table(
-        "loss_at_k",
-        {
-            "model": [run.model],
-            "task": [run.task],
-            "sweep": [run.sweep],
-            "k_label": [run.k_label],
-            "run_id": [run.run_id],
-            "n_nodes": [viz.n_nodes],
-            "final_loss_raw": [final_raw],
-            "final_loss": [None if final_raw is None else final_raw * loss_factor],
-            "interv_loss": [viz.interv_loss * loss_factor],
-            "unpruned_loss": [viz.loss * loss_factor],
-        },
-    )
+# loss_at_k's columns: the run's own numbers under the loss-vs-k plot's names (column <- runs column).
+_LOSS_AT_K_FROM_RUNS = {
+    "model": "model", "task": "task", "sweep": "sweep", "k_label": "k_label", "run_id": "run_id", "n_nodes": "n_nodes",
+    "final_loss_raw": "final_loss_raw", "final_loss": "final_loss", "interv_loss": "interv_loss", "unpruned_loss": "loss",
+}  # fmt: skip
+
+
+def loss_at_k_table(runs: pa.Table) -> pa.Table:
+    """The loss-vs-k rows of a run: a projection of its `runs` row, so each number is computed once."""
+    return make_table("loss_at_k", {name: runs[src].to_pylist() for name, src in _LOSS_AT_K_FROM_RUNS.items()})
 
 
 def faithfulness_table(viz: VizData, run: RunRef, loss_factor: float) -> pa.Table:
@@ -342,8 +335,9 @@ def run_tables(
     viz: VizData, run: RunRef, loss_factor: float, decode_token: Callable[[int], str], sha256: str | None = None
 ) -> dict:
     """Every run-level table of one circuit: name -> table, or iterator of pieces (activations, samples, snippets)."""
+    runs = runs_table(viz, run, loss_factor, sha256)
     return {
-        "runs": runs_table(viz, run, loss_factor, sha256),
+        "runs": runs,
         "nodes": nodes_table(viz, run, loss_factor),
         "edges": edges_table(viz, run),
         "task_docs": task_docs_table(viz, run, decode_token),
@@ -352,7 +346,7 @@ def run_tables(
         "snippets": (snippet_window(piece) for piece in sample_pieces(viz, run)),  # derived: the viewer's cut
         "layer_ablations": layer_ablations_table(viz, run, loss_factor),
         "pruning_curve": pruning_curve_table(viz, run, loss_factor),
-        "loss_at_k": loss_at_k_table(viz, run, loss_factor),
+        "loss_at_k": loss_at_k_table(runs),
         "faithfulness": faithfulness_table(viz, run, loss_factor),
     }
 

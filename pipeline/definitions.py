@@ -18,6 +18,7 @@ from pipeline.assets.download import download_assets, model_checkpoint, train_cu
 from pipeline.assets.duckdb_views import duckdb_assets
 from pipeline.assets.recompute import recompute_assets
 from pipeline.assets.tables import embeddings, run_tables, table_assets, train_curves, vocab
+from pipeline.log_capture import restore_sigterm
 from pipeline.on_dask import MODEL_JOB, RUN_JOB, dask_executor, dask_jobs
 from pipeline.resources import CircuitsResource
 from pipeline.settings import executor
@@ -39,6 +40,7 @@ def build_definitions(resource: CircuitsResource | None = None) -> dg.Definition
     )
 
 
+restore_sigterm()  # this module is imported by every Dagster process of the code location (pipeline.log_capture)
 defs = build_definitions()
 
 

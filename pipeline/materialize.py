@@ -40,6 +40,7 @@ from pipeline.assets.download import model_checkpoint, tokenizer_files
 from pipeline.assets.duckdb_views import circuits_duckdb
 from pipeline.assets.recompute import recompute_assets
 from pipeline.definitions import MODEL_ASSETS, PIPELINE_ASSETS, RUN_ASSETS
+from pipeline.log_capture import restore_sigterm
 from pipeline.resources import CircuitsResource
 from pipeline.settings import is_url
 
@@ -216,6 +217,7 @@ def materialize_store(
 
     `ablation_budget`: node-tokens of ablation work per mode before the recompute samples task
     pairs (0: every pair); None: CIRCUITS_ABLATION_BUDGET."""
+    restore_sigterm()  # the Dask workers and run processes started below inherit it (pipeline.log_capture)
     chosen = dict(models=models, tasks=tasks, sweeps=sweeps, ks=ks, ablation_budget=ablation_budget)
     resource = CircuitsResource.from_env(store_url=store, data=data, device=device, cache=cache, **chosen)
     data_url = resource.data_url()

@@ -33,6 +33,7 @@ import dagster as dg
 
 from pipeline import settings
 from pipeline.assets.discovery import MODEL_ASSET_KEYS, RUN_ASSET_KEYS
+from pipeline.log_capture import dask_worker_plugin
 
 RUN_JOB = "run_partitions_dask"
 MODEL_JOB = "model_partitions_dask"
@@ -126,6 +127,7 @@ def _executor_class():
                 )
             try:
                 with dask.distributed.Client(cluster) as client:
+                    client.register_plugin(dask_worker_plugin())  # workers' steps stop their log tails (log_capture)
                     futures: dict[str, object] = {}
                     for level in execution_plan.get_steps_to_execute_by_level():
                         for step in level:

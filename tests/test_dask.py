@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import dagster as dg
@@ -28,11 +29,55 @@ GOOD = ["tiny_sparse/bracket_counting/prune_demo/8", "tiny_sparse/single_double_
 
 @pytest.fixture(scope="module")
 def dask_cluster():
+    """2 workers started with SIGTERM ignored, as some launchers leave it (`pipeline.log_capture`): the
+    executor must put it back, or every step waits minutes for its log tails and leaves them running."""
     from dask.distributed import LocalCluster
 
-    # One thread per worker (Dagster's step execution is not thread-safe); no fixed dashboard port.
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the spawned workers
+    try:
+        # One thread per worker (Dagster's step execution is not thread-safe); no fixed dashboard port.
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    with cluster:
         yield cluster
+
+
+def _sigterm_on_workers(cluster) -> set[str]:
+    from dask.distributed import Client
+
+    with Client(cluster) as client:
+        return set(client.run(lambda: str(signal.getsignal(signal.SIGTERM))).values())
+
+
+def _log_tails_under(path: Path) -> list[str]:
+    """Command lines of running `tail` processes (Dagster's log capture) reading files under `path`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if argv and argv[0].endswith(b"tail") and any(str(path).encode() in a for a in argv):
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+def test_restore_sigterm_resets_only_an_ignored_sigterm():
+    from pipeline.log_capture import restore_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        assert restore_sigterm() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        def handler(signum, frame):  # someone's own handler is theirs: left alone
+            pass
+
+        signal.signal(signal.SIGTERM, handler)
+        assert not restore_sigterm() and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +142,7 @@ def test_partitions_on_two_workers_equal_in_process_and_a_bad_one_fails_alone(
 ):
     from pipeline.cli import main
 
+    assert _sigterm_on_workers(dask_cluster) == {str(signal.SIG_IGN)}  # the fixture's premise
     store = str(store_with_a_bad_run)
     local = materialize_store(
         store=store, data=str(tmp_path / "in_process"), select=SELECT, recompute=False, progress=False, executor="in_process"
@@ -121,6 +167,9 @@ def test_partitions_on_two_workers_equal_in_process_and_a_bad_one_fails_alone(
     nodes = {Path(k).stem for k in got if k.startswith("nodes/")}
     assert nodes == {r.replace("/", "__") for r in GOOD}
     assert (tmp_path / "dask" / "circuits.duckdb").is_file()
+    # The executor put SIGTERM back on the workers, so Dagster stopped every step's log tails.
+    assert _sigterm_on_workers(dask_cluster) == {str(signal.SIG_DFL)}
+    assert _log_tails_under(tmp_path / "dask") == []
 
     # The partitions ran as runs of the Dask jobs, their steps in the workers' processes.
     from dask.distributed import Client

@@ -121,6 +121,15 @@ def test_run_tables_match_viz_data(viz_store, db, run_id):
     curve = db.execute("select step, x, loss from pruning_curve where run_id = ? order by step", [run_id]).fetchall()
     assert curve == [(s, (s + 1) * 8, pytest.approx(v / 2)) for s, v in raw["all_loss"]]
 
+    lak = db.execute("select * from loss_at_k where run_id = ?", [run_id]).df()
+    assert len(lak) == 1
+    lak = lak.iloc[0]
+    assert (lak.model, lak.task, lak.k_label, lak.n_nodes) == (run.model, run.task, run.k_label, n_nodes)
+    assert lak.final_loss_raw == pytest.approx(raw["all_loss"][-1][1])
+    assert lak.final_loss == pytest.approx(raw["all_loss"][-1][1] / 2)
+    assert lak.interv_loss == pytest.approx(imp["interv_loss"] / 2)
+    assert lak.unpruned_loss == pytest.approx(imp["loss"] / 2)
+
 
 @pytest.mark.parametrize("run_id", list(FIXTURE_RUNS))
 def test_recompute_matches_stored_and_names_the_model(db, viz_store, run_id):

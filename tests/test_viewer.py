@@ -741,3 +741,116 @@ def test_ablations_written_before_standard_errors_still_show(tmp_path):
     got = got.to_pandas().set_index("node_id").loc[want["node_id"]]
     np.testing.assert_allclose(got["recomputed_delta"], want["recomputed_delta"])
     assert list(got["agrees"]) == list(want["agrees"])
+
+
+def _opened_page(node=None):
+    """A page with every view built (each tab opened once), in a document of its own."""
+    from bokeh.document import Document
+
+    from viewer.app import create_app
+
+    doc = Document()
+    page = create_app(url={"run": RUN, **({"node": node} if node else {})})
+    page.server_doc(doc)
+    app = page.explorer
+    app.graph_tabs.active = 1
+    for i in range(6):
+        app.detail_tabs.active = i
+    for i in range(3):
+        app.detail.inner_tabs.active = i
+    return doc
+
+
+def _wire(doc) -> tuple[str, list[bytes]]:
+    """The document as the WebSocket sends it (PULL-DOC-REPLY), with the ids that each build draws anew from a
+    global counter (Bokeh's model and buffer ids, Panel's object names such as "Column00129") numbered by first
+    appearance."""
+    from bokeh.protocol import Protocol
+
+    msg = Protocol().create("PULL-DOC-REPLY", "req", doc)
+    ids: dict[str, int] = {}
+
+    def renumber(m):
+        prefix = m.group(1) or m.group(2)  # "p" of a model / buffer id ("p1065", "__ref:p1065"), or a Panel class name
+        return f"{prefix}#{ids.setdefault(m.group(0), len(ids))}"
+
+    content = re.sub(r'(?<=[":])(p)\d+(?=")|(?<=")([A-Z][A-Za-z]*)\d{5}(?=")', renumber, msg.content_json)
+    return content, [bytes(b.data) for b in msg.buffers]
+
+
+def test_cheaper_bokeh_sends_what_bokeh_sends(viewer_data, monkeypatch):
+    """`viewer.cheap` (installed by the served app): a page with every view built, built and serialized with it,
+    goes over the WebSocket byte for byte as Bokeh sends it without (ids renumbered); and the same document
+    serialized both ways is the same message."""
+    from bokeh.core.has_props import HasProps
+    from bokeh.core.property.bases import Property
+    from bokeh.core.property.descriptors import PropertyDescriptor
+    from panel.io import server as panel_server
+
+    from viewer import cheap
+
+    patched = [
+        (HasProps, "query_properties_with_values"),
+        (Property, "themed_default"),
+        (PropertyDescriptor, "has_unstable_default"),
+        (panel_server, "server_html_page_for_session"),
+    ]
+    bokeh_own = [getattr(owner, name) for owner, name in patched]
+    plain = _opened_page()
+    want = _wire(plain)
+    for owner, name in patched:  # restored after the test
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    cheap.replace()  # whatever the installed versions: this comparison is what admits a release to cheap.TESTED
+    assert HasProps.query_properties_with_values is cheap._query_properties_with_values
+    assert _wire(plain) == want  # Bokeh's document, serialized by the cheaper code
+    cheaper = _opened_page()
+    got = _wire(cheaper)
+    assert len(got[0]) > 10_000 and got == want  # built and serialized by the cheaper code
+    for (owner, name), own in zip(patched, bokeh_own, strict=True):
+        setattr(owner, name, own)
+    assert _wire(cheaper) == want
+
+
+def test_cheaper_bokeh_only_on_the_tested_releases():
+    """`cheap.install` replaces nothing on a Bokeh or Panel release the wire-message test has not admitted."""
+    from viewer import cheap
+
+    assert cheap.tested("3.9.2", "1.9.4")
+    assert not cheap.tested("3.10.0", "1.9.4") and not cheap.tested("3.9.2", "1.10.0") and not cheap.tested("4.0.0", "1.9.4")
+
+
+def test_reused_page_rendered_once_with_each_visitors_token(monkeypatch):
+    """`cheap.cache_reused_page`: the page of the session that `--reuse-sessions` reuses is rendered once and each
+    visitor gets it with their own token; another session's page, or a changed input, is rendered again."""
+    import panel as pn
+    from panel.io import server as panel_server
+
+    from viewer import cheap
+
+    renders = []
+
+    def render(session, resources, title, token=None, template=None, template_variables=None):
+        renders.append(token)
+        return f'<html>{title} {session.id} {pn.config.theme} <script>{{"token":"{token}"}}</script></html>'
+
+    class Session:
+        def __init__(self, id):
+            self.id = id
+
+    class Resources:
+        mode, root_url = "server", "/"
+
+    reused, other = Session("reused-1"), Session("own-1")
+    monkeypatch.setattr(panel_server, "server_html_page_for_session", render)
+    monkeypatch.setattr(panel_server, "_viewer_uncached_page", render, raising=False)
+    monkeypatch.setattr(cheap, "_pages", {})
+    monkeypatch.setattr(pn.state, "_sessions", {("/app", "default"): reused})
+    cheap.cache_reused_page()
+    page = panel_server.server_html_page_for_session
+    first = page(reused, Resources(), "T", token="tok-A")
+    second = page(reused, Resources(), "T", token="tok-B")
+    assert renders == ["tok-A"] and second == first.replace("tok-A", "tok-B") and "tok-B" in second
+    assert page(other, Resources(), "T", token="tok-C") == render(other, Resources(), "T", token="tok-C")
+    assert renders[1:] == ["tok-C", "tok-C"]  # not reused: rendered every time
+    third = page(reused, Resources(), "another title", token="tok-D")
+    assert renders[-1] == "tok-D" and "another title" in third  # an input changed: rendered again

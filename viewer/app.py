@@ -11,7 +11,7 @@ import html
 import panel as pn
 from bokeh.models import Div
 
-from viewer import queries
+from viewer import cheap, queries
 from viewer.explorer import ExplorerApp
 from viewer.views.markup import heading
 
@@ -138,5 +138,6 @@ if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`
     # adds every imported model's, e.g. Tabulator's 0.5 MB and Luxon).
     pn.extension()
     skip_document_validation()
+    cheap.install()  # Bokeh's and Panel's per-session work done once or skipped (viewer/cheap.py)
     serve_locally(pn.state.curdoc)
     create_app(sync_url=True).servable(title=TITLE)

@@ -22,8 +22,10 @@ import warnings
 import dagster as dg
 
 from pipeline.convert import RunRef
+from pipeline.formats import VizDataError
 from pipeline.resources import CircuitsResource
 from pipeline.settings import Selection
+from pipeline.store_access import RunFile, read_run_file
 from pipeline.tables import MODEL_TABLES
 
 RUNS = dg.DynamicPartitionsDefinition(name="circuit_runs")
@@ -206,6 +208,16 @@ def run_ref(store, run_id: str) -> RunRef:
     if path is None:
         raise FileNotFoundError(f"{store.path(base)}: no viz_data.pt or viz_data.pkl (run {run_id})")
     return RunRef(model, task, sweep, k, path)
+
+
+def run_file(store, run_id: str) -> tuple[RunRef, RunFile]:
+    """A run partition's RunRef and its viz_data, parsed (once per partition: the run's table and
+    recompute assets share it); a file that does not parse fails the step, naming the file."""
+    run = run_ref(store, run_id)
+    try:
+        return run, read_run_file(store, run.path)
+    except VizDataError as e:
+        raise dg.Failure(description=str(e)) from None
 
 
 def refresh_partitions(instance: dg.DagsterInstance, store, selection: Selection | None = None) -> tuple[list[RunRef], list[str]]:

@@ -7,13 +7,13 @@ a pipeline failure): recomputed task losses and activations within tolerance of 
 
 import dagster as dg
 
-from pipeline.assets.discovery import RUNS, run_ref
+from pipeline.assets.discovery import RUNS, run_file
 from pipeline.assets.download import viz_data_file
 from pipeline.assets.tables import table_metadata
 from pipeline.formats import VizDataError, check_against_model
 from pipeline.recompute import recompute, recompute_tables, within
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import load_model, load_node_means, read_run_file
+from pipeline.store_access import load_model, load_node_means
 from pipeline.tables import write_partition
 
 GROUP = "recompute"
@@ -59,11 +59,8 @@ CHECKS = [
 def recomputed(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     store = circuits.store()
     key = context.partition_key
-    run = run_ref(store, key)
-    try:
-        viz = read_run_file(store, run.path).viz  # parsed once for this partition's assets
-    except VizDataError as e:
-        raise dg.Failure(description=str(e)) from None
+    run, rf = run_file(store, key)
+    viz = rf.viz
     try:
         model, store_means = cached_model(store, run.model, circuits.device)
     except ValueError as e:  # a bad node-means file: fail the runs of that model, naming it

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import convert
-from pipeline.assets.discovery import MODELS, RUNS, run_ref
+from pipeline.assets.discovery import MODELS, RUNS, run_file
 from pipeline.assets.download import tokenizer_files, train_curve_file, viz_data_file
 from pipeline.derived import unembed_table, wte_tables
 from pipeline.formats import VizDataError
 from pipeline.resources import CircuitsResource
-from pipeline.store_access import load_tokenizer, read_run_file, read_tensor, token_bytes_list
+from pipeline.store_access import load_tokenizer, read_tensor, token_bytes_list
 from pipeline.tables import RUN_TABLES, partition_path, write_partition
 
 GROUP = "tables"
@@ -80,11 +80,7 @@ CHECKS = [
 def run_tables(context: dg.AssetExecutionContext, circuits: CircuitsResource):
     store = circuits.store()
     key = context.partition_key
-    run = run_ref(store, key)
-    try:
-        rf = read_run_file(store, run.path)  # shared with the recompute assets of this partition
-    except VizDataError as e:
-        raise dg.Failure(description=str(e)) from None
+    run, rf = run_file(store, key)
     viz, source, sha = rf.viz, rf.source, rf.sha256
     for w in rf.warnings:
         context.log.warning(w)

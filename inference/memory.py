@@ -116,8 +116,11 @@ def trim_heap() -> bool:
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_M_MMAP_MAX_DEFAULT, _M_TRIM_THRESHOLD_DEFAULT = 65536, 128 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_M_MMAP_MAX_DEFAULT = 65536
+# After heap_kept: the thresholds glibc's dynamic adjustment reaches once a block of 32 MB (its
+# ceiling) was mmapped and freed, which every release-scale pass does (mmap above, trim above twice).
+_MMAP_THRESHOLD_AFTER, _TRIM_THRESHOLD_AFTER = 32 * 1024 * 1024, 64 * 1024 * 1024
 
 
 def _mallopt():
@@ -140,10 +143,11 @@ def heap_kept():
     has dozens of 50-75 MB ones per layer) then costs a page fault per 4 kB page, zeroed by the
     kernel, before it is written: a 51 MB copy took 21 ms instead of 6 into memory already
     mapped (bench/README.md). Here mmap is off (every block from the main heap) and the heap is not
-    trimmed on free, so a pass reuses the pages the previous one freed. On exit the defaults come
-    back (no mmap limit, 128 kB trim threshold; glibc's dynamic thresholds stay off, as after any
-    mallopt) and `trim_heap` gives the free memory back. Only changes where memory comes from, never
-    a value; a no-op off glibc."""
+    trimmed on free, so a pass reuses the pages the previous one freed. On exit mmap is back, and,
+    since setting a threshold turns glibc's dynamic thresholds off for good, both are set to what
+    they would have risen to (32 MB mmap, 64 MB trim; not the 128 kB defaults, under which every
+    block above 128 kB would be mapped and faulted afresh); `trim_heap` then gives the free memory
+    back. Only changes where memory comes from, never a value; a no-op off glibc."""
     fn = _mallopt()
     if fn is None:
         yield
@@ -154,5 +158,6 @@ def heap_kept():
         yield
     finally:
         fn(_M_MMAP_MAX, _M_MMAP_MAX_DEFAULT)
-        fn(_M_TRIM_THRESHOLD, _M_TRIM_THRESHOLD_DEFAULT)
+        fn(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
+        fn(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
         trim_heap()

@@ -132,7 +132,7 @@ def test_pick_layer_click_node_shows_detail(served, tmp_path):
             assert xy, "the layer-half graph never showed the picked layer"
             page.mouse.click(*xy)
             title = page.locator("h3.node-title")
-            title.wait_for(timeout=30000)
+            title.wait_for(timeout=60000)  # the detail tabs come after the page has loaded: slow on a loaded machine
             for _ in range(240):
                 if title.inner_text().strip() == target:
                     break

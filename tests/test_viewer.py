@@ -702,19 +702,8 @@ def test_opened_page_passes_bokeh_integrity_checks(viewer_data):
     """The served app skips Bokeh's per-session document validation (`app.skip_document_validation`): the same
     checks here, on a page with every view built, find no error."""
     from bokeh.core.validation.check import check_integrity
-    from bokeh.document import Document
 
-    from viewer.app import create_app
-
-    doc = Document()
-    page = create_app(url={"run": RUN})
-    page.server_doc(doc)
-    app = page.explorer
-    app.graph_tabs.active = 1
-    for i in range(6):
-        app.detail_tabs.active = i
-    for i in range(3):
-        app.detail.inner_tabs.active = i
+    doc, app = _opened_page()
     assert {"Embeddings", "Curves", "Compare", "Faithfulness", "Export", "Whole circuit"} <= set(app._lazy)
     assert check_integrity(list(doc.models)).error == []
 
@@ -744,7 +733,7 @@ def test_ablations_written_before_standard_errors_still_show(tmp_path):
 
 
 def _opened_page(node=None):
-    """A page with every view built (each tab opened once), in a document of its own."""
+    """A page with every view built (each tab opened once), in a document of its own: (document, explorer)."""
     from bokeh.document import Document
 
     from viewer.app import create_app
@@ -758,7 +747,7 @@ def _opened_page(node=None):
         app.detail_tabs.active = i
     for i in range(3):
         app.detail.inner_tabs.active = i
-    return doc
+    return doc, app
 
 
 def _wire(doc) -> tuple[str, list[bytes]]:
@@ -796,14 +785,14 @@ def test_cheaper_bokeh_sends_what_bokeh_sends(viewer_data, monkeypatch):
         (panel_server, "server_html_page_for_session"),
     ]
     bokeh_own = [getattr(owner, name) for owner, name in patched]
-    plain = _opened_page()
+    plain, _ = _opened_page()
     want = _wire(plain)
     for owner, name in patched:  # restored after the test
         monkeypatch.setattr(owner, name, getattr(owner, name))
     cheap.replace()  # whatever the installed versions: this comparison is what admits a release to cheap.TESTED
     assert HasProps.query_properties_with_values is cheap._query_properties_with_values
     assert _wire(plain) == want  # Bokeh's document, serialized by the cheaper code
-    cheaper = _opened_page()
+    cheaper, _ = _opened_page()
     got = _wire(cheaper)
     assert len(got[0]) > 10_000 and got == want  # built and serialized by the cheaper code
     for (owner, name), own in zip(patched, bokeh_own, strict=True):

@@ -206,8 +206,7 @@ class _TopkStage:
             if got is not None:
                 kth, kth1, out, tied = got
                 if keep_base:
-                    assert A == 1, "the un-ablated run has one row per token"
-                    self.base = (changing[0].abs(), kth[0, :, 0], kth1[0, :, 0])
+                    self._keep_base(changing, kth, kth1)
                 if ties is not None:
                     self._flag(ties, tied)
                 return out
@@ -220,14 +219,18 @@ class _TopkStage:
         got = kth_pair(changing, self.window, base)
         kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
         if keep_base:
-            assert A == 1, "the un-ablated run has one row per token"
-            self.base = (changing[0].abs(), kth[0, :, 0], kth1[0, :, 0])
+            self._keep_base(changing, kth, kth1)
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
             # (every other channel is replaced by its fill either way).
             tied = ((kth1 == kth) & (kth > 0) & (vals.abs() == kth).any(-1, keepdim=True))[..., 0]  # (A, rows)
             self._flag(ties, tied)
         return torch.where(vals.abs() >= kth, vals, 0.0)
+
+    def _keep_base(self, changing: torch.Tensor, kth: torch.Tensor, kth1: torch.Tensor) -> None:
+        """The un-ablated run's |values| and thresholds, which the passes' thresholds start from."""
+        assert changing.shape[0] == 1, "the un-ablated run has one row per token"
+        self.base = (changing[0].abs(), kth[0, :, 0], kth1[0, :, 0])
 
     @staticmethod
     def _flag(ties: tuple[torch.Tensor, torch.Tensor | None], bad: torch.Tensor) -> None:
@@ -468,11 +471,11 @@ class CircuitModel:
         L["qkv"], qkv = qkv_lin, []
         for j, kind in enumerate("qkv"):
             part = (qkv_lin.rows >= j * d) & (qkv_lin.rows < (j + 1) * d)
-            L[f"{kind}_from"] = torch.nonzero(part).flatten()
             # the rows are sorted, so each kind's are a range: a slice (a view) rather than a gather
-            lo = int(L[f"{kind}_from"][0]) if len(L[f"{kind}_from"]) else 0
-            assert torch.equal(L[f"{kind}_from"], torch.arange(lo, lo + len(L[f"{kind}_from"])))
-            L[f"{kind}_cols"] = slice(lo, lo + len(L[f"{kind}_from"]))
+            cols = torch.nonzero(part).flatten()
+            lo = int(cols[0]) if len(cols) else 0
+            assert torch.equal(cols, torch.arange(lo, lo + len(cols)))
+            L[f"{kind}_cols"] = slice(lo, lo + len(cols))
             z = pre[:, j * d : (j + 1) * d]
             L[kind] = _TopkStage(z, qkv_lin.rows[part] - j * d, C[kind], cfg.sparsity_at(f"attn_{kind}"), self.B)
             qkv.append(self._masked_by(f"{i}.attn.{kind}", L[kind], z))

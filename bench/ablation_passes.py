@@ -57,7 +57,7 @@ def one_pass(cm, docs, loc: str, per_pass: int):
     tokens = torch.cat([torch.stack([answers[:half], answers[half:]], 1)] * 2)
     i, last = C.parse_location(loc)[0], cm.config.n_layer - 1
     relevant = (torch.arange(T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)
-    ties = (torch.zeros(A, dtype=torch.bool), relevant)  # as CircuitModel.ablation_losses passes them
+    ties = (torch.zeros(A, n, dtype=torch.bool), relevant)  # as CircuitModel.ablation_losses passes them
     t = time.process_time()
     with torch.no_grad():
         state = cm.start_states[i]

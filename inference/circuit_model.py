@@ -190,8 +190,8 @@ class _TopkStage:
         self, changing: torch.Tensor, ties: tuple[torch.Tensor, torch.Tensor | None] | None, keep_base: bool = False
     ) -> torch.Tensor:
         """Values at the circuit channels (A, rows, |circuit|) after AbsTopK, given the changing
-        channels' values (A, rows, m) (all n channels when `full`). `ties` = (flags (A,), rows or
-        None): flags the ablations with an AbsTopK tie at a nonzero value in those rows.
+        channels' values (A, rows, m) (all n channels when `full`). `ties` = (flags (A, docs), rows
+        or None): flags each ablation's docs with an AbsTopK tie at a nonzero value in those rows.
         `keep_base`: this is the un-ablated run (A = 1); its values and thresholds are kept, and
         the ablation passes' thresholds start from them (`kth_pair`'s base)."""
         if self.full:
@@ -234,9 +234,13 @@ class _TopkStage:
 
     @staticmethod
     def _flag(ties: tuple[torch.Tensor, torch.Tensor | None], bad: torch.Tensor) -> None:
-        """Mark the ablations (A,) with a `bad` (A, rows) row among the rows that matter."""
-        flags, rows = ties
-        flags |= (bad if rows is None else bad[:, rows]).any(1)
+        """Mark the (ablation, doc) pairs (A, docs) with a `bad` (A, rows) row among the rows that
+        matter: with `relevant` ((docs x T,) bool), the docs' rows that reach an answer; without,
+        the rows are the docs' answer rows, one per doc in order (the last layer's)."""
+        flags, relevant = ties
+        if relevant is not None:
+            bad = (bad & relevant).view(bad.shape[0], flags.shape[1], -1).any(-1)
+        flags |= bad
 
 
 def _rows_reading(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -366,13 +370,21 @@ class CircuitModel:
             self.final_x = x.clone()
             self.final_x[:, self.final_const] = self.fill[FINAL_RESID][self.final_const]
 
-        # Un-ablated circuit-only run: the state entering each layer, for ablations that start there.
-        self.start_states = []
+        # Un-ablated circuit-only run: the state entering each layer, for ablations that start there,
+        # and the docs where it hit an AbsTopK tie before that layer (where this run keeps every tied
+        # entry and topk only some, so the state may differ from the reference's): an ablation
+        # starting there inherits them (`ablation_losses`).
+        lengths = docs_lengths(docs)
+        self.relevant = (torch.arange(self.T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)  # rows reaching an answer
+        self.start_states, self.tied_before = [], []
+        ties = (torch.zeros(1, self.B, dtype=torch.bool), self.relevant)
         state = x.new_zeros(1, x.shape[0], 0)
         for i in range(cfg.n_layer):
             self.start_states.append(state)
-            state = self._run_layer(i, state, {}, None, keep_base=True)
+            self.tied_before.append(ties[0][0].clone())
+            state = self._run_layer(i, state, {}, ties, keep_base=True)
         self.final_state = state
+        self.tied_before.append(ties[0][0].clone())  # before final_resid: after every layer
 
     def ablation_width(self) -> int:
         """The widest per-ablation row of an ablation pass (its tensors are (ablations, rows, width)):
@@ -777,8 +789,9 @@ class CircuitModel:
     ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
         """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention;
         with `per_pair`, (nodes, pairs) per location), and the nodes whose result hit an AbsTopK tie
-        in a row that reaches an answer (their value here is not to be trusted;
-        `fast_ablation_losses` recomputes them with the reference)."""
+        in a row that reaches an answer, as (loc, channel, the docs where it did): on those docs'
+        pairs the value here is not to be trusted (`fast_ablation_losses` recomputes those pairs
+        with the reference)."""
         if mode not in ("mean", "zero"):
             raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
         docs = self.docs
@@ -790,12 +803,10 @@ class CircuitModel:
         answers = docs[torch.arange(n), lengths - 1]
         pair = torch.stack([answers[:half], answers[half:]], dim=1)
         tokens = torch.cat([pair, pair])  # (n, 2): tokid, alt_tokid of each doc's pair
-        # Ties matter only where they can reach an answer: positions up to each doc's last query.
-        relevant = (torch.arange(self.T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)
 
         nodes = [(loc, pos, int(c)) for loc in self.locations for pos, c in enumerate(self.circuit[loc].tolist())]
         losses: dict[tuple[str, int], torch.Tensor] = {}
-        tied: list[tuple[str, int]] = []
+        tied: list[tuple[str, int, torch.Tensor]] = []
         # Freed pass intermediates stay mapped for the next ones (inference.memory.heap_kept).
         with heap_kept():
             # One location at a time, so a pass shares everything upstream of its nodes (size 1).
@@ -803,6 +814,9 @@ class CircuitModel:
                 trim_heap()  # the passes' freed intermediates back to the system (inference.memory)
                 t_loc = time.perf_counter()
                 i = parse_location(loc)[0]
+                # Ties matter only where they can reach an answer (`self.relevant`: positions up to
+                # each doc's last query); the un-ablated run's before this layer are every ablation's.
+                tied_before = self.tied_before[self.config.n_layer if loc == FINAL_RESID else i]
                 loc_nodes = [nd for nd in nodes if nd[0] == loc]
                 for start in range(0, len(loc_nodes), batch):
                     group = loc_nodes[start : start + batch]
@@ -811,7 +825,7 @@ class CircuitModel:
                     # final_resid is ablated in the full-width residual: its positions are the channels.
                     pos = [c if loc == FINAL_RESID else p for _, p, c in group]
                     ablations = {loc: (A, torch.arange(A), torch.tensor(pos), value)}
-                    ties = (torch.zeros(A, dtype=torch.bool), relevant)
+                    ties = (tied_before.expand(A, n).clone(), self.relevant)
                     if loc == FINAL_RESID:  # after every layer: only the final norm and the unembedding run
                         logits = self._final_logits(self.final_state, rows, tokens, ablations=ablations).float()
                     else:
@@ -828,8 +842,8 @@ class CircuitModel:
                     loss = (loss if per_pair else loss.mean(dim=1, keepdim=True)).expand(A, -1)
                     for a, (loc, _pos, c) in enumerate(group):
                         losses[(loc, c)] = loss[a] if per_pair else loss[a, 0].item()
-                        if ties[0][a]:
-                            tied.append((loc, c))
+                        if ties[0][a].any():
+                            tied.append((loc, c, torch.nonzero(ties[0][a]).flatten()))
                 if log:
                     log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
 
@@ -869,8 +883,9 @@ def fast_ablation_losses(
     per_pair: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
-    only the circuit's nodes are recomputed, many ablations per pass. Ablations whose result
-    depends on how topk breaks a tie are recomputed by the reference; models the circuit model
+    only the circuit's nodes are recomputed, many ablations per pass. An ablation whose result
+    depends on how topk breaks a tie is recomputed by the reference on the pairs where it does
+    (the docs are independent: each pair's loss is its two docs'); models the circuit model
     does not support fall back to `ablation_losses` entirely.
 
     `circuit_model`: a `CircuitModel(model, docs, circuit_data, means)` built already (to share
@@ -883,10 +898,16 @@ def fast_ablation_losses(
             cm = CircuitModel(model, docs, circuit_data, means)
         except NotImplementedError:
             return ablation_losses(model, docs, circuit_data, means, mode, per_pair)
-    per_channel, tied = cm.ablation_losses(mode, batch, log, per_pair)
+    per_channel, tied = cm.ablation_losses(mode, batch, log, per_pair=True)  # (nodes, pairs) per location
     if tied:
         masks = circuit_masks(model.config, circuit_data)
-        for loc, c in tied:
-            loss = one_ablation_loss(model, docs, masks, means, cm.frozen_scales, loc, c, mode, per_pair)
-            per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc])] = loss
+        half = docs.shape[0] // 2
+        for loc, c, tied_docs in tied:
+            pairs = torch.unique(tied_docs % half)
+            sub = torch.cat([pairs, pairs + half])  # the pairs' first docs, then their partners
+            frozen = {name: s[sub] for name, s in cm.frozen_scales.items()}
+            loss = one_ablation_loss(model, docs[sub], masks, means, frozen, loc, c, mode, per_pair=True)
+            per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc]), pairs] = loss
+    if not per_pair:  # the mean over pairs, as a float32 loss per node (the reference's convention)
+        per_channel = {loc: v.mean(dim=1).float() for loc, v in per_channel.items()}
     return _aligned(circuit_data, per_channel, cm.circuit)

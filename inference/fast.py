@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from inference.hooks import hook, hooks_active, interventions_active, recorded
 from inference.memory import release_mapped_pages
-from inference.model import GPT, Block, CausalSelfAttention, abs_topk
+from inference.model import GPT, MLP, Block, CausalSelfAttention, abs_topk
 from inference.topk_select import select_rows
 
 # Dense-times-CSC beats the dense matmul below about 2-3% density for the release's shapes
@@ -146,15 +146,6 @@ def sink_attention(
     sink = sink_logit.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
     y = F.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:] @ v
     return y if out is None else out.copy_(y)
-
-
-class FastCausalSelfAttention(CausalSelfAttention):
-    """Sink attention by `sink_attention` (causal flash attention plus one rescale)."""
-
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not self.config.sink or _grad_needed(q, k, v, self.attn_imp.sink_logit):
-            return super()._sdpa(q, k, v)
-        return sink_attention(q, k, v, self.attn_imp.sink_logit)
 
 
 def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:
@@ -261,13 +252,34 @@ def _run_chunks(fn, chunks: list[slice]) -> None:
         f.result()
 
 
+class FastCausalSelfAttention(CausalSelfAttention):
+    """Sink attention by `sink_attention` (causal flash attention plus one rescale), AbsTopK by
+    `abs_topk_exact`."""
+
+    abs_topk = staticmethod(abs_topk_exact)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.config.sink or _grad_needed(q, k, v, self.attn_imp.sink_logit):
+            return super()._sdpa(q, k, v)
+        return sink_attention(q, k, v, self.attn_imp.sink_logit)
+
+
+class FastMLP(MLP):
+    """AbsTopK by `abs_topk_exact` (the plain module otherwise: `FastBlock` runs its own MLP)."""
+
+    abs_topk = staticmethod(abs_topk_exact)
+
+
 class FastBlock(Block):
     """The block computed chunk by chunk of tokens, with `abs_topk_exact`, when nothing can change
     its insides (no intervention, no gradient): the same math as `Block.forward` (tests check
     equality on every model variant). Recorded hook points are assembled from the chunks and
     recorded with the same values. The chunks before and after attention run on worker threads
     (`_run_chunks`), one torch thread each. With interventions active it runs `Block.forward`,
-    still with the sparse linears and fast attention."""
+    still with the sparse linears, fast attention and `abs_topk_exact` (an intervened forward,
+    e.g. the reference recompute of an ablation that hit a tie, is ~2x faster with it)."""
+
+    abs_topk = staticmethod(abs_topk_exact)
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
         cfg, i = self.config, self.layer
@@ -354,6 +366,8 @@ def accelerate(model: GPT, max_density: float = SPARSE_MAX_DENSITY) -> GPT:
             module.__class__ = FastCausalSelfAttention
         elif type(module) is Block:
             module.__class__ = FastBlock
+        elif type(module) is MLP:
+            module.__class__ = FastMLP
     return model
 
 
@@ -368,8 +382,10 @@ def decelerate(model: GPT) -> GPT:
             module.__class__ = CausalSelfAttention
         elif isinstance(module, FastBlock):
             module.__class__ = Block
+        elif isinstance(module, FastMLP):
+            module.__class__ = MLP
     return model
 
 
 def is_accelerated(model: GPT) -> bool:
-    return any(isinstance(m, (SparseLinear, FastCausalSelfAttention, FastBlock)) for m in model.modules())
+    return any(isinstance(m, (SparseLinear, FastCausalSelfAttention, FastMLP, FastBlock)) for m in model.modules())

@@ -69,6 +69,8 @@ class SinkAttention(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    abs_topk = staticmethod(abs_topk)  # the fast path's classes swap in an exact, faster one (inference.fast)
+
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.config, self.layer = config, layer
@@ -85,9 +87,9 @@ class CausalSelfAttention(nn.Module):
         cfg, p = self.config, f"{self.layer}.attn"
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(cfg.d_attn, dim=2)
-        q = hook(f"{p}.q", abs_topk(q, cfg.sparsity_at("attn_q")))
-        k = hook(f"{p}.k", abs_topk(k, cfg.sparsity_at("attn_k")))
-        v = hook(f"{p}.v", abs_topk(v, cfg.sparsity_at("attn_v")))
+        q = hook(f"{p}.q", self.abs_topk(q, cfg.sparsity_at("attn_q")))
+        k = hook(f"{p}.k", self.abs_topk(k, cfg.sparsity_at("attn_k")))
+        v = hook(f"{p}.v", self.abs_topk(v, cfg.sparsity_at("attn_v")))
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
         if cfg.flash:
             y = self._sdpa(q, k, v)
@@ -115,6 +117,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    abs_topk = staticmethod(abs_topk)
+
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.config, self.layer = config, layer
@@ -125,11 +129,13 @@ class MLP(nn.Module):
         cfg = self.config
         h = self.c_fc(x)
         h = F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)
-        h = hook(f"{self.layer}.mlp.post_act", abs_topk(h, cfg.sparsity_at("mlp_neuron")))
+        h = hook(f"{self.layer}.mlp.post_act", self.abs_topk(h, cfg.sparsity_at("mlp_neuron")))
         return self.c_proj(h)
 
 
 class Block(nn.Module):
+    abs_topk = staticmethod(abs_topk)
+
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.config, self.layer = config, layer
@@ -148,22 +154,22 @@ class Block(nn.Module):
         h = self.ln_1(x, f"{i}.ln_1")
         if pos_emb is not None:  # concatenated position embedding, normed per block
             h = torch.cat([h, self.ln_p1(pos_emb, f"{i}.ln_p1").expand(h.shape[0], -1, -1)], dim=-1)
-        h = hook(f"{i}.attn.act_in", abs_topk(h, cfg.sparsity_at("attn_in")))
-        delta = hook(f"{i}.attn.resid_delta", abs_topk(self.attn(h), cfg.sparsity_at("attn_out")))
+        h = hook(f"{i}.attn.act_in", self.abs_topk(h, cfg.sparsity_at("attn_in")))
+        delta = hook(f"{i}.attn.resid_delta", self.abs_topk(self.attn(h), cfg.sparsity_at("attn_out")))
         x = self._residual(x + delta, "resid_post_attn")
         x = hook(f"{i}.resid_mid", x)
 
         h = self.ln_2(x, f"{i}.ln_2")
         if pos_emb is not None:
             h = torch.cat([h, self.ln_p2(pos_emb, f"{i}.ln_p2").expand(h.shape[0], -1, -1)], dim=-1)
-        h = hook(f"{i}.mlp.act_in", abs_topk(h, cfg.sparsity_at("mlp_in")))
-        delta = hook(f"{i}.mlp.resid_delta", abs_topk(self.mlp(h), cfg.sparsity_at("mlp_out")))
+        h = hook(f"{i}.mlp.act_in", self.abs_topk(h, cfg.sparsity_at("mlp_in")))
+        delta = hook(f"{i}.mlp.resid_delta", self.abs_topk(self.mlp(h), cfg.sparsity_at("mlp_out")))
         return self._residual(x + delta, "resid_post_mlp")
 
     def _residual(self, x: torch.Tensor, loctype: str) -> torch.Tensor:
         if self.config.residual_activation_type == "relu":
             x = F.relu(x)
-        return abs_topk(x, self.config.sparsity_at(loctype))
+        return self.abs_topk(x, self.config.sparsity_at(loctype))
 
 
 def sinusoid_table(block_size: int, dim: int) -> torch.Tensor:

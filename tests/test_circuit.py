@@ -333,14 +333,53 @@ def test_topk_stage_kernel_equals_torch(with_base, monkeypatch):
         stage = CM._TopkStage(z, changing, circuit, float(torch.rand(1, generator=gen)) * 0.8 + 0.1)
         if stage.window is None:
             continue
-        stage.run(z[:, changing].unsqueeze(0), (torch.zeros(1, dtype=torch.bool), None), keep_base=with_base)
+        stage.run(z[:, changing].unsqueeze(0), (torch.zeros(1, rows, dtype=torch.bool), None), keep_base=with_base)
         vals = z[:, changing].expand(A, -1, -1) + torch.round(torch.randn(A, rows, len(changing), generator=gen)) / 2
         vals[0, 0, 0] = -0.0
         got = {}
         for compiled in (True, False):
             monkeypatch.setattr(KP, "ENABLED", compiled)
-            flags = torch.zeros(A, dtype=torch.bool)
+            flags = torch.zeros(A, rows, dtype=torch.bool)  # without `relevant`, each row is a doc's
             got[compiled] = (stage.run(vals, (flags, None)), flags)
         assert torch.equal(got[True][0], got[False][0]), trial
         assert torch.equal(got[True][0].signbit(), got[False][0].signbit()), trial
         assert torch.equal(got[True][1], got[False][1]), trial
+
+
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_ties_recomputed_by_the_reference_on_their_pairs_only(mode, monkeypatch):
+    """One token whose layer-0 AbsTopK input has every entry of one magnitude: in the docs holding
+    it, the un-ablated circuit run ties (it keeps every tied entry, topk only k), and so does every
+    ablation after it. `fast_ablation_losses` must recompute exactly those docs' pairs with the
+    reference (the circuit model's own values there are off), and only those."""
+    model, docs, circuit, means = make_case("release_like", node_frac=0.3, seed=0)
+    docs = torch.cat([docs, docs.roll(1, dims=0)])  # 6 pairs
+    tok = int(docs[0, 1])
+    with torch.no_grad():
+        model.transformer.wte.weight[tok] = 0.5 * torch.sign(torch.randn(model.config.d_model))
+        model.transformer.h[0].ln_1.weight.fill_(1.0)
+    lengths = C.docs_lengths(docs)
+    holds = [bool((docs[j, : lengths[j] - 1] == tok).any()) for j in range(len(docs))]
+    half = len(docs) // 2
+    tied_pairs = {j % half for j in range(len(docs)) if holds[j]}
+    assert 0 < len(tied_pairs) < half  # some pairs tie, others do not
+    circuit["0.attn.act_in"] = torch.arange(model.config.d_model)  # every tied entry: those topk drops differ
+    cm = CM.CircuitModel(model, docs, circuit, means)
+    raw, tied = cm.ablation_losses(mode, 7, per_pair=True)
+    assert {int(p) for _, _, d in tied for p in d % half} == tied_pairs
+    calls = []
+    real = CM.one_ablation_loss
+    monkeypatch.setattr(CM, "one_ablation_loss", lambda m, d, *a, **k: calls.append(len(d)) or real(m, d, *a, **k))
+    got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7, circuit_model=cm, per_pair=True)
+    want = C.ablation_losses(model, docs, circuit, means, mode, per_pair=True)
+    assert calls and max(calls) == 2 * len(tied_pairs)  # the tied pairs' docs only
+    raw = CM._aligned(circuit, raw, cm.circuit)
+    pairs = sorted(tied_pairs)
+    off = max(float((raw[loc][:, pairs] - want[loc][:, pairs]).abs().max()) for loc in want if len(want[loc]))
+    assert off > 1e-3  # the circuit model's own values on the tied pairs are wrong: the recompute matters
+    for loc in want:
+        assert torch.allclose(got[loc], want[loc], atol=1e-4, rtol=1e-4), loc
+    mean = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7, circuit_model=cm)
+    for loc in want:  # without per_pair: the mean over pairs, float32 as the reference's
+        assert mean[loc].dtype == torch.float32
+        assert torch.allclose(mean[loc].double(), want[loc].mean(dim=1), atol=1e-5), loc

@@ -121,6 +121,30 @@ def test_interventions_on_fast_path():
         assert not torch.allclose(outs[1][0], fast(idx), atol=1e-3)  # the intervention did something
 
 
+def test_intervened_forward_selects_by_threshold_and_equals_the_plain_path(monkeypatch):
+    """With interventions active the fast path runs `Block.forward`, with `abs_topk_exact` at
+    every AbsTopK (a tied ablation's reference recompute is such a forward): the same output bit
+    for bit as the plain path's `abs_topk`, rows where every entry ties included."""
+    cfg = VARIANTS["afrac_all"]  # AbsTopK at all ten location types; no sink: the same attention code
+    plain = sparsify(tiny_model(**cfg), 0.4)
+    fast = accelerate(sparsify(tiny_model(**cfg), 0.4), max_density=0.0)  # dense matmuls: only AbsTopK differs
+    for m in (plain, fast):
+        m.transformer.h[1].ln_2.weight.data.fill_(1.0)
+    calls = []
+    real = fast_module.select_rows
+    monkeypatch.setattr(fast_module, "select_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    idx = torch.randint(0, BASE["vocab_size"], (2, 9))
+    fns = {"1.resid_mid": torch.ones_like}  # layer 1's mlp_in rows: all entries equal, every row a tie
+    outs = []
+    for m in (plain, fast):
+        with torch.no_grad(), intervene(fns), record(r"1\.mlp\.act_in") as rec:
+            outs.append((m(idx), rec["1.mlp.act_in"]))
+    assert len(calls) == 10 * BASE["n_layer"]  # every AbsTopK of the fast model went through the selection
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+    assert bool(((outs[1][1] != 0).sum(-1) == int(0.25 * BASE["d_model"])).all())  # k of the tied entries kept
+
+
 def test_in_place_weight_edit_is_seen():
     model = accelerate(sparsify(tiny_model(), 0.4), max_density=1.0)
     idx = torch.randint(0, BASE["vocab_size"], (2, 7))

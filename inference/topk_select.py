@@ -97,28 +97,51 @@ def _radix_select_rows(x, out, k):  # pragma: no cover (run compiled by numba; t
     redo = np.zeros(r, np.bool_)
     hist = np.zeros(2048, np.int32)  # 0x7F800000 >> 20 = 2040: every finite |x| has a bucket
     buf = np.empty(n, np.uint32)
+    sparse = True  # the previous row was mostly zeros: compact its nonzeros first (pass 0)
     for i in range(r):
-        # pass 1: bucket counts of |x| (bits >> 20: exponent and 3 mantissa bits); NaNs
-        top, nan = 0, False
-        for j in range(n):
-            a = xb[i, j] & 0x7FFFFFFF
-            nan |= a > 0x7F800000
-            b = a >> 20
-            hist[b] += 1
-            top = max(top, b)
-        # the bucket holding the k-th largest: walk down from the top bucket
-        b, above = top, 0
-        while b > 0 and above + hist[b] < k:
-            above += hist[b]
-            b -= 1
-        hist[: top + 1] = 0
+        nan = False
+        if sparse:
+            # pass 0: the nonzero |x| (as bits), compacted branch-free. Rows after a sparse linear
+            # or a gelu are often ~60% exact zeros, and counting those in one histogram bucket
+            # chains every increment on the one before (the select 1.5x slower than with this pass,
+            # which costs ~25% on rows without zeros: hence the choice by the previous row).
+            nz = 0
+            for j in range(n):
+                a = xb[i, j] & 0x7FFFFFFF
+                nan |= a > 0x7F800000
+                buf[nz] = a
+                nz += a != 0
+            src, width = buf, nz
+        else:
+            src, width = xb[i], n
+        if not nan and width > k:
+            # pass 1: bucket counts of |x| (bits >> 20: exponent and 3 mantissa bits); NaNs
+            top = 0
+            for q in range(width):
+                a = np.int64(src[q] & 0x7FFFFFFF)
+                nan |= a > 0x7F800000
+                b = a >> 20
+                hist[b] += 1
+                top = max(top, b)
+            # the bucket holding the k-th largest: walk down from the top bucket
+            b, above = top, 0
+            while b > 0 and above + hist[b] < k:
+                above += hist[b]
+                b -= 1
+            sparse = n - width + hist[0] > n // 4  # zeros (and subnormals)
+            hist[: top + 1] = 0
         if nan:
             redo[i] = True
             continue
-        # pass 2: that bucket's members (branch-free compaction)
+        if width <= k:  # at most k nonzeros: all of them kept, as topk keeps them
+            for j in range(n):
+                v = xb[i, j]
+                ob[i, j] = v if (v & 0x7FFFFFFF) != 0 else 0
+            continue
+        # pass 2: that bucket's members, compacted (in place from buf: branch-free, m <= q)
         m = 0
-        for j in range(n):
-            a = xb[i, j] & 0x7FFFFFFF
+        for q in range(width):
+            a = src[q] & 0x7FFFFFFF
             buf[m] = a
             m += (a >> 20) == b
         # the (k - above)-th largest of buf[:m]: quickselect (Hoare partition, descending)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.numba_kernels import compiled
+from inference.numba_kernels import compiled, helper
 
 # numpy fallback: chunks with at least this share of exact zeros are sorted, the others
 # partitioned. At 40% zeros the two cost the same on 2048-wide rows; at 59% (q, k, v and the MLP
@@ -90,6 +90,87 @@ def _warm_up(kernel) -> None:
     kernel(x, np.empty_like(x), 2)
 
 
+def _radix_select_row(xb, ob, k, hist, buf, sparse):  # pragma: no cover (numba)
+    """One row: ob = xb's AbsTopK (both the uint32 bits of float32 rows of n > k > 0 entries).
+    Returns (redo: the kth is ambiguous, or NaNs; sparse: whether the next row should compact
+    its nonzeros first). `hist` (2048 int32) is zero on entry and exit; `buf` holds n uint32."""
+    n = xb.shape[0]
+    nan = False
+    if sparse:
+        # pass 0: the nonzero |x| (as bits), compacted branch-free. Rows after a sparse linear
+        # or a gelu are often ~60% exact zeros, and counting those in one histogram bucket
+        # chains every increment on the one before (the select 1.5x slower than with this pass,
+        # which costs ~25% on rows without zeros: hence the choice by the previous row).
+        nz = 0
+        for j in range(n):
+            a = xb[j] & 0x7FFFFFFF
+            nan |= a > 0x7F800000
+            buf[nz] = a
+            nz += a != 0
+        src, width = buf, nz
+    else:
+        src, width = xb, n
+    if not nan and width > k:
+        # pass 1: bucket counts of |x| (bits >> 20: exponent and 3 mantissa bits); NaNs
+        top = 0
+        for q in range(width):
+            a = np.int64(src[q] & 0x7FFFFFFF)
+            nan |= a > 0x7F800000
+            b = a >> 20
+            hist[b] += 1
+            top = max(top, b)
+        # the bucket holding the k-th largest: walk down from the top bucket
+        b, above = top, 0
+        while b > 0 and above + hist[b] < k:
+            above += hist[b]
+            b -= 1
+        sparse = n - width + hist[0] > n // 4  # zeros (and subnormals)
+        hist[: top + 1] = 0
+    if nan:
+        return True, sparse
+    if width <= k:  # at most k nonzeros: all of them kept, as topk keeps them
+        for j in range(n):
+            v = xb[j]
+            ob[j] = v if (v & 0x7FFFFFFF) != 0 else 0
+        return False, sparse
+    # pass 2: that bucket's members, compacted (in place from buf: branch-free, m <= q)
+    m = 0
+    for q in range(width):
+        a = src[q] & 0x7FFFFFFF
+        buf[m] = a
+        m += (a >> 20) == b
+    # the (k - above)-th largest of buf[:m]: quickselect (Hoare partition, descending)
+    want, lo, hi = k - above - 1, 0, m - 1
+    while lo < hi:
+        pivot = buf[(lo + hi) >> 1]
+        p, q = lo, hi
+        while p <= q:
+            while buf[p] > pivot:
+                p += 1
+            while buf[q] < pivot:
+                q -= 1
+            if p <= q:
+                buf[p], buf[q] = buf[q], buf[p]
+                p += 1
+                q -= 1
+        if want <= q:
+            hi = q
+        elif want >= p:
+            lo = p
+        else:
+            break
+    kth = buf[want]
+    # pass 3: keep |x| >= kth (kth == 0: fewer than k nonzeros, all kept); -0.0 -> +0.0
+    kept = 0
+    for j in range(n):
+        v = xb[j]
+        a = v & 0x7FFFFFFF
+        keep = a >= kth
+        kept += keep
+        ob[j] = v if (keep and a != 0) else 0
+    return kth > 0 and kept != k, sparse  # the kth tied with an entry outside the top k
+
+
 def _radix_select_rows(x, out, k):  # pragma: no cover (run compiled by numba; tested through select_rows)
     r, n = x.shape
     xb = x.view(np.uint32)
@@ -99,79 +180,8 @@ def _radix_select_rows(x, out, k):  # pragma: no cover (run compiled by numba; t
     buf = np.empty(n, np.uint32)
     sparse = True  # the previous row was mostly zeros: compact its nonzeros first (pass 0)
     for i in range(r):
-        nan = False
-        if sparse:
-            # pass 0: the nonzero |x| (as bits), compacted branch-free. Rows after a sparse linear
-            # or a gelu are often ~60% exact zeros, and counting those in one histogram bucket
-            # chains every increment on the one before (the select 1.5x slower than with this pass,
-            # which costs ~25% on rows without zeros: hence the choice by the previous row).
-            nz = 0
-            for j in range(n):
-                a = xb[i, j] & 0x7FFFFFFF
-                nan |= a > 0x7F800000
-                buf[nz] = a
-                nz += a != 0
-            src, width = buf, nz
-        else:
-            src, width = xb[i], n
-        if not nan and width > k:
-            # pass 1: bucket counts of |x| (bits >> 20: exponent and 3 mantissa bits); NaNs
-            top = 0
-            for q in range(width):
-                a = np.int64(src[q] & 0x7FFFFFFF)
-                nan |= a > 0x7F800000
-                b = a >> 20
-                hist[b] += 1
-                top = max(top, b)
-            # the bucket holding the k-th largest: walk down from the top bucket
-            b, above = top, 0
-            while b > 0 and above + hist[b] < k:
-                above += hist[b]
-                b -= 1
-            sparse = n - width + hist[0] > n // 4  # zeros (and subnormals)
-            hist[: top + 1] = 0
-        if nan:
-            redo[i] = True
-            continue
-        if width <= k:  # at most k nonzeros: all of them kept, as topk keeps them
-            for j in range(n):
-                v = xb[i, j]
-                ob[i, j] = v if (v & 0x7FFFFFFF) != 0 else 0
-            continue
-        # pass 2: that bucket's members, compacted (in place from buf: branch-free, m <= q)
-        m = 0
-        for q in range(width):
-            a = src[q] & 0x7FFFFFFF
-            buf[m] = a
-            m += (a >> 20) == b
-        # the (k - above)-th largest of buf[:m]: quickselect (Hoare partition, descending)
-        want, lo, hi = k - above - 1, 0, m - 1
-        while lo < hi:
-            pivot = buf[(lo + hi) >> 1]
-            p, q = lo, hi
-            while p <= q:
-                while buf[p] > pivot:
-                    p += 1
-                while buf[q] < pivot:
-                    q -= 1
-                if p <= q:
-                    buf[p], buf[q] = buf[q], buf[p]
-                    p += 1
-                    q -= 1
-            if want <= q:
-                hi = q
-            elif want >= p:
-                lo = p
-            else:
-                break
-        kth = buf[want]
-        # pass 3: keep |x| >= kth (kth == 0: fewer than k nonzeros, all kept); -0.0 -> +0.0
-        kept = 0
-        for j in range(n):
-            v = xb[i, j]
-            a = v & 0x7FFFFFFF
-            keep = a >= kth
-            kept += keep
-            ob[i, j] = v if (keep and a != 0) else 0
-        redo[i] = kth > 0 and kept != k  # the kth tied with an entry outside the top k
+        redo[i], sparse = _radix_select_row(xb[i], ob[i], k, hist, buf, sparse)
     return redo
+
+
+_radix_select_row = helper(_radix_select_row)  # a numba function (compiled into the kernels that call it)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from inference.hooks import hook, hooks_active, interventions_active, recorded
 from inference.memory import release_mapped_pages
 from inference.model import GPT, MLP, Block, CausalSelfAttention, abs_topk
+from inference import topk_columns
 from inference.topk_select import select_rows
 
 # Dense-times-CSC beats the dense matmul below about 2-3% density for the release's shapes
@@ -311,8 +312,15 @@ class FastBlock(Block):
                 taps.put(f"{i}.ln_1.rstd", s, rstd)
                 taps.put(f"{i}.attn.act_in", s, h)
             h = attn.c_attn.columns(h)  # (3 d_attn, rows): q, k and v each a block of its rows
-            for j, loc in enumerate(("attn_q", "attn_k", "attn_v")):
-                qkv[j, s] = abs_topk_exact(h[j * cfg.d_attn : (j + 1) * cfg.d_attn].t(), cfg.sparsity_at(loc))
+            fracs = [cfg.sparsity_at(loc) for loc in ("attn_q", "attn_k", "attn_v")]
+            redo = topk_columns.topk_rows(h, fracs, qkv, s.start)  # compiled: columns -> rows, selected
+            for j, frac in enumerate(fracs):
+                hj = h[j * cfg.d_attn : (j + 1) * cfg.d_attn].t()
+                if redo is None:
+                    qkv[j, s] = abs_topk_exact(hj, frac)
+                elif redo.any():  # ties (or NaNs): these rows as the plain path selects them
+                    rr = torch.from_numpy(redo)
+                    qkv[j, s][rr] = abs_topk_exact(hj[rr], frac)
 
         _run_chunks(attn_in_chunk, chunks)
         if taps:
@@ -337,9 +345,28 @@ class FastBlock(Block):
                 taps.put(f"{i}.resid_mid", s, xm)
                 taps.put(f"{i}.ln_2.rstd", s, rstd)
                 taps.put(f"{i}.mlp.act_in", s, h)
-            h = mlp.c_fc.columns(h)
-            h = abs_topk_exact((F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)).t(), cfg.sparsity_at("mlp_neuron"))
-            delta = abs_topk_exact(mlp.c_proj(h), cfg.sparsity_at("mlp_out"))
+            h = mlp.c_fc.columns(h)  # (d_mlp, rows)
+            h = F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)
+            frac = cfg.sparsity_at("mlp_neuron")
+            fused = topk_columns.topk_columns(h, frac)
+            if fused is None:
+                h = abs_topk_exact(h.t(), frac)
+                delta = abs_topk_exact(mlp.c_proj(h), cfg.sparsity_at("mlp_out"))
+            else:  # compiled: AbsTopK of the columns into columns, for the c_proj as W @ h, then AbsTopK into rows
+                post, redo = fused
+                if redo.any():  # ties (or NaNs): these rows as the plain path selects them
+                    rr = torch.from_numpy(redo)
+                    post[:, rr] = abs_topk_exact(h[:, rr].t(), frac).t()
+                h = post.t()
+                out_cols = mlp.c_proj.columns(h)  # (d_model, rows)
+                delta = torch.empty(1, h.shape[0], out_cols.shape[0])
+                redo = topk_columns.topk_rows(out_cols, [cfg.sparsity_at("mlp_out")], delta, 0)
+                delta = delta[0]
+                if redo is None:
+                    delta = abs_topk_exact(out_cols.t(), cfg.sparsity_at("mlp_out"))
+                elif redo.any():
+                    rr = torch.from_numpy(redo)
+                    delta[rr] = abs_topk_exact(out_cols.t()[rr], cfg.sparsity_at("mlp_out"))
             if taps:
                 taps.put(f"{i}.mlp.post_act", s, h)
                 taps.put(f"{i}.mlp.resid_delta", s, delta)

@@ -359,7 +359,7 @@ class FastBlock(Block):
                     post[:, rr] = abs_topk_exact(h[:, rr].t(), frac).t()
                 h = post.t()
                 out_cols = mlp.c_proj.columns(h)  # (d_model, rows)
-                delta = torch.empty(1, h.shape[0], out_cols.shape[0])
+                delta = out_cols.new_empty(1, h.shape[0], out_cols.shape[0])
                 redo = topk_columns.topk_rows(out_cols, [cfg.sparsity_at("mlp_out")], delta, 0)
                 delta = delta[0]
                 if redo is None:

@@ -4,6 +4,7 @@ release-scale widths; state dict unchanged; hooks, in-place weight edits and gra
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_model import BASE, VARIANTS, ref_forward, tiny_model
@@ -346,3 +347,107 @@ def test_sink_attention_into_a_strided_out_equals_its_result(sink):
         scores = torch.cat([s.view(1, -1, 1, 1).expand(2, 3, 9, 1), scores], -1)
     ref = torch.softmax(scores, -1)[..., 1:] @ v if sink else torch.softmax(scores, -1) @ v
     torch.testing.assert_close(want, ref, atol=1e-5, rtol=1e-5)
+
+
+def _awkward_columns(d: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(d, n) columns whose rows (columns) mix every case AbsTopK must get right: shares of exact
+    zeros from none to nearly all (so the radix select switches between its two histogram modes),
+    -0.0, ties at the k-th value (values rounded to halves), inf, a NaN, fewer nonzeros than k."""
+    x = torch.randn(n, d, generator=gen)
+    zeros = torch.tensor([0.0, 0.6, 0.95, 0.3])[torch.arange(n) % 4].unsqueeze(1)
+    x = x * (torch.rand(n, d, generator=gen) >= zeros)
+    x[1::5] = torch.round(x[1::5] * 2) / 2  # ties
+    x[2::7] = -x[2::7]  # -0.0 where zeroed
+    x[3, 0], x[4, 1], x[6, 2] = float("inf"), float("-inf"), float("nan")
+    x[5, : d - 2] = 0.0  # 2 nonzeros only
+    return x.t().contiguous()
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("frac", [0.25, 0.5, None, 0.01])
+def test_topk_columns_kernel_equals_abs_topk(parts, frac):
+    """`inference.topk_columns`: AbsTopK of each column of (d, n) (in `parts` equal parts), written as
+    rows or as columns, is abs_topk's output bit for bit on every row it does not flag; the flagged
+    rows are exactly those whose k-th |value| ties with a dropped one or that hold a NaN. n = 37
+    leaves a partial tile of columns."""
+    pytest.importorskip("numba")
+    from inference import topk_columns
+    from inference.model import abs_topk
+
+    gen = torch.Generator().manual_seed(7)
+    w, n = 48, 37
+    hc = _awkward_columns(parts * w, n, gen)
+    want = torch.stack([abs_topk(hc[s * w : (s + 1) * w].t(), frac) for s in range(parts)])  # (parts, n, w)
+    out = torch.full((parts, n + 3, w), 5.0)
+    redo = topk_columns.topk_rows(hc, [frac] * parts, out, 2)
+    assert redo is not None and redo.shape == (n,)
+    ok = torch.from_numpy(~redo)
+    exact = dict(rtol=0, atol=0, equal_nan=True)  # (frac None keeps a NaN; +0.0 == -0.0 as in torch.equal)
+    torch.testing.assert_close(out[:, 2 : n + 2][:, ok], want[:, ok], **exact)
+    assert torch.equal(out[:, :2], torch.full((parts, 2, w), 5.0)) and torch.equal(out[:, n + 2 :], torch.full((parts, 1, w), 5.0))
+    k = w if frac is None else int(frac * w)
+    expect = torch.zeros(n, dtype=torch.bool)
+    for s in range(parts):
+        a = hc[s * w : (s + 1) * w].t().abs()
+        if 0 < k < w:
+            srt = a.sort(-1, descending=True).values
+            expect |= (srt[:, k - 1] == srt[:, k]) & (srt[:, k - 1] > 0)
+            expect |= a.isnan().any(-1)
+    assert torch.equal(torch.from_numpy(redo), expect)
+    if 0 < k < w:
+        assert expect.sum() >= 2  # ties and the NaN were exercised
+    if parts == 1:  # abs_topk_exact's radix select on the same rows (it redoes the flagged ones itself)
+        torch.testing.assert_close(fast_module.abs_topk_exact(hc.t(), frac), want[0], **exact)
+        cols, redo_c = topk_columns.topk_columns(hc, frac)
+        assert np.array_equal(redo_c, redo)
+        torch.testing.assert_close(cols.t()[ok], want[0][ok], **exact)
+
+
+def test_topk_columns_not_applicable_returns_none(monkeypatch):
+    """Switched off, numba missing (no kernel), or not float32: None, nothing written, so the block
+    runs its torch code."""
+    from inference import topk_columns
+
+    hc = torch.randn(8, 5)
+    out = torch.full((1, 5, 8), 3.0)
+    assert topk_columns.topk_rows(hc.double(), [0.5], out.double(), 0) is None
+    monkeypatch.setattr(topk_columns, "kernel", lambda: None)  # as if numba were not installed
+    assert topk_columns.topk_rows(hc, [0.5], out, 0) is None and topk_columns.topk_columns(hc, 0.5) is None
+    assert torch.equal(out, torch.full((1, 5, 8), 3.0))
+    monkeypatch.undo()
+    monkeypatch.setattr(topk_columns, "ENABLED", False)
+    assert topk_columns.topk_rows(hc, [0.5], out, 0) is None
+
+
+@pytest.mark.parametrize("variant", ["release_like", "afrac_all"])
+def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypatch):
+    """The fused block with the compiled column selects and with its torch fallback (the kernel
+    switched off, or numba unavailable) gives the plain path's logits and recorded values; on the
+    same inputs (layer 0) the kernel selects exactly what the fallback does."""
+    from inference import topk_columns
+
+    monkeypatch.setattr(fast_module, "CHUNK_ROWS", 6)
+    plain = sparsify(tiny_model(**VARIANTS[variant]), density=0.4)
+    fast = accelerate(sparsify(tiny_model(**VARIANTS[variant]), density=0.4), max_density=1.0)
+    idx = torch.randint(0, BASE["vocab_size"], (2, BASE["block_size"]), generator=torch.Generator().manual_seed(4))
+    want_logits, want = all_hooks(plain, idx)
+    calls = []
+    real = topk_columns.kernel
+    monkeypatch.setattr(topk_columns, "kernel", lambda: calls.append(1) or real())
+    runs, hooks = {}, {}
+    for mode in ("kernel", "disabled", "no numba"):
+        monkeypatch.setattr(topk_columns, "ENABLED", mode != "disabled")
+        if mode == "no numba":
+            monkeypatch.setattr(topk_columns, "kernel", lambda: None)
+        got_logits, got = hooks[mode] = all_hooks(fast, idx)
+        with torch.no_grad():
+            runs[mode] = fast(idx)
+        assert_close_to_scale(runs[mode], want_logits, (mode, "fused logits"))
+        assert_close_to_scale(got_logits, want_logits, (mode, "logits"))
+        for name in want:
+            assert_close_to_scale(got[name], want[name], (mode, name))
+        if mode == "kernel":
+            assert calls, "the compiled kernel ran"
+    assert torch.equal(runs["disabled"], runs["no numba"])
+    for name in ("0.attn.q", "0.attn.k", "0.attn.v", "0.mlp.post_act"):
+        assert torch.equal(hooks["kernel"][1][name], hooks["disabled"][1][name]), name

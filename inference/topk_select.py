@@ -185,3 +185,59 @@ def _radix_select_rows(x, out, k):  # pragma: no cover (run compiled by numba; t
 
 
 _radix_select_row = helper(_radix_select_row)  # a numba function (compiled into the kernels that call it)
+
+# ---- the same select on columns (inference.topk_columns' kernel; here, because numba's disk cache of a
+# kernel is invalidated only by changes to the kernel's own file, and this one calls _radix_select_row)
+
+TILE = 16  # columns copied into rows at a time: 16 float32 = one 64-byte cache line per feature
+
+
+def _select_columns(hc, lo, hi, ks, cols_out, out, row0, redo):  # pragma: no cover (numba)
+    """Columns lo..hi of hc (d, n): AbsTopK of each of its len(ks) equal parts, ks[s] kept (k <= 0:
+    none; k >= the width: all, no select), into out[s, row0 + i] (rows), or, `cols_out`, into
+    out[0, :, i] (columns). redo[i]: the row's k-th |value| ties with a dropped one, or NaNs."""
+    d = hc.shape[0]
+    S = ks.shape[0]
+    w = d // S
+    # rows padded by a cache line: at a stride of d floats (a multiple of 4 KB) the 16 rows would
+    # share one L1 set, and the copy into them would thrash it (3x slower measured)
+    tile = np.empty((TILE, d + 16), np.float32)
+    tb = tile.view(np.uint32)
+    sel = np.empty((TILE, d + 16), np.float32)
+    sb = sel.view(np.uint32)
+    ob = out.view(np.uint32)
+    hist = np.zeros(2048, np.int32)
+    buf = np.empty(w, np.uint32)
+    sparse = True
+    for i0 in range(lo, hi, TILE):
+        nt = min(TILE, hi - i0)
+        if nt == TILE:  # (a constant trip count: the compiler unrolls the 16 copies)
+            for o in range(d):
+                for t in range(TILE):
+                    tile[t, o] = hc[o, i0 + t]
+        else:
+            for o in range(d):
+                for t in range(nt):
+                    tile[t, o] = hc[o, i0 + t]
+        for t in range(nt):
+            bad = False
+            for s in range(S):
+                src = tb[t, s * w : (s + 1) * w]
+                dst = sb[t, s * w : (s + 1) * w] if cols_out else ob[s, row0 + i0 + t]
+                k = ks[s]
+                if k <= 0:
+                    dst[:] = 0
+                elif k >= w:
+                    dst[:] = src
+                else:
+                    r, sparse = _radix_select_row(src, dst, k, hist, buf, sparse)
+                    bad |= r
+            redo[i0 + t] = bad
+        if cols_out and nt == TILE:
+            for o in range(d):
+                for t in range(TILE):
+                    out[0, o, i0 + t] = sel[t, o]
+        elif cols_out:
+            for o in range(d):
+                for t in range(nt):
+                    out[0, o, i0 + t] = sel[t, o]

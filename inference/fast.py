@@ -48,7 +48,6 @@ from inference.hooks import hook, hooks_active, interventions_active, recorded
 from inference.memory import release_mapped_pages
 from inference.model import GPT, MLP, Block, CausalSelfAttention, abs_topk
 from inference import topk_columns
-from inference.sink_attention_rows import sink_attention_rows
 from inference.topk_select import select_rows
 
 # Dense-times-CSC beats the dense matmul below about 2-3% density for the release's shapes
@@ -327,11 +326,8 @@ class FastBlock(Block):
         if taps:
             for j, kind in enumerate("qkv"):
                 hook(f"{i}.attn.{kind}", qkv[j].view(B, T, -1))
-        y = qkv.new_empty(B * T, cfg.d_attn)
-        # compiled attention for many small heads (inference.sink_attention_rows), else torch's flash path
-        if not sink_attention_rows(qkv[0], qkv[1], qkv[2], attn.attn_imp.sink_logit if cfg.sink else None, attn.n_head, T, y):
-            q, k, v = (t.view(B, T, attn.n_head, attn.d_head).transpose(1, 2) for t in qkv)
-            y = attn._sdpa(q, k, v).transpose(1, 2).reshape(B * T, cfg.d_attn)
+        q, k, v = (t.view(B, T, attn.n_head, attn.d_head).transpose(1, 2) for t in qkv)
+        y = attn._sdpa(q, k, v).transpose(1, 2).reshape(B * T, cfg.d_attn)
         if taps:
             hook(f"{i}.attn.y", y.view(B, T, -1))
 

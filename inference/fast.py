@@ -23,7 +23,10 @@ code, so pruning and attribution keep their exact gradients):
   sink the softmax denominator gains `exp(s)` and the sink's value is zero, so the output is
   the sinkless one times `Z / (Z + exp(s)) = sigmoid(lse - s)`.
 - AbsTopK by an exact selection (`abs_topk_exact`: a compiled radix select from
-  `inference.topk_select`; 4-7x faster per call than torch.topk + scatter on one thread).
+  `inference.topk_select`; 4-7x faster per call than torch.topk + scatter on one thread). In the
+  fused block, the AbsTopKs of q / k / v and of the MLP's neurons and delta select straight from
+  the linears' outputs in columns (`inference.topk_columns`), and the MLP's c_proj multiplies its
+  selected neurons in columns too (`W @ h`, ~4x faster than on rows).
 - Each block runs token chunks of 256 rows, the chunks spread over worker threads, one torch
   thread each, rather than every small op split over torch's threads (bench/README.md has the
   measurements).

@@ -786,7 +786,7 @@ class CircuitModel:
     @torch.no_grad()
     def ablation_losses(
         self, mode: str = "mean", batch: int = 32, log=None, per_pair: bool = False
-    ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int]]]:
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int, torch.Tensor]]]:
         """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention;
         with `per_pair`, (nodes, pairs) per location), and the nodes whose result hit an AbsTopK tie
         in a row that reaches an answer, as (loc, channel, the docs where it did): on those docs'

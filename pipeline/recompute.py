@@ -320,11 +320,14 @@ class _Run:
         self.n_ablation_chunks = len(ablated_chunks)
         self.chunks = ablated_chunks + pair_chunks(self.lengths, rest, chunk_tokens)
 
+    def docs_width(self, idx: torch.Tensor) -> int:
+        """The width a chunk runs at: its longest doc (at least 2)."""
+        return max(int(self.lengths[idx].max()) if len(idx) else 0, 2)
+
     def docs_of(self, idx: torch.Tensor) -> torch.Tensor:
         # Positions after a chunk's longest doc only hold padding, and the model is causal: cut
         # them (every pass, the ablations most, then scales with the chunk's real tokens).
-        width = max(int(self.lengths[idx].max()) if len(idx) else 0, 2)
-        return self.all_docs[idx, :width].to(self.device)
+        return self.all_docs[idx, : self.docs_width(idx)].to(self.device)
 
     def recorder(self, into: dict):
         """A `record(into=...)` callback keeping only the circuit's channels of each hook tensor."""
@@ -435,6 +438,8 @@ def _circuit_stage(run: _Run, means, frozen_by_chunk, modes, timings):
     # mode -> location -> (nodes, n_pairs), NaN where not ablated
     per_pair = {mode: {loc: np.full((len(run.circuit[loc]), run.n_pairs), np.nan) for loc in run.locs} for mode in modes}
     timings["circuit_model"] = timings["ablations"] = 0.0
+    # the ablated chunks' task tokens (docs x width), for the time-left estimate in the log
+    ablated_tokens = [len(idx) * run.docs_width(idx) for idx in run.chunks[: run.n_ablation_chunks]]
     for n_chunk, (idx, frozen) in enumerate(zip(run.chunks, frozen_by_chunk, strict=True)):
         t = time.perf_counter()
         docs = run.docs_of(idx)
@@ -454,6 +459,12 @@ def _circuit_stage(run: _Run, means, frozen_by_chunk, modes, timings):
                     per_pair[mode][loc][:, pairs] = np.asarray(v, dtype=np.float64).reshape(len(v), len(pairs))
             trim_heap()
             timings["ablations"] += time.perf_counter() - t
+            if run.log and n_chunk + 1 < run.n_ablation_chunks:  # ablation time scales with the chunk's tokens
+                done = sum(ablated_tokens[: n_chunk + 1])
+                left = timings["ablations"] / done * sum(ablated_tokens[n_chunk + 1 :])
+                run.log(
+                    f"ablations: {n_chunk + 1} of {run.n_ablation_chunks} chunks in {timings['ablations']:.0f} s, about {left / 60:.0f} min left"
+                )
         if run.log:
             run.log(f"chunk of {len(idx)} docs done ({n_chunk + 1}/{len(run.chunks)})")
     interv_loss = float(interv.mean())

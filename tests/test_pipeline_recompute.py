@@ -3,6 +3,7 @@ path) against the stored numbers of the fixture circuits (made by the reference 
 full-size forwards) and, for a model with AbsTopK everywhere, against that loop run here."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -87,7 +88,14 @@ def test_chunked_recompute_equals_one_pass_of_the_plain_model(viz_store, device)
     viz = _viz(viz_store, run_id)
     assert viz.docs.shape[0] >= 4  # at least two chunks of one pair
     plain = load_model(viz_store / "models" / FIXTURE_MODEL)
-    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_tokens=64)
+    lines = []
+    one_pair = 2 * int(viz.doc_lengths().max())  # tokens: every chunk holds one pair
+    r = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, log=lines.append, chunk_tokens=one_pair)
+    n_chunks = len([line for line in lines if line.startswith("chunk of ")])
+    left = [line for line in lines if re.fullmatch(r"ablations: \d+ of \d+ chunks in \d+ s, about \d+ min left", line)]
+    assert (
+        n_chunks == viz.docs.shape[0] // 2 and len(left) == n_chunks - 1
+    )  # the time left, after every ablated chunk but the last
     whole = recompute(load_model(viz_store / "models" / FIXTURE_MODEL, device=device), viz, chunk_tokens=10**9)
     ctx = int(viz.doc_lengths().max())
     docs = torch.from_numpy(viz.docs)[:, :ctx]

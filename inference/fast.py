@@ -47,10 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from inference import topk_columns
 from inference.hooks import hook, hooks_active, interventions_active, recorded
 from inference.memory import release_mapped_pages
 from inference.model import GPT, MLP, Block, CausalSelfAttention, abs_topk
-from inference import topk_columns
 from inference.topk_select import select_rows
 
 # Dense-times-CSC beats the dense matmul below about 2-3% density for the release's shapes

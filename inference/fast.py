@@ -187,6 +187,33 @@ def abs_topk_exact(x: torch.Tensor, frac: float | None) -> torch.Tensor:
 
 # Rows (tokens) per chunk in the fused block: keeps the (rows, d_mlp) intermediates at a few MB,
 # in cache and in reused heap memory rather than fresh page-faulted allocations.
+def _abs_topk_to_rows(hc: torch.Tensor, fracs: list[float | None], out: torch.Tensor, row0: int = 0) -> None:
+    """out[j, row0 + i] = abs_topk_exact(column i of the j-th of len(fracs) equal parts of hc's
+    features) for a linear's output in columns hc (features, n) and out (len(fracs), N, features /
+    len(fracs)): by the compiled kernel (`inference.topk_columns`) where it applies, its flagged rows
+    (ties, NaNs) and everything else by `abs_topk_exact`, so ties are chosen as the plain path does."""
+    redo = topk_columns.topk_rows(hc, fracs, out, row0)
+    if redo is not None and not redo.any():
+        return
+    width, n = out.shape[2], hc.shape[1]
+    rows = slice(None) if redo is None else torch.from_numpy(redo)
+    for j, frac in enumerate(fracs):
+        out[j, row0 : row0 + n][rows] = abs_topk_exact(hc[j * width : (j + 1) * width].t()[rows], frac)
+
+
+def _abs_topk_columns(hc: torch.Tensor, frac: float | None) -> torch.Tensor:
+    """abs_topk_exact over each column of hc (features, n), returned as columns (features, n): by the
+    compiled kernel where it applies (its flagged columns, and everything else, by abs_topk_exact)."""
+    fused = topk_columns.topk_columns(hc, frac)
+    if fused is None:
+        return abs_topk_exact(hc.t(), frac).t()
+    out, redo = fused
+    if redo.any():
+        cols = torch.from_numpy(redo)
+        out[:, cols] = abs_topk_exact(hc[:, cols].t(), frac).t()
+    return out
+
+
 CHUNK_ROWS = 256
 
 
@@ -315,15 +342,7 @@ class FastBlock(Block):
                 taps.put(f"{i}.ln_1.rstd", s, rstd)
                 taps.put(f"{i}.attn.act_in", s, h)
             h = attn.c_attn.columns(h)  # (3 d_attn, rows): q, k and v each a block of its rows
-            fracs = [cfg.sparsity_at(loc) for loc in ("attn_q", "attn_k", "attn_v")]
-            redo = topk_columns.topk_rows(h, fracs, qkv, s.start)  # compiled: columns -> rows, selected
-            for j, frac in enumerate(fracs):
-                hj = h[j * cfg.d_attn : (j + 1) * cfg.d_attn].t()
-                if redo is None:
-                    qkv[j, s] = abs_topk_exact(hj, frac)
-                elif redo.any():  # ties (or NaNs): these rows as the plain path selects them
-                    rr = torch.from_numpy(redo)
-                    qkv[j, s][rr] = abs_topk_exact(hj[rr], frac)
+            _abs_topk_to_rows(h, [cfg.sparsity_at(loc) for loc in ("attn_q", "attn_k", "attn_v")], qkv, s.start)
 
         _run_chunks(attn_in_chunk, chunks)
         if taps:
@@ -350,26 +369,12 @@ class FastBlock(Block):
                 taps.put(f"{i}.mlp.act_in", s, h)
             h = mlp.c_fc.columns(h)  # (d_mlp, rows)
             h = F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)
-            frac = cfg.sparsity_at("mlp_neuron")
-            fused = topk_columns.topk_columns(h, frac)
-            if fused is None:
-                h = abs_topk_exact(h.t(), frac)
-                delta = abs_topk_exact(mlp.c_proj(h), cfg.sparsity_at("mlp_out"))
-            else:  # compiled: AbsTopK of the columns into columns, for the c_proj as W @ h, then AbsTopK into rows
-                post, redo = fused
-                if redo.any():  # ties (or NaNs): these rows as the plain path selects them
-                    rr = torch.from_numpy(redo)
-                    post[:, rr] = abs_topk_exact(h[:, rr].t(), frac).t()
-                h = post.t()
-                out_cols = mlp.c_proj.columns(h)  # (d_model, rows)
-                delta = out_cols.new_empty(1, h.shape[0], out_cols.shape[0])
-                redo = topk_columns.topk_rows(out_cols, [cfg.sparsity_at("mlp_out")], delta, 0)
-                delta = delta[0]
-                if redo is None:
-                    delta = abs_topk_exact(out_cols.t(), cfg.sparsity_at("mlp_out"))
-                elif redo.any():
-                    rr = torch.from_numpy(redo)
-                    delta[rr] = abs_topk_exact(out_cols.t()[rr], cfg.sparsity_at("mlp_out"))
+            # AbsTopK into columns, so that c_proj multiplies them as W @ h too (~4x faster than on rows)
+            h = _abs_topk_columns(h, cfg.sparsity_at("mlp_neuron")).t()  # rows (a view)
+            proj = mlp.c_proj.columns(h)  # (d_model, rows)
+            delta = proj.new_empty(1, h.shape[0], proj.shape[0])
+            _abs_topk_to_rows(proj, [cfg.sparsity_at("mlp_out")], delta)
+            delta = delta[0]
             if taps:
                 taps.put(f"{i}.mlp.post_act", s, h)
                 taps.put(f"{i}.mlp.resid_delta", s, delta)

@@ -23,6 +23,7 @@ import ctypes.util
 import mmap
 import os
 import sys
+import threading
 
 import torch
 
@@ -134,6 +135,10 @@ def _mallopt():
     return fn
 
 
+_KEPT_LOCK = threading.Lock()
+_kept_depth = [0]  # heap_kept blocks open, over all threads
+
+
 @contextlib.contextmanager
 def heap_kept():
     """Within the block, freed C-heap memory stays with the process for the next allocation.
@@ -147,17 +152,25 @@ def heap_kept():
     since setting a threshold turns glibc's dynamic thresholds off for good, both are set to what
     they would have risen to (32 MB mmap, 64 MB trim; not the 128 kB defaults, under which every
     block above 128 kB would be mapped and faulted afresh); `trim_heap` then gives the free memory
-    back. Only changes where memory comes from, never a value; a no-op off glibc."""
+    back. Only changes where memory comes from, never a value; a no-op off glibc. The settings are
+    the process's: blocks entered on several threads at once (the ablation modes run side by side)
+    set them on the first entry and restore them on the last exit."""
     fn = _mallopt()
     if fn is None:
         yield
         return
-    fn(_M_MMAP_MAX, 0)
-    fn(_M_TRIM_THRESHOLD, 2**31 - 1)
+    with _KEPT_LOCK:
+        _kept_depth[0] += 1
+        if _kept_depth[0] == 1:
+            fn(_M_MMAP_MAX, 0)
+            fn(_M_TRIM_THRESHOLD, 2**31 - 1)
     try:
         yield
     finally:
-        fn(_M_MMAP_MAX, _M_MMAP_MAX_DEFAULT)
-        fn(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
-        fn(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
-        trim_heap()
+        with _KEPT_LOCK:
+            _kept_depth[0] -= 1
+            if _kept_depth[0] == 0:
+                fn(_M_MMAP_MAX, _M_MMAP_MAX_DEFAULT)
+                fn(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
+                fn(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
+                trim_heap()

@@ -231,3 +231,38 @@ def test_trim_heap_runs_on_glibc():
         assert trim_heap() is True
     else:
         assert trim_heap() in (True, False)
+
+
+def test_heap_kept_blocks_on_several_threads_set_and_restore_once(monkeypatch):
+    """`inference.memory.heap_kept` changes process-wide malloc settings; the ablation modes run
+    side by side, each in such a block: the settings go on at the first entry and back at the last
+    exit (a thread leaving early must not restore them under the other's passes)."""
+    import threading
+
+    import inference.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_mallopt", lambda: lambda param, value: calls.append((param, value)))
+    monkeypatch.setattr(memory, "trim_heap", lambda: calls.append("trim"))
+    inside, leave = threading.Barrier(2), threading.Event()
+
+    def block(wait: bool) -> None:
+        with memory.heap_kept():
+            inside.wait()
+            if wait:
+                leave.wait()
+
+    first = threading.Thread(target=block, args=(True,))
+    first.start()
+    second = threading.Thread(target=block, args=(False,))
+    second.start()
+    second.join()  # one block exited while the other is still open
+    assert calls == [(memory._M_MMAP_MAX, 0), (memory._M_TRIM_THRESHOLD, 2**31 - 1)]
+    leave.set()
+    first.join()
+    assert calls[2:] == [
+        (memory._M_MMAP_MAX, memory._M_MMAP_MAX_DEFAULT),
+        (memory._M_MMAP_THRESHOLD, memory._MMAP_THRESHOLD_AFTER),
+        (memory._M_TRIM_THRESHOLD, memory._TRIM_THRESHOLD_AFTER),
+        "trim",
+    ]

@@ -251,3 +251,36 @@ def test_paired_estimate_and_agreement_with_sampling_error():
     assert within(1.0, 1.0005, 1e-3) and not within(1.0, 1.1, 1e-3)
     assert within(1.0, 1.1, 1e-3, se=0.1 / 5.0, pairs=9)  # t(8) = 5.04 > 5 SEs + tolerance
     assert not within(1.0, 1.1, 1e-3, se=0.1 / 6.0, pairs=9)  # 6 SEs
+
+
+def test_ablation_modes_side_by_side_equal_one_after_the_other(viz_store, monkeypatch):
+    """With a torch thread per mode, a chunk's mean and zero ablations run on threads of their own
+    (one torch thread each, half the per-pass batch): the same losses as the modes run in turn."""
+    import threading
+
+    from inference import circuit_model as CM
+    from pipeline import recompute as R
+
+    viz = _viz(viz_store, "fixture_a/quotes/prune_v4/k_optim")
+    model = load_model(viz_store / "models" / FIXTURE_MODEL)
+    R.accelerate(model)
+    run = R._Run(model, viz, 10**9, 0, None)
+    docs = run.docs_of(run.chunks[0])
+    means, _ = means_over_sequences(model, snippet_sequences(viz), run.locations)
+    frozen = C.frozen_norm_scales(model, docs)
+    seen = []
+    real = CM.fast_ablation_losses
+    monkeypatch.setattr(
+        CM, "fast_ablation_losses", lambda *a, **k: seen.append((threading.current_thread().name, k["batch"])) or real(*a, **k)
+    )
+    got = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(R.torch, "get_num_threads", lambda n=threads: n)
+        with torch.no_grad():
+            got[threads] = R._chunk_ablations(run, docs, means, frozen, ("mean", "zero"), first=False)
+    (main_mean, batch), (main_zero, _), *side = seen
+    assert main_mean == main_zero == threading.current_thread().name  # one torch thread: in turn
+    assert len(side) == 2 and all(name.startswith("ablations") and b == max(1, batch // 2) for name, b in side)
+    for mode in ("mean", "zero"):
+        for loc, v in got[1][mode].items():
+            np.testing.assert_allclose(got[2][mode][loc], v, atol=1e-6, err_msg=(mode, loc))

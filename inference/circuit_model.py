@@ -328,7 +328,8 @@ class CircuitModel:
 
         cm = CircuitModel(model, docs, circuit_data, means)
         cm.logits()                                 # == masked_forward(...) within float rounding
-        cm.ablation_losses("mean")                  # == ablation_losses(...) within float rounding
+        cm.ablation_losses("mean")[0]               # == ablation_losses(..., per_pair=True) within float
+                                                    # rounding, but on the pairs where ties are flagged
 
     Raises NotImplementedError for AbsTopK on the residual stream (`resid_post_attn`/`_mlp`),
     which no released model uses (`fast_ablation_losses` then falls back to the reference).
@@ -785,13 +786,13 @@ class CircuitModel:
 
     @torch.no_grad()
     def ablation_losses(
-        self, mode: str = "mean", batch: int = 32, log=None, per_pair: bool = False
+        self, mode: str = "mean", batch: int = 32, log=None
     ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int, torch.Tensor]]]:
-        """Raw task loss with each circuit node ablated in turn (the `ablation_losses` convention;
-        with `per_pair`, (nodes, pairs) per location), and the nodes whose result hit an AbsTopK tie
-        in a row that reaches an answer, as (loc, channel, the docs where it did): on those docs'
-        pairs the value here is not to be trusted (`fast_ablation_losses` recomputes those pairs
-        with the reference)."""
+        """Raw task loss on each pair with each circuit node ablated in turn ((nodes, pairs) per
+        location, sorted channels: `ablation_losses`' `per_pair` convention), and the nodes whose
+        result hit an AbsTopK tie in a row that reaches an answer, as (loc, channel, the docs where
+        it did): on those docs' pairs the value here is not to be trusted (`fast_ablation_losses`
+        recomputes those pairs with the reference)."""
         if mode not in ("mean", "zero"):
             raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
         docs = self.docs
@@ -839,17 +840,15 @@ class CircuitModel:
                     # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
                     # read by no q/k/v node of the circuit): every one of them leaves the loss as is.
                     loss = -(lp_first + lp_second).double()  # (A or 1, pairs)
-                    loss = (loss if per_pair else loss.mean(dim=1, keepdim=True)).expand(A, -1)
+                    loss = loss.expand(A, -1)
                     for a, (loc, _pos, c) in enumerate(group):
-                        losses[(loc, c)] = loss[a] if per_pair else loss[a, 0].item()
+                        losses[(loc, c)] = loss[a]
                         if ties[0][a].any():
                             tied.append((loc, c, torch.nonzero(ties[0][a]).flatten()))
                 if log:
                     log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
 
         def gather(values):
-            if not per_pair:
-                return torch.tensor(values)
             return torch.stack(values) if values else torch.zeros(0, half, dtype=torch.float64)
 
         out = {loc: gather([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
@@ -898,7 +897,7 @@ def fast_ablation_losses(
             cm = CircuitModel(model, docs, circuit_data, means)
         except NotImplementedError:
             return ablation_losses(model, docs, circuit_data, means, mode, per_pair)
-    per_channel, tied = cm.ablation_losses(mode, batch, log, per_pair=True)  # (nodes, pairs) per location
+    per_channel, tied = cm.ablation_losses(mode, batch, log)  # (nodes, pairs) per location
     if tied:
         masks = circuit_masks(model.config, circuit_data)
         half = docs.shape[0] // 2

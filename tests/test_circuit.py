@@ -365,7 +365,7 @@ def test_ties_recomputed_by_the_reference_on_their_pairs_only(mode, monkeypatch)
     assert 0 < len(tied_pairs) < half  # some pairs tie, others do not
     circuit["0.attn.act_in"] = torch.arange(model.config.d_model)  # every tied entry: those topk drops differ
     cm = CM.CircuitModel(model, docs, circuit, means)
-    raw, tied = cm.ablation_losses(mode, 7, per_pair=True)
+    raw, tied = cm.ablation_losses(mode, 7)
     assert {int(p) for _, _, d in tied for p in d % half} == tied_pairs
     calls = []
     real = CM.one_ablation_loss

@@ -375,8 +375,8 @@ class CircuitModel:
         # and the docs where it hit an AbsTopK tie before that layer (where this run keeps every tied
         # entry and topk only some, so the state may differ from the reference's): an ablation
         # starting there inherits them (`ablation_losses`).
-        lengths = docs_lengths(docs)
-        self.relevant = (torch.arange(self.T)[None, :] <= (lengths - 2)[:, None]).reshape(-1)  # rows reaching an answer
+        self.lengths = docs_lengths(docs)
+        self.relevant = (torch.arange(self.T)[None, :] <= (self.lengths - 2)[:, None]).reshape(-1)  # rows reaching an answer
         self.start_states, self.tied_before = [], []
         ties = (torch.zeros(1, self.B, dtype=torch.bool), self.relevant)
         state = x.new_zeros(1, x.shape[0], 0)
@@ -799,7 +799,7 @@ class CircuitModel:
         n, half = docs.shape[0], docs.shape[0] // 2
         if n % 2:
             raise ValueError(f"task docs must come in pairs, got {n} docs")
-        lengths = docs_lengths(docs)
+        lengths = self.lengths
         rows = torch.arange(n) * self.T + lengths - 2
         answers = docs[torch.arange(n), lengths - 1]
         pair = torch.stack([answers[:half], answers[half:]], dim=1)

@@ -2,9 +2,9 @@
 
 Each kernel (`inference.topk_select`, `inference.topk_columns`, `inference.kth_pair`,
 `inference.sparse_rows`) is plain Python compiled on first use (or loaded from numba's on-disk
-cache) and warmed on a tiny input, so the compile happens once and not in the middle of a pass. When numba is missing, or cannot compile
-the kernel here, the getter returns None (with a warning for a failed compile) and the caller runs
-its pure torch / numpy fallback, which the tests run too.
+cache) and warmed on a tiny input, so the compile happens once and not in the middle of a pass.
+When numba is missing, or cannot compile the kernel here, the getter returns None (with a warning
+for a failed compile) and the caller runs its pure torch / numpy fallback, which the tests run too.
 """
 
 from __future__ import annotations

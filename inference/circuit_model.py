@@ -50,6 +50,7 @@ from inference.circuit import (
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.kth_pair import kth_pair, kth_pair_stage
 from inference.memory import heap_kept, trim_heap
+from inference.separable_attention import separable_attention
 from inference.sparse_rows import csr_arrays, sparse_rows
 
 
@@ -522,13 +523,19 @@ class CircuitModel:
         extra = torch.exp(sink.double() - c) if sink is not None else torch.zeros(H, dtype=torch.float64)
         head_weight = (1.0 / (t + extra[None, :])).to(dtype)  # (T, H), used at static heads only
         y = qkv[2].view(self.B, self.T, H, dh).cumsum(dim=1).mul_(head_weight[None, :, :, None]).view(self.B * self.T, d)
-        if len(dyn):
-            heads = lambda t: t[:, dyn].view(self.B, self.T, len(dyn_heads), dh).transpose(1, 2)  # noqa: E731
-            y_dyn = sink_attention(*(heads(t) for t in qkv), None if sink is None else sink[dyn_heads])
-            y[:, dyn] = y_dyn.transpose(1, 2).reshape(self.B * self.T, len(dyn))
         L["dyn_heads"], L["dyn"], L["static_v"] = dyn_heads, dyn, static_v
         for kind, t in zip("qkv", qkv, strict=True):
             L[f"{kind}_fill_dyn"] = t[0, dyn].clone() if kind != "v" else None
+        # Separable heads: no dimension holds both a circuit q and a circuit k channel, so the
+        # score splits into a query term and a key term (`inference.separable_attention`), taken
+        # from row 0's q and k (any row would do: elsewhere they only vary where the other is fixed).
+        shared = torch.unique(C["q"][torch.isin(C["q"], C["k"])] // dh)
+        L["separable"] = ~torch.isin(dyn_heads, shared)
+        L["q_ref"], L["k_ref"] = (L[f"{kind}_fill_dyn"].view(-1, dh) for kind in "qk")
+        if len(dyn):
+            heads = lambda t: t[:, dyn].view(self.B, self.T, len(dyn_heads), dh).transpose(1, 2)  # noqa: E731
+            y_dyn = self._attention(i, L, *(heads(t) for t in qkv), torch.arange(len(dyn_heads)))
+            y[:, dyn] = y_dyn.transpose(1, 2).reshape(self.B * self.T, len(dyn))
         L["v_base_dyn"] = qkv[2][:, dyn]  # v at dynamic heads: constants where not circuit
         L["pos_q"] = _positions(C["q"], dyn)
         L["pos_k"] = _positions(C["k"], dyn)
@@ -669,16 +676,15 @@ class CircuitModel:
         The un-ablated run (`keep_base`) computes every head and keeps its output and inputs; an ablation pass
         recomputes only the (ablation, head) pairs whose inputs changed, and with `rows` (the last
         layer) only at those query rows."""
-        cfg, blk = self.config, self.model.transformer.h[i]
-        B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), cfg.d_head
-        sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
+        B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), self.config.d_head
+        every = torch.arange(nd)
 
         def every_head(out=None) -> torch.Tensor:  # (A, B * T, |dyn|)
             q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
             if out is not None:  # straight into the layer's output (no copy into a concatenation)
-                sink_attention(q, k, v, sink, out=out.view(A * B, T, nd, dh).transpose(1, 2))
+                self._attention(i, L, q, k, v, every, out=out.view(A * B, T, nd, dh).transpose(1, 2))
                 return out
-            return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
+            return self._attention(i, L, q, k, v, every).transpose(1, 2).reshape(A, B * T, nd * dh)
 
         if keep_base:  # the un-ablated run (A = 1): every head, kept for the passes
             y = L["base_y_dyn"] = every_head()
@@ -699,13 +705,49 @@ class CircuitModel:
         for t in self._full_heads(L, qkv):
             t = t.view(t.shape[0], B, T, nd, dh)
             pairs.append(t[pa if t.shape[0] > 1 else torch.zeros_like(pa), :, :, ph].transpose(0, 1))  # (B, P, T, dh)
-        sink_p = None if sink is None else sink[ph]
         if rows is None:
-            out = sink_attention(*(t.contiguous() for t in pairs), sink_p)  # (B, P, T, dh)
+            out = self._attention(i, L, *(t.contiguous() for t in pairs), ph)  # (B, P, T, dh)
             y.view(A, B, T, nd, dh)[pa, :, :, ph] = out.transpose(0, 1)
             return y
-        out = _attention_at(*pairs, sink_p, rows // T, rows % T)  # (P, rows, dh)
+        out = self._attention(i, L, *pairs, ph, at=(rows // T, rows % T))  # (P, rows, dh)
         y.view(A, len(rows), nd, dh)[pa, :, ph] = out
+        return y
+
+    def _attention(self, i: int, L, q, k, v, heads: torch.Tensor, out=None, at=None) -> torch.Tensor:
+        """Sink attention of (N, P, T, d_head) q, k, v whose P heads are layer i's dynamic heads
+        `heads` (P,): flash for the heads whose q and k share a circuit dimension, the O(T) sums of
+        `separable_attention` for the others. Written into `out` when given. With `at` = (docs,
+        positions) of a few query rows (N = the docs): (P, rows, d_head) at those rows only."""
+        sinks = self.model.transformer.h[i].attn.attn_imp.sink_logit.detach() if self.config.sink else None
+        sep = L["separable"][heads]
+        groups = [(idx, kind) for idx, kind in ((sep, True), (~sep, False)) if idx.any()]
+        if len(groups) == 1:  # every head of one kind: no gathering
+            groups = [(slice(None), groups[0][1])]
+
+        def run(idx, separable: bool, o=None) -> torch.Tensor:
+            qi, ki, vi, h = q[:, idx], k[:, idx], v[:, idx], heads[idx]
+            sink = None if sinks is None else sinks[L["dyn_heads"][h]]
+            if at is not None and not separable:
+                return _attention_at(qi, ki, vi, sink, *at)  # (P, rows, d_head)
+            if separable:
+                y = separable_attention(qi, ki, vi, sink, L["q_ref"][h], L["k_ref"][h], out=o)
+            else:
+                y = sink_attention(qi, ki, vi, sink, out=o)
+            # at a few rows: separable heads ran at every position (O(T) anyway); take the rows
+            return y if at is None else y[at[0], :, at[1]].transpose(0, 1)
+
+        if len(groups) == 1 and at is None:
+            return run(*groups[0], o=out)
+        y = (
+            q.new_empty(len(heads), len(at[0]), q.shape[-1])
+            if at is not None
+            else (out if out is not None else torch.empty_like(q))
+        )
+        for idx, separable in groups:
+            if at is not None:
+                y[idx] = run(idx, separable)
+            else:
+                y[:, idx] = run(idx, separable)
         return y
 
     def _run_layer(

@@ -9,6 +9,7 @@ from test_model import BASE, VARIANTS, tiny_model
 from inference import circuit as C
 from inference import circuit_model as CM
 from inference import kth_pair as KP
+from inference import separable_attention as SA
 from inference import sparse_rows as SR
 from inference.kth_pair import kth_pair
 
@@ -383,3 +384,34 @@ def test_ties_recomputed_by_the_reference_on_their_pairs_only(mode, monkeypatch)
     for loc in want:  # without per_pair: the mean over pairs, float32 as the reference's
         assert mean[loc].dtype == torch.float32
         assert torch.allclose(mean[loc].double(), want[loc].mean(dim=1), atol=1e-5), loc
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_separable_heads_attend_by_running_sums_and_equal_the_reference(compiled, monkeypatch):
+    """Four heads per layer, one of each kind: q only, k only, q and k on different dimensions
+    (the three separable: `inference.separable_attention`), q and k sharing a dimension (flash).
+    Logits and per-pair ablation losses equal the reference's, through both attention paths at
+    once (the last layer only at the answer rows)."""
+    monkeypatch.setattr(SA, "ENABLED", compiled)
+    variant = {**VARIANTS["release_like"], "n_head": 4, "d_head": 4, "d_model": 16}
+    model = sparsify(tiny_model(seed=3, **variant), 0.6, seed=3)
+    _, docs, circuit, _ = make_case("release_like", node_frac=0.3, seed=3)
+    means = C.node_means(model, torch.randint(0, BASE["vocab_size"], (8, BASE["block_size"])))
+    for loc in C.node_locations(model.config):
+        circuit[loc] = torch.randperm(C.location_width(model.config, loc))[:4]
+    for i in range(model.config.n_layer):  # heads 0-3 of 4 dimensions each
+        circuit[f"{i}.attn.q"] = torch.tensor([1, 9, 13])  # head 0: q only; 2: dim 1; 3: dim 1 (shared)
+        circuit[f"{i}.attn.k"] = torch.tensor([6, 10, 13])  # head 1: k only; 2: dim 2; 3: dim 1
+    cm = CM.CircuitModel(model, docs, circuit, means)
+    for L in cm.layers:
+        assert L["dyn_heads"].tolist() == [0, 1, 2, 3]
+        assert L["separable"].tolist() == [True, True, True, False]
+    want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
+    assert (cm.logits() - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    for mode in ("mean", "zero"):
+        ref = C.ablation_losses(model, docs, circuit, means, mode, per_pair=True)
+        got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=5, circuit_model=cm, per_pair=True)
+        for loc in ref:
+            assert torch.allclose(got[loc], ref[loc], atol=1e-4, rtol=1e-4), (mode, loc)
+        qk = torch.cat([ref[f"{i}.attn.{kind}"] for i in range(model.config.n_layer) for kind in "qk"])
+        assert (qk - qk.mean()).abs().max() > 1e-3  # the q and k ablations move the loss

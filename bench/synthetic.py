@@ -10,7 +10,7 @@ and, in a store, the circuit's connectivity: its nodes are linked by nonzero wei
 the checkpoint (`plant_circuit`), so ablations spread through the circuit as in a pruned one.
 
     python bench/synthetic.py out/viz_data.pt [--nodes 2000 --docs 64 --ctx 1024]
-    python bench/synthetic.py --store DIR [--nodes 2000 --docs 64 --ctx 1024] [--layers 8] [--doc-tokens N]
+    python bench/synthetic.py --store DIR [--nodes 2000 --docs 64 --ctx 1024] [--layers 8] [--doc-tokens N] [--shared-qk F]
 
 `--store` writes a store in the released layout that `circuits materialize` reads: the tokenizer
 (`tinypython/`, a synthetic 2048-id BPE), `models/csp_yolo2/beeg_config.json` + `final_model.pt`
@@ -52,12 +52,19 @@ def width(location: str, config: dict = CSP_YOLO2) -> int:
     return config["d_model"]  # act_in, resid_delta, final_resid
 
 
-def synthetic_circuit(n_nodes: int = 2000, seed: int = 0, config: dict = CSP_YOLO2) -> dict[str, torch.Tensor]:
+def synthetic_circuit(
+    n_nodes: int = 2000, seed: int = 0, config: dict = CSP_YOLO2, shared_qk: float = 0.0
+) -> dict[str, torch.Tensor]:
     """The circuit's channels per location (`circuit_data`): n_nodes spread evenly over every
     per-layer location and `final_resid`. Residual-stream locations (act_in, resid_delta,
     final_resid) draw from one pool of residual channels twice a location's size, so what a
     resid_delta node writes, later act_in nodes read (as in a pruned circuit); q, k, v and MLP
-    neurons are random channels (about as many attention heads as a random pick touches)."""
+    neurons are random channels (about as many attention heads as a random pick touches).
+
+    `shared_qk`: the fraction of each layer's q channels that are also k channels (a head whose q
+    and k share a dimension attends by its content, which the circuit model's attention must run
+    in full: `inference.separable_attention`). Random picks share almost none (~2% of the heads
+    they touch); the demo store's pruned circuits ~50% of those heads (shared_qk ~0.67 here)."""
     g = torch.Generator().manual_seed(seed)
     locs = [f"{i}.{k}" for i in range(config["n_layer"]) for k in KINDS] + ["final_resid"]
     per_loc = n_nodes // len(locs)
@@ -68,6 +75,11 @@ def synthetic_circuit(n_nodes: int = 2000, seed: int = 0, config: dict = CSP_YOL
             circuit[loc] = pool[torch.randperm(len(pool), generator=g)[:per_loc]]
         else:
             circuit[loc] = torch.randperm(width(loc, config), generator=g)[:per_loc]
+            if shared_qk and loc.endswith("attn.k"):
+                q = circuit[loc.replace("attn.k", "attn.q")]
+                shared = q[: round(shared_qk * len(q))]
+                rest = circuit[loc][~torch.isin(circuit[loc], shared)]
+                circuit[loc] = torch.cat([shared, rest])[:per_loc]
     return circuit
 
 
@@ -114,11 +126,12 @@ def synthetic_viz_data(
     seed: int = 0,
     config: dict = CSP_YOLO2,
     doc_tokens: int | None = None,
+    shared_qk: float = 0.0,
 ) -> dict:
     """`doc_tokens`: each task doc's real tokens (the rest right-padded with 0, as released task docs
     are); default: all `ctx`."""
     g = torch.Generator().manual_seed(seed)
-    circuit = synthetic_circuit(n_nodes, seed, config)
+    circuit = synthetic_circuit(n_nodes, seed, config, shared_qk)
     locs = list(circuit)
     docs = torch.randint(1, config["vocab_size"] - 1, (n_docs, ctx), generator=g)
     if doc_tokens is not None and doc_tokens < ctx:
@@ -197,6 +210,7 @@ def write_store(
     density: float = 1e-3,
     log=print,
     doc_tokens: int | None = None,
+    shared_qk: float = 0.0,
 ) -> Path:
     """A store in the released layout (module doc) under `root`; every file written atomically."""
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -211,7 +225,7 @@ def write_store(
     beeg = {**config, "afrac_loctypes": AFRAC_LOCTYPES}
     write_atomic(mdir / "beeg_config.json", lambda f: f.write(json.dumps(beeg, indent=1).encode()))
     sd = synthetic_checkpoint(config, density)
-    planted = plant_circuit(sd, synthetic_circuit(n_nodes, config=config), config)
+    planted = plant_circuit(sd, synthetic_circuit(n_nodes, config=config, shared_qk=shared_qk), config)
     n_params = sum(v.numel() for v in sd.values())
     write_atomic(mdir / "final_model.pt", lambda f: torch.save(sd, f))
     sd = None  # ~1.7 GB at csp_yolo2 scale: freed before the circuit is built
@@ -219,7 +233,7 @@ def write_store(
         f"{mdir / 'final_model.pt'}: {n_params / 1e6:.0f}M parameters, "
         f"{(mdir / 'final_model.pt').stat().st_size / 1e9:.2f} GB, {planted} circuit edges planted ({time.perf_counter() - t:.0f} s)"
     )
-    viz = synthetic_viz_data(n_nodes, n_docs, ctx, config=config, doc_tokens=doc_tokens)
+    viz = synthetic_viz_data(n_nodes, n_docs, ctx, config=config, doc_tokens=doc_tokens, shared_qk=shared_qk)
     vdir = root / "viz" / MODEL / TASK / SWEEP / str(sum(len(c) for c in viz["circuit_data"].values()))
     vdir.mkdir(parents=True, exist_ok=True)
     write_atomic(vdir / "viz_data.pt", lambda f: torch.save(viz, f))
@@ -238,13 +252,20 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--doc-tokens", type=int, default=None, help="real tokens per task doc, the rest padding (default: ctx)")
+    ap.add_argument("--shared-qk", type=float, default=0.0, help="fraction of q channels also k channels, per layer")
     ap.add_argument(
         "--layers", type=int, default=CSP_YOLO2["n_layer"], help="n_layer of the store's model (default: csp_yolo2's 8)"
     )
     args = ap.parse_args()
     if args.store is not None:
         write_store(
-            args.store, args.nodes, args.docs, args.ctx, {**CSP_YOLO2, "n_layer": args.layers}, doc_tokens=args.doc_tokens
+            args.store,
+            args.nodes,
+            args.docs,
+            args.ctx,
+            {**CSP_YOLO2, "n_layer": args.layers},
+            doc_tokens=args.doc_tokens,
+            shared_qk=args.shared_qk,
         )
         return
     if args.out is None:

@@ -50,7 +50,7 @@ from inference.circuit import (
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.kth_pair import kth_pair, kth_pair_stage
 from inference.memory import heap_kept, trim_heap
-from inference.separable_attention import separable_attention
+from inference.separable_attention import SeparableHeads
 from inference.sparse_rows import csr_arrays, sparse_rows
 
 
@@ -510,11 +510,11 @@ class CircuitModel:
         # attention: heads with a circuit q or k attend for real; the others uniformly
         H, dh = cfg.n_head, cfg.d_head
         sink = blk.attn.attn_imp.sink_logit.detach() if cfg.sink else None
-        dyn_heads = torch.unique(torch.cat([C["q"], C["k"]]) // dh)
-        dyn = (dyn_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
-        is_dyn_head = torch.zeros(H, dtype=torch.bool)
-        is_dyn_head[dyn_heads] = True
-        static_v = C["v"][~is_dyn_head[C["v"] // dh]]
+        qk_heads = torch.unique(torch.cat([C["q"], C["k"]]) // dh)
+        qk = (qk_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
+        is_qk_head = torch.zeros(H, dtype=torch.bool)
+        is_qk_head[qk_heads] = True
+        static_v = C["v"][~is_qk_head[C["v"] // dh]]
         # Constant q and k (static heads): every visible key has the same score c, so the weight
         # of each is 1 / ((t + 1) + exp(sink - c)) (1 / (t + 1) without a sink) at position t.
         qf, kf = (self.fill[f"{i}.attn.{kind}"].double().view(H, dh) for kind in "qk")
@@ -523,29 +523,34 @@ class CircuitModel:
         extra = torch.exp(sink.double() - c) if sink is not None else torch.zeros(H, dtype=torch.float64)
         head_weight = (1.0 / (t + extra[None, :])).to(dtype)  # (T, H), used at static heads only
         y = qkv[2].view(self.B, self.T, H, dh).cumsum(dim=1).mul_(head_weight[None, :, :, None]).view(self.B * self.T, d)
+        if len(qk):
+            heads = lambda t: t[:, qk].view(self.B, self.T, len(qk_heads), dh).transpose(1, 2)  # noqa: E731
+            y_qk = sink_attention(*(heads(t) for t in qkv), None if sink is None else sink[qk_heads])
+            y[:, qk] = y_qk.transpose(1, 2).reshape(self.B * self.T, len(qk))
+        # In the circuit-only run, a head whose q and k share a circuit dimension attends by content:
+        # flash over its full q, k, v ("dynamic" heads). The other q/k heads are separable: their
+        # score splits into a query and a key term, and running sums over the circuit's values
+        # give their output in O(T) (`inference.separable_attention`).
+        dyn_heads = torch.unique(C["q"][torch.isin(C["q"], C["k"])] // dh)
+        dyn = (dyn_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
+        sep_heads = qk_heads[~torch.isin(qk_heads, dyn_heads)]
+        fills = [self.fill[f"{i}.attn.{kind}"] for kind in "qkv"]
+        L["sep"] = SeparableHeads(sep_heads, C["q"], C["k"], C["v"], *fills, sink, dh)
         L["dyn_heads"], L["dyn"], L["static_v"] = dyn_heads, dyn, static_v
         for kind, t in zip("qkv", qkv, strict=True):
             L[f"{kind}_fill_dyn"] = t[0, dyn].clone() if kind != "v" else None
-        # Separable heads: no dimension holds both a circuit q and a circuit k channel, so the
-        # score splits into a query term and a key term (`inference.separable_attention`), taken
-        # from row 0's q and k (any row would do: elsewhere they only vary where the other is fixed).
-        shared = torch.unique(C["q"][torch.isin(C["q"], C["k"])] // dh)
-        L["separable"] = ~torch.isin(dyn_heads, shared)
-        L["q_ref"], L["k_ref"] = (L[f"{kind}_fill_dyn"].view(-1, dh) for kind in "qk")
-        if len(dyn):
-            heads = lambda t: t[:, dyn].view(self.B, self.T, len(dyn_heads), dh).transpose(1, 2)  # noqa: E731
-            y_dyn = self._attention(i, L, *(heads(t) for t in qkv), torch.arange(len(dyn_heads)))
-            y[:, dyn] = y_dyn.transpose(1, 2).reshape(self.B * self.T, len(dyn))
         L["v_base_dyn"] = qkv[2][:, dyn]  # v at dynamic heads: constants where not circuit
-        L["pos_q"] = _positions(C["q"], dyn)
-        L["pos_k"] = _positions(C["k"], dyn)
-        v_dyn_mask = is_dyn_head[C["v"] // dh]
-        L["v_dyn_src"] = torch.nonzero(v_dyn_mask).flatten()
-        L["v_dyn_pos"] = _positions(C["v"][v_dyn_mask], dyn)
-        L["v_static_src"] = torch.nonzero(~v_dyn_mask).flatten()
+        is_dyn_head = torch.zeros(H, dtype=torch.bool)
+        is_dyn_head[dyn_heads] = True
+        for kind in "qkv":  # the circuit channels of each kind in dynamic heads, and where they sit there
+            in_dyn = is_dyn_head[C[kind] // dh]
+            L[f"{kind}_dyn_src"] = torch.nonzero(in_dyn).flatten()
+            L[f"{kind}_dyn_pos"] = _positions(C[kind][in_dyn], dyn)
+        L["v_static_src"] = torch.nonzero(~is_qk_head[C["v"] // dh]).flatten()
         if len(static_v):
             L["static_weight"] = head_weight[:, static_v // dh]  # (T, |static_v|)
-        y_changing = torch.cat([dyn, static_v])
+        sep = (sep_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
+        y_changing = torch.cat([dyn, sep, static_v])
         L["y"] = y_changing
         return y, y_changing
 
@@ -635,7 +640,7 @@ class CircuitModel:
         full = []
         for kind, vals in zip("qk", qkv[:2], strict=True):
             t = L[f"{kind}_fill_dyn"].expand(vals.shape[0], vals.shape[1], -1).clone()
-            t[..., L[f"pos_{kind}"]] = vals
+            t[..., L[f"{kind}_dyn_pos"]] = vals[..., L[f"{kind}_dyn_src"]]
             full.append(t)
         v = L["v_base_dyn"].expand(qkv[2].shape[0], -1, -1).clone()
         v[..., L["v_dyn_pos"]] = qkv[2][..., L["v_dyn_src"]]
@@ -648,14 +653,12 @@ class CircuitModel:
         (a false "changed", e.g. from rounding, only costs time)."""
         nd, dh = len(L["dyn_heads"]), self.config.d_head
         changed = torch.zeros(A, nd, dtype=torch.bool)
-        heads = {"q": L["pos_q"] // dh, "k": L["pos_k"] // dh, "v": L["v_dyn_pos"] // dh}
         for kind, vals in zip("qkv", qkv, strict=True):
-            if kind == "v":
-                vals = vals[..., L["v_dyn_src"]]
+            vals = vals[..., L[f"{kind}_dyn_src"]]
             if vals.shape[-1] == 0:
                 continue
             diff = (vals != L[f"base_{kind}"]).any(dim=1)  # (A_kind, channels)
-            hit = torch.zeros(diff.shape[0], nd, dtype=torch.int32).index_add_(1, heads[kind], diff.int())
+            hit = torch.zeros(diff.shape[0], nd, dtype=torch.int32).index_add_(1, L[f"{kind}_dyn_pos"] // dh, diff.int())
             changed |= hit > 0
         return changed
 
@@ -676,21 +679,21 @@ class CircuitModel:
         The un-ablated run (`keep_base`) computes every head and keeps its output and inputs; an ablation pass
         recomputes only the (ablation, head) pairs whose inputs changed, and with `rows` (the last
         layer) only at those query rows."""
-        B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), self.config.d_head
-        every = torch.arange(nd)
+        cfg, blk = self.config, self.model.transformer.h[i]
+        B, T, nd, dh = self.B, self.T, len(L["dyn_heads"]), cfg.d_head
+        sink = blk.attn.attn_imp.sink_logit.detach()[L["dyn_heads"]] if cfg.sink else None
 
         def every_head(out=None) -> torch.Tensor:  # (A, B * T, |dyn|)
             q, k, v = (t.expand(A, -1, -1).reshape(A * B, T, nd, dh).transpose(1, 2) for t in self._full_heads(L, qkv))
             if out is not None:  # straight into the layer's output (no copy into a concatenation)
-                self._attention(i, L, q, k, v, every, out=out.view(A * B, T, nd, dh).transpose(1, 2))
+                sink_attention(q, k, v, sink, out=out.view(A * B, T, nd, dh).transpose(1, 2))
                 return out
-            return self._attention(i, L, q, k, v, every).transpose(1, 2).reshape(A, B * T, nd * dh)
+            return sink_attention(q, k, v, sink).transpose(1, 2).reshape(A, B * T, nd * dh)
 
         if keep_base:  # the un-ablated run (A = 1): every head, kept for the passes
             y = L["base_y_dyn"] = every_head()
-            for kind, vals in zip("qk", qkv[:2], strict=True):
-                L[f"base_{kind}"] = vals.clone()
-            L["base_v"] = qkv[2][..., L["v_dyn_src"]].clone()
+            for kind, vals in zip("qkv", qkv, strict=True):
+                L[f"base_{kind}"] = vals[..., L[f"{kind}_dyn_src"]].clone()
             return y if rows is None else y[:, rows]
         base = L["base_y_dyn"] if rows is None else L["base_y_dyn"][:, rows]
         changed = self._changed_heads(L, qkv, A)
@@ -705,49 +708,13 @@ class CircuitModel:
         for t in self._full_heads(L, qkv):
             t = t.view(t.shape[0], B, T, nd, dh)
             pairs.append(t[pa if t.shape[0] > 1 else torch.zeros_like(pa), :, :, ph].transpose(0, 1))  # (B, P, T, dh)
+        sink_p = None if sink is None else sink[ph]
         if rows is None:
-            out = self._attention(i, L, *(t.contiguous() for t in pairs), ph)  # (B, P, T, dh)
+            out = sink_attention(*(t.contiguous() for t in pairs), sink_p)  # (B, P, T, dh)
             y.view(A, B, T, nd, dh)[pa, :, :, ph] = out.transpose(0, 1)
             return y
-        out = self._attention(i, L, *pairs, ph, at=(rows // T, rows % T))  # (P, rows, dh)
+        out = _attention_at(*pairs, sink_p, rows // T, rows % T)  # (P, rows, dh)
         y.view(A, len(rows), nd, dh)[pa, :, ph] = out
-        return y
-
-    def _attention(self, i: int, L, q, k, v, heads: torch.Tensor, out=None, at=None) -> torch.Tensor:
-        """Sink attention of (N, P, T, d_head) q, k, v whose P heads are layer i's dynamic heads
-        `heads` (P,): flash for the heads whose q and k share a circuit dimension, the O(T) sums of
-        `separable_attention` for the others. Written into `out` when given. With `at` = (docs,
-        positions) of a few query rows (N = the docs): (P, rows, d_head) at those rows only."""
-        sinks = self.model.transformer.h[i].attn.attn_imp.sink_logit.detach() if self.config.sink else None
-        sep = L["separable"][heads]
-        groups = [(idx, kind) for idx, kind in ((sep, True), (~sep, False)) if idx.any()]
-        if len(groups) == 1:  # every head of one kind: no gathering
-            groups = [(slice(None), groups[0][1])]
-
-        def run(idx, separable: bool, o=None) -> torch.Tensor:
-            qi, ki, vi, h = q[:, idx], k[:, idx], v[:, idx], heads[idx]
-            sink = None if sinks is None else sinks[L["dyn_heads"][h]]
-            if at is not None and not separable:
-                return _attention_at(qi, ki, vi, sink, *at)  # (P, rows, d_head)
-            if separable:
-                y = separable_attention(qi, ki, vi, sink, L["q_ref"][h], L["k_ref"][h], out=o)
-            else:
-                y = sink_attention(qi, ki, vi, sink, out=o)
-            # at a few rows: separable heads ran at every position (O(T) anyway); take the rows
-            return y if at is None else y[at[0], :, at[1]].transpose(0, 1)
-
-        if len(groups) == 1 and at is None:
-            return run(*groups[0], o=out)
-        y = (
-            q.new_empty(len(heads), len(at[0]), q.shape[-1])
-            if at is not None
-            else (out if out is not None else torch.empty_like(q))
-        )
-        for idx, separable in groups:
-            if at is not None:
-                y[idx] = run(idx, separable)
-            else:
-                y[:, idx] = run(idx, separable)
         return y
 
     def _run_layer(
@@ -766,19 +733,22 @@ class CircuitModel:
         qkv = [self._ablate(f"{p}.{kind}", L[kind].run(pre[..., L[f"{kind}_cols"]], ties, kb), ablations) for kind in "qkv"]
         A = max(t.shape[0] for t in qkv)
         n_rows = state.shape[1] if rows is None else len(rows)
-        n_dyn, n_static = len(L["dyn"]), len(L["static_v"])
-        # the attention output (A, rows, dynamic heads' channels then static v's), each part
-        # written into its slice (a concatenation would copy the (A, rows, ~800) dynamic part again)
-        y = state.new_empty(A, n_rows, n_dyn + n_static) if n_dyn + n_static else state.new_zeros(1, n_rows, 0)
+        n_dyn, n_sep, n_static = len(L["dyn"]), L["sep"].S * self.config.d_head, len(L["static_v"])
+        n_y = n_dyn + n_sep + n_static
+        # the attention output (A, rows, dynamic heads' channels, separable heads', static v's), each
+        # part written into its slice (a concatenation would copy the (A, rows, ~800) parts again)
+        y = state.new_empty(A, n_rows, n_y) if n_y else state.new_zeros(1, n_rows, 0)
         if n_dyn:
             y_dyn = self._dynamic_heads(i, L, qkv, A, rows, kb, out=y[..., :n_dyn])
             if y_dyn.data_ptr() != y.data_ptr():
                 y[..., :n_dyn] = y_dyn
+        if n_sep:
+            L["sep"].run(*qkv, self.T, rows, out=y[..., n_dyn : n_dyn + n_sep])
         if n_static:
             v = qkv[2][..., L["v_static_src"]]
             v = v.reshape(v.shape[0], self.B, self.T, -1)
             y_static = (v.cumsum(dim=2) * L["static_weight"]).reshape(v.shape[0], self.B * self.T, -1)
-            y[..., n_dyn:] = y_static if rows is None else y_static[:, rows]
+            y[..., n_dyn + n_sep :] = y_static if rows is None else y_static[:, rows]
         if rows is not None:
             L, state = self._after_attention_at(i, rows), state[:, rows]
             ties = None if ties is None else (ties[0], None)  # every one of these rows reaches an answer

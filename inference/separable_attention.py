@@ -1,25 +1,26 @@
-"""Causal sink attention in O(T) for a circuit model's "separable" heads (numba, torch fallback).
+"""The circuit model's attention for "separable" heads in O(T), from the circuit's values alone.
 
-In the circuit model every q and k channel outside the circuit holds a constant (its fill). When a
-head's circuit q channels and circuit k channels share no dimension, q(t) - Q varies only on
-dimensions where k(u) - K does not, for any fixed row's Q and K, so the cross term vanishes:
+In the circuit model every q and k channel outside the circuit holds its fill (Qf, Kf). A head
+with circuit q or k channels, but no dimension holding both, has q(t) - Qf and k(u) - Kf varying
+on disjoint dimensions, so their product vanishes and the score splits (scale s = 1/sqrt(d_head)):
 
-    q(t) . k(u) = q(t) . K  +  Q . k(u)  -  Q . K        (scaled by 1/sqrt(d_head))
-                =   a(t)    +    b(u)    -    c
+    s q(t).k(u) = c + alpha(t) + beta(u),    c = s Qf.Kf,
+    alpha(t) = s (q(t) - Qf).Kf,    beta(u) = s Qf.(k(u) - Kf)
 
-The softmax over keys u <= t then weighs key u by exp(b(u)) whatever the query, and the query's
-own term a(t) only moves the sink against the keys:
+both linear in the head's circuit values. The softmax over keys u <= t then weighs key u by
+exp(beta(u)) whatever the query; the query's own term only moves the release's sink against them:
 
-    y(t) = sum_{u<=t} exp(b(u)) v(u)  /  (exp(sink - a(t) + c) + sum_{u<=t} exp(b(u)))
+    y(t) = sum_{u<=t} exp(beta(u)) v(u)  /  (exp(sink - c - alpha(t)) + sum_{u<=t} exp(beta(u)))
 
 two running sums over the positions instead of T^2 / 2 scores and exponentials per head (flash
-attention is ~60% of an ablation pass at 1,024-token docs: bench/README.md). Without a sink the
-query's term cancels. The sums run in float64 with flash's running maximum (rescaled when a new
-largest b appears), so no exponential overflows; results agree with `sink_attention` to float32
-rounding (tests compare both on heads of each kind).
+attention was ~60% of an ablation pass at 1,024-token docs: bench/README.md). v outside the
+circuit holds its fill, so only the circuit's v channels need a sum of their own; the head's other
+channels are their fill times the keys' share of the weight. Without a sink the query term cancels.
 
-`separable_attention(q, k, v, sink, Q, K)` runs the compiled kernel on float32 CPU tensors and the
-torch formula otherwise (also what the tests compare the kernel with).
+`SeparableHeads` holds one layer's tables (built once per circuit model) and `run`s them on the
+circuit values of a pass (any number of ablations): a numba kernel (float64 sums with flash's
+running maximum, rescaled when a larger beta appears, so nothing overflows), or the same formula
+in torch with `logcumsumexp` (any device; what the tests compare the kernel with).
 """
 
 from __future__ import annotations
@@ -32,44 +33,140 @@ import torch
 from inference.numba_kernels import compiled
 
 ENABLED = True  # tests switch the compiled kernel off to run the torch path on the same inputs
-ROWS_PER_TASK = 64  # (sequence, head) rows per task of the worker threads (inference.fast's pool)
+TASKS_PER_CHUNK = 64  # (ablation, doc, head) sequences per task of the worker threads (inference.fast's pool)
 
 
-def _separable(q, k, v, qref, kref, sink, has_sink, scale, out, lo, hi):  # pragma: no cover (numba)
-    heads, T, dh = q.shape[1], q.shape[2], q.shape[3]
+class SeparableHeads:
+    """One layer's separable heads `heads` (S,) in the circuit model: built from the layer's circuit
+    channels (q, k, v; sorted, as the circuit model keeps them), the fills of q, k and v (d_attn,),
+    the sinks (n_head,) or None, and d_head. `run` gives their attention output, (ablations,
+    rows, S * d_head), head by head, from a pass's circuit values."""
+
+    def __init__(self, heads, q_channels, k_channels, v_channels, q_fill, k_fill, v_fill, sink, d_head: int):
+        self.heads, self.dh, self.S = heads, d_head, len(heads)
+        s = 1.0 / math.sqrt(d_head)
+        local = torch.full((int(heads.max()) + 1 if len(heads) else 1,), -1, dtype=torch.long)
+        local[heads] = torch.arange(len(heads))
+        qf, kf = q_fill.double(), k_fill.double()
+
+        def score_map(channels, other_fill, own_fill):
+            """(|channels|, S) weights and (S,) offset of alpha (q) or beta (k) from circuit values."""
+            w = torch.zeros(len(channels), self.S, dtype=torch.float64)
+            h = channels // d_head
+            inside = torch.nonzero(h < len(local)).flatten()
+            inside = inside[local[h[inside]] >= 0]
+            w[inside, local[h[inside]]] = s * other_fill[channels[inside]]
+            return w, -(own_fill[channels] @ w)
+
+        self.w_alpha, self.alpha0 = score_map(q_channels, kf, qf)
+        self.w_beta, self.beta0 = score_map(k_channels, qf, kf)
+        channels = (heads[:, None] * d_head + torch.arange(d_head)).reshape(-1)
+        c = s * (qf[channels] * kf[channels]).view(-1, d_head).sum(-1)
+        self.sink = None if sink is None else sink.detach().double()[heads] - c  # against exp(beta)
+        self.v_fill = v_fill[channels].double()  # every channel of the heads, in head order
+        # the circuit's v channels in these heads, grouped by head: column in the pass's v values,
+        # dimension within the head, and where each head's run of them starts
+        h = v_channels // d_head
+        mine = torch.nonzero((h < len(local)) & (local[h.clamp(max=len(local) - 1)] >= 0)).flatten()
+        order = torch.argsort(local[h[mine]], stable=True)
+        self.v_col = mine[order]
+        self.v_dim = v_channels[self.v_col] % d_head
+        self.v_head = local[h[self.v_col]]
+        self.v_start = torch.searchsorted(self.v_head, torch.arange(self.S + 1))
+
+    def run(self, q, k, v, T: int, rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output (A, rows, S * d_head) of the heads from the circuit's q, k and v values
+        (A_kind, docs * T, |channels|), each A_kind 1 or A (values shared by every ablation); at
+        every row, or at `rows` only. Written into `out` when given (a view may be strided)."""
+        R = q.shape[1]
+        A = max(q.shape[0], k.shape[0], v.shape[0])
+        n_out = R if rows is None else len(rows)
+        if out is None:
+            out = torch.empty(A, n_out, self.S * self.dh, dtype=v.dtype, device=v.device)
+        if self.S == 0:
+            return out
+        dev = q.device
+        alpha = q.double() @ self.w_alpha.to(dev) + self.alpha0.to(dev)  # (A_q, R, S)
+        beta = k.double() @ self.w_beta.to(dev) + self.beta0.to(dev)  # (A_k, R, S)
+        kern = kernel() if ENABLED and dev.type == "cpu" and v.dtype == out.dtype == torch.float32 else None
+        if kern is None:
+            y = self._torch(alpha, beta, v, T, A)
+            out.copy_(y if rows is None else y[:, rows])
+            return out
+        from inference.fast import _run_chunks, row_chunks
+
+        out_row = torch.full((R,), -1, dtype=torch.long)
+        out_row[torch.arange(R) if rows is None else rows] = torch.arange(n_out)
+        sink = np.zeros(self.S) if self.sink is None else self.sink.numpy()
+        args = (alpha.numpy(), beta.numpy(), v.detach().numpy(), self.v_start.numpy(), self.v_col.numpy(),
+                self.v_dim.numpy(), self.v_fill.numpy(), sink, self.sink is not None, T, out_row.numpy(), out.numpy())  # fmt: skip
+        tasks = A * (R // T) * self.S
+        _run_chunks(lambda c: kern(*args, c.start, c.stop), row_chunks(tasks, TASKS_PER_CHUNK))
+        return out
+
+    def _torch(self, alpha, beta, v, T: int, A: int) -> torch.Tensor:
+        """The formula with `logcumsumexp` in float64 (stable for any range of scores): (A, R, S * dh)."""
+        S, dh, R = self.S, self.dh, v.shape[1]
+        dev = v.device
+        beta = beta.view(beta.shape[0], R // T, T, S)
+        log_w = torch.logcumsumexp(beta, dim=2)  # log sum_{u<=t} exp(beta(u))
+        log_den = log_w
+        if self.sink is not None:
+            alpha = alpha.view(alpha.shape[0], R // T, T, S)
+            log_den = torch.logaddexp(log_w, self.sink.to(dev) - alpha)
+        y = (self.v_fill.to(dev).view(S, dh) * torch.exp(log_w - log_den).unsqueeze(-1)).expand(A, R // T, T, S, dh).clone()
+        if len(self.v_col):
+            h = self.v_head.to(dev)
+            vals = v[..., self.v_col.to(dev)].double().view(v.shape[0], R // T, T, -1)
+            b = beta[..., h]
+            # sum_u exp(beta) v = its positive part minus its negative part, each a log-sum-exp
+            pos = torch.logcumsumexp(b + torch.log(vals.clamp(min=0)), dim=2)
+            neg = torch.logcumsumexp(b + torch.log((-vals).clamp(min=0)), dim=2)
+            den = log_den[..., h]
+            y[..., h, self.v_dim.to(dev)] = (torch.exp(pos - den) - torch.exp(neg - den)).expand(A, -1, -1, -1)
+        return y.view(A, R, S * dh).to(v.dtype)
+
+
+def _separable(
+    alpha, beta, v, v_start, v_col, v_dim, v_fill, sink, has_sink, T, out_row, out, lo, hi
+):  # pragma: no cover (numba)
+    S = alpha.shape[2]
+    docs = out_row.shape[0] // T
+    dh = out.shape[2] // S
     acc = np.zeros(dh, np.float64)
-    for i in range(lo, hi):
-        n, h = i // heads, i % heads
-        c = 0.0
-        for d in range(dh):
-            c += qref[h, d] * kref[h, d]
-        c *= scale
+    for i in range(lo, hi):  # i = (ablation, doc, head)
+        a = i // (docs * S)
+        doc = (i // S) % docs
+        h = i % S
+        ia, ib, iv = min(a, alpha.shape[0] - 1), min(a, beta.shape[0] - 1), min(a, v.shape[0] - 1)
+        j0, j1 = v_start[h], v_start[h + 1]
         m = -np.inf
         total = 0.0
         acc[:] = 0.0
         for t in range(T):
-            b = 0.0
-            for d in range(dh):
-                b += qref[h, d] * k[n, h, t, d]
-            b *= scale
+            r = doc * T + t
+            b = beta[ib, r, h]
             if b > m:  # a new largest key weight: rescale the sums to it (flash's running maximum)
-                r = 0.0 if m == -np.inf else math.exp(m - b)
-                total *= r
-                for d in range(dh):
-                    acc[d] *= r
+                scale = 0.0 if m == -np.inf else math.exp(m - b)
+                total *= scale
+                for j in range(j1 - j0):
+                    acc[j] *= scale
                 m = b
             w = math.exp(b - m)
             total += w
-            for d in range(dh):
-                acc[d] += w * v[n, h, t, d]
+            for j in range(j0, j1):
+                acc[j - j0] += w * v[iv, r, v_col[j]]
+            o = out_row[r]
+            if o < 0:
+                continue
             den = total
             if has_sink:
-                a = 0.0
-                for d in range(dh):
-                    a += q[n, h, t, d] * kref[h, d]
-                den += math.exp(sink[h] - a * scale + c - m)
+                den += math.exp(sink[h] - alpha[ia, r, h] - m)
+            share = total / den
             for d in range(dh):
-                out[n, h, t, d] = acc[d] / den
+                out[a, o, h * dh + d] = v_fill[h * dh + d] * share
+            for j in range(j0, j1):
+                out[a, o, h * dh + v_dim[j]] = acc[j - j0] / den
 
 
 def kernel():
@@ -78,70 +175,8 @@ def kernel():
 
 
 def _warm_up(kern) -> None:
-    f = np.float32
-    x = np.ones((1, 2, 3, 2), f)
-    ref, sink = np.ones((2, 2)), np.zeros(2)
-    kern(x, x, x, ref, ref, sink, True, 0.5, np.empty_like(x), 0, 2)
-    y = np.ones((1, 3, 2, 2), f).transpose(0, 2, 1, 3)  # the strided views the circuit model passes
-    kern(y, y, y, ref, ref, sink, True, 0.5, np.empty((1, 3, 2, 2), f).transpose(0, 2, 1, 3), 0, 2)
-
-
-def separable_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    sink: torch.Tensor | None,
-    qref: torch.Tensor,
-    kref: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`inference.fast.sink_attention(q, k, v, sink)` of (N, H, T, d_head) tensors whose heads are
-    separable: q varies from `qref` (H, d_head) only on dimensions where k equals `kref` (H, d_head)
-    at every position, and k from `kref` only where q equals `qref` (the module docstring). The
-    result (written into `out` when given, which may be a strided view) in q's dtype."""
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.shape[-2] == 0 or q.numel() == 0:
-        return out
-    kern = kernel() if ENABLED and q.device.type == "cpu" and q.dtype == torch.float32 else None
-    if kern is not None and out.dtype == torch.float32:
-        from inference.fast import _run_chunks, row_chunks
-
-        arrays = [t.detach().numpy() for t in (q, k, v)]
-        qr, kr = (t.detach().double().contiguous().numpy() for t in (qref, kref))
-        s = np.zeros(q.shape[1]) if sink is None else sink.detach().double().contiguous().numpy()
-        o = out.numpy()
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        rows = q.shape[0] * q.shape[1]
-        _run_chunks(
-            lambda c: kern(*arrays, qr, kr, s, sink is not None, scale, o, c.start, c.stop), row_chunks(rows, ROWS_PER_TASK)
-        )
-        return out
-    out.copy_(_separable_torch(q, k, v, sink, qref, kref))
-    return out
-
-
-def _separable_torch(q, k, v, sink, qref, kref) -> torch.Tensor:
-    """The formula with cumulative sums (float64, shifted by each sequence's largest key weight);
-    sequences where every weight up to some query underflows (key weights more than ~700 apart)
-    are left to `sink_attention`."""
-    from inference.fast import sink_attention
-
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    qr, kr = qref.double(), kref.double()
-    c = (qr * kr).sum(-1).mul(scale).view(1, -1, 1)
-    a = torch.einsum("nhtd,hd->nht", q.double(), kr) * scale
-    b = torch.einsum("nhtd,hd->nht", k.double(), qr) * scale
-    m = b.amax(dim=2, keepdim=True)
-    w = torch.exp(b - m)
-    den = w.cumsum(dim=2)
-    if sink is not None:
-        den = den + torch.exp(sink.double().view(1, -1, 1) - a + c - m)
-    y = (w.unsqueeze(-1) * v.double()).cumsum(dim=2) / den.unsqueeze(-1)
-    bad = ~torch.isfinite(y).flatten(2).all(dim=2)  # (N, H)
-    if bad.any() and torch.isfinite(torch.stack([q, k, v])).all():
-        n, h = torch.nonzero(bad, as_tuple=True)
-        # those (sequence, head) rows as the heads of one sequence, each with its own sink
-        exact = sink_attention(q[n, h][None], k[n, h][None], v[n, h][None], None if sink is None else sink[h])
-        y[n, h] = exact[0].double()
-    return y.to(q.dtype)
+    f, i = np.float64, np.int64
+    ab, v = np.zeros((1, 2, 1), f), np.ones((1, 2, 1), np.float32)
+    start, col, fill = np.array([0, 1], i), np.array([0], i), np.ones(2, f)
+    for out in (np.empty((1, 2, 2), np.float32), np.empty((1, 2, 4), np.float32)[..., 1:3]):  # strided, as passes give
+        kern(ab, ab, v, start, col, col, fill, np.zeros(1, f), True, 2, np.array([0, 1], i), out, 0, 1)

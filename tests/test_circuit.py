@@ -404,8 +404,8 @@ def test_separable_heads_attend_by_running_sums_and_equal_the_reference(compiled
         circuit[f"{i}.attn.k"] = torch.tensor([6, 10, 13])  # head 1: k only; 2: dim 2; 3: dim 1
     cm = CM.CircuitModel(model, docs, circuit, means)
     for L in cm.layers:
-        assert L["dyn_heads"].tolist() == [0, 1, 2, 3]
-        assert L["separable"].tolist() == [True, True, True, False]
+        assert L["dyn_heads"].tolist() == [3]  # flash
+        assert L["sep"].heads.tolist() == [0, 1, 2]  # running sums
     want = C.masked_forward(model, docs, C.circuit_masks(model.config, circuit), means)
     assert (cm.logits() - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
     for mode in ("mean", "zero"):

@@ -911,6 +911,7 @@ def fast_ablation_losses(
             return ablation_losses(model, docs, circuit_data, means, mode, per_pair)
     per_channel, tied = cm.ablation_losses(mode, batch, log)  # (nodes, pairs) per location
     if tied:
+        t = time.perf_counter()
         masks = circuit_masks(model.config, circuit_data)
         half = docs.shape[0] // 2
         for loc, c, tied_docs in tied:
@@ -919,6 +920,11 @@ def fast_ablation_losses(
             frozen = {name: s[sub] for name, s in cm.frozen_scales.items()}
             loss = one_ablation_loss(model, docs[sub], masks, means, frozen, loc, c, mode, per_pair=True)
             per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc]), pairs] = loss
+        if log:
+            pairs = sum(len(torch.unique(d % half)) for _, _, d in tied)
+            log(
+                f"{mode} ablations: {len(tied)} nodes hit an AbsTopK tie; {pairs} (node, pair)s redone by the reference in {time.perf_counter() - t:.1f} s"
+            )
     if not per_pair:  # the mean over pairs, as a float32 loss per node (the reference's convention)
         per_channel = {loc: v.mean(dim=1).float() for loc, v in per_channel.items()}
     return _aligned(circuit_data, per_channel, cm.circuit)

@@ -109,7 +109,7 @@ def tolerance() -> float:
 # pairs): within it every task pair is ablated and the deltas are exact; past it a fixed-seed sample
 # of pairs is (pipeline.recompute.ablation_pairs). 12 M: every pair of every embedded-store circuit
 # (~0.14 M) and of a 2,000-node circuit with 64 task docs of 64 tokens (8.3 M), two pairs of one
-# whose docs are 1,024 tokens (4.1 M per pair; exact would take ~16 CPU-hours, the 2 pairs ~1).
+# whose docs are 1,024 tokens (4.1 M per pair; exact would take ~5.5 hours on 2 cores, the 2 pairs ~20 min).
 DEFAULT_ABLATION_BUDGET = 12_000_000
 
 

@@ -45,17 +45,16 @@ class SeparableHeads:
     def __init__(self, heads, q_channels, k_channels, v_channels, q_fill, k_fill, v_fill, sink, d_head: int):
         self.heads, self.dh, self.S = heads, d_head, len(heads)
         s = 1.0 / math.sqrt(d_head)
-        local = torch.full((int(heads.max()) + 1 if len(heads) else 1,), -1, dtype=torch.long)
+        local = torch.full((len(q_fill) // d_head,), -1, dtype=torch.long)  # each head's index in `heads`, or -1
         local[heads] = torch.arange(len(heads))
         qf, kf = q_fill.double(), k_fill.double()
 
         def score_map(channels, other_fill, own_fill):
             """(|channels|, S) weights and (S,) offset of alpha (q) or beta (k) from circuit values."""
             w = torch.zeros(len(channels), self.S, dtype=torch.float64)
-            h = channels // d_head
-            inside = torch.nonzero(h < len(local)).flatten()
-            inside = inside[local[h[inside]] >= 0]
-            w[inside, local[h[inside]]] = s * other_fill[channels[inside]]
+            head = local[channels // d_head]
+            inside = torch.nonzero(head >= 0).flatten()
+            w[inside, head[inside]] = s * other_fill[channels[inside]]
             return w, -(own_fill[channels] @ w)
 
         self.w_alpha, self.alpha0 = score_map(q_channels, kf, qf)
@@ -66,12 +65,11 @@ class SeparableHeads:
         self.v_fill = v_fill[channels].double()  # every channel of the heads, in head order
         # the circuit's v channels in these heads, grouped by head: column in the pass's v values,
         # dimension within the head, and where each head's run of them starts
-        h = v_channels // d_head
-        mine = torch.nonzero((h < len(local)) & (local[h.clamp(max=len(local) - 1)] >= 0)).flatten()
-        order = torch.argsort(local[h[mine]], stable=True)
-        self.v_col = mine[order]
+        head = local[v_channels // d_head]
+        mine = torch.nonzero(head >= 0).flatten()
+        self.v_col = mine[torch.argsort(head[mine], stable=True)]
         self.v_dim = v_channels[self.v_col] % d_head
-        self.v_head = local[h[self.v_col]]
+        self.v_head = head[self.v_col]
         self.v_start = torch.searchsorted(self.v_head, torch.arange(self.S + 1))
 
     def run(self, q, k, v, T: int, rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

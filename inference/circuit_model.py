@@ -50,7 +50,7 @@ from inference.circuit import (
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.kth_pair import kth_pair, kth_pair_stage
 from inference.memory import heap_kept, trim_heap
-from inference.separable_attention import SeparableHeads
+from inference.separable_attention import SeparableHeads, head_channels
 from inference.sparse_rows import csr_arrays, sparse_rows
 
 
@@ -511,7 +511,7 @@ class CircuitModel:
         H, dh = cfg.n_head, cfg.d_head
         sink = blk.attn.attn_imp.sink_logit.detach() if cfg.sink else None
         qk_heads = torch.unique(torch.cat([C["q"], C["k"]]) // dh)
-        qk = (qk_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
+        qk = head_channels(qk_heads, dh)
         is_qk_head = torch.zeros(H, dtype=torch.bool)
         is_qk_head[qk_heads] = True
         static_v = C["v"][~is_qk_head[C["v"] // dh]]
@@ -532,7 +532,7 @@ class CircuitModel:
         # score splits into a query and a key term, and running sums over the circuit's values
         # give their output in O(T) (`inference.separable_attention`).
         dyn_heads = torch.unique(C["q"][torch.isin(C["q"], C["k"])] // dh)
-        dyn = (dyn_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
+        dyn = head_channels(dyn_heads, dh)
         sep_heads = qk_heads[~torch.isin(qk_heads, dyn_heads)]
         fills = [self.fill[f"{i}.attn.{kind}"] for kind in "qkv"]
         L["sep"] = SeparableHeads(sep_heads, C["q"], C["k"], C["v"], *fills, sink, dh)
@@ -549,7 +549,7 @@ class CircuitModel:
         L["v_static_src"] = torch.nonzero(~is_qk_head[C["v"] // dh]).flatten()
         if len(static_v):
             L["static_weight"] = head_weight[:, static_v // dh]  # (T, |static_v|)
-        sep = (sep_heads[:, None] * dh + torch.arange(dh)).reshape(-1)
+        sep = head_channels(sep_heads, dh)
         y_changing = torch.cat([dyn, sep, static_v])
         L["y"] = y_changing
         return y, y_changing

@@ -36,6 +36,11 @@ ENABLED = True  # tests switch the compiled kernel off to run the torch path on 
 TASKS_PER_CHUNK = 64  # (ablation, doc, head) sequences per task of the worker threads (inference.fast's pool)
 
 
+def head_channels(heads: torch.Tensor, d_head: int) -> torch.Tensor:
+    """Every channel of `heads` (of q, k, v or the attention output), head by head."""
+    return (heads[:, None] * d_head + torch.arange(d_head)).reshape(-1)
+
+
 class SeparableHeads:
     """One layer's separable heads `heads` (S,) in the circuit model: built from the layer's circuit
     channels (q, k, v; sorted, as the circuit model keeps them), the fills of q, k and v (d_attn,),
@@ -59,7 +64,7 @@ class SeparableHeads:
 
         self.w_alpha, self.alpha0 = score_map(q_channels, kf, qf)
         self.w_beta, self.beta0 = score_map(k_channels, qf, kf)
-        channels = (heads[:, None] * d_head + torch.arange(d_head)).reshape(-1)
+        channels = head_channels(heads, d_head)
         c = s * (qf[channels] * kf[channels]).view(-1, d_head).sum(-1)
         self.sink = None if sink is None else sink.detach().double()[heads] - c  # against exp(beta)
         self.v_fill = v_fill[channels].double()  # every channel of the heads, in head order

@@ -152,12 +152,15 @@ def masked_forward(
     masks: Mapping[str, torch.Tensor],
     fill: Mapping[str, torch.Tensor],
     frozen_scales: Mapping[str, torch.Tensor] | None = None,
+    start: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits of the model with each node location x replaced by mask * x + (1 - mask) * fill.
 
     `fill` is usually the node means (mean ablation). Masks may be float and require grad
     (pruning gates). Norms are frozen at `frozen_scales` (computed from the full model on `idx`
-    when not given); locations missing from `masks` are left untouched.
+    when not given); locations missing from `masks` are left untouched. `start` = (layer,
+    residual entering it), from a masked forward that agrees with this one before that layer:
+    the blocks before it are skipped (`GPT.forward`).
     """
     if frozen_scales is None:
         frozen_scales = frozen_norm_scales(model, idx)
@@ -168,7 +171,7 @@ def masked_forward(
     for name, s in frozen_scales.items():
         fns[name] = lambda t, s=s: s
     with intervene(fns):
-        return model(idx)
+        return model(idx, start=start)
 
 
 def docs_lengths(docs: torch.Tensor) -> torch.Tensor:
@@ -187,28 +190,45 @@ def task_loss(logits: torch.Tensor, docs: torch.Tensor, per_pair: bool = False) 
     -(log_softmax(first[[tokid, alt]])[0] + log_softmax(second[[tokid, alt]])[1]) at the
     position before the answer; the mean over pairs is returned (or each with `per_pair`).
     """
-    pair = answer_logits(logits, docs)  # (n, 2)
-    half = docs.shape[0] // 2
-    lp_first = F.log_softmax(pair[:half], dim=1)[:, 0]
-    lp_second = F.log_softmax(pair[half:], dim=1)[:, 1]
-    losses = -(lp_first + lp_second)
+    n = docs.shape[0]
+    doc = doc_losses(logits, docs, answer_tokens(docs), wanted_column(torch.arange(n), n))
+    half = n // 2
+    losses = doc[:half] + doc[half:]
     return losses if per_pair else losses.mean()
 
 
-def answer_logits(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
-    """(n, 2) float logits of each doc's pair answers (`tokid`, `alt_tokid`) at the position
-    before the answer: the one place the task layout (pairs split in halves, the answer as the
-    last token of each doc) is read. The first half of the docs wants column 0, the second column 1."""
+def answer_tokens(docs: torch.Tensor) -> torch.Tensor:
+    """(n, 2): each doc's pair answers (`tokid`, `alt_tokid`), the one place the task layout
+    (pairs split in halves, the answer as the last token of each doc) is read. The first half
+    of the docs wants column 0, the second column 1 (`wanted_column`)."""
     n = docs.shape[0]
     if n % 2:
         raise ValueError(f"task docs must come in pairs, got {n} docs")
     half = n // 2
-    lengths = docs_lengths(docs)
-    rows = torch.arange(n, device=docs.device)
-    answers = docs[rows, lengths - 1]
+    answers = docs[torch.arange(n, device=docs.device), docs_lengths(docs) - 1]
     pair_tokens = torch.stack([answers[:half], answers[half:]], dim=1)  # (half, 2): tokid, alt_tokid
-    last = logits[rows, lengths - 2].float()  # (n, vocab): logits predicting the answer
-    return last.gather(1, torch.cat([pair_tokens, pair_tokens]))
+    return torch.cat([pair_tokens, pair_tokens])
+
+
+def wanted_column(doc: torch.Tensor, n_docs: int) -> torch.Tensor:
+    """The column of `answer_tokens` that docs `doc` (indices among `n_docs`) want."""
+    return (doc >= n_docs // 2).long()
+
+
+def answer_logits(logits: torch.Tensor, docs: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, 2) float logits of each doc's pair answers (`answer_tokens`, or `tokens` for docs
+    that are not a whole task batch) at the position before the answer."""
+    tokens = answer_tokens(docs) if tokens is None else tokens
+    rows = torch.arange(docs.shape[0], device=docs.device)
+    last = logits[rows, docs_lengths(docs) - 2].float()  # (n, vocab): logits predicting the answer
+    return last.gather(1, tokens)
+
+
+def doc_losses(logits: torch.Tensor, docs: torch.Tensor, tokens: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """(n,) each doc's half of its pair's task loss: -log_softmax over its two answers `tokens`
+    (n, 2) (its `answer_tokens` row) at the column it wants, `want` (n,) (`wanted_column`)."""
+    pair = answer_logits(logits, docs, tokens)
+    return -F.log_softmax(pair, dim=1).gather(1, want.to(pair.device)[:, None])[:, 0]
 
 
 def task_accuracy(logits: torch.Tensor, docs: torch.Tensor) -> float:
@@ -251,9 +271,9 @@ def ablation_losses(
     return out
 
 
-def one_ablation_loss(model, docs, masks, means, frozen, loc: str, c: int, mode: str, per_pair: bool = False):
-    """Task loss of one full-size masked forward with node (loc, c) also ablated (a float; with
-    `per_pair`, a tensor of each pair's loss)."""
+def ablated(masks, means, loc: str, c: int, mode: str) -> tuple[dict, dict]:
+    """The masks and fill of the circuit with node (loc, c) also ablated: masked out, and with
+    `mode="zero"` its fill set to 0 (`"mean"`: its mean, the fill as it is)."""
     m = dict(masks)
     m[loc] = masks[loc].clone()
     m[loc][c] = 0.0
@@ -262,5 +282,11 @@ def one_ablation_loss(model, docs, masks, means, frozen, loc: str, c: int, mode:
         fill = dict(means)
         fill[loc] = means[loc].clone()
         fill[loc][c] = 0.0
-    loss = task_loss(masked_forward(model, docs, m, fill, frozen), docs, per_pair=per_pair)
+    return m, fill
+
+
+def one_ablation_loss(model, docs, masks, means, frozen, loc: str, c: int, mode: str, per_pair: bool = False):
+    """Task loss of one full-size masked forward with node (loc, c) also ablated (a float; with
+    `per_pair`, a tensor of each pair's loss)."""
+    loss = task_loss(masked_forward(model, docs, *ablated(masks, means, loc, c, mode), frozen), docs, per_pair=per_pair)
     return loss.double().cpu() if per_pair else loss.item()

@@ -38,16 +38,21 @@ from inference.circuit import (
     ATTN_KINDS,
     FINAL_RESID,
     MLP_KINDS,
+    ablated,
     ablation_losses,
+    answer_tokens,
     circuit_locations,
     circuit_masks,
+    doc_losses,
     docs_lengths,
     frozen_norm_scales,
     location_width,
-    one_ablation_loss,
+    masked_forward,
     parse_location,
+    wanted_column,
 )
 from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
+from inference.hooks import record
 from inference.kth_pair import kth_pair, kth_pair_stage
 from inference.memory import heap_kept, trim_heap
 from inference.separable_attention import SeparableHeads, head_channels
@@ -804,7 +809,18 @@ class CircuitModel:
         location, sorted channels: `ablation_losses`' `per_pair` convention), and the nodes whose
         result hit an AbsTopK tie in a row that reaches an answer, as (loc, channel, the docs where
         it did): on those docs' pairs the value here is not to be trusted (`fast_ablation_losses`
-        recomputes those pairs with the reference)."""
+        recomputes those docs with the reference)."""
+        per_doc, tied = self.ablation_doc_losses(mode, batch, log)
+        return {loc: pair_losses(v) for loc, v in per_doc.items()}, tied
+
+    @torch.no_grad()
+    def ablation_doc_losses(
+        self, mode: str = "mean", batch: int = 32, log=None
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[str, int, torch.Tensor]]]:
+        """`ablation_losses` per doc: each doc's half of its pair's loss (`inference.circuit.
+        doc_losses`), float32 (nodes, docs) per location; a pair's loss is its two docs' sum
+        (`pair_losses`). A doc's answer depends on that doc only, so a tie redone by the reference
+        needs only the docs where it was hit."""
         if mode not in ("mean", "zero"):
             raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
         docs = self.docs
@@ -813,9 +829,7 @@ class CircuitModel:
             raise ValueError(f"task docs must come in pairs, got {n} docs")
         lengths = self.lengths
         rows = torch.arange(n) * self.T + lengths - 2
-        answers = docs[torch.arange(n), lengths - 1]
-        pair = torch.stack([answers[:half], answers[half:]], dim=1)
-        tokens = torch.cat([pair, pair])  # (n, 2): tokid, alt_tokid of each doc's pair
+        tokens = answer_tokens(docs)  # (n, 2): tokid, alt_tokid of each doc's pair
 
         nodes = [(loc, pos, int(c)) for loc in self.locations for pos, c in enumerate(self.circuit[loc].tolist())]
         losses: dict[tuple[str, int], torch.Tensor] = {}
@@ -851,7 +865,7 @@ class CircuitModel:
                     lp_second = F.log_softmax(logits[:, half:], dim=-1)[..., 1]
                     # A leading size of 1 means no ablation reached the answers (e.g. act_in nodes
                     # read by no q/k/v node of the circuit): every one of them leaves the loss as is.
-                    loss = -(lp_first + lp_second).double()  # (A or 1, pairs)
+                    loss = -torch.cat([lp_first, lp_second], dim=1)  # (A or 1, docs)
                     loss = loss.expand(A, -1)
                     for a, (loc, _pos, c) in enumerate(group):
                         losses[(loc, c)] = loss[a]
@@ -861,7 +875,7 @@ class CircuitModel:
                     log(f"{mode} ablations at {loc}: {len(loc_nodes)} nodes in {time.perf_counter() - t_loc:.1f} s")
 
         def gather(values):
-            return torch.stack(values) if values else torch.zeros(0, half, dtype=torch.float64)
+            return torch.stack(values) if values else torch.zeros(0, n)
 
         out = {loc: gather([losses[(loc, int(c))] for c in self.circuit[loc].tolist()]) for loc in self.locations}
         return out, tied
@@ -881,6 +895,40 @@ def _aligned(
     return out
 
 
+def pair_losses(doc_losses: torch.Tensor) -> torch.Tensor:
+    """(nodes, pairs) float64 task losses from (nodes, docs) per-doc halves (the first half of the
+    docs, then their partners): each pair's two halves added in float32, as `task_loss` does."""
+    half = doc_losses.shape[1] // 2
+    return (doc_losses[:, :half] + doc_losses[:, half:]).double()
+
+
+def _redo_tied(model, cm: CircuitModel, circuit_data, means, mode: str, tied, per_doc: dict[str, torch.Tensor]) -> int:
+    """Recompute with the reference, in place in `per_doc`, each tied (node, doc) of
+    `CircuitModel.ablation_doc_losses`; returns how many. Per doc, one un-ablated masked forward
+    keeps the residual entering each layer; each of the doc's tied nodes then runs only the
+    layers from its own (everything before is the same with or without the ablation)."""
+    masks = circuit_masks(model.config, circuit_data)
+    n, last = cm.docs.shape[0], model.config.n_layer - 1
+    tokens = answer_tokens(cm.docs)
+    by_doc: dict[int, list[tuple[str, int]]] = {}
+    for loc, c, docs in tied:
+        for d in docs.tolist():
+            by_doc.setdefault(d, []).append((loc, c))
+    for d, nodes in sorted(by_doc.items()):
+        doc = cm.docs[d : d + 1]
+        frozen = {name: s[d : d + 1] for name, s in cm.frozen_scales.items()}
+        # final_resid's nodes rerun the last block (the residual the hook sees is not recorded unmasked)
+        start = {loc: last if loc == FINAL_RESID else parse_location(loc)[0] for loc, _ in nodes}
+        with record("|".join(rf"{i}\.resid_in" for i in sorted(set(start.values())))) as resid:
+            masked_forward(model, doc, masks, means, frozen)
+        for loc, c in nodes:
+            i = start[loc]
+            logits = masked_forward(model, doc, *ablated(masks, means, loc, c, mode), frozen, start=(i, resid[f"{i}.resid_in"]))
+            loss = doc_losses(logits, doc, tokens[d : d + 1], wanted_column(torch.tensor([d]), n))
+            per_doc[loc][_positions(torch.tensor([c]), cm.circuit[loc]), d] = loss.float().cpu()
+    return sum(len(nodes) for nodes in by_doc.values())
+
+
 @torch.no_grad()
 def fast_ablation_losses(
     model,
@@ -895,7 +943,7 @@ def fast_ablation_losses(
 ) -> dict[str, torch.Tensor]:
     """`ablation_losses` (same arguments and return convention) computed with `CircuitModel`:
     only the circuit's nodes are recomputed, many ablations per pass. An ablation whose result
-    depends on how topk breaks a tie is recomputed by the reference on the pairs where it does
+    depends on how topk breaks a tie is recomputed by the reference on the docs where it does
     (the docs are independent: each pair's loss is its two docs'); models the circuit model
     does not support fall back to `ablation_losses` entirely.
 
@@ -909,22 +957,15 @@ def fast_ablation_losses(
             cm = CircuitModel(model, docs, circuit_data, means)
         except NotImplementedError:
             return ablation_losses(model, docs, circuit_data, means, mode, per_pair)
-    per_channel, tied = cm.ablation_losses(mode, batch, log)  # (nodes, pairs) per location
+    per_doc, tied = cm.ablation_doc_losses(mode, batch, log)  # (nodes, docs) per location
     if tied:
         t = time.perf_counter()
-        masks = circuit_masks(model.config, circuit_data)
-        half = docs.shape[0] // 2
-        for loc, c, tied_docs in tied:
-            pairs = torch.unique(tied_docs % half)
-            sub = torch.cat([pairs, pairs + half])  # the pairs' first docs, then their partners
-            frozen = {name: s[sub] for name, s in cm.frozen_scales.items()}
-            loss = one_ablation_loss(model, docs[sub], masks, means, frozen, loc, c, mode, per_pair=True)
-            per_channel[loc][_positions(torch.tensor([c]), cm.circuit[loc]), pairs] = loss
+        redone = _redo_tied(model, cm, circuit_data, means, mode, tied, per_doc)
         if log:
-            pairs = sum(len(torch.unique(d % half)) for _, _, d in tied)
             log(
-                f"{mode} ablations: {len(tied)} nodes hit an AbsTopK tie; {pairs} (node, pair)s redone by the reference in {time.perf_counter() - t:.1f} s"
+                f"{mode} ablations: {len(tied)} nodes hit an AbsTopK tie; {redone} (node, doc)s redone by the reference in {time.perf_counter() - t:.1f} s"
             )
+    per_channel = {loc: pair_losses(v) for loc, v in per_doc.items()}
     if not per_pair:  # the mean over pairs, as a float32 loss per node (the reference's convention)
         per_channel = {loc: v.mean(dim=1).float() for loc, v in per_channel.items()}
     return _aligned(circuit_data, per_channel, cm.circuit)

@@ -232,20 +232,27 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for token ids (B, T); with targets, (logits, loss)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, start: tuple[int, torch.Tensor] | None = None):
+        """Logits (B, T, vocab) for token ids (B, T); with targets, (logits, loss).
+
+        `start` = (layer, x): x (B, T, d_model) is the residual stream entering block `layer`
+        (e.g. a recorded `{layer}.resid_in`); the embedding and the blocks before it are skipped,
+        so their hook points are not called."""
         cfg = self.config
         B, T = idx.shape
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         wpe = self.transformer.wpe.weight[:T].unsqueeze(0)  # (1, T, d_pos)
-        x = self.transformer.wte(idx)
-        pos_emb = None
-        if cfg.d_pos_emb:
-            pos_emb = wpe
+        pos_emb = wpe if cfg.d_pos_emb else None
+        if start is None:
+            first, x = 0, self.transformer.wte(idx)
+            if not cfg.d_pos_emb:
+                x = x + wpe
         else:
-            x = x + wpe
-        for block in self.transformer.h:
+            first, x = start
+            if x.shape != (B, T, cfg.d_model):
+                raise ValueError(f"start state of shape {tuple(x.shape)}, want {(B, T, cfg.d_model)}")
+        for block in self.transformer.h[first:]:
             x = block(x, pos_emb)
         x = hook("final_resid", x)
         logits = self.lm_head(self.transformer.ln_f(x, "ln_f")) + self.final_logits_bias

@@ -348,11 +348,12 @@ def test_topk_stage_kernel_equals_torch(with_base, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["mean", "zero"])
-def test_ties_recomputed_by_the_reference_on_their_pairs_only(mode, monkeypatch):
+def test_ties_recomputed_by_the_reference_on_their_docs_only(mode, monkeypatch):
     """One token whose layer-0 AbsTopK input has every entry of one magnitude: in the docs holding
     it, the un-ablated circuit run ties (it keeps every tied entry, topk only k), and so does every
-    ablation after it. `fast_ablation_losses` must recompute exactly those docs' pairs with the
-    reference (the circuit model's own values there are off), and only those."""
+    ablation after it. `fast_ablation_losses` must recompute exactly those docs with the
+    reference (the circuit model's own values there are off), and only those, each node from
+    its own layer."""
     model, docs, circuit, means = make_case("release_like", node_frac=0.3, seed=0)
     docs = torch.cat([docs, docs.roll(1, dims=0)])  # 6 pairs
     tok = int(docs[0, 1])
@@ -368,12 +369,25 @@ def test_ties_recomputed_by_the_reference_on_their_pairs_only(mode, monkeypatch)
     cm = CM.CircuitModel(model, docs, circuit, means)
     raw, tied = cm.ablation_losses(mode, 7)
     assert {int(p) for _, _, d in tied for p in d % half} == tied_pairs
-    calls = []
-    real = CM.one_ablation_loss
-    monkeypatch.setattr(CM, "one_ablation_loss", lambda m, d, *a, **k: calls.append(len(d)) or real(m, d, *a, **k))
+    calls = []  # (docs, the layer it starts at) of each reference forward
+    real = CM.masked_forward
+
+    def counted(m, d, *a, start=None, **k):
+        calls.append((len(d), None if start is None else start[0]))
+        return real(m, d, *a, start=start, **k)
+
+    monkeypatch.setattr(CM, "masked_forward", counted)
     got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7, circuit_model=cm, per_pair=True)
     want = C.ablation_losses(model, docs, circuit, means, mode, per_pair=True)
-    assert calls and max(calls) == 2 * len(tied_pairs)  # the tied pairs' docs only
+    tied_docs = {int(d) for _, _, ds in tied for d in ds}
+    assert {j for j in range(len(docs)) if holds[j]} == tied_docs  # a tie in a doc flags that doc only
+    # one doc at a time: per tied doc, one un-ablated forward from the embedding, then each of its
+    # tied nodes from the node's own layer (final_resid's: the last block)
+    assert {n for n, _ in calls} == {1}
+    layer = {loc: model.config.n_layer - 1 if loc == C.FINAL_RESID else int(loc.split(".")[0]) for loc in want}
+    wanted = sorted([None] * len(tied_docs) + [layer[loc] for loc, _, ds in tied for _ in ds], key=str)
+    assert sorted((s for _, s in calls), key=str) == wanted
+    assert any(s for _, s in calls)  # some start past the embedding
     raw = CM._aligned(circuit, raw, cm.circuit)
     pairs = sorted(tied_pairs)
     off = max(float((raw[loc][:, pairs] - want[loc][:, pairs]).abs().max()) for loc in want if len(want[loc]))

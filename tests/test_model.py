@@ -176,3 +176,23 @@ def test_loss_is_cross_entropy_with_ignore_index():
 def test_too_long_sequence_is_refused():
     with pytest.raises(ValueError, match="block_size"):
         tiny_model()(torch.zeros(1, BASE["block_size"] + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("variant", ["layernorm_gelu_tied", "release_like"])
+def test_forward_from_a_recorded_residual_skips_the_blocks_before(variant):
+    """`start=(layer, x)`: the forward from the residual entering `layer` gives the full forward's
+    logits (the same values through the same ops) and calls no hook point before that layer."""
+    from inference import record
+
+    model = tiny_model(**VARIANTS[variant]).eval()
+    idx = torch.randint(1, BASE["vocab_size"], (2, BASE["block_size"]))
+    with torch.no_grad(), record(r"1\.resid_in") as rec:
+        full = model(idx)
+    with torch.no_grad(), record(r".*") as seen:
+        part = model(idx, start=(1, rec["1.resid_in"]))
+    assert torch.equal(part, full)
+    assert not any(name.startswith("0.") for name in seen) and "1.resid_in" in seen
+    with torch.no_grad():  # a different residual changes the logits: it is really used
+        assert not torch.allclose(model(idx, start=(1, torch.randn_like(rec["1.resid_in"]))), full)
+    with pytest.raises(ValueError, match="start state"):
+        model(idx, start=(1, rec["1.resid_in"][:1]))

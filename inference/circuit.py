@@ -146,6 +146,33 @@ def frozen_norm_scales(model, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(rec)
 
 
+class _Masked:
+    """mask * x + (1 - mask) * fill: token by token, so it also applies to some of the tokens
+    (`at_rows`, `inference.hooks.row_interventions`: the fast block then stays on its fused path)."""
+
+    def __init__(self, mask: torch.Tensor, fill: torch.Tensor):
+        self.mask, self.fill = mask, fill
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.mask + (1 - self.mask) * self.fill
+
+    def at_rows(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        return self(t)
+
+
+class _Frozen:
+    """A norm's inverse scale replaced by the full model's (B, T, 1); `at_rows`: those tokens' own."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scale
+
+    def at_rows(self, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        return self.scale.reshape(-1, self.scale.shape[-1])[rows]
+
+
 def masked_forward(
     model,
     idx: torch.Tensor,
@@ -164,12 +191,8 @@ def masked_forward(
     """
     if frozen_scales is None:
         frozen_scales = frozen_norm_scales(model, idx)
-    fns = {}
-    for loc, m in masks.items():
-        f = fill[loc]
-        fns[loc] = lambda t, m=m, f=f: t * m + (1 - m) * f
-    for name, s in frozen_scales.items():
-        fns[name] = lambda t, s=s: s
+    fns = {loc: _Masked(m, fill[loc]) for loc, m in masks.items()}
+    fns.update({name: _Frozen(s) for name, s in frozen_scales.items()})
     with intervene(fns):
         return model(idx, start=start)
 

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from inference import topk_columns
-from inference.hooks import hook, hooks_active, interventions_active, recorded
+from inference.hooks import deliver, hook, hooks_active, recorded, row_interventions
 from inference.memory import release_mapped_pages
 from inference.model import GPT, MLP, Block, CausalSelfAttention, abs_topk
 from inference.topk_select import select_rows
@@ -217,11 +217,10 @@ def _abs_topk_columns(hc: torch.Tensor, frac: float | None) -> torch.Tensor:
 CHUNK_ROWS = 256
 
 
-def _norm_rows(norm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`inference.model.Norm` on rows (n, d), returning its output and inverse scale (n, 1): the
-    same math, without the hook call (a chunk is not the tensor the hook point expects)."""
-    rstd = norm.inv_scale(x)
-    return norm.scale(x, rstd), rstd
+def _norm_rows(norm, x: torch.Tensor, at_rstd) -> torch.Tensor:
+    """`inference.model.Norm` on rows (n, d): the same math, with `at_rstd(inverse scale (n, 1))`
+    in place of the hook call (a chunk is not the tensor the hook point expects)."""
+    return norm.scale(x, at_rstd(norm.inv_scale(x)))
 
 
 class _Taps:
@@ -243,7 +242,7 @@ class _Taps:
     def flush(self, B: int, T: int) -> None:
         for name in self.order:
             if name in self.full:
-                hook(name, self.full[name].view(B, T, -1))
+                deliver(name, self.full[name].view(B, T, -1))  # interventions: applied per chunk
 
 
 def _one_torch_thread() -> None:
@@ -303,28 +302,40 @@ class FastMLP(MLP):
 
 class FastBlock(Block):
     """The block computed chunk by chunk of tokens, with `abs_topk_exact`, when nothing can change
-    its insides (no intervention, no gradient): the same math as `Block.forward` (tests check
+    its insides but per-token interventions: the same math as `Block.forward` (tests check
     equality on every model variant). Recorded hook points are assembled from the chunks and
     recorded with the same values. The chunks before and after attention run on worker threads
-    (`_run_chunks`), one torch thread each. With interventions active it runs `Block.forward`,
-    still with the sparse linears, fast attention and `abs_topk_exact` (an intervened forward,
-    e.g. the reference recompute of an ablation that hit a tie, is ~2x faster with it)."""
+    (`_run_chunks`), one torch thread each. Interventions at the hook points computed in chunks
+    apply chunk by chunk when they say how (`hooks.row_interventions`: e.g. `inference.circuit.
+    masked_forward`'s masks and frozen norm scales); with any other intervention, or a gradient,
+    it runs `Block.forward`, still with the sparse linears, fast attention and `abs_topk_exact`."""
 
     abs_topk = staticmethod(abs_topk_exact)
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None) -> torch.Tensor:
         cfg, i = self.config, self.layer
-        if interventions_active() or torch.is_grad_enabled() or not cfg.flash:
+        # the hook points computed in chunks of tokens (resid_in, q, k, v and y are whole tensors)
+        names = [f"{i}.ln_1.rstd", f"{i}.attn.act_in", f"{i}.attn.resid_delta", f"{i}.resid_mid"]
+        names += [f"{i}.ln_2.rstd", f"{i}.mlp.act_in", f"{i}.mlp.post_act", f"{i}.mlp.resid_delta"]
+        at_rows = row_interventions(names)
+        if torch.is_grad_enabled() or not cfg.flash or at_rows is None:
             return super().forward(x, pos_emb)
         B, T, D = x.shape
         attn, mlp = self.attn, self.mlp
-        rows = x.reshape(B * T, D)
         taps = None
-        if hooks_active():  # recorders only
-            names = [f"{i}.ln_1.rstd", f"{i}.attn.act_in", f"{i}.attn.resid_delta", f"{i}.resid_mid"]
-            names += [f"{i}.ln_2.rstd", f"{i}.mlp.act_in", f"{i}.mlp.post_act", f"{i}.mlp.resid_delta"]
+        if hooks_active():
             taps = _Taps(names, B * T)
-            hook(f"{i}.resid_in", x)
+            x = hook(f"{i}.resid_in", x)
+        rows = x.reshape(B * T, D)
+
+        def tap(name: str, s: slice, t: torch.Tensor) -> torch.Tensor:
+            """A chunk's value at a hook point: its interventions applied, kept for the recorders."""
+            if taps is None:
+                return t
+            t = at_rows(name, t, s)
+            taps.put(name, s, t)
+            return t
+
         pos1 = pos2 = None
         if pos_emb is not None:  # (these norms run once, at full size: their hooks are called as usual)
             pos1 = self.ln_p1(pos_emb, f"{i}.ln_p1").expand(B, T, -1).reshape(B * T, -1)
@@ -334,50 +345,40 @@ class FastBlock(Block):
         qkv = x.new_empty(3, B * T, cfg.d_attn)
 
         def attn_in_chunk(s: slice) -> None:
-            h, rstd = _norm_rows(self.ln_1, rows[s])
+            h = _norm_rows(self.ln_1, rows[s], lambda rstd: tap(f"{i}.ln_1.rstd", s, rstd))
             if pos1 is not None:
                 h = torch.cat([h, pos1[s]], dim=-1)
-            h = abs_topk_exact(h, cfg.sparsity_at("attn_in"))
-            if taps:
-                taps.put(f"{i}.ln_1.rstd", s, rstd)
-                taps.put(f"{i}.attn.act_in", s, h)
+            h = tap(f"{i}.attn.act_in", s, abs_topk_exact(h, cfg.sparsity_at("attn_in")))
             h = attn.c_attn.columns(h)  # (3 d_attn, rows): q, k and v each a block of its rows
             _abs_topk_to_rows(h, [cfg.sparsity_at(loc) for loc in ("attn_q", "attn_k", "attn_v")], qkv, s.start)
 
         _run_chunks(attn_in_chunk, chunks)
+        q, k, v = qkv
         if taps:
-            for j, kind in enumerate("qkv"):
-                hook(f"{i}.attn.{kind}", qkv[j].view(B, T, -1))
-        q, k, v = (t.view(B, T, attn.n_head, attn.d_head).transpose(1, 2) for t in qkv)
+            q, k, v = (hook(f"{i}.attn.{kind}", t.view(B, T, -1)) for kind, t in zip("qkv", qkv, strict=True))
+        q, k, v = (t.reshape(B, T, attn.n_head, attn.d_head).transpose(1, 2) for t in (q, k, v))
         y = attn._sdpa(q, k, v).transpose(1, 2).reshape(B * T, cfg.d_attn)
         if taps:
-            hook(f"{i}.attn.y", y.view(B, T, -1))
+            y = hook(f"{i}.attn.y", y.view(B, T, -1)).reshape(B * T, cfg.d_attn)
 
         out = torch.empty_like(rows)
 
         def mlp_chunk(s: slice) -> None:
-            delta = abs_topk_exact(attn.c_proj(y[s]), cfg.sparsity_at("attn_out"))
-            xm = self._residual(rows[s] + delta, "resid_post_attn")
-            h, rstd = _norm_rows(self.ln_2, xm)
+            delta = tap(f"{i}.attn.resid_delta", s, abs_topk_exact(attn.c_proj(y[s]), cfg.sparsity_at("attn_out")))
+            xm = tap(f"{i}.resid_mid", s, self._residual(rows[s] + delta, "resid_post_attn"))
+            h = _norm_rows(self.ln_2, xm, lambda rstd: tap(f"{i}.ln_2.rstd", s, rstd))
             if pos2 is not None:
                 h = torch.cat([h, pos2[s]], dim=-1)
-            h = abs_topk_exact(h, cfg.sparsity_at("mlp_in"))
-            if taps:
-                taps.put(f"{i}.attn.resid_delta", s, delta)
-                taps.put(f"{i}.resid_mid", s, xm)
-                taps.put(f"{i}.ln_2.rstd", s, rstd)
-                taps.put(f"{i}.mlp.act_in", s, h)
+            h = tap(f"{i}.mlp.act_in", s, abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
             h = mlp.c_fc.columns(h)  # (d_mlp, rows)
             h = F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)
-            # AbsTopK into columns, so that c_proj multiplies them as W @ h too (~4x faster than on rows)
-            h = _abs_topk_columns(h, cfg.sparsity_at("mlp_neuron")).t()  # rows (a view)
+            # AbsTopK into columns, so that c_proj multiplies them as W @ h too (~4x faster than on rows);
+            # an intervention on the rows view keeps that layout (elementwise ops follow their input's)
+            h = tap(f"{i}.mlp.post_act", s, _abs_topk_columns(h, cfg.sparsity_at("mlp_neuron")).t())
             proj = mlp.c_proj.columns(h)  # (d_model, rows)
             delta = proj.new_empty(1, h.shape[0], proj.shape[0])
             _abs_topk_to_rows(proj, [cfg.sparsity_at("mlp_out")], delta)
-            delta = delta[0]
-            if taps:
-                taps.put(f"{i}.mlp.post_act", s, h)
-                taps.put(f"{i}.mlp.resid_delta", s, delta)
+            delta = tap(f"{i}.mlp.resid_delta", s, delta[0])
             out[s] = self._residual(xm + delta, "resid_post_mlp")
 
         _run_chunks(mlp_chunk, chunks)

@@ -60,25 +60,50 @@ def hook(name: str, t: torch.Tensor) -> torch.Tensor:
             if out.shape != t.shape:
                 raise ValueError(f"intervention at {name!r} changed the shape from {tuple(t.shape)} to {tuple(out.shape)}")
             t = out
-    for rx, store, detach in active.recorders:
+    deliver(name, t)
+    return t
+
+
+def deliver(name: str, t: torch.Tensor) -> None:
+    """Hand hook point `name`'s final value to the active recorders only (its interventions were
+    applied piece by piece: `row_interventions`)."""
+    for rx, store, detach in _ACTIVE.get().recorders:
         if rx.fullmatch(name):
             value = t.detach() if detach else t
             if callable(store):
                 store(name, value)
             else:
                 store[name] = value
-    return t
+
+
+def row_interventions(names: list[str]) -> Callable[[str, torch.Tensor, slice], torch.Tensor] | None:
+    """For a fast path that computes hook points `names` piece by piece (chunks of tokens, maybe
+    on worker threads, which do not see this context): `apply(name, t, rows)`, the interventions
+    active here at `name` applied to `t`, the tokens `rows` of the tensor flattened to (B * T,
+    width) (possibly a strided view); the recorders are the caller's (`deliver` the assembled
+    tensor). None when an intervention at one of `names` is not row-local: it acts on each token
+    on its own and says how on some of them, with a method `at_rows(t, rows)` equal to the call
+    on the whole tensor restricted to those tokens."""
+    active = [(rx, fn) for rx, fn, _ in _ACTIVE.get().interventions if any(rx.fullmatch(n) for n in names)]
+    if not all(hasattr(fn, "at_rows") for _, fn in active):
+        return None
+
+    def apply(name: str, t: torch.Tensor, rows: slice) -> torch.Tensor:
+        for rx, fn in active:
+            if rx.fullmatch(name):
+                out = fn.at_rows(t, rows)
+                if out.shape != t.shape:
+                    raise ValueError(f"intervention at {name!r} changed the shape from {tuple(t.shape)} to {tuple(out.shape)}")
+                t = out
+        return t
+
+    return apply
 
 
 def hooks_active() -> bool:
     """True when any recorder or intervention is active in this context (lets fast paths bail out)."""
     active = _ACTIVE.get()
     return bool(active.interventions or active.recorders)
-
-
-def interventions_active() -> bool:
-    """True when any intervention is active in this context."""
-    return bool(_ACTIVE.get().interventions)
 
 
 def recorded(name: str) -> bool:

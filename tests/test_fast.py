@@ -123,9 +123,9 @@ def test_interventions_on_fast_path():
 
 
 def test_intervened_forward_selects_by_threshold_and_equals_the_plain_path(monkeypatch):
-    """With interventions active the fast path runs `Block.forward`, with `abs_topk_exact` at
-    every AbsTopK (a tied ablation's reference recompute is such a forward): the same output bit
-    for bit as the plain path's `abs_topk`, rows where every entry ties included."""
+    """With an intervention that is not row-local in a layer, the fast path runs `Block.forward`
+    there, with `abs_topk_exact` at every AbsTopK: the same output bit for bit as the plain path's
+    `abs_topk`, rows where every entry ties included."""
     cfg = VARIANTS["afrac_all"]  # AbsTopK at all ten location types; no sink: the same attention code
     plain = sparsify(tiny_model(**cfg), 0.4)
     fast = accelerate(sparsify(tiny_model(**cfg), 0.4), max_density=0.0)  # dense matmuls: only AbsTopK differs
@@ -136,6 +136,7 @@ def test_intervened_forward_selects_by_threshold_and_equals_the_plain_path(monke
     monkeypatch.setattr(fast_module, "select_rows", lambda *a: calls.append(a[0].shape) or real(*a))
     idx = torch.randint(0, BASE["vocab_size"], (2, 9))
     fns = {"1.resid_mid": torch.ones_like}  # layer 1's mlp_in rows: all entries equal, every row a tie
+    fns["0.resid_mid"] = lambda t: t  # a plain function (no `at_rows`): layer 0 on Block.forward too
     outs = []
     for m in (plain, fast):
         with torch.no_grad(), intervene(fns), record(r"1\.mlp\.act_in") as rec:
@@ -144,6 +145,43 @@ def test_intervened_forward_selects_by_threshold_and_equals_the_plain_path(monke
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1])
     assert bool(((outs[1][1] != 0).sum(-1) == int(0.25 * BASE["d_model"])).all())  # k of the tied entries kept
+
+
+@pytest.mark.parametrize("variant", ["release_like", "layernorm_gelu_tied"])
+def test_masked_forward_stays_fused_and_equals_the_plain_path(variant, monkeypatch):
+    """`masked_forward`'s interventions (masks, frozen norm scales) say how to apply to some tokens
+    (`hooks.row_interventions`), so the fused block runs them chunk by chunk: logits and recorded (masked)
+    hook points equal the plain model's within float rounding, with no layer on `Block.forward`."""
+    from inference import circuit as C
+    from inference.model import Block
+
+    monkeypatch.setattr(fast_module, "CHUNK_ROWS", 5)  # several chunks per forward
+    cfg = VARIANTS[variant]
+    plain = sparsify(tiny_model(**cfg), 0.5)
+    fast = accelerate(sparsify(tiny_model(**cfg), 0.5), max_density=1.0)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, BASE["vocab_size"], (3, 9), generator=gen)
+    locs = C.node_locations(plain.config)
+    circuit = {loc: torch.randperm(C.location_width(plain.config, loc), generator=gen)[:3] for loc in locs}
+    masks = C.circuit_masks(plain.config, circuit)
+    fill = {loc: torch.randn(m.shape, generator=gen) for loc, m in masks.items()}
+    frozen = C.frozen_norm_scales(plain, idx[:, :7].repeat(1, 2)[:, :9])  # not idx's own: visibly frozen
+    plain_calls = []
+    real = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a: plain_calls.append(type(self)) or real(self, *a))
+    got = {}
+    for name, m in (("plain", plain), ("fast", fast)):
+        with torch.no_grad(), record(r"\d+\.(mlp\.post_act|attn\.act_in|ln_2\.rstd)") as rec:
+            got[name] = (C.masked_forward(m, idx, masks, fill, frozen), dict(rec))
+    assert FastBlock not in plain_calls and len(plain_calls) == plain.config.n_layer  # the plain model's only
+    assert_close_to_scale(got["fast"][0], got["plain"][0], "logits")
+    for key, want in got["plain"][1].items():
+        assert_close_to_scale(got["fast"][1][key], want, key)
+    # the masks took effect: channels outside the circuit hold their fill, and rstd is the frozen one
+    post = got["fast"][1]["0.mlp.post_act"]
+    outside = masks["0.mlp.post_act"] == 0
+    assert torch.equal(post[..., outside], fill["0.mlp.post_act"][outside].expand(*post.shape[:2], -1))
+    assert torch.equal(got["fast"][1]["1.ln_2.rstd"], frozen["1.ln_2.rstd"])
 
 
 def test_in_place_weight_edit_is_seen():

@@ -17,6 +17,12 @@ passes on the same model at once with different recorders. Contexts nest: every 
 intervention applies (outermost first), then every active recorder sees the final value,
 i.e. what flows on through the model.
 
+An intervention that acts on each token on its own may say how to apply it to some of the
+tokens (a method `at_rows(t, rows)`, as `inference.circuit.masked_forward`'s masks have): the
+fast forward (`inference.fast.FastBlock`), which computes most hook points in chunks of tokens,
+then keeps its fused path (`row_interventions`); any other intervention sends the layer it
+touches to the plain path, with the same result.
+
 A name or pattern that matches no hook point of the model is an error, not an empty result:
 the model calls `check_names(its hook names)` at the end of every forward with hooks active,
 which raises `HookNameError` listing the closest real names (a typo such as `0.mlp.postact`

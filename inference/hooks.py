@@ -62,12 +62,16 @@ def hook(name: str, t: torch.Tensor) -> torch.Tensor:
         return t
     for rx, fn, _ in active.interventions:
         if rx.fullmatch(name):
-            out = fn(t)
-            if out.shape != t.shape:
-                raise ValueError(f"intervention at {name!r} changed the shape from {tuple(t.shape)} to {tuple(out.shape)}")
-            t = out
+            t = _same_shape(name, t, fn(t))
     deliver(name, t)
     return t
+
+
+def _same_shape(name: str, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """An intervention's output `out` for `t` at hook point `name`, refused if it changed the shape."""
+    if out.shape != t.shape:
+        raise ValueError(f"intervention at {name!r} changed the shape from {tuple(t.shape)} to {tuple(out.shape)}")
+    return out
 
 
 def deliver(name: str, t: torch.Tensor) -> None:
@@ -97,10 +101,7 @@ def row_interventions(names: list[str]) -> Callable[[str, torch.Tensor, slice], 
     def apply(name: str, t: torch.Tensor, rows: slice) -> torch.Tensor:
         for rx, fn in active:
             if rx.fullmatch(name):
-                out = fn.at_rows(t, rows)
-                if out.shape != t.shape:
-                    raise ValueError(f"intervention at {name!r} changed the shape from {tuple(t.shape)} to {tuple(out.shape)}")
-                t = out
+                t = _same_shape(name, t, fn.at_rows(t, rows))
         return t
 
     return apply

@@ -37,9 +37,8 @@ def _sparse_rows(x, out_rows, columns, values, k, out, lo, hi):  # pragma: no co
     # still sums its nonzeros' products in the same order, so the result is the same bit for bit.
     xt = np.empty((n_in, TILE), np.float32)
     acc = np.empty((n_out, TILE), np.float32)
-    i = lo
     tail = lo + (hi - lo) // TILE * TILE
-    while i < tail:
+    for i in range(lo, tail, TILE):
         for c in range(n_in):
             for j in range(TILE):
                 xt[c, j] = x[i + j, c]
@@ -52,7 +51,6 @@ def _sparse_rows(x, out_rows, columns, values, k, out, lo, hi):  # pragma: no co
             r = (i + j) % rows  # x's rows are (ablation, token); K is per token
             for o in range(n_out):
                 out[i + j, o] = acc[o, j] + k[r, o]
-        i += TILE
     for i in range(tail, hi):  # the last rows (fewer than a tile), one at a time
         r = i % rows
         acc[:, 0] = 0

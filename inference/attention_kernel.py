@@ -1,0 +1,177 @@
+"""Sink attention for heads of <= 16 dimensions in compiled C (AVX-512), with torch as the fallback.
+
+At the release's widths (128 heads of 16) torch's CPU flash kernel was ~45% of the fast forward
+(bench/README.md, "Faster sparse forward"). Its tiles are built for wide heads; at 16 dimensions it
+spends ~4 cycles per query-key pair. `attention_kernel.c` does the same causal softmax with flash's
+running maximum, arranged for 16-dimensional heads (keys and values as 16 x 16 transposed blocks,
+scores over the query's nonzero dimensions only, a polynomial e^x, the sink folded into the
+denominator): ~2x torch's flash on one core (bench/README.md).
+
+Why C and not numba like the project's other kernels: numba compiles for 256-bit vectors on these
+CPUs and exposes no intrinsics; the kernel needs 512-bit registers, masked lanes, compress and
+in-register transposes (a numba attention kernel measured 0.9x flash). The C file has no
+dependency but the compiler: it is compiled on first use with the system C compiler (`cc`, else
+`gcc` / `clang`; `-O3 -march=native`), into `__pycache__` beside this file when writable, else a
+per-user directory under the temp dir, named by a hash of the source, flags and host CPU, so a
+changed source or another CPU builds anew (a rename makes the write atomic). It is loaded with
+ctypes, which releases the GIL during a call, so `sink_attention` spreads heads over the fast
+forward's worker threads. No compiler, no AVX-512 (the compile fails), another dtype or device,
+head dimension > 16, or a gradient needed: `kernel()` / `attention` return None and the caller
+runs torch's flash path, which the tests run too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+ENABLED = True  # tests switch the compiled kernel off to run torch's path on the same inputs
+MAX_HEAD_DIM = 16
+SOURCE = Path(__file__).with_name("attention_kernel.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+
+_LIB: list = []  # [ctypes function or None], filled once
+_LOCK = threading.Lock()
+
+
+def kernel():
+    """The compiled `sink_attention_f32`, or None when it cannot be built here (a warning once)."""
+    lib = library()
+    return None if lib is None else lib.sink_attention_f32
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library (`sink_attention_f32`, and `exp_f32` for the tests), or None."""
+    if not _LIB:
+        with _LOCK:
+            if not _LIB:
+                _LIB.append(_load())
+    return _LIB[0]
+
+
+def _host_id() -> str:
+    """What `-march=native` compiles for: the machine and its CPU's name and features."""
+    try:
+        import llvmlite.binding as ll  # numba's LLVM binding: present wherever numba is
+
+        return f"{platform.machine()} {ll.get_host_cpu_name()} {ll.get_host_cpu_features().flatten()}"
+    except Exception:  # noqa: BLE001 (no llvmlite: the processor string, less precise)
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _cache_dirs() -> list[Path]:
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [SOURCE.parent / "__pycache__", Path(tempfile.gettempdir()) / f"circuits-kernels-{uid}"]
+
+
+def _load():
+    compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None:
+        warnings.warn("inference.attention_kernel: no C compiler found; using torch's attention", stacklevel=3)
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _host_id()]).encode()).hexdigest()[:16]
+    errors = []
+    for directory in _cache_dirs():
+        lib_path = directory / f"attention_kernel-{key}.so"
+        try:
+            if not lib_path.exists():
+                directory.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+                os.close(fd)
+                try:
+                    run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+                    if run.returncode != 0:  # e.g. no AVX-512 on this CPU: the intrinsics do not compile
+                        warnings.warn(
+                            f"inference.attention_kernel: {compiler} could not build {SOURCE.name} here "
+                            f"({run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}); "
+                            "using torch's attention",
+                            stacklevel=3,
+                        )
+                        return None
+                    os.replace(tmp, lib_path)  # atomic: another process sees the whole library or none
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            lib = ctypes.CDLL(str(lib_path))
+        except OSError as e:  # unwritable directory, unloadable file: try the next place
+            errors.append(f"{directory}: {e}")
+            continue
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.sink_attention_f32.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, ctypes.c_int, ctypes.c_float, i64, i64]
+        lib.sink_attention_f32.restype = ctypes.c_int
+        lib.exp_f32.argtypes = [p, p, i64]
+        lib.exp_f32.restype = None
+        return lib
+    warnings.warn(f"inference.attention_kernel: no place to build the kernel ({'; '.join(errors)})", stacklevel=3)
+    return None
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the compiled kernel can take these (B, H, T, d) tensors (without building it; the
+    caller also checks that no gradient is needed)."""
+    return (
+        ENABLED
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
+        and q.dim() == 4
+        and q.shape == k.shape == v.shape
+        and 1 <= q.shape[-1] <= MAX_HEAD_DIM
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink_logit: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    run_parts=None,
+) -> torch.Tensor | None:
+    """Causal attention of (B, H, T, d) float32 tensors (scale 1/sqrt(d)), with the release's sink
+    when `sink_logit` (H,) is given; into `out` (B, H, T, d; any strides with the last one 1) when
+    given. `run_parts(fn, parts)` runs fn(part) for each slice of the B*H heads (the fast forward's
+    worker threads); default: one after another. None when the kernel does not apply or cannot be
+    built (the caller runs torch)."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_logit))
+    if grad or not applies(q, k, v):  # (no backward here: autograd runs torch's attention)
+        return None
+    fn = kernel()
+    if fn is None:
+        return None
+    B, H, T, D = q.shape
+    if out is None:
+        # (B, T, H, d) underneath: the callers' transpose back to (B, T, H*d) is then a view
+        out = torch.empty(B, T, H, D, dtype=q.dtype).transpose(1, 2)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device.type != "cpu" or out.stride(-1) != 1:
+        raise ValueError(f"attention: out must be a float32 CPU tensor of shape {tuple(q.shape)} with unit last stride")
+    sink = None if sink_logit is None else sink_logit.detach().to(torch.float32).contiguous()
+    strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v, out)]
+    scale = 1.0 / math.sqrt(D)
+
+    def part(s: slice) -> None:
+        rc = fn(
+            q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2], out.data_ptr(), strides[3],
+            None if sink is None else sink.data_ptr(), H, T, D, scale, s.start, s.stop,
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError(f"inference.attention_kernel: the kernel failed (code {rc}) on {B * H} heads of {T} x {D}")
+
+    step = max(1, math.ceil(B * H / 16))  # 16 parts: even load over 2-8 threads
+    parts = [slice(s, min(s + step, B * H)) for s in range(0, B * H, step)]
+    if run_parts is None:
+        for s in parts:
+            part(s)
+    else:
+        run_parts(part, parts)
+    return out

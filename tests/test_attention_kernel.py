@@ -1,0 +1,221 @@
+"""The compiled sink attention (`inference.attention_kernel`) and torch's path it falls back to, both
+against a float64 softmax written out here: shapes across its tiles and query blocks, head
+dimensions below 16, strided inputs and outputs, scores whose maximum moves from tile to tile, the
+sink; its build (cached, atomic, a failed compile falls back with a warning) and when it is used."""
+
+import math
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import inference.attention_kernel as ak
+from inference.fast import abs_topk_exact, sink_attention
+
+
+def _has_avx512() -> bool:
+    try:
+        return " avx512f " in Path("/proc/cpuinfo").read_text().replace("\n", " ") + " "
+    except OSError:
+        return False
+
+
+# Where the kernel can be built it must be: a broken build would otherwise pass as "skipped".
+CAN_BUILD = _has_avx512() and any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+
+
+def reference(q, k, v, sink):
+    """Causal softmax attention in float64, the sink as an extra key of value zero."""
+    q, k, v = (t.double() for t in (q, k, v))
+    T = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    if sink is None:
+        return torch.softmax(s, -1) @ v
+    sink_col = sink.double().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+    return torch.softmax(torch.cat([sink_col, s], -1), -1)[..., 1:] @ v
+
+
+def heads(x: torch.Tensor, B: int, T: int, H: int, D: int) -> torch.Tensor:
+    """(B, T, H*D) rows as (B, H, T, D) heads: a strided view, as the model makes them."""
+    return x.view(B, T, H, D).transpose(1, 2)
+
+
+def qkv(B, T, H, D, gen, drift=0.0):
+    """q, k, v after AbsTopK (~3/4 zeros, some query rows all zero), as strided views. `drift`: keys
+    gain a component growing with their position, so later tiles hold larger scores."""
+    x = torch.randn(3, B, T, H * D, generator=gen) * 2
+    x = torch.stack([abs_topk_exact(t, 0.25) for t in x])
+    x[0, :, ::7] = 0.0  # queries with no nonzero dimension
+    if drift:
+        x[1, :, :, ::D] += drift * torch.arange(T, dtype=torch.float32).view(1, T, 1)
+        x[0, :, :, ::D] = x[0, :, :, ::D].abs() + 1.0
+    return tuple(heads(t, B, T, H, D) for t in x)
+
+
+def needs_kernel():
+    if not CAN_BUILD:
+        pytest.skip("no AVX-512 CPU or no C compiler: the compiled kernel cannot exist here")
+    assert ak.kernel() is not None, "AVX-512 and a C compiler are here, yet the kernel did not build"
+
+
+SHAPES = [  # (B, T, H, D): one token; < 16 keys; across a 64-query block; across a 256-key tile; D < 16
+    (2, 1, 3, 16),
+    (1, 13, 2, 16),
+    (2, 70, 3, 16),
+    (1, 300, 2, 16),
+    (2, 33, 2, 5),
+    (1, 290, 1, 8),
+]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("with_sink", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sink_attention_equals_the_float64_softmax(shape, with_sink, compiled, monkeypatch):
+    if compiled:
+        needs_kernel()
+    monkeypatch.setattr(ak, "ENABLED", compiled)
+    B, T, H, D = shape
+    gen = torch.Generator().manual_seed(T * 31 + D)
+    q, k, v = qkv(B, T, H, D, gen, drift=0.05)
+    sink = torch.randn(H, generator=gen) * 3 if with_sink else None
+    calls = []
+    real_kernel = ak.kernel
+    monkeypatch.setattr(ak, "kernel", lambda: calls.append(1) or real_kernel())
+    with torch.no_grad():
+        got = sink_attention(q, k, v, sink)
+    assert bool(calls) == compiled  # the path under test is the one that ran
+    want = reference(q, k, v, sink)
+    assert got.shape == (B, H, T, D) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("with_sink", [True, False])
+def test_kernel_keeps_the_softmax_exact_when_the_maximum_moves_between_tiles(with_sink):
+    """Scores rise by thousands from the first 256-key tile to the second (the running maximum and
+    the rescale of what came before matter), and some rows' scores are all far below the sink."""
+    needs_kernel()
+    B, T, H, D = 1, 300, 2, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = qkv(B, T, H, D, gen)
+    q, k = q.contiguous(), k.contiguous()
+    q[..., 0] = 40.0
+    k[..., 0] = torch.where(torch.arange(T) < 256, -5.0, 3.0).view(1, 1, T) + 0.01 * torch.randn(T, generator=gen)
+    q[0, 1, :50, :] = 0.0
+    q[0, 1, :50, 1] = -100.0  # with k's dim 1 positive below, these scores sit far under the sink
+    k[0, 1, :, 1] = k[0, 1, :, 1].abs() + 1.0
+    sink = torch.tensor([0.5, 2.0]) if with_sink else None
+    with torch.no_grad():
+        got = ak.attention(q, k, v, sink)
+    assert got is not None
+    want = reference(q, k, v, sink)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
+
+
+def test_kernel_writes_a_strided_out_and_returns_heads_over_token_rows():
+    needs_kernel()
+    B, T, H, D = 2, 40, 3, 16
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = qkv(B, T, H, D, gen)
+    sink = torch.randn(H, generator=gen)
+    with torch.no_grad():
+        free = ak.attention(q, k, v, sink)
+        # (B, H, T, D) over (B, T, H, D) memory: the caller's transpose back to rows is a view
+        assert free.transpose(1, 2).is_contiguous()
+        wide = torch.full((B, T, H * D + 3), 7.0)
+        into = ak.attention(q, k, v, sink, out=wide[..., : H * D].view(B, T, H, D).transpose(1, 2))
+    assert into.data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[..., : H * D].view(B, T, H, D).transpose(1, 2), free)
+    assert torch.equal(wide[..., H * D :], torch.full((B, T, 3), 7.0))  # the rest untouched
+    with pytest.raises(ValueError, match="out must be"):
+        ak.attention(q, k, v, sink, out=torch.empty(B, H, T, D, dtype=torch.float64))
+
+
+def test_kernel_used_in_no_grad_with_a_parameter_sink_and_not_under_autograd():
+    """The model's sink is a parameter (requires_grad) even under no_grad: the kernel must still run
+    there; with autograd on, torch's path runs and gradients reach q, k, v and the sink."""
+    needs_kernel()
+    B, T, H, D = 1, 20, 2, 16
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (t.contiguous() for t in qkv(B, T, H, D, gen))
+    sink = torch.nn.Parameter(torch.randn(H, generator=gen))
+    with torch.no_grad():
+        assert ak.attention(q, k, v, sink) is not None
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    assert ak.attention(qg, kg, vg, sink) is None
+    out = sink_attention(qg, kg, vg, sink)
+    out.square().sum().backward()
+    ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_sink = sink.detach().double().requires_grad_(True)
+    reference(*ref_in, ref_sink).square().sum().backward()
+    for got, want in zip((qg, kg, vg, sink), (*ref_in, ref_sink), strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5 * want.grad.abs().max().item())
+
+
+def test_kernel_exponential_is_within_a_few_ulp():
+    """The kernel's e^x over the range softmax uses, against float64: within 2 ulp (relative 1.2e-7)
+    down to e^-86.6; below, ~2^-125 (a weight that vanishes beside the maximum's 1); NaN stays NaN."""
+    needs_kernel()
+    lib = ak.library()
+    x = torch.cat([torch.linspace(-86.6, 0.0, 200_001), torch.tensor([-1e-30, -0.5, -0.25, 1e-3, 5.0, 20.0])])
+    y = torch.empty_like(x)
+    lib.exp_f32(x.data_ptr(), y.data_ptr(), x.numel())
+    want = torch.exp(x.double())
+    assert ((y.double() - want).abs() / want).max().item() < 1.2e-7
+    low = torch.tensor([-87.0, -100.0, -1e4, float("-inf"), float("nan")])
+    y = torch.empty_like(low)
+    lib.exp_f32(low.data_ptr(), y.data_ptr(), low.numel())
+    assert (y[:4] <= 2.0**-124).all() and (y[:4] >= 2.0**-126).all() and y[4].isnan()
+
+
+def test_kernel_does_not_apply_beyond_16_dimensions_or_float32_cpu():
+    x = torch.zeros(1, 2, 5, 32)
+    assert not ak.applies(x, x, x)
+    y = torch.zeros(1, 2, 5, 16, dtype=torch.float64)
+    assert not ak.applies(y, y, y)
+    z = torch.zeros(1, 2, 16, 5).transpose(-1, -2)  # last stride not 1
+    assert not ak.applies(z, z, z)
+    assert ak.attention(x, x, x, None) is None
+
+
+def test_build_is_cached_and_a_failed_compile_falls_back_with_a_warning(tmp_path, monkeypatch):
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(ak, "_cache_dirs", lambda: [tmp_path / "unwritable" / "x", tmp_path / "cache"])
+    (tmp_path / "unwritable").write_text("a file where a directory would go")
+    broken = tmp_path / "broken.c"
+    broken.write_text("int sink_attention_f32( { this is not C }\n")
+    monkeypatch.setattr(ak, "SOURCE", broken)
+    monkeypatch.setattr(ak, "_LIB", [])
+    with pytest.warns(UserWarning, match="could not build broken.c"):
+        assert ak.kernel() is None
+    assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp*"))
+    # with the kernel missing, sink_attention is torch's path, still right
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = qkv(1, 10, 2, 16, gen)
+    sink = torch.randn(2, generator=gen)
+    with torch.no_grad():
+        got = sink_attention(q, k, v, sink)
+    torch.testing.assert_close(got.double(), reference(q, k, v, sink), rtol=2e-5, atol=1e-5)
+    if not CAN_BUILD:
+        return
+    # a good source: built once into the first writable directory, then loaded without compiling
+    monkeypatch.setattr(ak, "SOURCE", Path(ak.__file__).with_name("attention_kernel.c"))
+    monkeypatch.setattr(ak, "_LIB", [])
+    assert ak.kernel() is not None
+    built = list((tmp_path / "cache").glob("attention_kernel-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(ak, "_LIB", [])
+
+    def no_compiler(*a, **kw):
+        raise AssertionError("compiled again although the library was cached")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ak.kernel() is not None
+    assert list((tmp_path / "cache").glob("attention_kernel-*.so")) == built

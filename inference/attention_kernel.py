@@ -5,117 +5,44 @@ At the release's widths (128 heads of 16) torch's CPU flash kernel was ~45% of t
 spends ~4 cycles per query-key pair. `attention_kernel.c` does the same causal softmax with flash's
 running maximum, arranged for 16-dimensional heads (keys and values as 16 x 16 transposed blocks,
 scores over the query's nonzero dimensions only, a polynomial e^x, the sink folded into the
-denominator): ~2x torch's flash on one core (bench/README.md).
-
-Why C and not numba like the project's other kernels: numba compiles for 256-bit vectors on these
-CPUs and exposes no intrinsics; the kernel needs 512-bit registers, masked lanes, compress and
-in-register transposes (a numba attention kernel measured 0.9x flash). The C file has no
-dependency but the compiler: it is compiled on first use with the system C compiler (`cc`, else
-`gcc` / `clang`; `-O3 -march=native`), into `__pycache__` beside this file when writable, else a
-per-user directory under the temp dir, named by a hash of the source, flags and host CPU, so a
-changed source or another CPU builds anew (a rename makes the write atomic). It is loaded with
-ctypes, which releases the GIL during a call, so `sink_attention` spreads heads over the fast
-forward's worker threads. No compiler, no AVX-512 (the compile fails), another dtype or device,
-head dimension > 16, or a gradient needed: `kernel()` / `attention` return None and the caller
-runs torch's flash path, which the tests run too.
+denominator): ~2x torch's flash on one core (bench/README.md). Built and loaded by
+`inference.native` (a numba attention kernel, 256-bit vectors, had measured 0.9x flash). The heads
+are spread over the fast forward's worker threads (ctypes releases the GIL). No kernel here, head
+dimension > 16, another dtype or device, or a gradient needed: `attention` returns None and the
+caller runs torch's flash path, which the tests run too.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 
+from inference import native
+
 ENABLED = True  # tests switch the compiled kernel off to run torch's path on the same inputs
 MAX_HEAD_DIM = 16
-SOURCE = Path(__file__).with_name("attention_kernel.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+SOURCE = "attention_kernel.c"
 
-_LIB: list = []  # [ctypes function or None], filled once
-_LOCK = threading.Lock()
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.sink_attention_f32.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, ctypes.c_int, ctypes.c_float, i64, i64]
+    lib.sink_attention_f32.restype = ctypes.c_int
+    lib.exp_f32.argtypes = [p, p, i64]
+    lib.exp_f32.restype = None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library (`sink_attention_f32`, and `exp_f32` for the tests), or None."""
+    return native.library(SOURCE, _declare)
 
 
 def kernel():
     """The compiled `sink_attention_f32`, or None when it cannot be built here (a warning once)."""
     lib = library()
     return None if lib is None else lib.sink_attention_f32
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled library (`sink_attention_f32`, and `exp_f32` for the tests), or None."""
-    if not _LIB:
-        with _LOCK:
-            if not _LIB:
-                _LIB.append(_load())
-    return _LIB[0]
-
-
-def _host_id() -> str:
-    """What `-march=native` compiles for: the machine and its CPU's name and features."""
-    try:
-        import llvmlite.binding as ll  # numba's LLVM binding: present wherever numba is
-
-        return f"{platform.machine()} {ll.get_host_cpu_name()} {ll.get_host_cpu_features().flatten()}"
-    except Exception:  # noqa: BLE001 (no llvmlite: the processor string, less precise)
-        return f"{platform.machine()} {platform.processor()}"
-
-
-def _cache_dirs() -> list[Path]:
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return [SOURCE.parent / "__pycache__", Path(tempfile.gettempdir()) / f"circuits-kernels-{uid}"]
-
-
-def _load():
-    compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if compiler is None:
-        warnings.warn("inference.attention_kernel: no C compiler found; using torch's attention", stacklevel=3)
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _host_id()]).encode()).hexdigest()[:16]
-    errors = []
-    for directory in _cache_dirs():
-        lib_path = directory / f"attention_kernel-{key}.so"
-        try:
-            if not lib_path.exists():
-                directory.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-                os.close(fd)
-                try:
-                    run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-                    if run.returncode != 0:  # e.g. no AVX-512 on this CPU: the intrinsics do not compile
-                        warnings.warn(
-                            f"inference.attention_kernel: {compiler} could not build {SOURCE.name} here "
-                            f"({run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}); "
-                            "using torch's attention",
-                            stacklevel=3,
-                        )
-                        return None
-                    os.replace(tmp, lib_path)  # atomic: another process sees the whole library or none
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-            lib = ctypes.CDLL(str(lib_path))
-        except OSError as e:  # unwritable directory, unloadable file: try the next place
-            errors.append(f"{directory}: {e}")
-            continue
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.sink_attention_f32.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, ctypes.c_int, ctypes.c_float, i64, i64]
-        lib.sink_attention_f32.restype = ctypes.c_int
-        lib.exp_f32.argtypes = [p, p, i64]
-        lib.exp_f32.restype = None
-        return lib
-    warnings.warn(f"inference.attention_kernel: no place to build the kernel ({'; '.join(errors)})", stacklevel=3)
-    return None
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -23,13 +23,16 @@ import numpy as np
 import torch
 
 from inference.numba_kernels import compiled
-from inference.topk_select import _select_columns
+from inference.topk_select import _select_columns, native_kernels, select_columns_native
 
 ENABLED = True  # tests switch the compiled kernel off to run the torch path on the same inputs
 
 
 def kernel():
-    """The compiled kernel, or None (numba missing or unable to compile: a warning, then torch)."""
+    """The compiled kernel: C where `inference.native` builds it (AVX-512), else numba's; None when
+    neither can (a warning, then torch)."""
+    if native_kernels() is not None:
+        return select_columns_native
     return compiled(_select_columns, _warm_up, "inference.topk_columns")
 
 

@@ -5,6 +5,10 @@ the row) and returns the rows whose kth is ambiguous (tied with an entry outside
 NaNs), which the caller redoes with `torch.topk` (`inference.fast.abs_topk_exact`). Three
 implementations, all exact, chosen per call:
 
+- `native` (float32, where `inference.native` builds `select_kernel.c`: a C compiler and an
+  AVX-512 CPU): the k-th largest |x| found by counting 16 lanes at a time against a ladder of
+  thresholds around the previous row's k-th value, then within the bracket that holds it; the same
+  output and flags as `radix`, ~4-6x faster per row (bench/README.md).
 - `radix` (float32, when numba is installed): a compiled radix select. One pass counts the
   rows' |x| in 2048 buckets of their float bits (which order like integers for |x| >= 0: the
   exponent and 3 mantissa bits), the bucket holding the k-th largest is found by walking down
@@ -20,8 +24,11 @@ implementations, all exact, chosen per call:
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
+from inference import native
 from inference.numba_kernels import compiled, helper
 
 # numpy fallback: chunks with at least this share of exact zeros are sorted, the others
@@ -30,14 +37,23 @@ from inference.numba_kernels import compiled, helper
 # introselect 5.3-5.5 vs sort 8.4-9.1 (1 thread, 256-row chunks).
 SORT_MIN_ZERO_FRACTION = 0.3
 
-# "auto": radix when numba is importable (float32), else numpy; or force one of "radix" (float32
-# only), "numpy" (tests use this to check every implementation against topk).
+# "auto": native where it builds, else radix when numba is importable (float32), else numpy; or
+# force one of "native", "radix" (float32 only), "numpy" (tests use this to check every
+# implementation against topk).
 METHOD = "auto"
 
 
 def select_rows(x: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
     """AbsTopK of the rows of `x` (r, n), C-contiguous, 0 < k < n, into `out`; returns a bool (r,)
     array of the rows to redo (ambiguous kth or NaNs; their `out` rows are unspecified)."""
+    if METHOD in ("auto", "native") and x.dtype == np.float32:
+        lib = native_kernels()
+        if lib is not None:
+            return _select_rows_native(lib, x, out, k)
+        if METHOD == "native":
+            raise RuntimeError(
+                "METHOD = 'native' needs inference/select_kernel.c built, which failed here (no C compiler or no AVX-512)"
+            )
     if METHOD != "numpy" and x.dtype == np.float32:
         kernel = radix_kernel()
         if kernel is not None:
@@ -74,6 +90,43 @@ def _select_rows_numpy(x: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
     np.multiply(x, keep, out=out)
     out += 0.0
     return tied
+
+
+# ---- the C select (inference/select_kernel.c, built by inference.native) -------------------------
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.select_rows_f32.argtypes = [p, p, i64, i64, i64, p]
+    lib.select_rows_f32.restype = ctypes.c_int
+    lib.select_columns_f32.argtypes = [p, i64, i64, i64, i64, p, i64, ctypes.c_int, p, i64, i64, p]
+    lib.select_columns_f32.restype = ctypes.c_int
+
+
+def native_kernels() -> ctypes.CDLL | None:
+    """The compiled `select_kernel.c` (`select_rows_f32`, `select_columns_f32`), or None."""
+    return native.library("select_kernel.c", _declare)
+
+
+def _select_rows_native(lib: ctypes.CDLL, x: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
+    r, n = x.shape
+    if not (x.flags.c_contiguous and out.flags.c_contiguous and out.shape == x.shape and out.dtype == x.dtype):
+        raise ValueError(f"select_rows: x {x.shape} and out {out.shape} must be C-contiguous float32 of one shape")
+    redo = np.zeros(r, np.bool_)
+    if lib.select_rows_f32(x.ctypes.data, out.ctypes.data, r, n, k, redo.ctypes.data) != 0:
+        raise MemoryError(f"select_kernel.c: out of memory selecting {r} rows of {n}")
+    return redo
+
+
+def select_columns_native(hc, lo, hi, ks, cols_out, out, row0, redo) -> None:
+    """`_select_columns` (below; the same arguments, numpy arrays) by the C kernel, which must exist."""
+    d, n = hc.shape
+    rc = native_kernels().select_columns_f32(
+        hc.ctypes.data, d, n, lo, hi, ks.ctypes.data, ks.shape[0], int(cols_out), out.ctypes.data, out.shape[1], row0,
+        redo.ctypes.data,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"select_kernel.c: select_columns_f32 failed (code {rc}) on {d} x {n} columns")
 
 
 # ---- the compiled radix select (numba, compiled on first use, cached on disk) -------------------

@@ -1,12 +1,10 @@
 """The compiled sink attention (`inference.attention_kernel`) and torch's path it falls back to, both
 against a float64 softmax written out here: shapes across its tiles and query blocks, head
 dimensions below 16, strided inputs and outputs, scores whose maximum moves from tile to tile, the
-sink; its build (cached, atomic, a failed compile falls back with a warning) and when it is used."""
+sink, and when it is used (its build: test_native.py)."""
 
 import math
 import shutil
-import subprocess
-import warnings
 from pathlib import Path
 
 import pytest
@@ -180,42 +178,3 @@ def test_kernel_does_not_apply_beyond_16_dimensions_or_float32_cpu():
     z = torch.zeros(1, 2, 16, 5).transpose(-1, -2)  # last stride not 1
     assert not ak.applies(z, z, z)
     assert ak.attention(x, x, x, None) is None
-
-
-def test_build_is_cached_and_a_failed_compile_falls_back_with_a_warning(tmp_path, monkeypatch):
-    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
-        pytest.skip("no C compiler")
-    monkeypatch.setattr(ak, "_cache_dirs", lambda: [tmp_path / "unwritable" / "x", tmp_path / "cache"])
-    (tmp_path / "unwritable").write_text("a file where a directory would go")
-    broken = tmp_path / "broken.c"
-    broken.write_text("int sink_attention_f32( { this is not C }\n")
-    monkeypatch.setattr(ak, "SOURCE", broken)
-    monkeypatch.setattr(ak, "_LIB", [])
-    with pytest.warns(UserWarning, match="could not build broken.c"):
-        assert ak.kernel() is None
-    assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp*"))
-    # with the kernel missing, sink_attention is torch's path, still right
-    gen = torch.Generator().manual_seed(1)
-    q, k, v = qkv(1, 10, 2, 16, gen)
-    sink = torch.randn(2, generator=gen)
-    with torch.no_grad():
-        got = sink_attention(q, k, v, sink)
-    torch.testing.assert_close(got.double(), reference(q, k, v, sink), rtol=2e-5, atol=1e-5)
-    if not CAN_BUILD:
-        return
-    # a good source: built once into the first writable directory, then loaded without compiling
-    monkeypatch.setattr(ak, "SOURCE", Path(ak.__file__).with_name("attention_kernel.c"))
-    monkeypatch.setattr(ak, "_LIB", [])
-    assert ak.kernel() is not None
-    built = list((tmp_path / "cache").glob("attention_kernel-*.so"))
-    assert len(built) == 1
-    monkeypatch.setattr(ak, "_LIB", [])
-
-    def no_compiler(*a, **kw):
-        raise AssertionError("compiled again although the library was cached")
-
-    monkeypatch.setattr(subprocess, "run", no_compiler)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert ak.kernel() is not None
-    assert list((tmp_path / "cache").glob("attention_kernel-*.so")) == built

@@ -221,14 +221,25 @@ def test_density_threshold_and_decelerate():
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-SELECT_METHODS = ["radix", "sort", "introselect"]
+SELECT_METHODS = ["native", "radix", "sort", "introselect"]
+
+
+def needs_native_select() -> None:
+    """Skip where the C select cannot exist; where it can (AVX-512 and a C compiler), it must build."""
+    from test_attention_kernel import CAN_BUILD
+
+    if not CAN_BUILD:
+        pytest.skip("no AVX-512 CPU or no C compiler: the C select cannot exist here")
+    assert topk_select.native_kernels() is not None, "AVX-512 and a C compiler are here, yet select_kernel.c did not build"
 
 
 def force_select_method(monkeypatch, method: str) -> None:
     """Make inference.topk_select use one implementation for every call."""
     if method == "radix":
         pytest.importorskip("numba")
-    monkeypatch.setattr(topk_select, "METHOD", "radix" if method == "radix" else "numpy")
+    if method == "native":
+        needs_native_select()
+    monkeypatch.setattr(topk_select, "METHOD", method if method in ("radix", "native") else "numpy")
     monkeypatch.setattr(topk_select, "SORT_MIN_ZERO_FRACTION", 0.0 if method == "sort" else 2.0)
 
 
@@ -321,6 +332,7 @@ def test_select_rows_without_numba_falls_back_to_numpy(monkeypatch):
     x = torch.randn(6, 300, generator=torch.Generator().manual_seed(2)).numpy()
     want = np.empty_like(x)
     monkeypatch.setattr(topk_select, "radix_kernel", lambda: None)  # as if numba were not installed
+    monkeypatch.setattr(topk_select, "native_kernels", lambda: None)  # ... and no C compiler
     assert not topk_select.select_rows(x, want, 75).any()
     assert torch.equal(torch.from_numpy(want), abs_topk(torch.from_numpy(x), 0.25))
     monkeypatch.setattr(topk_select, "METHOD", "radix")
@@ -401,19 +413,27 @@ def _awkward_columns(d: int, n: int, gen: torch.Generator) -> torch.Tensor:
     return x.t().contiguous()
 
 
+@pytest.mark.parametrize("impl", ["native", "numba"])
 @pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("frac", [0.25, 0.5, None, 0.01])
-def test_topk_columns_kernel_equals_abs_topk(parts, frac):
-    """`inference.topk_columns`: AbsTopK of each column of (d, n) (in `parts` equal parts), written as
-    rows or as columns, is abs_topk's output bit for bit on every row it does not flag; the flagged
-    rows are exactly those whose k-th |value| ties with a dropped one or that hold a NaN. n = 37
-    leaves a partial tile of columns."""
-    pytest.importorskip("numba")
-    from inference import topk_columns
+def test_topk_columns_kernel_equals_abs_topk(parts, frac, impl, monkeypatch):
+    """`inference.topk_columns` (its C kernel and its numba kernel): AbsTopK of each column of (d, n)
+    (in `parts` equal parts), written as rows or as columns, is abs_topk's output bit for bit on
+    every row it does not flag; the flagged rows are exactly those whose k-th |value| ties with a
+    dropped one or that hold a NaN. n = 37 leaves a partial tile of columns; w = 48 is 3 blocks of
+    16 features, 40 leaves a remainder."""
+    from inference import native, topk_columns
     from inference.model import abs_topk
 
+    if impl == "native":
+        needs_native_select()
+    else:
+        pytest.importorskip("numba")
+        monkeypatch.setattr(native, "ENABLED", False)
+        monkeypatch.setattr(topk_select, "METHOD", "radix")
+    assert (topk_columns.kernel() is topk_select.select_columns_native) == (impl == "native")
     gen = torch.Generator().manual_seed(7)
-    w, n = 48, 37
+    w, n = (48, 37) if parts == 3 else (40, 37)
     hc = _awkward_columns(parts * w, n, gen)
     want = torch.stack([abs_topk(hc[s * w : (s + 1) * w].t(), frac) for s in range(parts)])  # (parts, n, w)
     out = torch.full((parts, n + 3, w), 5.0)

@@ -1,0 +1,256 @@
+/* Exact AbsTopK selection of float32 rows (or columns) with AVX-512: the same output and the same
+   "redo" flags as inference/topk_select.py's radix select, found by counting instead of a
+   histogram. Compiled and loaded by inference/native.py; used by inference/topk_select.py and
+   inference/topk_columns.py when it builds.
+
+   A row's |x| as float bits order like unsigned integers. The k-th largest is found by counting,
+   16 lanes at a time, how many |x| are >= each of 9 thresholds spaced by a factor 2^(1/4) around
+   the previous row's k-th value (neighbouring tokens' rows are alike); the bracket holding the
+   k-th (~8% of the row, or everything beyond the ladder) is compacted and split the same way, 8
+   sub-brackets at a time, until a few candidates are left, ranked directly. Then one pass keeps
+   |x| >= kth. As in the radix select: -0.0 and dropped entries come out +0.0; a row with at most k
+   nonzeros keeps them all; a row whose k-th value ties with a dropped entry (more than k kept), or
+   that holds a NaN, is flagged for the caller to redo with torch.topk. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ABS_MASK 0x7FFFFFFFu
+#define INF_BITS 0x7F800000u
+#define LADDER 9
+#define STEP (1u << 21) /* a factor 2^(1/4) in float bits: 2 mantissa bits */
+
+static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+/* the want-th largest (1 <= want <= m) of buf[0..m), all in [lo, hi): buf is reordered */
+static uint32_t kth_largest(uint32_t *buf, int64_t m, int64_t want, uint64_t lo, uint64_t hi) {
+    while (m > 32 && hi - lo > 1) {
+        uint32_t t[8]; /* t[0] = lo; t[j] = lo + span * j / 8 */
+        int64_t c[9];
+        __m512i cnt[8], tv[8];
+        for (int j = 0; j < 8; j++) {
+            t[j] = (uint32_t)(lo + ((hi - lo) * (uint64_t)j) / 8);
+            tv[j] = _mm512_set1_epi32((int)t[j]);
+            cnt[j] = _mm512_setzero_si512();
+        }
+        for (int64_t i = 0; i < m; i += 16) {
+            __mmask16 in = first_lanes(m - i);
+            __m512i a = _mm512_maskz_loadu_epi32(in, buf + i);
+            for (int j = 1; j < 8; j++)
+                cnt[j] = _mm512_mask_sub_epi32(cnt[j], _mm512_mask_cmpge_epu32_mask(in, a, tv[j]), cnt[j],
+                                               _mm512_set1_epi32(-1));
+        }
+        c[0] = m;
+        for (int j = 1; j < 8; j++) c[j] = _mm512_reduce_add_epi32(cnt[j]);
+        c[8] = 0;
+        int j = 7;
+        while (c[j] < want) j--; /* c[0] = m >= want: stops */
+        uint64_t nlo = t[j], nhi = j < 7 ? t[j + 1] : hi;
+        want -= c[j + 1];
+        /* compact [nlo, nhi) in place (writes never pass the reads) */
+        int64_t w = 0;
+        __m512i vlo = _mm512_set1_epi32((int)(uint32_t)nlo), vhi = _mm512_set1_epi32((int)(uint32_t)(nhi - 1));
+        for (int64_t i = 0; i < m; i += 16) {
+            __mmask16 in = first_lanes(m - i);
+            __m512i a = _mm512_maskz_loadu_epi32(in, buf + i);
+            __mmask16 keep = _mm512_mask_cmpge_epu32_mask(in, a, vlo) & _mm512_mask_cmple_epu32_mask(in, a, vhi);
+            _mm512_storeu_si512(buf + w, _mm512_maskz_compress_epi32(keep, a)); /* whole-register store: */
+            /* faster than a compressing store; it writes at most up to lane i + 15, already read */
+            w += __builtin_popcount((unsigned)keep);
+        }
+        m = w;
+        lo = nlo;
+        hi = nhi;
+    }
+    if (hi - lo <= 1) return (uint32_t)lo; /* every candidate equals lo */
+    for (int64_t i = 0; i < m; i++) {      /* a few left: rank each directly */
+        uint32_t v = buf[i];
+        int64_t gt = 0, ge = 0;
+        for (int64_t j = 0; j < m; j++) {
+            gt += buf[j] > v;
+            ge += buf[j] >= v;
+        }
+        if (gt < want && want <= ge) return v;
+    }
+    return (uint32_t)lo; /* not reached */
+}
+
+/* One row: ob = AbsTopK(xb) with k of n kept (0 < k < n); buf holds n uint32. *guess: the previous
+   row's k-th |x| bits (updated). Returns 1 to redo (tie at the k-th value, or NaN). */
+static int select_row(const uint32_t *xb, uint32_t *ob, int64_t n, int64_t k, uint32_t *buf, uint32_t *guess) {
+    const __m512i absm = _mm512_set1_epi32((int)ABS_MASK), infv = _mm512_set1_epi32((int)INF_BITS);
+    __m512i tv[LADDER], cnt[LADDER];
+    uint64_t th[LADDER];
+    for (int j = 0; j < LADDER; j++) {
+        int64_t b = (int64_t)*guess + (int64_t)(j - LADDER / 2) * STEP;
+        th[j] = b < 1 ? 1 : (b > (int64_t)INF_BITS + 1 ? (uint64_t)INF_BITS + 1 : (uint64_t)b);
+        tv[j] = _mm512_set1_epi32((int)(uint32_t)th[j]);
+        cnt[j] = _mm512_setzero_si512();
+    }
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 in = first_lanes(n - i);
+        __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi32(in, xb + i), absm);
+        nan |= _mm512_mask_cmpgt_epu32_mask(in, a, infv);
+        for (int j = 0; j < LADDER; j++)
+            cnt[j] = _mm512_mask_sub_epi32(cnt[j], _mm512_mask_cmpge_epu32_mask(in, a, tv[j]), cnt[j],
+                                           _mm512_set1_epi32(-1));
+    }
+    if (nan) return 1;
+    int64_t c[LADDER];
+    for (int j = 0; j < LADDER; j++) c[j] = _mm512_reduce_add_epi32(cnt[j]);
+    /* c[0] counts the nonzeros when th[0] == 1; otherwise count them only if needed below */
+    uint64_t lo, hi;
+    int64_t above;
+    if (c[0] < k) { /* the k-th is below the ladder (or the row has at most k nonzeros) */
+        lo = 0;
+        hi = th[0];
+        above = c[0];
+    } else {
+        int j = LADDER - 1;
+        while (c[j] < k) j--;
+        lo = th[j];
+        hi = j < LADDER - 1 ? th[j + 1] : (uint64_t)INF_BITS + 1;
+        above = j < LADDER - 1 ? c[j + 1] : 0;
+    }
+    /* the bracket's members */
+    int64_t m = 0, nonzero_below = 0;
+    const __m512i vlo = _mm512_set1_epi32((int)(uint32_t)lo), vhi = _mm512_set1_epi32((int)(uint32_t)(hi - 1));
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 in = first_lanes(n - i);
+        __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi32(in, xb + i), absm);
+        __mmask16 keep = _mm512_mask_cmpge_epu32_mask(in, a, vlo) & _mm512_mask_cmple_epu32_mask(in, a, vhi);
+        _mm512_storeu_si512(buf + m, _mm512_maskz_compress_epi32(keep, a)); /* buf has 16 spare */
+        m += __builtin_popcount((unsigned)keep);
+        nonzero_below += __builtin_popcount((unsigned)(keep & _mm512_mask_test_epi32_mask(in, a, a)));
+    }
+    uint32_t kth;
+    if (lo == 0 && above + nonzero_below <= k) {
+        kth = 0; /* at most k nonzeros: all of them kept, as topk keeps them */
+    } else {
+        kth = kth_largest(buf, m, k - above, lo, hi);
+        *guess = kth;
+    }
+    /* keep |x| >= kth; -0.0 and dropped entries -> +0.0 */
+    const __m512i kv = _mm512_set1_epi32((int)(kth ? kth : 1u));
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 in = first_lanes(n - i);
+        __m512i x = _mm512_maskz_loadu_epi32(in, xb + i);
+        __mmask16 keep = _mm512_mask_cmpge_epu32_mask(in, _mm512_and_si512(x, absm), kv);
+        _mm512_mask_storeu_epi32(ob + i, in, _mm512_maskz_mov_epi32(keep, x));
+        kept += __builtin_popcount((unsigned)keep);
+    }
+    return kth > 0 && kept != k;
+}
+
+/* AbsTopK of the r rows of x (r, n) into out (r, n), k of n kept (0 < k < n); redo[i] set for
+   the rows to redo. Returns 0, or 2 when memory ran out. */
+int select_rows_f32(const float *x, float *out, int64_t r, int64_t n, int64_t k, uint8_t *redo) {
+    uint32_t *buf = malloc((size_t)(n + 16) * sizeof(uint32_t));
+    if (!buf) return 2;
+    uint32_t guess = 0x3F800000u; /* 1.0 */
+    for (int64_t i = 0; i < r; i++)
+        redo[i] = (uint8_t)select_row((const uint32_t *)x + i * n, (uint32_t *)out + i * n, n, k, buf, &guess);
+    free(buf);
+    return 0;
+}
+
+/* a[0..15] transposed in place: on return lane t of a[d] is lane d of a[t] on entry */
+static inline void transpose16(__m512i *a) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        for (int j = 0; j < 2; j++) {
+            a[4 * i + 2 * j] = _mm512_unpacklo_epi64(t[4 * i + j], t[4 * i + j + 2]);
+            a[4 * i + 2 * j + 1] = _mm512_unpackhi_epi64(t[4 * i + j], t[4 * i + j + 2]);
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        for (int c = 0; c < 4; c++) {
+            t[8 * i + c] = _mm512_shuffle_i32x4(a[8 * i + c], a[8 * i + 4 + c], 0x88);
+            t[8 * i + 4 + c] = _mm512_shuffle_i32x4(a[8 * i + c], a[8 * i + 4 + c], 0xDD);
+        }
+    }
+    for (int c = 0; c < 8; c++) {
+        a[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+        a[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
+    }
+}
+
+/* columns c0..c0+nt-1 (nt <= 16) of src (d rows of stride ss) into rows 0..nt-1 of dst (stride ds) */
+static void columns_to_rows(const uint32_t *src, int64_t ss, int64_t d, int64_t c0, int nt, uint32_t *dst,
+                            int64_t ds) {
+    int64_t f = 0;
+    if (nt == 16) {
+        for (; f + 16 <= d; f += 16) {
+            __m512i a[16];
+            for (int u = 0; u < 16; u++) a[u] = _mm512_loadu_si512(src + (f + u) * ss + c0);
+            transpose16(a);
+            for (int t = 0; t < 16; t++) _mm512_storeu_si512(dst + t * ds + f, a[t]);
+        }
+    }
+    for (; f < d; f++)
+        for (int t = 0; t < nt; t++) dst[t * ds + f] = src[f * ss + c0 + t];
+}
+
+/* rows 0..nt-1 of src (stride ss, d entries) into columns c0..c0+nt-1 of dst (d rows of stride ds) */
+static void rows_to_columns(const uint32_t *src, int64_t ss, int64_t d, int64_t c0, int nt, uint32_t *dst,
+                            int64_t ds) {
+    int64_t f = 0;
+    if (nt == 16) {
+        for (; f + 16 <= d; f += 16) {
+            __m512i a[16];
+            for (int t = 0; t < 16; t++) a[t] = _mm512_loadu_si512(src + t * ss + f);
+            transpose16(a);
+            for (int u = 0; u < 16; u++) _mm512_storeu_si512(dst + (f + u) * ds + c0, a[u]);
+        }
+    }
+    for (; f < d; f++)
+        for (int t = 0; t < nt; t++) dst[f * ds + c0 + t] = src[t * ss + f];
+}
+
+/* inference/topk_select.py's _select_columns: columns lo..hi of hc (d, n): AbsTopK of each of its
+   S equal parts (ks[s] kept; k <= 0: none; k >= the part's width: all, no select), into rows
+   out[s, row0 + i] of out (S, n_out, d / S), or, cols_out, into columns out (d, n). redo[i]: the
+   row's k-th |value| ties with a dropped one, or NaNs. Returns 0, 1 for more than 64 parts, or 2
+   when memory ran out. */
+int select_columns_f32(const float *hc, int64_t d, int64_t n, int64_t lo, int64_t hi, const int64_t *ks, int64_t S,
+                       int cols_out, float *out, int64_t n_out, int64_t row0, uint8_t *redo) {
+    const int64_t w = d / S, ld = d + 16; /* rows padded by a cache line: no 4 KB strides */
+    uint32_t guess[64];                     /* the previous row's k-th value, per part */
+    if (S > 64) return 1;
+    uint32_t *tile = malloc((size_t)(2 * 16 * ld + w + 16) * sizeof(uint32_t));
+    if (!tile) return 2;
+    uint32_t *sel = tile + 16 * ld, *buf = sel + 16 * ld;
+    for (int64_t s = 0; s < S; s++) guess[s] = 0x3F800000u;
+    const uint32_t *src = (const uint32_t *)hc;
+    uint32_t *ob = (uint32_t *)out;
+    for (int64_t i0 = lo; i0 < hi; i0 += 16) {
+        const int nt = (int)(hi - i0 < 16 ? hi - i0 : 16);
+        columns_to_rows(src, n, d, i0, nt, tile, ld);
+        for (int t = 0; t < nt; t++) {
+            int bad = 0;
+            for (int64_t s = 0; s < S; s++) {
+                const uint32_t *x = tile + t * ld + s * w;
+                uint32_t *dst = cols_out ? sel + t * ld + s * w : ob + (s * n_out + row0 + i0 + t) * w;
+                const int64_t k = ks[s];
+                if (k <= 0)
+                    memset(dst, 0, (size_t)w * sizeof(uint32_t));
+                else if (k >= w)
+                    memcpy(dst, x, (size_t)w * sizeof(uint32_t));
+                else
+                    bad |= select_row(x, dst, w, k, buf, &guess[s]);
+            }
+            redo[i0 + t] = (uint8_t)bad;
+        }
+        if (cols_out) rows_to_columns(sel, ld, d, i0, nt, ob, n);
+    }
+    free(tile);
+    return 0;
+}

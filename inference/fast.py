@@ -24,8 +24,9 @@ code, so pruning and attribution keep their exact gradients):
   flash attention without the sink, which also returns each query's log-sum-exp `lse` of the
   scores, then one rescale. With the sink the softmax denominator gains `exp(s)` and the sink's
   value is zero, so the output is the sinkless one times `Z / (Z + exp(s)) = sigmoid(lse - s)`.
-- AbsTopK by an exact selection (`abs_topk_exact`: a compiled radix select from
-  `inference.topk_select`; 4-7x faster per call than torch.topk + scatter on one thread). In the
+- AbsTopK by an exact selection (`abs_topk_exact`: `inference.topk_select`, a C select where it
+  builds, else a compiled numba radix select; the radix select alone was 4-7x faster per call than
+  torch.topk + scatter on one thread, the C one 2-4x faster again). In the
   fused block, the AbsTopKs of q / k / v and of the MLP's neurons and delta select straight from
   the linears' outputs in columns (`inference.topk_columns`), and the MLP's c_proj multiplies its
   selected neurons in columns too (`W @ h`, ~4x faster than on rows).

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "transpose16.h"
+
 #define KT 256 /* keys per tile: a tile's keys and values are 2 x 16 KB */
 #define QB 64  /* queries per block: each tile is reused by up to QB queries */
 
@@ -47,32 +49,6 @@ static inline __m512 exp512(__m512 x) {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(y, n);
-}
-
-/* a[0..15] transposed in place: on return lane t of a[d] is lane d of a[t] on entry */
-static inline void transpose16(__m512 *a) {
-    __m512 t[16];
-    for (int i = 0; i < 8; i++) { /* per 128-bit lane: pairs of rows interleaved */
-        t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* a[4i + c], 128-bit lane L: rows 4i..4i+3 at column 4L + c */
-        for (int j = 0; j < 2; j++) {
-            __m512d x = _mm512_castps_pd(t[4 * i + j]), y = _mm512_castps_pd(t[4 * i + j + 2]);
-            a[4 * i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
-            a[4 * i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
-        }
-    }
-    for (int i = 0; i < 2; i++) { /* the four row groups' 128-bit lanes brought together */
-        for (int c = 0; c < 4; c++) {
-            t[8 * i + c] = _mm512_shuffle_f32x4(a[8 * i + c], a[8 * i + 4 + c], 0x88);
-            t[8 * i + 4 + c] = _mm512_shuffle_f32x4(a[8 * i + c], a[8 * i + 4 + c], 0xDD);
-        }
-    }
-    for (int c = 0; c < 8; c++) {
-        a[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
-        a[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD);
-    }
 }
 
 /* the 16 lane-sums of a[0..15], in the lane order `sum_order` gives (a tree of shuffles and adds) */
@@ -105,11 +81,12 @@ static inline __mmask16 first_lanes(int64_t n) { /* n in 0..16 */
 /* rows t0..t0+15 of x (row stride xs; D <= 16 floats each; rows at T and past it zero) as a block
    of 16 dimensions x 16 keys */
 static inline void to_block(const float *x, int64_t xs, int64_t t0, int64_t T, int D, float *blk) {
-    __m512 a[16];
+    __m512i a[16];
     for (int r = 0; r < 16; r++)
-        a[r] = t0 + r < T ? _mm512_maskz_loadu_ps(first_lanes(D), x + (t0 + r) * xs) : _mm512_setzero_ps();
+        a[r] = t0 + r < T ? _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(D), x + (t0 + r) * xs))
+                          : _mm512_setzero_si512();
     transpose16(a);
-    for (int d = 0; d < 16; d++) _mm512_store_ps(blk + 16 * d, a[d]);
+    for (int d = 0; d < 16; d++) _mm512_store_si512(blk + 16 * d, a[d]);
 }
 
 typedef struct {

@@ -77,7 +77,8 @@ def _build(source: Path) -> ctypes.CDLL | None:
     if cc is None:
         warnings.warn(f"{what}: no C compiler found; using the fallback", stacklevel=4)
         return None
-    text = source.read_bytes()
+    # the source and every header beside it (a changed header rebuilds its includers)
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     key = hashlib.sha256(text + " ".join([cc, *FLAGS, _host_id()]).encode()).hexdigest()[:16]
     errors = []
     for directory in cache_dirs():

@@ -17,10 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "transpose16.h"
+
 #define ABS_MASK 0x7FFFFFFFu
 #define INF_BITS 0x7F800000u
-#define LADDER 9
-#define STEP (1u << 21) /* a factor 2^(1/4) in float bits: 2 mantissa bits */
+#define LADDER 9         /* thresholds of the first pass, centred on the previous row's k-th value */
+#define STEP (1u << 21) /* between them a factor 2^(1/4) in float bits: 2 mantissa bits */
 
 static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
@@ -158,61 +160,23 @@ int select_rows_f32(const float *x, float *out, int64_t r, int64_t n, int64_t k,
     return 0;
 }
 
-/* a[0..15] transposed in place: on return lane t of a[d] is lane d of a[t] on entry */
-static inline void transpose16(__m512i *a) {
-    __m512i t[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {
-        for (int j = 0; j < 2; j++) {
-            a[4 * i + 2 * j] = _mm512_unpacklo_epi64(t[4 * i + j], t[4 * i + j + 2]);
-            a[4 * i + 2 * j + 1] = _mm512_unpackhi_epi64(t[4 * i + j], t[4 * i + j + 2]);
-        }
-    }
-    for (int i = 0; i < 2; i++) {
-        for (int c = 0; c < 4; c++) {
-            t[8 * i + c] = _mm512_shuffle_i32x4(a[8 * i + c], a[8 * i + 4 + c], 0x88);
-            t[8 * i + 4 + c] = _mm512_shuffle_i32x4(a[8 * i + c], a[8 * i + 4 + c], 0xDD);
-        }
-    }
-    for (int c = 0; c < 8; c++) {
-        a[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
-        a[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
-    }
-}
-
-/* columns c0..c0+nt-1 (nt <= 16) of src (d rows of stride ss) into rows 0..nt-1 of dst (stride ds) */
-static void columns_to_rows(const uint32_t *src, int64_t ss, int64_t d, int64_t c0, int nt, uint32_t *dst,
-                            int64_t ds) {
-    int64_t f = 0;
-    if (nt == 16) {
-        for (; f + 16 <= d; f += 16) {
+/* dst[c * ds + r] = src[r * ss + c] for r < R, c < C: 16 x 16 tiles through registers (one
+   64-byte line per row of a tile on both sides), the ragged edges one by one */
+static void transpose_block(const uint32_t *src, int64_t ss, int64_t R, int64_t C, uint32_t *dst, int64_t ds) {
+    int64_t r0 = 0;
+    for (; r0 + 16 <= R; r0 += 16) {
+        int64_t c0 = 0;
+        for (; c0 + 16 <= C; c0 += 16) {
             __m512i a[16];
-            for (int u = 0; u < 16; u++) a[u] = _mm512_loadu_si512(src + (f + u) * ss + c0);
+            for (int u = 0; u < 16; u++) a[u] = _mm512_loadu_si512(src + (r0 + u) * ss + c0);
             transpose16(a);
-            for (int t = 0; t < 16; t++) _mm512_storeu_si512(dst + t * ds + f, a[t]);
+            for (int u = 0; u < 16; u++) _mm512_storeu_si512(dst + (c0 + u) * ds + r0, a[u]);
         }
+        for (int64_t c = c0; c < C; c++)
+            for (int64_t r = r0; r < r0 + 16; r++) dst[c * ds + r] = src[r * ss + c];
     }
-    for (; f < d; f++)
-        for (int t = 0; t < nt; t++) dst[t * ds + f] = src[f * ss + c0 + t];
-}
-
-/* rows 0..nt-1 of src (stride ss, d entries) into columns c0..c0+nt-1 of dst (d rows of stride ds) */
-static void rows_to_columns(const uint32_t *src, int64_t ss, int64_t d, int64_t c0, int nt, uint32_t *dst,
-                            int64_t ds) {
-    int64_t f = 0;
-    if (nt == 16) {
-        for (; f + 16 <= d; f += 16) {
-            __m512i a[16];
-            for (int t = 0; t < 16; t++) a[t] = _mm512_loadu_si512(src + t * ss + f);
-            transpose16(a);
-            for (int u = 0; u < 16; u++) _mm512_storeu_si512(dst + (f + u) * ds + c0, a[u]);
-        }
-    }
-    for (; f < d; f++)
-        for (int t = 0; t < nt; t++) dst[f * ds + c0 + t] = src[t * ss + f];
+    for (int64_t r = r0; r < R; r++)
+        for (int64_t c = 0; c < C; c++) dst[c * ds + r] = src[r * ss + c];
 }
 
 /* inference/topk_select.py's _select_columns: columns lo..hi of hc (d, n): AbsTopK of each of its
@@ -233,7 +197,7 @@ int select_columns_f32(const float *hc, int64_t d, int64_t n, int64_t lo, int64_
     uint32_t *ob = (uint32_t *)out;
     for (int64_t i0 = lo; i0 < hi; i0 += 16) {
         const int nt = (int)(hi - i0 < 16 ? hi - i0 : 16);
-        columns_to_rows(src, n, d, i0, nt, tile, ld);
+        transpose_block(src + i0, n, d, nt, tile, ld); /* columns i0.. of hc as rows of the tile */
         for (int t = 0; t < nt; t++) {
             int bad = 0;
             for (int64_t s = 0; s < S; s++) {
@@ -249,7 +213,7 @@ int select_columns_f32(const float *hc, int64_t d, int64_t n, int64_t lo, int64_
             }
             redo[i0 + t] = (uint8_t)bad;
         }
-        if (cols_out) rows_to_columns(sel, ld, d, i0, nt, ob, n);
+        if (cols_out) transpose_block(sel, ld, nt, d, ob + i0, n);
     }
     free(tile);
     return 0;

@@ -2,13 +2,13 @@
 
 `select_rows(x, out, k)` writes `x * (|x| >= kth)` into `out` (kth = the k-th largest |x| of
 the row) and returns the rows whose kth is ambiguous (tied with an entry outside the top k, or
-NaNs), which the caller redoes with `torch.topk` (`inference.fast.abs_topk_exact`). Three
+NaNs), which the caller redoes with `torch.topk` (`inference.fast.abs_topk_exact`). Four
 implementations, all exact, chosen per call:
 
 - `native` (float32, where `inference.native` builds `select_kernel.c`: a C compiler and an
   AVX-512 CPU): the k-th largest |x| found by counting 16 lanes at a time against a ladder of
   thresholds around the previous row's k-th value, then within the bracket that holds it; the same
-  output and flags as `radix`, ~4-6x faster per row (bench/README.md).
+  output and flags as `radix`, 2-4x faster per row (bench/README.md).
 - `radix` (float32, when numba is installed): a compiled radix select. One pass counts the
   rows' |x| in 2048 buckets of their float bits (which order like integers for |x| >= 0: the
   exponent and 3 mantissa bits), the bucket holding the k-th largest is found by walking down

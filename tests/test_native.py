@@ -55,17 +55,20 @@ def test_built_once_then_loaded_from_the_cache(cache, monkeypatch):
     assert list(cache.glob("select_kernel-*.so")) == built
 
 
-def test_another_cpu_or_source_gets_its_own_library(cache, monkeypatch, tmp_path):
+def test_another_cpu_source_or_header_gets_its_own_library(cache, monkeypatch, tmp_path):
     if not CAN_BUILD:
         pytest.skip("no AVX-512 CPU or no C compiler")
-    source = tmp_path / "k.c"
-    source.write_text("int one(void) { return 1; }\n")
+    source, header = tmp_path / "k.c", tmp_path / "k.h"
+    header.write_text("#define BASE 0\n")
+    source.write_text('#include "k.h"\nint one(void) { return BASE + 1; }\n')
     assert native._build(source).one() == 1
     monkeypatch.setattr(native, "_host_id", lambda: "another cpu")
     assert native._build(source).one() == 1
-    source.write_text("int one(void) { return 2; }\n")
+    source.write_text('#include "k.h"\nint one(void) { return BASE + 2; }\n')
     assert native._build(source).one() == 2
-    assert len(list(cache.glob("k-*.so"))) == 3
+    header.write_text("#define BASE 10\n")  # a header beside the source is part of its hash
+    assert native._build(source).one() == 12
+    assert len(list(cache.glob("k-*.so"))) == 4
 
 
 def test_switched_off_gives_none(monkeypatch):

@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "transpose16.h"
+#include "avx512_util.h"
 
 #define KT 256 /* keys per tile: a tile's keys and values are 2 x 16 KB */
 #define QB 64  /* queries per block: each tile is reused by up to QB queries */
@@ -72,10 +72,6 @@ static __m512i sum_order(void) {
     _mm512_storeu_ps(out, sum16(a));
     for (int l = 0; l < 16; l++) idx[(int)(out[l] / 16.0f + 0.5f)] = l;
     return _mm512_loadu_si512(idx);
-}
-
-static inline __mmask16 first_lanes(int64_t n) { /* n in 0..16 */
-    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
 }
 
 /* rows t0..t0+15 of x (row stride xs; D <= 16 floats each; rows at T and past it zero) as a block

@@ -83,6 +83,8 @@ def attention(
     elif out.shape != q.shape or out.dtype != q.dtype or out.device.type != "cpu" or out.stride(-1) != 1:
         raise ValueError(f"attention: out must be a float32 CPU tensor of shape {tuple(q.shape)} with unit last stride")
     sink = None if sink_logit is None else sink_logit.detach().to(torch.float32).contiguous()
+    if sink is not None and sink.shape != (H,):  # the kernel reads H of them
+        raise ValueError(f"attention: sink_logit must hold one logit per head ({H}), got shape {tuple(sink.shape)}")
     strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v, out)]
     scale = 1.0 / math.sqrt(D)
 

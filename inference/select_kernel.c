@@ -17,14 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "transpose16.h"
+#include "avx512_util.h"
 
 #define ABS_MASK 0x7FFFFFFFu
 #define INF_BITS 0x7F800000u
 #define LADDER 9         /* thresholds of the first pass, centred on the previous row's k-th value */
 #define STEP (1u << 21) /* between them a factor 2^(1/4) in float bits: 2 mantissa bits */
-
-static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 /* the want-th largest (1 <= want <= m) of buf[0..m), all in [lo, hi): buf is reordered */
 static uint32_t kth_largest(uint32_t *buf, int64_t m, int64_t want, uint64_t lo, uint64_t hi) {

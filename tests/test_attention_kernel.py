@@ -131,6 +131,8 @@ def test_kernel_writes_a_strided_out_and_returns_heads_over_token_rows():
     assert torch.equal(wide[..., H * D :], torch.full((B, T, 3), 7.0))  # the rest untouched
     with pytest.raises(ValueError, match="out must be"):
         ak.attention(q, k, v, sink, out=torch.empty(B, H, T, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one logit per head"):
+        ak.attention(q, k, v, sink[:2])
 
 
 def test_kernel_used_in_no_grad_with_a_parameter_sink_and_not_under_autograd():

@@ -1,10 +1,15 @@
-/* A 16 x 16 transpose of 32-bit lanes in AVX-512 registers, shared by the C kernels (included).
-   inference/native.py hashes the headers beside a source with it, so a change here rebuilds them. */
+/* AVX-512 helpers shared by the C kernels (included): the first n lanes as a mask, and a 16 x 16
+   transpose of 32-bit lanes in registers. inference/native.py hashes the headers beside a source
+   with it, so a change here rebuilds them. */
 
-#ifndef CIRCUITS_TRANSPOSE16_H
-#define CIRCUITS_TRANSPOSE16_H
+#ifndef CIRCUITS_AVX512_UTIL_H
+#define CIRCUITS_AVX512_UTIL_H
 
 #include <immintrin.h>
+#include <stdint.h>
+
+/* the first n lanes of 16 (n >= 16: all) */
+static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 /* a[0..15] transposed in place: on return lane t of a[d] is lane d of a[t] on entry */
 static inline void transpose16(__m512i *a) {

@@ -16,7 +16,9 @@
      transposing tree of shuffles.
 
    The summation order differs from torch's flash kernel: results agree to float rounding (the
-   tests compare both with a float64 reference). */
+   tests compare both with a float64 reference). One difference on corrupt input: a query's exactly
+   zero dimensions are skipped, so a NaN or inf in a key at a dimension where the query is 0 does not
+   reach that query (torch computes 0 * NaN = NaN there); any other NaN propagates as in torch. */
 
 #include <immintrin.h>
 #include <math.h>

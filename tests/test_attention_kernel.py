@@ -114,6 +114,25 @@ def test_kernel_keeps_the_softmax_exact_when_the_maximum_moves_between_tiles(wit
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
 
 
+def test_kernel_propagates_a_nan_only_to_the_queries_that_see_it():
+    """A NaN in one key (a corrupt activation) makes exactly the outputs of the queries at and after
+    it NaN, as the float64 softmax does; the queries before it are untouched."""
+    needs_kernel()
+    B, T, H, D = 1, 40, 2, 16
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (t.contiguous() for t in qkv(B, T, H, D, gen))
+    q[0, 0] = torch.randn(T, D, generator=gen)  # head 0: every query has nonzero dimensions
+    k[0, 0, 23, :] = float("nan")
+    sink = torch.randn(H, generator=gen)
+    with torch.no_grad():
+        got = ak.attention(q, k, v, sink)
+    want = reference(q, k, v, sink)
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got[0, 0, 23:].isnan().all())
+    assert not got[0, 0, :23].isnan().any() and not got[0, 1].isnan().any()
+    ok = ~want.isnan()
+    torch.testing.assert_close(got.double()[ok], want[ok], rtol=2e-5, atol=2e-5 * want[ok].abs().max().item())
+
+
 def test_kernel_writes_a_strided_out_and_returns_heads_over_token_rows():
     needs_kernel()
     B, T, H, D = 2, 40, 3, 16

@@ -9,7 +9,7 @@
      leaves ~1/4 of q nonzero), 8 blocks side by side so the chains do not wait on each other;
    - the softmax runs per tile of KT keys with flash's running maximum (a tile of keys and values,
      32 KB, stays in L1 while QB queries use it); e^x is Cephes' range reduction and a degree-6
-     polynomial, ~1 ulp;
+     polynomial, ~1 ulp (avx512_util.h);
    - the sink is an extra key with logit `sink[h]` and value zero: it only adds exp(sink - m) to the
      denominator, so the running sums start from the sink (m = sink, l = 1);
    - the output of one tile is 16 accumulators (one per value dimension) reduced across lanes by a
@@ -30,28 +30,6 @@
 
 #define KT 256 /* keys per tile: a tile's keys and values are 2 x 16 KB */
 #define QB 64  /* queries per block: each tile is reused by up to QB queries */
-
-/* e^x in float32 to ~1 ulp (Cephes' scheme): x = n ln2 + r with n an integer and |r| <= ln2/2
-   (ln2 in two parts, so r is exact to float rounding), e^r by a degree-6 polynomial fitted to
-   relative error, then scaled by 2^n. x is first raised to -125 ln2 (-86.6): below that it returns
-   ~2^-125 rather than a smaller or denormal number (denormal results are slow; such weights vanish
-   beside the maximum's 1, and masked lanes are zeroed by the caller). NaN stays NaN (max returns
-   its second operand when either is NaN). */
-static inline __m512 exp512(__m512 x) {
-    const __m512 shifter = _mm512_set1_ps(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    x = _mm512_max_ps(_mm512_set1_ps(-86.643397569993164f), x);
-    __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), shifter), shifter);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.1219444005471377e-4f), r);
-    __m512 y = _mm512_set1_ps(1.3748822966590524e-3f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.369628340005875e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.166964441537857e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666512191295624e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.9999988079071045e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
-}
 
 /* the 16 lane-sums of a[0..15], in the lane order `sum_order` gives (a tree of shuffles and adds) */
 static inline __m512 sum16(const __m512 *a) {

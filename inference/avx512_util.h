@@ -1,5 +1,5 @@
-/* AVX-512 helpers shared by the C kernels (included): the first n lanes as a mask, and a 16 x 16
-   transpose of 32-bit lanes in registers. inference/native.py hashes the headers beside a source
+/* AVX-512 helpers shared by the C kernels (included): the first n lanes as a mask, a 16 x 16
+   transpose of 32-bit lanes in registers, and e^x. inference/native.py hashes the headers beside a source
    with it, so a change here rebuilds them. */
 
 #ifndef CIRCUITS_AVX512_UTIL_H
@@ -34,6 +34,28 @@ static inline void transpose16(__m512i *a) {
         a[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
         a[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
     }
+}
+
+/* e^x in float32 to ~1 ulp (Cephes' scheme): x = n ln2 + r with n an integer and |r| <= ln2/2
+   (ln2 in two parts, so r is exact to float rounding), e^r by a degree-6 polynomial fitted to
+   relative error, then scaled by 2^n. x is first raised to -125 ln2 (-86.6): below that it returns
+   ~2^-125 rather than a smaller or denormal number (denormal results are slow; such weights vanish
+   beside the maximum's 1, and masked lanes are zeroed by the caller). NaN stays NaN (max returns
+   its second operand when either is NaN). */
+static inline __m512 exp512(__m512 x) {
+    const __m512 shifter = _mm512_set1_ps(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    x = _mm512_max_ps(_mm512_set1_ps(-86.643397569993164f), x);
+    __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), shifter), shifter);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.1219444005471377e-4f), r);
+    __m512 y = _mm512_set1_ps(1.3748822966590524e-3f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.369628340005875e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.166964441537857e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666512191295624e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.9999988079071045e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
 }
 
 #endif

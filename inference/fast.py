@@ -26,9 +26,11 @@ code, so pruning and attribution keep their exact gradients):
   value is zero, so the output is the sinkless one times `Z / (Z + exp(s)) = sigmoid(lse - s)`.
 - AbsTopK by an exact selection (`abs_topk_exact`: `inference.topk_select`, a C select where it
   builds, else a compiled numba radix select; the radix select alone was 4-7x faster per call than
-  torch.topk + scatter on one thread, the C one 2-4x faster again). In the
-  fused block, the AbsTopKs of q / k / v and of the MLP's neurons and delta select straight from
-  the linears' outputs in columns (`inference.topk_columns`), and the MLP's c_proj multiplies its
+  torch.topk + scatter on one thread, the C one 2-4x faster again). In the fused block, each sparse
+  linear that AbsTopK follows (c_attn -> q / k / v, c_fc -> GELU -> neurons, both c_proj -> deltas)
+  runs with its activation and selection in one C pass over tiles of 16 tokens
+  (`inference.topk_columns.linear_topk_rows`). Without the C kernels: the linears in columns, the
+  selects straight from them (`inference.topk_columns`), and the MLP's c_proj multiplying its
   selected neurons in columns too (`W @ h`, ~4x faster than on rows).
 - Each block runs token chunks of 256 rows, the chunks spread over worker threads, one torch
   thread each, rather than every small op split over torch's threads (bench/README.md has the
@@ -46,6 +48,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,6 +102,23 @@ class SparseLinear(nn.Linear):
 
     def density(self) -> float:
         return self.weight.count_nonzero().item() / max(1, self.weight.numel())
+
+    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """W in CSR as int32 / float32 numpy arrays for the C kernels (`inference.topk_columns.
+        linear_topk_rows`): (row pointers (out + 1), each nonzero's row, its column, its value), or
+        None when W is kept dense. Built with the compressed weight, and rebuilt with it."""
+        wt = self._compressed_weight_t()
+        if wt is None or wt.dtype != torch.float32 or wt.values().numel() >= 2**31:
+            return None
+        cached = self.__dict__.get("_csr_arrays")
+        if cached is not None and cached[0] is wt:
+            return cached[1]
+        crow, col = wt.ccol_indices(), wt.row_indices()  # W.T in CSC = W in CSR
+        rows = torch.repeat_interleave(torch.arange(self.out_features, dtype=torch.int32), crow.diff())
+        arrays = tuple(t.to(dt).numpy() for t, dt in ((crow, torch.int32), (rows, torch.int32), (col, torch.int32)))
+        arrays += (wt.values().contiguous().numpy(),)
+        self.__dict__["_csr_arrays"] = (wt, arrays)
+        return arrays
 
     def _compressed_weight_t(self) -> torch.Tensor | None:
         """W.T in CSC layout, or None when W is too dense to gain from it. Cached on the weight's
@@ -207,6 +227,34 @@ def _abs_topk_to_rows(hc: torch.Tensor, fracs: list[float | None], out: torch.Te
     rows = slice(None) if redo is None else torch.from_numpy(redo)
     for j, frac in enumerate(fracs):
         out[j, row0 : row0 + n][rows] = abs_topk_exact(hc[j * width : (j + 1) * width].t()[rows], frac)
+
+
+def _activation(h: torch.Tensor, kind: str | None) -> torch.Tensor:
+    return h if kind is None else F.gelu(h) if kind == "gelu" else F.relu(h)
+
+
+def _linear_abs_topk(
+    linear: nn.Linear, x: torch.Tensor, fracs: list[float | None], out: torch.Tensor, row0: int = 0,
+    activation: str | None = None, fallback: bool = True,
+) -> bool:  # fmt: skip
+    """out[j, row0 + i] = abs_topk_exact(j-th of len(fracs) equal parts of activation(linear(x))[i],
+    fracs[j]) for rows x (n, in) and out (len(fracs), N, out / len(fracs)): by the C kernel in one pass
+    where it applies (`topk_columns.linear_topk_rows`), its flagged rows (ties, NaNs) recomputed by
+    torch and `abs_topk_exact`, so ties are chosen as the plain path does. Where it does not apply: the
+    linear in columns and `_abs_topk_to_rows` when `fallback`, else nothing is written and it returns
+    False."""
+    redo = topk_columns.linear_topk_rows(linear, x, fracs, out, row0, activation)
+    if redo is None:
+        if not fallback:
+            return False
+        _abs_topk_to_rows(_activation(linear.columns(x), activation), fracs, out, row0)
+        return True
+    if redo.any():
+        rows = torch.from_numpy(redo)
+        h, width = _activation(linear(x[rows]), activation), out.shape[2]
+        for j, frac in enumerate(fracs):
+            out[j, row0 : row0 + x.shape[0]][rows] = abs_topk_exact(h[:, j * width : (j + 1) * width], frac)
+    return True
 
 
 def _abs_topk_columns(hc: torch.Tensor, frac: float | None) -> torch.Tensor:
@@ -357,8 +405,7 @@ class FastBlock(Block):
             if pos1 is not None:
                 h = torch.cat([h, pos1[s]], dim=-1)
             h = tap(f"{i}.attn.act_in", s, abs_topk_exact(h, cfg.sparsity_at("attn_in")))
-            h = attn.c_attn.columns(h)  # (3 d_attn, rows): q, k and v each a block of its rows
-            _abs_topk_to_rows(h, [cfg.sparsity_at(loc) for loc in ("attn_q", "attn_k", "attn_v")], qkv, s.start)
+            _linear_abs_topk(attn.c_attn, h, [cfg.sparsity_at(loc) for loc in ("attn_q", "attn_k", "attn_v")], qkv, s.start)
 
         _run_chunks(attn_in_chunk, chunks)
         q, k, v = qkv
@@ -372,20 +419,25 @@ class FastBlock(Block):
         out = torch.empty_like(rows)
 
         def mlp_chunk(s: slice) -> None:
-            delta = tap(f"{i}.attn.resid_delta", s, abs_topk_exact(attn.c_proj(y[s]), cfg.sparsity_at("attn_out")))
+            delta = rows[s].new_empty(1, s.stop - s.start, D)
+            _linear_abs_topk(attn.c_proj, y[s], [cfg.sparsity_at("attn_out")], delta)
+            delta = tap(f"{i}.attn.resid_delta", s, delta[0])
             xm = tap(f"{i}.resid_mid", s, self._residual(rows[s] + delta, "resid_post_attn"))
             h = _norm_rows(self.ln_2, xm, lambda rstd: tap(f"{i}.ln_2.rstd", s, rstd))
             if pos2 is not None:
                 h = torch.cat([h, pos2[s]], dim=-1)
             h = tap(f"{i}.mlp.act_in", s, abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
-            h = mlp.c_fc.columns(h)  # (d_mlp, rows)
-            h = F.gelu(h) if cfg.activation_type == "gelu" else F.relu(h)
-            # AbsTopK into columns, so that c_proj multiplies them as W @ h too (~4x faster than on rows);
-            # an intervention on the rows view keeps that layout (elementwise ops follow their input's)
-            h = tap(f"{i}.mlp.post_act", s, _abs_topk_columns(h, cfg.sparsity_at("mlp_neuron")).t())
-            proj = mlp.c_proj.columns(h)  # (d_model, rows)
-            delta = proj.new_empty(1, h.shape[0], proj.shape[0])
-            _abs_topk_to_rows(proj, [cfg.sparsity_at("mlp_out")], delta)
+            post = h.new_empty(1, h.shape[0], cfg.d_mlp)
+            if _linear_abs_topk(mlp.c_fc, h, [cfg.sparsity_at("mlp_neuron")], post, 0, cfg.activation_type, fallback=False):
+                h = post[0]
+            else:
+                # AbsTopK into columns, so that c_proj multiplies them as W @ h too (~4x faster than on
+                # rows); an intervention on the rows view keeps that layout (elementwise ops follow their input's)
+                h = _activation(mlp.c_fc.columns(h), cfg.activation_type)  # (d_mlp, rows)
+                h = _abs_topk_columns(h, cfg.sparsity_at("mlp_neuron")).t()
+            h = tap(f"{i}.mlp.post_act", s, h)
+            delta = h.new_empty(1, h.shape[0], D)
+            _linear_abs_topk(mlp.c_proj, h, [cfg.sparsity_at("mlp_out")], delta)
             delta = tap(f"{i}.mlp.resid_delta", s, delta[0])
             out[s] = self._residual(xm + delta, "resid_post_mlp")
 
@@ -421,6 +473,7 @@ def decelerate(model: GPT) -> GPT:
         if isinstance(module, SparseLinear):
             module.__class__ = nn.Linear
             module.__dict__.pop("_sparse_cache", None)
+            module.__dict__.pop("_csr_arrays", None)
             module.__dict__.pop("max_density", None)
         elif isinstance(module, FastCausalSelfAttention):
             module.__class__ = CausalSelfAttention

@@ -10,7 +10,10 @@
    sub-brackets at a time, until a few candidates are left, ranked directly. Then one pass keeps
    |x| >= kth. As in the radix select: -0.0 and dropped entries come out +0.0; a row with at most k
    nonzeros keeps them all; a row whose k-th value ties with a dropped entry (more than k kept), or
-   that holds a NaN, is flagged for the caller to redo with torch.topk. */
+   that holds a NaN, is flagged for the caller to redo with torch.topk.
+
+   linear_select_rows_f32 (at the end) runs a sparse linear, its activation and this selection in
+   one pass over tiles of 16 rows, so the linear's output stays in cache between the two. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -215,4 +218,120 @@ int select_columns_f32(const float *hc, int64_t d, int64_t n, int64_t lo, int64_
     }
     free(tile);
     return 0;
+}
+
+/* ---- a sparse linear, its activation and its AbsTopK in one pass -------------------------------- */
+
+/* GELU(x) = x Phi(x) = x erfc(-x / sqrt 2) / 2, with erfc(z) for z >= 0 as Numerical Recipes'
+   erfcc: t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), fractional error < 1.2e-7 everywhere (so GELU of
+   a negative x keeps its relative accuracy where 1 + erf(x) would cancel): within 5 ulp of float64
+   for x >= 0, 2e-6 relative for -5 < x < 0, growing to 2e-5 at -13 (the rounding of z^2 in the
+   exponent); torch's own GELU is 1e-6 off in absolute terms and 0 below about -10. Below x = -14,
+   Phi(x) underflows float32: -0.0. NaN stays NaN, and +-inf gives NaN, as torch's. */
+static inline __m512 gelu512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
+    const __m512 d = _mm512_fmadd_ps(half, z, one), r = _mm512_rcp14_ps(d);
+    const __m512 t = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r); /* 1 / d: rcp14 and a Newton step */
+    static const float P[10] = {0.17087277f,  -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                                -0.18628806f, 0.09678418f,  0.37409196f, 1.00002368f,  -1.26551223f};
+    __m512 p = _mm512_set1_ps(P[0]);
+    for (int i = 1; i < 10; i++) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(P[i]));
+    const __m512 erfc = _mm512_mul_ps(t, exp512(_mm512_fnmadd_ps(z, z, p))); /* erfc(|x| / sqrt 2) */
+    const __m512 h = _mm512_mul_ps(half, erfc);                              /* Phi(-|x|) */
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-14.0f), _CMP_LT_OQ);
+    /* x >= 0: x - x Phi(-x) (one rounding of a small correction), x < 0: x Phi(x) */
+    const __m512 y = _mm512_mask_blend_ps(neg, _mm512_fnmadd_ps(x, h, x), _mm512_mul_ps(x, h));
+    return _mm512_mask_mov_ps(y, under, _mm512_mul_ps(x, _mm512_setzero_ps()));
+}
+
+enum { ACT_NONE = 0, ACT_GELU = 1, ACT_RELU = 2 };
+
+/* y = act(x W^T + b), then AbsTopK of each of S equal parts of y's features, into rows: part s of
+   row r goes to out + s * out_part + r * out_row. x: n rows of in_f floats, row stride xs. W (out_f x
+   in_f) in CSR: row i's weights val[rowptr[i] .. rowptr[i+1]) at columns col[..]; bias or NULL. ks[s]
+   kept of each part of w = out_f / S (k >= w: all, k <= 0: none). redo[r]: the row's k-th |value|
+   ties with a dropped one, or NaNs (the caller recomputes it).
+
+   16 rows at a time: x's tile transposed (a register = one input feature of the 16 rows), then per
+   output feature one multiply-add per weight nonzero on 16 rows at once (bias first, then the
+   nonzeros in column order), 16 features side by side, the activation in registers, the 16 x 16
+   block transposed back into rows; the 16 rows (at most ~0.5 MB) are then selected while still in
+   cache. Returns 0, 1 for more than 64 parts, 2 when memory ran out. */
+int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, const int32_t *rowptr,
+                           const int32_t *row, const int32_t *col, const float *val, const float *bias, int64_t out_f, int act,
+                           const int64_t *ks, int64_t S, float *out, int64_t out_part, int64_t out_row,
+                           uint8_t *redo) {
+    const int64_t w = out_f / S, ly = out_f + 16; /* rows of the y tile padded by a cache line */
+    uint32_t guess[64];
+    if (S > 64) return 1;
+    float *xt = aligned_alloc(64, (size_t)((in_f * 16 + 15) / 16 * 16) * sizeof(float) + 64);
+    float *y = aligned_alloc(64, (size_t)(16 * ly) * sizeof(float));
+    float *yc = aligned_alloc(64, (size_t)(16 * out_f) * sizeof(float));
+    uint32_t *buf = malloc((size_t)(w + 16) * sizeof(uint32_t));
+    if (!xt || !y || !yc || !buf) {
+        free(xt);
+        free(y);
+        free(yc);
+        free(buf);
+        return 2;
+    }
+    for (int64_t s = 0; s < S; s++) guess[s] = 0x3F800000u;
+    const int64_t nnz = rowptr[out_f];
+    for (int64_t r0 = 0; r0 < n; r0 += 16) {
+        const int nt = (int)(n - r0 < 16 ? n - r0 : 16);
+        if (nt < 16) memset(xt, 0, (size_t)(in_f * 16) * sizeof(float));
+        transpose_block((const uint32_t *)(x + r0 * xs), xs, nt, in_f, (uint32_t *)xt, 16);
+        /* yc: the 16 rows' outputs as columns (a register per feature); the bias, then every weight
+           nonzero in one flat loop (a loop per feature would mispredict its exit at every feature) */
+        for (int64_t i = 0; i < out_f; i++) _mm512_store_ps(yc + i * 16, bias ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps());
+        for (int64_t p = 0; p < nnz; p++) {
+            float *yi = yc + (int64_t)row[p] * 16;
+            _mm512_store_ps(yi, _mm512_fmadd_ps(_mm512_set1_ps(val[p]), _mm512_load_ps(xt + (int64_t)col[p] * 16),
+                                                _mm512_load_ps(yi)));
+        }
+        for (int64_t o0 = 0; o0 < out_f; o0 += 16) {
+            const int no = (int)(out_f - o0 < 16 ? out_f - o0 : 16);
+            __m512 acc[16];
+            for (int u = 0; u < 16; u++) {
+                __m512 a = u < no ? _mm512_load_ps(yc + (o0 + u) * 16) : _mm512_setzero_ps();
+                if (act == ACT_GELU)
+                    a = gelu512(a);
+                else if (act == ACT_RELU)
+                    a = _mm512_max_ps(_mm512_setzero_ps(), a); /* NaN stays NaN: max returns its second operand */
+                acc[u] = a;
+            }
+            transpose16((__m512i *)acc); /* acc[t]: row t's features o0 .. o0 + 15 */
+            for (int t = 0; t < nt; t++) _mm512_mask_storeu_ps(y + t * ly + o0, first_lanes(no), acc[t]);
+        }
+        for (int t = 0; t < nt; t++) {
+            int bad = 0;
+            for (int64_t s = 0; s < S; s++) {
+                const uint32_t *src = (const uint32_t *)(y + t * ly + s * w);
+                uint32_t *dst = (uint32_t *)(out + s * out_part + (r0 + t) * out_row);
+                const int64_t k = ks[s];
+                if (k <= 0)
+                    memset(dst, 0, (size_t)w * sizeof(uint32_t));
+                else if (k >= w)
+                    memcpy(dst, src, (size_t)w * sizeof(uint32_t));
+                else
+                    bad |= select_row(src, dst, w, k, buf, &guess[s]);
+            }
+            redo[r0 + t] = (uint8_t)bad;
+        }
+    }
+    free(xt);
+    free(y);
+    free(yc);
+    free(buf);
+    return 0;
+}
+
+/* GELU of n floats by the kernel's gelu512 (the tests check its accuracy against float64) */
+void gelu_f32(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = first_lanes(n - i);
+        _mm512_mask_storeu_ps(y + i, m, gelu512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
 }

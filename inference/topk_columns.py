@@ -1,4 +1,10 @@
-"""AbsTopK of a linear's output held in columns, in one compiled pass (numba), with torch as the fallback.
+"""A sparse linear followed by AbsTopK, in one compiled pass where it can be, with torch as the fallback.
+
+`linear_topk_rows` (C, `select_kernel.c`): the linear, its activation and the AbsTopK of its output
+in one pass over tiles of 16 rows, the output never leaving the cache; the fused block's first
+choice for q / k / v, the MLP's neurons and both residual deltas (1.2x on the whole forward at the
+release's widths, bench/README.md "fused linear and select"). Where it does not build, the block
+computes the linear in columns and selects with the kernels below.
 
 The fused block computes its wide linears as `W @ x.T` (`SparseLinear.columns`): the output is
 (features, rows), a column per token, because torch's sparse-times-dense is fastest that way. What
@@ -69,6 +75,51 @@ def topk_rows(hc: torch.Tensor, fracs: list[float | None], out: torch.Tensor, ro
     hcs = hc.detach().contiguous().numpy()
     redo = np.zeros(n, np.bool_)
     kern(hcs, 0, n, _ks(fracs, out.shape[2]), False, out.detach().numpy(), row0, redo)
+    return redo
+
+
+_ACTIVATIONS = {None: 0, "gelu": 1, "relu": 2}  # linear_select_rows_f32's act codes
+
+
+def linear_topk_rows(linear, x: torch.Tensor, fracs: list[float | None], out: torch.Tensor, row0: int = 0,
+                     activation: str | None = None) -> np.ndarray | None:  # fmt: skip
+    """out[s, row0 + i] = AbsTopK(activation(linear(x))[i, s-th part of the features], fracs[s]) for
+    rows x (n, in_features) of a sparse linear (`inference.fast.SparseLinear`), in one pass of the C
+    kernel (`select_kernel.c`'s linear_select_rows_f32: the linear's output never leaves the cache);
+    out (len(fracs), N, out_features / len(fracs)) C-contiguous. activation: None, "gelu" (exact,
+    erf) or "relu". Returns the (n,) bool array of the rows to redo (ties, NaNs: their out rows are
+    unspecified), or None (nothing written) when the kernel does not apply (no C kernel, a dense
+    weight, not float32 on CPU, a gradient needed)."""
+    csr = linear.csr_arrays() if hasattr(linear, "csr_arrays") else None
+    lib = native_kernels()
+    if (
+        csr is None
+        or lib is None
+        or torch.is_grad_enabled()
+        or not _usable(x.detach(), out.detach(), linear.weight.detach())
+        or x.dim() != 2
+        or x.stride(1) != 1
+        or out.dim() != 3
+        or not out.is_contiguous()
+    ):
+        return None
+    rowptr, row, col, val = csr
+    n, d = x.shape[0], linear.out_features
+    if out.shape[0] != len(fracs) or out.shape[2] * len(fracs) != d or row0 + n > out.shape[1]:
+        raise ValueError(f"linear_topk_rows: output {tuple(out.shape)} does not fit {len(fracs)} parts of {d} features")
+    bias = None if linear.bias is None else linear.bias.detach().contiguous()  # held until the call returns
+    if bias is not None and not _usable(bias.detach()):
+        return None
+    ks = _ks(fracs, out.shape[2])
+    redo = np.zeros(n, np.bool_)
+    rc = lib.linear_select_rows_f32(
+        x.data_ptr(), n, x.shape[1], x.stride(0), rowptr.ctypes.data, row.ctypes.data, col.ctypes.data,
+        val.ctypes.data, None if bias is None else bias.data_ptr(), d, _ACTIVATIONS[activation],
+        ks.ctypes.data, len(fracs), out.data_ptr() + 4 * row0 * out.shape[2], out.shape[1] * out.shape[2],
+        out.shape[2], redo.ctypes.data,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"select_kernel.c: linear_select_rows_f32 failed (code {rc}) on {n} rows of {d} features")
     return redo
 
 

@@ -478,11 +478,12 @@ def test_topk_columns_not_applicable_returns_none(monkeypatch):
     assert topk_columns.topk_rows(hc, [0.5], out, 0) is None
 
 
-@pytest.mark.parametrize("variant", ["release_like", "afrac_all"])
+@pytest.mark.parametrize("variant", ["release_like", "afrac_all", "rmsnorm_nobias_relu_untied"])
 def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypatch):
-    """The fused block with the compiled column selects and with its torch fallback (the kernel
-    switched off, or numba unavailable) gives the plain path's logits and recorded values; on the
-    same inputs (layer 0) the kernel selects exactly what the fallback does."""
+    """The fused block with the C linear + select kernel, with the column selects (C or numba) and
+    the linears in torch, and with its torch fallback (the kernels switched off, or none built)
+    gives the plain path's logits and recorded values; on the same inputs (layer 0) the column
+    kernel selects exactly what the fallback does."""
     from inference import topk_columns
 
     monkeypatch.setattr(fast_module, "CHUNK_ROWS", 6)
@@ -490,19 +491,27 @@ def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypat
     fast = accelerate(sparsify(tiny_model(**VARIANTS[variant]), density=0.4), max_density=1.0)
     idx = torch.randint(0, BASE["vocab_size"], (2, BASE["block_size"]), generator=torch.Generator().manual_seed(4))
     want_logits, want = all_hooks(plain, idx)
-    calls = []  # (parts, whether the kernel wrote them) of each select into rows
-    real = topk_columns.topk_rows
+    calls = []  # (kernel, parts, whether the kernel wrote them)
+    real_rows, real_linear = topk_columns.topk_rows, topk_columns.linear_topk_rows
 
-    def spy(hc, fracs, out, row0):
-        redo = real(hc, fracs, out, row0)
-        calls.append((len(fracs), redo is not None))
+    def spy_rows(hc, fracs, out, row0):
+        redo = real_rows(hc, fracs, out, row0)
+        calls.append(("columns", len(fracs), redo is not None))
         return redo
 
-    monkeypatch.setattr(topk_columns, "topk_rows", spy)
+    def spy_linear(linear, x, fracs, out, row0=0, activation=None):
+        redo = real_linear(linear, x, fracs, out, row0, activation) if mode == "linear kernel" else None
+        calls.append(("linear", len(fracs), redo is not None))
+        return redo
+
+    monkeypatch.setattr(topk_columns, "topk_rows", spy_rows)
+    monkeypatch.setattr(topk_columns, "linear_topk_rows", spy_linear)
     runs, hooks = {}, {}
-    for mode in ("kernel", "disabled", "no numba"):
+    for mode in ("linear kernel", "column kernel", "disabled", "no kernel"):
+        if mode == "linear kernel":
+            needs_native_select()
         monkeypatch.setattr(topk_columns, "ENABLED", mode != "disabled")
-        if mode == "no numba":
+        if mode == "no kernel":
             monkeypatch.setattr(topk_columns, "kernel", lambda: None)
         got_logits, got = hooks[mode] = all_hooks(fast, idx)
         with torch.no_grad():
@@ -511,9 +520,11 @@ def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypat
         assert_close_to_scale(got_logits, want_logits, (mode, "logits"))
         for name in want:
             assert_close_to_scale(got[name], want[name], (mode, name))
-        if mode == "kernel":  # the kernel wrote q/k/v and the MLP's delta (not a silent fallback)
-            assert {(3, True), (1, True)} <= set(calls), calls
+        if mode == "linear kernel":  # q/k/v, both deltas and the MLP's neurons: one pass each, no column select
+            assert {("linear", 3, True), ("linear", 1, True)} == set(calls), calls
+        if mode == "column kernel":  # the kernel wrote q/k/v and the MLP's delta (not a silent fallback)
+            assert {("columns", 3, True), ("columns", 1, True)} <= set(calls), calls
         calls.clear()
-    assert torch.equal(runs["disabled"], runs["no numba"])
+    assert torch.equal(runs["disabled"], runs["no kernel"])
     for name in ("0.attn.q", "0.attn.k", "0.attn.v", "0.mlp.post_act"):
-        assert torch.equal(hooks["kernel"][1][name], hooks["disabled"][1][name]), name
+        assert torch.equal(hooks["column kernel"][1][name], hooks["disabled"][1][name]), name

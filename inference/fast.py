@@ -29,7 +29,8 @@ code, so pruning and attribution keep their exact gradients):
   torch.topk + scatter on one thread, the C one 2-4x faster again). In the fused block, each sparse
   linear that AbsTopK follows (c_attn -> q / k / v, c_fc -> GELU -> neurons, both c_proj -> deltas)
   runs with its activation and selection in one C pass over tiles of 16 tokens
-  (`inference.topk_columns.linear_topk_rows`). Without the C kernels: the linears in columns, the
+  (`inference.topk_columns.linear_topk_rows`), and each RMSNorm with the position rows appended and
+  the selection after it (`norm_topk_rows`). Without the C kernels: the linears in columns, the
   selects straight from them (`inference.topk_columns`), and the MLP's c_proj multiplying its
   selected neurons in columns too (`W @ h`, ~4x faster than on rows).
 - Each block runs token chunks of 256 rows, the chunks spread over worker threads, one torch
@@ -273,10 +274,24 @@ def _abs_topk_columns(hc: torch.Tensor, frac: float | None) -> torch.Tensor:
 CHUNK_ROWS = 256
 
 
-def _norm_rows(norm, x: torch.Tensor, at_rstd) -> torch.Tensor:
-    """`inference.model.Norm` on rows (n, d): the same math, with `at_rstd(inverse scale (n, 1))`
-    in place of the hook call (a chunk is not the tensor the hook point expects)."""
-    return norm.scale(x, at_rstd(norm.inv_scale(x)))
+def _norm_abs_topk(norm, x: torch.Tensor, pos: torch.Tensor | None, frac: float | None, at_rstd) -> torch.Tensor:
+    """abs_topk_exact(cat([norm(x), pos], -1), frac) for rows x (n, d) (a chunk), with
+    `at_rstd(inverse scale (n, 1))` in place of the norm's hook call (a chunk is not the tensor the
+    hook point expects; None: no hook is active). An RMSNorm runs in one C pass (norm, append, select:
+    `topk_columns.norm_topk_rows`), its flagged rows (ties, NaNs) redone here by torch; otherwise torch."""
+    rstd = None if at_rstd is None else at_rstd(norm.inv_scale(x))
+    out = x.new_empty(x.shape[0], x.shape[1] + (0 if pos is None else pos.shape[1]))
+    redo = topk_columns.norm_topk_rows(norm, x, pos, frac, out, rstd)
+    if redo is not None and not redo.any():
+        return out
+    rows = slice(None) if redo is None else torch.from_numpy(redo)
+    h = norm.scale(x[rows], norm.inv_scale(x[rows]) if rstd is None else rstd[rows])
+    if pos is not None:
+        h = torch.cat([h, pos[rows]], dim=-1)
+    if redo is None:
+        return abs_topk_exact(h, frac)
+    out[rows] = abs_topk_exact(h, frac)
+    return out
 
 
 class _Taps:
@@ -401,10 +416,9 @@ class FastBlock(Block):
         qkv = x.new_empty(3, B * T, cfg.d_attn)
 
         def attn_in_chunk(s: slice) -> None:
-            h = _norm_rows(self.ln_1, rows[s], lambda rstd: tap(f"{i}.ln_1.rstd", s, rstd))
-            if pos1 is not None:
-                h = torch.cat([h, pos1[s]], dim=-1)
-            h = tap(f"{i}.attn.act_in", s, abs_topk_exact(h, cfg.sparsity_at("attn_in")))
+            at_rstd = None if taps is None else lambda rstd: tap(f"{i}.ln_1.rstd", s, rstd)
+            pos = None if pos1 is None else pos1[s]
+            h = tap(f"{i}.attn.act_in", s, _norm_abs_topk(self.ln_1, rows[s], pos, cfg.sparsity_at("attn_in"), at_rstd))
             _linear_abs_topk(attn.c_attn, h, [cfg.sparsity_at(loc) for loc in ("attn_q", "attn_k", "attn_v")], qkv, s.start)
 
         _run_chunks(attn_in_chunk, chunks)
@@ -423,10 +437,9 @@ class FastBlock(Block):
             _linear_abs_topk(attn.c_proj, y[s], [cfg.sparsity_at("attn_out")], delta)
             delta = tap(f"{i}.attn.resid_delta", s, delta[0])
             xm = tap(f"{i}.resid_mid", s, self._residual(rows[s] + delta, "resid_post_attn"))
-            h = _norm_rows(self.ln_2, xm, lambda rstd: tap(f"{i}.ln_2.rstd", s, rstd))
-            if pos2 is not None:
-                h = torch.cat([h, pos2[s]], dim=-1)
-            h = tap(f"{i}.mlp.act_in", s, abs_topk_exact(h, cfg.sparsity_at("mlp_in")))
+            at_rstd = None if taps is None else lambda rstd: tap(f"{i}.ln_2.rstd", s, rstd)
+            pos = None if pos2 is None else pos2[s]
+            h = tap(f"{i}.mlp.act_in", s, _norm_abs_topk(self.ln_2, xm, pos, cfg.sparsity_at("mlp_in"), at_rstd))
             post = h.new_empty(1, h.shape[0], cfg.d_mlp)
             if _linear_abs_topk(mlp.c_fc, h, [cfg.sparsity_at("mlp_neuron")], post, 0, cfg.activation_type, fallback=False):
                 h = post[0]

@@ -13,7 +13,8 @@
    that holds a NaN, is flagged for the caller to redo with torch.topk.
 
    linear_select_rows_f32 (at the end) runs a sparse linear, its activation and this selection in
-   one pass over tiles of 16 rows, so the linear's output stays in cache between the two. */
+   one pass over tiles of 16 rows, so the linear's output stays in cache between the two;
+   rms_select_rows_f32 an RMSNorm, the position rows appended and the selection. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -334,4 +335,62 @@ void gelu_f32(const float *x, float *y, int64_t n) {
         __mmask16 m = first_lanes(n - i);
         _mm512_mask_storeu_ps(y + i, m, gelu512(_mm512_maskz_loadu_ps(m, x + i)));
     }
+}
+
+/* RMSNorm, the position embedding's row appended, then AbsTopK, per row: out row i (d + dp) =
+   AbsTopK([x_i * r_i * w, pos_i], k of d + dp), r_i = rstd[i] when given (a recorded or frozen
+   inverse scale), else 1 / sqrt(mean(x_i^2) + eps). x: n rows of
+   d, row stride xs; pos: n rows of dp, row stride ps (dp = 0: none). The products round as torch's
+   x * rstd * w. redo[i]: ties or NaNs, as select_row. Returns 0, or 2 when memory ran out. */
+int rms_select_rows_f32(const float *x, int64_t n, int64_t d, int64_t xs, const float *rstd, float eps,
+                        const float *w, const float *pos, int64_t dp, int64_t ps, int64_t k, float *out,
+                        uint8_t *redo) {
+    const int64_t m = d + dp;
+    float *row = malloc((size_t)(m + 16) * sizeof(float));
+    uint32_t *buf = malloc((size_t)(m + 16) * sizeof(uint32_t));
+    if (!row || !buf) {
+        free(row);
+        free(buf);
+        return 2;
+    }
+    uint32_t guess = 0x3F800000u;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * xs;
+        float r;
+        if (rstd) {
+            r = rstd[i];
+        } else {
+            __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+            int64_t j = 0;
+            for (; j + 32 <= d; j += 32) {
+                const __m512 a = _mm512_loadu_ps(xi + j), b = _mm512_loadu_ps(xi + j + 16);
+                s0 = _mm512_fmadd_ps(a, a, s0);
+                s1 = _mm512_fmadd_ps(b, b, s1);
+            }
+            for (; j < d; j += 16) {
+                const __m512 a = _mm512_maskz_loadu_ps(first_lanes(d - j), xi + j);
+                s0 = _mm512_fmadd_ps(a, a, s0);
+            }
+            const float v = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / (float)d + eps;
+            r = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(v))); /* as torch.rsqrt: 1 / sqrt, each rounded */
+        }
+        const __m512 rv = _mm512_set1_ps(r);
+        for (int64_t j = 0; j < d; j += 16) {
+            const __mmask16 in = first_lanes(d - j);
+            const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, xi + j), rv), _mm512_maskz_loadu_ps(in, w + j));
+            _mm512_mask_storeu_ps(row + j, in, y);
+        }
+        if (dp > 0) memcpy(row + d, pos + i * ps, (size_t)dp * sizeof(float));
+        float *o = out + i * m;
+        redo[i] = 0;
+        if (k <= 0)
+            memset(o, 0, (size_t)m * sizeof(float));
+        else if (k >= m)
+            memcpy(o, row, (size_t)m * sizeof(float));
+        else
+            redo[i] = (uint8_t)select_row((const uint32_t *)row, (uint32_t *)o, m, k, buf, &guess);
+    }
+    free(row);
+    free(buf);
+    return 0;
 }

@@ -4,7 +4,8 @@
 in one pass over tiles of 16 rows, the output never leaving the cache; the fused block's first
 choice for q / k / v, the MLP's neurons and both residual deltas (1.2x on the whole forward at the
 release's widths, bench/README.md "fused linear and select"). Where it does not build, the block
-computes the linear in columns and selects with the kernels below.
+computes the linear in columns and selects with the kernels below. `norm_topk_rows` (C) does the
+same for an RMSNorm, the position embedding's rows appended and the AbsTopK after them.
 
 The fused block computes its wide linears as `W @ x.T` (`SparseLinear.columns`): the output is
 (features, rows), a column per token, because torch's sparse-times-dense is fastest that way. What
@@ -120,6 +121,45 @@ def linear_topk_rows(linear, x: torch.Tensor, fracs: list[float | None], out: to
     )  # fmt: skip
     if rc != 0:
         raise MemoryError(f"select_kernel.c: linear_select_rows_f32 failed (code {rc}) on {n} rows of {d} features")
+    return redo
+
+
+def norm_topk_rows(norm, x: torch.Tensor, pos: torch.Tensor | None, frac: float | None, out: torch.Tensor,
+                   rstd: torch.Tensor | None = None) -> np.ndarray | None:  # fmt: skip
+    """out = AbsTopK(cat([norm(x), pos], -1), frac) for rows x (n, d) of an RMSNorm (`inference.
+    model.Norm`), pos (n, dp) or None, out (n, d + dp) C-contiguous, in one pass of the C kernel
+    (`select_kernel.c`'s rms_select_rows_f32). rstd (n, 1): the inverse scale to use (a hook point's
+    value); None: computed in the kernel. Returns the (n,) bool array of the rows to redo (ties,
+    NaNs), or None (nothing written) when the kernel does not apply (a LayerNorm, not float32 on
+    CPU, a gradient needed, no C kernel)."""
+    lib = native_kernels()
+    parts = [x, out, norm.weight] + ([] if pos is None else [pos]) + ([] if rstd is None else [rstd])
+    if (
+        lib is None
+        or not norm.rms
+        or torch.is_grad_enabled()
+        or not _usable(*(t.detach() for t in parts))
+        or x.dim() != 2
+        or x.stride(1) != 1
+        or (pos is not None and (pos.dim() != 2 or pos.stride(1) != 1 or pos.shape[0] != x.shape[0]))
+        or not out.is_contiguous()
+    ):
+        return None
+    n, d = x.shape
+    dp = 0 if pos is None else pos.shape[1]
+    if out.shape != (n, d + dp):
+        raise ValueError(f"norm_topk_rows: output {tuple(out.shape)} does not fit {n} rows of {d} + {dp}")
+    weight = norm.weight.detach().contiguous()  # held until the call returns
+    rstd = None if rstd is None else rstd.detach().reshape(n).contiguous()
+    k = d + dp if frac is None else int(frac * (d + dp))
+    redo = np.zeros(n, np.bool_)
+    rc = lib.rms_select_rows_f32(
+        x.data_ptr(), n, d, x.stride(0), None if rstd is None else rstd.data_ptr(), torch.finfo(x.dtype).eps,
+        weight.data_ptr(), None if pos is None else pos.data_ptr(), dp, 0 if pos is None else pos.stride(0), k,
+        out.data_ptr(), redo.ctypes.data,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"select_kernel.c: rms_select_rows_f32 failed (code {rc}) on {n} rows of {d + dp}")
     return redo
 
 

@@ -480,10 +480,10 @@ def test_topk_columns_not_applicable_returns_none(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["release_like", "afrac_all", "rmsnorm_nobias_relu_untied"])
 def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypatch):
-    """The fused block with the C linear + select kernel, with the column selects (C or numba) and
-    the linears in torch, and with its torch fallback (the kernels switched off, or none built)
-    gives the plain path's logits and recorded values; on the same inputs (layer 0) the column
-    kernel selects exactly what the fallback does."""
+    """The fused block with its C kernels (norm + select, linear + select), with the column selects
+    (C or numba) and the linears in torch, and with its torch fallback (the kernels switched off, or
+    none built) gives the plain path's logits and recorded values; on the same inputs (layer 0) the
+    column kernel selects exactly what the fallback does."""
     from inference import topk_columns
 
     monkeypatch.setattr(fast_module, "CHUNK_ROWS", 6)
@@ -492,7 +492,7 @@ def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypat
     idx = torch.randint(0, BASE["vocab_size"], (2, BASE["block_size"]), generator=torch.Generator().manual_seed(4))
     want_logits, want = all_hooks(plain, idx)
     calls = []  # (kernel, parts, whether the kernel wrote them)
-    real_rows, real_linear = topk_columns.topk_rows, topk_columns.linear_topk_rows
+    real_rows, real_linear, real_norm = topk_columns.topk_rows, topk_columns.linear_topk_rows, topk_columns.norm_topk_rows
 
     def spy_rows(hc, fracs, out, row0):
         redo = real_rows(hc, fracs, out, row0)
@@ -500,19 +500,26 @@ def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypat
         return redo
 
     def spy_linear(linear, x, fracs, out, row0=0, activation=None):
-        redo = real_linear(linear, x, fracs, out, row0, activation) if mode == "linear kernel" else None
+        redo = real_linear(linear, x, fracs, out, row0, activation) if mode == "C kernels" else None
         calls.append(("linear", len(fracs), redo is not None))
+        return redo
+
+    def spy_norm(norm, x, pos, frac, out, rstd=None):
+        redo = real_norm(norm, x, pos, frac, out, rstd)
+        calls.append(("norm", 1, redo is not None))
         return redo
 
     monkeypatch.setattr(topk_columns, "topk_rows", spy_rows)
     monkeypatch.setattr(topk_columns, "linear_topk_rows", spy_linear)
+    monkeypatch.setattr(topk_columns, "norm_topk_rows", spy_norm)
     runs, hooks = {}, {}
-    for mode in ("linear kernel", "column kernel", "disabled", "no kernel"):
-        if mode == "linear kernel":
+    for mode in ("C kernels", "column kernel", "disabled", "no kernel"):
+        if mode == "C kernels":
             needs_native_select()
         monkeypatch.setattr(topk_columns, "ENABLED", mode != "disabled")
-        if mode == "no kernel":
+        if mode == "no kernel":  # no C compiler, no numba
             monkeypatch.setattr(topk_columns, "kernel", lambda: None)
+            monkeypatch.setattr(topk_columns, "native_kernels", lambda: None)
         got_logits, got = hooks[mode] = all_hooks(fast, idx)
         with torch.no_grad():
             runs[mode] = fast(idx)
@@ -520,8 +527,8 @@ def test_fused_block_with_and_without_the_topk_columns_kernel(variant, monkeypat
         assert_close_to_scale(got_logits, want_logits, (mode, "logits"))
         for name in want:
             assert_close_to_scale(got[name], want[name], (mode, name))
-        if mode == "linear kernel":  # q/k/v, both deltas and the MLP's neurons: one pass each, no column select
-            assert {("linear", 3, True), ("linear", 1, True)} == set(calls), calls
+        if mode == "C kernels":  # norms, q/k/v, both deltas and the MLP's neurons: one pass each, no column select
+            assert {("norm", 1, True), ("linear", 3, True), ("linear", 1, True)} == set(calls), calls
         if mode == "column kernel":  # the kernel wrote q/k/v and the MLP's delta (not a silent fallback)
             assert {("columns", 3, True), ("columns", 1, True)} <= set(calls), calls
         calls.clear()

@@ -146,3 +146,39 @@ def test_linear_topk_not_applicable_returns_none(monkeypatch):
     assert torch.equal(out, torch.full((1, 5, 32), 3.0))
     with torch.no_grad():
         assert topk_columns.linear_topk_rows(lin, x, [0.5], out, 0) is not None
+
+
+@pytest.mark.parametrize("with_pos", [True, False])
+@pytest.mark.parametrize("given_rstd", [False, True])
+def test_norm_topk_rows_equals_float64_reference(with_pos, given_rstd):
+    """RMSNorm, the position rows appended, AbsTopK, in one C pass (`norm_topk_rows`): the kept
+    entries are the float64 computation's top k with its values to float rounding; a given inverse
+    scale (a frozen or recorded one) is used as is; a LayerNorm, or float64, is left to torch (None)."""
+    from inference.model import Norm
+
+    needs_native_select()
+    gen = torch.Generator().manual_seed(11)
+    n, d, dp = 19, 40, 6
+    norm = Norm(d, rms=True, bias=False)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=gen))
+    x = torch.randn(n, d + 3, generator=gen)[:, 1 : d + 1]  # strided rows
+    pos = torch.randn(n, dp, generator=gen) if with_pos else None
+    rstd = torch.rand(n, 1, generator=gen) + 0.5 if given_rstd else None
+    m = d + (dp if with_pos else 0)
+    out = torch.full((n, m), 9.0)
+    with torch.no_grad():
+        redo = topk_columns.norm_topk_rows(norm, x, pos, 0.25, out, rstd)
+    assert redo is not None and not redo.any()
+    xd = x.double()
+    r = rstd.double() if given_rstd else torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    want = xd * r * norm.weight.detach().double()
+    if with_pos:
+        want = torch.cat([want, pos.double()], -1)
+    k = int(0.25 * m)
+    keep = torch.zeros_like(want, dtype=torch.bool).scatter_(1, want.abs().topk(k, dim=1).indices, True)
+    assert torch.equal(out != 0, keep)
+    torch.testing.assert_close(out.double(), torch.where(keep, want, 0.0), rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        assert topk_columns.norm_topk_rows(Norm(d, rms=False, bias=True), x, pos, 0.25, out, rstd) is None
+        assert topk_columns.norm_topk_rows(norm, x.double(), None, 0.25, out.double()[:, :d]) is None

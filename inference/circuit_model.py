@@ -15,8 +15,9 @@ circuit's values can still change:
 - AbsTopK: a circuit channel survives when |value| reaches the row's k-th largest |value|. The
   row is mostly constants, so the k-th largest comes from the few changing values and a window
   of the constants' order statistics (ranks k - m .. k + 1 for m changing values) kept from the
-  base run. A tie at a nonzero k-th value, where topk's own choice matters, is detected and
-  that computation is redone by the reference.
+  base run. A tie at a nonzero k-th value, where topk's own choice matters, is detected: between
+  constants only, topk decides it on the row (kept whole for the rows where constants tie near
+  rank k); where a changing value takes part, that computation is redone by the reference.
 
 Per-node ablations then run only this small network, many ablations batched along a leading
 dimension, each starting at its node's layer from the stored un-ablated state.
@@ -55,6 +56,7 @@ from inference.fast import SPARSE_MAX_DENSITY, abs_topk_exact, sink_attention
 from inference.hooks import record
 from inference.kth_pair import kth_pair, kth_pair_stage
 from inference.memory import heap_kept, trim_heap
+from inference.model import abs_topk
 from inference.separable_attention import SeparableHeads, head_channels
 from inference.sparse_rows import csr_arrays, sparse_rows
 
@@ -179,10 +181,17 @@ class _TopkStage:
         self.c_const_pos = torch.nonzero(~c_changing).flatten()
         self.c_const = z[:, circuit[~c_changing]]  # (rows, .): circuit channels that only the threshold can change
         self.base = None  # (|changing|, k-th, (k+1)-th) of the un-ablated run: `run(..., keep_base=True)`
+        self.tie_rows, self.tie_z = torch.zeros(0, dtype=torch.long), None
         if full or self.k >= n:
             self.window = None
             return
-        self.window = _rank_window_once(z[:, ~is_changing].abs(), self.k, len(changing), docs)
+        self.window = w = _rank_window_once(z[:, ~is_changing].abs(), self.k, len(changing), docs)
+        # Rows where two constants are equal near rank k: a tie there can be the constants' own, and
+        # topk's choice between them needs the whole row, kept for these rows (`_constant_ties`).
+        dup = ((w[:, 1:] == w[:, :-1]) & (w[:, 1:] > 0) & (w[:, 1:] < math.inf)).any(-1)
+        if bool(dup.any()):
+            self.tie_rows = torch.nonzero(dup).flatten()
+            self.tie_z = z[self.tie_rows].clone()
 
     def take_rows(self, rows: torch.Tensor) -> _TopkStage:
         """This stage on a subset of the rows (tokens)."""
@@ -190,6 +199,12 @@ class _TopkStage:
         out.c_const = self.c_const[rows]
         out.window = None if self.window is None else self.window[rows]
         out.base = None if self.base is None else tuple(t[rows] for t in self.base)
+        if self.tie_z is not None:  # the kept rows among `rows`, renumbered
+            where = torch.full((self.c_const.shape[0],), -1, dtype=torch.long)
+            where[self.tie_rows] = torch.arange(len(self.tie_rows))
+            j = where[rows]
+            out.tie_rows = torch.nonzero(j >= 0).flatten()
+            out.tie_z = self.tie_z[j[j >= 0]] if len(out.tie_rows) else None
         return out
 
     def run(
@@ -214,6 +229,7 @@ class _TopkStage:
                 if keep_base:
                     self._keep_base(changing, kth, kth1)
                 if ties is not None:
+                    self._constant_ties(changing, kth, out, tied)
                     self._flag(ties, tied)
                 return out
         vals = changing.new_empty(A, rows, len(self.circuit))
@@ -226,12 +242,36 @@ class _TopkStage:
         kth, kth1 = got if got is not None else _kth_largest_pair(changing.abs(), self.window)
         if keep_base:
             self._keep_base(changing, kth, kth1)
+        out = torch.where(vals.abs() >= kth, vals, 0.0)
         if ties is not None:
             # topk's choice among tied entries matters only when a circuit channel is among them
             # (every other channel is replaced by its fill either way).
             tied = ((kth1 == kth) & (kth > 0) & (vals.abs() == kth).any(-1, keepdim=True))[..., 0]  # (A, rows)
+            self._constant_ties(changing, kth, out, tied)
             self._flag(ties, tied)
-        return torch.where(vals.abs() >= kth, vals, 0.0)
+        return out
+
+    def _constant_ties(self, changing: torch.Tensor, kth: torch.Tensor, out: torch.Tensor, tied: torch.Tensor) -> None:
+        """Decide by topk itself, in place in `out` and `tied` (A, rows), the flagged rows whose
+        k-th |value| is tied between constants only (no changing value at it), in the rows kept
+        for that: the un-ablated run's row with the changing channels' values put in, through
+        `abs_topk` (torch.topk, as the reference's redo of a tied row). Without this, one tie
+        between two constants in the un-ablated run sent every pass through that row, nearly every
+        node, to the reference (bench/README.md, 2026-12-07)."""
+        if self.tie_z is None:
+            return
+        hit = tied[:, self.tie_rows]
+        if not bool(hit.any()):
+            return
+        for a, j in torch.nonzero(hit).tolist():
+            r = int(self.tie_rows[j])
+            values = changing[a, r]
+            if bool((values.abs() == kth[a, r]).any()):  # a changing value at the tie: the reference decides
+                continue
+            row = self.tie_z[j].clone()
+            row[self.changing] = values
+            out[a, r] = abs_topk(row.unsqueeze(0), self.frac)[0, self.circuit]
+            tied[a, r] = False
 
     def _keep_base(self, changing: torch.Tensor, kth: torch.Tensor, kth1: torch.Tensor) -> None:
         """The un-ablated run's |values| and thresholds, which the passes' thresholds start from."""

@@ -12,6 +12,7 @@ from inference import kth_pair as KP
 from inference import separable_attention as SA
 from inference import sparse_rows as SR
 from inference.kth_pair import kth_pair
+from inference.model import abs_topk
 
 SUPPORTED = {
     name: v for name, v in VARIANTS.items() if name not in ("afrac_resid_post_attn", "afrac_resid_post_mlp", "afrac_all")
@@ -347,13 +348,10 @@ def test_topk_stage_kernel_equals_torch(with_base, monkeypatch):
         assert torch.equal(got[True][1], got[False][1]), trial
 
 
-@pytest.mark.parametrize("mode", ["mean", "zero"])
-def test_ties_recomputed_by_the_reference_on_their_docs_only(mode, monkeypatch):
-    """One token whose layer-0 AbsTopK input has every entry of one magnitude: in the docs holding
-    it, the un-ablated circuit run ties (it keeps every tied entry, topk only k), and so does every
-    ablation after it. `fast_ablation_losses` must recompute exactly those docs with the
-    reference (the circuit model's own values there are off), and only those, each node from
-    its own layer."""
+def _tied_token_case():
+    """A case whose docs hold, in some pairs only, a token whose layer-0 AbsTopK input has every
+    entry of one magnitude, all of them circuit channels: a tie between constants (layer 0's input
+    depends on no circuit value)."""
     model, docs, circuit, means = make_case("release_like", node_frac=0.3, seed=0)
     docs = torch.cat([docs, docs.roll(1, dims=0)])  # 6 pairs
     tok = int(docs[0, 1])
@@ -366,6 +364,40 @@ def test_ties_recomputed_by_the_reference_on_their_docs_only(mode, monkeypatch):
     tied_pairs = {j % half for j in range(len(docs)) if holds[j]}
     assert 0 < len(tied_pairs) < half  # some pairs tie, others do not
     circuit["0.attn.act_in"] = torch.arange(model.config.d_model)  # every tied entry: those topk drops differ
+    return model, docs, circuit, means, holds, tied_pairs
+
+
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_ties_between_constants_decided_by_topk_on_the_whole_row(mode, monkeypatch):
+    """A tie between constants (`_tied_token_case`) is decided by topk on the un-ablated row with
+    the pass's changing values put in (`_TopkStage._constant_ties`), as the reference's redo of a
+    tied row does: no node is sent to the reference, and the circuit model's own losses equal the
+    reference's on every pair, the tied ones included."""
+    model, docs, circuit, means, holds, tied_pairs = _tied_token_case()
+    cm = CM.CircuitModel(model, docs, circuit, means)
+    assert not any(t.any() for t in cm.tied_before)  # the un-ablated run: decided, not flagged
+    raw, tied = cm.ablation_losses(mode, 7)
+    assert tied == []
+    monkeypatch.setattr(CM, "masked_forward", lambda *a, **k: pytest.fail("the reference was called"))
+    got = CM.fast_ablation_losses(model, docs, circuit, means, mode, batch=7, circuit_model=cm, per_pair=True)
+    monkeypatch.undo()
+    want = C.ablation_losses(model, docs, circuit, means, mode, per_pair=True)
+    raw = CM._aligned(circuit, raw, cm.circuit)
+    for loc in want:
+        assert torch.allclose(raw[loc], want[loc], atol=1e-4, rtol=1e-4), loc
+        assert torch.allclose(got[loc], want[loc], atol=1e-4, rtol=1e-4), loc
+
+
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_ties_recomputed_by_the_reference_on_their_docs_only(mode, monkeypatch):
+    """With the ties between constants left undecided (`_constant_ties` switched off, as for a tie
+    a changing value takes part in), the tied token's docs (`_tied_token_case`) tie in the
+    un-ablated circuit run (it keeps every tied entry, topk only k), and so does every ablation
+    after it. `fast_ablation_losses` must recompute exactly those docs with the reference (the
+    circuit model's own values there are off), and only those, each node from its own layer."""
+    monkeypatch.setattr(CM._TopkStage, "_constant_ties", lambda self, *a: None)
+    model, docs, circuit, means, holds, tied_pairs = _tied_token_case()
+    half = len(docs) // 2
     cm = CM.CircuitModel(model, docs, circuit, means)
     raw, tied = cm.ablation_losses(mode, 7)
     assert {int(p) for _, _, d in tied for p in d % half} == tied_pairs
@@ -429,3 +461,35 @@ def test_separable_heads_attend_by_running_sums_and_equal_the_reference(compiled
             assert torch.allclose(got[loc], ref[loc], atol=1e-4, rtol=1e-4), (mode, loc)
         qk = torch.cat([ref[f"{i}.attn.{kind}"] for i in range(model.config.n_layer) for kind in "qk"])
         assert (qk - qk.mean()).abs().max() > 1e-3  # the q and k ablations move the loss
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_topk_stage_decides_ties_between_constants_on_the_rows_it_keeps(compiled, monkeypatch):
+    """`_TopkStage` keeps the whole rows where constants tie near rank k (and only those), renumbers
+    them when it is cut to some rows (`take_rows`, the last layer's answer rows), and there decides
+    such a tie as topk does on the row, without a flag; a tie a changing value takes part in stays
+    flagged for the reference."""
+    if compiled and KP.kernel() is None:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(KP, "ENABLED", compiled)
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 10, generator=gen)
+    z[2] = 0.5 * torch.sign(torch.randn(10, generator=gen))  # every constant of one magnitude
+    z[4] = 0.25 * torch.sign(torch.randn(10, generator=gen))
+    z[2, :2], z[4, :2] = torch.tensor([2.0, -0.1]), torch.tensor([-0.05, 1.0])  # the changing channels: off the tie
+    changing, circuit = torch.tensor([0, 1]), torch.arange(10)
+    stage = CM._TopkStage(z, changing, circuit, 0.5)
+    assert stage.tie_rows.tolist() == [2, 4] and torch.equal(stage.tie_z, z[[2, 4]])
+    sub = stage.take_rows(torch.tensor([4, 0, 2]))
+    assert sub.tie_rows.tolist() == [0, 2] and torch.equal(sub.tie_z, z[[4, 2]])
+    rows = z[[4, 0, 2]]
+    vals = rows[:, changing].unsqueeze(0).repeat(2, 1, 1)
+    vals[1, 2, 1] = -0.5  # a changing value moved onto the constants' tie
+    vals[1, 0, 0], vals[1, 0, 1] = 3.0, -3.0  # both above it: the constants still tied among themselves
+    flags = torch.zeros(2, 3, dtype=torch.bool)
+    out = sub.run(vals, (flags, None))
+    full = rows.unsqueeze(0).repeat(2, 1, 1)
+    full[..., changing] = vals
+    want = abs_topk(full, 0.5)[..., circuit]
+    assert flags.tolist() == [[False, False, False], [False, False, True]]  # a changing value at the tie
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1, :2], want[1, :2])

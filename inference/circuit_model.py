@@ -16,8 +16,9 @@ circuit's values can still change:
   row is mostly constants, so the k-th largest comes from the few changing values and a window
   of the constants' order statistics (ranks k - m .. k + 1 for m changing values) kept from the
   base run. A tie at a nonzero k-th value, where topk's own choice matters, is detected: between
-  constants only, topk decides it on the row (kept whole for the rows where constants tie near
-  rank k); where a changing value takes part, that computation is redone by the reference.
+  constants only, or in a row as the base run had it, topk decides it on the row (kept whole for
+  the rows where constants tie near rank k or the base row ties); where a changing value takes
+  part in a new tie, that computation is redone by the reference.
 
 Per-node ablations then run only this small network, many ablations batched along a leading
 dimension, each starting at its node's layer from the stored un-ablated state.
@@ -186,9 +187,12 @@ class _TopkStage:
             self.window = None
             return
         self.window = w = _rank_window_once(z[:, ~is_changing].abs(), self.k, len(changing), docs)
-        # Rows where two constants are equal near rank k: a tie there can be the constants' own, and
-        # topk's choice between them needs the whole row, kept for these rows (`_constant_ties`).
+        # Rows where two constants are equal near rank k, or the un-ablated row ties at its k-th
+        # value: a pass can tie there without a changing value at the tie, or with the row as it
+        # was, and then topk's choice needs only the whole row, kept for these rows (`_decide_ties`).
         dup = ((w[:, 1:] == w[:, :-1]) & (w[:, 1:] > 0) & (w[:, 1:] < math.inf)).any(-1)
+        kth, kth1 = _kth_largest_pair(z[:, changing].abs().unsqueeze(0), w)
+        dup |= ((kth == kth1) & (kth > 0))[0, :, 0]
         if bool(dup.any()):
             self.tie_rows = torch.nonzero(dup).flatten()
             self.tie_z = z[self.tie_rows].clone()
@@ -229,7 +233,7 @@ class _TopkStage:
                 if keep_base:
                     self._keep_base(changing, kth, kth1)
                 if ties is not None:
-                    self._constant_ties(changing, kth, out, tied)
+                    self._decide_ties(changing, kth, out, tied)
                     self._flag(ties, tied)
                 return out
         vals = changing.new_empty(A, rows, len(self.circuit))
@@ -247,17 +251,18 @@ class _TopkStage:
             # topk's choice among tied entries matters only when a circuit channel is among them
             # (every other channel is replaced by its fill either way).
             tied = ((kth1 == kth) & (kth > 0) & (vals.abs() == kth).any(-1, keepdim=True))[..., 0]  # (A, rows)
-            self._constant_ties(changing, kth, out, tied)
+            self._decide_ties(changing, kth, out, tied)
             self._flag(ties, tied)
         return out
 
-    def _constant_ties(self, changing: torch.Tensor, kth: torch.Tensor, out: torch.Tensor, tied: torch.Tensor) -> None:
-        """Decide by topk itself, in place in `out` and `tied` (A, rows), the flagged rows whose
-        k-th |value| is tied between constants only (no changing value at it), in the rows kept
-        for that: the un-ablated run's row with the changing channels' values put in, through
-        `abs_topk` (torch.topk, as the reference's redo of a tied row). Without this, one tie
-        between two constants in the un-ablated run sent every pass through that row, nearly every
-        node, to the reference (bench/README.md, 2026-12-07)."""
+    def _decide_ties(self, changing: torch.Tensor, kth: torch.Tensor, out: torch.Tensor, tied: torch.Tensor) -> None:
+        """Decide by topk itself, in place in `out` and `tied` (A, rows), the flagged rows kept
+        whole (`tie_rows`) whose tie is between constants only (no changing value at the k-th
+        |value|), or whose changing values are the un-ablated run's (the row is the un-ablated
+        one): the un-ablated row with the changing channels' values put in, through `abs_topk`
+        (torch.topk, as the reference's redo of a tied row). Without this, one tie in the
+        un-ablated run sent every pass through that row, nearly every node, to the reference
+        (bench/README.md, 2026-12-07)."""
         if self.tie_z is None:
             return
         hit = tied[:, self.tie_rows]
@@ -266,8 +271,9 @@ class _TopkStage:
         for a, j in torch.nonzero(hit).tolist():
             r = int(self.tie_rows[j])
             values = changing[a, r]
-            if bool((values.abs() == kth[a, r]).any()):  # a changing value at the tie: the reference decides
-                continue
+            as_base = self.base is not None and bool(torch.equal(values.abs(), self.base[0][r]))
+            if not as_base and bool((values.abs() == kth[a, r]).any()):  # a changing value at a new tie
+                continue  # the reference decides
             row = self.tie_z[j].clone()
             row[self.changing] = values
             out[a, r] = abs_topk(row.unsqueeze(0), self.frac)[0, self.circuit]

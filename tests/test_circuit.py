@@ -370,7 +370,7 @@ def _tied_token_case():
 @pytest.mark.parametrize("mode", ["mean", "zero"])
 def test_ties_between_constants_decided_by_topk_on_the_whole_row(mode, monkeypatch):
     """A tie between constants (`_tied_token_case`) is decided by topk on the un-ablated row with
-    the pass's changing values put in (`_TopkStage._constant_ties`), as the reference's redo of a
+    the pass's changing values put in (`_TopkStage._decide_ties`), as the reference's redo of a
     tied row does: no node is sent to the reference, and the circuit model's own losses equal the
     reference's on every pair, the tied ones included."""
     model, docs, circuit, means, holds, tied_pairs = _tied_token_case()
@@ -390,12 +390,12 @@ def test_ties_between_constants_decided_by_topk_on_the_whole_row(mode, monkeypat
 
 @pytest.mark.parametrize("mode", ["mean", "zero"])
 def test_ties_recomputed_by_the_reference_on_their_docs_only(mode, monkeypatch):
-    """With the ties between constants left undecided (`_constant_ties` switched off, as for a tie
+    """With the ties between constants left undecided (`_decide_ties` switched off, as for a tie
     a changing value takes part in), the tied token's docs (`_tied_token_case`) tie in the
     un-ablated circuit run (it keeps every tied entry, topk only k), and so does every ablation
     after it. `fast_ablation_losses` must recompute exactly those docs with the reference (the
     circuit model's own values there are off), and only those, each node from its own layer."""
-    monkeypatch.setattr(CM._TopkStage, "_constant_ties", lambda self, *a: None)
+    monkeypatch.setattr(CM._TopkStage, "_decide_ties", lambda self, *a: None)
     model, docs, circuit, means, holds, tied_pairs = _tied_token_case()
     half = len(docs) // 2
     cm = CM.CircuitModel(model, docs, circuit, means)
@@ -493,3 +493,27 @@ def test_topk_stage_decides_ties_between_constants_on_the_rows_it_keeps(compiled
     want = abs_topk(full, 0.5)[..., circuit]
     assert flags.tolist() == [[False, False, False], [False, False, True]]  # a changing value at the tie
     assert torch.equal(out[0], want[0]) and torch.equal(out[1, :2], want[1, :2])
+
+
+def test_topk_stage_decides_a_tie_of_the_unablated_row_where_the_row_is_unchanged():
+    """A row whose un-ablated values tie at the k-th with a changing value among the tied: the
+    un-ablated run and every pass that leaves the row's changing values as they were are decided
+    by topk on the row (no flag); a pass that moves another changing value onto the tie is flagged."""
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(3, 12, generator=gen)
+    z[1] = torch.tensor([0.7, -0.1, 0.7, -0.5, 0.05, 2.0, -3.0, 0.01, 0.02, 0.03, 0.04, -0.06])
+    changing, circuit = torch.tensor([0, 1]), torch.arange(12)  # z[1, 0] = 0.7: changing, at the tie
+    stage = CM._TopkStage(z, changing, circuit, 0.25)  # k = 3: 3.0, 2.0, then one of two 0.7s
+    assert stage.tie_rows.tolist() == [1]
+    flags = torch.zeros(1, 3, dtype=torch.bool)
+    base_out = stage.run(z[:, changing].unsqueeze(0), (flags, None), keep_base=True)
+    assert not flags.any() and torch.equal(base_out[0], abs_topk(z, 0.25))
+    vals = z[:, changing].unsqueeze(0).repeat(3, 1, 1)
+    vals[1, 0, 0] += 1.0  # another row moved: row 1 as it was
+    vals[2, 1, 1] = 0.7  # row 1's other changing value moved onto the tie
+    flags = torch.zeros(3, 3, dtype=torch.bool)
+    out = stage.run(vals, (flags, None))
+    full = z.unsqueeze(0).repeat(3, 1, 1)
+    full[..., changing] = vals
+    assert flags.tolist() == [[False, False, False], [False, False, False], [False, True, False]]
+    assert torch.equal(out[:2], abs_topk(full[:2], 0.25))

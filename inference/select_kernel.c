@@ -150,6 +150,20 @@ static int select_row(const uint32_t *xb, uint32_t *ob, int64_t n, int64_t k, ui
     return kth > 0 && kept != k;
 }
 
+/* One part of a row, w wide, k kept: none (k <= 0), all (k >= w, no select) or select_row's
+   AbsTopK. Returns select_row's redo flag (0 for none or all). */
+static int select_part(const uint32_t *src, uint32_t *dst, int64_t w, int64_t k, uint32_t *buf, uint32_t *guess) {
+    if (k <= 0) {
+        memset(dst, 0, (size_t)w * sizeof(uint32_t));
+        return 0;
+    }
+    if (k >= w) {
+        memcpy(dst, src, (size_t)w * sizeof(uint32_t));
+        return 0;
+    }
+    return select_row(src, dst, w, k, buf, guess);
+}
+
 /* AbsTopK of the r rows of x (r, n) into out (r, n), k of n kept (0 < k < n); redo[i] set for
    the rows to redo. Returns 0, or 2 when memory ran out. */
 int select_rows_f32(const float *x, float *out, int64_t r, int64_t n, int64_t k, uint8_t *redo) {
@@ -205,13 +219,7 @@ int select_columns_f32(const float *hc, int64_t d, int64_t n, int64_t lo, int64_
             for (int64_t s = 0; s < S; s++) {
                 const uint32_t *x = tile + t * ld + s * w;
                 uint32_t *dst = cols_out ? sel + t * ld + s * w : ob + (s * n_out + row0 + i0 + t) * w;
-                const int64_t k = ks[s];
-                if (k <= 0)
-                    memset(dst, 0, (size_t)w * sizeof(uint32_t));
-                else if (k >= w)
-                    memcpy(dst, x, (size_t)w * sizeof(uint32_t));
-                else
-                    bad |= select_row(x, dst, w, k, buf, &guess[s]);
+                bad |= select_part(x, dst, w, ks[s], buf, &guess[s]);
             }
             redo[i0 + t] = (uint8_t)bad;
         }
@@ -311,13 +319,7 @@ int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, 
             for (int64_t s = 0; s < S; s++) {
                 const uint32_t *src = (const uint32_t *)(y + t * ly + s * w);
                 uint32_t *dst = (uint32_t *)(out + s * out_part + (r0 + t) * out_row);
-                const int64_t k = ks[s];
-                if (k <= 0)
-                    memset(dst, 0, (size_t)w * sizeof(uint32_t));
-                else if (k >= w)
-                    memcpy(dst, src, (size_t)w * sizeof(uint32_t));
-                else
-                    bad |= select_row(src, dst, w, k, buf, &guess[s]);
+                bad |= select_part(src, dst, w, ks[s], buf, &guess[s]);
             }
             redo[r0 + t] = (uint8_t)bad;
         }
@@ -381,14 +383,7 @@ int rms_select_rows_f32(const float *x, int64_t n, int64_t d, int64_t xs, const 
             _mm512_mask_storeu_ps(row + j, in, y);
         }
         if (dp > 0) memcpy(row + d, pos + i * ps, (size_t)dp * sizeof(float));
-        float *o = out + i * m;
-        redo[i] = 0;
-        if (k <= 0)
-            memset(o, 0, (size_t)m * sizeof(float));
-        else if (k >= m)
-            memcpy(o, row, (size_t)m * sizeof(float));
-        else
-            redo[i] = (uint8_t)select_row((const uint32_t *)row, (uint32_t *)o, m, k, buf, &guess);
+        redo[i] = (uint8_t)select_part((const uint32_t *)row, (uint32_t *)(out + i * m), m, k, buf, &guess);
     }
     free(row);
     free(buf);

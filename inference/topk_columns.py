@@ -3,9 +3,10 @@
 `linear_topk_rows` (C, `select_kernel.c`): the linear, its activation and the AbsTopK of its output
 in one pass over tiles of 16 rows, the output never leaving the cache; the fused block's first
 choice for q / k / v, the MLP's neurons and both residual deltas (1.2x on the whole forward at the
-release's widths, bench/README.md "fused linear and select"). Where it does not build, the block
-computes the linear in columns and selects with the kernels below. `norm_topk_rows` (C) does the
-same for an RMSNorm, the position embedding's rows appended and the AbsTopK after them.
+release's widths, bench/README.md "a sparse linear and its AbsTopK in one C pass"). Where it does
+not build, the block computes the linear in columns and selects with the kernels below.
+`norm_topk_rows` (C) does the same for an RMSNorm, the position embedding's rows appended and the
+AbsTopK after them.
 
 The fused block computes its wide linears as `W @ x.T` (`SparseLinear.columns`): the output is
 (features, rows), a column per token, because torch's sparse-times-dense is fastest that way. What
@@ -87,8 +88,8 @@ def linear_topk_rows(linear, x: torch.Tensor, fracs: list[float | None], out: to
     """out[s, row0 + i] = AbsTopK(activation(linear(x))[i, s-th part of the features], fracs[s]) for
     rows x (n, in_features) of a sparse linear (`inference.fast.SparseLinear`), in one pass of the C
     kernel (`select_kernel.c`'s linear_select_rows_f32: the linear's output never leaves the cache);
-    out (len(fracs), N, out_features / len(fracs)) C-contiguous. activation: None, "gelu" (exact,
-    erf) or "relu". Returns the (n,) bool array of the rows to redo (ties, NaNs: their out rows are
+    out (len(fracs), N, out_features / len(fracs)) C-contiguous. activation: None, "gelu" (the erf
+    form, to float rounding) or "relu". Returns the (n,) bool array of the rows to redo (ties, NaNs: their out rows are
     unspecified), or None (nothing written) when the kernel does not apply (no C kernel, a dense
     weight, not float32 on CPU, a gradient needed)."""
     csr = linear.csr_arrays() if hasattr(linear, "csr_arrays") else None
@@ -109,7 +110,7 @@ def linear_topk_rows(linear, x: torch.Tensor, fracs: list[float | None], out: to
     if out.shape[0] != len(fracs) or out.shape[2] * len(fracs) != d or row0 + n > out.shape[1]:
         raise ValueError(f"linear_topk_rows: output {tuple(out.shape)} does not fit {len(fracs)} parts of {d} features")
     bias = None if linear.bias is None else linear.bias.detach().contiguous()  # held until the call returns
-    if bias is not None and not _usable(bias.detach()):
+    if bias is not None and not _usable(bias):
         return None
     ks = _ks(fracs, out.shape[2])
     redo = np.zeros(n, np.bool_)
@@ -151,7 +152,7 @@ def norm_topk_rows(norm, x: torch.Tensor, pos: torch.Tensor | None, frac: float 
         raise ValueError(f"norm_topk_rows: output {tuple(out.shape)} does not fit {n} rows of {d} + {dp}")
     weight = norm.weight.detach().contiguous()  # held until the call returns
     rstd = None if rstd is None else rstd.detach().reshape(n).contiguous()
-    k = d + dp if frac is None else int(frac * (d + dp))
+    k = int(_ks([frac], d + dp)[0])
     redo = np.zeros(n, np.bool_)
     rc = lib.rms_select_rows_f32(
         x.data_ptr(), n, d, x.stride(0), None if rstd is None else rstd.data_ptr(), torch.finfo(x.dtype).eps,

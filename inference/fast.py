@@ -58,6 +58,7 @@ from inference import attention_kernel, topk_columns
 from inference.hooks import deliver, hook, hooks_active, recorded, row_interventions
 from inference.memory import release_mapped_pages
 from inference.model import GPT, MLP, Block, CausalSelfAttention, abs_topk
+from inference.sparse_rows import csr_arrays
 from inference.topk_select import select_rows
 
 # Dense-times-CSC beats the dense matmul below about 2-3% density for the release's shapes
@@ -104,20 +105,19 @@ class SparseLinear(nn.Linear):
     def density(self) -> float:
         return self.weight.count_nonzero().item() / max(1, self.weight.numel())
 
-    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """W in CSR as int32 / float32 numpy arrays for the C kernels (`inference.topk_columns.
-        linear_topk_rows`): (row pointers (out + 1), each nonzero's row, its column, its value), or
-        None when W is kept dense. Built with the compressed weight, and rebuilt with it."""
+    def csr_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """W's nonzeros in row order (`inference.sparse_rows.csr_arrays`: each one's output row,
+        column and value), the indices as int32, for the C kernels (`inference.topk_columns.
+        linear_topk_rows`); None when W is kept dense. Built with the compressed weight, and
+        rebuilt with it."""
         wt = self._compressed_weight_t()
         if wt is None or wt.dtype != torch.float32 or wt.values().numel() >= 2**31:
             return None
         cached = self.__dict__.get("_csr_arrays")
         if cached is not None and cached[0] is wt:
             return cached[1]
-        crow, col = wt.ccol_indices(), wt.row_indices()  # W.T in CSC = W in CSR
-        rows = torch.repeat_interleave(torch.arange(self.out_features, dtype=torch.int32), crow.diff())
-        arrays = tuple(t.to(dt).numpy() for t, dt in ((crow, torch.int32), (rows, torch.int32), (col, torch.int32)))
-        arrays += (wt.values().contiguous().numpy(),)
+        rows, cols, values = csr_arrays(wt.t())  # W.T in CSC = W in CSR
+        arrays = (rows.astype(np.int32), cols.astype(np.int32), values)
         self.__dict__["_csr_arrays"] = (wt, arrays)
         return arrays
 

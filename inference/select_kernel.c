@@ -259,7 +259,7 @@ enum { ACT_NONE = 0, ACT_GELU = 1, ACT_RELU = 2 };
 
 /* y = act(x W^T + b), then AbsTopK of each of S equal parts of y's features, into rows: part s of
    row r goes to out + s * out_part + r * out_row. x: n rows of in_f floats, row stride xs. W (out_f x
-   in_f) in CSR: row i's weights val[rowptr[i] .. rowptr[i+1]) at columns col[..]; bias or NULL. ks[s]
+   in_f): its nnz nonzeros val[p] at (row[p], col[p]), in row order; bias or NULL. ks[s]
    kept of each part of w = out_f / S (k >= w: all, k <= 0: none). redo[r]: the row's k-th |value|
    ties with a dropped one, or NaNs (the caller recomputes it).
 
@@ -268,8 +268,8 @@ enum { ACT_NONE = 0, ACT_GELU = 1, ACT_RELU = 2 };
    nonzeros in column order), 16 features side by side, the activation in registers, the 16 x 16
    block transposed back into rows; the 16 rows (at most ~0.5 MB) are then selected while still in
    cache. Returns 0, 1 for more than 64 parts, 2 when memory ran out. */
-int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, const int32_t *rowptr,
-                           const int32_t *row, const int32_t *col, const float *val, const float *bias, int64_t out_f, int act,
+int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, const int32_t *row,
+                           const int32_t *col, const float *val, int64_t nnz, const float *bias, int64_t out_f, int act,
                            const int64_t *ks, int64_t S, float *out, int64_t out_part, int64_t out_row,
                            uint8_t *redo) {
     const int64_t w = out_f / S, ly = out_f + 16; /* rows of the y tile padded by a cache line */
@@ -287,7 +287,6 @@ int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, 
         return 2;
     }
     for (int64_t s = 0; s < S; s++) guess[s] = 0x3F800000u;
-    const int64_t nnz = rowptr[out_f];
     for (int64_t r0 = 0; r0 < n; r0 += 16) {
         const int nt = (int)(n - r0 < 16 ? n - r0 : 16);
         if (nt < 16) memset(xt, 0, (size_t)(in_f * 16) * sizeof(float));

@@ -105,7 +105,7 @@ def linear_topk_rows(linear, x: torch.Tensor, fracs: list[float | None], out: to
         or not out.is_contiguous()
     ):
         return None
-    rowptr, row, col, val = csr
+    row, col, val = csr
     n, d = x.shape[0], linear.out_features
     if out.shape[0] != len(fracs) or out.shape[2] * len(fracs) != d or row0 + n > out.shape[1]:
         raise ValueError(f"linear_topk_rows: output {tuple(out.shape)} does not fit {len(fracs)} parts of {d} features")
@@ -115,8 +115,8 @@ def linear_topk_rows(linear, x: torch.Tensor, fracs: list[float | None], out: to
     ks = _ks(fracs, out.shape[2])
     redo = np.zeros(n, np.bool_)
     rc = lib.linear_select_rows_f32(
-        x.data_ptr(), n, x.shape[1], x.stride(0), rowptr.ctypes.data, row.ctypes.data, col.ctypes.data,
-        val.ctypes.data, None if bias is None else bias.data_ptr(), d, _ACTIVATIONS[activation],
+        x.data_ptr(), n, x.shape[1], x.stride(0), row.ctypes.data, col.ctypes.data, val.ctypes.data, len(val),
+        None if bias is None else bias.data_ptr(), d, _ACTIVATIONS[activation],
         ks.ctypes.data, len(fracs), out.data_ptr() + 4 * row0 * out.shape[2], out.shape[1] * out.shape[2],
         out.shape[2], redo.ctypes.data,
     )  # fmt: skip

@@ -101,7 +101,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.select_rows_f32.restype = ctypes.c_int
     lib.select_columns_f32.argtypes = [p, i64, i64, i64, i64, p, i64, ctypes.c_int, p, i64, i64, p]
     lib.select_columns_f32.restype = ctypes.c_int
-    lib.linear_select_rows_f32.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, ctypes.c_int, p, i64, p, i64, i64, p]
+    lib.linear_select_rows_f32.argtypes = [p, i64, i64, i64, p, p, p, i64, p, i64, ctypes.c_int, p, i64, p, i64, i64, p]
     lib.linear_select_rows_f32.restype = ctypes.c_int
     lib.rms_select_rows_f32.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, p, i64, i64, i64, p, p]
     lib.rms_select_rows_f32.restype = ctypes.c_int

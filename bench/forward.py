@@ -120,14 +120,20 @@ def _timed(fn, *args):
     return out, (time.perf_counter() - start, time.process_time() - cpu)
 
 
+SETTLE_S = 0.05
+
+
 def _median_interleaved(repeat: int, fns: dict):
     """Each function once untimed (warm-up: allocator, thread pools, caches), then `repeat` rounds
     calling each in turn, so that a slow spell of the machine hits both sides alike; per function,
-    its output and the (wall, cpu) times of its median-wall run."""
+    its output and the (wall, cpu) times of its median-wall run. Each timed run starts after a
+    pause of SETTLE_S: torch's OpenMP threads spin for ~5 ms after a parallel op (libgomp's default
+    wait policy), and that spin, left by the run before, would take a core from the next run."""
     outs = {name: fn() for name, fn in fns.items()}
     runs: dict = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             outs[name], t = _timed(fn)
             runs[name].append(t)
     return {name: (outs[name], sorted(r)[len(r) // 2]) for name, r in runs.items()}

@@ -35,7 +35,9 @@ code, so pruning and attribution keep their exact gradients):
   selected neurons in columns too (`W @ h`, ~4x faster than on rows).
 - Each block runs token chunks of 256 rows, the chunks spread over worker threads, one torch
   thread each, rather than every small op split over torch's threads (bench/README.md has the
-  measurements).
+  measurements). The head (ln_f, the unembedding, the bigram table) runs in chunks on them too,
+  and the few ops left on the calling thread run on one thread, so torch's own threads stay
+  asleep instead of spinning beside the workers (`_workers_only`).
 
 Every module keeps its parameters and names, so `state_dict()` (and `save_model`) is
 unchanged, and every hook point of `inference.model` is still called with the same values:
@@ -47,7 +49,9 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -329,13 +333,37 @@ def row_chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+_WORKERS = threading.local()  # .threads: the workers' count while `_workers_only` holds this thread's torch to one
+
+
+@contextmanager
+def _workers_only() -> Iterator[None]:
+    """Within: torch's ops on the calling thread run on one thread, and `_run_chunks` still spreads
+    over as many workers as torch had. Why: torch's OpenMP threads keep spinning for milliseconds
+    after each parallel op (libgomp's default wait policy), so a parallel op between the workers'
+    chunks (the embedding, a norm of the position rows) left a third busy thread on 2 cores: 3.6%
+    of the fast forward's CPU samples, taken from the workers (bench/README.md, 2026-12-07)."""
+    n = torch.get_num_threads()
+    if n <= 1:
+        yield
+        return
+    _WORKERS.threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _WORKERS.threads = None
+
+
 def _run_chunks(fn, chunks: list[slice]) -> None:
     """fn(chunk) for every chunk: on the calling thread when torch has one thread (or there is one
-    chunk); else spread over as many worker threads as torch has, each running its ops on one
-    thread. The chunks are independent rows, so every row gets the same ops either way: equal
-    results. (Torch's own intra-op threads split each small op of a chunk, paying a fork/join per
-    op; whole chunks per thread pay none: the fast forward is ~15-30% faster on 2 cores.)"""
-    n = torch.get_num_threads()
+    chunk); else spread over as many worker threads as torch has (had, within `_workers_only`),
+    each running its ops on one thread. The chunks are independent rows, so every row gets the same
+    ops either way: equal results. (Torch's own intra-op threads split each small op of a chunk,
+    paying a fork/join per op; whole chunks per thread pay none: the fast forward is ~15-30%
+    faster on 2 cores.)"""
+    n = getattr(_WORKERS, "threads", None) or torch.get_num_threads()
     if n <= 1 or len(chunks) <= 1:
         for s in chunks:
             fn(s)
@@ -460,6 +488,29 @@ class FastBlock(Block):
         return out.view(B, T, D)
 
 
+class FastGPT(GPT):
+    """The forward with torch's own threads kept idle (`_workers_only`): the blocks' chunks and the
+    head's run on the workers, the few small ops between them on the calling thread."""
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, start=None):
+        with _workers_only():
+            return super().forward(idx, targets, start)
+
+    def head(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """`GPT.head` on chunks of rows spread over the workers (each row's logits are its own),
+        unless a hook is active (ln_f's inverse scale is a hook point) or a gradient is needed."""
+        if hooks_active() or _grad_needed(x, self.lm_head.weight) or x.dim() < 2:
+            return super().head(x, idx)
+        rows, ids = x.reshape(-1, x.shape[-1]), idx.reshape(-1)
+        logits = x.new_empty(rows.shape[0], self.config.vocab_size)
+
+        def chunk(s: slice) -> None:
+            logits[s] = GPT.head(self, rows[s], ids[s])
+
+        _run_chunks(chunk, row_chunks(rows.shape[0], CHUNK_ROWS))
+        return logits.view(*x.shape[:-1], -1)
+
+
 def accelerate(model: GPT, max_density: float = SPARSE_MAX_DENSITY) -> GPT:
     """Switch `model` (in place) to the fast forward path; returns it.
 
@@ -468,7 +519,9 @@ def accelerate(model: GPT, max_density: float = SPARSE_MAX_DENSITY) -> GPT:
     everywhere (tests), `0.0` keeps every matmul dense.
     """
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if type(module) is GPT:
+            module.__class__ = FastGPT
+        elif isinstance(module, nn.Linear):
             module.__class__ = SparseLinear
             module.max_density = max_density
         elif type(module) is CausalSelfAttention:
@@ -483,7 +536,9 @@ def accelerate(model: GPT, max_density: float = SPARSE_MAX_DENSITY) -> GPT:
 def decelerate(model: GPT) -> GPT:
     """Undo `accelerate`: every module back to the plain class, caches dropped."""
     for module in model.modules():
-        if isinstance(module, SparseLinear):
+        if isinstance(module, FastGPT):
+            module.__class__ = GPT
+        elif isinstance(module, SparseLinear):
             module.__class__ = nn.Linear
             module.__dict__.pop("_sparse_cache", None)
             module.__dict__.pop("_csr_arrays", None)
@@ -498,4 +553,4 @@ def decelerate(model: GPT) -> GPT:
 
 
 def is_accelerated(model: GPT) -> bool:
-    return any(isinstance(m, (SparseLinear, FastCausalSelfAttention, FastMLP, FastBlock)) for m in model.modules())
+    return any(isinstance(m, (FastGPT, SparseLinear, FastCausalSelfAttention, FastMLP, FastBlock)) for m in model.modules())

@@ -254,16 +254,21 @@ class GPT(nn.Module):
                 raise ValueError(f"start state of shape {tuple(x.shape)}, want {(B, T, cfg.d_model)}")
         for block in self.transformer.h[first:]:
             x = block(x, pos_emb)
-        x = hook("final_resid", x)
-        logits = self.lm_head(self.transformer.ln_f(x, "ln_f")) + self.final_logits_bias
+        logits = self.head(hook("final_resid", x), idx)
         if hooks_active():
             check_names(self.hook_names)
-        if cfg.enable_bigram_table:
-            logits = logits + self.bigram_table[idx]
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def head(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Logits from the final residual stream `x` (..., d_model) of tokens `idx` (...): ln_f, the
+        unembedding and its bias, plus each token's row of the bigram table."""
+        logits = self.lm_head(self.transformer.ln_f(x, "ln_f")) + self.final_logits_bias
+        if self.config.enable_bigram_table:
+            logits = logits + self.bigram_table[idx]
+        return logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

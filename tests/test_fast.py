@@ -302,6 +302,46 @@ def test_chunks_on_worker_threads_equal_one_thread(threads, monkeypatch):
         assert threads in fast_module._CHUNK_POOLS  # a worker pool of that size ran the chunks
 
 
+def test_forward_keeps_torch_threads_idle_and_runs_the_head_on_the_workers(monkeypatch):
+    """Within a fast forward the calling thread's torch ops run on one thread (torch's OpenMP
+    threads would otherwise spin between the workers' chunks), the head runs in chunks on the
+    workers, the logits equal the plain path's, and torch's thread count is restored, also when
+    the forward raises."""
+    import threading
+
+    monkeypatch.setattr(fast_module, "CHUNK_ROWS", 5)
+    plain = sparsify(tiny_model(**VARIANTS["release_like"]), density=0.4)
+    fast = accelerate(sparsify(tiny_model(**VARIANTS["release_like"]), density=0.4), max_density=1.0)
+    idx = torch.randint(0, BASE["vocab_size"], (2, BASE["block_size"]), generator=torch.Generator().manual_seed(3))
+    seen = {"block": [], "head": []}
+    fast.transformer.h[0].register_forward_pre_hook(lambda m, a: seen["block"].append(torch.get_num_threads()))
+    head = GPT.head
+
+    def spy(self, x, ids):
+        seen["head"].append((threading.current_thread().name, x.shape[0]))
+        return head(self, x, ids)
+
+    monkeypatch.setattr(GPT, "head", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            got, want = fast(idx), plain(idx)
+        assert torch.get_num_threads() == 2
+        assert seen["block"] == [1]
+        rows = idx.numel()
+        fast_calls = [c for c in seen["head"] if c[0].startswith("fastblock")]
+        assert sorted(n for _, n in fast_calls) == sorted([5] * (rows // 5) + ([rows % 5] if rows % 5 else []))
+        assert len(seen["head"]) == len(fast_calls) + 1  # and the plain model's one call, on this thread
+        assert_close_to_scale(got, want, "logits")
+        fast.transformer.h[1].register_forward_pre_hook(lambda m, a: 1 / 0)
+        with pytest.raises(ZeroDivisionError), torch.no_grad():
+            fast(idx)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("method", SELECT_METHODS + ["auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("zeros", [0.0, 0.6, 0.95])

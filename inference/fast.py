@@ -356,6 +356,11 @@ def _workers_only() -> Iterator[None]:
         _WORKERS.threads = None
 
 
+def _workers() -> int:
+    """How many worker threads `_run_chunks` spreads over."""
+    return getattr(_WORKERS, "threads", None) or torch.get_num_threads()
+
+
 def _run_chunks(fn, chunks: list[slice]) -> None:
     """fn(chunk) for every chunk: on the calling thread when torch has one thread (or there is one
     chunk); else spread over as many worker threads as torch has (had, within `_workers_only`),
@@ -363,7 +368,7 @@ def _run_chunks(fn, chunks: list[slice]) -> None:
     ops either way: equal results. (Torch's own intra-op threads split each small op of a chunk,
     paying a fork/join per op; whole chunks per thread pay none: the fast forward is ~15-30%
     faster on 2 cores.)"""
-    n = getattr(_WORKERS, "threads", None) or torch.get_num_threads()
+    n = _workers()
     if n <= 1 or len(chunks) <= 1:
         for s in chunks:
             fn(s)
@@ -503,11 +508,9 @@ class FastGPT(GPT):
             return super().head(x, idx)
         rows, ids = x.reshape(-1, x.shape[-1]), idx.reshape(-1)
         logits = x.new_empty(rows.shape[0], self.config.vocab_size)
-
-        def chunk(s: slice) -> None:
-            logits[s] = GPT.head(self, rows[s], ids[s])
-
-        _run_chunks(chunk, row_chunks(rows.shape[0], CHUNK_ROWS))
+        # one part per worker: a dense unembedding packs its weight once per call
+        parts = row_chunks(rows.shape[0], max(CHUNK_ROWS, -(-rows.shape[0] // _workers())))
+        _run_chunks(lambda s: GPT.head(self, rows[s], ids[s], out=logits[s]), parts)
         return logits.view(*x.shape[:-1], -1)
 
 

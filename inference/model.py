@@ -262,12 +262,13 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def head(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from the final residual stream `x` (..., d_model) of tokens `idx` (...): ln_f, the
-        unembedding and its bias, plus each token's row of the bigram table."""
-        logits = self.lm_head(self.transformer.ln_f(x, "ln_f")) + self.final_logits_bias
+        unembedding and its bias, plus each token's row of the bigram table; into `out` when given
+        (no autograd then)."""
+        logits = torch.add(self.lm_head(self.transformer.ln_f(x, "ln_f")), self.final_logits_bias, out=out)
         if self.config.enable_bigram_table:
-            logits = logits + self.bigram_table[idx]
+            logits += self.bigram_table[idx]
         return logits
 
     def num_params(self) -> int:

@@ -277,6 +277,48 @@ def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros(method, monkeyp
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[1], want[1])
 
 
+def test_native_select_from_the_previous_rows_bracket_or_its_ladder(monkeypatch):
+    """The C select first looks for each row's k-th |value| within one ladder step (STEP float
+    bits) of the previous row's, and climbs its ladder when it is not there. Rows whose k-th value
+    sits at chosen distances from the previous row's (on either edge of that bracket, just outside
+    it, far outside the ladder, with ties at the k-th, or with fewer than k nonzeros) all give
+    abs_topk's output exactly, and only the tied rows are flagged for a redo."""
+    from inference.fast import abs_topk_exact
+    from inference.model import abs_topk
+
+    force_select_method(monkeypatch, "native")
+    STEP, n, k = 1 << 21, 300, 75  # ~60 entries within a STEP of the k-th: the kernel splits them
+    rng = np.random.default_rng(0)
+    offsets = [0, -STEP, STEP - 1, STEP, -STEP - 1, -STEP + 1, 3 * STEP, -3 * STEP, 40 * STEP, -40 * STEP, 7, -7]
+    rows, guess = [], 0x3F800000  # the kernel's first guess: 1.0
+    for i in range(240):
+        kth = int(np.clip(guess + offsets[i % len(offsets)] * (1 + (i // len(offsets)) % 2), 0x20000000, 0x5F000000))
+        bits = np.concatenate(
+            [
+                rng.integers(kth + 1, kth + 5 * STEP, k - 1),  # above the k-th
+                [kth],
+                rng.integers(kth - 5 * STEP, kth, n - k),  # below it
+            ]
+        ).astype(np.uint32)
+        if i % 9 == 4:
+            bits[k] = kth  # a tie at the k-th value: flagged and redone by topk
+        if i % 13 == 6:
+            bits[k - 3 :] = 0  # fewer than k nonzeros: all kept (the guess stays)
+        else:
+            guess = kth
+        row = bits.view(np.float32) * rng.choice([-1.0, 1.0], n).astype(np.float32)
+        rows.append(rng.permutation(row))
+    x = torch.from_numpy(np.stack(rows))
+    assert torch.equal(abs_topk_exact(x, k / n), abs_topk(x, k / n))
+    # the kernel itself: exactly the tied rows flagged, every other row right without a redo
+    out = np.empty_like(x.numpy())
+    flagged = topk_select.select_rows(x.numpy(), out, k)
+    srt = x.abs().sort(-1, descending=True).values
+    tied = ((srt[:, k - 1] == srt[:, k]) & (srt[:, k] > 0)).numpy()
+    assert 10 < tied.sum() < len(rows) and np.array_equal(flagged, tied)
+    assert torch.equal(torch.from_numpy(out)[~tied], abs_topk(x, k / n)[~tied])
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_chunks_on_worker_threads_equal_one_thread(threads, monkeypatch):
     """FastBlock runs its token chunks on as many worker threads as torch has: the logits and the
@@ -304,8 +346,8 @@ def test_chunks_on_worker_threads_equal_one_thread(threads, monkeypatch):
 
 def test_forward_keeps_torch_threads_idle_and_runs_the_head_on_the_workers(monkeypatch):
     """Within a fast forward the calling thread's torch ops run on one thread (torch's OpenMP
-    threads would otherwise spin between the workers' chunks), the head runs in chunks on the
-    workers, the logits equal the plain path's, and torch's thread count is restored, also when
+    threads would otherwise spin between the workers' chunks), the head runs in one part per
+    worker, the logits equal the plain path's, and torch's thread count is restored, also when
     the forward raises."""
     import threading
 
@@ -317,9 +359,9 @@ def test_forward_keeps_torch_threads_idle_and_runs_the_head_on_the_workers(monke
     fast.transformer.h[0].register_forward_pre_hook(lambda m, a: seen["block"].append(torch.get_num_threads()))
     head = GPT.head
 
-    def spy(self, x, ids):
+    def spy(self, x, ids, out=None):
         seen["head"].append((threading.current_thread().name, x.shape[0]))
-        return head(self, x, ids)
+        return head(self, x, ids, out=out)
 
     monkeypatch.setattr(GPT, "head", spy)
     before = torch.get_num_threads()
@@ -329,9 +371,9 @@ def test_forward_keeps_torch_threads_idle_and_runs_the_head_on_the_workers(monke
             got, want = fast(idx), plain(idx)
         assert torch.get_num_threads() == 2
         assert seen["block"] == [1]
-        rows = idx.numel()
+        rows = idx.numel()  # one part per worker
         fast_calls = [c for c in seen["head"] if c[0].startswith("fastblock")]
-        assert sorted(n for _, n in fast_calls) == sorted([5] * (rows // 5) + ([rows % 5] if rows % 5 else []))
+        assert sorted(n for _, n in fast_calls) == [rows // 2, rows - rows // 2]
         assert len(seen["head"]) == len(fast_calls) + 1  # and the plain model's one call, on this thread
         assert_close_to_scale(got, want, "logits")
         fast.transformer.h[1].register_forward_pre_hook(lambda m, a: 1 / 0)

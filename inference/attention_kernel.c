@@ -168,7 +168,7 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
     if (D < 1 || D > 16) return 1;
     const int64_t nblk = (T + 15) >> 4, padded = nblk + KT / 16; /* room for the 8-block reads past the end */
     const size_t floats = (size_t)(2 * 256 * padded);
-    float *buf = aligned_alloc(64, floats * sizeof(float) + sizeof(QueryBlock));
+    float *buf = scratch(0, floats * sizeof(float) + sizeof(QueryBlock));
     if (!buf) return 2;
     memset(buf, 0, floats * sizeof(float));
     const __m512i order = sum_order();
@@ -178,7 +178,6 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
                  v + b * vstr[0] + h * vstr[1], vstr[2], o + b * ostr[0] + h * ostr[1], ostr[2], T, D, scale,
                  sink != NULL, sink ? sink[h] : 0.0f, buf, buf + 256 * padded, (QueryBlock *)(buf + floats), order);
     }
-    free(buf);
     return 0;
 }
 

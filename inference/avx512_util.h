@@ -7,6 +7,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* the first n lanes of 16 (n >= 16: all) */
 static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
@@ -56,6 +57,24 @@ static inline __m512 exp512(__m512 x) {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(y, n);
+}
+
+/* Scratch memory for one kernel call, kept per thread and reused by the thread's next call (grown
+   when a call needs more, never returned: a few MB per thread at the release's widths). Why: the
+   kernels run thousands of times per forward, and blocks this large (>= 128 KB) come from mmap,
+   so each call paid a page fault per 4 KB it touched (~10% of the fast forward's time). `slot`
+   tells one call's buffers apart; 64-byte aligned; NULL when memory ran out. */
+#define SCRATCH_SLOTS 4
+static inline void *scratch(int slot, size_t bytes) {
+    static __thread void *ptr[SCRATCH_SLOTS];
+    static __thread size_t size[SCRATCH_SLOTS];
+    if (size[slot] < bytes) {
+        free(ptr[slot]);
+        size[slot] = (bytes + 63) / 64 * 64;
+        ptr[slot] = aligned_alloc(64, size[slot]);
+        if (!ptr[slot]) size[slot] = 0;
+    }
+    return ptr[slot];
 }
 
 #endif

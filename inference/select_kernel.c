@@ -210,12 +210,11 @@ static int select_part(const uint32_t *src, uint32_t *dst, int64_t w, int64_t k,
 /* AbsTopK of the r rows of x (r, n) into out (r, n), k of n kept (0 < k < n); redo[i] set for
    the rows to redo. Returns 0, or 2 when memory ran out. */
 int select_rows_f32(const float *x, float *out, int64_t r, int64_t n, int64_t k, uint8_t *redo) {
-    uint32_t *buf = malloc((size_t)(n + 16) * sizeof(uint32_t));
+    uint32_t *buf = scratch(0, (size_t)(n + 16) * sizeof(uint32_t));
     if (!buf) return 2;
     uint32_t guess = 0x3F800000u; /* 1.0 */
     for (int64_t i = 0; i < r; i++)
         redo[i] = (uint8_t)select_row((const uint32_t *)x + i * n, (uint32_t *)out + i * n, n, k, buf, &guess);
-    free(buf);
     return 0;
 }
 
@@ -248,7 +247,7 @@ int select_columns_f32(const float *hc, int64_t d, int64_t n, int64_t lo, int64_
     const int64_t w = d / S, ld = d + 16; /* rows padded by a cache line: no 4 KB strides */
     uint32_t guess[64];                     /* the previous row's k-th value, per part */
     if (S > 64) return 1;
-    uint32_t *tile = malloc((size_t)(2 * 16 * ld + w + 16) * sizeof(uint32_t));
+    uint32_t *tile = scratch(0, (size_t)(2 * 16 * ld + w + 16) * sizeof(uint32_t));
     if (!tile) return 2;
     uint32_t *sel = tile + 16 * ld, *buf = sel + 16 * ld;
     for (int64_t s = 0; s < S; s++) guess[s] = 0x3F800000u;
@@ -268,7 +267,6 @@ int select_columns_f32(const float *hc, int64_t d, int64_t n, int64_t lo, int64_
         }
         if (cols_out) transpose_block(sel, ld, nt, d, ob + i0, n);
     }
-    free(tile);
     return 0;
 }
 
@@ -318,17 +316,11 @@ int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, 
     const int64_t w = out_f / S, ly = out_f + 16; /* rows of the y tile padded by a cache line */
     uint32_t guess[64];
     if (S > 64) return 1;
-    float *xt = aligned_alloc(64, (size_t)((in_f * 16 + 15) / 16 * 16) * sizeof(float) + 64);
-    float *y = aligned_alloc(64, (size_t)(16 * ly) * sizeof(float));
-    float *yc = aligned_alloc(64, (size_t)(16 * out_f) * sizeof(float));
-    uint32_t *buf = malloc((size_t)(w + 16) * sizeof(uint32_t));
-    if (!xt || !y || !yc || !buf) {
-        free(xt);
-        free(y);
-        free(yc);
-        free(buf);
-        return 2;
-    }
+    float *xt = scratch(0, (size_t)((in_f * 16 + 15) / 16 * 16) * sizeof(float) + 64);
+    float *y = scratch(1, (size_t)(16 * ly) * sizeof(float));
+    float *yc = scratch(2, (size_t)(16 * out_f) * sizeof(float));
+    uint32_t *buf = scratch(3, (size_t)(w + 16) * sizeof(uint32_t));
+    if (!xt || !y || !yc || !buf) return 2;
     for (int64_t s = 0; s < S; s++) guess[s] = 0x3F800000u;
     for (int64_t r0 = 0; r0 < n; r0 += 16) {
         const int nt = (int)(n - r0 < 16 ? n - r0 : 16);
@@ -366,10 +358,6 @@ int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, 
             redo[r0 + t] = (uint8_t)bad;
         }
     }
-    free(xt);
-    free(y);
-    free(yc);
-    free(buf);
     return 0;
 }
 
@@ -390,13 +378,9 @@ int rms_select_rows_f32(const float *x, int64_t n, int64_t d, int64_t xs, const 
                         const float *w, const float *pos, int64_t dp, int64_t ps, int64_t k, float *out,
                         uint8_t *redo) {
     const int64_t m = d + dp;
-    float *row = malloc((size_t)(m + 16) * sizeof(float));
-    uint32_t *buf = malloc((size_t)(m + 16) * sizeof(uint32_t));
-    if (!row || !buf) {
-        free(row);
-        free(buf);
-        return 2;
-    }
+    float *row = scratch(0, (size_t)(m + 16) * sizeof(float));
+    uint32_t *buf = scratch(1, (size_t)(m + 16) * sizeof(uint32_t));
+    if (!row || !buf) return 2;
     uint32_t guess = 0x3F800000u;
     for (int64_t i = 0; i < n; i++) {
         const float *xi = x + i * xs;
@@ -427,7 +411,5 @@ int rms_select_rows_f32(const float *x, int64_t n, int64_t d, int64_t xs, const 
         if (dp > 0) memcpy(row + d, pos + i * ps, (size_t)dp * sizeof(float));
         redo[i] = (uint8_t)select_part((const uint32_t *)row, (uint32_t *)(out + i * m), m, k, buf, &guess);
     }
-    free(row);
-    free(buf);
     return 0;
 }

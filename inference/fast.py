@@ -35,8 +35,8 @@ code, so pruning and attribution keep their exact gradients):
   selected neurons in columns too (`W @ h`, ~4x faster than on rows).
 - Each block runs token chunks of 256 rows, the chunks spread over worker threads, one torch
   thread each, rather than every small op split over torch's threads (bench/README.md has the
-  measurements). The head (ln_f, the unembedding, the bigram table) runs in chunks on them too,
-  and the few ops left on the calling thread run on one thread, so torch's own threads stay
+  measurements). The head (ln_f, the unembedding, the bigram table) runs on them too, one part
+  of the rows per worker, and the few ops left on the calling thread run on one thread, so torch's own threads stay
   asleep instead of spinning beside the workers (`_workers_only`).
 
 Every module keeps its parameters and names, so `state_dict()` (and `save_model`) is
@@ -501,11 +501,11 @@ class FastGPT(GPT):
         with _workers_only():
             return super().forward(idx, targets, start)
 
-    def head(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """`GPT.head` on chunks of rows spread over the workers (each row's logits are its own),
-        unless a hook is active (ln_f's inverse scale is a hook point) or a gradient is needed."""
-        if hooks_active() or _grad_needed(x, self.lm_head.weight) or x.dim() < 2:
-            return super().head(x, idx)
+    def head(self, x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`GPT.head` on one part of the rows per worker (each row's logits are its own), unless a
+        hook is active (ln_f's inverse scale is a hook point), a gradient is needed or `out` given."""
+        if hooks_active() or _grad_needed(x, self.lm_head.weight) or x.dim() < 2 or out is not None:
+            return super().head(x, idx, out)
         rows, ids = x.reshape(-1, x.shape[-1]), idx.reshape(-1)
         logits = x.new_empty(rows.shape[0], self.config.vocab_size)
         # one part per worker: a dense unembedding packs its weight once per call

@@ -62,9 +62,9 @@ static inline __m512 exp512(__m512 x) {
 /* Scratch memory for one kernel call, kept per thread and reused by the thread's next call (grown
    when a call needs more, never returned: a few MB per thread at the release's widths). Why: the
    kernels run thousands of times per forward, and blocks this large (>= 128 KB) come from mmap,
-   so each call paid a page fault per 4 KB it touched (~10% of the fast forward's time). `slot`
-   tells one call's buffers apart; 64-byte aligned; NULL when memory ran out. */
-#define SCRATCH_SLOTS 4
+   so each call could pay a page fault per 4 KB it touched (up to ~5% of a fast forward's time).
+   `slot` tells one call's buffers apart; 64-byte aligned; NULL when memory ran out. */
+#define SCRATCH_SLOTS 3
 static inline void *scratch(int slot, size_t bytes) {
     static __thread void *ptr[SCRATCH_SLOTS];
     static __thread size_t size[SCRATCH_SLOTS];

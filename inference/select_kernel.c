@@ -83,8 +83,6 @@ static uint32_t kth_largest(uint32_t *buf, int64_t m, int64_t want, uint64_t lo,
     return (uint32_t)lo; /* not reached */
 }
 
-/* One row: ob = AbsTopK(xb) with k of n kept (0 < k < n); buf holds n uint32. *guess: the previous
-   row's k-th |x| bits (updated). Returns 1 to redo (tie at the k-th value, or NaN). */
 /* The ladder: pass 1 counts |x| >= each of LADDER thresholds around *guess, pass 2 compacts the
    bracket holding the k-th into buf. Sets lo, hi (the bracket [lo, hi)), above (entries >= hi),
    m (entries in buf) and nonzero_below (nonzero entries in buf; all of the row's below hi when
@@ -307,8 +305,8 @@ enum { ACT_NONE = 0, ACT_GELU = 1, ACT_RELU = 2 };
    16 rows at a time: x's tile transposed (a register = one input feature of the 16 rows), then per
    output feature one multiply-add per weight nonzero on 16 rows at once (bias first, then the
    nonzeros in column order: the nonzeros must come in row order), 16 features at a time, the
-   activation in registers, the 16 x 16 block transposed back into rows; the 16 rows (at most ~0.5 MB) are then selected while still in
-   cache. Returns 0, 1 for more than 64 parts, 2 when memory ran out. */
+   activation in registers, the 16 x 16 block transposed back into rows; the 16 rows (at most
+   ~0.5 MB) are then selected while still in cache. Returns 0, 1 for more than 64 parts, 2 when memory ran out. */
 int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, const int32_t *row,
                            const int32_t *col, const float *val, int64_t nnz, const float *bias, int64_t out_f, int act,
                            const int64_t *ks, int64_t S, float *out, int64_t out_part, int64_t out_row,
@@ -318,7 +316,7 @@ int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, 
     if (S > 64) return 1;
     float *xt = scratch(0, (size_t)((in_f * 16 + 15) / 16 * 16) * sizeof(float) + 64);
     float *y = scratch(1, (size_t)(16 * ly) * sizeof(float));
-    uint32_t *buf = scratch(3, (size_t)(w + 16) * sizeof(uint32_t));
+    uint32_t *buf = scratch(2, (size_t)(w + 16) * sizeof(uint32_t));
     if (!xt || !y || !buf) return 2;
     float yb[256] __attribute__((aligned(64))); /* 16 output features of the 16 rows, a register per feature */
     for (int64_t s = 0; s < S; s++) guess[s] = 0x3F800000u;
@@ -329,8 +327,8 @@ int linear_select_rows_f32(const float *x, int64_t n, int64_t in_f, int64_t xs, 
         /* 16 output features at a time, summed in yb (1 KB, in L1): the bias, then the block's weight
            nonzeros, consecutive in row order, in one flat loop (a loop per feature would mispredict
            its exit at every feature); then the activation, and the block transposed into y's rows.
-           (All of a tile's features summed first, in a 16 x out_f array, made the tile's working set
-           outgrow L2 at 8,192 features: 1.5x slower.) */
+           (Summing all of a tile's features first, in a 16 x out_f array, made the tile's working
+           set outgrow L2 at 8,192 features: c_fc 1.1x slower, bench/README.md.) */
         int64_t p = 0;
         for (int64_t o0 = 0; o0 < out_f; o0 += 16) {
             const int no = (int)(out_f - o0 < 16 ? out_f - o0 : 16);

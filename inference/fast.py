@@ -276,6 +276,7 @@ def _abs_topk_columns(hc: torch.Tensor, frac: float | None) -> torch.Tensor:
 
 
 CHUNK_ROWS = 256
+HEAD_ROWS = 2048
 
 
 def _norm_abs_topk(norm, x: torch.Tensor, pos: torch.Tensor | None, frac: float | None, at_rstd) -> torch.Tensor:
@@ -356,6 +357,35 @@ def _workers_only() -> Iterator[None]:
         _WORKERS.threads = None
 
 
+@contextmanager
+def _forward_buffers() -> Iterator[None]:
+    """Within (a fast forward, no hook active): `FastBlock` takes its q/k/v, attention output and
+    residual stream from buffers the forward's blocks share (`_buffer`), instead of fresh tensors
+    per block. Why: tensors this large come from mmap, every page faulted and zeroed again (at
+    batch 8, 272k page faults, ~1 GB, per 2-layer forward; bench/README.md). Dropped at the end:
+    nothing is held between forwards."""
+    if hooks_active() or getattr(_WORKERS, "buffers", None) is not None:
+        yield
+        return
+    _WORKERS.buffers = {}
+    try:
+        yield
+    finally:
+        _WORKERS.buffers = None
+
+
+def _buffer(name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` like `like`: within `_forward_buffers`, the forward's
+    buffer `name` (made on first use); else a fresh one."""
+    bufs = getattr(_WORKERS, "buffers", None)
+    if bufs is None:
+        return like.new_empty(shape)
+    t = bufs.get(name)
+    if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device:
+        t = bufs[name] = like.new_empty(shape)
+    return t
+
+
 def _workers() -> int:
     """How many worker threads `_run_chunks` spreads over."""
     return getattr(_WORKERS, "threads", None) or torch.get_num_threads()
@@ -392,10 +422,12 @@ class FastCausalSelfAttention(CausalSelfAttention):
 
     abs_topk = staticmethod(abs_topk_exact)
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out`: as `sink_attention`'s."""
         if not self.config.sink or _grad_needed(q, k, v, self.attn_imp.sink_logit):
-            return super()._sdpa(q, k, v)
-        return sink_attention(q, k, v, self.attn_imp.sink_logit)
+            y = super()._sdpa(q, k, v)
+            return y if out is None else out.copy_(y)
+        return sink_attention(q, k, v, self.attn_imp.sink_logit, out)
 
 
 class FastMLP(MLP):
@@ -446,7 +478,7 @@ class FastBlock(Block):
             pos2 = self.ln_p2(pos_emb, f"{i}.ln_p2").expand(B, T, -1).reshape(B * T, -1)
         chunks = row_chunks(B * T, CHUNK_ROWS)
 
-        qkv = x.new_empty(3, B * T, cfg.d_attn)
+        qkv = _buffer("qkv", (3, B * T, cfg.d_attn), x)
 
         def attn_in_chunk(s: slice) -> None:
             at_rstd = None if taps is None else lambda rstd: tap(f"{i}.ln_1.rstd", s, rstd)
@@ -459,11 +491,12 @@ class FastBlock(Block):
         if taps:
             q, k, v = (hook(f"{i}.attn.{kind}", t.view(B, T, -1)) for kind, t in zip("qkv", qkv, strict=True))
         q, k, v = (t.reshape(B, T, attn.n_head, attn.d_head).transpose(1, 2) for t in (q, k, v))
-        y = attn._sdpa(q, k, v).transpose(1, 2).reshape(B * T, cfg.d_attn)
+        y = _buffer("y", (B, T, attn.n_head, attn.d_head), x).transpose(1, 2)  # rows underneath: y below is a view
+        y = attn._sdpa(q, k, v, y).transpose(1, 2).reshape(B * T, cfg.d_attn)
         if taps:
             y = hook(f"{i}.attn.y", y.view(B, T, -1)).reshape(B * T, cfg.d_attn)
 
-        out = torch.empty_like(rows)
+        out = _buffer(f"resid{i % 2}", rows.shape, rows)  # block i - 1's output is block i's input
 
         def mlp_chunk(s: slice) -> None:
             delta = rows[s].new_empty(1, s.stop - s.start, D)
@@ -498,7 +531,7 @@ class FastGPT(GPT):
     head's run on the workers, the few small ops between them on the calling thread."""
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, start=None):
-        with _workers_only():
+        with _workers_only(), _forward_buffers():
             return super().forward(idx, targets, start)
 
     def head(self, x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -508,8 +541,9 @@ class FastGPT(GPT):
             return super().head(x, idx, out)
         rows, ids = x.reshape(-1, x.shape[-1]), idx.reshape(-1)
         logits = x.new_empty(rows.shape[0], self.config.vocab_size)
-        # one part per worker: a dense unembedding packs its weight once per call
-        parts = row_chunks(rows.shape[0], max(CHUNK_ROWS, -(-rows.shape[0] // _workers())))
+        # one part per worker (a dense unembedding packs its weight once per call), at most HEAD_ROWS
+        # rows (the parts' temporaries then stay below malloc's mmap threshold, reused, not faulted in)
+        parts = row_chunks(rows.shape[0], max(CHUNK_ROWS, min(HEAD_ROWS, -(-rows.shape[0] // _workers()))))
         _run_chunks(lambda s: GPT.head(self, rows[s], ids[s], out=logits[s]), parts)
         return logits.view(*x.shape[:-1], -1)
 

@@ -277,6 +277,38 @@ def test_abs_topk_exact_equals_abs_topk_including_ties_and_zeros(method, monkeyp
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[1], want[1])
 
 
+def test_forward_blocks_share_their_buffers_within_one_forward_only(monkeypatch):
+    """Without hooks, a fast forward's blocks take q/k/v, the attention output and the residual
+    stream from buffers the forward shares (one q/k/v buffer for every layer, two residual buffers
+    in turn), the logits still equal the plain path's over 3 layers, and nothing is kept after the
+    forward; with a recorder active every layer gets tensors of its own (recordings keep them)."""
+    monkeypatch.setattr(fast_module, "CHUNK_ROWS", 5)
+    plain = sparsify(tiny_model(**{**VARIANTS["release_like"], "n_layer": 3}), density=0.4)
+    fast = accelerate(sparsify(tiny_model(**{**VARIANTS["release_like"], "n_layer": 3}), density=0.4), max_density=1.0)
+    idx = torch.randint(0, BASE["vocab_size"], (2, BASE["block_size"]), generator=torch.Generator().manual_seed(4))
+    seen = []
+    attention = fast_module.sink_attention
+
+    def spy(q, k, v, sink, out=None):
+        seen.append((q.data_ptr(), None if out is None else out.data_ptr()))
+        return attention(q, k, v, sink, out)
+
+    monkeypatch.setattr(fast_module, "sink_attention", spy)
+    outs = []
+    for block in fast.transformer.h:
+        block.register_forward_hook(lambda m, a, y: outs.append(y.data_ptr()))
+    with torch.no_grad():
+        got, want = fast(idx), plain(idx)
+    assert_close_to_scale(got, want, "logits")
+    assert len({q for q, _ in seen}) == 1 and len({o for _, o in seen}) == 1  # one q/k/v and one y buffer
+    assert outs[0] == outs[2] != outs[1]  # the residual stream: two buffers in turn
+    assert getattr(fast_module._WORKERS, "buffers", None) is None
+    seen.clear()
+    with torch.no_grad(), record(r".*attn\.q$") as rec:
+        fast(idx)
+    assert len({q for q, _ in seen}) == 3 and len({t.data_ptr() for t in rec.values()}) == 3
+
+
 def test_native_select_from_the_previous_rows_bracket_or_its_ladder(monkeypatch):
     """The C select first looks for each row's k-th |value| within one ladder step (STEP float
     bits) of the previous row's, and climbs its ladder when it is not there. Rows whose k-th value

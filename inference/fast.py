@@ -36,8 +36,9 @@ code, so pruning and attribution keep their exact gradients):
 - Each block runs token chunks of 256 rows, the chunks spread over worker threads, one torch
   thread each, rather than every small op split over torch's threads (bench/README.md has the
   measurements). The head (ln_f, the unembedding, the bigram table) runs on them too, one part
-  of the rows per worker, and the few ops left on the calling thread run on one thread, so torch's own threads stay
-  asleep instead of spinning beside the workers (`_workers_only`).
+  of the rows per worker, and the few ops left on the calling thread run on one thread, so
+  torch's own threads stay asleep instead of spinning beside the workers (`_workers_only`). A
+  forward's blocks share their large intermediate tensors (`_forward_buffers`).
 
 Every module keeps its parameters and names, so `state_dict()` (and `save_model`) is
 unchanged, and every hook point of `inference.model` is still called with the same values:
@@ -334,7 +335,9 @@ def row_chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-_WORKERS = threading.local()  # .threads: the workers' count while `_workers_only` holds this thread's torch to one
+# per calling thread: .threads, the workers' count while `_workers_only` holds this thread's torch to
+# one; .buffers, the forward's shared tensors within `_forward_buffers`
+_WORKERS = threading.local()
 
 
 @contextmanager
@@ -364,14 +367,12 @@ def _forward_buffers() -> Iterator[None]:
     per block. Why: tensors this large come from mmap, every page faulted and zeroed again (at
     batch 8, 272k page faults, ~1 GB, per 2-layer forward; bench/README.md). Dropped at the end:
     nothing is held between forwards."""
-    if hooks_active() or getattr(_WORKERS, "buffers", None) is not None:
-        yield
-        return
-    _WORKERS.buffers = {}
+    outer = getattr(_WORKERS, "buffers", None)  # (a forward started from inside another keeps its own)
+    _WORKERS.buffers = None if hooks_active() else {}
     try:
         yield
     finally:
-        _WORKERS.buffers = None
+        _WORKERS.buffers = outer
 
 
 def _buffer(name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,30 @@
 /* Causal attention with the release's sink for heads of at most 16 dimensions, float32, AVX-512.
 
    Compiled and loaded by inference/attention_kernel.py (see there for why C and how it is built).
-   One (sequence, head) at a time, as flash attention does it, with what 16-dimensional heads allow:
+   Flash attention's running maximum, arranged around what AbsTopK leaves: about 1/4 of each of q, k
+   and v nonzero, at dimensions that differ from token to token.
 
-   - keys and values are copied into blocks of 16 keys x 16 dimensions, transposed, so that one
-     512-bit register holds one dimension of 16 keys (a 16 x 16 in-register transpose per block);
-   - a query's scores over a block are a multiply-add per nonzero dimension of the query (AbsTopK
-     leaves ~1/4 of q nonzero), 8 blocks side by side so the chains do not wait on each other;
-   - the softmax runs per tile of KT keys with flash's running maximum (a tile of keys and values,
-     32 KB, stays in L1 while QB queries use it); e^x is Cephes' range reduction and a degree-6
-     polynomial, ~1 ulp (avx512_util.h);
-   - the sink is an extra key with logit `sink[h]` and value zero: it only adds exp(sink - m) to the
-     denominator, so the running sums start from the sink (m = sink, l = 1);
-   - the output of one tile is 16 accumulators (one per value dimension) reduced across lanes by a
-     transposing tree of shuffles.
+   - Queries sit in the lanes: a pass takes 32 queries (two halves of 16 lanes) and holds, for every
+     key of a tile of KT keys, their 32 scores (the array S). The softmax's maximum and sum are then
+     per lane: no reduction across lanes until one transpose at the end.
+   - Keys and values are lists per dimension of their nonzero entries (key index, value), in key
+     order (`append_block`). Scores: for each dimension d, each key with a nonzero k[j, d] adds
+     q[., d] k[j, d] to its 32 scores; outputs: each key with a nonzero v[j, d] adds p[., j] v[j, d]
+     to dimension d of the 32 outputs. Both do the work of the nonzeros only (the previous kernel,
+     keys in the lanes, summed all 16 value dimensions and then reduced across lanes: 1.2x slower).
+   - Scores are kept in units of log2 (q is scaled by log2(e) / sqrt(d)), so the weights are 2^(s - m):
+     an integer part and a degree-6 polynomial, no reduction by ln 2 (avx512_util.h, exp2_512).
+   - The sink is an extra key with logit `sink[h]` and value zero: it only adds 2^(sink - m) to the
+     denominator, so the running sums start from it (m = sink, l = 1).
+   - Heads are prepared GROUP at a time, one 16-token block of rows for all of them: the rows of a
+     (B, T, H, d) view are H*d floats apart, and touching each page once per group rather than once
+     per head halved the preparation's time.
 
    The summation order differs from torch's flash kernel: results agree to float rounding (the
-   tests compare both with a float64 reference). One difference on corrupt input: a query's exactly
-   zero dimensions are skipped, so a NaN or inf in a key at a dimension where the query is 0 does not
-   reach that query (torch computes 0 * NaN = NaN there); any other NaN propagates as in torch. */
+   tests compare both with a float64 reference). One difference on corrupt input: a key's exactly
+   zero dimensions are skipped, so a NaN or inf in a query at a dimension where the key is 0 does not
+   reach that score (torch computes 0 * NaN = NaN there); a NaN in a key or value reaches every
+   query that sees it, as in torch. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -28,133 +34,161 @@
 
 #include "avx512_util.h"
 
-#define KT 256 /* keys per tile: a tile's keys and values are 2 x 16 KB */
-#define QB 64  /* queries per block: each tile is reused by up to QB queries */
+#define KT 128   /* keys per tile: S is 128 keys x 32 queries, 16 KB, in L1 beside the lists */
+#define KB (KT / 16)
+#define GROUP 4  /* heads prepared together */
+#define LOG2E 1.44269504088896341f
 
-/* the 16 lane-sums of a[0..15], in the lane order `sum_order` gives (a tree of shuffles and adds) */
-static inline __m512 sum16(const __m512 *a) {
-    __m512 x[8], y[4], w[2];
-    for (int d = 0; d < 8; d++)
-        x[d] = _mm512_add_ps(_mm512_shuffle_f32x4(a[d], a[d + 8], 0x44), _mm512_shuffle_f32x4(a[d], a[d + 8], 0xEE));
-    for (int d = 0; d < 4; d++)
-        y[d] = _mm512_add_ps(_mm512_shuffle_f32x4(x[d], x[d + 4], 0x88), _mm512_shuffle_f32x4(x[d], x[d + 4], 0xDD));
-    for (int d = 0; d < 2; d++)
-        w[d] = _mm512_add_ps(_mm512_shuffle_ps(y[d], y[d + 2], 0x44), _mm512_shuffle_ps(y[d], y[d + 2], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+typedef struct {         /* one head, prepared */
+    float *QT;           /* per 16-query block: 16 dimensions x 16 queries, times log2(e)/sqrt(d) */
+    float *out;          /* the output rows (16 floats each) until they are copied out */
+    int32_t *kidx, *vidx; /* per dimension: the offset in S (32 x key index) of each nonzero ... */
+    float *kval, *vval;  /* ... and its value; dimension d's list at d * cap */
+    int32_t *kptr, *vptr; /* [d * (nblk + 1) + b]: the first entry of key block b in dimension d's list */
+} Head;
+
+static inline __m512i load_row(const float *x, int64_t xs, int64_t t, int64_t T, int D) {
+    return t < T ? _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(D), x + t * xs)) : _mm512_setzero_si512();
 }
 
-/* the permutation that puts sum16's lanes in order (lane d = sum of a[d]), found by running it */
-static __m512i sum_order(void) {
-    __m512 a[16];
-    float out[16];
-    int32_t idx[16];
-    for (int d = 0; d < 16; d++) a[d] = _mm512_set1_ps((float)d);
-    _mm512_storeu_ps(out, sum16(a));
-    for (int l = 0; l < 16; l++) idx[(int)(out[l] / 16.0f + 0.5f)] = l;
-    return _mm512_loadu_si512(idx);
-}
-
-/* rows t0..t0+15 of x (row stride xs; D <= 16 floats each; rows at T and past it zero) as a block
-   of 16 dimensions x 16 keys */
-static inline void to_block(const float *x, int64_t xs, int64_t t0, int64_t T, int D, float *blk) {
+/* rows 16b .. 16b+15 of x appended to the per-dimension lists (count[d] entries so far) */
+static inline void append_block(const float *x, int64_t xs, int64_t T, int D, int64_t b, int64_t cap, int64_t nblk,
+                                int32_t *idx, float *val, int32_t *ptr, int32_t *count) {
     __m512i a[16];
-    for (int r = 0; r < 16; r++)
-        a[r] = t0 + r < T ? _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(D), x + (t0 + r) * xs))
-                          : _mm512_setzero_si512();
-    transpose16(a);
-    for (int d = 0; d < 16; d++) _mm512_store_si512(blk + 16 * d, a[d]);
+    for (int r = 0; r < 16; r++) a[r] = load_row(x, xs, 16 * b + r, T, D);
+    transpose16(a); /* a[d]: dimension d of the 16 rows */
+    const __m512i offset = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                         _mm512_set1_epi32((int)(16 * b))),
+        5);
+    for (int d = 0; d < D; d++) {
+        ptr[d * (nblk + 1) + b] = count[d];
+        const __m512 c = _mm512_castsi512_ps(a[d]);
+        const __mmask16 nz = _mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_NEQ_UQ); /* NaN counts */
+        _mm512_storeu_ps(val + d * cap + count[d], _mm512_maskz_compress_ps(nz, c));
+        _mm512_storeu_si512(idx + d * cap + count[d], _mm512_maskz_compress_epi32(nz, offset));
+        count[d] += __builtin_popcount((unsigned)nz);
+    }
 }
 
-typedef struct {
-    float m[QB], l[QB];          /* running maximum and denominator per query */
-    float o[QB][16];             /* running (unnormalised) output */
-    float qv[QB][16];            /* the query's nonzero entries (times the scale), compacted */
-    int32_t qoff[QB][16];        /* ... and their offsets in a key block (16 x dimension) */
-    int nz[QB];
-} QueryBlock;
+/* which lanes of a query half see key j of the last two key blocks (from `jd` on): key 16(2g) + t
+   is seen by half 0's lanes t.. and all of half 1; key 16(2g+1) + t by none of half 0 and by half
+   1's lanes t.. (keys past T have no entries; the queries that could see them are past T too) */
+static inline __mmask16 sees(int64_t j, int64_t jd, int half) {
+    const int t = (int)(j - jd) & 15, second = j - jd >= 16;
+    if (half == 0) return second ? 0 : (__mmask16)(0xFFFFu << t);
+    return second ? (__mmask16)(0xFFFFu << t) : 0xFFFF;
+}
 
-static void one_head(const float *q, int64_t qs, const float *k, int64_t ks, const float *v, int64_t vs, float *o,
-                     int64_t os, int64_t T, int D, float scale, int has_sink, float sink, float *Kb, float *Vb,
-                     QueryBlock *st, __m512i order) {
-    const int64_t nblk = (T + 15) >> 4;
-    for (int64_t b = 0; b < nblk; b++) {
-        to_block(k, ks, 16 * b, T, D, Kb + 256 * b);
-        to_block(v, vs, 16 * b, T, D, Vb + 256 * b);
-    }
-    const __m512i offsets = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
-    for (int64_t i0 = 0; i0 < T; i0 += QB) {
-        const int64_t i1 = i0 + QB < T ? i0 + QB : T;
-        for (int64_t i = i0; i < i1; i++) {
-            const int64_t r = i - i0;
-            st->m[r] = has_sink ? sink : -INFINITY;
-            st->l[r] = has_sink ? 1.0f : 0.0f; /* exp(sink - m) with m = sink */
-            _mm512_storeu_ps(st->o[r], _mm512_setzero_ps());
-            __m512 qi = _mm512_maskz_loadu_ps(first_lanes(D), q + i * qs);
-            __mmask16 nzm = _mm512_cmp_ps_mask(qi, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-            _mm512_storeu_ps(st->qv[r], _mm512_maskz_compress_ps(nzm, _mm512_mul_ps(qi, _mm512_set1_ps(scale))));
-            _mm512_storeu_si512(st->qoff[r], _mm512_maskz_compress_epi32(nzm, offsets));
-            st->nz[r] = __builtin_popcount((unsigned)nzm);
-        }
-        for (int64_t j0 = 0; j0 < i1; j0 += KT) {
-            const float *Kt = Kb + 16 * j0, *Vt = Vb + 16 * j0;
-            for (int64_t i = i0 > j0 ? i0 : j0; i < i1; i++) {
-                const int64_t r = i - i0;
-                const int64_t je = i + 1 < j0 + KT ? i + 1 : j0 + KT; /* this tile: keys j0 .. je - 1 */
-                const int nb = (int)((je - j0 + 15) >> 4);
-                const __mmask16 last = first_lanes(je - j0 - 16 * (nb - 1));
-                const int nz = st->nz[r];
-                const int32_t *qoff = st->qoff[r];
-                const float *qv = st->qv[r];
-                __m512 s[KT / 16];
-                __m512 mx = _mm512_set1_ps(-INFINITY);
-                for (int b0 = 0; b0 < nb; b0 += 8) {
-                    /* 8 blocks side by side (past the tile they read the zeroed padding, unused) */
-                    __m512 a[8];
-                    for (int u = 0; u < 8; u++) a[u] = _mm512_setzero_ps();
-                    for (int z = 0; z < nz; z++) {
-                        const __m512 qz = _mm512_set1_ps(qv[z]);
-                        const float *kr = Kt + 256 * b0 + qoff[z];
+static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink, float *S, float *acc) {
+    const int64_t nblk = (T + 15) >> 4, cap = 16 * nblk + 16, np = nblk + 1;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t g = 0; 2 * g < nblk; g++) { /* queries 32g .. 32g + 31 */
+        const int64_t nkb = 2 * g + 2 < nblk ? 2 * g + 2 : nblk; /* the key blocks they see */
+        const float *QT0 = hd->QT + 512 * g, *QT1 = QT0 + 256;
+        __m512 m0 = has_sink ? _mm512_set1_ps(sink) : ninf, m1 = m0;
+        __m512 l0 = has_sink ? _mm512_set1_ps(1.0f) : _mm512_setzero_ps(), l1 = l0;
+        memset(acc, 0, 2 * 256 * sizeof(float)); /* [half][d][lane] */
+        for (int64_t tb0 = 0; tb0 < nkb; tb0 += KB) {
+            const int64_t tb1 = tb0 + KB < nkb ? tb0 + KB : nkb;
+            const int64_t nk = 16 * (tb1 - tb0), jd = tb1 > 2 * g ? 16 * (2 * g - tb0) : nk;
+            float *Sb = S - 512 * tb0; /* key j's scores: half 0 at Sb + 32j, half 1 at Sb + 32j + 16 */
+            for (int64_t j = 0; j < 2 * nk; j++) _mm512_store_ps(S + 16 * j, _mm512_setzero_ps());
+            for (int d = 0; d < D; d++) {
+                const __m512 q0 = _mm512_load_ps(QT0 + 16 * d), q1 = _mm512_load_ps(QT1 + 16 * d);
+                const int32_t *ix = hd->kidx + d * cap;
+                const float *kv = hd->kval + d * cap;
+                const int32_t e1 = hd->kptr[d * np + tb1];
+#pragma GCC unroll 4
+                for (int32_t e = hd->kptr[d * np + tb0]; e < e1; e++) {
+                    float *s = Sb + ix[e];
+                    const __m512 w = _mm512_set1_ps(kv[e]);
+                    _mm512_store_ps(s, _mm512_fmadd_ps(q0, w, _mm512_load_ps(s)));
+                    _mm512_store_ps(s + 16, _mm512_fmadd_ps(q1, w, _mm512_load_ps(s + 16)));
+                }
+            }
+            for (int64_t j = jd; j < nk; j++) { /* the causal mask: -inf where a lane does not see key j */
+                float *s = S + 32 * j;
+                _mm512_store_ps(s, _mm512_mask_mov_ps(ninf, sees(j, jd, 0), _mm512_load_ps(s)));
+                _mm512_store_ps(s + 16, _mm512_mask_mov_ps(ninf, sees(j, jd, 1), _mm512_load_ps(s + 16)));
+            }
+            __m512 a0 = m0, a1 = ninf, b0 = m1, b1 = ninf;
+            for (int64_t j = 0; j < nk; j += 2) {
+                a0 = _mm512_max_ps(a0, _mm512_load_ps(S + 32 * j));
+                b0 = _mm512_max_ps(b0, _mm512_load_ps(S + 32 * j + 16));
+                a1 = _mm512_max_ps(a1, _mm512_load_ps(S + 32 * j + 32));
+                b1 = _mm512_max_ps(b1, _mm512_load_ps(S + 32 * j + 48));
+            }
+            const __m512 mn0 = _mm512_max_ps(a0, a1), mn1 = _mm512_max_ps(b0, b1);
+            /* what came before, rescaled to the new maximum (zero while m is -inf) */
+            const __m512 c0 = exp2_512(_mm512_sub_ps(m0, mn0)), c1 = exp2_512(_mm512_sub_ps(m1, mn1));
+            m0 = mn0;
+            m1 = mn1;
+            /* the weights, in place of the scores; eight partial sums keep the denominator's
+               rounding near that of a sum across lanes */
+            __m512 s[8];
+            for (int u = 0; u < 8; u++) s[u] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < jd; j += 4) {
 #pragma GCC unroll 8
-                        for (int u = 0; u < 8; u++) a[u] = _mm512_fmadd_ps(qz, _mm512_load_ps(kr + 256 * u), a[u]);
+                for (int u = 0; u < 8; u++) {
+                    float *sj = S + 32 * j + 16 * u;
+                    const __m512 p = exp2_512(_mm512_sub_ps(_mm512_load_ps(sj), u & 1 ? mn1 : mn0));
+                    s[u] = _mm512_add_ps(s[u], p);
+                    _mm512_store_ps(sj, p);
+                }
+            }
+            for (int64_t j = jd; j < nk; j++) { /* masked lanes weigh 0 (2^-inf is clamped, not 0) */
+                float *sj = S + 32 * j;
+                const __m512 p0 = _mm512_maskz_mov_ps(sees(j, jd, 0), exp2_512(_mm512_sub_ps(_mm512_load_ps(sj), mn0)));
+                const __m512 p1 =
+                    _mm512_maskz_mov_ps(sees(j, jd, 1), exp2_512(_mm512_sub_ps(_mm512_load_ps(sj + 16), mn1)));
+                s[0] = _mm512_add_ps(s[0], p0);
+                s[1] = _mm512_add_ps(s[1], p1);
+                _mm512_store_ps(sj, p0);
+                _mm512_store_ps(sj + 16, p1);
+            }
+            const __m512 t0 = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[4], s[6]));
+            const __m512 t1 = _mm512_add_ps(_mm512_add_ps(s[1], s[3]), _mm512_add_ps(s[5], s[7]));
+            l0 = _mm512_fmadd_ps(l0, c0, t0);
+            l1 = _mm512_fmadd_ps(l1, c1, t1);
+            for (int d = 0; d < D; d++) { /* the weighted values, four keys at a time */
+                const int32_t *ix = hd->vidx + d * cap;
+                const float *vv = hd->vval + d * cap;
+                const int32_t e1 = hd->vptr[d * np + tb1];
+                __m512 x[4], y[4];
+                for (int u = 0; u < 4; u++) x[u] = y[u] = _mm512_setzero_ps();
+                int32_t e = hd->vptr[d * np + tb0];
+                for (; e + 4 <= e1; e += 4) {
+#pragma GCC unroll 4
+                    for (int u = 0; u < 4; u++) {
+                        const float *p = Sb + ix[e + u];
+                        const __m512 w = _mm512_set1_ps(vv[e + u]);
+                        x[u] = _mm512_fmadd_ps(_mm512_load_ps(p), w, x[u]);
+                        y[u] = _mm512_fmadd_ps(_mm512_load_ps(p + 16), w, y[u]);
                     }
-                    const int nbb = nb - b0 < 8 ? nb - b0 : 8;
-                    for (int u = 0; u < nbb; u++) {
-                        __m512 x = a[u];
-                        if (b0 + u == nb - 1) x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), last, x);
-                        s[b0 + u] = x;
-                        mx = _mm512_max_ps(mx, x);
-                    }
                 }
-                const float mt = _mm512_reduce_max_ps(mx), mo = st->m[r];
-                const float mn = mt > mo ? mt : mo;
-                const __m512 mnv = _mm512_set1_ps(mn);
-                __m512 lsum = _mm512_setzero_ps();
-                for (int b = 0; b < nb; b++) { /* the exponentials first, then the values: more overlap */
-                    __m512 p = exp512(_mm512_sub_ps(s[b], mnv));
-                    if (b == nb - 1) p = _mm512_maskz_mov_ps(last, p);
-                    lsum = _mm512_add_ps(lsum, p);
-                    s[b] = p;
+                /* the last 0-3 entries without a branch (a mispredicted loop exit per dimension and
+                   tile costs more): past the end, a valid address and a zero mask */
+#pragma GCC unroll 3
+                for (int u = 0; u < 3; u++) {
+                    const int in = e + u < e1;
+                    const float *p = in ? Sb + ix[e + u] : S;
+                    const __m512 w = _mm512_set1_ps(vv[e + u]); /* (within the list's capacity) */
+                    x[u] = _mm512_mask3_fmadd_ps(_mm512_load_ps(p), w, x[u], in ? 0xFFFF : 0);
+                    y[u] = _mm512_mask3_fmadd_ps(_mm512_load_ps(p + 16), w, y[u], in ? 0xFFFF : 0);
                 }
-                __m512 acc[16];
-                for (int d = 0; d < 16; d++) acc[d] = _mm512_setzero_ps();
-                for (int b = 0; b < nb; b++) {
-                    const float *vb = Vt + 256 * b;
-#pragma GCC unroll 16
-                    for (int d = 0; d < 16; d++) acc[d] = _mm512_fmadd_ps(s[b], _mm512_load_ps(vb + 16 * d), acc[d]);
-                }
-                /* what came before, rescaled to the new maximum (it is zero while m is -inf) */
-                const float c = _mm512_cvtss_f32(exp512(_mm512_set1_ps(mo - mn)));
-                const __m512 ov = _mm512_permutexvar_ps(order, sum16(acc));
-                _mm512_storeu_ps(st->o[r], _mm512_fmadd_ps(_mm512_loadu_ps(st->o[r]), _mm512_set1_ps(c), ov));
-                st->l[r] = st->l[r] * c + _mm512_reduce_add_ps(lsum);
-                st->m[r] = mn;
+                const __m512 sx = _mm512_add_ps(_mm512_add_ps(x[0], x[1]), _mm512_add_ps(x[2], x[3]));
+                const __m512 sy = _mm512_add_ps(_mm512_add_ps(y[0], y[1]), _mm512_add_ps(y[2], y[3]));
+                _mm512_store_ps(acc + 16 * d, _mm512_fmadd_ps(_mm512_load_ps(acc + 16 * d), c0, sx));
+                _mm512_store_ps(acc + 256 + 16 * d, _mm512_fmadd_ps(_mm512_load_ps(acc + 256 + 16 * d), c1, sy));
             }
         }
-        for (int64_t i = i0; i < i1; i++) {
-            const int64_t r = i - i0;
-            __m512 y = _mm512_div_ps(_mm512_loadu_ps(st->o[r]), _mm512_set1_ps(st->l[r]));
-            _mm512_mask_storeu_ps(o + i * os, first_lanes(D), y);
+        for (int h = 0; h < 2 && 32 * g + 16 * h < T; h++) { /* normalised, back to one row per query */
+            __m512i y[16];
+            const __m512 l = h ? l1 : l0;
+            for (int d = 0; d < 16; d++) y[d] = _mm512_castps_si512(_mm512_div_ps(_mm512_load_ps(acc + 256 * h + 16 * d), l));
+            transpose16(y);
+            for (int r = 0; r < 16; r++) _mm512_store_si512(hd->out + 16 * (32 * g + 16 * h + r), y[r]);
         }
     }
 }
@@ -166,25 +200,68 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
                        const int64_t *vstr, float *o, const int64_t *ostr, const float *sink, int64_t H, int64_t T,
                        int D, float scale, int64_t bh0, int64_t bh1) {
     if (D < 1 || D > 16) return 1;
-    const int64_t nblk = (T + 15) >> 4, padded = nblk + KT / 16; /* room for the 8-block reads past the end */
-    const size_t floats = (size_t)(2 * 256 * padded);
-    float *buf = scratch(0, floats * sizeof(float) + sizeof(QueryBlock));
-    if (!buf) return 2;
-    memset(buf, 0, floats * sizeof(float));
-    const __m512i order = sum_order();
-    for (int64_t bh = bh0; bh < bh1; bh++) {
-        const int64_t b = bh / H, h = bh % H;
-        one_head(q + b * qstr[0] + h * qstr[1], qstr[2], k + b * kstr[0] + h * kstr[1], kstr[2],
-                 v + b * vstr[0] + h * vstr[1], vstr[2], o + b * ostr[0] + h * ostr[1], ostr[2], T, D, scale,
-                 sink != NULL, sink ? sink[h] : 0.0f, buf, buf + 256 * padded, (QueryBlock *)(buf + floats), order);
+    if (T > ((int64_t)1 << 26)) return 2; /* the lists' offsets (32 x key index) are int32 */
+    const int64_t nblk = (T + 15) >> 4, cap = 16 * nblk + 16, np = nblk + 1;
+    const int64_t qblk = nblk + 1 + (nblk & 1); /* an even count, and a zero block past the last */
+    /* per head: q transposed, the output rows, the k and v lists and their block pointers
+       (~400 bytes per token; a multiple of 16 floats, so each head's arrays stay 64-byte aligned) */
+    const size_t head_floats = (size_t)(2 * 256 * qblk + 4 * 16 * cap + 2 * 16 * np);
+    float *ws = scratch(0, sizeof(float) * (2 * 16 * KT + 512 + GROUP * head_floats));
+    if (!ws) return 2;
+    float *S = ws, *acc = S + 2 * 16 * KT;
+    Head hd[GROUP];
+    for (int i = 0; i < GROUP; i++) {
+        float *p = acc + 512 + i * head_floats;
+        hd[i].QT = p;
+        hd[i].out = p + 256 * qblk;
+        hd[i].kval = hd[i].out + 256 * qblk;
+        hd[i].vval = hd[i].kval + 16 * cap;
+        hd[i].kidx = (int32_t *)(hd[i].vval + 16 * cap);
+        hd[i].vidx = hd[i].kidx + 16 * cap;
+        hd[i].kptr = hd[i].vidx + 16 * cap;
+        hd[i].vptr = hd[i].kptr + 16 * np;
+    }
+    const __m512 qscale = _mm512_set1_ps(scale * LOG2E);
+    for (int64_t g0 = bh0; g0 < bh1;) {
+        const int64_t b = g0 / H, h0 = g0 % H; /* heads h0 .. h0 + n - 1 of sequence b */
+        int64_t n = bh1 - g0 < H - h0 ? bh1 - g0 : H - h0;
+        if (n > GROUP) n = GROUP;
+        const float *qb = q + b * qstr[0] + h0 * qstr[1], *kb = k + b * kstr[0] + h0 * kstr[1];
+        const float *vb = v + b * vstr[0] + h0 * vstr[1];
+        int32_t kcount[GROUP][16] = {{0}}, vcount[GROUP][16] = {{0}};
+        for (int64_t blk = 0; blk < nblk; blk++)
+            for (int64_t i = 0; i < n; i++) {
+                append_block(kb + i * kstr[1], kstr[2], T, D, blk, cap, nblk, hd[i].kidx, hd[i].kval, hd[i].kptr,
+                             kcount[i]);
+                append_block(vb + i * vstr[1], vstr[2], T, D, blk, cap, nblk, hd[i].vidx, hd[i].vval, hd[i].vptr,
+                             vcount[i]);
+                __m512i a[16];
+                for (int r = 0; r < 16; r++) a[r] = load_row(qb + i * qstr[1], qstr[2], 16 * blk + r, T, D);
+                transpose16(a);
+                for (int d = 0; d < 16; d++)
+                    _mm512_store_ps(hd[i].QT + 256 * blk + 16 * d, _mm512_mul_ps(_mm512_castsi512_ps(a[d]), qscale));
+            }
+        for (int64_t i = 0; i < n; i++) {
+            for (int d = 0; d < D; d++) {
+                hd[i].kptr[d * np + nblk] = kcount[i][d];
+                hd[i].vptr[d * np + nblk] = vcount[i][d];
+            }
+            memset(hd[i].QT + 256 * nblk, 0, 256 * (qblk - nblk) * sizeof(float));
+            one_head(&hd[i], T, D, sink != NULL, sink ? sink[h0 + i] * LOG2E : 0.0f, S, acc);
+        }
+        float *ob = o + b * ostr[0] + h0 * ostr[1];
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t i = 0; i < n; i++)
+                _mm512_mask_storeu_ps(ob + i * ostr[1] + t * ostr[2], first_lanes(D), _mm512_load_ps(hd[i].out + 16 * t));
+        g0 += n;
     }
     return 0;
 }
 
-/* e^x of n floats by the kernel's exp512 (the tests check its accuracy against float64) */
-void exp_f32(const float *x, float *y, int64_t n) {
+/* 2^x of n floats by the kernel's exp2_512 (the tests check its accuracy against float64) */
+void exp2_f32(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = first_lanes(n - i);
-        _mm512_mask_storeu_ps(y + i, m, exp512(_mm512_maskz_loadu_ps(m, x + i)));
+        _mm512_mask_storeu_ps(y + i, m, exp2_512(_mm512_maskz_loadu_ps(m, x + i)));
     }
 }

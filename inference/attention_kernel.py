@@ -30,12 +30,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.sink_attention_f32.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, ctypes.c_int, ctypes.c_float, i64, i64]
     lib.sink_attention_f32.restype = ctypes.c_int
-    lib.exp_f32.argtypes = [p, p, i64]
-    lib.exp_f32.restype = None
+    lib.exp2_f32.argtypes = [p, p, i64]
+    lib.exp2_f32.restype = None
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled library (`sink_attention_f32`, and `exp_f32` for the tests), or None."""
+    """The compiled library (`sink_attention_f32`, and `exp2_f32` for the tests), or None."""
     return native.library(SOURCE, _declare)
 
 

@@ -1,6 +1,6 @@
 /* AVX-512 helpers shared by the C kernels (included): the first n lanes as a mask, a 16 x 16
-   transpose of 32-bit lanes in registers, and e^x. inference/native.py hashes the headers beside a source
-   with it, so a change here rebuilds them. */
+   transpose of 32-bit lanes in registers, e^x and 2^x, per-thread scratch memory.
+   inference/native.py hashes the headers beside a source with it, so a change here rebuilds them. */
 
 #ifndef CIRCUITS_AVX512_UTIL_H
 #define CIRCUITS_AVX512_UTIL_H
@@ -55,6 +55,25 @@ static inline __m512 exp512(__m512 x) {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666512191295624e-1f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.9999988079071045e-1f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* 2^x in float32 to ~1 ulp for x <= 0 (the attention's weights, its scores in units of log2): x =
+   n + r with n the nearest integer (exact: |r| <= 1/2 needs no reduction by ln 2), 2^r by a degree-6
+   polynomial fitted to relative error (9.9e-8 on [-1/2, 1/2]), then scaled by 2^n. x is first raised
+   to -125: below, it returns 2^-125 (no denormals: slow, and such weights vanish beside the
+   maximum's 1; masked lanes are zeroed by the caller). NaN stays NaN. Not for x > 0 beyond 127. */
+static inline __m512 exp2_512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-125.0f), x);
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x, n);
+    __m512 y = _mm512_set1_ps(1.534581242594868e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399930903688073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.618489071726799e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.550328642129898e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.931471824645996e-1f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(y, n);
 }

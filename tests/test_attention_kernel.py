@@ -60,7 +60,7 @@ def needs_kernel():
     assert ak.kernel() is not None, "AVX-512 and a C compiler are here, yet the kernel did not build"
 
 
-SHAPES = [  # (B, T, H, D): one token; < 16 keys; across a 64-query block; across a 256-key tile; D < 16
+SHAPES = [  # (B, T, H, D): one token; < 16 keys; across 32-query groups; across 128-key tiles; D < 16
     (2, 1, 3, 16),
     (1, 13, 2, 16),
     (2, 70, 3, 16),
@@ -94,7 +94,7 @@ def test_sink_attention_equals_the_float64_softmax(shape, with_sink, compiled, m
 
 @pytest.mark.parametrize("with_sink", [True, False])
 def test_kernel_keeps_the_softmax_exact_when_the_maximum_moves_between_tiles(with_sink):
-    """Scores rise by thousands from the first 256-key tile to the second (the running maximum and
+    """Scores rise by thousands at key 256, a tile boundary (the running maximum and
     the rescale of what came before matter), and some rows' scores are all far below the sink."""
     needs_kernel()
     B, T, H, D = 1, 300, 2, 16
@@ -176,19 +176,21 @@ def test_kernel_used_in_no_grad_with_a_parameter_sink_and_not_under_autograd():
 
 
 def test_kernel_exponential_is_within_a_few_ulp():
-    """The kernel's e^x over the range softmax uses, against float64: within 2 ulp (relative 1.2e-7)
-    down to e^-86.6; below, ~2^-125 (a weight that vanishes beside the maximum's 1); NaN stays NaN."""
+    """The kernel's 2^x (its scores are in units of log2) over the range softmax uses, against
+    float64: within 1 ulp (relative 1.2e-7) down to 2^-125; below, 2^-125 (a weight that vanishes
+    beside the maximum's 1); -inf clamped the same way (the kernel zeroes masked lanes); NaN stays NaN."""
     needs_kernel()
     lib = ak.library()
-    x = torch.cat([torch.linspace(-86.6, 0.0, 200_001), torch.tensor([-1e-30, -0.5, -0.25, 1e-3, 5.0, 20.0])])
+    x = torch.cat([torch.linspace(-125.0, 0.0, 400_001), torch.tensor([-1e-30, -0.5, -0.25, 0.5, 1e-3, 5.0, 20.0])])
+    x = torch.cat([x, x[:1000] + 0.4999, -torch.rand(10_000, generator=torch.Generator().manual_seed(3)) * 30])
     y = torch.empty_like(x)
-    lib.exp_f32(x.data_ptr(), y.data_ptr(), x.numel())
-    want = torch.exp(x.double())
+    lib.exp2_f32(x.data_ptr(), y.data_ptr(), x.numel())
+    want = torch.exp2(x.double())
     assert ((y.double() - want).abs() / want).max().item() < 1.2e-7
-    low = torch.tensor([-87.0, -100.0, -1e4, float("-inf"), float("nan")])
+    low = torch.tensor([-125.5, -126.0, -200.0, -1e4, float("-inf"), float("nan")])
     y = torch.empty_like(low)
-    lib.exp_f32(low.data_ptr(), y.data_ptr(), low.numel())
-    assert (y[:4] <= 2.0**-124).all() and (y[:4] >= 2.0**-126).all() and y[4].isnan()
+    lib.exp2_f32(low.data_ptr(), y.data_ptr(), low.numel())
+    assert (y[:5] == 2.0**-125).all() and y[5].isnan()
 
 
 def test_kernel_does_not_apply_beyond_16_dimensions_or_float32_cpu():

@@ -10,8 +10,9 @@
    - Keys and values are lists per dimension of their nonzero entries (key index, value), in key
      order (`append_block`). Scores: for each dimension d, each key with a nonzero k[j, d] adds
      q[., d] k[j, d] to its 32 scores; outputs: each key with a nonzero v[j, d] adds p[., j] v[j, d]
-     to dimension d of the 32 outputs. Both do the work of the nonzeros only (the previous kernel,
-     keys in the lanes, summed all 16 value dimensions and then reduced across lanes: 1.2x slower).
+     to dimension d of the 32 outputs. Both do the work of the nonzeros only. (The previous kernel
+     had the keys in the lanes: it summed all 16 value dimensions, then reduced across lanes for each
+     query and tile. With the items below this one is 1.24x faster on one core; bench/README.md.)
    - Scores are kept in units of log2 (q is scaled by log2(e) / sqrt(d)), so the weights are 2^(s - m):
      an integer part and a degree-6 polynomial, no reduction by ln 2 (avx512_util.h, exp2_512).
    - The sink is an extra key with logit `sink[h]` and value zero: it only adds 2^(sink - m) to the
@@ -21,10 +22,11 @@
      per head halved the preparation's time.
 
    The summation order differs from torch's flash kernel: results agree to float rounding (the
-   tests compare both with a float64 reference). One difference on corrupt input: a key's exactly
-   zero dimensions are skipped, so a NaN or inf in a query at a dimension where the key is 0 does not
-   reach that score (torch computes 0 * NaN = NaN there); a NaN in a key or value reaches every
-   query that sees it, as in torch. */
+   tests compare both with a float64 reference). On corrupt input: a key's exactly zero dimensions
+   are skipped, so a NaN or inf in a query at a dimension where the key is 0 does not reach that
+   score (torch computes 0 * NaN = NaN there); a NaN in a key reaches exactly the queries that see
+   it; a NaN in a value also reaches the queries of its 32-query pass that do not (their weight 0
+   times NaN, as torch's product of the weights and v gives it to every query). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -246,6 +248,8 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
                 hd[i].kptr[d * np + nblk] = kcount[i][d];
                 hd[i].vptr[d * np + nblk] = vcount[i][d];
             }
+            /* the padding queries past T: their rows are never copied out, zeros keep what the
+               scratch held (NaNs, denormals) out of the arithmetic */
             memset(hd[i].QT + 256 * nblk, 0, 256 * (qblk - nblk) * sizeof(float));
             one_head(&hd[i], T, D, sink != NULL, sink ? sink[h0 + i] * LOG2E : 0.0f, S, acc);
         }

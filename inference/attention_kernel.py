@@ -3,13 +3,13 @@
 At the release's widths (128 heads of 16) torch's CPU flash kernel was ~45% of the fast forward
 (bench/README.md, "Faster sparse forward"). Its tiles are built for wide heads; at 16 dimensions it
 spends ~4 cycles per query-key pair. `attention_kernel.c` does the same causal softmax with flash's
-running maximum, arranged for 16-dimensional heads (keys and values as 16 x 16 transposed blocks,
-scores over the query's nonzero dimensions only, a polynomial e^x, the sink folded into the
-denominator): ~2x torch's flash on one core (bench/README.md). Built and loaded by
-`inference.native` (a numba attention kernel, 256-bit vectors, had measured 0.9x flash). The heads
-are spread over the fast forward's worker threads (ctypes releases the GIL). No kernel here, head
-dimension > 16, another dtype or device, or a gradient needed: `attention` returns None and the
-caller runs torch's flash path, which the tests run too.
+running maximum, arranged for 16-dimensional heads and AbsTopK's zeros (32 queries in the lanes,
+keys and values as per-dimension lists of their nonzeros, scores in units of log2 with a polynomial
+2^x, the sink folded into the denominator): ~3x torch's flash on one core (bench/README.md). Built
+and loaded by `inference.native` (a numba attention kernel, 256-bit vectors, had measured 0.9x
+flash). The heads are spread over the fast forward's worker threads (ctypes releases the GIL). No
+kernel here, head dimension > 16, another dtype or device, or a gradient needed: `attention` returns
+None and the caller runs torch's flash path, which the tests run too.
 """
 
 from __future__ import annotations

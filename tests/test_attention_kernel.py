@@ -133,6 +133,24 @@ def test_kernel_propagates_a_nan_only_to_the_queries_that_see_it():
     torch.testing.assert_close(got.double()[ok], want[ok], rtol=2e-5, atol=2e-5 * want[ok].abs().max().item())
 
 
+def test_kernel_gives_the_keys_a_query_must_not_see_no_weight_at_all():
+    """A huge value at key 29 (in the block of keys 16-31, which queries 0-28 share a pass with but
+    must not see): the causal mask's weights are exactly zero, so the queries before it are as if it
+    were not there (a weight of 2^-125 in its place would add ~0.02 to them)."""
+    needs_kernel()
+    B, T, H, D = 1, 40, 2, 16
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (t.contiguous() for t in qkv(B, T, H, D, gen))
+    v[0, :, 29, 5] = 1e36
+    sink = torch.randn(H, generator=gen)
+    with torch.no_grad():
+        got = ak.attention(q, k, v, sink)
+    want = reference(q, k, v, sink)
+    before, after = (slice(None, 29), slice(29, None))
+    torch.testing.assert_close(got.double()[:, :, before], want[:, :, before], rtol=2e-5, atol=2e-5 * 8)
+    torch.testing.assert_close(got.double()[:, :, after], want[:, :, after], rtol=2e-5, atol=2e-5 * 1e36)
+
+
 def test_kernel_writes_a_strided_out_and_returns_heads_over_token_rows():
     needs_kernel()
     B, T, H, D = 2, 40, 3, 16
@@ -152,6 +170,31 @@ def test_kernel_writes_a_strided_out_and_returns_heads_over_token_rows():
         ak.attention(q, k, v, sink, out=torch.empty(B, H, T, D, dtype=torch.float64))
     with pytest.raises(ValueError, match="one logit per head"):
         ak.attention(q, k, v, sink[:2])
+
+
+@pytest.mark.parametrize("shape", [(4, 37, 5, 16), (1, 50, 80, 12)])
+def test_kernel_prepares_heads_in_groups_across_sequences(shape):
+    """The kernel prepares up to four heads at a time from one call's range of heads: ranges that
+    start mid-sequence, cross into the next sequence (5 heads per sequence, 2 per call) or hold more
+    heads than a group (80 heads, calls of 5), each head against the float64 softmax."""
+    needs_kernel()
+    B, T, H, D = shape
+    gen = torch.Generator().manual_seed(H)
+    q, k, v = qkv(B, T, H, D, gen)
+    sink = torch.randn(H, generator=gen)
+    calls = []
+
+    def run_parts(fn, parts):
+        calls.extend(parts)
+        for s in parts:
+            fn(s)
+
+    with torch.no_grad():
+        got = ak.attention(q, k, v, sink, run_parts=run_parts)
+    sizes = {s.stop - s.start for s in calls}
+    assert max(sizes) > 4 or any(s.start // H != (s.stop - 1) // H for s in calls)  # the cases named above
+    want = reference(q, k, v, sink)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
 
 
 def test_kernel_used_in_no_grad_with_a_parameter_sink_and_not_under_autograd():

@@ -7,12 +7,16 @@
    - Queries sit in the lanes: a pass takes 32 queries (two halves of 16 lanes) and holds, for every
      key of a tile of KT keys, their 32 scores (the array S). The softmax's maximum and sum are then
      per lane: no reduction across lanes until one transpose at the end.
-   - Keys and values are lists per dimension of their nonzero entries (key index, value), in key
-     order (`append_block`). Scores: for each dimension d, each key with a nonzero k[j, d] adds
-     q[., d] k[j, d] to its 32 scores; outputs: each key with a nonzero v[j, d] adds p[., j] v[j, d]
-     to dimension d of the 32 outputs. Both do the work of the nonzeros only. (The previous kernel
-     had the keys in the lanes: it summed all 16 value dimensions, then reduced across lanes for each
-     query and tile. With the items below this one is 1.24x faster on one core; bench/README.md.)
+   - Scores: each key keeps its first 4 nonzeros in slots (dimension, value; a zero row of q past
+     its count), so most of a key's 32 scores are 4 multiply-adds in registers and one store; the
+     rest of its nonzeros (~0.7 per key at 1/4 density) are lists per dimension (key, value) that add
+     q[., d] k[j, d] to the stored scores. (Lists alone, every product a load and a store of the
+     scores, were 1.09x slower: a 64-byte store per cycle is the limit there.)
+   - Outputs: the values are lists per dimension of their nonzeros, in key order (`append_rows`):
+     each adds p[., j] v[j, d] to dimension d of the 32 outputs, four keys at a time.
+     Both do the work of the nonzeros only. (The previous kernel had the keys in the lanes: it
+     summed all 16 value dimensions, then reduced across lanes for each query and tile. With the
+     items below this one is ~1.3x faster on one core; bench/README.md.)
    - Scores are kept in units of log2 (q is scaled by log2(e) / sqrt(d)), so the weights are 2^(s - m):
      an integer part and a degree-6 polynomial, no reduction by ln 2 (avx512_util.h, exp2_512).
    - The sink is an extra key with logit `sink[h]` and value zero: it only adds 2^(sink - m) to the
@@ -42,10 +46,17 @@
 #define LOG2E 1.44269504088896341f
 
 typedef struct {         /* one head, prepared */
-    float *QT;           /* per 16-query block: 16 dimensions x 16 queries, times log2(e)/sqrt(d) */
-    float *out;          /* the output rows (16 floats each) until they are copied out */
-    int32_t *kidx, *vidx; /* per dimension: the offset in S (32 x key index) of each nonzero ... */
-    float *kval, *vval;  /* ... and its value; dimension d's list at d * cap */
+    float *QT;      /* per 32-query group, 544 floats: rows d = 0..15 of 32 queries (times log2(e)/sqrt(d)),
+                       then a row of zeros */
+    int32_t *kslot; /* per key, 4: its first nonzero dimensions as offsets 32 d in a group's QT, 512 past
+                       its count ... */
+    float *kslotv;  /* ... and their values (0 past its count) */
+    float *out;     /* the output rows (16 floats each) until they are copied out */
+    int32_t *kidx;  /* per dimension (at d * cap): the offset in S (32 x key index) of each nonzero of k
+                       past its key's first 4 ... */
+    float *kval;    /* ... and its value */
+    int32_t *vidx;  /* likewise for every nonzero of v */
+    float *vval;
     int32_t *kptr, *vptr; /* [d * (nblk + 1) + b]: the first entry of key block b in dimension d's list */
 } Head;
 
@@ -53,24 +64,51 @@ static inline __m512i load_row(const float *x, int64_t xs, int64_t t, int64_t T,
     return t < T ? _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(D), x + t * xs)) : _mm512_setzero_si512();
 }
 
-/* rows 16b .. 16b+15 of x appended to the per-dimension lists (count[d] entries so far) */
-static inline void append_block(const float *x, int64_t xs, int64_t T, int D, int64_t b, int64_t cap, int64_t nblk,
-                                int32_t *idx, float *val, int32_t *ptr, int32_t *count) {
-    __m512i a[16];
-    for (int r = 0; r < 16; r++) a[r] = load_row(x, xs, 16 * b + r, T, D);
+#define LANES _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)
+
+/* rows 16b .. 16b+15 (a[r], transposed here) appended to the per-dimension lists (count[d] entries
+   so far): every nonzero, or where `only` is given, the dimensions it marks for each row */
+static inline void append_rows(__m512i *a, const int32_t *only, int D, int64_t b, int64_t cap, int64_t nblk,
+                               int32_t *idx, float *val, int32_t *ptr, int32_t *count) {
     transpose16(a); /* a[d]: dimension d of the 16 rows */
-    const __m512i offset = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                         _mm512_set1_epi32((int)(16 * b))),
-        5);
+    const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(LANES, _mm512_set1_epi32((int)(16 * b))), 5);
+    const __m512i marks = only ? _mm512_loadu_si512(only) : _mm512_setzero_si512();
     for (int d = 0; d < D; d++) {
         ptr[d * (nblk + 1) + b] = count[d];
         const __m512 c = _mm512_castsi512_ps(a[d]);
-        const __mmask16 nz = _mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_NEQ_UQ); /* NaN counts */
-        _mm512_storeu_ps(val + d * cap + count[d], _mm512_maskz_compress_ps(nz, c));
-        _mm512_storeu_si512(idx + d * cap + count[d], _mm512_maskz_compress_epi32(nz, offset));
-        count[d] += __builtin_popcount((unsigned)nz);
+        const __mmask16 m = only ? _mm512_test_epi32_mask(marks, _mm512_set1_epi32(1 << d))
+                                 : _mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_NEQ_UQ); /* NaN counts */
+        _mm512_storeu_ps(val + d * cap + count[d], _mm512_maskz_compress_ps(m, c));
+        _mm512_storeu_si512(idx + d * cap + count[d], _mm512_maskz_compress_epi32(m, offset));
+        count[d] += __builtin_popcount((unsigned)m);
     }
+}
+
+/* rows 16b .. 16b+15 of v, into its lists */
+static inline void append_value_block(const float *x, int64_t xs, int64_t T, int D, int64_t b, int64_t cap,
+                                      int64_t nblk, const Head *hd, int32_t *count) {
+    __m512i a[16];
+    for (int r = 0; r < 16; r++) a[r] = load_row(x, xs, 16 * b + r, T, D);
+    append_rows(a, NULL, D, b, cap, nblk, hd->vidx, hd->vval, hd->vptr, count);
+}
+
+/* rows 16b .. 16b+15 of k: each key's first 4 nonzeros into its slots, the rest into the lists */
+static inline void append_key_block(const float *x, int64_t xs, int64_t T, int D, int64_t b, int64_t cap,
+                                    int64_t nblk, const Head *hd, int32_t *count) {
+    __m512i a[16];
+    int32_t rest[16];
+    for (int r = 0; r < 16; r++) {
+        a[r] = load_row(x, xs, 16 * b + r, T, D);
+        const __m512 c = _mm512_castsi512_ps(a[r]);
+        unsigned nz = _mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        const __m512 first = _mm512_maskz_compress_ps((__mmask16)nz, c); /* zeros past the count */
+        const __m512i dims = _mm512_mask_compress_epi32(_mm512_set1_epi32(512), (__mmask16)nz, _mm512_slli_epi32(LANES, 5));
+        _mm_storeu_ps(hd->kslotv + 4 * (16 * b + r), _mm512_castps512_ps128(first));
+        _mm_storeu_si128((__m128i *)(hd->kslot + 4 * (16 * b + r)), _mm512_castsi512_si128(dims));
+        for (int s = 0; s < 4; s++) nz &= nz - 1; /* the nonzeros past the first 4 */
+        rest[r] = (int32_t)nz;
+    }
+    append_rows(a, rest, D, b, cap, nblk, hd->kidx, hd->kval, hd->kptr, count);
 }
 
 /* which lanes of a query half see key j of the last two key blocks (from `jd` on): key 16(2g) + t
@@ -87,7 +125,7 @@ static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink,
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int64_t g = 0; 2 * g < nblk; g++) { /* queries 32g .. 32g + 31 */
         const int64_t nkb = 2 * g + 2 < nblk ? 2 * g + 2 : nblk; /* the key blocks they see */
-        const float *QT0 = hd->QT + 512 * g, *QT1 = QT0 + 256;
+        const float *QG = hd->QT + 544 * g;
         __m512 m0 = has_sink ? _mm512_set1_ps(sink) : ninf, m1 = m0;
         __m512 l0 = has_sink ? _mm512_set1_ps(1.0f) : _mm512_setzero_ps(), l1 = l0;
         memset(acc, 0, 2 * 256 * sizeof(float)); /* [half][d][lane] */
@@ -95,9 +133,23 @@ static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink,
             const int64_t tb1 = tb0 + KB < nkb ? tb0 + KB : nkb;
             const int64_t nk = 16 * (tb1 - tb0), jd = tb1 > 2 * g ? 16 * (2 * g - tb0) : nk;
             float *Sb = S - 512 * tb0; /* key j's scores: half 0 at Sb + 32j, half 1 at Sb + 32j + 16 */
-            for (int64_t j = 0; j < 2 * nk; j++) _mm512_store_ps(S + 16 * j, _mm512_setzero_ps());
-            for (int d = 0; d < D; d++) {
-                const __m512 q0 = _mm512_load_ps(QT0 + 16 * d), q1 = _mm512_load_ps(QT1 + 16 * d);
+            const int32_t *sd = hd->kslot + 64 * tb0;
+            const float *sv = hd->kslotv + 64 * tb0;
+            for (int64_t j = 0; j < nk; j++, sd += 4, sv += 4) { /* each key's first 4 nonzeros */
+                __m512 w = _mm512_set1_ps(sv[0]);
+                __m512 x0 = _mm512_mul_ps(_mm512_load_ps(QG + sd[0]), w);
+                __m512 x1 = _mm512_mul_ps(_mm512_load_ps(QG + sd[0] + 16), w);
+#pragma GCC unroll 3
+                for (int u = 1; u < 4; u++) {
+                    w = _mm512_set1_ps(sv[u]);
+                    x0 = _mm512_fmadd_ps(_mm512_load_ps(QG + sd[u]), w, x0);
+                    x1 = _mm512_fmadd_ps(_mm512_load_ps(QG + sd[u] + 16), w, x1);
+                }
+                _mm512_store_ps(S + 32 * j, x0);
+                _mm512_store_ps(S + 32 * j + 16, x1);
+            }
+            for (int d = 0; d < D; d++) { /* the rest, dimension by dimension */
+                const __m512 q0 = _mm512_load_ps(QG + 32 * d), q1 = _mm512_load_ps(QG + 32 * d + 16);
                 const int32_t *ix = hd->kidx + d * cap;
                 const float *kv = hd->kval + d * cap;
                 const int32_t e1 = hd->kptr[d * np + tb1];
@@ -194,7 +246,8 @@ static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink,
         for (int h = 0; h < 2 && 32 * g + 16 * h < T; h++) { /* normalised, back to one row per query */
             __m512i y[16];
             const __m512 l = h ? l1 : l0;
-            for (int d = 0; d < 16; d++) y[d] = _mm512_castps_si512(_mm512_div_ps(_mm512_load_ps(acc + 256 * h + 16 * d), l));
+            for (int d = 0; d < 16; d++)
+                y[d] = _mm512_castps_si512(_mm512_div_ps(_mm512_load_ps(acc + 256 * h + 16 * d), l));
             transpose16(y);
             for (int r = 0; r < 16; r++) _mm512_store_si512(hd->out + 16 * (32 * g + 16 * h + r), y[r]);
         }
@@ -210,10 +263,10 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
     if (D < 1 || D > 16) return 1;
     if (T > ((int64_t)1 << 26)) return 2; /* the lists' offsets (32 x key index) are int32 */
     const int64_t nblk = (T + 15) >> 4, cap = 16 * nblk + 16, np = nblk + 1;
-    const int64_t qblk = nblk + 1 + (nblk & 1); /* an even count, and a zero block past the last */
-    /* per head: q transposed, the output rows, the k and v lists and their block pointers
-       (~400 bytes per token; a multiple of 16 floats, so each head's arrays stay 64-byte aligned) */
-    const size_t head_floats = (size_t)(2 * 256 * qblk + 4 * 16 * cap + 2 * 16 * np);
+    const int64_t ngrp = (nblk + 1) >> 1; /* 32-query groups */
+    /* per head: q transposed, the output rows, the k and v lists, their block pointers, the keys'
+       slots (~450 bytes per token; a multiple of 16 floats, so each head's arrays stay 64-byte aligned) */
+    const size_t head_floats = (size_t)(544 * ngrp + 512 * ngrp + 4 * 16 * cap + 2 * 16 * np + 2 * 64 * nblk);
     float *ws = scratch(0, sizeof(float) * (2 * 16 * KT + 512 + GROUP * head_floats));
     if (!ws) return 2;
     float *S = ws, *acc = S + 2 * 16 * KT;
@@ -221,13 +274,15 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
     for (int i = 0; i < GROUP; i++) {
         float *p = acc + 512 + i * head_floats;
         hd[i].QT = p;
-        hd[i].out = p + 256 * qblk;
-        hd[i].kval = hd[i].out + 256 * qblk;
+        hd[i].out = p + 544 * ngrp;
+        hd[i].kval = hd[i].out + 512 * ngrp;
         hd[i].vval = hd[i].kval + 16 * cap;
         hd[i].kidx = (int32_t *)(hd[i].vval + 16 * cap);
         hd[i].vidx = hd[i].kidx + 16 * cap;
         hd[i].kptr = hd[i].vidx + 16 * cap;
         hd[i].vptr = hd[i].kptr + 16 * np;
+        hd[i].kslot = hd[i].vptr + 16 * np;
+        hd[i].kslotv = (float *)(hd[i].kslot + 64 * nblk);
     }
     const __m512 qscale = _mm512_set1_ps(scale * LOG2E);
     for (int64_t g0 = bh0; g0 < bh1;) {
@@ -239,15 +294,14 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
         int32_t kcount[GROUP][16] = {{0}}, vcount[GROUP][16] = {{0}};
         for (int64_t blk = 0; blk < nblk; blk++)
             for (int64_t i = 0; i < n; i++) {
-                append_block(kb + i * kstr[1], kstr[2], T, D, blk, cap, nblk, hd[i].kidx, hd[i].kval, hd[i].kptr,
-                             kcount[i]);
-                append_block(vb + i * vstr[1], vstr[2], T, D, blk, cap, nblk, hd[i].vidx, hd[i].vval, hd[i].vptr,
-                             vcount[i]);
+                append_key_block(kb + i * kstr[1], kstr[2], T, D, blk, cap, nblk, &hd[i], kcount[i]);
+                append_value_block(vb + i * vstr[1], vstr[2], T, D, blk, cap, nblk, &hd[i], vcount[i]);
                 __m512i a[16];
                 for (int r = 0; r < 16; r++) a[r] = load_row(qb + i * qstr[1], qstr[2], 16 * blk + r, T, D);
                 transpose16(a);
                 for (int d = 0; d < 16; d++)
-                    _mm512_store_ps(hd[i].QT + 256 * blk + 16 * d, _mm512_mul_ps(_mm512_castsi512_ps(a[d]), qscale));
+                    _mm512_store_ps(hd[i].QT + 544 * (blk >> 1) + 16 * (blk & 1) + 32 * d,
+                                    _mm512_mul_ps(_mm512_castsi512_ps(a[d]), qscale));
             }
         for (int64_t i = 0; i < n; i++) {
             for (int d = 0; d < D; d++) {
@@ -256,13 +310,16 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
             }
             /* the padding queries past T: their rows are never copied out, zeros keep what the
                scratch held (NaNs, denormals) out of the arithmetic */
-            memset(hd[i].QT + 256 * nblk, 0, 256 * (qblk - nblk) * sizeof(float));
+            for (int64_t g = 0; g < ngrp; g++) memset(hd[i].QT + 544 * g + 512, 0, 32 * sizeof(float));
+            if (nblk & 1)
+                for (int d = 0; d < 16; d++) memset(hd[i].QT + 544 * (ngrp - 1) + 32 * d + 16, 0, 16 * sizeof(float));
             one_head(&hd[i], T, D, sink != NULL, sink ? sink[h0 + i] * LOG2E : 0.0f, S, acc);
         }
         float *ob = o + b * ostr[0] + h0 * ostr[1];
         for (int64_t t = 0; t < T; t++)
             for (int64_t i = 0; i < n; i++)
-                _mm512_mask_storeu_ps(ob + i * ostr[1] + t * ostr[2], first_lanes(D), _mm512_load_ps(hd[i].out + 16 * t));
+                _mm512_mask_storeu_ps(ob + i * ostr[1] + t * ostr[2], first_lanes(D),
+                                      _mm512_load_ps(hd[i].out + 16 * t));
         g0 += n;
     }
     return 0;

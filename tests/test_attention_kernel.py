@@ -133,6 +133,24 @@ def test_kernel_propagates_a_nan_only_to_the_queries_that_see_it():
     torch.testing.assert_close(got.double()[ok], want[ok], rtol=2e-5, atol=2e-5 * want[ok].abs().max().item())
 
 
+def test_kernel_skips_the_dimensions_where_a_key_is_zero():
+    """As the kernel's comment says: a NaN in a query at a dimension where every key is 0 does not
+    reach any score (torch's product gives 0 * NaN = NaN); the output is the one with that entry 0."""
+    needs_kernel()
+    B, T, H, D = 1, 40, 2, 16
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (t.contiguous() for t in qkv(B, T, H, D, gen))
+    k[..., 0] = 0.0
+    q[0, :, 10, 0] = 1.5
+    sink = torch.randn(H, generator=gen)
+    want = reference(q, k, v, sink)
+    q[0, :, 10, 0] = float("nan")
+    with torch.no_grad():
+        got = ak.attention(q, k, v, sink)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
+
+
 def test_kernel_gives_the_keys_a_query_must_not_see_no_weight_at_all():
     """A huge value at key 29 (in the block of keys 16-31, which queries 0-28 share a pass with but
     must not see): the causal mask's weights are exactly zero, so the queries before it are as if it

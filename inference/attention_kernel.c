@@ -102,7 +102,8 @@ static inline void append_key_block(const float *x, int64_t xs, int64_t T, int D
         const __m512 c = _mm512_castsi512_ps(a[r]);
         unsigned nz = _mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_NEQ_UQ);
         const __m512 first = _mm512_maskz_compress_ps((__mmask16)nz, c); /* zeros past the count */
-        const __m512i dims = _mm512_mask_compress_epi32(_mm512_set1_epi32(512), (__mmask16)nz, _mm512_slli_epi32(LANES, 5));
+        const __m512i dims = /* 512: the zero row past the count */
+            _mm512_mask_compress_epi32(_mm512_set1_epi32(512), (__mmask16)nz, _mm512_slli_epi32(LANES, 5));
         _mm_storeu_ps(hd->kslotv + 4 * (16 * b + r), _mm512_castps512_ps128(first));
         _mm_storeu_si128((__m128i *)(hd->kslot + 4 * (16 * b + r)), _mm512_castsi512_si128(dims));
         for (int s = 0; s < 4; s++) nz &= nz - 1; /* the nonzeros past the first 4 */
@@ -199,7 +200,8 @@ static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink,
             }
             for (int64_t j = jd; j < nk; j++) { /* masked lanes weigh 0 (2^-inf is clamped, not 0) */
                 float *sj = S + 32 * j;
-                const __m512 p0 = _mm512_maskz_mov_ps(sees(j, jd, 0), exp2_512(_mm512_sub_ps(_mm512_load_ps(sj), mn0)));
+                const __m512 p0 =
+                    _mm512_maskz_mov_ps(sees(j, jd, 0), exp2_512(_mm512_sub_ps(_mm512_load_ps(sj), mn0)));
                 const __m512 p1 =
                     _mm512_maskz_mov_ps(sees(j, jd, 1), exp2_512(_mm512_sub_ps(_mm512_load_ps(sj + 16), mn1)));
                 s[0] = _mm512_add_ps(s[0], p0);
@@ -312,7 +314,8 @@ int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, cons
                scratch held (NaNs, denormals) out of the arithmetic */
             for (int64_t g = 0; g < ngrp; g++) memset(hd[i].QT + 544 * g + 512, 0, 32 * sizeof(float));
             if (nblk & 1)
-                for (int d = 0; d < 16; d++) memset(hd[i].QT + 544 * (ngrp - 1) + 32 * d + 16, 0, 16 * sizeof(float));
+                for (int d = 0; d < 16; d++)
+                    memset(hd[i].QT + 544 * (ngrp - 1) + 32 * d + 16, 0, 16 * sizeof(float));
             one_head(&hd[i], T, D, sink != NULL, sink ? sink[h0 + i] * LOG2E : 0.0f, S, acc);
         }
         float *ob = o + b * ostr[0] + h0 * ostr[1];

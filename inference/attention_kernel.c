@@ -175,7 +175,7 @@ static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink,
                 b1 = _mm512_max_ps(b1, _mm512_load_ps(S + 32 * j + 48));
             }
             const __m512 mn0 = _mm512_max_ps(a0, a1), mn1 = _mm512_max_ps(b0, b1);
-            /* what came before, rescaled to the new maximum (zero while m is -inf) */
+            /* what came before, rescaled to the new maximum (while m is -inf, nothing came before) */
             const __m512 c0 = exp2_512(_mm512_sub_ps(m0, mn0)), c1 = exp2_512(_mm512_sub_ps(m1, mn1));
             m0 = mn0;
             m1 = mn1;
@@ -229,8 +229,7 @@ static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink,
                         y[u] = _mm512_fmadd_ps(_mm512_load_ps(p + 16), w, y[u]);
                     }
                 }
-                /* the last 0-3 entries without a branch (a mispredicted loop exit per dimension and
-                   tile costs more): past the end, a valid address and a zero mask */
+                /* the last 0-3 entries without a loop: past the end, a valid address and a zero mask */
 #pragma GCC unroll 3
                 for (int u = 0; u < 3; u++) {
                     const int in = e + u < e1;
@@ -258,12 +257,12 @@ static void one_head(const Head *hd, int64_t T, int D, int has_sink, float sink,
 
 /* Heads bh0 .. bh1-1 of the B x H (sequence-major) heads of q, k, v (B, H, T, D): element
    (b, h, t, d) of x at x + b*xs[0] + h*xs[1] + t*xs[2] + d; the output `o` likewise. `sink`: H
-   floats or NULL. Returns 0, or 1 for an unsupported D, 2 when memory ran out. */
+   floats or NULL. Returns 0, or 1 for an unsupported D or T (> 2^26), 2 when memory ran out. */
 int sink_attention_f32(const float *q, const int64_t *qstr, const float *k, const int64_t *kstr, const float *v,
                        const int64_t *vstr, float *o, const int64_t *ostr, const float *sink, int64_t H, int64_t T,
                        int D, float scale, int64_t bh0, int64_t bh1) {
     if (D < 1 || D > 16) return 1;
-    if (T > ((int64_t)1 << 26)) return 2; /* the lists' offsets (32 x key index) are int32 */
+    if (T > ((int64_t)1 << 26)) return 1; /* the lists' offsets (32 x key index) are int32 */
     const int64_t nblk = (T + 15) >> 4, cap = 16 * nblk + 16, np = nblk + 1;
     const int64_t ngrp = (nblk + 1) >> 1; /* 32-query groups */
     /* per head: q transposed, the output rows, the k and v lists, their block pointers, the keys'

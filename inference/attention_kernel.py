@@ -23,6 +23,7 @@ from inference import native
 
 ENABLED = True  # tests switch the compiled kernel off to run torch's path on the same inputs
 MAX_HEAD_DIM = 16
+MAX_TOKENS = 1 << 26  # the kernel's offsets into its score tile are int32
 SOURCE = "attention_kernel.c"
 
 
@@ -54,6 +55,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.dim() == 4
         and q.shape == k.shape == v.shape
         and 1 <= q.shape[-1] <= MAX_HEAD_DIM
+        and q.shape[-2] <= MAX_TOKENS
     )
 
 

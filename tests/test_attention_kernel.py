@@ -261,4 +261,6 @@ def test_kernel_does_not_apply_beyond_16_dimensions_or_float32_cpu():
     assert not ak.applies(y, y, y)
     z = torch.zeros(1, 2, 16, 5).transpose(-1, -2)  # last stride not 1
     assert not ak.applies(z, z, z)
+    w = torch.zeros(1, 1, 1, 16).expand(1, 1, ak.MAX_TOKENS + 1, 16)  # beyond the kernel's int32 offsets
+    assert not ak.applies(w, w, w) and ak.applies(w[:, :, :5], w[:, :, :5], w[:, :, :5])
     assert ak.attention(x, x, x, None) is None

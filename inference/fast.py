@@ -20,7 +20,7 @@ code, so pruning and attribution keep their exact gradients):
   and builds a (B, H, T, T+1) additive mask, which forces SDPA onto its slow "math" path
   (1.5 s per csp_yolo2 layer at 1024 tokens). Here, for heads of <= 16 dimensions (the
   release's), a compiled causal kernel with the sink folded into the softmax's denominator
-  (`inference.attention_kernel`, ~2x torch's flash kernel at 16 dimensions); otherwise causal
+  (`inference.attention_kernel`, ~3x torch's flash kernel at 16 dimensions); otherwise causal
   flash attention without the sink, which also returns each query's log-sum-exp `lse` of the
   scores, then one rescale. With the sink the softmax denominator gains `exp(s)` and the sink's
   value is zero, so the output is the sinkless one times `Z / (Z + exp(s)) = sigmoid(lse - s)`.

@@ -3,9 +3,10 @@
 At the release's widths (128 heads of 16) torch's CPU flash kernel was ~45% of the fast forward
 (bench/README.md, "Faster sparse forward"). Its tiles are built for wide heads; at 16 dimensions it
 spends ~4 cycles per query-key pair. `attention_kernel.c` does the same causal softmax with flash's
-running maximum, arranged for 16-dimensional heads and AbsTopK's zeros (32 queries in the lanes,
-keys and values as per-dimension lists of their nonzeros, scores in units of log2 with a polynomial
-2^x, the sink folded into the denominator): ~3x torch's flash on one core (bench/README.md). Built
+running maximum, arranged for 16-dimensional heads and AbsTopK's zeros (32 queries in the lanes;
+each key's first 4 nonzeros in slots, its others and the values' nonzeros in per-dimension lists;
+scores in units of log2 with a polynomial 2^x; the sink folded into the denominator): ~3x torch's
+flash on one core (bench/README.md). Built
 and loaded by `inference.native` (a numba attention kernel, 256-bit vectors, had measured 0.9x
 flash). The heads are spread over the fast forward's worker threads (ctypes releases the GIL). No
 kernel here, head dimension > 16, another dtype or device, or a gradient needed: `attention` returns

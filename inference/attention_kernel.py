@@ -6,11 +6,11 @@ spends ~4 cycles per query-key pair. `attention_kernel.c` does the same causal s
 running maximum, arranged for 16-dimensional heads and AbsTopK's zeros (32 queries in the lanes;
 each key's first 4 nonzeros in slots, its others and the values' nonzeros in per-dimension lists;
 scores in units of log2 with a polynomial 2^x; the sink folded into the denominator): ~3x torch's
-flash on one core (bench/README.md). Built
-and loaded by `inference.native` (a numba attention kernel, 256-bit vectors, had measured 0.9x
-flash). The heads are spread over the fast forward's worker threads (ctypes releases the GIL). No
-kernel here, head dimension > 16, another dtype or device, or a gradient needed: `attention` returns
-None and the caller runs torch's flash path, which the tests run too.
+flash on one core (bench/README.md). Built and loaded by `inference.native` (a numba attention
+kernel, 256-bit vectors, had measured 0.9x flash). The heads are spread over the fast forward's
+worker threads (ctypes releases the GIL). No kernel here, head dimension > 16, another dtype or
+device, or a gradient needed: `attention` returns None and the caller runs torch's flash path, which
+the tests run too.
 """
 
 from __future__ import annotations

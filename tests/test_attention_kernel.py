@@ -151,6 +151,26 @@ def test_kernel_skips_the_dimensions_where_a_key_is_zero():
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
 
 
+def test_kernel_propagates_a_nan_value_to_the_queries_that_see_it_and_its_own_pass():
+    """A NaN in one value (key 50, dimension 3): every query from 50 on has a NaN there and nowhere
+    else; the queries of the earlier 32-query passes (0-31) are untouched; those of its own pass
+    before it (32-49) may be NaN in that dimension (weight 0 x NaN, as the kernel's comment says;
+    torch's product gives it to every query)."""
+    needs_kernel()
+    B, T, H, D = 1, 80, 1, 16
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (t.contiguous() for t in qkv(B, T, H, D, gen))
+    sink = torch.randn(H, generator=gen)
+    want = reference(q, k, v, sink)
+    v[0, 0, 50, 3] = float("nan")
+    with torch.no_grad():
+        got = ak.attention(q, k, v, sink)[0, 0]
+    assert bool(got[50:, 3].isnan().all()) and not got[:, [d for d in range(D) if d != 3]].isnan().any()
+    assert not got[:32].isnan().any()
+    ok = ~got.isnan()
+    torch.testing.assert_close(got.double()[ok], want[0, 0][ok], rtol=2e-5, atol=2e-5 * want.abs().max().item())
+
+
 def test_kernel_gives_the_keys_a_query_must_not_see_no_weight_at_all():
     """A huge value at key 29 (in the block of keys 16-31, which queries 0-28 share a pass with but
     must not see): the causal mask's weights are exactly zero, so the queries before it are as if it
